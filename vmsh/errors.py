@@ -1,0 +1,69 @@
+"""The one error tree of vmsh.
+
+::
+
+    VmshError
+    ├── ConfigError          a configuration that cannot be parsed or is invalid
+    │   ├── OptionParseError     ``Error parsing --<option>``: the option grammar or a value
+    │   └── ValidationError      a rule across fields (``Queue count ... must not exceed ...``)
+    ├── ImageError           guest images: a missing tool, package or build failure
+    ├── KvmError             an ioctl on /dev/kvm failed
+    ├── GuestMemoryError     a guest physical address or length outside guest RAM
+    ├── StateError           a lifecycle request illegal in the current state
+    └── DeviceError          a host-side device failure (never a guest's misbehaviour)
+
+Messages are short, one line, and do not repeat their cause; the cause is chained
+with ``raise ... from err`` and shown by the front-ends as a numbered chain.
+"""
+
+from __future__ import annotations
+
+
+class VmshError(Exception):
+    """Base of every error vmsh raises on purpose."""
+
+
+class ConfigError(VmshError):
+    """A configuration that cannot be parsed or is not valid."""
+
+
+class OptionParseError(ConfigError):
+    """An option string or JSON value that does not follow the grammar or type."""
+
+
+class ValidationError(ConfigError):
+    """A configuration that parses but breaks a rule across fields."""
+
+
+class ImageError(VmshError):
+    """A guest image cannot be built or found."""
+
+
+class KvmError(VmshError):
+    """An operation on /dev/kvm failed."""
+
+
+class GuestMemoryError(VmshError):
+    """An access outside guest RAM."""
+
+
+class StateError(VmshError):
+    """A lifecycle request that the VM's current state does not allow."""
+
+
+class DeviceError(VmshError):
+    """A host-side device failure."""
+
+
+def error_chain(err: BaseException) -> list[str]:
+    """Return the messages of ``err`` and of its chained causes, outermost first."""
+    chain: list[str] = []
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur)
+        if text:
+            chain.append(text)
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    return chain
