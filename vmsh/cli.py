@@ -1,0 +1,46 @@
+"""The ``vmsh`` command: dispatches to its subcommands, importing each lazily.
+
+``vmsh launch`` is the cloud-hypervisor compatible launcher; ``vmsh config`` works on
+JSON VmConfigs; ``vmsh images`` builds and locates the guest images. Each subcommand
+lives in its own module with a ``main(argv) -> int`` function, so that ``vmsh launch``
+never pays for importing the shell.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: subcommand -> (module, one-line summary)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "launch": ("vmsh.launcher", "start a VM with cloud-hypervisor's launcher flags"),
+    "config": ("vmsh.config_cli", "check and normalize a JSON VmConfig"),
+    "images": ("vmsh.images.cli", "build the guest images and print their paths"),
+}
+
+USAGE = "usage: vmsh <command> [args...]\n\ncommands:\n" + "".join(
+    f"  {name:<8} {summary}\n" for name, (_, summary) in SUBCOMMANDS.items()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``vmsh`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0
+    if args[0] in ("-V", "--version"):
+        from vmsh import __version__
+
+        print(f"vmsh {__version__}")
+        return 0
+    name = args[0]
+    if name not in SUBCOMMANDS:
+        sys.stderr.write(f"vmsh: unknown command '{name}'\n{USAGE}")
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
