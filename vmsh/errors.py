@@ -4,6 +4,7 @@
 
     VmshError
     ├── ConfigError          a configuration that cannot be parsed or is invalid
+    │   ├── UsageError           a launcher command line that is not well formed (exit status 2)
     │   ├── OptionParseError     ``Error parsing --<option>``: the option grammar or a value
     │   └── ValidationError      a rule across fields (``Queue count ... must not exceed ...``)
     ├── ImageError           guest images: a missing tool, package or build failure
@@ -25,6 +26,10 @@ class VmshError(Exception):
 
 class ConfigError(VmshError):
     """A configuration that cannot be parsed or is not valid."""
+
+
+class UsageError(ConfigError):
+    """A command line that is not well formed: an unknown flag, a missing value."""
 
 
 class OptionParseError(ConfigError):
