@@ -1,0 +1,1 @@
+"""Device register models. Devices never import KVM, the buses or the engine."""

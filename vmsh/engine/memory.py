@@ -1,0 +1,333 @@
+"""Guest physical memory: mmap'd RAM regions, bounds-checked access, KVM memslot registration.
+
+Every access to guest RAM in vmsh goes through ``GuestMemory``: reads and writes at guest
+physical addresses (``GuestAddress``) that may cross from one region into the next, and
+zero-copy ``memoryview`` slices for I/O paths (``os.preadv`` into guest buffers). An address
+or length outside RAM raises ``GuestMemoryError``; nothing here does raw pointer math for the
+callers.
+
+The provider side (``GuestRegion.anonymous`` / ``GuestRegion.memfd`` and
+``GuestMemory.register``) builds the regions and hands them to KVM as memslots. RAM is laid
+out as in cloud-hypervisor's x86_64 layout (reference/cloud-hypervisor.md §6.1): the first
+``min(size, 3 GiB)`` at 0, the rest from 4 GiB; see ``ram_ranges``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NewType
+
+from vmsh.errors import GuestMemoryError
+
+LOG = logging.getLogger(__name__)
+
+GuestAddress = NewType("GuestAddress", int)
+
+#: start of the 32-bit MMIO hole: RAM below it is [0, 3 GiB) (§6.1 MEM_32BIT_RESERVED_START)
+MEM_32BIT_RESERVED_START = 0xC000_0000
+#: RAM above the hole continues here (§6.1 RAM_64BIT_START)
+RAM_64BIT_START = 0x1_0000_0000
+
+# Linux mmap flags the mmap module does not export on every Python version.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+_MAP_HUGETLB = 0x40000
+_MAP_HUGE_SHIFT = 26
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def ram_ranges(size: int) -> list[tuple[int, int]]:
+    """Split ``size`` bytes of RAM into ``(guest_addr, length)`` ranges around the 32-bit hole.
+
+    >>> ram_ranges(512 << 20)
+    [(0, 536870912)]
+    >>> [hex(a) for a, _ in ram_ranges(4 << 30)]
+    ['0x0', '0x100000000']
+    """
+    low = min(size, MEM_32BIT_RESERVED_START)
+    ranges = [(0, low)]
+    if size > low:
+        ranges.append((RAM_64BIT_START, size - low))
+    return ranges
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryOptions:
+    """How RAM is backed (mirrors the ``--memory`` keys that concern the host mapping)."""
+
+    #: back RAM with a memfd (MAP_SHARED) so it can be handed to other processes
+    shared: bool = False
+    #: back RAM with hugetlbfs pages
+    hugepages: bool = False
+    #: hugepage size in bytes (None: the host default)
+    hugepage_size: int | None = None
+    #: madvise(MADV_MERGEABLE) for KSM
+    mergeable: bool = False
+    #: madvise(MADV_HUGEPAGE) for transparent huge pages
+    thp: bool = True
+    #: fault every page in at creation (MAP_POPULATE)
+    prefault: bool = False
+
+
+class GuestRegion:
+    """One contiguous mapping of guest RAM at ``start``."""
+
+    def __init__(self, start: int, mm: mmap.mmap, fd: int | None = None) -> None:
+        self.start = start
+        self.size = len(mm)
+        self.end = start + self.size
+        self.mmap = mm
+        #: the memfd backing a shared region (None for anonymous memory)
+        self.fd = fd
+        #: writable zero-copy view of the whole region
+        self.view = memoryview(mm)
+        self._host_addr: int | None = None
+
+    @classmethod
+    def create(cls, start: int, size: int, options: MemoryOptions = MemoryOptions()) -> GuestRegion:
+        """Map ``size`` bytes of fresh zeroed RAM for guest address ``start``.
+
+        :raises GuestMemoryError: when the host cannot provide the mapping.
+        """
+        flags = _MAP_NORESERVE
+        if options.prefault:
+            flags |= _MAP_POPULATE
+        fd: int | None = None
+        try:
+            if options.shared or options.hugepages:
+                mfd_flags = os.MFD_CLOEXEC
+                if options.hugepages:
+                    mfd_flags |= os.MFD_HUGETLB
+                    if options.hugepage_size:
+                        mfd_flags |= (options.hugepage_size.bit_length() - 1) << _MAP_HUGE_SHIFT
+                fd = os.memfd_create("vmsh-ram", mfd_flags)
+                os.ftruncate(fd, size)
+                mm = mmap.mmap(fd, size, flags | (mmap.MAP_SHARED if options.shared else mmap.MAP_PRIVATE),
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+            else:
+                mm = mmap.mmap(-1, size, flags | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as err:
+            if fd is not None:
+                os.close(fd)
+            raise GuestMemoryError(f"cannot map {size} bytes of guest RAM at {start:#x}") from err
+        if options.thp and not options.hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+            _madvise(mm, mmap.MADV_HUGEPAGE)
+        if options.mergeable and hasattr(mmap, "MADV_MERGEABLE"):
+            _madvise(mm, mmap.MADV_MERGEABLE)
+        return cls(start, mm, fd)
+
+    @property
+    def host_addr(self) -> int:
+        """The host virtual address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
+        if self._host_addr is None:
+            from vmsh._native import ffi
+
+            # INVARIANTS: from_buffer pins the mmap's buffer export; we keep the cdata on self
+            # so the address stays valid until close().
+            self._pin = ffi.from_buffer(self.mmap)
+            self._host_addr = int(ffi.cast("uintptr_t", self._pin))
+        return self._host_addr
+
+    def close(self) -> None:
+        """Unmap (the region must no longer be a memslot)."""
+        self.view.release()
+        if hasattr(self, "_pin"):
+            from vmsh._native import ffi
+
+            ffi.release(self._pin)
+            del self._pin
+        self.mmap.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _madvise(mm: mmap.mmap, advice: int) -> None:
+    try:
+        mm.madvise(advice)
+    except OSError as err:
+        LOG.debug("madvise(%d) refused: %s", advice, err)
+
+
+class GuestMemory:
+    """Guest RAM made of non-overlapping ``GuestRegion`` s.
+
+    Example::
+
+        mem = GuestMemory.create(64 << 20)
+        mem.write(GuestAddress(0x1000), b"hello")
+        assert mem.read(GuestAddress(0x1000), 5) == b"hello"
+    """
+
+    def __init__(self, regions: list[GuestRegion]) -> None:
+        self.regions = sorted(regions, key=lambda r: r.start)
+        for a, b in zip(self.regions, self.regions[1:]):
+            if a.end > b.start:
+                raise GuestMemoryError(f"guest RAM regions overlap at {b.start:#x}")
+        self._starts = [r.start for r in self.regions]
+        self._slots: list[int] = []
+
+    @classmethod
+    def create(cls, size: int, options: MemoryOptions = MemoryOptions()) -> GuestMemory:
+        """Allocate ``size`` bytes of RAM laid out around the 32-bit hole (``ram_ranges``)."""
+        if size <= 0 or size % 4096:
+            raise GuestMemoryError(f"guest RAM size {size} is not a positive multiple of 4 KiB")
+        regions: list[GuestRegion] = []
+        try:
+            for start, length in ram_ranges(size):
+                regions.append(GuestRegion.create(start, length, options))
+        except GuestMemoryError:
+            for r in regions:
+                r.close()
+            raise
+        return cls(regions)
+
+    @property
+    def size(self) -> int:
+        """Total RAM in bytes."""
+        return sum(r.size for r in self.regions)
+
+    @property
+    def last_addr(self) -> int:
+        """The last valid guest physical address."""
+        return self.regions[-1].end - 1
+
+    def register(self, vm: object, first_slot: int = 0) -> None:
+        """Register every region as a KVM memslot on ``vm`` (a ``VmFd``)."""
+        for i, r in enumerate(self.regions):
+            vm.set_user_memory_region(first_slot + i, r.start, r.size, r.host_addr)  # type: ignore[attr-defined]
+            self._slots.append(first_slot + i)
+
+    def close(self) -> None:
+        """Unmap every region."""
+        for r in self.regions:
+            r.close()
+
+    # -- consumer side ---------------------------------------------------------------------
+
+    def find_region(self, addr: int) -> GuestRegion:
+        """The region holding ``addr``.
+
+        :raises GuestMemoryError: if ``addr`` is not RAM.
+        """
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            r = self.regions[i]
+            if addr < r.end:
+                return r
+        raise GuestMemoryError(f"guest address {addr:#x} is not RAM")
+
+    def checked_offset(self, addr: int, offset: int) -> GuestAddress:
+        """``addr + offset`` if that is still RAM.
+
+        :raises GuestMemoryError: otherwise.
+        """
+        new = addr + offset
+        self.find_region(new)
+        return GuestAddress(new)
+
+    def is_valid_range(self, addr: int, length: int) -> bool:
+        """True if ``[addr, addr+length)`` is entirely RAM (possibly across regions)."""
+        try:
+            for _ in self._chunks(addr, length):
+                pass
+        except GuestMemoryError:
+            return False
+        return True
+
+    def _chunks(self, addr: int, length: int) -> Iterator[tuple[GuestRegion, int, int]]:
+        if addr < 0 or length < 0:
+            raise GuestMemoryError(f"invalid guest range {addr:#x}+{length:#x}")
+        done = 0
+        while done < length:
+            r = self.find_region(addr + done)
+            off = addr + done - r.start
+            n = min(length - done, r.size - off)
+            yield r, off, n
+            done += n
+
+    def slice(self, addr: int, length: int) -> memoryview:
+        """A zero-copy writable view of ``[addr, addr+length)``, which must lie in one region.
+
+        :raises GuestMemoryError: if the range is not RAM or crosses a region boundary.
+        """
+        r = self.find_region(addr)
+        off = addr - r.start
+        if length < 0 or off + length > r.size:
+            raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} leaves its RAM region")
+        return r.view[off:off + length]
+
+    def slices(self, addr: int, length: int) -> list[memoryview]:
+        """Zero-copy views covering ``[addr, addr+length)``, one per region crossed."""
+        return [r.view[off:off + n] for r, off, n in self._chunks(addr, length)]
+
+    def read(self, addr: int, length: int) -> bytes:
+        """Copy ``length`` bytes from guest RAM.
+
+        :raises GuestMemoryError: if any byte is outside RAM.
+        """
+        r = self.find_region(addr)
+        off = addr - r.start
+        if off + length <= r.size and length >= 0:
+            return r.mmap[off:off + length]
+        return b"".join(bytes(v) for v in self.slices(addr, length))
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` into guest RAM at ``addr``.
+
+        :raises GuestMemoryError: if any byte is outside RAM (nothing is written then).
+        """
+        chunks = list(self._chunks(addr, len(data)))
+        src = memoryview(data).cast("B")
+        pos = 0
+        for r, off, n in chunks:
+            r.view[off:off + n] = src[pos:pos + n]
+            pos += n
+
+    def fill(self, addr: int, length: int, value: int = 0) -> None:
+        """Set ``length`` bytes at ``addr`` to ``value``."""
+        for r, off, n in list(self._chunks(addr, length)):
+            r.view[off:off + n] = bytes([value]) * n
+
+    def read_u8(self, addr: int) -> int:
+        """Read a byte."""
+        return int(_U8.unpack(self.read(addr, 1))[0])
+
+    def read_u16(self, addr: int) -> int:
+        """Read a little-endian u16."""
+        return int(_U16.unpack(self.read(addr, 2))[0])
+
+    def read_u32(self, addr: int) -> int:
+        """Read a little-endian u32."""
+        return int(_U32.unpack(self.read(addr, 4))[0])
+
+    def read_u64(self, addr: int) -> int:
+        """Read a little-endian u64."""
+        return int(_U64.unpack(self.read(addr, 8))[0])
+
+    def write_u8(self, addr: int, value: int) -> None:
+        """Write a byte."""
+        self.write(addr, _U8.pack(value))
+
+    def write_u16(self, addr: int, value: int) -> None:
+        """Write a little-endian u16."""
+        self.write(addr, _U16.pack(value))
+
+    def write_u32(self, addr: int, value: int) -> None:
+        """Write a little-endian u32."""
+        self.write(addr, _U32.pack(value))
+
+    def write_u64(self, addr: int, value: int) -> None:
+        """Write a little-endian u64."""
+        self.write(addr, _U64.pack(value))
