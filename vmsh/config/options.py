@@ -160,12 +160,15 @@ class OptionParser:
         return dequote(raw)
 
     def convert(self, key: str, converter: Callable[[str], T]) -> T | None:
-        """Convert the value of ``key``; None when unset or empty.
+        """Convert the raw value of ``key``; None when unset or empty.
+
+        The value is handed over with its quotes, so that list converters can keep a
+        quoted comma inside one item.
 
         :raises OptionParseError: ``Unable to convert <value> for <key>``.
         """
-        value = self.get(key)
-        if value is None:
+        value = self._values.get(key)
+        if not value:
             return None
         try:
             return converter(value)
