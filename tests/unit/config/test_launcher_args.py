@@ -1,0 +1,77 @@
+"""The launcher's command line: repeated options, defaults, and usage errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmsh.config import parse_argv, vm_config_from_argv
+from vmsh.config.launcher_args import FLAGS, help_text
+from vmsh.config.parse import OPTION_PARSERS
+from vmsh.errors import UsageError
+
+K = ["--kernel", "/k"]
+
+
+def test_multi_value_options_append_alike() -> None:
+    a = vm_config_from_argv(K + ["--disk", "path=/a", "path=/b", "--net", "tap=t0"])
+    b = vm_config_from_argv(K + ["--disk", "path=/a", "--net", "tap=t0", "--disk", "path=/b"])
+    assert a == b
+    assert [d.path for d in a.disks or []] == ["/a", "/b"]
+
+
+def test_equals_form() -> None:
+    assert vm_config_from_argv(["--kernel=/k", "--cpus=boot=2"]).cpus.boot_vcpus == 2
+
+
+def test_defaults_apply_only_when_absent() -> None:
+    args = parse_argv(K)
+    assert args.get("cpus") == "boot=1,max_phys_bits=46"
+    assert args.get("serial") == "null"
+    assert "cpus" not in args.given
+
+
+def test_verbosity_counts() -> None:
+    assert parse_argv(["-v", "-vv"]).verbosity == 3
+    assert parse_argv(["-v", "-v"]).verbosity == 2
+
+
+def test_cmdline_with_commas_is_one_value() -> None:
+    cfg = vm_config_from_argv(K + ["--cmdline", "console=ttyS0,115200 root=/dev/vda"])
+    assert cfg.payload is not None and cfg.payload.cmdline == "console=ttyS0,115200 root=/dev/vda"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bogus"], "unexpected argument '--bogus' found"),
+        (["--cpus"], "a value is required for '--cpus <cpus>' but none was supplied"),
+        (["--cpus", "boot=1", "--cpus", "boot=2"], "the argument '--cpus <cpus>' cannot be used multiple times"),
+        (["--kernel", "/a", "/b"], "unexpected argument '/b' found"),
+        (["--pvpanic=on"], "unexpected value 'on' for '--pvpanic' found; no more were expected"),
+        (["--seccomp", "maybe"], "invalid value 'maybe' for '--seccomp <seccomp>'"),
+        (["-x"], "unexpected argument '-x' found"),
+    ],
+)
+def test_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_argv(argv)
+    assert str(info.value).startswith(message)
+
+
+def test_every_option_of_the_seed_is_a_flag() -> None:
+    names = {f.name for f in FLAGS}
+    seed = {
+        "cpus", "platform", "memory", "memory-zone", "firmware", "kernel", "initramfs", "cmdline",
+        "rate-limit-group", "disk", "net", "rng", "balloon", "fs", "pmem", "serial", "console", "device",
+        "user-device", "vdpa", "vsock", "pvpanic", "numa", "pci-segment", "watchdog", "tpm", "sgx-epc",
+        "debug-console", "restore", "api-socket", "event-monitor", "seccomp", "gdb", "v", "log-file", "version",
+    }
+    assert seed <= names
+
+
+def test_help_shows_every_syntax_string() -> None:
+    text = help_text()
+    for name, (_, syntax) in OPTION_PARSERS.items():
+        if name != "restore":
+            assert syntax in text, name
+    assert "--disk <disk>..." in text
