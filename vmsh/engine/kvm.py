@@ -482,6 +482,38 @@ class VcpuFd:
         ffi.buffer(c.xmm)[:] = fpu.xmm
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_FPU, c), "KVM_SET_FPU")
 
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE: the XSAVE image in the standard (uabi) format.
+
+        Unlike KVM_GET_FPU this reports MXCSR correctly when the SSE state is in its init
+        state (on the PVM host KVM_GET_FPU reads MXCSR as 0 and KVM_SET_FPU does not keep it).
+        """
+        # 4 KiB, the fixed KVM_GET_XSAVE size: vmsh never grants AMX's dynamic state, so the
+        # guest's XSAVE image always fits (Documentation/virt/kvm/api.rst, KVM_GET_XSAVE2).
+        buf = ffi.new("uint32_t[]", 1024)
+        # INVARIANTS: buf is the 4096 bytes struct kvm_xsave has.
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_XSAVE, buf), "KVM_GET_XSAVE")
+        return bytes(ffi.buffer(buf))
+
+    def set_xsave(self, image: bytes) -> None:
+        """KVM_SET_XSAVE with an image from ``get_xsave``."""
+        buf = ffi.new("uint32_t[]", 1024)
+        ffi.buffer(buf)[:min(len(image), 4096)] = image[:4096]
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_XSAVE, buf), "KVM_SET_XSAVE")
+
+    def get_mxcsr(self) -> int:
+        """MXCSR, from the XSAVE image (legacy area offset 24, SDM vol. 1 §13.4.1)."""
+        return int.from_bytes(self.get_xsave()[24:28], "little")
+
+    def set_mxcsr(self, value: int) -> None:
+        """Set MXCSR through KVM_SET_XSAVE, marking the SSE component live (XSTATE_BV bit 1)
+        so that XRSTOR loads it instead of the init value."""
+        image = bytearray(self.get_xsave())
+        image[24:28] = value.to_bytes(4, "little")
+        xstate_bv = int.from_bytes(image[512:520], "little") | 0x2
+        image[512:520] = xstate_bv.to_bytes(8, "little")
+        self.set_xsave(bytes(image))
+
     # -- CPUID and MSRs ---------------------------------------------------------------------
 
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
