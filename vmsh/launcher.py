@@ -29,7 +29,7 @@ def print_error(err: BaseException) -> None:
 def main(argv: list[str]) -> int:
     """Run ``vmsh launch`` with ``argv`` (the flags after ``launch``)."""
     from vmsh.config import canonical_json, normalize, parse_argv, vm_config_from_args
-    from vmsh.config.launcher_args import has_payload, help_text
+    from vmsh.config.launcher_args import has_payload, help_text, vmm_options_from_args
 
     if not argv:
         sys.stderr.write(help_text())
@@ -48,28 +48,29 @@ def main(argv: list[str]) -> int:
     # Everything the VMM creates (sockets, ptys' links, snapshots) is private to the user.
     os.umask(0o077)
     try:
+        vmm = vmm_options_from_args(args)
         if args.get("dry-run"):
             sys.stdout.write(canonical_json(normalize(vm_config_from_args(args))))
             return 0
         from vmsh import logsetup
 
         try:
-            logsetup.setup(args.verbosity, args.get("log-file"))
+            logsetup.setup(vmm.verbosity, vmm.log_file)
         except OSError as err:
             raise VmshError("Error creating log file") from err
-        if not has_payload(args) and args.get("restore") is None:
+        if not has_payload(args) and vmm.restore is None:
             raise VmshError("Nothing to run: give --kernel or --firmware, or --restore")
         cfg = normalize(vm_config_from_args(args)) if has_payload(args) else None
-        return _run(args, cfg)
+        return _run(vmm, cfg)
     except VmshError as err:
         print_error(err)
         return 1
 
 
-def _run(args: object, cfg: object) -> int:
+def _run(vmm: object, cfg: object) -> int:
     """Create and boot the VM and serve it until it ends."""
     try:
         from vmsh.engine.runner import run_launcher  # type: ignore[import-not-found]
     except ImportError as err:
         raise VmshError("This vmsh cannot run VMs yet: the engine is not installed") from err
-    return int(run_launcher(args, cfg))
+    return int(run_launcher(vmm, cfg))

@@ -74,14 +74,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("watchdog", "Enable virtio-watchdog", arity="flag"),
     Flag("v", "Sets the level of debugging output", arity="count", group=LOGGING, short="v"),
     Flag("log-file", "Log file. Standard error is used if not specified", group=LOGGING),
-    Flag("api-socket", "HTTP API socket (UNIX domain socket): path=</path/to/a/file> or fd=<fd>.", group=VMM),
-    Flag("event-monitor", "File to report events on: path=</path/to/a/file> or fd=<fd>", group=VMM),
+    Flag("api-socket", f"HTTP API socket (UNIX domain socket): {_syntax('api-socket')}.", group=VMM),
+    Flag("event-monitor", f"File to report events on: {_syntax('event-monitor')}", group=VMM),
     Flag("restore", _syntax("restore"), group=VMM),
     Flag("seccomp", "Seccomp filtering: true|false|log", default="true", group=VMM, choices=("true", "false", "log")),
     Flag("tpm", _syntax("tpm"), group=VMM),
     Flag("sgx-epc", _syntax("sgx-epc"), arity="many"),
     Flag("debug-console", f"Debug console: {_syntax('debug-console')}", default="off,iobase=0xe9"),
-    Flag("gdb", "GDB socket (UNIX domain socket): path=</path/to/a/file>", group=VMM),
+    Flag("gdb", f"GDB socket (UNIX domain socket): {_syntax('gdb')}", group=VMM),
     Flag("version", "Print version", arity="flag", group=VMM, short="V"),
     Flag("dry-run", "vmsh: print the validated configuration as canonical JSON and exit", arity="flag", group=VMSH),
 )
@@ -171,6 +171,40 @@ def parse_argv(argv: list[str]) -> LauncherArgs:
         if flag.default is not None and flag.name not in values:
             values[flag.name] = flag.default
     return LauncherArgs(values=values, given=given)
+
+
+@dataclasses.dataclass
+class VmmOptions:
+    """The VMM-level options of a command line, parsed."""
+
+    api_socket: m.EndpointConfig | None
+    event_monitor: m.EndpointConfig | None
+    gdb: m.EndpointConfig | None
+    restore: m.RestoreConfig | None
+    seccomp: str
+    verbosity: int
+    log_file: str | None
+
+
+def vmm_options_from_args(args: LauncherArgs) -> VmmOptions:
+    """Parse the VMM-level options (``--api-socket``, ``--event-monitor``, ``--restore``, ...).
+
+    :raises OptionParseError: ``Error parsing --<option>`` for the first bad option.
+    """
+
+    def one(name: str) -> Any:
+        value = args.get(name)
+        return None if value is None else OPTION_PARSERS[name][0](value)
+
+    return VmmOptions(
+        api_socket=one("api-socket"),
+        event_monitor=one("event-monitor"),
+        gdb=one("gdb"),
+        restore=one("restore"),
+        seccomp=args.get("seccomp") or "true",
+        verbosity=args.verbosity,
+        log_file=args.get("log-file"),
+    )
 
 
 def has_payload(args: LauncherArgs) -> bool:

@@ -529,3 +529,11 @@ class RestoreConfig:
     prefault: bool = field(False)
     net_fds: Optional[list[RestoredNetConfig]] = field(None)
     resume: bool = field(False)
+
+
+@dataclasses.dataclass(kw_only=True)
+class EndpointConfig:
+    """``--api-socket``, ``--event-monitor``, ``--gdb``: a path, or an inherited descriptor."""
+
+    path: Optional[str] = field(None)
+    fd: Optional[int] = field(None, kind="i32")

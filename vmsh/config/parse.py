@@ -595,3 +595,40 @@ def parse_restore(text: str) -> m.RestoreConfig:
         ),
         resume=_flag(p, "resume"),
     )
+
+
+# --- VMM-level options ---------------------------------------------------------------------------
+
+
+@option("api-socket", "path=</path/to/a/file> or fd=<fd>")
+def parse_api_socket(text: str) -> m.EndpointConfig:
+    p = OptionParser("path", "fd")
+    try:
+        p.parse(text)
+    except OptionParseError:
+        # cloud-hypervisor takes anything that is not key=value as the socket's path.
+        return m.EndpointConfig(path=text)
+    fd = p.convert("fd", _i32)
+    if fd is not None:
+        return m.EndpointConfig(fd=fd)
+    return m.EndpointConfig(path=p.get("path") or text)
+
+
+@option("event-monitor", "path=</path/to/a/file> or fd=<fd>")
+def parse_event_monitor(text: str) -> m.EndpointConfig:
+    p = OptionParser("path", "fd").parse(text)
+    fd = p.convert("fd", _i32)
+    if fd is not None:
+        return m.EndpointConfig(fd=fd)
+    path = p.get("path")
+    if path is None:
+        raise OptionParseError("path or fd required")
+    return m.EndpointConfig(path=path)
+
+
+@option("gdb", "path=</path/to/a/file>")
+def parse_gdb(text: str) -> m.EndpointConfig:
+    path = OptionParser("path").parse(text).get("path")
+    if path is None:
+        raise OptionParseError("path required")
+    return m.EndpointConfig(path=path)

@@ -75,3 +75,42 @@ def test_help_shows_every_syntax_string() -> None:
         if name != "restore":
             assert syntax in text, name
     assert "--disk <disk>..." in text
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--api-socket", "/tmp/api.sock"], ("api_socket", "/tmp/api.sock", None)),
+        (["--api-socket", "path=/tmp/api.sock"], ("api_socket", "/tmp/api.sock", None)),
+        (["--api-socket", "fd=7"], ("api_socket", None, 7)),
+        (["--event-monitor", "path=/tmp/ev"], ("event_monitor", "/tmp/ev", None)),
+        (["--event-monitor", "fd=5"], ("event_monitor", None, 5)),
+        (["--gdb", "path=/tmp/gdb"], ("gdb", "/tmp/gdb", None)),
+    ],
+)
+def test_vmm_endpoints(argv: list[str], expected: tuple) -> None:
+    from vmsh.config.launcher_args import vmm_options_from_args
+
+    attr, path, fd = expected
+    endpoint = getattr(vmm_options_from_args(parse_argv(argv)), attr)
+    assert (endpoint.path, endpoint.fd) == (path, fd)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--event-monitor", "mode=x"], "Error parsing --event-monitor: Unknown option: mode"),
+        (["--event-monitor", ""], "Error parsing --event-monitor: path or fd required"),
+        (["--gdb", "port=1"], "Error parsing --gdb: Unknown option: port"),
+        (["--gdb", ""], "Error parsing --gdb: path required"),
+        (["--restore", "prefault=on"], "Error parsing --restore: source_url missing"),
+        (["--api-socket", "fd=x"], "Error parsing --api-socket: Unable to convert x for fd"),
+    ],
+)
+def test_vmm_option_errors(argv: list[str], message: str) -> None:
+    from vmsh.config.launcher_args import vmm_options_from_args
+    from vmsh.errors import ConfigError, error_chain
+
+    with pytest.raises(ConfigError) as info:
+        vmm_options_from_args(parse_argv(argv))
+    assert ": ".join(error_chain(info.value)) == message
