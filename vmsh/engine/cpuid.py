@@ -1,0 +1,102 @@
+"""The CPUID a vCPU sees: KVM's supported set, patched for vmsh's topology and host.
+
+Starting point is ``KVM_GET_SUPPORTED_CPUID``; then (reference/cloud-hypervisor.md §6.4):
+the hypervisor bit, TSC-deadline, the APIC id of each vCPU in leaf 1 EBX, leaves 0xb/0x1f
+(x2APIC topology) and AMD's 0x8000_001e, the logical-processor counts, and the physical
+address width in 0x8000_0008. On a PVM host CX16 is cleared: CMPXCHG16B is not emulated there
+and clearing CX16 is the one CPUID mask PVM keeps (reference/pvm-host.md).
+
+Bit positions: Intel SDM vol. 2A, CPUID, Tables 3-10/3-11 (leaf 1), leaf 0BH; AMD APM vol. 3
+Appendix E (0x8000_0008, 0x8000_001E).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from vmsh.engine.kvm import CpuidEntry
+
+LOG = logging.getLogger(__name__)
+
+# Leaf 1 ECX
+CPUID_1_ECX_CX16 = 1 << 13  # CMPXCHG16B
+CPUID_1_ECX_X2APIC = 1 << 21
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24
+CPUID_1_ECX_HYPERVISOR = 1 << 31  # "running under a hypervisor"
+# Leaf 1 EDX
+CPUID_1_EDX_HTT = 1 << 28  # EBX[23:16] is valid
+# Leaf 0xb / 0x1f ECX[15:8] level types
+LEVEL_TYPE_INVALID = 0
+LEVEL_TYPE_SMT = 1
+LEVEL_TYPE_CORE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CpuTopology:
+    """threads per core, cores per die, dies per package, packages."""
+
+    threads_per_core: int = 1
+    cores_per_die: int = 1
+    dies_per_package: int = 1
+    packages: int = 1
+
+    @classmethod
+    def flat(cls, vcpus: int) -> CpuTopology:
+        """One package, one die, ``vcpus`` single-threaded cores."""
+        return cls(1, max(vcpus, 1), 1, 1)
+
+    @property
+    def per_package(self) -> int:
+        """Logical processors per package."""
+        return self.threads_per_core * self.cores_per_die * self.dies_per_package
+
+
+def _shift_for(count: int) -> int:
+    """Bits needed to number ``count`` items (the x2APIC id field width)."""
+    return max(count - 1, 0).bit_length()
+
+
+def build_cpuid(supported: list[CpuidEntry], vcpu_id: int, topology: CpuTopology, *,
+                pvm: bool = False, phys_bits: int | None = None) -> list[CpuidEntry]:
+    """The CPUID table for vCPU ``vcpu_id`` (its APIC id is its index).
+
+    :param supported: from ``Kvm.supported_cpuid()``.
+    :param pvm: clear what a PVM host cannot emulate (CX16).
+    :param phys_bits: cap the guest physical address width (0x8000_0008 EAX[7:0]).
+    """
+    smt_shift = _shift_for(topology.threads_per_core)
+    core_shift = smt_shift + _shift_for(topology.cores_per_die * topology.dies_per_package)
+    out: list[CpuidEntry] = []
+    for e in supported:
+        e = replace(e)
+        if e.function == 1:
+            e.ecx |= CPUID_1_ECX_HYPERVISOR | CPUID_1_ECX_TSC_DEADLINE
+            if pvm:
+                e.ecx &= ~CPUID_1_ECX_CX16
+            # EBX[31:24] initial APIC id, EBX[23:16] max logical processors per package
+            e.ebx = (e.ebx & 0x0000FFFF) | (vcpu_id << 24) | (min(topology.per_package, 255) << 16)
+            if topology.per_package > 1:
+                e.edx |= CPUID_1_EDX_HTT
+        elif e.function in (0xB, 0x1F):
+            e.edx = vcpu_id  # x2APIC id
+            if e.index == 0:
+                e.eax, e.ebx, e.ecx = smt_shift, topology.threads_per_core, (LEVEL_TYPE_SMT << 8)
+            elif e.index == 1:
+                e.eax, e.ebx, e.ecx = core_shift, topology.per_package, (LEVEL_TYPE_CORE << 8) | 1
+            else:
+                e.eax, e.ebx, e.ecx = 0, 0, e.index
+        elif e.function == 4 and e.eax & 0x1F:
+            # EAX[31:26]: addressable core ids per package - 1 (Intel deterministic cache leaf)
+            e.eax = (e.eax & 0x03FFFFFF) | ((min(topology.cores_per_die * topology.dies_per_package, 64) - 1) << 26)
+        elif e.function == 0x8000_0008:
+            if phys_bits is not None:
+                e.eax = (e.eax & ~0xFF) | min(phys_bits, e.eax & 0xFF)
+            # ECX[7:0]: number of physical threads - 1 (AMD)
+            e.ecx = (e.ecx & ~0xFF) | (min(topology.per_package, 256) - 1)
+        elif e.function == 0x8000_001E:
+            e.eax = vcpu_id  # extended APIC id
+            e.ebx = (e.ebx & ~0xFF00) | ((topology.threads_per_core - 1) << 8) | (vcpu_id >> smt_shift & 0xFF)
+            e.ecx = (e.ecx & ~0xFF) | (vcpu_id >> core_shift & 0xFF)  # node id
+        out.append(e)
+    return out
