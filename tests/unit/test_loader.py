@@ -1,0 +1,179 @@
+"""Kernel loaders and boot tables on synthetic ELF and bzImage images built here."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vmsh.engine.boot import layout
+from vmsh.engine.boot.bootparams import (
+    BP_E820_ENTRIES,
+    BP_E820_TABLE,
+    HDR_CMD_LINE_PTR,
+    HDR_RAMDISK_IMAGE,
+    XEN_HVM_START_MAGIC_VALUE,
+    e820_map,
+    write_boot_params,
+    write_pvh_start_info,
+)
+from vmsh.engine.boot.configure import write_boot_tables
+from vmsh.engine.boot.loader import LoaderError, load_cmdline, load_initramfs, load_kernel
+from vmsh.engine.memory import GuestMemory
+
+MEM = 64 << 20
+
+
+@pytest.fixture
+def mem() -> GuestMemory:
+    m = GuestMemory.create(MEM)
+    yield m
+    m.close()
+
+
+def make_elf(entry_note: int | None = 0x1000200, paddr: int = 0x1000000, code: bytes = b"\x90" * 64,
+             bss: int = 32) -> bytes:
+    """A minimal ELF64 x86_64 with one PT_LOAD and (optionally) a PVH note in a PT_NOTE."""
+    notes = b""
+    if entry_note is not None:
+        notes += struct.pack("<III", 4, 4, 1) + b"GNU\0" + b"abcd"  # an unrelated note first
+        notes += struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", entry_note)
+    phnum = 2
+    phoff = 64
+    data_off = phoff + phnum * 56
+    note_off = data_off + len(code)
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1,
+                       0xFFFFFFFF81000000, phoff, 0, 0, 64, 56, phnum, 64, 0, 0)
+    load = struct.pack("<IIQQQQQQ", 1, 5, data_off, 0xFFFFFFFF81000000, paddr, len(code), len(code) + bss, 0x1000)
+    note = struct.pack("<IIQQQQQQ", 4, 4, note_off, 0, 0, len(notes), len(notes), 4)
+    return ehdr + load + note + code + notes
+
+
+def make_bzimage(version: int = 0x20F, setup_sects: int = 2, payload: bytes = b"\xfa\xf4" * 100,
+                 code32_start: int = 0x100000, loadflags: int = 0x01) -> bytes:
+    img = bytearray((setup_sects + 1) * 512)
+    img[0x1F1] = setup_sects
+    struct.pack_into("<H", img, 0x1FE, 0xAA55)
+    img[0x200] = 0xEB
+    img[0x201] = 0x6A  # header ends at 0x26c
+    struct.pack_into("<IH", img, 0x202, 0x53726448, version)
+    img[0x211] = loadflags
+    struct.pack_into("<I", img, 0x214, code32_start)
+    struct.pack_into("<I", img, 0x22C, 0x7FFFFFFF)
+    struct.pack_into("<I", img, 0x238, 2048)
+    return bytes(img) + payload
+
+
+def test_elf_loader_copies_segments_and_finds_the_pvh_entry(mem: GuestMemory) -> None:
+    mem.fill(0x1000040, 32, 0xAA)
+    k = load_kernel(mem, make_elf())
+    assert (k.kind, k.entry) == ("pvh", 0x1000200)
+    assert (k.load_start, k.load_end) == (0x1000000, 0x1000000 + 64 + 32)
+    assert mem.read(0x1000000, 64) == b"\x90" * 64
+    assert mem.read(0x1000040, 32) == bytes(32)  # bss zeroed
+
+
+def test_elf_without_pvh_note_is_refused(mem: GuestMemory) -> None:
+    with pytest.raises(LoaderError, match="no PVH entry note"):
+        load_kernel(mem, make_elf(entry_note=None))
+
+
+def test_elf_segment_outside_ram_is_refused(mem: GuestMemory) -> None:
+    with pytest.raises(LoaderError, match="does not fit"):
+        load_kernel(mem, make_elf(paddr=MEM - 16, entry_note=MEM - 16))
+
+
+def test_elf_below_1mib_is_refused(mem: GuestMemory) -> None:
+    with pytest.raises(LoaderError, match="below"):
+        load_kernel(mem, make_elf(paddr=0x1000, entry_note=0x200000))
+
+
+def test_bzimage_loader_places_protected_mode_code(mem: GuestMemory) -> None:
+    img = make_bzimage()
+    k = load_kernel(mem, img)
+    assert (k.kind, k.entry, k.protocol) == ("bzimage", 0x100000, 0x20F)
+    assert mem.read(0x100000, 4) == b"\xfa\xf4\xfa\xf4"
+    assert k.setup_header == img[0x1F1:0x26C]
+    assert k.cmdline_max == 2048
+
+
+def test_bzimage_zero_setup_sects_means_four(mem: GuestMemory) -> None:
+    img = bytearray(make_bzimage(setup_sects=4))
+    img[0x1F1] = 0
+    load_kernel(mem, bytes(img))
+    assert mem.read(0x100000, 2) == b"\xfa\xf4"
+
+
+@pytest.mark.parametrize("kwargs,msg", [({"version": 0x1FF}, "boot protocol"),
+                                        ({"loadflags": 0}, "LOADED_HIGH"),
+                                        ({"code32_start": 0x10000}, "below")])
+def test_bzimage_unsupported_headers_are_refused(mem: GuestMemory, kwargs: dict[str, int], msg: str) -> None:
+    with pytest.raises(LoaderError, match=msg):
+        load_kernel(mem, make_bzimage(**kwargs))
+
+
+def test_garbage_is_neither_elf_nor_bzimage(mem: GuestMemory) -> None:
+    with pytest.raises(LoaderError, match="neither an ELF vmlinux nor a bzImage"):
+        load_kernel(mem, b"MZ" + bytes(4096))
+
+
+def test_missing_kernel_file(mem: GuestMemory, tmp_path: object) -> None:
+    with pytest.raises(LoaderError, match="cannot read kernel"):
+        load_kernel(mem, "/nonexistent/vmlinux")
+
+
+def test_initramfs_goes_page_aligned_to_the_top_of_low_ram(mem: GuestMemory) -> None:
+    k = load_kernel(mem, make_elf())
+    addr, size = load_initramfs(mem, b"070701" + bytes(5000), k)
+    assert size == 5006
+    assert addr == (MEM - 5006) & ~0xFFF
+    assert mem.read(addr, 6) == b"070701"
+
+
+def test_initramfs_that_does_not_fit_is_refused(mem: GuestMemory) -> None:
+    k = load_kernel(mem, make_elf())
+    with pytest.raises(LoaderError, match="does not fit"):
+        load_initramfs(mem, bytes(MEM - 0x1000000), k)
+
+
+def test_cmdline_is_nul_terminated_and_bounded(mem: GuestMemory) -> None:
+    assert load_cmdline(mem, "console=ttyS0") == 13
+    assert mem.read(layout.CMDLINE_START, 14) == b"console=ttyS0\0"
+    with pytest.raises(LoaderError, match="at most 10"):
+        load_cmdline(mem, "x" * 11, max_len=10)
+
+
+def test_e820_map_matches_the_reference_layout(mem: GuestMemory) -> None:
+    assert e820_map(mem) == [(0, 0xA0000, 1), (0x100000, MEM - 0x100000, 1),
+                             (0xE800_0000, 256 << 20, 2)]
+
+
+def test_boot_params_carry_header_cmdline_initrd_and_e820(mem: GuestMemory) -> None:
+    k = load_kernel(mem, make_bzimage())
+    e820 = e820_map(mem)
+    write_boot_params(mem, k, 5, (0x3000000, 0x1234), e820)
+    zp = mem.read(layout.ZERO_PAGE_START, 4096)
+    assert zp[0x202:0x206] == b"HdrS"
+    assert zp[0x210] == 0xFF  # type_of_loader
+    assert struct.unpack_from("<I", zp, HDR_CMD_LINE_PTR)[0] == layout.CMDLINE_START
+    assert struct.unpack_from("<II", zp, HDR_RAMDISK_IMAGE) == (0x3000000, 0x1234)
+    assert zp[BP_E820_ENTRIES] == 3
+    assert struct.unpack_from("<QQI", zp, BP_E820_TABLE + 20) == (0x100000, MEM - 0x100000, 1)
+
+
+def test_pvh_start_info_layout(mem: GuestMemory) -> None:
+    e820 = e820_map(mem)
+    write_pvh_start_info(mem, (0x3000000, 0x1234), e820)
+    info = struct.unpack("<IIIIQQQQII", mem.read(layout.PVH_INFO_START, 56))
+    assert info == (XEN_HVM_START_MAGIC_VALUE, 1, 0, 1, layout.MODLIST_START, layout.CMDLINE_START, 0,
+                    layout.MEMMAP_START, 3, 0)
+    assert struct.unpack("<QQQQ", mem.read(layout.MODLIST_START, 32)) == (0x3000000, 0x1234, 0, 0)
+    assert struct.unpack("<QQII", mem.read(layout.MEMMAP_START + 24, 24)) == (0x100000, MEM - 0x100000, 1, 0)
+
+
+def test_write_boot_tables_for_pvh(mem: GuestMemory) -> None:
+    k = load_kernel(mem, make_elf())
+    write_boot_tables(mem, k, "console=ttyS0 quiet", None)
+    assert mem.read(layout.CMDLINE_START, 20) == b"console=ttyS0 quiet\0"
+    assert mem.read_u32(layout.PVH_INFO_START) == XEN_HVM_START_MAGIC_VALUE
+    assert mem.read_u16(layout.EBDA_POINTER) == 0xA000
