@@ -106,7 +106,11 @@ class QemuGuest:
     def wait_ready(self, timeout: float = 60) -> float:
         """Wait for /init's ready marker; return seconds since QEMU started."""
         self.expect(rf"(?m)^{READY_MARKER}\r?$", timeout)
-        return time.monotonic() - self.started
+        elapsed = time.monotonic() - self.started
+        # the shell's first prompt (busybox follows it with a cursor query, ESC [6n):
+        # input typed before it would be echoed twice
+        self.expect(r"[#$] (?:\x1b\[6n)?", timeout)
+        return elapsed
 
     def run(self, command: str, timeout: float = 20) -> str:
         """Type a shell command; return its output (between unique markers)."""
@@ -115,7 +119,7 @@ class QemuGuest:
         self.proc.send(f"{command}; echo {tag[:5]}''{tag[5:]}-END\n")
         self.expect(rf"{tag}-END", timeout)
         # what follows the terminal's echo of the command (which ends in the split tag)
-        out = str(self.proc.before).split(f"''{tag[5:]}-END", 1)[-1]
+        out = str(self.proc.before).rsplit(f"''{tag[5:]}-END", 1)[-1]
         return out.replace("\r\n", "\n").strip("\r\n")
 
     def send(self, text: str) -> None:

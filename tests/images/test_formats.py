@@ -1,0 +1,78 @@
+"""Image-building helpers on synthetic inputs: no built images, no QEMU needed."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+
+import pytest
+
+from vmsh.errors import ImageError
+from vmsh.images import cpio, debian, disk, elf, kernel
+
+
+def test_cpio_round_trip_is_sorted_and_reproducible():
+    entries = [cpio.file("init", b"#!/bin/sh\n", 0o755), cpio.directory("bin"),
+               cpio.symlink("bin/sh", "/bin/busybox"), cpio.chardev("dev/console", 5, 1),
+               cpio.directory("dev")]
+    a, b = io.BytesIO(), io.BytesIO()
+    cpio.write(a, entries)
+    cpio.write(b, list(reversed(entries)))
+    assert a.getvalue() == b.getvalue()
+    members = cpio.read_names(a.getvalue())
+    assert list(members) == ["bin", "bin/sh", "dev", "dev/console", "init"]
+    assert members["bin/sh"][1] == b"/bin/busybox"
+    assert members["init"] == (0o100755, b"#!/bin/sh\n")
+    assert len(a.getvalue()) % 4 == 0
+
+
+def test_cpio_rejects_duplicates():
+    with pytest.raises(ValueError):
+        cpio.write(io.BytesIO(), [cpio.directory("a"), cpio.directory("a")])
+
+
+def test_config_mismatches_reports_missing_and_forbidden():
+    fragment = "CONFIG_A=y\nCONFIG_S=\"x y\"\n# CONFIG_B is not set\n"
+    assert kernel.config_mismatches('CONFIG_A=y\nCONFIG_S="x y"\n', fragment) == []
+    bad = kernel.config_mismatches("CONFIG_B=y\n", fragment)
+    assert "CONFIG_A=unset (want y)" in bad and "CONFIG_B=y (want unset)" in bad
+
+
+def _elf_with_note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    """A minimal ELF64 with one PT_NOTE program header."""
+    note = struct.pack("<III", len(name) + 1, len(desc), ntype) + name + b"\0"
+    note += b"\0" * (-len(note) % 4) + desc + b"\0" * (-len(desc) % 4)
+    ehdr = bytearray(64)
+    ehdr[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<QQ", ehdr, 0x20, 64, 0)
+    struct.pack_into("<HHHHH", ehdr, 0x36, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", elf.PT_NOTE, 4, 120, 0, 0, len(note), len(note), 4)
+    return bytes(ehdr) + phdr + note
+
+
+def test_pvh_note_found(tmp_path):
+    path = tmp_path / "vmlinux"
+    path.write_bytes(_elf_with_note(b"Xen", elf.XEN_ELFNOTE_PHYS32_ENTRY, struct.pack("<I", 0x1000850)))
+    assert elf.pvh_entry(path) == 0x1000850
+    path.write_bytes(_elf_with_note(b"GNU", 3, b"abcd"))
+    assert elf.pvh_entry(path) is None
+
+
+def test_extract_vmlinux_from_synthetic_gzip_bzimage():
+    payload_elf = b"\x7fELF" + bytes(range(200)) * 10
+    compressed = gzip.compress(payload_elf) + struct.pack("<I", len(payload_elf))
+    setup_sects = 1
+    image = bytearray((setup_sects + 1) * 512)
+    image[0x1F1] = setup_sects
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<II", image, 0x248, 16, len(compressed))
+    image += b"\0" * 16 + compressed
+    assert debian.extract_vmlinux(bytes(image)) == payload_elf
+    with pytest.raises(ImageError):
+        debian.extract_vmlinux(b"\0" * 4096)
+
+
+def test_raw_disk_sectors_are_self_describing():
+    s = disk.sector_bytes(7)
+    assert len(s) == disk.SECTOR and s.startswith(b"VMSH-SECTOR 00000007\n")
