@@ -76,3 +76,48 @@ def test_extract_vmlinux_from_synthetic_gzip_bzimage():
 def test_raw_disk_sectors_are_self_describing():
     s = disk.sector_bytes(7)
     assert len(s) == disk.SECTOR and s.startswith(b"VMSH-SECTOR 00000007\n")
+
+
+def test_missing_tool_names_the_package(monkeypatch):
+    from vmsh.images import tools
+
+    monkeypatch.setattr(tools.shutil, "which", lambda tool: None)
+    with pytest.raises(ImageError, match="apt-get install lz4"):
+        tools.require_tools(["lz4"])
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path, monkeypatch):
+    from vmsh.images import cli
+
+    monkeypatch.setenv("VMSH_IMAGE_CACHE", str(tmp_path))
+    assert cli.main(["path", "no-such-image"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: unknown image 'no-such-image'") and "Traceback" not in err
+    assert cli.main(["path", "disk"]) == 1
+    assert "vmsh images build" in capsys.readouterr().err
+
+
+def test_build_is_atomic_and_second_build_is_a_no_op(tmp_path, monkeypatch):
+    from vmsh.images import targets
+
+    monkeypatch.setenv("VMSH_IMAGE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_build(out, logfile):
+        calls.append(out)
+        (out / "file").write_text("x")
+        return {}
+
+    def failing_build(out, logfile):
+        (out / "half").write_text("x")
+        raise ImageError("boom")
+
+    monkeypatch.setitem(targets.TARGETS, "fake", targets.Target("fake", lambda: {"a": "1"}, fake_build))
+    monkeypatch.setitem(targets.TARGETS, "bad", targets.Target("bad", lambda: {"a": "2"}, failing_build))
+    first, built = targets.build("fake")
+    assert built and (first / "file").read_text() == "x" and (first / "build-info.json").exists()
+    again, built = targets.build("fake")
+    assert again == first and not built and len(calls) == 1
+    with pytest.raises(ImageError):
+        targets.build("bad")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("bad", ".tmp-bad"))] == []
