@@ -7,10 +7,13 @@
     │   ├── UsageError           a launcher command line that is not well formed (exit status 2)
     │   ├── OptionParseError     ``Error parsing --<option>``: the option grammar or a value
     │   └── ValidationError      a rule across fields (``Queue count ... must not exceed ...``)
+    │       └── DuplicateError       a second device with the same id or path
     ├── ImageError           guest images: a missing tool, package or build failure
     ├── KvmError             an ioctl on /dev/kvm failed
     ├── GuestMemoryError     a guest physical address or length outside guest RAM
     ├── StateError           a lifecycle request illegal in the current state
+    ├── NotFoundError        no VM, no VM config, or no device with that id
+    ├── BusyError            a request that must wait for an earlier one to finish
     └── DeviceError          a host-side device failure (never a guest's misbehaviour)
 
 Messages are short, one line, and do not repeat their cause; the cause is chained
@@ -40,6 +43,10 @@ class ValidationError(ConfigError):
     """A configuration that parses but breaks a rule across fields."""
 
 
+class DuplicateError(ValidationError):
+    """A second device with an id or a path that is already used."""
+
+
 class ImageError(VmshError):
     """A guest image cannot be built or found."""
 
@@ -54,6 +61,14 @@ class GuestMemoryError(VmshError):
 
 class StateError(VmshError):
     """A lifecycle request that the VM's current state does not allow."""
+
+
+class NotFoundError(VmshError):
+    """The VM, its config, or the named device does not exist."""
+
+
+class BusyError(VmshError):
+    """The request conflicts with one still in progress (for example a pending vCPU removal)."""
 
 
 class DeviceError(VmshError):

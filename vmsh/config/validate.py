@@ -13,7 +13,7 @@ import logging
 
 from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
-from vmsh.errors import ValidationError
+from vmsh.errors import DuplicateError, ValidationError
 
 LOG = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class _Checker:
         if ident.startswith("__"):
             raise ValidationError(f"Identifier {ident} is not valid")
         if ident in self.ids:
-            raise ValidationError(f"Identifier {ident} is not unique")
+            raise DuplicateError(f"Identifier {ident} is not unique")
         self.ids.add(ident)
 
     def pci_segment(self, segment: int, iommu: bool | None) -> None:
@@ -234,7 +234,7 @@ def _other_devices(c: _Checker) -> None:
     paths: set[str] = set()
     for dev in cfg.devices or []:
         if dev.path in paths:
-            raise ValidationError(f"Duplicated device path: {dev.path}")
+            raise DuplicateError(f"Duplicated device path: {dev.path}")
         paths.add(dev.path)
         c.pci_segment(dev.pci_segment, dev.iommu)
         cfg.iommu |= dev.iommu

@@ -1,0 +1,48 @@
+"""A VM stand-in for control-layer tests: records calls, keeps a state, no KVM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmsh.engine.state import VmState, check_transition
+
+
+class FakeVm:
+    def __init__(self, config: Any, events: Any, on_guest_event: Any) -> None:
+        self.config = config
+        self.state = VmState.CREATED
+        self.calls: list[str] = []
+        self.on_guest_event = on_guest_event
+
+    def _go(self, target: VmState, name: str) -> None:
+        check_transition(self.state, target)
+        self.state = target
+        self.calls.append(name)
+
+    def boot(self) -> None:
+        self._go(VmState.RUNNING, "boot")
+
+    def pause(self) -> None:
+        self._go(VmState.PAUSED, "pause")
+
+    def resume(self) -> None:
+        self._go(VmState.RUNNING, "resume")
+
+    def shutdown(self) -> None:
+        self.state = VmState.SHUTDOWN
+        self.calls.append("shutdown")
+
+    def power_button(self) -> None:
+        self.calls.append("power_button")
+
+    def nmi(self) -> None:
+        self.calls.append("nmi")
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {"_disk0": {"read_bytes": 0}}
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def snapshot(self, directory: str) -> None:
+        self.calls.append(f"snapshot {directory}")

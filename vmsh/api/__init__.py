@@ -1,0 +1,1 @@
+"""The HTTP API front-end: server (:mod:`vmsh.api.http`) and client (:mod:`vmsh.api.client`)."""
