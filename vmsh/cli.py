@@ -14,6 +14,7 @@ import sys
 #: subcommand -> (module, one-line summary)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("vmsh.launcher", "start a VM with cloud-hypervisor's launcher flags"),
+    "remote": ("vmsh.remote", "control a running VMM through its API socket (ch-remote)"),
     "config": ("vmsh.config_cli", "check and normalize a JSON VmConfig"),
     "images": ("vmsh.images.cli", "build the guest images and print their paths"),
 }
