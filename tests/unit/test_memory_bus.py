@@ -144,3 +144,38 @@ def test_bus_remove_then_reinsert_updates_routing() -> None:
     assert a.log == [("w", 0, b"\x01")] and b.log == [("w", 0, b"\x02")]
     with pytest.raises(BusError):
         bus.remove(0x81)
+
+
+def test_bus_fast_writer_routes_and_is_invalidated_on_remove() -> None:
+    bus, a = Bus("pio"), Dev()
+    bus.insert(a, 0x3F8, 8)
+    w = bus.fast_writer(0x3F9, 1)
+    assert w is not None and bus.fast_writers[1 | 0x3F9 << 4] is w
+    w(b"\x07")
+    assert a.log == [("w", 1, b"\x07")]
+    assert bus.fast_writer(0x3FF, 2) is None  # does not fit
+    assert bus.fast_writer(0x10, 1) is None  # unmapped
+    bus.remove(0x3F8)
+    assert bus.fast_writers == {}
+
+
+def test_bus_fast_writer_takes_the_device_lock() -> None:
+    bus = Bus("pio")
+    seen: list[bool] = []
+
+    class Locked(Dev):
+        def write(self, offset: int, data: bytes) -> None:
+            seen.append(entry.lock is not None and entry.lock.locked())
+
+    entry = bus.insert(Locked(), 0x80, 1)
+    w = bus.fast_writer(0x80, 1)
+    assert w is not None
+    w(b"\x01")
+    assert seen == [True] and entry.lock is not None and not entry.lock.locked()
+
+
+def test_bus_thread_safe_devices_get_no_lock() -> None:
+    class Safe(Dev):
+        thread_safe = True
+
+    assert Bus("pio").insert(Safe(), 0x80, 1).lock is None

@@ -13,6 +13,7 @@ split between buses and allocators).
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -66,6 +67,11 @@ class Bus:
         self._cache: dict[int, BusRange | None] = {}
         # Per-address writer closures: the vCPU hot path is one dict lookup and one call.
         self._writers: dict[int, Callable[[bytes], bool]] = {}
+        #: (size | addr << 4) -> callable(data) for accesses known to fit their device; filled
+        #: by ``fast_writer``, cleared (never rebound) on every map change, so a vCPU loop may
+        #: hold a reference to it. Lock-free devices get a functools.partial of their write,
+        #: so the common port write costs no Python frame of the bus at all.
+        self.fast_writers: dict[int, Callable[[bytes], object]] = {}
         self._warned: set[int] = set()
         self._mutex = threading.Lock()
 
@@ -91,6 +97,7 @@ class Bus:
             self._bases.insert(i, base)
             self._cache = {}
             self._writers = {}
+            self.fast_writers.clear()
         return entry
 
     def remove(self, base: int) -> BusDevice:
@@ -106,6 +113,7 @@ class Bus:
             del self._bases[i]
             self._cache = {}
             self._writers = {}
+            self.fast_writers.clear()
         return entry.device
 
     def ranges(self) -> list[BusRange]:
@@ -184,6 +192,31 @@ class Bus:
         if len(self._writers) >= _CACHE_MAX:
             self._writers = {}
         self._writers[addr] = writer
+        return writer
+
+    def fast_writer(self, addr: int, size: int) -> Callable[[bytes], object] | None:
+        """A callable taking the data of a ``size``-byte write at ``addr``, cached in
+        ``fast_writers``; None when no device takes the whole access (use ``write`` then)."""
+        entry = self.find(addr)
+        if entry is None or addr + size > entry.end or size > 15:
+            return None
+        dev_write = entry.device.write
+        offset = addr - entry.base
+        lock = entry.lock
+        if lock is None:
+            writer: Callable[[bytes], object] = functools.partial(dev_write, offset)
+        else:
+            acquire, release = lock.acquire, lock.release
+
+            def writer(data: bytes) -> None:
+                acquire()
+                try:
+                    dev_write(offset, data)
+                finally:
+                    release()
+        if len(self.fast_writers) >= _CACHE_MAX:
+            self.fast_writers.clear()
+        self.fast_writers[size | addr << 4] = writer
         return writer
 
     def _unhandled(self, what: str, addr: int, size: int) -> None:

@@ -134,6 +134,8 @@ class Vcpu:
         kvm_run = lib.vmsh_kvm_run_packed
         pio_read = self.pio.read
         pio_write = self.pio.write
+        pio_fast_writer = self.pio.fast_writer
+        fast_writers = self.pio.fast_writers
         counts = self.exit_counts
         io_count = counts.get(EXIT_IO, 0)
         try:
@@ -146,7 +148,16 @@ class Vcpu:
                 if kind == _PACKED_IO_OUT:
                     io_count += 1
                     off = r >> 32
-                    pio_write((r >> 16) & 0xFFFF, page[off:off + ((r >> 12) & 0xF)])
+                    # (r >> 12) & 0xFFFFF is "size | port << 4", the bus's fast_writers key.
+                    writer = fast_writers.get((r >> 12) & 0xFFFFF)
+                    if writer is not None:
+                        writer(page[off:off + ((r >> 12) & 0xF)])
+                    else:
+                        port, size = (r >> 16) & 0xFFFF, (r >> 12) & 0xF
+                        if pio_fast_writer(port, size) is None:
+                            pio_write(port, page[off:off + size])
+                            continue
+                        fast_writers[size | port << 4](page[off:off + size])
                     continue
                 if kind == _PACKED_IO_IN:
                     io_count += 1
