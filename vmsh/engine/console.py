@@ -1,0 +1,294 @@
+"""Host ends of the guest consoles: where serial and debug-console output goes, and where
+serial input comes from, for each ``--serial``/``--console``/``--debug-console`` mode.
+
+* ``null`` discards output; ``off`` means no device at all (the caller creates none);
+* ``tty`` is this process's standard output and input (a terminal is put in raw mode and
+  restored on close);
+* ``file=PATH`` writes to a file (created or truncated, mode 0600 under the VMM's umask);
+* ``pty`` opens a pseudo-terminal and reports its path (``/dev/pts/N``);
+* ``socket=PATH`` listens on a unix socket; one client at a time gets the output and feeds
+  the input.
+
+Output is called from vCPU threads, so it never blocks for long: a pty or socket whose
+reader is not keeping up loses bytes rather than stalling the guest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import termios
+import threading
+import tty
+from collections.abc import Callable
+
+from vmsh.config.model import ConsoleOutputMode
+from vmsh.errors import DeviceError
+
+LOG = logging.getLogger(__name__)
+
+#: Takes bytes for the guest and returns how many it accepted (a FIFO may be full).
+InputSink = Callable[[bytes], int]
+
+
+class ConsoleBackend:
+    """The host side of one console. This base class is the ``null`` mode."""
+
+    #: what ``vm.info`` shows as the console's file (the pty path for ``pty``)
+    path: str | None = None
+
+    def write(self, data: bytes) -> None:
+        """Guest output."""
+
+    def start_input(self, sink: InputSink) -> None:
+        """Start feeding host input to ``sink`` (modes without input ignore this)."""
+
+    def close(self) -> None:
+        """Release what the backend holds; later writes are dropped."""
+
+
+def _pump(read: Callable[[], bytes], sink: InputSink, stop: threading.Event, name: str) -> None:
+    """Forward input until EOF, retrying while the guest's FIFO is full."""
+
+    def body() -> None:
+        while not stop.is_set():
+            try:
+                data = read()
+            except OSError:
+                return
+            if not data:
+                return
+            while data and not stop.is_set():
+                taken = sink(data)
+                data = data[taken:]
+                if data:
+                    stop.wait(0.005)
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+
+
+class FdBackend(ConsoleBackend):
+    """Output to a file descriptor (and optionally input from another)."""
+
+    def __init__(self, out_fd: int, in_fd: int | None = None, *, owns: bool = False, drop_when_full: bool = False) -> None:
+        self.out_fd = out_fd
+        self.in_fd = in_fd
+        self._owns = owns
+        self._drop = drop_when_full
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(self.out_fd, view)
+                except BlockingIOError:
+                    if self._drop:
+                        self.dropped += len(view)
+                        return
+                    continue
+                except OSError as err:
+                    LOG.debug("console output lost: %s", err)
+                    return
+                view = view[n:]
+
+    def start_input(self, sink: InputSink) -> None:
+        if self.in_fd is not None:
+            fd = self.in_fd
+            _pump(lambda: os.read(fd, 4096), sink, self._stop, "console-in")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._owns:
+            for fd in {self.out_fd, self.in_fd} - {None}:
+                try:
+                    os.close(fd)  # type: ignore[arg-type]
+                except OSError:
+                    pass
+
+
+class TtyBackend(FdBackend):
+    """This process's stdout and stdin; a terminal on stdin is put in raw mode until close."""
+
+    def __init__(self, with_input: bool = True) -> None:
+        super().__init__(1, 0 if with_input else None)
+        self._saved: list | None = None
+        if with_input and os.isatty(0):
+            self._saved = termios.tcgetattr(0)
+            tty.setraw(0)
+
+    def close(self) -> None:
+        super().close()
+        if self._saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+
+class PtyBackend(FdBackend):
+    """A new pseudo-terminal; ``path`` is the device a user attaches to."""
+
+    def __init__(self) -> None:
+        master, slave = os.openpty()
+        # Raw: no echo, no newline translation; the guest's own tty does that.
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        super().__init__(master, master, owns=True, drop_when_full=True)
+        # Holding the slave open keeps the master readable when no client is attached.
+        self._slave = slave
+        self.path = os.ttyname(slave)
+        LOG.info("PTY path: %s", self.path)
+
+    def start_input(self, sink: InputSink) -> None:
+        import select
+
+        master = self.out_fd
+
+        def read() -> bytes:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        return os.read(master, 4096)
+                    except BlockingIOError:
+                        continue
+            return b""
+
+        _pump(read, sink, self._stop, "pty-in")
+
+    def close(self) -> None:
+        super().close()
+        try:
+            os.close(self._slave)
+        except OSError:
+            pass
+
+
+class SocketBackend(ConsoleBackend):
+    """A listening unix socket; the connected client gets the output and sends input."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nobody listens there any more
+            else:
+                self._listener.close()
+                raise DeviceError(f"Console socket {path} is in use by another process")
+            finally:
+                probe.close()
+        try:
+            self._listener.bind(path)
+        except OSError as err:
+            self._listener.close()
+            raise DeviceError(f"Cannot listen on console socket {path}") from err
+        self._listener.listen(1)
+        self._client: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sink: InputSink | None = None
+        threading.Thread(target=self._accept, name="console-socket", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            client.setblocking(False)
+            with self._lock:
+                if self._client is not None:
+                    self._client.close()
+                self._client = client
+            if self._sink is not None:
+                self._read_client(client, self._sink)
+
+    def _read_client(self, client: socket.socket, sink: InputSink) -> None:
+        import select
+
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([client], [], [], 0.2)
+            except (OSError, ValueError):
+                return
+            if not ready:
+                continue
+            try:
+                data = client.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                with self._lock:
+                    if self._client is client:
+                        self._client = None
+                client.close()
+                return
+            while data and not self._stop.is_set():
+                taken = sink(data)
+                data = data[taken:]
+                if data:
+                    self._stop.wait(0.005)
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            client = self._client
+            if client is None:
+                return
+            try:
+                client.send(data)
+            except (BlockingIOError, OSError):
+                pass  # a client that does not read loses output; the guest never waits
+
+    def start_input(self, sink: InputSink) -> None:
+        self._sink = sink
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+        self._listener.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def open_backend(mode: ConsoleOutputMode, file: str | None = None, socket_path: str | None = None,
+                 *, with_input: bool = True) -> ConsoleBackend | None:
+    """The backend of a console mode; None for ``off`` (no device).
+
+    :raises DeviceError: when the file, pty or socket cannot be had, naming it.
+    """
+    if mode is ConsoleOutputMode.OFF:
+        return None
+    if mode is ConsoleOutputMode.NULL:
+        return ConsoleBackend()
+    if mode is ConsoleOutputMode.TTY:
+        return TtyBackend(with_input=with_input)
+    if mode is ConsoleOutputMode.PTY:
+        try:
+            return PtyBackend()
+        except OSError as err:
+            raise DeviceError("Cannot open a pseudo-terminal for the console") from err
+    if mode is ConsoleOutputMode.FILE:
+        assert file is not None
+        try:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise DeviceError(f"Cannot open console file {file}") from err
+        return FdBackend(fd, owns=True)
+    assert socket_path is not None
+    return SocketBackend(socket_path)
