@@ -179,3 +179,20 @@ def test_pvm_get_fpu_does_not_carry_mxcsr(tiny: TinyVm) -> None:
     fpu.mxcsr = 0x1F80
     tiny.fd.set_fpu(fpu)
     assert tiny.fd.get_mxcsr() == 0x7F80
+
+
+def test_memory_above_the_32bit_hole_registers_as_two_slots(kvm: Kvm) -> None:
+    from vmsh.engine.memory import GuestMemory
+
+    vm = kvm.create_vm()
+    mem = GuestMemory.create((3 << 30) + (64 << 20))  # MAP_NORESERVE: costs nothing until touched
+    try:
+        assert [(r.start, r.size) for r in mem.regions] == [(0, 3 << 30), (4 << 30, 64 << 20)]
+        mem.register(vm)
+        mem.write(4 << 30, b"high")
+        assert mem.read(4 << 30, 4) == b"high"
+        with pytest.raises(Exception, match="not RAM"):
+            mem.read(3 << 30, 1)
+    finally:
+        vm.close()
+        mem.close()
