@@ -121,3 +121,16 @@ def test_build_is_atomic_and_second_build_is_a_no_op(tmp_path, monkeypatch):
     with pytest.raises(ImageError):
         targets.build("bad")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("bad", ".tmp-bad"))] == []
+
+
+def test_stale_staging_dirs_are_removed(tmp_path, monkeypatch):
+    from vmsh.images import targets
+
+    monkeypatch.setenv("VMSH_IMAGE_CACHE", str(tmp_path))
+    stale = tmp_path / ".tmp-fake2-0123-abc"
+    stale.mkdir()
+    (stale / "half").write_text("x")
+    monkeypatch.setitem(targets.TARGETS, "fake2",
+                        targets.Target("fake2", lambda: {"b": "1"}, lambda out, log: {}))
+    targets.build("fake2")
+    assert not stale.exists()

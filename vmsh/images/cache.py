@@ -89,6 +89,17 @@ def staging_dir(target: str, key: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_staging(target: str) -> None:
+    """Delete temporary directories a killed build of ``target`` left behind.
+
+    Only call with ``target_lock(target)`` held: staging directories are created
+    under that lock, so any that exist then belong to a dead process.
+    """
+    for stale in cache_root().glob(f".tmp-{target}-*"):
+        log.info("%s: removing %s left by an interrupted build", target, stale.name)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_manifest(directory: Path, inputs: Mapping[str, str], **extra: object) -> None:
     """Record what a target was built from, for humans and for ``vmsh images list``."""
     data = {"inputs": dict(sorted(inputs.items())), **extra}

@@ -118,6 +118,7 @@ def build(target_name: str) -> tuple[Path, bool]:
         # another process may have finished it while we waited for the lock
         if final.is_dir():
             return final, False
+        cache.remove_stale_staging(target_name)
         logfile = cache.log_path(target_name, k)
         logfile.parent.mkdir(parents=True, exist_ok=True)
         logfile.write_text("")
