@@ -1,0 +1,230 @@
+"""The plain-data description of the platform that the ACPI tables describe.
+
+The engine fills an :class:`AcpiSpec` from a ``VmConfig`` and the memory layout; the table
+generators read nothing else. Every value is checked when the spec is built, so a bad value
+fails with a ``ValueError`` naming the field before any table is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vmsh.engine.acpi import aml
+
+#: the ECAM (PCI Express enhanced configuration space) of bus N is 1 MiB: 32 devices, 8
+#: functions, 4 KiB each (PCI Firmware Specification 3.2 §4.1.2)
+ECAM_BUS_SIZE = 1 << 20
+#: the x86 legacy PCI configuration mechanism #1 ports (0xcf8 address, 0xcfc data)
+PCI_CONFIG_IO_PORT = 0xCF8
+PCI_CONFIG_IO_SIZE = 8
+
+DEFAULT_RSDP_ADDRESS = 0xA0000
+#: the ACPI area ends where SMBIOS starts (reference/cloud-hypervisor.md §6.1)
+DEFAULT_ACPI_LIMIT = 0xF0000
+DEFAULT_SHUTDOWN_PORT = 0x600
+DEFAULT_PM_TIMER_PORT = 0x608
+LAPIC_ADDRESS = 0xFEE0_0000
+IOAPIC_ADDRESS = 0xFEC0_0000
+
+
+def _check_ascii(name: str, value: str, max_len: int) -> None:
+    try:
+        raw = value.encode("ascii")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name} {value!r} is not ASCII") from err
+    if len(raw) > max_len:
+        raise ValueError(f"{name} {value!r} is longer than {max_len} characters")
+    if b"\x00" in raw:
+        raise ValueError(f"{name} {value!r} contains NUL")
+
+
+def _check_range(name: str, value: int, lo: int, hi: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name} {value!r} out of range ({lo:#x}..{hi:#x})")
+
+
+@dataclass(frozen=True)
+class OemInfo:
+    """The identification fields of every table header (ACPI 6.4 §5.2.6, Table 5.4).
+
+    The defaults match the reference VMM so that guests which look at them see the same values.
+    The OEM table id of a table is ``table_id_prefix + signature``, padded to 8 characters.
+    """
+
+    oem_id: str = "CLOUDH"
+    table_id_prefix: str = "CH"
+    oem_revision: int = 1
+    creator_id: str = "VMSH"
+    creator_revision: int = 1
+
+    def __post_init__(self) -> None:
+        _check_ascii("OEM id", self.oem_id, 6)
+        _check_ascii("OEM table id prefix", self.table_id_prefix, 4)
+        _check_ascii("creator id", self.creator_id, 4)
+        _check_range("OEM revision", self.oem_revision, 0, 0xFFFF_FFFF)
+        _check_range("creator revision", self.creator_revision, 0, 0xFFFF_FFFF)
+
+    def table_id(self, signature: str) -> str:
+        return (self.table_id_prefix + signature)[:8]
+
+
+@dataclass(frozen=True)
+class PciSegment:
+    """One PCI segment (host bridge): its ECAM and the windows it forwards.
+
+    ``mmio32``/``mmio64`` are ``(base, size)``; a size of 0 leaves that window out. The bus
+    range is ``bus_start..bus_end`` (0..0 for the flat root bus vmsh emulates). ``legacy_io``
+    (default: on for segment 0) adds the 0xcf8 configuration ports and the I/O port windows
+    0x0000-0x0cf7 and 0x0d00-0xffff. ``intx_irqs``, when given, produces a ``_PRT`` that routes
+    INTx of slot S pin P to ``intx_irqs[(S + P) % len]`` (a GSI).
+    """
+
+    id: int
+    ecam_base: int
+    mmio32: tuple[int, int] = (0, 0)
+    mmio64: tuple[int, int] = (0, 0)
+    bus_start: int = 0
+    bus_end: int = 0
+    legacy_io: Optional[bool] = None
+    intx_irqs: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_range("PCI segment id", self.id, 0, 0xFFFF)
+        _check_range(f"PCI segment {self.id} bus_start", self.bus_start, 0, 255)
+        _check_range(f"PCI segment {self.id} bus_end", self.bus_end, self.bus_start, 255)
+        _check_range(f"PCI segment {self.id} ECAM base", self.ecam_base, 0, (1 << 64) - 1)
+        if self.ecam_base % ECAM_BUS_SIZE:
+            raise ValueError(f"PCI segment {self.id} ECAM base {self.ecam_base:#x} is not 1 MiB aligned")
+        if self.ecam_base + self.ecam_size > 1 << 32:
+            # the MBRD reservation uses Memory32Fixed, and Linux wants it reserved to trust MCFG
+            raise ValueError(f"PCI segment {self.id} ECAM {self.ecam_base:#x} is not below 4 GiB")
+        base, size = self.mmio32
+        if size and (base < 0 or base + size > 1 << 32):
+            raise ValueError(f"PCI segment {self.id} mmio32 window {base:#x}+{size:#x} is not below 4 GiB")
+        base, size = self.mmio64
+        if size and (base < 0 or base + size > 1 << 64):
+            raise ValueError(f"PCI segment {self.id} mmio64 window {base:#x}+{size:#x} out of range")
+        for irq in self.intx_irqs:
+            _check_range(f"PCI segment {self.id} INTx IRQ", irq, 0, 0xFFFF_FFFF)
+        if self.legacy_io is None:
+            object.__setattr__(self, "legacy_io", self.id == 0)
+
+    @property
+    def ecam_size(self) -> int:
+        return (self.bus_end - self.bus_start + 1) * ECAM_BUS_SIZE
+
+
+@dataclass(frozen=True)
+class GedSpec:
+    """The Generic Event Device: its 1-byte read-to-clear GDAT register and its interrupt.
+
+    GDAT bits (the device model sets them, the guest's ``_EVT`` reads and acts on them):
+    0x1 CPU change, 0x2 memory change, 0x4 PCI change, 0x8 power button.
+    """
+
+    address: int
+    irq: int
+
+    def __post_init__(self) -> None:
+        _check_range("GED address", self.address, 0, (1 << 64) - 1)
+        _check_range("GED IRQ", self.irq, 0, 0xFFFF_FFFF)
+
+
+#: GDAT event bits (see GedSpec)
+GED_CPU_CHANGE = 0x1
+GED_MEMORY_CHANGE = 0x2
+GED_PCI_CHANGE = 0x4
+GED_POWER_BUTTON = 0x8
+
+
+@dataclass(frozen=True)
+class InterruptOverride:
+    """A MADT Interrupt Source Override (ACPI 6.4 §5.2.12.5): ISA ``source`` is GSI ``gsi``.
+
+    ``flags`` are MPS INTI flags: bits 0-1 polarity, bits 2-3 trigger mode (0 = bus default).
+    """
+
+    source: int
+    gsi: int
+    flags: int = 0
+    bus: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("interrupt override source", self.source, 0, 255)
+        _check_range("interrupt override GSI", self.gsi, 0, 0xFFFF_FFFF)
+        _check_range("interrupt override flags", self.flags, 0, 0xFFFF)
+        _check_range("interrupt override bus", self.bus, 0, 0)
+
+
+@dataclass(frozen=True)
+class AcpiSpec:
+    """Everything the ACPI tables say about the VM.
+
+    - ``boot_vcpus`` processors are present and enabled at boot; ``max_vcpus`` (default: the
+      same) are described, the rest as hot-pluggable (MADT ONLINE_CAPABLE, ``_STA`` 0).
+      ``apic_ids[i]`` is the APIC id of vCPU i (default: i).
+    - ``serial``: COM1 at 0x3f8, IRQ 4.
+    - ``pci_segments``: one host bridge per entry, in MCFG and the DSDT.
+    - ``ged``: the Generic Event Device; ``power_button`` the PNP0C0C device it notifies.
+    - ``pci_rescan_method``: a method the GED calls on a PCI change event (when set).
+    - ``shutdown_port``: FADT reset and sleep control/status register (I/O, 1 byte);
+      ``pm_timer_port``: the 32-bit ACPI PM timer.
+    - ``interrupt_overrides``: MADT Interrupt Source Overrides.
+    - ``pcat_compat``: MADT flag saying dual 8259 PICs are present.
+    - ``iapc_boot_arch``: FADT IA-PC boot architecture flags (ACPI 6.4 §5.2.9.3).
+    """
+
+    boot_vcpus: int
+    max_vcpus: Optional[int] = None
+    apic_ids: Optional[tuple[int, ...]] = None
+    serial: bool = True
+    pci_segments: tuple[PciSegment, ...] = ()
+    ged: Optional[GedSpec] = None
+    power_button: bool = True
+    pci_rescan_method: Optional[str] = None
+    shutdown_port: int = DEFAULT_SHUTDOWN_PORT
+    pm_timer_port: int = DEFAULT_PM_TIMER_PORT
+    interrupt_overrides: tuple[InterruptOverride, ...] = ()
+    pcat_compat: bool = False
+    iapc_boot_arch: int = 0
+    oem: OemInfo = field(default_factory=OemInfo)
+    hypervisor_vendor: str = "CLOUDHYP"
+    rsdp_address: int = DEFAULT_RSDP_ADDRESS
+    limit: int = DEFAULT_ACPI_LIMIT
+
+    def __post_init__(self) -> None:
+        _check_range("boot_vcpus", self.boot_vcpus, 1, 0xFFFF_FFFF)
+        if self.max_vcpus is None:
+            object.__setattr__(self, "max_vcpus", self.boot_vcpus)
+        _check_range("max_vcpus", self.max_vcpus, self.boot_vcpus, MAX_VCPUS)
+        if self.apic_ids is None:
+            object.__setattr__(self, "apic_ids", tuple(range(self.max_vcpus)))
+        else:
+            object.__setattr__(self, "apic_ids", tuple(self.apic_ids))
+            if len(self.apic_ids) != self.max_vcpus:
+                raise ValueError(f"apic_ids has {len(self.apic_ids)} entries, max_vcpus is {self.max_vcpus}")
+            if len(set(self.apic_ids)) != len(self.apic_ids):
+                raise ValueError("apic_ids has duplicates")
+            for apic_id in self.apic_ids:
+                _check_range("APIC id", apic_id, 0, 0xFFFF_FFFE)
+        object.__setattr__(self, "pci_segments", tuple(self.pci_segments))
+        ids = [s.id for s in self.pci_segments]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"pci_segments has duplicate ids: {ids}")
+        object.__setattr__(self, "interrupt_overrides", tuple(self.interrupt_overrides))
+        _check_range("shutdown_port", self.shutdown_port, 0, 0xFFFF)
+        _check_range("pm_timer_port", self.pm_timer_port, 0, 0xFFFF)
+        _check_range("iapc_boot_arch", self.iapc_boot_arch, 0, 0xFFFF)
+        _check_ascii("hypervisor_vendor", self.hypervisor_vendor, 8)
+        _check_range("rsdp_address", self.rsdp_address, 0, 0xFFFF_FFFF)
+        if self.rsdp_address % 16:
+            # ACPI 6.4 §5.2.5.1: the RSDP is found on a 16-byte boundary
+            raise ValueError(f"rsdp_address {self.rsdp_address:#x} is not 16-byte aligned")
+        _check_range("limit", self.limit, self.rsdp_address, 1 << 64)
+        if self.pci_rescan_method is not None:
+            aml.Path(self.pci_rescan_method)  # raises ValueError on a malformed path
+
+
+#: processor device names are a letter and three hex digits (C000..CFFF, D000..), see dsdt.py
+MAX_VCPUS = 0x1000 * 20

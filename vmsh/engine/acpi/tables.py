@@ -1,0 +1,214 @@
+"""Binary ACPI tables: RSDP, the SDT header, XSDT, FADT, MADT and MCFG (ACPI 6.4 §5.2).
+
+Each function returns the complete table bytes with its checksum set. Tables that point at
+other tables take the guest physical addresses as arguments; laying them out in memory is the
+job of :mod:`vmsh.engine.acpi.builder`. The DSDT body is produced by
+:mod:`vmsh.engine.acpi.dsdt` and wrapped here by :func:`dsdt`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from vmsh.engine.acpi.spec import IOAPIC_ADDRESS, LAPIC_ADDRESS, AcpiSpec, OemInfo, PciSegment
+
+SDT_HEADER_SIZE = 36
+#: offset of the checksum byte in the SDT header (§5.2.6, Table 5.4)
+SDT_CHECKSUM_OFFSET = 9
+
+# --- RSDP (§5.2.5.3, Table 5.3) -------------------------------------------------------------------
+RSDP_SIGNATURE = b"RSD PTR "
+RSDP_REVISION = 2
+RSDP_SIZE = 36
+#: the ACPI 1.0 checksum covers the first 20 bytes
+RSDP_V1_SIZE = 20
+
+# --- table revisions ------------------------------------------------------------------------------
+XSDT_REVISION = 1
+#: FADT revision 6 with minor version 4 is the ACPI 6.4 layout (§5.2.9, Table 5.9)
+FADT_REVISION = 6
+FADT_MINOR_VERSION = 4
+FADT_SIZE = 276
+#: MADT revision 5 (ACPI 6.3+) defines the ONLINE_CAPABLE flag (§5.2.12)
+MADT_REVISION = 5
+MCFG_REVISION = 1
+#: DSDT revision 2 or more makes AML integers 64 bits wide (§5.2.11.1)
+DSDT_REVISION = 2
+
+# --- FADT fixed feature flags (§5.2.9, Table 5.10) -------------------------------------------------
+FADT_TMR_VAL_EXT = 1 << 8
+FADT_RESET_REG_SUP = 1 << 10
+FADT_HW_REDUCED_ACPI = 1 << 20
+
+# FADT field offsets (§5.2.9, Table 5.9)
+FADT_OFF_FIRMWARE_CTRL = 36
+FADT_OFF_DSDT = 40
+FADT_OFF_PM_TMR_LEN = 91
+FADT_OFF_IAPC_BOOT_ARCH = 109
+FADT_OFF_FLAGS = 112
+FADT_OFF_RESET_REG = 116
+FADT_OFF_RESET_VALUE = 128
+FADT_OFF_MINOR_VERSION = 131
+FADT_OFF_X_FIRMWARE_CTRL = 132
+FADT_OFF_X_DSDT = 140
+FADT_OFF_X_PM_TMR_BLK = 208
+FADT_OFF_SLEEP_CONTROL_REG = 244
+FADT_OFF_SLEEP_STATUS_REG = 256
+FADT_OFF_HYPERVISOR_VENDOR = 268
+
+#: the value the guest writes to the reset register to reset the machine
+RESET_VALUE = 1
+
+# --- Generic Address Structure (§5.2.3.2, Table 5.1) ----------------------------------------------
+GAS_SYSTEM_MEMORY = 0
+GAS_SYSTEM_IO = 1
+GAS_ACCESS_BYTE = 1
+GAS_ACCESS_WORD = 2
+GAS_ACCESS_DWORD = 3
+GAS_ACCESS_QWORD = 4
+
+# --- MADT (§5.2.12) -------------------------------------------------------------------------------
+MADT_PCAT_COMPAT = 1 << 0
+MADT_TYPE_LOCAL_APIC = 0
+MADT_TYPE_IO_APIC = 1
+MADT_TYPE_INTERRUPT_OVERRIDE = 2
+MADT_TYPE_LOCAL_X2APIC = 9
+#: Local (x2)APIC flags (§5.2.12.2, Table 5.23)
+MADT_ENABLED = 1 << 0
+MADT_ONLINE_CAPABLE = 1 << 1
+#: an xAPIC id is 8 bits and 0xff is the broadcast id, so ids >= 255 need x2APIC entries
+#: (§5.2.12.12: "x2APIC ID ... values greater than 254")
+X2APIC_MIN_ID = 255
+
+
+def checksum(data: bytes) -> int:
+    """The byte that makes ``data`` plus it sum to zero modulo 256 (§5.2.6 "Checksum")."""
+    return (-sum(data)) & 0xFF
+
+
+def _fixed_ascii(value: str, size: int) -> bytes:
+    return value.encode("ascii").ljust(size, b" ")[:size]
+
+
+def sdt(signature: str, revision: int, body: bytes, oem: OemInfo) -> bytes:
+    """A System Description Table: the 36-byte header (§5.2.6, Table 5.4) then ``body``.
+
+    The OEM id and table id are padded with spaces, as firmware conventionally does.
+    """
+    if len(signature) != 4:
+        raise ValueError(f"ACPI table signature {signature!r} is not 4 characters")
+    length = SDT_HEADER_SIZE + len(body)
+    header = struct.pack(
+        "<4sIBB6s8sI4sI",
+        signature.encode("ascii"),
+        length,
+        revision,
+        0,  # checksum, filled below
+        _fixed_ascii(oem.oem_id, 6),
+        _fixed_ascii(oem.table_id(signature), 8),
+        oem.oem_revision,
+        _fixed_ascii(oem.creator_id, 4),
+        oem.creator_revision,
+    )
+    table = bytearray(header + body)
+    table[SDT_CHECKSUM_OFFSET] = checksum(bytes(table))
+    return bytes(table)
+
+
+def rsdp(xsdt_address: int, oem: OemInfo) -> bytes:
+    """RSDP revision 2 (§5.2.5.3): no RSDT, the XSDT address, both checksums."""
+    data = bytearray(
+        struct.pack(
+            "<8sB6sBIIQB3x",
+            RSDP_SIGNATURE,
+            0,
+            _fixed_ascii(oem.oem_id, 6),
+            RSDP_REVISION,
+            0,  # RsdtAddress: none, 64-bit OSes use the XSDT
+            RSDP_SIZE,
+            xsdt_address,
+            0,
+        )
+    )
+    data[8] = checksum(bytes(data[:RSDP_V1_SIZE]))
+    data[32] = checksum(bytes(data))
+    return bytes(data)
+
+
+def xsdt(entries: Sequence[int], oem: OemInfo) -> bytes:
+    """XSDT (§5.2.8): the 64-bit addresses of every table but the DSDT and FACS."""
+    return sdt("XSDT", XSDT_REVISION, b"".join(struct.pack("<Q", a) for a in entries), oem)
+
+
+def gas(space: int, bit_width: int, address: int, access_size: int, bit_offset: int = 0) -> bytes:
+    """A Generic Address Structure (§5.2.3.2): space, width, offset, access size, address."""
+    return struct.pack("<BBBBQ", space, bit_width, bit_offset, access_size, address)
+
+
+def fadt(spec: AcpiSpec, dsdt_address: int) -> bytes:
+    """FADT, signature ``FACP`` (§5.2.9), revision 6, 276 bytes, hardware-reduced.
+
+    A hardware-reduced platform (§4.1) has no fixed PM1/GPE blocks, no SCI and no FACS; what
+    remains is the reset register, the sleep control and status registers (all the shutdown
+    port, one byte: the guest writes RESET_VALUE to reset and SLP_TYP|SLP_EN to power off) and
+    the 32-bit PM timer.
+    """
+    body = bytearray(FADT_SIZE - SDT_HEADER_SIZE)
+
+    def put(offset: int, data: bytes) -> None:
+        rel = offset - SDT_HEADER_SIZE
+        body[rel : rel + len(data)] = data
+
+    # FIRMWARE_CTRL and X_FIRMWARE_CTRL stay 0: no FACS on a hardware-reduced platform.
+    # DSDT (32-bit) stays 0 too: OSPM uses X_DSDT when it is non-zero.
+    put(FADT_OFF_PM_TMR_LEN, bytes([4]))
+    put(FADT_OFF_IAPC_BOOT_ARCH, struct.pack("<H", spec.iapc_boot_arch))
+    put(FADT_OFF_FLAGS, struct.pack("<I", FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_TMR_VAL_EXT))
+    put(FADT_OFF_RESET_REG, gas(GAS_SYSTEM_IO, 8, spec.shutdown_port, GAS_ACCESS_BYTE))
+    put(FADT_OFF_RESET_VALUE, bytes([RESET_VALUE]))
+    put(FADT_OFF_MINOR_VERSION, bytes([FADT_MINOR_VERSION]))
+    put(FADT_OFF_X_DSDT, struct.pack("<Q", dsdt_address))
+    put(FADT_OFF_X_PM_TMR_BLK, gas(GAS_SYSTEM_IO, 32, spec.pm_timer_port, GAS_ACCESS_DWORD))
+    put(FADT_OFF_SLEEP_CONTROL_REG, gas(GAS_SYSTEM_IO, 8, spec.shutdown_port, GAS_ACCESS_BYTE))
+    put(FADT_OFF_SLEEP_STATUS_REG, gas(GAS_SYSTEM_IO, 8, spec.shutdown_port, GAS_ACCESS_BYTE))
+    put(FADT_OFF_HYPERVISOR_VENDOR, _fixed_ascii(spec.hypervisor_vendor, 8))
+    return sdt("FACP", FADT_REVISION, bytes(body), spec.oem)
+
+
+def madt(spec: AcpiSpec) -> bytes:
+    """MADT, signature ``APIC`` (§5.2.12), revision 5.
+
+    One processor entry per possible vCPU: Processor Local APIC (type 0, §5.2.12.2) while the
+    APIC id fits in 8 bits, Local x2APIC (type 9, §5.2.12.12) from id 255 on. Boot vCPUs are
+    ENABLED; the others ONLINE_CAPABLE (the spec reserves that bit when ENABLED is set). The
+    ACPI processor UID is the vCPU index, matching the ``_UID`` of the processor devices in the
+    DSDT. Then the I/O APIC (§5.2.12.3) and the interrupt source overrides (§5.2.12.5).
+    """
+    assert spec.max_vcpus is not None and spec.apic_ids is not None
+    body = bytearray(struct.pack("<II", LAPIC_ADDRESS, MADT_PCAT_COMPAT if spec.pcat_compat else 0))
+    for index in range(spec.max_vcpus):
+        apic_id = spec.apic_ids[index]
+        flags = MADT_ENABLED if index < spec.boot_vcpus else MADT_ONLINE_CAPABLE
+        if apic_id < X2APIC_MIN_ID and index <= 0xFF:
+            body += struct.pack("<BBBBI", MADT_TYPE_LOCAL_APIC, 8, index, apic_id, flags)
+        else:
+            body += struct.pack("<BBHIII", MADT_TYPE_LOCAL_X2APIC, 16, 0, apic_id, flags, index)
+    body += struct.pack("<BBBBII", MADT_TYPE_IO_APIC, 12, 0, 0, IOAPIC_ADDRESS, 0)
+    for iso in spec.interrupt_overrides:
+        body += struct.pack("<BBBBIH", MADT_TYPE_INTERRUPT_OVERRIDE, 10, iso.bus, iso.source, iso.gsi, iso.flags)
+    return sdt("APIC", MADT_REVISION, bytes(body), spec.oem)
+
+
+def mcfg(segments: Sequence[PciSegment], oem: OemInfo) -> bytes:
+    """MCFG (PCI Firmware Specification 3.2 §4.1.2): 8 reserved bytes, then per segment the
+    ECAM base, segment number, start and end bus and 4 reserved bytes."""
+    body = bytearray(8)
+    for seg in segments:
+        body += struct.pack("<QHBBI", seg.ecam_base, seg.id, seg.bus_start, seg.bus_end, 0)
+    return sdt("MCFG", MCFG_REVISION, bytes(body), oem)
+
+
+def dsdt(aml_body: bytes, oem: OemInfo) -> bytes:
+    """DSDT (§5.2.11.1): the header then the AML definition blocks."""
+    return sdt("DSDT", DSDT_REVISION, aml_body, oem)
