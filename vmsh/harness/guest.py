@@ -1,0 +1,230 @@
+"""A real guest behind its serial console, driven with pexpect.
+
+:class:`Guest` starts a VMM process whose serial console is the process's own terminal
+(``vmsh launch ... --serial tty``), waits for the guest's ready marker, and runs shell
+commands in it::
+
+    with Guest(["vmsh", "launch", "--kernel", k, "--initramfs", i, "--serial", "tty", "--console", "off"],
+               workdir=tmp_path) as guest:
+        guest.wait_ready()
+        result = guest.run("cat /proc/cmdline")
+        assert result.status == 0
+
+Commands are bracketed by markers that never appear in the command's own echo (the marker
+text is split by quotes on the command line), so output is exact even when the terminal
+echoes; kernel messages are quietened once the shell is up. Every wait has a timeout, and a
+failure raises :class:`GuestError` carrying the command, its output so far and the tail of
+the console log; the whole console is kept in ``<workdir>/console.log``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import re
+import shlex
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pexpect
+
+from vmsh.errors import VmshError
+
+LOG = logging.getLogger(__name__)
+
+READY_MARKER = "VMSH-READY"
+#: a prompt no program prints by accident
+PROMPT = "vmsh-guest-prompt# "
+CONSOLE_TAIL = 3000
+
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class GuestError(VmshError):
+    """A guest that did not do what was expected in time; the message ends with the console tail."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """What a command printed (stdout and stderr, ``\\r\\n`` folded) and its exit status."""
+
+    command: str
+    output: str
+    status: int
+
+    def check(self) -> CommandResult:
+        """Raise unless the command succeeded."""
+        if self.status != 0:
+            raise GuestError(f"command failed with status {self.status}: {self.command}\n{self.output}")
+        return self
+
+
+class Guest:
+    """One VMM process and the guest on its serial console.
+
+    :param argv: the VMM command line; its standard input and output must be the serial console.
+    :param workdir: where ``console.log`` goes (created if needed).
+    :param boot_timeout: seconds to wait for the ready marker.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, argv: list[str], workdir: str | os.PathLike[str], *, boot_timeout: float = 120.0,
+                 env: dict[str, str] | None = None, ready_marker: str = READY_MARKER) -> None:
+        self.argv = list(argv)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "console.log"
+        self.boot_timeout = boot_timeout
+        self.ready_marker = ready_marker
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept for the guest's lifetime
+        self._env = {**os.environ, **(env or {})}
+        self.child: pexpect.spawn | None = None
+        self._shell_ready = False
+
+    # --- process --------------------------------------------------------------------------------
+
+    def start(self) -> Guest:
+        """Start the VMM process."""
+        LOG.info("starting %s", shlex.join(self.argv))
+        self.child = pexpect.spawn(
+            self.argv[0], self.argv[1:], env=self._env, timeout=self.boot_timeout, dimensions=(50, 250),
+            logfile=self._log, echo=False,
+        )
+        return self
+
+    def __enter__(self) -> Guest:
+        if self.child is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.child is not None
+        return int(self.child.pid)
+
+    def console_tail(self, size: int = CONSOLE_TAIL) -> str:
+        """The last ``size`` bytes of the console log, escape sequences removed."""
+        self._log.flush()
+        data = self.log_path.read_bytes()[-size:]
+        return _ANSI.sub(b"", data).decode("utf-8", "replace")
+
+    def _fail(self, what: str, output: str = "") -> GuestError:
+        alive = self.child is not None and self.child.isalive()
+        state = "running" if alive else f"exited with status {self.exit_status()}"
+        text = f"{what} (VMM {state})"
+        if output:
+            text += f"\n--- output so far ---\n{output}"
+        return GuestError(f"{text}\n--- console tail ({self.log_path}) ---\n{self.console_tail()}")
+
+    def expect(self, pattern: str | list[str], timeout: float | None = None) -> int:
+        """Wait for a regex on the console; returns the index of the pattern that matched."""
+        assert self.child is not None, "the guest is not started"
+        try:
+            return int(self.child.expect(pattern, timeout=timeout))
+        except pexpect.TIMEOUT:
+            raise self._fail(f"timeout after {timeout}s waiting for {pattern!r}") from None
+        except pexpect.EOF:
+            raise self._fail(f"console closed while waiting for {pattern!r}") from None
+
+    def send(self, text: str) -> None:
+        assert self.child is not None, "the guest is not started"
+        self.child.send(text)
+
+    # --- guest ------------------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float | None = None) -> Guest:
+        """Wait for the ready marker, then set up the shell for :meth:`run`."""
+        self.expect(re.escape(self.ready_marker), timeout=timeout or self.boot_timeout)
+        self._setup_shell()
+        return self
+
+    def _setup_shell(self) -> None:
+        # A unique prompt, no echo, and kernel messages off the console; the marker
+        # printed by printf proves the settings took.
+        tag = f"setup{next(self._ids)}"
+        self.send(
+            f"\nexport PS1='{PROMPT}'; stty -echo 2>/dev/null; dmesg -n 1 2>/dev/null; "
+            f"printf '%s_%s\\n' VMSH-SHELL {tag}\n"
+        )
+        self.expect(f"VMSH-SHELL_{tag}\r?\n", timeout=30)
+        self._shell_ready = True
+
+    def run(self, command: str, timeout: float = 60.0) -> CommandResult:
+        """Run a shell command in the guest; returns its output and exit status."""
+        if not self._shell_ready:
+            raise GuestError("the guest shell is not ready: call wait_ready() first")
+        n = next(self._ids)
+        begin, end = f"VMSH-B{n}", f"VMSH-E{n}"
+        # One input line, so no prompt lands inside the output; ``eval`` keeps the command's
+        # own syntax (comments, newlines) and its effects on the shell (cd, variables). The
+        # markers are printed from two halves, so the command line's echo never matches them.
+        line = (
+            f"printf '%s\\n' '{begin[:5]}''{begin[5:]}'; eval {shlex.quote(command)}; "
+            f"printf '\\n%s:%s\\n' '{end[:5]}''{end[5:]}' \"$?\"\n"
+        )
+        self.send(line)
+        self.expect(f"{begin}\r?\n", timeout=timeout)
+        try:
+            self.expect(rf"\r?\n{end}:(\d+)\r?\n", timeout=timeout)
+        except GuestError as err:
+            assert self.child is not None
+            partial = _clean(self.child.before if isinstance(self.child.before, bytes) else b"")
+            raise GuestError(f"command did not finish: {command}\n--- output so far ---\n{partial}\n{err}") from None
+        assert self.child is not None and self.child.match is not None
+        output = _clean(self.child.before)
+        return CommandResult(command=command, output=output, status=int(self.child.match.group(1)))
+
+    def check_output(self, command: str, timeout: float = 60.0) -> str:
+        """Run ``command``; raise unless it succeeds; return its output."""
+        return self.run(command, timeout).check().output
+
+    # --- end --------------------------------------------------------------------------------------
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """Wait for the VMM process to end; returns its exit status."""
+        assert self.child is not None
+        deadline = time.monotonic() + timeout
+        while self.child.isalive():
+            if time.monotonic() > deadline:
+                raise self._fail(f"the VMM did not exit within {timeout}s")
+            try:
+                self.child.expect(pexpect.EOF, timeout=0.5)
+            except pexpect.TIMEOUT:
+                pass
+        self.child.wait() if self.child.isalive() else None
+        return self.exit_status()
+
+    def exit_status(self) -> int | None:
+        if self.child is None or self.child.isalive():
+            return None
+        if self.child.signalstatus is not None:
+            return -int(self.child.signalstatus)
+        return self.child.exitstatus
+
+    def close(self) -> None:
+        """Stop the VMM (SIGTERM and SIGHUP, then SIGKILL) and close the log."""
+        if self.child is not None and self.child.isalive():
+            self.child.kill(signal.SIGTERM)
+            self.child.kill(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while self.child.isalive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.child.isalive():
+                self.child.kill(signal.SIGKILL)
+        if self.child is not None:
+            self.child.close(force=True)
+        if not self._log.closed:
+            self._log.close()
+
+
+def _clean(data: Any) -> str:
+    raw = data if isinstance(data, bytes) else str(data).encode()
+    return _ANSI.sub(b"", raw).decode("utf-8", "replace").replace("\r\n", "\n").strip("\n")
