@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import signal
 import sys
+from typing import TYPE_CHECKING
 
 from vmsh import __version__
 from vmsh.errors import UsageError, VmshError, error_chain
+
+if TYPE_CHECKING:
+    from vmsh.config.launcher_args import VmmOptions
+    from vmsh.config.model import VmConfig
+    from vmsh.engine.events import EventMonitor
+
+from vmsh.engine.vmm import GuestEvent  # noqa: E402 - light module, needed at signal time
 
 LOG = logging.getLogger(__name__)
 
@@ -58,19 +68,75 @@ def main(argv: list[str]) -> int:
             logsetup.setup(vmm.verbosity, vmm.log_file)
         except OSError as err:
             raise VmshError("Error creating log file") from err
-        if not has_payload(args) and vmm.restore is None:
-            raise VmshError("Nothing to run: give --kernel or --firmware, or --restore")
+        if not has_payload(args) and vmm.restore is None and vmm.api_socket is None:
+            raise VmshError("Nothing to run: give --kernel or --firmware, --restore, or --api-socket")
         cfg = normalize(vm_config_from_args(args)) if has_payload(args) else None
-        return _run(vmm, cfg)
+        return run(vmm, cfg)
     except VmshError as err:
         print_error(err)
         return 1
 
 
-def _run(vmm: object, cfg: object) -> int:
-    """Create and boot the VM and serve it until it ends."""
+def _open_events(opts: VmmOptions) -> EventMonitor:
+    from vmsh.engine.events import EventMonitor
+
+    endpoint = opts.event_monitor
+    if endpoint is None:
+        return EventMonitor()
     try:
-        from vmsh.engine.runner import run_launcher  # type: ignore[import-not-found]
-    except ImportError as err:
-        raise VmshError("This vmsh cannot run VMs yet: the engine is not installed") from err
-    return int(run_launcher(vmm, cfg))
+        return EventMonitor.open(path=endpoint.path, fd=endpoint.fd)
+    except OSError as err:
+        raise VmshError("Error doing event monitor I/O") from err
+
+
+def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
+    """Run the VMM: create and boot ``cfg`` (or restore), serve the API, and wait.
+
+    Returns 0 when the guest powers off or the VMM is shut down (API or SIGTERM/SIGINT);
+    raises :class:`VmshError` when the VM cannot be built or booted.
+    """
+    from vmsh.engine.vm import Vm
+    from vmsh.engine.vmm import Vmm
+
+    events = _open_events(opts)
+    events.emit("vmm", "starting")
+    vmm = Vmm(events, vm_factory=Vm.build, restore_factory=Vm.restore)
+    server = None
+    stop_signals = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        vmm.guest_event(GuestEvent.STOP, f"signal {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        stop_signals.append((sig, signal.signal(sig, on_signal)))
+    try:
+        if opts.api_socket is not None:
+            from vmsh.api.http import ApiServer
+
+            server = ApiServer(vmm, path=opts.api_socket.path, fd=opts.api_socket.fd).start()
+        if cfg is not None:
+            with vmm.lock:
+                vmm.create(cfg)
+                vmm.boot()
+        elif opts.restore is not None:
+            with vmm.lock:
+                vmm.restore(opts.restore)
+        while not vmm.exited.is_set():
+            try:
+                kind, detail = vmm.guest_events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if vmm.handle_guest_event(kind, detail):
+                if kind == GuestEvent.FATAL:
+                    raise VmshError(f"The VM stopped: {detail}")
+                break
+        return 0
+    finally:
+        if not vmm.exited.is_set():
+            with vmm.lock:
+                vmm.vmm_shutdown()
+        if server is not None:
+            server.close()
+        events.close()
+        for sig, previous in stop_signals:
+            signal.signal(sig, previous)

@@ -17,7 +17,7 @@ from typing import IO
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
 
-_START = time.monotonic()
+_START = time.time()
 
 
 def format_duration(seconds: float) -> str:

@@ -34,7 +34,10 @@ class GuestEvent:
 
     POWEROFF = "poweroff"
     RESET = "reset"
+    #: the VM cannot go on (a vCPU failed); the VMM exits with an error
     FATAL = "fatal"
+    #: the VMM was asked to stop (SIGTERM, SIGINT)
+    STOP = "stop"
 
 
 class VmLike(Protocol):
@@ -169,7 +172,8 @@ class Vmm:
         self.vm: VmLike | None = None
         self._vm_factory = vm_factory
         self._restore_factory = restore_factory
-        self._lock = threading.RLock()
+        #: serializes actions; front-ends hold it for multi-step sequences
+        self.lock = threading.RLock()
         #: guest events waiting for the control loop
         self.guest_events: queue.Queue[tuple[str, str]] = queue.Queue()
         self.exited = threading.Event()
@@ -178,7 +182,7 @@ class Vmm:
 
     def call(self, action: Action, body: Any = None) -> Any:
         """Run ``action`` with its (already decoded) body; returns its JSON-able result."""
-        with self._lock:
+        with self.lock:
             if action.scope == "vmm":
                 return self.vmm_shutdown() if action.name == "shutdown" else self.ping()
             if action.name in _ADD_TARGETS:
@@ -192,7 +196,7 @@ class Vmm:
 
     def handle_guest_event(self, kind: str, detail: str) -> bool:
         """Act on one guest event; returns True when the VMM should exit."""
-        with self._lock:
+        with self.lock:
             if kind == GuestEvent.RESET:
                 LOG.info("guest reset: rebooting")
                 try:

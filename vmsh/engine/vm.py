@@ -1,0 +1,392 @@
+"""The composition root: one running VM built from a validated VmConfig.
+
+:meth:`Vm.build` is the only place where KVM, guest memory, the boot loaders, the ACPI and
+SMBIOS tables, the devices and the vCPUs are put together. The lifecycle methods (``boot``,
+``pause``, ``resume``, ``shutdown``) move through :mod:`vmsh.engine.state`; what the guest
+asks for (poweroff, reset) and fatal vCPU errors are reported through ``on_guest_event``,
+never acted on from the vCPU threads themselves.
+
+The machine (reference/cloud-hypervisor.md §6-8): RAM below 3 GiB and from 4 GiB, the
+kernel through PVH or the bzImage 32-bit entry, ACPI at 0xa0000 (hardware-reduced FADT, MADT,
+MCFG, DSDT), SMBIOS at 0xf0000, the in-kernel irqchip and PIT, a 16550A at 0x3f8/IRQ 4, the
+i8042 reset port, CMOS/RTC, the POST port, the debug console, the ACPI sleep/reset port at
+0x600 with the PM timer at 0x608, the GED for the power button, and PCI configuration
+access (0xcf8 and ECAM) with the host bridge.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vmsh.config import model as m
+from vmsh.config.model import ConsoleOutputMode
+from vmsh.devices.acpi import GED_POWER_BUTTON, AcpiPmTimer, AcpiShutdown, Ged
+from vmsh.devices.legacy.cmos import Cmos
+from vmsh.devices.legacy.debugcon import DebugConsole
+from vmsh.devices.legacy.i8042 import I8042
+from vmsh.devices.legacy.post import PostPort
+from vmsh.devices.legacy.serial import Serial16550
+from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
+from vmsh.engine import smbios
+from vmsh.engine.acpi.builder import build_acpi
+from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
+from vmsh.engine.boot import layout
+from vmsh.engine.boot.configure import configure_vcpu, write_boot_tables
+from vmsh.engine.boot.loader import load_initramfs, load_kernel
+from vmsh.engine.bus import Bus
+from vmsh.engine.console import ConsoleBackend, open_backend
+from vmsh.engine.cpuid import CpuTopology
+from vmsh.engine.events import EventMonitor
+from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
+from vmsh.engine.kvm import Kvm
+from vmsh.engine.memory import GuestMemory, MemoryOptions
+from vmsh.engine.pvm import internal_error_handler, is_pvm_host
+from vmsh.engine.state import VmState, check_transition
+from vmsh.engine.stats import KvmStats
+from vmsh.engine.vcpu import Vcpu, VcpuStop, install_kick_handler
+from vmsh.engine.vmm import GuestEvent
+from vmsh.errors import DeviceError, KvmError, VmshError, error_chain
+
+LOG = logging.getLogger(__name__)
+
+SERIAL_PORT, SERIAL_IRQ = 0x3F8, 4
+I8042_PORT = 0x60
+CMOS_PORT = 0x70
+POST_PORT = 0x80
+SHUTDOWN_PORT, PM_TIMER_PORT = 0x600, 0x608
+PCI_CONFIG_PORT = 0xCF8
+#: the GED's event register: one byte in the free space below the IOAPIC
+GED_ADDRESS, GED_IRQ = 0xFEB0_0000, 5
+#: PCI windows (reference §6.1): 640 MiB of 32-bit MMIO from 3 GiB, 64-bit MMIO after RAM
+MMIO32_START, MMIO32_SIZE = 0xC000_0000, 640 << 20
+RAM_64BIT_START = 1 << 32
+#: the top of the physical address space is kept for platform devices (reference §6.1)
+PLATFORM_AREA = (64 << 10) + (1 << 20)
+VCPU_JOIN_TIMEOUT = 5.0
+
+GuestEventSink = Callable[[str, str], None]
+
+
+def _unsupported(cfg: m.VmConfig) -> list[str]:
+    """Options that parse and validate but that this VMM cannot provide yet."""
+    missing = []
+    for name, present in (
+        ("--disk", cfg.disks), ("--net", cfg.net), ("--fs", cfg.fs), ("--pmem", cfg.pmem),
+        ("--balloon", cfg.balloon), ("--vsock", cfg.vsock), ("--vdpa", cfg.vdpa),
+        ("--device (VFIO)", cfg.devices), ("--user-device", cfg.user_devices), ("--tpm", cfg.tpm),
+        ("--sgx-epc", cfg.sgx_epc), ("--numa", cfg.numa), ("--memory-zone", cfg.memory.zones),
+        ("--pvpanic", cfg.pvpanic), ("--watchdog", cfg.watchdog),
+        ("--memory hotplug_size", cfg.memory.hotplug_size), ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
+    ):
+        if present:
+            missing.append(name)
+    if cfg.memory.size == 0:
+        missing.append("--memory size=0")
+    return missing
+
+
+def _host_phys_bits(supported: list[Any]) -> int:
+    for entry in supported:
+        if entry.function == 0x8000_0008:
+            return int(entry.eax & 0xFF)
+    return 36
+
+
+def pci_segments(cfg: m.VmConfig, ram_end: int, phys_bits: int) -> tuple[PciSegment, ...]:
+    """Each segment's ECAM and its share of the 32-bit and 64-bit MMIO windows (by weight)."""
+    count = cfg.num_pci_segments()
+    weights = {s.pci_segment: s for s in cfg.pci_segments or []}
+    w32 = [weights[i].mmio32_aperture_weight if i in weights else 1 for i in range(count)]
+    w64 = [weights[i].mmio64_aperture_weight if i in weights else 1 for i in range(count)]
+    start64 = max(ram_end, RAM_64BIT_START)
+    size64 = max(0, (1 << phys_bits) - PLATFORM_AREA - start64)
+
+    def split(base: int, size: int, parts: list[int], align: int) -> list[tuple[int, int]]:
+        out, cursor, total = [], base, sum(parts)
+        for i, weight in enumerate(parts):
+            share = size - (cursor - base) if i == len(parts) - 1 else (size * weight // total) & ~(align - 1)
+            out.append((cursor, share))
+            cursor += share
+        return out
+
+    win32 = split(MMIO32_START, MMIO32_SIZE, w32, 1 << 20)
+    win64 = split(start64, size64, w64, 1 << 30)
+    return tuple(
+        PciSegment(id=i, ecam_base=layout.PCI_MMCONFIG_START + i * PciEcam.SIZE, mmio32=win32[i], mmio64=win64[i])
+        for i in range(count)
+    )
+
+
+class Vm:
+    """One VM: KVM objects, memory, devices and vCPUs, built by :meth:`build`."""
+
+    def __init__(self, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink) -> None:
+        self.config = config
+        self.events = events
+        self.on_guest_event = on_guest_event
+        self.state = VmState.CREATED
+        self.kvm: Kvm | None = None
+        self.vm_fd: Any = None
+        self.memory: GuestMemory | None = None
+        self.vcpus: list[Vcpu] = []
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self.backends: list[ConsoleBackend] = []
+        self.ged: Ged | None = None
+        self.serial: Serial16550 | None = None
+        self.pvm_handler: Any = None
+        self.vm_stats: KvmStats | None = None
+        self.vcpu_stats: list[KvmStats] = []
+        self._triggers: list[Any] = []
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # --- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink) -> Vm:
+        """Create everything ``config`` asks for; nothing runs until :meth:`boot`.
+
+        :raises VmshError: naming what could not be created; nothing is left behind.
+        """
+        missing = _unsupported(config)
+        if missing:
+            raise VmshError("Not supported by this vmsh yet: " + ", ".join(missing))
+        vm = cls(config, events, on_guest_event)
+        try:
+            vm._create()
+        except BaseException:
+            vm.shutdown()
+            raise
+        return vm
+
+    @classmethod
+    def restore(cls, directory: str, restore: m.RestoreConfig, events: EventMonitor,
+                on_guest_event: GuestEventSink) -> Vm:
+        raise VmshError("Restoring a snapshot is not supported by this vmsh yet")
+
+    def _create(self) -> None:
+        cfg = self.config
+        assert cfg.payload is not None
+        install_kick_handler()
+        try:
+            self.kvm = Kvm()
+        except KvmError as err:
+            raise VmshError("Cannot open /dev/kvm: is KVM available to this user?") from err
+        self.vm_fd = self.kvm.create_vm()
+        self.vm_fd.set_tss_addr(layout.KVM_TSS_START)
+        self.vm_fd.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
+        self.vm_fd.create_irqchip()
+        self.vm_fd.create_pit2()
+
+        mem_cfg = cfg.memory
+        options = MemoryOptions(shared=mem_cfg.shared, hugepages=mem_cfg.hugepages, hugepage_size=mem_cfg.hugepage_size,
+                                mergeable=mem_cfg.mergeable, thp=mem_cfg.thp, prefault=mem_cfg.prefault)
+        self.memory = GuestMemory.create(mem_cfg.size, options)
+        self.memory.register(self.vm_fd)
+
+        payload = cfg.payload
+        image = payload.kernel or payload.firmware
+        assert image is not None
+        kernel = load_kernel(self.memory, image)
+        initrd = load_initramfs(self.memory, payload.initramfs, kernel) if payload.initramfs else None
+
+        supported = self.kvm.supported_cpuid()
+        phys_bits = min(_host_phys_bits(supported), cfg.cpus.max_phys_bits)
+        ram_end = self.memory.last_addr + 1
+        try:
+            acpi = build_acpi(AcpiSpec(
+                boot_vcpus=cfg.cpus.boot_vcpus,
+                max_vcpus=cfg.cpus.max_vcpus,
+                serial=cfg.serial.mode is not ConsoleOutputMode.OFF,
+                pci_segments=pci_segments(cfg, ram_end, phys_bits),
+                ged=GedSpec(address=GED_ADDRESS, irq=GED_IRQ),
+                shutdown_port=SHUTDOWN_PORT,
+                pm_timer_port=PM_TIMER_PORT,
+            ))
+            tables = smbios.build_smbios(smbios.SmbiosSpec.from_platform(cfg.platform))
+        except ValueError as err:
+            raise VmshError("Cannot build the firmware tables") from err
+        self.memory.write(acpi.rsdp_address, acpi.blob)
+        self.memory.write(layout.SMBIOS_START, tables)
+        write_boot_tables(self.memory, kernel, payload.cmdline or "", initrd, rsdp=acpi.rsdp_address)
+
+        self._create_devices()
+
+        self.pvm_handler = internal_error_handler(self.memory) if is_pvm_host() else None
+        topo = cfg.cpus.topology
+        topology = (
+            CpuTopology(threads_per_core=topo.threads_per_core, cores_per_die=topo.cores_per_die,
+                        dies_per_package=topo.dies_per_package, packages=topo.packages)
+            if topo is not None else CpuTopology.flat(cfg.cpus.max_vcpus)
+        )
+        for index in range(cfg.cpus.boot_vcpus):
+            fd = self.vm_fd.create_vcpu(index)
+            configure_vcpu(fd, self.memory, kernel, supported, topology, pvm=self.pvm_handler is not None,
+                           phys_bits=phys_bits)
+            self.vcpus.append(Vcpu(fd, self.pio, self.mmio, on_internal_error=self.pvm_handler))
+        try:
+            self.vm_stats = KvmStats(self.vm_fd.stats_fd())
+            self.vcpu_stats = [KvmStats(v.fd.stats_fd()) for v in self.vcpus]
+        except VmshError as err:
+            LOG.info("KVM statistics are not available: %s", err)
+
+    def _irq(self, gsi: int) -> IrqFdTrigger:
+        trigger = IrqFdTrigger(self.vm_fd, gsi)
+        self._triggers.append(trigger)
+        return trigger
+
+    def _create_devices(self) -> None:
+        cfg = self.config
+        assert self.memory is not None
+        reset = EventTrigger(lambda: self.on_guest_event(GuestEvent.RESET, "guest reset"))
+        poweroff = EventTrigger(lambda: self.on_guest_event(GuestEvent.POWEROFF, "guest poweroff"))
+
+        serial_backend = open_backend(cfg.serial.mode, cfg.serial.file, cfg.serial.socket)
+        if serial_backend is not None:
+            self.backends.append(serial_backend)
+            if serial_backend.path and cfg.serial.mode is ConsoleOutputMode.PTY:
+                cfg.serial.file = serial_backend.path
+            self.serial = Serial16550(self._irq(SERIAL_IRQ), serial_backend.write)
+            entry = self.pio.insert(self.serial, SERIAL_PORT, 8, name="__serial")
+            serial = self.serial
+
+            def feed(data: bytes) -> int:
+                lock = entry.lock
+                if lock is None:
+                    return serial.enqueue_raw_bytes(data)
+                with lock:
+                    return serial.enqueue_raw_bytes(data)
+
+            serial_backend.start_input(feed)
+
+        dbg = cfg.debug_console
+        if dbg.mode not in (ConsoleOutputMode.OFF, ConsoleOutputMode.NULL):
+            backend = open_backend(dbg.mode, dbg.file, None, with_input=False)
+            assert backend is not None
+            self.backends.append(backend)
+            port = dbg.iobase if dbg.iobase is not None else m.DEFAULT_DEBUG_CONSOLE_IOBASE
+            try:
+                self.pio.insert(DebugConsole(backend.write), port, 1, name="__debug_console")
+            except ValueError as err:
+                raise DeviceError(f"The debug console port {port:#x} collides with another device") from err
+        if cfg.console.mode not in (ConsoleOutputMode.OFF, ConsoleOutputMode.NULL):
+            LOG.warning("virtio-console (--console %s) is not available yet; use the serial port",
+                        cfg.console.mode.value.lower())
+
+        # RAM fills 0..3 GiB first, the rest goes above 4 GiB (reference §6.1).
+        below_4g = min(self.memory.size, MMIO32_START)
+        above_4g = self.memory.size - below_4g
+        self.pio.insert(I8042(reset), I8042_PORT, 5, name="i8042")
+        self.pio.insert(Cmos(below_4g, above_4g, reset), CMOS_PORT, 2, name="cmos")
+        self.pio.insert(PostPort(), POST_PORT, 1, name="post")
+        self.pio.insert(AcpiShutdown(poweroff, reset), SHUTDOWN_PORT, 8, name="acpi-shutdown")
+        self.pio.insert(AcpiPmTimer(), PM_TIMER_PORT, 4, name="acpi-pm-timer")
+        self.ged = Ged(self._irq(GED_IRQ))
+        self.mmio.insert(self.ged, GED_ADDRESS, 1, name="ged")
+        for segment in range(cfg.num_pci_segments()):
+            bus = PciBus(segment)
+            if segment == 0:
+                self.pio.insert(PciConfigIo(bus), PCI_CONFIG_PORT, 8, name="pci-config-io")
+            self.mmio.insert(PciEcam(bus), layout.PCI_MMCONFIG_START + segment * PciEcam.SIZE, PciEcam.SIZE,
+                             name=f"pci-ecam{segment}")
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def _on_vcpu_stop(self, vcpu: Vcpu) -> None:
+        """Runs in the vCPU thread when its loop ends: report what the guest did."""
+        if vcpu.error is not None:
+            detail = f"vcpu{vcpu.index}: " + ": ".join(error_chain(vcpu.error))
+            LOG.error("%s", detail)
+            self.on_guest_event(GuestEvent.FATAL, detail)
+            return
+        reason = vcpu.stop_reason
+        if reason in (VcpuStop.SHUTDOWN, VcpuStop.RESET):
+            self.on_guest_event(GuestEvent.RESET, f"vcpu{vcpu.index}: {reason.value}")
+        elif reason is VcpuStop.POWEROFF:
+            self.on_guest_event(GuestEvent.POWEROFF, f"vcpu{vcpu.index}: system event")
+        elif reason is VcpuStop.CRASH:
+            self.on_guest_event(GuestEvent.FATAL, f"vcpu{vcpu.index}: guest crash")
+
+    def _start_vcpus(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.start(on_stop=self._on_vcpu_stop)
+
+    def _stop_vcpus(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        for vcpu in self.vcpus:
+            if not vcpu.join(VCPU_JOIN_TIMEOUT):
+                LOG.error("vcpu%d did not stop within %.0fs", vcpu.index, VCPU_JOIN_TIMEOUT)
+
+    def boot(self) -> None:
+        check_transition(self.state, VmState.RUNNING)
+        self._start_vcpus()
+        self.state = VmState.RUNNING
+
+    def pause(self) -> None:
+        check_transition(self.state, VmState.PAUSED)
+        self._stop_vcpus()
+        self.state = VmState.PAUSED
+
+    def resume(self) -> None:
+        check_transition(self.state, VmState.RUNNING)
+        self._start_vcpus()
+        self.state = VmState.RUNNING
+
+    def shutdown(self) -> None:
+        """Stop the vCPUs and release everything (safe to call twice, or on a half-built VM)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop_vcpus()
+        for backend in self.backends:
+            backend.close()
+        for stats in [self.vm_stats, *self.vcpu_stats]:
+            if stats is not None:
+                stats.close()
+        for vcpu in self.vcpus:
+            vcpu.fd.close()
+        for trigger in self._triggers:
+            trigger.close()
+        if self.vm_fd is not None:
+            self.vm_fd.close()
+        if self.memory is not None:
+            self.memory.close()
+        if self.kvm is not None:
+            self.kvm.close()
+        self.state = VmState.SHUTDOWN
+
+    def power_button(self) -> None:
+        if self.state is not VmState.RUNNING:
+            raise VmshError(f"The power button needs a running VM (it is {self.state.value})")
+        assert self.ged is not None
+        self.ged.notify(GED_POWER_BUTTON)
+
+    def nmi(self) -> None:
+        raise VmshError("NMI injection is not supported by this vmsh yet")
+
+    def snapshot(self, directory: str) -> None:
+        raise VmshError("Snapshots are not supported by this vmsh yet")
+
+    # --- inspection ---------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Device counters plus KVM's own statistics (``__vm``, ``__vcpuN``) and PVM handler counts."""
+        result: dict[str, dict[str, int]] = {}
+        if self.vm_stats is not None:
+            result["__vm"] = self.vm_stats.read_counters()
+        for vcpu, stats in zip(self.vcpus, self.vcpu_stats):
+            result[f"__vcpu{vcpu.index}"] = stats.read_counters()
+        if self.pvm_handler is not None:
+            result["__pvm"] = dict(self.pvm_handler.counts)
+        return result
+
+    def info(self) -> dict[str, Any]:
+        return {}
