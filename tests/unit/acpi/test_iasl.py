@@ -226,19 +226,32 @@ def test_acpiexec_power_button_event(tmp_path: Path) -> None:
     assert "Notify" not in out, out
 
 
-def test_acpiexec_pci_rescan_called(tmp_path: Path) -> None:
-    # the rescan method is provided by whoever adds PCI hotplug; here a stand-in that notifies
+def test_acpiexec_hotplug_scans_called(tmp_path: Path) -> None:
+    """Each GDAT bit calls its scan method; the methods come from ``extra_aml`` (stand-ins here
+    that notify a device with a distinct value, so the output shows which ran)."""
     from vmsh.engine.acpi import aml
 
-    spec = two_segment_spec(pci_rescan_method="\\_SB_.PCI0.PSCN")
-    stub = aml.Scope("\\_SB_.PCI0", [aml.Method("PSCN", 0, [aml.Notify("\\_SB_.PCI0", 0x01)])])
+    stubs = aml.Scope(
+        "\\_SB_",
+        [
+            aml.Method("CSCN", 0, [aml.Notify("\\_SB_.CPUS", 0x01)]),
+            aml.Method("MSCN", 0, [aml.Notify("\\_SB_.MBRD", 0x02)]),
+            aml.Method("PSCN", 0, [aml.Notify("\\_SB_.PCI0", 0x03)]),
+        ],
+    )
+    spec = two_segment_spec(
+        cpu_scan_method="\\_SB_.CSCN",
+        memory_scan_method="\\_SB_.MSCN",
+        pci_rescan_method="\\_SB_.PSCN",
+        extra_aml=(stubs,),
+    )
     dsdt = build_acpi(spec).table("DSDT")
-    from vmsh.engine.acpi import tables
-
-    dsdt = tables.dsdt(dsdt[36:] + stub, spec.oem)
-    out = acpiexec(dsdt, ["evaluate \\_SB.GED._EVT 5"], tmp_path, fill=0x0C)
-    assert re.search(r"Notify on \[PCI0\] .* Value 0x01", out), out
-    assert re.search(r"Notify on \[PWRB\] .* Value 0x80", out), out
+    disassemble(dsdt, "DSDT", tmp_path)
+    out = acpiexec(dsdt, ["evaluate \\_SB.GED._EVT 5"], tmp_path, fill=0x0F)
+    for device, value in (("CPUS", "0x01"), ("MBRD", "0x02"), ("PCI0", "0x03"), ("PWRB", "0x80")):
+        assert re.search(rf"Notify on \[{device}\] .* Value {value}", out), (device, out)
+    out = acpiexec(dsdt, ["evaluate \\_SB.GED._EVT 5"], tmp_path, fill=0x04)
+    assert re.findall(r"Notify on \[(\w+)\]", out) == ["PCI0"], out
 
 
 def test_acpiexec_objects(tmp_path: Path) -> None:

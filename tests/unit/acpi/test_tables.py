@@ -216,7 +216,8 @@ def test_processor_names() -> None:
         (dict(boot_vcpus=1, rsdp_address=0xA0008), "16-byte aligned"),
         (dict(boot_vcpus=1, hypervisor_vendor="TOOLONGVENDOR"), "hypervisor_vendor"),
         (dict(boot_vcpus=1, shutdown_port=0x10000), "shutdown_port"),
-        (dict(boot_vcpus=1, pci_rescan_method="\\_SB_.bad"), "name segment"),
+        (dict(boot_vcpus=1, pci_rescan_method="\\_SB_.bad"), "pci_rescan_method .*name segment"),
+        (dict(boot_vcpus=1, cpu_scan_method="CPUS.x"), "cpu_scan_method"),
         (
             dict(boot_vcpus=1, pci_segments=(PciSegment(0, 0xE8000000), PciSegment(0, 0xE8100000))),
             "duplicate ids",

@@ -12,8 +12,9 @@ What the guest finds under ``\\_SB_``:
   whose ``_EVT`` reads that read-to-clear register and dispatches on its bits;
 - ``CPUS`` (ACPI0010, §8.4.2) with one processor device (ACPI0007, §8.4) per possible vCPU.
 
-and ``\\_S5_``, the soft-off sleep type (§7.4.2). Each device is built by its own function so
-that CPU, memory and PCI hotplug can add their controllers and methods later.
+and ``\\_S5_``, the soft-off sleep type (§7.4.2), then any ``AcpiSpec.extra_aml``. Each device
+is built by its own function, and the GED calls scan methods named in the spec, so that CPU,
+memory and PCI hotplug can add their controllers and methods later.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from vmsh.engine.acpi.aml import (
     Notify,
     OperationRegion,
     Package,
-    QWordMemory,
     ResourceTemplate,
     Return,
     Scope,
@@ -42,6 +42,8 @@ from vmsh.engine.acpi.aml import (
     String,
 )
 from vmsh.engine.acpi.spec import (
+    GED_CPU_CHANGE,
+    GED_MEMORY_CHANGE,
     GED_PCI_CHANGE,
     GED_POWER_BUTTON,
     PCI_CONFIG_IO_PORT,
@@ -187,8 +189,14 @@ def ged(spec: AcpiSpec) -> bytes:
     assert spec.ged is not None
     local0 = Local(0)
     handlers: list[bytes] = []
-    if spec.pci_rescan_method is not None:
-        handlers.append(If(And(local0, GED_PCI_CHANGE), [Call(spec.pci_rescan_method)]))
+    # the hotplug scans are methods that their controllers' AML (AcpiSpec.extra_aml) provides
+    for bit, method in (
+        (GED_CPU_CHANGE, spec.cpu_scan_method),
+        (GED_MEMORY_CHANGE, spec.memory_scan_method),
+        (GED_PCI_CHANGE, spec.pci_rescan_method),
+    ):
+        if method is not None:
+            handlers.append(If(And(local0, bit), [Call(method)]))
     if spec.power_button:
         handlers.append(If(And(local0, GED_POWER_BUTTON), [Notify("\\_SB_.PWRB", NOTIFY_POWER_BUTTON)]))
     evt = Method("_EVT", 1, [Store(aml.Path("\\_SB_.GEC_.GDAT"), local0), *handlers], serialized=True)
@@ -241,4 +249,4 @@ def dsdt_aml(spec: AcpiSpec) -> bytes:
         sb.append(ged_register(spec))
         sb.append(ged(spec))
     sb.append(processors(spec))
-    return Scope("\\_SB_", sb) + sleep_states()
+    return Scope("\\_SB_", sb) + sleep_states() + b"".join(spec.extra_aml)

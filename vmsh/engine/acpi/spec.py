@@ -167,7 +167,11 @@ class AcpiSpec:
     - ``serial``: COM1 at 0x3f8, IRQ 4.
     - ``pci_segments``: one host bridge per entry, in MCFG and the DSDT.
     - ``ged``: the Generic Event Device; ``power_button`` the PNP0C0C device it notifies.
-    - ``pci_rescan_method``: a method the GED calls on a PCI change event (when set).
+    - ``cpu_scan_method``, ``memory_scan_method``, ``pci_rescan_method``: full paths of the
+      methods the GED's ``_EVT`` calls on a CPU, memory or PCI change event (left out when
+      ``None``); the hotplug controllers that define them add their AML through ``extra_aml``.
+    - ``extra_aml``: AML terms (built with :mod:`vmsh.engine.acpi.aml`) appended to the DSDT
+      after the generated namespace, e.g. ``Scope("\\_SB_", [Device("PHPR", [...])])``.
     - ``shutdown_port``: FADT reset and sleep control/status register (I/O, 1 byte);
       ``pm_timer_port``: the 32-bit ACPI PM timer.
     - ``interrupt_overrides``: MADT Interrupt Source Overrides.
@@ -182,7 +186,10 @@ class AcpiSpec:
     pci_segments: tuple[PciSegment, ...] = ()
     ged: Optional[GedSpec] = None
     power_button: bool = True
+    cpu_scan_method: Optional[str] = None
+    memory_scan_method: Optional[str] = None
     pci_rescan_method: Optional[str] = None
+    extra_aml: tuple[bytes, ...] = ()
     shutdown_port: int = DEFAULT_SHUTDOWN_PORT
     pm_timer_port: int = DEFAULT_PM_TIMER_PORT
     interrupt_overrides: tuple[InterruptOverride, ...] = ()
@@ -222,8 +229,14 @@ class AcpiSpec:
             # ACPI 6.4 §5.2.5.1: the RSDP is found on a 16-byte boundary
             raise ValueError(f"rsdp_address {self.rsdp_address:#x} is not 16-byte aligned")
         _check_range("limit", self.limit, self.rsdp_address, 1 << 64)
-        if self.pci_rescan_method is not None:
-            aml.Path(self.pci_rescan_method)  # raises ValueError on a malformed path
+        for name in ("cpu_scan_method", "memory_scan_method", "pci_rescan_method"):
+            path = getattr(self, name)
+            if path is not None:
+                try:
+                    aml.Path(path)
+                except ValueError as err:
+                    raise ValueError(f"{name} {path!r}: {err}") from err
+        object.__setattr__(self, "extra_aml", tuple(bytes(t) for t in self.extra_aml))
 
 
 #: processor device names are a letter and three hex digits (C000..CFFF, D000..), see dsdt.py
