@@ -110,6 +110,10 @@ class Vcpu:
         self.on_internal_error = on_internal_error
         self.log = LOG.getChild(f"vcpu{self.index}")
         self._stop_requested = False
+        #: set whenever the loop must look at _stop_requested or _calls before the next KVM_RUN
+        self._pending = False
+        self._calls: list[Callable[[Vcpu], None]] = []
+        self._calls_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
         #: how the last run in a thread ended, and the error if it failed
@@ -140,8 +144,10 @@ class Vcpu:
         io_count = counts.get(EXIT_IO, 0)
         try:
             while True:
-                if self._stop_requested:
-                    return self._kicked()
+                if self._pending:
+                    stop = self._service()
+                    if stop is not None:
+                        return stop
                 r = kvm_run(vcpu_fd, run_ptr)
                 # The common exits, decoded in C (see native/build_kvm.py vmsh_kvm_run_packed).
                 kind = r & _PACKED_KIND_MASK
@@ -180,6 +186,7 @@ class Vcpu:
                     return stop
         finally:
             counts[EXIT_IO] = io_count
+            self._thread_id = None
 
     def _string_io(self) -> None:
         # INS/OUTS with a rep count: count elements of size bytes each at data_offset.
@@ -249,10 +256,31 @@ class Vcpu:
                 4: "unexpected exit reason"}.get(err.suberror, f"internal error {err.suberror}")
         return f"vcpu{self.index}: {what} at rip {rip}, instruction bytes {err.insn_bytes.hex(' ') or 'unknown'}"
 
-    def _kicked(self) -> VcpuStop:
-        self._stop_requested = False
+    def _service(self) -> VcpuStop | None:
+        # Between two KVM_RUNs, in the vCPU thread: run queued calls, then honour a stop.
+        self._pending = False
         self.fd.set_immediate_exit(False)
-        return VcpuStop.KICKED
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+        for call in calls:
+            try:
+                call(self)
+            except Exception:  # noqa: BLE001 - a failing observer must not kill the vCPU
+                self.log.exception("call on vcpu%d failed", self.index)
+        if self._stop_requested:
+            self._stop_requested = False
+            return VcpuStop.KICKED
+        return None
+
+    def run_on_vcpu(self, call: Callable[[Vcpu], None]) -> None:
+        """Have ``call(self)`` run in the vCPU thread between two KVM_RUNs (any thread).
+
+        This is how registers are read while the guest runs (KVM_GET_REGS would otherwise wait
+        for the next exit): the vCPU is kicked out of KVM_RUN, runs the call, and re-enters.
+        """
+        with self._calls_lock:
+            self._calls.append(call)
+        self._interrupt()
 
     # -- threads ---------------------------------------------------------------------------
 
@@ -279,9 +307,13 @@ class Vcpu:
     def kick(self) -> None:
         """Ask the loop to return ``VcpuStop.KICKED`` as soon as possible (any thread)."""
         self._stop_requested = True
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        self._pending = True
         self.fd.set_immediate_exit(True)
         tid = self._thread_id
-        if tid is not None and self._thread is not None and self._thread.is_alive():
+        if tid is not None and tid != threading.get_ident():
             try:
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
