@@ -196,3 +196,22 @@ def test_memory_above_the_32bit_hole_registers_as_two_slots(kvm: Kvm) -> None:
     finally:
         vm.close()
         mem.close()
+
+
+def test_run_on_vcpu_reads_registers_while_the_guest_runs(tiny: TinyVm) -> None:
+    install_kick_handler()
+    tiny.long_mode(b"\xeb\xfe")  # jmp $
+    done = threading.Event()
+    tiny.vcpu.start(on_stop=lambda _v: done.set())
+    seen: list[int] = []
+    got = threading.Event()
+
+    def take(v: object) -> None:
+        seen.append(tiny.fd.get_regs().rip)
+        got.set()
+
+    tiny.vcpu.run_on_vcpu(take)
+    assert got.wait(5)
+    assert seen == [CODE_ADDR] and not done.is_set()  # the vCPU went back into the guest
+    tiny.vcpu.kick()
+    assert done.wait(5) and tiny.vcpu.stop_reason is VcpuStop.KICKED
