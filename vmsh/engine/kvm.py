@@ -429,7 +429,7 @@ class VcpuFd:
             if ret == -errno.EINTR or ret == -errno.EAGAIN:
                 return EXIT_INTR
             raise KvmIoctlError("KVM_RUN", -ret)
-        return _U32.unpack_from(self.run_mmap, lib.VMSH_RUN_EXIT_REASON)[0]
+        return int(_U32.unpack_from(self.run_mmap, lib.VMSH_RUN_EXIT_REASON)[0])
 
     def set_immediate_exit(self, value: bool) -> None:
         """Set ``kvm_run.immediate_exit``: the next KVM_RUN returns EINTR at once."""
@@ -453,11 +453,13 @@ class VcpuFd:
         """KVM_GET_SREGS."""
         c = ffi.new("struct kvm_sregs *")
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_SREGS, c), "KVM_GET_SREGS")
+        segs = {n: _seg_from_c(getattr(c, n)) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")}
+        bitmap = tuple(int(x) for x in c.interrupt_bitmap)
         return Sregs(
-            *(_seg_from_c(getattr(c, n)) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
-            DTable(c.gdt.base, c.gdt.limit), DTable(c.idt.base, c.idt.limit),
-            c.cr0, c.cr2, c.cr3, c.cr4, c.cr8, c.efer, c.apic_base,
-            tuple(c.interrupt_bitmap),  # type: ignore[arg-type]
+            **segs,
+            gdt=DTable(c.gdt.base, c.gdt.limit), idt=DTable(c.idt.base, c.idt.limit),
+            cr0=c.cr0, cr2=c.cr2, cr3=c.cr3, cr4=c.cr4, cr8=c.cr8, efer=c.efer, apic_base=c.apic_base,
+            interrupt_bitmap=(bitmap[0], bitmap[1], bitmap[2], bitmap[3]),
         )
 
     def set_sregs(self, sregs: Sregs) -> None:
@@ -503,7 +505,7 @@ class VcpuFd:
 
     def get_mxcsr(self) -> int:
         """MXCSR, from the XSAVE image (legacy area offset 24, SDM vol. 1 §13.4.1)."""
-        return int.from_bytes(self.get_xsave()[24:28], "little")
+        return int(int.from_bytes(self.get_xsave()[24:28], "little"))
 
     def set_mxcsr(self, value: int) -> None:
         """Set MXCSR through KVM_SET_XSAVE, marking the SSE component live (XSTATE_BV bit 1)

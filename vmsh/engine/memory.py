@@ -172,7 +172,7 @@ class GuestMemory:
 
     def __init__(self, regions: list[GuestRegion]) -> None:
         self.regions = sorted(regions, key=lambda r: r.start)
-        for a, b in zip(self.regions, self.regions[1:]):
+        for a, b in zip(self.regions, self.regions[1:], strict=False):
             if a.end > b.start:
                 raise GuestMemoryError(f"guest RAM regions overlap at {b.start:#x}")
         self._starts = [r.start for r in self.regions]

@@ -90,6 +90,19 @@ def _unsupported(cfg: m.VmConfig) -> list[str]:
     return missing
 
 
+def host_memory() -> int | None:
+    """RAM plus swap of this host in bytes (None when /proc/meminfo cannot be read)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii"))
+        return (int(fields["MemTotal"].split()[0]) + int(fields["SwapTotal"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GiB"
+
+
 def _host_phys_bits(supported: list[Any]) -> int:
     for entry in supported:
         if entry.function == 0x8000_0008:
@@ -185,6 +198,10 @@ class Vm:
         self.vm_fd.create_pit2()
 
         mem_cfg = cfg.memory
+        available = host_memory()
+        if available is not None and mem_cfg.total_size() > available:
+            # RAM is mapped lazily, so the mapping would succeed and the guest die later.
+            raise VmshError(f"Guest RAM ({_gib(mem_cfg.total_size())}) is more than this host has ({_gib(available)})")
         options = MemoryOptions(shared=mem_cfg.shared, hugepages=mem_cfg.hugepages, hugepage_size=mem_cfg.hugepage_size,
                                 mergeable=mem_cfg.mergeable, thp=mem_cfg.thp, prefault=mem_cfg.prefault)
         self.memory = GuestMemory.create(mem_cfg.size, options)
@@ -193,8 +210,15 @@ class Vm:
         payload = cfg.payload
         image = payload.kernel or payload.firmware
         assert image is not None
-        kernel = load_kernel(self.memory, image)
-        initrd = load_initramfs(self.memory, payload.initramfs, kernel) if payload.initramfs else None
+        what = "kernel" if payload.kernel else "firmware"
+        try:
+            kernel = load_kernel(self.memory, image)
+        except VmshError as err:
+            raise VmshError(f"Cannot load the {what} {image}") from err
+        try:
+            initrd = load_initramfs(self.memory, payload.initramfs, kernel) if payload.initramfs else None
+        except VmshError as err:
+            raise VmshError(f"Cannot load the initramfs {payload.initramfs}") from err
 
         supported = self.kvm.supported_cpuid()
         phys_bits = min(_host_phys_bits(supported), cfg.cpus.max_phys_bits)

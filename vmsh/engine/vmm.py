@@ -273,9 +273,14 @@ class Vmm:
         self.events.emit("vm", "rebooting")
         vm.shutdown()
         self.vm = None
-        # A guest reset often comes twice (ACPI, then i8042): drop what is already queued.
+        # A guest reset often comes twice (ACPI, then i8042): drop the resets already queued.
+        pending = []
         while not self.guest_events.empty():
-            self.guest_events.get_nowait()
+            event = self.guest_events.get_nowait()
+            if event[0] != GuestEvent.RESET:
+                pending.append(event)
+        for event in pending:
+            self.guest_events.put(event)
         self.boot()
         self.events.emit("vm", "rebooted")
 

@@ -14,6 +14,7 @@ guests.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 
@@ -107,10 +108,10 @@ def _apply_gdt(sregs: Sregs, gdt: tuple[int, ...]) -> None:
     data = segment_from_gdt(gdt[2], 2)
     sregs.cs = code
     sregs.ds = data
-    sregs.es = Segment(**{f: getattr(data, f) for f in Segment.__slots__})  # type: ignore[attr-defined]
-    sregs.fs = Segment(**{f: getattr(data, f) for f in Segment.__slots__})  # type: ignore[attr-defined]
-    sregs.gs = Segment(**{f: getattr(data, f) for f in Segment.__slots__})  # type: ignore[attr-defined]
-    sregs.ss = Segment(**{f: getattr(data, f) for f in Segment.__slots__})  # type: ignore[attr-defined]
+    sregs.es = dataclasses.replace(data)
+    sregs.fs = dataclasses.replace(data)
+    sregs.gs = dataclasses.replace(data)
+    sregs.ss = dataclasses.replace(data)
     sregs.tr = segment_from_gdt(gdt[3], 3)
     sregs.gdt = DTable(layout.BOOT_GDT_START, len(gdt) * 8 - 1)
     sregs.idt = DTable(layout.BOOT_IDT_START, 7)
