@@ -370,6 +370,8 @@ class Vm:
                 return
             self._closed = True
         self._stop_vcpus()
+        if LOG.isEnabledFor(logging.INFO) and self.vm_stats is not None:
+            self._log_counters()
         for backend in self.backends:
             backend.close()
         for stats in [self.vm_stats, *self.vcpu_stats]:
@@ -414,3 +416,18 @@ class Vm:
 
     def info(self) -> dict[str, Any]:
         return {}
+
+    #: the KVM statistics worth a line at exit with ``-v``
+    SUMMARY_STATS = ("exits", "io_exits", "mmio_exits", "halt_exits", "insn_emulation", "insn_emulation_fail",
+                     "mmu_pte_write", "pf_taken")
+
+    def _log_counters(self) -> None:
+        try:
+            counters = self.counters()
+        except VmshError as err:
+            LOG.info("KVM statistics could not be read: %s", err)
+            return
+        for name, values in counters.items():
+            shown = {k: v for k, v in values.items() if k in self.SUMMARY_STATS or name == "__pvm"}
+            if shown:
+                LOG.info("%s: %s", name, " ".join(f"{k}={v}" for k, v in sorted(shown.items())))
