@@ -49,7 +49,8 @@ class FakeAccess:
         self.mxcsr = value
 
 
-def run(hexbytes: str, mode: int = MODE_64, access: FakeAccess | None = None, **gprs: int) -> tuple[Regs, str, FakeAccess]:
+def run(hexbytes: str, mode: int = MODE_64, access: FakeAccess | None = None,
+        **gprs: int) -> tuple[Regs, str, FakeAccess]:
     access = access or FakeAccess()
     gprs.setdefault("rflags", 2)
     regs = Regs(rip=0x1000, **gprs)
