@@ -215,3 +215,28 @@ def test_run_on_vcpu_reads_registers_while_the_guest_runs(tiny: TinyVm) -> None:
     assert seen == [CODE_ADDR] and not done.is_set()  # the vCPU went back into the guest
     tiny.vcpu.kick()
     assert done.wait(5) and tiny.vcpu.stop_reason is VcpuStop.KICKED
+
+
+def test_triple_fault_ends_the_run_as_shutdown(tiny: TinyVm) -> None:
+    tiny.long_mode(bytes.fromhex("0f0b"))  # ud2 with a zero-length IDT: #UD -> #DF -> triple fault
+    sregs = tiny.fd.get_sregs()
+    sregs.idt.limit = 0
+    tiny.fd.set_sregs(sregs)
+    assert tiny.vcpu.run() is VcpuStop.SHUTDOWN
+
+
+def test_vcpu_thread_is_pinned_when_asked(tiny: TinyVm) -> None:
+    import os
+
+    install_kick_handler()
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    seen: list[set[int]] = []
+    tiny.long_mode(b"\xeb\xfe")
+    done = threading.Event()
+    tiny.vcpu.start(on_stop=lambda _v: done.set(), affinity={cpu})
+    got = threading.Event()
+    tiny.vcpu.run_on_vcpu(lambda _v: (seen.append(os.sched_getaffinity(0)), got.set()))
+    assert got.wait(5)
+    tiny.vcpu.kick()
+    assert done.wait(5)
+    assert seen == [{cpu}]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import struct
 import threading
@@ -284,14 +285,20 @@ class Vcpu:
 
     # -- threads ---------------------------------------------------------------------------
 
-    def start(self, on_stop: Callable[[Vcpu], None] | None = None) -> threading.Thread:
+    def start(self, on_stop: Callable[[Vcpu], None] | None = None,
+              affinity: set[int] | None = None) -> threading.Thread:
         """Run the loop in a new thread ``vcpu<N>``; ``on_stop(self)`` is called when it ends.
+
+        :param affinity: host CPUs to pin the thread to (``--cpus affinity``); None: no pinning.
 
         ``stop_reason`` / ``error`` say how it ended.
         """
         def body() -> None:
             self.stop_reason, self.error = None, None
             try:
+                if affinity:
+                    # pid 0 = the calling thread: sched_setaffinity is per thread on Linux.
+                    os.sched_setaffinity(0, affinity)
                 self.stop_reason = self.run()
             except BaseException as err:  # noqa: BLE001 - handed to the owner, not swallowed
                 self.error = err
