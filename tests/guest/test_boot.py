@@ -1,0 +1,69 @@
+"""Real Linux guests booted by ``vmsh launch``: kernel formats, CPUs, memory, command line,
+DMI/SMBIOS, poweroff and reboot."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.guest.conftest import DEFAULT_CMDLINE
+
+
+@pytest.mark.parametrize("kernel", ["vmlinux", "kernel"])
+def test_both_kernel_formats_boot_to_a_shell(launch_guest, kernel: str) -> None:
+    guest = launch_guest(kernel=kernel)
+    assert guest.check_output("echo $((6 * 7))") == "42"
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_nproc_matches_boot_vcpus(launch_guest, cpus: int) -> None:
+    guest = launch_guest("--cpus", f"boot={cpus}")
+    assert guest.check_output("nproc") == str(cpus)
+    assert guest.check_output("grep -c ^processor /proc/cpuinfo") == str(cpus)
+
+
+def test_memtotal_matches_memory(launch_guest) -> None:
+    guest = launch_guest("--memory", "size=192M")
+    kib = int(guest.check_output("awk '/MemTotal/ {print $2}' /proc/meminfo"))
+    # The kernel keeps its own image and early reservations out of MemTotal.
+    assert 150 * 1024 < kib <= 192 * 1024
+
+
+def test_cmdline_is_exactly_the_given_one(launch_guest) -> None:
+    cmdline = DEFAULT_CMDLINE + " vmsh.test=a,b,c"
+    guest = launch_guest(cmdline=cmdline)
+    assert guest.check_output("cat /proc/cmdline") == cmdline
+
+
+def test_dmi_from_platform(launch_guest) -> None:
+    uuid = "4f1a8a3e-2b6c-4d3e-9f10-1234567890ab"
+    guest = launch_guest("--platform", f"serial_number=VMSH-SN-1,uuid={uuid},oem_strings=[vmsh-oem-one,vmsh-oem-two]")
+    assert guest.check_output("cat /sys/class/dmi/id/product_serial") == "VMSH-SN-1"
+    assert guest.check_output("cat /sys/class/dmi/id/product_uuid") == uuid
+    assert guest.check_output("cat /sys/class/dmi/id/sys_vendor") == "Cloud Hypervisor"
+    raw = guest.check_output("cat /sys/firmware/dmi/entries/11-0/raw | tr '\\0' '\\n'")
+    assert "vmsh-oem-one" in raw and "vmsh-oem-two" in raw
+
+
+def test_poweroff_ends_the_vmm_with_status_zero(launch_guest) -> None:
+    guest = launch_guest()
+    guest.send("poweroff\n")
+    assert guest.wait_exit(timeout=120) == 0
+
+
+def test_reboot_comes_back(launch_guest) -> None:
+    guest = launch_guest()
+    guest.send("reboot\n")
+    guest.wait_ready()
+    assert guest.check_output("echo back") == "back"
+
+
+def test_serial_file_mode_carries_the_console(launch_guest, tmp_path) -> None:
+    log = tmp_path / "serial.log"
+    guest = launch_guest(serial=f"file={log}", ready=False)
+    deadline = time.monotonic() + 240
+    while "VMSH-READY" not in (log.read_text(errors="replace") if log.exists() else ""):
+        assert time.monotonic() < deadline, "no ready marker in the serial file"
+        assert guest.exit_status() is None
+        time.sleep(0.2)

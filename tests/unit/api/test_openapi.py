@@ -1,0 +1,90 @@
+"""The shipped OpenAPI document: current, valid, and what the server really does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from openapi_spec_validator import validate
+
+from vmsh.api.client import ApiClient, ApiError
+from vmsh.api.http import ApiServer
+from vmsh.api.openapi import load, render
+from vmsh.engine.vmm import ACTIONS, Vmm
+
+from .fake_vm import FakeVm
+
+SPEC = load()
+
+
+def schema_for(ref_or_schema: dict) -> dict:
+    """A standalone JSON schema (OpenAPI's nullable mapped to JSON Schema's null type)."""
+
+    def convert(node):
+        if isinstance(node, dict):
+            node = {k: convert(v) for k, v in node.items()}
+            if node.pop("nullable", False):
+                if "$ref" in node:
+                    return {"anyOf": [{"$ref": node.pop("$ref")}, {"type": "null"}], **node}
+                node["type"] = [node["type"], "null"] if "type" in node else node.get("type")
+                if "enum" in node:
+                    node["enum"] = [*node["enum"], None]
+            node.pop("format", None)
+            return node
+        if isinstance(node, list):
+            return [convert(v) for v in node]
+        return node
+
+    defs = convert(SPEC["components"]["schemas"])
+    return {**convert(ref_or_schema), "components": {"schemas": defs}}
+
+
+def validate_response(endpoint: str, body: object) -> None:
+    op = next(iter(SPEC["paths"][f"/{endpoint}"].values()))
+    schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+    jsonschema.validate(body, schema_for(schema))
+
+
+def test_document_is_current_and_valid() -> None:
+    assert json.loads(render()) == SPEC, "run: python -m vmsh.api.openapi"
+    validate(SPEC)
+
+
+def test_every_action_is_documented_with_its_method() -> None:
+    documented = {(path, method.upper()) for path, ops in SPEC["paths"].items() for method in ops}
+    assert documented == {(f"/{a.scope}.{a.name}", a.http_method) for a in ACTIONS}
+
+
+@pytest.fixture
+def client(tmp_path: Path):
+    server = ApiServer(Vmm(vm_factory=FakeVm), path=str(tmp_path / "api.sock")).start()
+    with ApiClient(str(tmp_path / "api.sock")) as c:
+        yield c
+    server.close()
+
+
+def test_server_replies_match_the_document(client) -> None:
+    validate_response("vmm.ping", client.get("vmm.ping"))
+    body = {"payload": {"kernel": "/k"}, "disks": [{"path": "/a"}], "net": [{"mac": "12:34:56:78:90:ab"}]}
+    jsonschema.validate(body, schema_for({"$ref": "#/components/schemas/VmConfig"}))
+    client.put("vm.create", body)
+    client.put("vm.boot")
+    validate_response("vm.info", client.get("vm.info"))
+    validate_response("vm.counters", client.get("vm.counters"))
+
+
+def test_error_bodies_match_the_document(client) -> None:
+    with pytest.raises(ApiError) as info:
+        client.get("vm.info")
+    jsonschema.validate(info.value.messages, schema_for({"$ref": "#/components/schemas/ErrorChain"}))
+
+
+def test_schema_rejects_what_the_server_rejects(client) -> None:
+    bad = {"cpus": {"boot_vcpus": 300, "max_vcpus": 300}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema_for({"$ref": "#/components/schemas/VmConfig"}))
+    with pytest.raises(ApiError) as info:
+        client.put("vm.create", bad)
+    assert info.value.status == 400

@@ -1,0 +1,168 @@
+"""The OpenAPI 3.0 description of vmsh's HTTP API, derived from the action registry and
+the config model, so the document cannot drift from what the server accepts.
+
+``openapi.json`` beside this module is the shipped copy; ``python -m vmsh.api.openapi``
+rewrites it, and a test fails when it is out of date.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from vmsh import __version__
+from vmsh.config import model as m
+from vmsh.config.options import INT_RANGES
+from vmsh.engine.vmm import ACTIONS
+
+SPEC_PATH = Path(__file__).with_name("openapi.json")
+
+_RESPONSES: dict[str, dict[str, Any]] = {
+    "vmm.ping": {
+        "type": "object",
+        "required": ["version", "pid"],
+        "properties": {
+            "build_version": {"type": "string"},
+            "version": {"type": "string"},
+            "pid": {"type": "integer"},
+            "features": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "vm.info": {
+        "type": "object",
+        "required": ["config", "state"],
+        "properties": {
+            "config": {"$ref": "#/components/schemas/VmConfig"},
+            "state": {"type": "string", "enum": ["Created", "Running", "Shutdown", "Paused", "BreakPoint"]},
+            "memory_actual_size": {"type": "integer", "format": "int64"},
+            "device_tree": {"type": "object"},
+        },
+    },
+    "vm.counters": {
+        "type": "object",
+        "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer", "format": "int64"}},
+    },
+}
+
+
+def _type_schema(tp: Any, kind: str | None, schemas: dict[str, Any]) -> dict[str, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return {**_type_schema(inner, kind, schemas), "nullable": True}
+    if origin is list:
+        (elem,) = typing.get_args(tp)
+        return {"type": "array", "items": _type_schema(elem, kind, schemas)}
+    if dataclasses.is_dataclass(tp):
+        _add_schema(tp, schemas)
+        return {"$ref": f"#/components/schemas/{tp.__name__}"}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return {"type": "string", "enum": [member.value for member in tp]}
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        if kind == "fd":
+            return {"type": "integer", "format": "int32"}
+        low, high = INT_RANGES[kind or "u64"]
+        schema: dict[str, Any] = {"type": "integer", "minimum": low}
+        if high < 1 << 63:
+            schema["maximum"] = high
+        schema["format"] = "int32" if high <= 0x7FFF_FFFF else "int64"
+        return schema
+    if tp is str:
+        if kind == "ipv4":
+            return {"type": "string", "format": "ipv4"}
+        return {"type": "string"}
+    raise TypeError(f"no schema for {tp!r}")
+
+
+def _add_schema(cls: type, schemas: dict[str, Any]) -> None:
+    if cls.__name__ in schemas:
+        return
+    schemas[cls.__name__] = {}  # placeholder against recursion
+    hints = typing.get_type_hints(cls)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for f in dataclasses.fields(cls):
+        name = f.metadata.get("json") or f.name
+        properties[name] = _type_schema(hints[f.name], f.metadata.get("kind"), schemas)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(name)
+        elif f.default is not dataclasses.MISSING and f.default is not None:
+            default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+            properties[name]["default"] = default
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    if getattr(cls, "DENY_UNKNOWN_FIELDS", False):
+        schema["additionalProperties"] = False
+    schemas[cls.__name__] = schema
+
+
+def build_openapi() -> dict[str, Any]:
+    """The OpenAPI document of the API."""
+    schemas: dict[str, Any] = {}
+    schemas["ErrorChain"] = {"type": "array", "items": {"type": "string"},
+                             "description": "The error and its causes, outermost first."}
+    paths: dict[str, Any] = {}
+    errors = {
+        str(code): {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorChain"}}}}
+        for code, text in (
+            (400, "Malformed request or invalid configuration"), (404, "No such endpoint, VM or device"),
+            (409, "Duplicate device id or path"), (413, "Request body over 4 MiB"), (429, "Busy"),
+            (500, "The action failed (wrong state or internal error)"),
+        )
+    }
+    for action in ACTIONS:
+        endpoint = f"{action.scope}.{action.name}"
+        op: dict[str, Any] = {"operationId": endpoint.replace(".", "_").replace("-", "_"), "responses": dict(errors)}
+        if action.body is not None:
+            _add_schema(action.body, schemas)
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{action.body.__name__}"}}},
+            }
+        if endpoint in _RESPONSES:
+            schema_name = "".join(part.capitalize() for part in endpoint.replace("-", ".").split(".")) + "Response"
+            schemas[schema_name] = _RESPONSES[endpoint]
+            op["responses"]["200"] = {
+                "description": "OK",
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
+            }
+        elif endpoint == "vmm.shutdown":
+            op["responses"]["204"] = {"description": "The VMM shuts down"}
+        else:
+            op["responses"]["204"] = {"description": "Done"}
+        paths[f"/{endpoint}"] = {action.http_method.lower(): op}
+    _add_schema(m.VmConfig, schemas)
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "vmsh API",
+            "version": __version__,
+            "description": "The VMM's HTTP API on its unix socket (cloud-hypervisor compatible).",
+        },
+        "servers": [{"url": "http://localhost/api/v1"}],
+        "paths": paths,
+        "components": {"schemas": dict(sorted(schemas.items()))},
+    }
+
+
+def render() -> str:
+    return json.dumps(build_openapi(), indent=2, sort_keys=False) + "\n"
+
+
+def load() -> dict[str, Any]:
+    """The shipped document."""
+    return json.loads(SPEC_PATH.read_text())
+
+
+if __name__ == "__main__":
+    SPEC_PATH.write_text(render())
+    sys.stdout.write(f"wrote {SPEC_PATH}\n")
