@@ -179,3 +179,22 @@ def test_bus_thread_safe_devices_get_no_lock() -> None:
         thread_safe = True
 
     assert Bus("pio").insert(Safe(), 0x80, 1).lock is None
+
+
+def test_memory_hugepages_unavailable_is_a_clean_error() -> None:
+    from vmsh.engine.memory import MemoryOptions
+
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        if int(f.read()) >= 16:
+            pytest.skip("this host has huge pages reserved")
+    with pytest.raises(GuestMemoryError, match="cannot map"):
+        GuestMemory.create(32 << 20, MemoryOptions(hugepages=True))
+
+
+def test_memory_prefault_and_mergeable_options_map() -> None:
+    from vmsh.engine.memory import MemoryOptions
+
+    mem = GuestMemory.create(2 << 20, MemoryOptions(prefault=True, mergeable=True, thp=False))
+    mem.write_u8(0x1FFFFF, 7)
+    assert mem.read_u8(0x1FFFFF) == 7
+    mem.close()

@@ -99,7 +99,10 @@ class GuestRegion:
 
         :raises GuestMemoryError: when the host cannot provide the mapping.
         """
-        flags = _MAP_NORESERVE
+        # MAP_NORESERVE keeps a large guest from being refused up front by overcommit checks;
+        # not for hugetlbfs, where it would turn "no huge pages left" into a SIGBUS on first
+        # touch instead of a clean error here.
+        flags = 0 if options.hugepages else _MAP_NORESERVE
         if options.prefault:
             flags |= _MAP_POPULATE
         fd: int | None = None
