@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import logging
 import mmap
+import operator
 import os
 import struct
 from dataclasses import dataclass, field
@@ -394,6 +395,10 @@ class VmFd:
 
 
 _U32 = struct.Struct("<I")
+#: struct kvm_regs: 18 u64 in REG_FIELDS order (checked against the header at import below)
+_REGS = struct.Struct("<18Q")
+_regs_values = operator.attrgetter(*REG_FIELDS)
+assert ffi.sizeof("struct kvm_regs") == _REGS.size and ffi.offsetof("struct kvm_regs", "rip") == 16 * 8
 
 
 class VcpuFd:
@@ -441,12 +446,14 @@ class VcpuFd:
         """KVM_GET_REGS."""
         c = ffi.new("struct kvm_regs *")
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_REGS, c), "KVM_GET_REGS")
-        return Regs(*(getattr(c, n) for n in REG_FIELDS))
+        # One unpack of the 18 u64s is several times cheaper than 18 cffi attribute reads,
+        # and the PVM instruction handler does this on every emulation failure.
+        return Regs(*_REGS.unpack(ffi.buffer(c)))
 
     def set_regs(self, regs: Regs) -> None:
         """KVM_SET_REGS."""
         c = ffi.new("struct kvm_regs *")
-        _to_c(regs, c)
+        ffi.buffer(c)[:] = _REGS.pack(*_regs_values(regs))
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_REGS, c), "KVM_SET_REGS")
 
     def get_sregs(self) -> Sregs:

@@ -603,6 +603,31 @@ class _VcpuAccess:
         self.fd.set_mxcsr(value)  # type: ignore[attr-defined]
 
 
+class _RegistersOnly:
+    """``GuestAccess`` for instructions without memory operands: FPU state only."""
+
+    def __init__(self, fd: object) -> None:
+        self.fd = fd
+
+    def read_virt(self, gva: int, length: int) -> bytes:
+        raise AssertionError("no memory operand expected")
+
+    def write_virt(self, gva: int, data: bytes) -> None:
+        raise AssertionError("no memory operand expected")
+
+    def get_fpu(self) -> Fpu:
+        return self.fd.get_fpu()  # type: ignore[attr-defined, no-any-return]
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        self.fd.set_fpu(fpu)  # type: ignore[attr-defined]
+
+    def get_mxcsr(self) -> int:
+        return self.fd.get_mxcsr()  # type: ignore[attr-defined, no-any-return]
+
+    def set_mxcsr(self, value: int) -> None:
+        self.fd.set_mxcsr(value)  # type: ignore[attr-defined]
+
+
 class PvmHandler:
     """The ``on_internal_error`` handler of a ``Vcpu`` on a PVM host.
 
@@ -616,6 +641,12 @@ class PvmHandler:
         self.mem = mem
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        #: last CPU mode seen per vCPU index (see __call__)
+        self._modes: dict[int, int] = {}
+
+    def forget_modes(self) -> None:
+        """Drop the per-vCPU mode cache (call after resetting vCPUs to their boot state)."""
+        self._modes.clear()
 
     def __call__(self, vcpu: object, err: object) -> bool:
         """Complete the failed instruction; True when the vCPU can run on.
@@ -626,20 +657,41 @@ class PvmHandler:
             return False
         fd = vcpu.fd  # type: ignore[attr-defined]
         regs: Regs = fd.get_regs()
-        sregs: Sregs = fd.get_sregs()
-        access = _VcpuAccess(fd, self.mem, sregs)
-        mode = cpu_mode(sregs)
+        # Each vCPU ioctl costs several microseconds on PVM, so KVM_GET_SREGS is skipped when
+        # it is not needed: once a vCPU has been seen in 64-bit mode (a kernel does not leave
+        # it), instructions without a memory operand decode and run on the registers alone.
+        mode = self._modes.get(fd.vcpu_id)
+        sregs: Sregs | None = None
+        if mode != MODE_64:
+            sregs = fd.get_sregs()
+            mode = self._modes[fd.vcpu_id] = cpu_mode(sregs)
         code: bytes = err.insn_bytes  # type: ignore[attr-defined]
-        if not code:
-            try:
-                code = access.read_virt(regs.rip + (sregs.cs.base if mode != MODE_64 else 0), 15)
-            except GuestMemoryError as gerr:
-                raise KvmError(f"vcpu{fd.vcpu_id}: emulation failure at rip {regs.rip:#x}, "
-                               "instruction not readable") from gerr
-        bases = {name: getattr(sregs, name).base for name in ("cs", "ds", "es", "fs", "gs", "ss")}
-        emu = Emulator(regs, mode, access, bases)
+        decoded_mode = mode
+        insn: Insn | None
         try:
-            insn = decode(code, mode)
+            insn = decode(code, mode) if code else None
+        except UnknownInstruction:
+            insn = None
+        if insn is None or (insn.rm is not None and insn.rm.reg is None):
+            if sregs is None:
+                sregs = fd.get_sregs()
+                self._modes[fd.vcpu_id] = cpu_mode(sregs)
+                mode = cpu_mode(sregs)
+        if sregs is None:
+            emu = Emulator(regs, mode, _RegistersOnly(fd))
+        else:
+            access = _VcpuAccess(fd, self.mem, sregs)
+            if not code:
+                try:
+                    code = access.read_virt(regs.rip + (sregs.cs.base if mode != MODE_64 else 0), 15)
+                except GuestMemoryError as gerr:
+                    raise KvmError(f"vcpu{fd.vcpu_id}: emulation failure at rip {regs.rip:#x}, "
+                                   "instruction not readable") from gerr
+            bases = {name: getattr(sregs, name).base for name in ("cs", "ds", "es", "fs", "gs", "ss")}
+            emu = Emulator(regs, mode, access, bases)
+        try:
+            if insn is None or mode != decoded_mode:
+                insn = decode(code, mode)
             kind = emu.execute(insn)
         except UnknownInstruction as uerr:
             with self._lock:
@@ -649,8 +701,9 @@ class PvmHandler:
                 f"{code.hex(' ')} ({uerr})") from None
         except PageFault as pf:
             # The operand is not mapped: deliver #PF to the guest at the faulting instruction
-            # (rip not advanced; CR2 = address, SDM vol. 3A §4.7).
-            fd.get_regs()  # regs object may be half-updated; discard it
+            # (rip not advanced: the half-updated regs object is dropped; CR2 = address,
+            # SDM vol. 3A §4.7).
+            assert sregs is not None  # memory operands always fetch sregs
             sregs.cr2 = pf.gva
             fd.set_sregs(sregs)
             fd.set_vcpu_events(self._exception(fd, VECTOR_PF, pf.error_code))
