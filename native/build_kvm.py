@@ -156,6 +156,42 @@ struct kvm_stats_desc {
     uint32_t bucket_size;
     ...;
 };
+struct kvm_mp_state {
+    uint32_t mp_state;
+};
+struct kvm_xcr {
+    uint32_t xcr;
+    uint32_t reserved;
+    uint64_t value;
+};
+struct kvm_xcrs {
+    uint32_t nr_xcrs;
+    uint32_t flags;
+    struct kvm_xcr xcrs[16];
+    ...;
+};
+struct kvm_debugregs {
+    uint64_t db[4];
+    uint64_t dr6;
+    uint64_t dr7;
+    uint64_t flags;
+    ...;
+};
+struct kvm_irqchip {
+    uint32_t chip_id;
+    ...;
+};
+struct kvm_pit_state2 {
+    uint32_t flags;
+    ...;
+};
+struct kvm_clock_data {
+    uint64_t clock;
+    uint32_t flags;
+    uint64_t realtime;
+    uint64_t host_tsc;
+    ...;
+};
 struct kvm_translation {
     uint64_t linear_address;
     uint64_t physical_address;
@@ -206,7 +242,11 @@ IOCTLS = [
     "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_GET_FPU",
     "KVM_SET_FPU", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_MSRS", "KVM_SET_MSRS",
     "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_TRANSLATE",
-    "KVM_GET_XSAVE", "KVM_GET_XSAVE2", "KVM_SET_XSAVE",
+    "KVM_GET_XSAVE", "KVM_GET_XSAVE2", "KVM_SET_XSAVE", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE",
+    "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS", "KVM_GET_TSC_KHZ",
+    "KVM_SET_TSC_KHZ", "KVM_NMI",
+    # vm state
+    "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_CLOCK", "KVM_SET_CLOCK",
 ]
 
 CONSTANTS = [
@@ -222,6 +262,9 @@ CONSTANTS = [
     "KVM_INTERNAL_ERROR_EMULATION", "KVM_INTERNAL_ERROR_SIMUL_EX", "KVM_INTERNAL_ERROR_DELIVERY_EV",
     "KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON",
     "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_MP_STATE_INIT_RECEIVED",
+    "KVM_MP_STATE_HALTED", "KVM_MP_STATE_SIPI_RECEIVED",
+    "KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC", "KVM_CLOCK_TSC_STABLE",
     "KVM_SYSTEM_EVENT_SHUTDOWN", "KVM_SYSTEM_EVENT_RESET", "KVM_SYSTEM_EVENT_CRASH",
     # capabilities
     "KVM_CAP_IRQCHIP", "KVM_CAP_HLT", "KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR",

@@ -69,6 +69,13 @@ class KvmIoctlError(KvmError):
         self.errno = err
 
 
+def _fill(cobj: Any, raw: bytes, what: str) -> None:
+    buf = ffi.buffer(cobj)
+    if len(raw) != len(buf):
+        raise KvmError(f"{what}: {len(raw)} bytes given, the struct has {len(buf)}")
+    buf[:] = raw
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise KvmIoctlError(what, -ret)
@@ -389,6 +396,41 @@ class VmFd:
         req = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args) + [0] * (4 - len(args))})
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_ENABLE_CAP, req), f"KVM_ENABLE_CAP {cap}")
 
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: the raw ``struct kvm_irqchip`` (PIC master 0, slave 1, IOAPIC 2)."""
+        c = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_IRQCHIP, c), "KVM_GET_IRQCHIP")
+        return bytes(ffi.buffer(c))
+
+    def set_irqchip(self, raw: bytes) -> None:
+        """KVM_SET_IRQCHIP with bytes from ``get_irqchip``."""
+        c = ffi.new("struct kvm_irqchip *")
+        _fill(c, raw, "kvm_irqchip")
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_IRQCHIP, c), "KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> bytes:
+        """KVM_GET_PIT2: the raw ``struct kvm_pit_state2``."""
+        c = ffi.new("struct kvm_pit_state2 *")
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_PIT2, c), "KVM_GET_PIT2")
+        return bytes(ffi.buffer(c))
+
+    def set_pit2(self, raw: bytes) -> None:
+        """KVM_SET_PIT2 with bytes from ``get_pit2``."""
+        c = ffi.new("struct kvm_pit_state2 *")
+        _fill(c, raw, "kvm_pit_state2")
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_PIT2, c), "KVM_SET_PIT2")
+
+    def get_clock(self) -> tuple[int, int]:
+        """KVM_GET_CLOCK: ``(kvmclock ns, flags)``."""
+        c = ffi.new("struct kvm_clock_data *")
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_CLOCK, c), "KVM_GET_CLOCK")
+        return int(c.clock), int(c.flags)
+
+    def set_clock(self, clock: int) -> None:
+        """KVM_SET_CLOCK: set kvmclock to ``clock`` ns."""
+        c = ffi.new("struct kvm_clock_data *", {"clock": clock})
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_CLOCK, c), "KVM_SET_CLOCK")
+
     def stats_fd(self) -> int:
         """KVM_GET_STATS_FD: a new fd with the VM's binary statistics (see ``stats.py``)."""
         return _check(lib.vmsh_ioctl_val(self.fd, lib.KVM_GET_STATS_FD, 0), "KVM_GET_STATS_FD")
@@ -579,6 +621,55 @@ class VcpuFd:
         c = ffi.new("struct kvm_lapic_state *")
         ffi.buffer(c)[:] = regs
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_LAPIC, c), "KVM_SET_LAPIC")
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE (KVM_MP_STATE_RUNNABLE, _UNINITIALIZED, _HALTED, ...)."""
+        c = ffi.new("struct kvm_mp_state *")
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_MP_STATE, c), "KVM_GET_MP_STATE")
+        return int(c.mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        """KVM_SET_MP_STATE."""
+        c = ffi.new("struct kvm_mp_state *", {"mp_state": state})
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_MP_STATE, c), "KVM_SET_MP_STATE")
+
+    def get_xcrs(self) -> dict[int, int]:
+        """KVM_GET_XCRS: extended control registers (XCR0) by index."""
+        c = ffi.new("struct kvm_xcrs *")
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_XCRS, c), "KVM_GET_XCRS")
+        return {int(c.xcrs[i].xcr): int(c.xcrs[i].value) for i in range(min(c.nr_xcrs, 16))}
+
+    def set_xcrs(self, xcrs: dict[int, int]) -> None:
+        """KVM_SET_XCRS."""
+        c = ffi.new("struct kvm_xcrs *", {"nr_xcrs": len(xcrs)})
+        for i, (idx, value) in enumerate(xcrs.items()):
+            c.xcrs[i].xcr = idx
+            c.xcrs[i].value = value
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_XCRS, c), "KVM_SET_XCRS")
+
+    def get_debugregs(self) -> bytes:
+        """KVM_GET_DEBUGREGS: the raw ``struct kvm_debugregs``."""
+        c = ffi.new("struct kvm_debugregs *")
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_GET_DEBUGREGS, c), "KVM_GET_DEBUGREGS")
+        return bytes(ffi.buffer(c))
+
+    def set_debugregs(self, raw: bytes) -> None:
+        """KVM_SET_DEBUGREGS with bytes from ``get_debugregs``."""
+        c = ffi.new("struct kvm_debugregs *")
+        _fill(c, raw, "kvm_debugregs")
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_DEBUGREGS, c), "KVM_SET_DEBUGREGS")
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency."""
+        return _check(lib.vmsh_ioctl_val(self.fd, lib.KVM_GET_TSC_KHZ, 0), "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ."""
+        _check(lib.vmsh_ioctl_val(self.fd, lib.KVM_SET_TSC_KHZ, khz), "KVM_SET_TSC_KHZ")
+
+    def nmi(self) -> None:
+        """KVM_NMI: queue an NMI on this vCPU (needs the in-kernel irqchip)."""
+        _check(lib.vmsh_ioctl_val(self.fd, lib.KVM_NMI, 0), "KVM_NMI")
 
     def translate(self, gva: int) -> tuple[int, bool]:
         """KVM_TRANSLATE: guest virtual to physical through the vCPU's current paging mode.
