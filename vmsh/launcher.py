@@ -8,6 +8,7 @@ the error and its causes joined by ``: ``), 2 on a malformed command line.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -100,7 +101,8 @@ def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
 
     events = _open_events(opts)
     events.emit("vmm", "starting")
-    vmm = Vmm(events, vm_factory=Vm.build, restore_factory=Vm.restore)
+    build = functools.partial(Vm.build, profile=opts.profile) if opts.profile else Vm.build
+    vmm = Vmm(events, vm_factory=build, restore_factory=Vm.restore)
     server = None
     stop_signals = []
 

@@ -84,6 +84,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("gdb", f"GDB socket (UNIX domain socket): {_syntax('gdb')}", group=VMM),
     Flag("version", "Print version", arity="flag", group=VMM, short="V"),
     Flag("dry-run", "vmsh: print the validated configuration as canonical JSON and exit", arity="flag", group=VMSH),
+    Flag("profile", f"vmsh: sample the guest's instruction pointers, report by symbol at exit: {_syntax('profile')}",
+         group=VMSH),
 )
 
 FLAGS_BY_NAME = {flag.name: flag for flag in FLAGS}
@@ -184,6 +186,7 @@ class VmmOptions:
     seccomp: str
     verbosity: int
     log_file: str | None
+    profile: m.ProfileConfig | None = None
 
 
 def vmm_options_from_args(args: LauncherArgs) -> VmmOptions:
@@ -204,6 +207,7 @@ def vmm_options_from_args(args: LauncherArgs) -> VmmOptions:
         seccomp=args.get("seccomp") or "true",
         verbosity=args.verbosity,
         log_file=args.get("log-file"),
+        profile=one("profile"),
     )
 
 

@@ -537,3 +537,14 @@ class EndpointConfig:
 
     path: Optional[str] = field(None)
     fd: Optional[int] = field(None, kind="i32")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ProfileConfig:
+    """``--profile`` (a vmsh addition): sample the guest's instruction pointers."""
+
+    #: where the report goes when the VM stops (None: the log)
+    path: Optional[str] = field(None)
+    hz: int = field(200, kind="u32")
+    #: the guest kernel's System.map, to report by symbol
+    system_map: Optional[str] = field(None)

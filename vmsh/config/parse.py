@@ -632,3 +632,12 @@ def parse_gdb(text: str) -> m.EndpointConfig:
     if path is None:
         raise OptionParseError("path required")
     return m.EndpointConfig(path=path)
+
+
+@option("profile", "path=<report_file>,hz=<samples_per_second>,system_map=</path/to/System.map>")
+def parse_profile(text: str) -> m.ProfileConfig:
+    p = OptionParser("path", "hz", "system_map").parse(text)
+    hz = p.convert("hz", _u32)
+    if hz is not None and not 1 <= hz <= 100_000:
+        raise OptionParseError(f"hz must be between 1 and 100000: {hz}")
+    return m.ProfileConfig(path=p.get("path"), hz=200 if hz is None else hz, system_map=p.get("system_map"))

@@ -45,6 +45,7 @@ from vmsh.engine.events import EventMonitor
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.memory import GuestMemory, MemoryOptions
+from vmsh.engine.profiler import RipSampler, Symbolizer
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
 from vmsh.engine.state import VmState, check_transition
 from vmsh.engine.stats import KvmStats
@@ -138,8 +139,11 @@ def pci_segments(cfg: m.VmConfig, ram_end: int, phys_bits: int) -> tuple[PciSegm
 class Vm:
     """One VM: KVM objects, memory, devices and vCPUs, built by :meth:`build`."""
 
-    def __init__(self, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink) -> None:
+    def __init__(self, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink,
+                 profile: m.ProfileConfig | None = None) -> None:
         self.config = config
+        self.profile = profile
+        self.sampler: RipSampler | None = None
         self.events = events
         self.on_guest_event = on_guest_event
         self.state = VmState.CREATED
@@ -162,7 +166,8 @@ class Vm:
     # --- building -------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink) -> Vm:
+    def build(cls, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink,
+              profile: m.ProfileConfig | None = None) -> Vm:
         """Create everything ``config`` asks for; nothing runs until :meth:`boot`.
 
         :raises VmshError: naming what could not be created; nothing is left behind.
@@ -170,7 +175,7 @@ class Vm:
         missing = _unsupported(config)
         if missing:
             raise VmshError("Not supported by this vmsh yet: " + ", ".join(missing))
-        vm = cls(config, events, on_guest_event)
+        vm = cls(config, events, on_guest_event, profile)
         try:
             vm._create()
         except BaseException:
@@ -352,6 +357,43 @@ class Vm:
         check_transition(self.state, VmState.RUNNING)
         self._start_vcpus()
         self.state = VmState.RUNNING
+        if self.profile is not None:
+            self.start_profiler(self.profile.hz)
+
+    # --- profiling ----------------------------------------------------------------------------------
+
+    def start_profiler(self, hz: int) -> None:
+        """Start sampling every vCPU's instruction pointer ``hz`` times a second."""
+        if self.sampler is not None:
+            raise VmshError("The profiler is already running")
+        self.sampler = RipSampler(self.vcpus, hz)
+        self.sampler.start()
+
+    def stop_profiler(self, system_map: str | None = None, top: int = 40) -> str:
+        """Stop sampling; returns the report, by symbol when ``system_map`` is given."""
+        if self.sampler is None:
+            raise VmshError("The profiler is not running")
+        sampler, self.sampler = self.sampler, None
+        sampler.stop()
+        symbolizer = None
+        if system_map is not None:
+            try:
+                symbolizer = Symbolizer.from_system_map(system_map)
+            except (OSError, ValueError) as err:
+                LOG.warning("cannot read the symbol map %s: %s", system_map, err)
+        return sampler.report(symbolizer, top=top)
+
+    def _finish_profile(self) -> None:
+        assert self.profile is not None
+        text = self.stop_profiler(self.profile.system_map)
+        if self.profile.path is None:
+            LOG.warning("%s", text)
+            return
+        try:
+            with open(self.profile.path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as err:
+            LOG.error("cannot write the profile to %s: %s", self.profile.path, err)
 
     def pause(self) -> None:
         check_transition(self.state, VmState.PAUSED)
@@ -369,6 +411,10 @@ class Vm:
             if self._closed:
                 return
             self._closed = True
+        if self.sampler is not None and self.profile is not None:
+            self._finish_profile()
+        elif self.sampler is not None:
+            self.sampler.stop()
         self._stop_vcpus()
         if LOG.isEnabledFor(logging.INFO) and self.vm_stats is not None:
             self._log_counters()

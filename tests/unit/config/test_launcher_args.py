@@ -105,6 +105,7 @@ def test_vmm_endpoints(argv: list[str], expected: tuple) -> None:
         (["--gdb", ""], "Error parsing --gdb: path required"),
         (["--restore", "prefault=on"], "Error parsing --restore: source_url missing"),
         (["--api-socket", "fd=x"], "Error parsing --api-socket: Unable to convert x for fd"),
+        (["--profile", "hz=0"], "Error parsing --profile: hz must be between 1 and 100000: 0"),
     ],
 )
 def test_vmm_option_errors(argv: list[str], message: str) -> None:

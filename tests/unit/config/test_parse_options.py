@@ -67,6 +67,8 @@ CASES = [
     ("pci-segment", "pci_segment=1,mmio32_aperture_weight=4", {"pci_segment": 1, "mmio32_aperture_weight": 4, "mmio64_aperture_weight": 1}),
     ("tpm", "socket=/tpm.sock", {"socket": "/tpm.sock"}),
     ("sgx-epc", "id=epc0,size=64M,prefault=on", {"id": "epc0", "size": 64 * M, "prefault": True}),
+    ("profile", "path=/tmp/p.txt,hz=500,system_map=/boot/System.map", {"path": "/tmp/p.txt", "hz": 500, "system_map": "/boot/System.map"}),
+    ("profile", "", {"path": None, "hz": 200}),
     ("restore", "source_url=file:///snap,prefault=on,resume=true,net_fds=[net0@[3,4]]",
      {"source_url": "file:///snap", "prefault": True, "resume": True, "net_fds": [{"id": "net0", "num_fds": 2, "fds": [-1, -1]}]}),
 ]
