@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats", action="store_true", help="print KVM and PVM-handler counters at the end")
     p.add_argument("--sample-hz", type=float, default=0,
                    help="sample vCPU rip at this rate and print a profile at the end")
+    p.add_argument("--sample-delay", type=float, default=0, help="start sampling after this many seconds")
     p.add_argument("--system-map", help="System.map to symbolize the profile")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -148,7 +149,10 @@ def _boot(args: argparse.Namespace) -> int:
     sampler = None
     if args.sample_hz:
         sampler = RipSampler(list(vcpus), args.sample_hz)
-        sampler.start()
+        if args.sample_delay:
+            threading.Timer(args.sample_delay, sampler.start).start()
+        else:
+            sampler.start()
     timed_out = not stop.wait(args.timeout or None)
     if sampler is not None:
         sampler.stop()
