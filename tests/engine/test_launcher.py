@@ -179,3 +179,11 @@ def test_busy_serial_socket(tmp_path: Path) -> None:
         assert b"in use" in result.stderr and b"Traceback" not in result.stderr
     finally:
         holder.close()
+
+
+def test_affinity_pins_and_bad_host_cpu_is_refused(tmp_path: Path) -> None:
+    k = write_kernel(tmp_path, tiny_kernel.hello_poweroff())
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    assert launch("--kernel", k, "--serial", "null", "--console", "off", "--cpus", f"boot=1,affinity=[0@[{cpu}]]").returncode == 0
+    result = launch("--kernel", k, "--serial", "null", "--console", "off", "--cpus", "boot=1,affinity=[0@[4095]]")
+    assert result.returncode == 1 and b"host CPU 4095" in result.stderr

@@ -82,7 +82,7 @@ def _unsupported(cfg: m.VmConfig) -> list[str]:
         ("--device (VFIO)", cfg.devices), ("--user-device", cfg.user_devices), ("--tpm", cfg.tpm),
         ("--sgx-epc", cfg.sgx_epc), ("--numa", cfg.numa), ("--memory-zone", cfg.memory.zones),
         ("--pvpanic", cfg.pvpanic), ("--watchdog", cfg.watchdog),
-        ("--memory hotplug_size", cfg.memory.hotplug_size), ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
+        ("--memory hotplug_size", cfg.memory.hotplug_size), ("--cpus kvm_hyperv=on", cfg.cpus.kvm_hyperv), ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
     ):
         if present:
             missing.append(name)
@@ -202,6 +202,12 @@ class Vm:
         self.vm_fd.create_irqchip()
         self.vm_fd.create_pit2()
 
+        usable = os.sched_getaffinity(0)
+        for entry in cfg.cpus.affinity or []:
+            wrong = sorted(set(entry.host_cpus) - usable)
+            if wrong:
+                raise VmshError(f"--cpus affinity: vCPU {entry.vcpu} asks for host CPU {wrong[0]}, "
+                                f"but this process may only use CPUs {sorted(usable)}")
         mem_cfg = cfg.memory
         available = host_memory()
         if available is not None and mem_cfg.total_size() > available:
@@ -343,8 +349,9 @@ class Vm:
             self.on_guest_event(GuestEvent.FATAL, f"vcpu{vcpu.index}: guest crash")
 
     def _start_vcpus(self) -> None:
+        affinity = {a.vcpu: set(a.host_cpus) for a in self.config.cpus.affinity or []}
         for vcpu in self.vcpus:
-            vcpu.start(on_stop=self._on_vcpu_stop)
+            vcpu.start(on_stop=self._on_vcpu_stop, affinity=affinity.get(vcpu.index))
 
     def _stop_vcpus(self) -> None:
         for vcpu in self.vcpus:
