@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vmsh.errors import ImageError  # noqa: E402
-from vmsh.images import image_path  # noqa: E402
-from vmsh.images.qemu import BootSpec, boot_to_marker  # noqa: E402
+from vmsh.errors import ImageError
+from vmsh.images import image_path
+from vmsh.images.qemu import BootSpec, boot_to_marker
 
 #: name -> (kernel artifact, initramfs artifact, QEMU machine)
 KERNELS: dict[str, tuple[str, str, str]] = {

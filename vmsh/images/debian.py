@@ -56,7 +56,7 @@ def current_package() -> tuple[str, str]:
     The metapackage pins its kernel with ``(= version)``, so one apt-cache call
     (about a second) gives both; cached per process since every key needs it.
     """
-    depends = re.search(r"^Depends: (.*)$", _apt_show(METAPACKAGE), re.M)
+    depends = re.search(r"^Depends: (.*)$", _apt_show(METAPACKAGE), re.MULTILINE)
     image = re.search(r"(linux-image-[\w.+-]+-cloud-amd64) \(= ([^)\s]+)\)",
                       depends[1] if depends else "")
     if not image:

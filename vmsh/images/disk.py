@@ -76,8 +76,7 @@ def build(out: Path, logfile: Path) -> dict[str, object]:
             logfile, env={"E2FSPROGS_FAKE_TIME": str(FIXED_TIME)}, what="mkfs.ext4")
     shutil.rmtree(content)
     with open(out / RAW_NAME, "wb") as fh:
-        for n in range(RAW_SIZE // SECTOR):
-            fh.write(sector_bytes(n))
+        fh.writelines(sector_bytes(n) for n in range(RAW_SIZE // SECTOR))
     manifest = {
         "ext4": {"label": FS_LABEL, "uuid": FS_UUID, "size": EXT4_SIZE,
                  "files": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),

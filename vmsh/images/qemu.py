@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from vmsh.errors import ImageError
 
@@ -34,7 +35,7 @@ def host_tsc_khz() -> int | None:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)
+    m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.MULTILINE)
     return int(float(m[1]) * 1000) if m else None
 
 
@@ -75,7 +76,7 @@ class QemuGuest:
         self.proc = None
         self.started = 0.0
 
-    def __enter__(self) -> "QemuGuest":
+    def __enter__(self) -> Self:
         import pexpect.popen_spawn
 
         self.started = time.monotonic()
