@@ -67,3 +67,14 @@ def test_serial_file_mode_carries_the_console(launch_guest, tmp_path) -> None:
         assert time.monotonic() < deadline, "no ready marker in the serial file"
         assert guest.exit_status() is None
         time.sleep(0.2)
+
+
+def test_debian_cloud_kernel_starts_and_keeps_running(launch_guest) -> None:
+    # The stock kernel needs hundreds of millions of emulated instructions to reach user
+    # space on a PVM host; here it must print its banner, find the ACPI tables and go on.
+    guest = launch_guest(kernel="debian-vmlinux", initramfs="debian-initramfs", ready=False,
+                         cmdline="console=ttyS0 earlyprintk=ttyS0 noxsave clearcpuid=smap,popcnt mitigations=off nofsgsbase")
+    guest.expect(r"Linux version 6\.1\.\S+-cloud-amd64", timeout=120)
+    guest.expect(r"ACPI: RSDP 0x00000000000A0000", timeout=120)
+    guest.expect(r"ACPI: Using ACPI \(MADT\) for SMP configuration information", timeout=180)
+    assert guest.exit_status() is None
