@@ -28,20 +28,15 @@ import shlex
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pexpect
 
 from vmsh.errors import VmshError
+from vmsh.harness.shellproto import READY_MARKER, clean, command_line, setup_line, strip_escapes
 
 LOG = logging.getLogger(__name__)
 
-READY_MARKER = "VMSH-READY"
-#: a prompt no program prints by accident
-PROMPT = "vmsh-guest-prompt# "
 CONSOLE_TAIL = 3000
-
-_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class GuestError(VmshError):
@@ -114,7 +109,7 @@ class Guest:
         """The last ``size`` bytes of the console log, escape sequences removed."""
         self._log.flush()
         data = self.log_path.read_bytes()[-size:]
-        return _ANSI.sub(b"", data).decode("utf-8", "replace")
+        return strip_escapes(data).decode("utf-8", "replace")
 
     def _fail(self, what: str, output: str = "") -> GuestError:
         alive = self.child is not None and self.child.isalive()
@@ -149,37 +144,26 @@ class Guest:
     def _setup_shell(self) -> None:
         # A unique prompt, no echo, and kernel messages off the console; the marker
         # printed by printf proves the settings took.
-        tag = f"setup{next(self._ids)}"
-        self.send(
-            f"\nexport PS1='{PROMPT}'; stty -echo 2>/dev/null; dmesg -n 1 2>/dev/null; "
-            f"printf '%s_%s\\n' VMSH-SHELL {tag}\n"
-        )
-        self.expect(f"VMSH-SHELL_{tag}\r?\n", timeout=30)
+        line, ack = setup_line(f"setup{next(self._ids)}")
+        self.send(line)
+        self.expect(ack, timeout=30)
         self._shell_ready = True
 
     def run(self, command: str, timeout: float = 60.0) -> CommandResult:
         """Run a shell command in the guest; returns its output and exit status."""
         if not self._shell_ready:
             raise GuestError("the guest shell is not ready: call wait_ready() first")
-        n = next(self._ids)
-        begin, end = f"VMSH-B{n}", f"VMSH-E{n}"
-        # One input line, so no prompt lands inside the output; ``eval`` keeps the command's
-        # own syntax (comments, newlines) and its effects on the shell (cd, variables). The
-        # markers are printed from two halves, so the command line's echo never matches them.
-        line = (
-            f"printf '%s\\n' '{begin[:5]}''{begin[5:]}'; eval {shlex.quote(command)}; "
-            f"printf '\\n%s:%s\\n' '{end[:5]}''{end[5:]}' \"$?\"\n"
-        )
+        line, begin, end = command_line(command, next(self._ids))
         self.send(line)
-        self.expect(f"{begin}\r?\n", timeout=timeout)
+        self.expect(begin, timeout=timeout)
         try:
-            self.expect(rf"\r?\n{end}:(\d+)\r?\n", timeout=timeout)
+            self.expect(end, timeout=timeout)
         except GuestError as err:
             assert self.child is not None
-            partial = _clean(self.child.before if isinstance(self.child.before, bytes) else b"")
+            partial = clean(self.child.before if isinstance(self.child.before, bytes) else b"")
             raise GuestError(f"command did not finish: {command}\n--- output so far ---\n{partial}\n{err}") from None
         assert self.child is not None and self.child.match is not None
-        output = _clean(self.child.before)
+        output = clean(self.child.before)
         return CommandResult(command=command, output=output, status=int(self.child.match.group(1)))
 
     def check_output(self, command: str, timeout: float = 60.0) -> str:
@@ -223,8 +207,3 @@ class Guest:
             self.child.close(force=True)
         if not self._log.closed:
             self._log.close()
-
-
-def _clean(data: Any) -> str:
-    raw = data if isinstance(data, bytes) else str(data).encode()
-    return _ANSI.sub(b"", raw).decode("utf-8", "replace").replace("\r\n", "\n").strip("\n")
