@@ -17,9 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "remote": ("vmsh.remote", "control a running VMM through its API socket (ch-remote)"),
     "config": ("vmsh.config_cli", "check and normalize a JSON VmConfig"),
     "images": ("vmsh.images.cli", "build the guest images and print their paths"),
+    "run": ("vmsh.script.cli", "run a script of shell commands (FILE.vmsh)"),
 }
 
-USAGE = "usage: vmsh <command> [args...]\n\ncommands:\n" + "".join(
+USAGE = "usage: vmsh                    the interactive shell\n       vmsh -c 'CMD; CMD'      run shell commands\n       vmsh <command> [args...]\n\ncommands:\n" + "".join(
     f"  {name:<8} {summary}\n" for name, (_, summary) in SUBCOMMANDS.items()
 )
 
@@ -27,9 +28,17 @@ USAGE = "usage: vmsh <command> [args...]\n\ncommands:\n" + "".join(
 def main(argv: list[str] | None = None) -> int:
     """Run ``vmsh`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        from vmsh.repl import main as repl_main
+
+        return repl_main()
+    if args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0
+    if args[0] == "-c":
+        from vmsh.script.cli import run_inline
+
+        return run_inline(args[1:])
     if args[0] in ("-V", "--version"):
         from vmsh import __version__
 

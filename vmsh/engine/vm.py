@@ -140,9 +140,11 @@ class Vm:
     """One VM: KVM objects, memory, devices and vCPUs, built by :meth:`build`."""
 
     def __init__(self, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink,
-                 profile: m.ProfileConfig | None = None) -> None:
+                 profile: m.ProfileConfig | None = None, tty: ConsoleBackend | None = None) -> None:
         self.config = config
         self.profile = profile
+        #: the serial backend for ``--serial tty`` when this process's terminal is not the console
+        self.tty = tty
         self.sampler: RipSampler | None = None
         self.events = events
         self.on_guest_event = on_guest_event
@@ -167,7 +169,7 @@ class Vm:
 
     @classmethod
     def build(cls, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink,
-              profile: m.ProfileConfig | None = None) -> Vm:
+              profile: m.ProfileConfig | None = None, tty: ConsoleBackend | None = None) -> Vm:
         """Create everything ``config`` asks for; nothing runs until :meth:`boot`.
 
         :raises VmshError: naming what could not be created; nothing is left behind.
@@ -175,7 +177,7 @@ class Vm:
         missing = _unsupported(config)
         if missing:
             raise VmshError("Not supported by this vmsh yet: " + ", ".join(missing))
-        vm = cls(config, events, on_guest_event, profile)
+        vm = cls(config, events, on_guest_event, profile, tty)
         try:
             vm._create()
         except BaseException:
@@ -282,9 +284,13 @@ class Vm:
         reset = EventTrigger(lambda: self.on_guest_event(GuestEvent.RESET, "guest reset"))
         poweroff = EventTrigger(lambda: self.on_guest_event(GuestEvent.POWEROFF, "guest poweroff"))
 
-        serial_backend = open_backend(cfg.serial.mode, cfg.serial.file, cfg.serial.socket)
+        if cfg.serial.mode is ConsoleOutputMode.TTY and self.tty is not None:
+            serial_backend: ConsoleBackend | None = self.tty
+        else:
+            serial_backend = open_backend(cfg.serial.mode, cfg.serial.file, cfg.serial.socket)
+            if serial_backend is not None:
+                self.backends.append(serial_backend)
         if serial_backend is not None:
-            self.backends.append(serial_backend)
             if serial_backend.path and cfg.serial.mode is ConsoleOutputMode.PTY:
                 cfg.serial.file = serial_backend.path
             self.serial = Serial16550(self._irq(SERIAL_IRQ), serial_backend.write)

@@ -166,8 +166,12 @@ class Vmm:
         events: EventMonitor | None = None,
         vm_factory: VmFactory | None = None,
         restore_factory: RestoreFactory | None = None,
+        *,
+        exit_on_poweroff: bool = True,
     ) -> None:
         self.events = events or EventMonitor()
+        #: False: a guest poweroff shuts the VM down but keeps the VMM (``--no-shutdown``)
+        self.exit_on_poweroff = exit_on_poweroff
         self.config: m.VmConfig | None = None
         self.vm: VmLike | None = None
         self._vm_factory = vm_factory
@@ -207,6 +211,10 @@ class Vmm:
                     return True
                 return False
             LOG.info("guest %s%s", kind, f": {detail}" if detail else "")
+            if kind == GuestEvent.POWEROFF and not self.exit_on_poweroff:
+                if self.vm is not None:
+                    self.shutdown()
+                return False
             self.vmm_shutdown()
             return True
 

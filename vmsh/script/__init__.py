@@ -1,0 +1,1 @@
+"""The vmsh command language: the same commands at the shell prompt and in script files."""
