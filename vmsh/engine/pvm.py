@@ -26,6 +26,15 @@ reached through the guest's page tables (``paging.py``). Each handled kind is co
 instruction not in the table stops the vCPU with a ``KvmError`` naming its bytes and rip, so
 the loop never re-enters ``KVM_RUN`` on a rip that cannot make progress.
 
+Also observed on this host (tests/engine/test_pvm.py, test_kvm.py document them): the XSAVE
+family (XSAVE, XSAVEOPT, XSAVEC, XSAVES, XRSTOR, XRSTORS) and XGETBV fail emulation too, which
+is why guests run with ``noxsave``; some SSE moves (``movq xmm, r64``) fail at CPL0 while
+``movdqa xmm, xmm`` is emulated; KVM_SET_CPUID2 is accepted but most feature bits (POPCNT,
+XSAVE, AVX, BMI1/2, SMAP) are re-forced on read-back, CX16 stays cleared; KVM_GET_FPU reads
+MXCSR as 0 and KVM_SET_FPU drops it. Each handled instruction costs one exit plus two vCPU
+ioctls (about 7 us each here) and some Python: 70-150 us in all, so a kernel that executes
+many CLAC/STAC (SMAP) pays for it; ``clearcpuid=smap`` avoids it.
+
 On hardware KVM none of this is installed (``is_pvm_host``). Instruction semantics: Intel SDM
 vol. 2 (POPCNT, BMI1/BMI2 in ch. 3-5; VEX encoding §2.3.5; ModRM/SIB Tables 2-2..2-3).
 """
