@@ -96,9 +96,11 @@ def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
     Returns 0 when the guest powers off or the VMM is shut down (API or SIGTERM/SIGINT);
     raises :class:`VmshError` when the VM cannot be built or booted.
     """
+    from vmsh.engine.vcpu import install_kick_handler
     from vmsh.engine.vm import Vm
     from vmsh.engine.vmm import Vmm
 
+    install_kick_handler()  # VMs may be built on the API thread, where signals cannot be set up
     events = _open_events(opts)
     events.emit("vmm", "starting")
     build = functools.partial(Vm.build, profile=opts.profile) if opts.profile else Vm.build

@@ -193,7 +193,8 @@ class Vm:
     def _create(self) -> None:
         cfg = self.config
         assert cfg.payload is not None
-        install_kick_handler()
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()  # front-ends that build VMs from other threads install it at start
         try:
             self.kvm = Kvm()
         except KvmError as err:

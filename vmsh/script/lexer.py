@@ -3,7 +3,8 @@
 A line holds commands separated by ``;``; ``#`` at the start of a word begins a comment.
 Words are split on blanks. ``'single quotes'`` keep everything literally; ``"double
 quotes"`` keep blanks and ``;`` but expand ``$NAME`` and ``${NAME}``; a backslash escapes
-the next character outside single quotes. A name is looked up in the session's variables
+the next character outside single quotes. A variable's value is always one word (it is
+never split on blanks, so paths with spaces need no care). A name is looked up in the session's variables
 first, then in the environment; an unknown name is an error rather than an empty string, so
 a typo never passes silently.
 """

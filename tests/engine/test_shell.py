@@ -1,0 +1,98 @@
+"""The command language against a real engine (tiny PVH kernels on KVM), in this process and
+through a remote ``vmsh launch --api-socket``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.engine import tiny_kernel
+from vmsh.script.session import ScriptError, Session
+
+
+@pytest.fixture
+def session():
+    out: list[str] = []
+    s = Session(out=out.append)
+    s.captured = out
+    yield s
+    s.close()
+
+
+def kernel(tmp_path: Path, image: bytes) -> str:
+    path = tmp_path / "k.elf"
+    path.write_bytes(image)
+    return str(path)
+
+
+def test_local_lifecycle_console_and_inspection(session, tmp_path: Path) -> None:
+    k = kernel(tmp_path, tiny_kernel.echo_poweroff())
+    session.execute(f"create --kernel {k} --serial tty --console off --memory size=64M")
+    session.execute("info state")
+    assert session.captured[-1] == '"Created"'
+    session.execute("boot; expect got: timeout=20; pause")
+    session.execute("regs 0")
+    assert "rip" in session.captured[-1] and "cr0" in session.captured[-1]
+    session.execute("x 0x1000000 16")
+    assert session.captured[-1].startswith("0000000001000000  ba f8 03 00 00")  # mov edx, 0x3f8
+    session.execute("counters")
+    assert "__vcpu0" in session.captured[-1]
+    session.execute("resume; send q; expect 'q\\r?\\n' timeout=20")
+    session.execute("wait Created timeout=20")  # the guest powered off; the config stays
+    assert any("powered off" in m for m in session.messages)
+    session.execute("boot; expect got: timeout=20; send z; expect z timeout=20; wait Created timeout=20")
+
+
+def test_local_errors_keep_the_session(session, tmp_path: Path) -> None:
+    k = kernel(tmp_path, tiny_kernel.echo_poweroff())
+    with pytest.raises(ScriptError, match="VM is not created"):
+        session.execute("boot")
+    session.execute(f"create --kernel {k} --serial tty --console off")
+    with pytest.raises(ScriptError, match="Error parsing --disk"):
+        session.execute("add-disk path=/a,bogus=1")
+    with pytest.raises(ScriptError, match="regs needs a paused VM|There is no VM"):
+        session.execute("regs")
+    session.execute("boot")
+    with pytest.raises(ScriptError, match="Invalid transition from Running to Running"):
+        session.execute("resume")
+    with pytest.raises(ScriptError, match="timeout after 0.2s"):
+        session.execute("expect never-printed timeout=200ms")
+    session.execute("pause")
+    with pytest.raises(ScriptError, match="is not RAM"):
+        session.execute("x 0xffffffff0000 16")
+    session.execute("delete")
+
+
+def test_profile_commands(session, tmp_path: Path) -> None:
+    k = kernel(tmp_path, tiny_kernel.echo_poweroff())
+    session.execute(f"create --kernel {k} --serial tty --console off; boot; profile start hz=500; sleep 300ms")
+    session.execute("profile stop")
+    assert "samples" in session.captured[-1]
+    session.execute("profile report")
+
+
+def test_remote_vm_through_the_api_and_serial_socket(session, tmp_path: Path) -> None:
+    k = kernel(tmp_path, tiny_kernel.echo_poweroff())
+    api, serial = tmp_path / "api.sock", tmp_path / "serial.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "vmsh", "launch", "--api-socket", str(api)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not api.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        session.execute(f"connect {api}; ping")
+        session.execute(f"create --kernel {k} --serial socket={serial} --console off; boot")
+        session.execute("info state")
+        assert session.captured[-1] == '"Running"'
+        with pytest.raises(ScriptError, match="needs the VM in this shell"):
+            session.execute("pause; regs")
+        session.execute("resume; send w; expect 'w\\r?\\n' timeout=20")
+        assert proc.wait(30) == 0  # the guest powered off, so the launched VMM ended
+    finally:
+        proc.terminate()
+        proc.wait(30)
