@@ -54,3 +54,30 @@ def echo_poweroff() -> bytes:
 def reset_loop() -> bytes:
     """Prints ``boot`` and asks for a reset: every boot is followed by a reboot."""
     return kernel(_out_string(0x3F8, b"boot\n") + _acpi_write(0x01) + SPIN)
+
+
+def _read_cmos_seconds() -> bytes:
+    """in al <- CMOS register 0 (seconds)."""
+    return (b"\xba" + struct.pack("<I", 0x70) + b"\xb0\x00\xee"  # mov edx, 0x70; mov al, 0; out dx, al
+            + b"\xba" + struct.pack("<I", 0x71) + b"\xec")  # mov edx, 0x71; in al, dx
+
+
+def letters() -> bytes:
+    """Prints a, b, c, ... z, a, ... one letter a second (paced by the CMOS clock), forever.
+
+    The letter lives in ebx, so a restored VM goes on with the letter after the last one.
+    """
+    code = b"\xbb\x00\x00\x00\x00"  # mov ebx, 0
+    loop = (
+        b"\x89\xd8"  # mov eax, ebx
+        + b"\x04\x61"  # add al, 'a'
+        + b"\xba" + struct.pack("<I", 0x3F8) + b"\xee"  # mov edx, 0x3f8; out dx, al
+        + b"\x43"  # inc ebx
+        + b"\x83\xfb\x1a\x75\x02\x31\xdb"  # cmp ebx, 26; jne +2; xor ebx, ebx
+        + _read_cmos_seconds() + b"\x88\xc1"  # mov cl, al
+    )
+    wait = _read_cmos_seconds() + b"\x38\xc8"  # cmp al, cl
+    wait += b"\x74" + bytes([(256 - (len(wait) + 2)) & 0xFF])  # je wait
+    body = loop + wait
+    jump_back = b"\xe9" + struct.pack("<i", -(len(body) + 5))  # jmp loop
+    return kernel(code + body + jump_back)

@@ -16,21 +16,24 @@ access (0xcf8 and ECAM) with the host bridge.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import mmap
 import os
 import threading
-import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from vmsh.config import canonical_json, normalize, vm_config_from_json
 from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.devices.acpi import GED_POWER_BUTTON, AcpiPmTimer, AcpiShutdown, Ged
-from vmsh.devices.legacy.cmos import Cmos
+from vmsh.devices.legacy.cmos import Cmos, CmosState
 from vmsh.devices.legacy.debugcon import DebugConsole
 from vmsh.devices.legacy.i8042 import I8042
 from vmsh.devices.legacy.post import PostPort
-from vmsh.devices.legacy.serial import Serial16550
+from vmsh.devices.legacy.serial import Serial16550, SerialState
 from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
 from vmsh.engine import smbios
 from vmsh.engine.acpi.builder import build_acpi
@@ -44,14 +47,26 @@ from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
-from vmsh.engine.memory import GuestMemory, MemoryOptions
+from vmsh.engine.kvm_state import VcpuState, VmKvmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
+from vmsh.engine.memory import GuestMemory, GuestRegion, MemoryOptions, ram_ranges
+from vmsh.engine.persist import (
+    FORMAT_VERSION,
+    SnapshotError,
+    from_plain,
+    node,
+    node_children,
+    node_data,
+    read_snapshot,
+    to_plain,
+    write_snapshot,
+)
 from vmsh.engine.profiler import RipSampler, Symbolizer
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
 from vmsh.engine.state import VmState, check_transition
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop, install_kick_handler
 from vmsh.engine.vmm import GuestEvent
-from vmsh.errors import DeviceError, KvmError, VmshError, error_chain
+from vmsh.errors import ConfigError, DeviceError, KvmError, StateError, VmshError, error_chain
 
 LOG = logging.getLogger(__name__)
 
@@ -111,6 +126,24 @@ def _host_phys_bits(supported: list[Any]) -> int:
     return 36
 
 
+def _map_snapshot_memory(path: Path, prefault: bool) -> GuestMemory:
+    """Guest RAM as a private (copy-on-write) mapping of a snapshot's memory file."""
+    regions: list[GuestRegion] = []
+    flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0x8000) if prefault else 0)
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            for start, length in ram_ranges(os.fstat(f.fileno()).st_size):
+                mm = mmap.mmap(f.fileno(), length, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                regions.append(GuestRegion(start, mm))
+                offset += length
+    except (OSError, ValueError) as err:
+        for region in regions:
+            region.close()
+        raise SnapshotError(f"Cannot map the snapshot memory {path}") from err
+    return GuestMemory(regions)
+
+
 def pci_segments(cfg: m.VmConfig, ram_end: int, phys_bits: int) -> tuple[PciSegment, ...]:
     """Each segment's ECAM and its share of the 32-bit and 64-bit MMIO windows (by weight)."""
     count = cfg.num_pci_segments()
@@ -162,6 +195,8 @@ class Vm:
         self.vm_stats: KvmStats | None = None
         self.vcpu_stats: list[KvmStats] = []
         self._triggers: list[Any] = []
+        self._paused_clock: int | None = None
+        self.cmos: Cmos
         self._closed = False
         self._lock = threading.Lock()
 
@@ -186,15 +221,118 @@ class Vm:
         return vm
 
     @classmethod
-    def restore(cls, directory: str, restore: m.RestoreConfig, events: EventMonitor,
-                on_guest_event: GuestEventSink) -> Vm:
-        raise VmshError("Restoring a snapshot is not supported by this vmsh yet")
+    def restore(cls, directory: str, restore: m.RestoreConfig, events: EventMonitor, on_guest_event: GuestEventSink,
+                profile: m.ProfileConfig | None = None, tty: ConsoleBackend | None = None) -> Vm:
+        """Rebuild the VM saved in ``directory``; it comes back Paused.
 
-    def _create(self) -> None:
+        Guest RAM is the snapshot's memory file mapped copy-on-write (read in at once with
+        ``prefault``), so restoring costs the same whatever the guest's size, and clones of
+        one snapshot share its pages. The snapshot is untrusted input: a malformed or
+        mismatched one is refused with an error and leaves nothing behind.
+
+        :raises SnapshotError: naming what is wrong with the snapshot.
+        """
+        config_text, tree, memory_path = read_snapshot(directory)
+        try:
+            config = normalize(vm_config_from_json(config_text))
+        except ConfigError as err:
+            raise SnapshotError(f"{directory}/config.json is not a valid VmConfig") from err
+        missing = _unsupported(config)
+        if missing:
+            raise SnapshotError("The snapshot needs what this vmsh does not support yet: " + ", ".join(missing))
+        vm = cls(config, events, on_guest_event, profile, tty)
+        try:
+            vm._restore(tree, memory_path, restore.prefault)
+        except BaseException:
+            vm.shutdown()
+            raise
+        return vm
+
+    def _restore(self, tree: dict[str, Any], memory_path: Path, prefault: bool) -> None:
         cfg = self.config
-        assert cfg.payload is not None
+        root = node_data(tree, "")
+        if not isinstance(root, dict) or root.get("version") != FORMAT_VERSION:
+            raise SnapshotError(f"Unsupported snapshot format (vmsh writes version {FORMAT_VERSION})")
+        kvm_state = from_plain(VmKvmState, root.get("kvm"), "vm.kvm")
+        table = node_data(tree, "memory-manager")
+        ranges = table.get("ranges") if isinstance(table, dict) else None
+        expected = [list(r) for r in ram_ranges(cfg.memory.size)]
+        if ranges != expected:
+            raise SnapshotError(f"The snapshot's RAM ranges {ranges} do not match its config ({expected})")
+        size = memory_path.stat().st_size
+        if size != cfg.memory.size:
+            raise SnapshotError(f"{memory_path} holds {size} bytes, the config says {cfg.memory.size}")
+        vcpu_ids = node_children(tree, "cpu-manager")
+        if sorted(vcpu_ids, key=lambda x: (len(x), x)) != [str(i) for i in range(cfg.cpus.boot_vcpus)]:
+            raise SnapshotError(f"The snapshot has vCPUs {vcpu_ids}, its config {cfg.cpus.boot_vcpus}")
+        vcpu_states = [from_plain(VcpuState, node_data(tree, f"cpu-manager/{i}"), f"vcpu{i}")
+                       for i in range(cfg.cpus.boot_vcpus)]
+        devices = {name: node_data(tree, f"device-manager/{name}") for name in node_children(tree, "device-manager")}
+
+        self._open_kvm()
+        self.memory = _map_snapshot_memory(memory_path, prefault)
+        self.memory.register(self.vm_fd)
+        self._create_devices(devices)
+        for state in vcpu_states:
+            fd = self.vm_fd.create_vcpu(state.vcpu_id)
+            self.vcpus.append(Vcpu(fd, self.pio, self.mmio))
+        try:
+            for vcpu, state in zip(self.vcpus, vcpu_states):
+                restore_vcpu(vcpu.fd, state)
+            restore_vm(self.vm_fd, kvm_state)
+        except (KvmError, ValueError) as err:
+            raise SnapshotError("KVM refused the snapshot's vCPU or irqchip state") from err
+        ged = devices.get("__ged")
+        pending = ged.get("pending") if isinstance(ged, dict) else None
+        if isinstance(pending, int) and pending and self.ged is not None:
+            self.ged.notify(pending & 0xFF)
+        self._paused_clock = kvm_state.clock
+        self._finish()
+        self.state = VmState.PAUSED
+
+    def snapshot(self, directory: str) -> None:
+        """Write the paused VM into ``directory`` (config.json, state.json, memory-ranges)."""
+        if self.state is not VmState.PAUSED:
+            raise StateError("Trying to snapshot while VM is running")
+        assert self.kvm is not None and self.memory is not None
+        msrs = saveable_msrs(self.kvm, self.vcpus[0].fd)
+        kvm_state = save_vm(self.vm_fd)
+        if self._paused_clock is not None:
+            # The clock as it was when the vCPUs stopped: a restore continues from there.
+            kvm_state = dataclasses.replace(kvm_state, clock=self._paused_clock)
+        devices: dict[str, dict[str, Any]] = {}
+        if self.serial is not None:
+            devices["__serial"] = node(to_plain(self.serial.state()))
+        devices["__cmos"] = node(to_plain(self.cmos.state()))
+        if self.ged is not None:
+            devices["__ged"] = node({"pending": self.ged.pending})
+        tree = node(
+            {"version": FORMAT_VERSION, "kvm": to_plain(kvm_state)},
+            {
+                "cpu-manager": node(children={
+                    str(v.index): node(to_plain(save_vcpu(v.fd, msrs))) for v in self.vcpus
+                }),
+                "memory-manager": node({"ranges": [[r.start, r.size] for r in self.memory.regions]}),
+                "device-manager": node(children=devices),
+            },
+        )
+        write_snapshot(directory, canonical_json(self.config), tree, [(r.start, r.view) for r in self.memory.regions])
+
+    def _open_kvm(self) -> None:
+        """The KVM VM with its in-kernel irqchip and PIT, after checking what the host can give."""
+        cfg = self.config
         if threading.current_thread() is threading.main_thread():
             install_kick_handler()  # front-ends that build VMs from other threads install it at start
+        usable = os.sched_getaffinity(0)
+        for entry in cfg.cpus.affinity or []:
+            wrong = sorted(set(entry.host_cpus) - usable)
+            if wrong:
+                raise VmshError(f"--cpus affinity: vCPU {entry.vcpu} asks for host CPU {wrong[0]}, "
+                                f"but this process may only use CPUs {sorted(usable)}")
+        available = host_memory()
+        if available is not None and cfg.memory.total_size() > available:
+            # RAM is mapped lazily, so the mapping would succeed and the guest die later.
+            raise VmshError(f"Guest RAM ({_gib(cfg.memory.total_size())}) is more than this host has ({_gib(available)})")
         try:
             self.kvm = Kvm()
         except KvmError as err:
@@ -204,18 +342,26 @@ class Vm:
         self.vm_fd.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
         self.vm_fd.create_irqchip()
         self.vm_fd.create_pit2()
+        self.pvm_handler = None
 
-        usable = os.sched_getaffinity(0)
-        for entry in cfg.cpus.affinity or []:
-            wrong = sorted(set(entry.host_cpus) - usable)
-            if wrong:
-                raise VmshError(f"--cpus affinity: vCPU {entry.vcpu} asks for host CPU {wrong[0]}, "
-                                f"but this process may only use CPUs {sorted(usable)}")
+    def _finish(self) -> None:
+        """What every VM gets once its memory exists: the PVM handler and KVM's statistics."""
+        assert self.memory is not None
+        self.pvm_handler = internal_error_handler(self.memory) if is_pvm_host() else None
+        for vcpu in self.vcpus:
+            vcpu.on_internal_error = self.pvm_handler
+        try:
+            self.vm_stats = KvmStats(self.vm_fd.stats_fd())
+            self.vcpu_stats = [KvmStats(v.fd.stats_fd()) for v in self.vcpus]
+        except VmshError as err:
+            LOG.info("KVM statistics are not available: %s", err)
+
+    def _create(self) -> None:
+        cfg = self.config
+        assert cfg.payload is not None
+        self._open_kvm()
+        assert self.kvm is not None
         mem_cfg = cfg.memory
-        available = host_memory()
-        if available is not None and mem_cfg.total_size() > available:
-            # RAM is mapped lazily, so the mapping would succeed and the guest die later.
-            raise VmshError(f"Guest RAM ({_gib(mem_cfg.total_size())}) is more than this host has ({_gib(available)})")
         options = MemoryOptions(shared=mem_cfg.shared, hugepages=mem_cfg.hugepages, hugepage_size=mem_cfg.hugepage_size,
                                 mergeable=mem_cfg.mergeable, thp=mem_cfg.thp, prefault=mem_cfg.prefault)
         self.memory = GuestMemory.create(mem_cfg.size, options)
@@ -254,9 +400,8 @@ class Vm:
         self.memory.write(layout.SMBIOS_START, tables)
         write_boot_tables(self.memory, kernel, payload.cmdline or "", initrd, rsdp=acpi.rsdp_address)
 
-        self._create_devices()
+        self._create_devices({})
 
-        self.pvm_handler = internal_error_handler(self.memory) if is_pvm_host() else None
         topo = cfg.cpus.topology
         topology = (
             CpuTopology(threads_per_core=topo.threads_per_core, cores_per_die=topo.cores_per_die,
@@ -265,21 +410,17 @@ class Vm:
         )
         for index in range(cfg.cpus.boot_vcpus):
             fd = self.vm_fd.create_vcpu(index)
-            configure_vcpu(fd, self.memory, kernel, supported, topology, pvm=self.pvm_handler is not None,
-                           phys_bits=phys_bits)
-            self.vcpus.append(Vcpu(fd, self.pio, self.mmio, on_internal_error=self.pvm_handler))
-        try:
-            self.vm_stats = KvmStats(self.vm_fd.stats_fd())
-            self.vcpu_stats = [KvmStats(v.fd.stats_fd()) for v in self.vcpus]
-        except VmshError as err:
-            LOG.info("KVM statistics are not available: %s", err)
+            configure_vcpu(fd, self.memory, kernel, supported, topology, pvm=is_pvm_host(), phys_bits=phys_bits)
+            self.vcpus.append(Vcpu(fd, self.pio, self.mmio))
+        self._finish()
 
     def _irq(self, gsi: int) -> IrqFdTrigger:
         trigger = IrqFdTrigger(self.vm_fd, gsi)
         self._triggers.append(trigger)
         return trigger
 
-    def _create_devices(self) -> None:
+    def _create_devices(self, saved: dict[str, Any]) -> None:
+        """Every platform device; ``saved`` maps device ids to states from a snapshot."""
         cfg = self.config
         assert self.memory is not None
         reset = EventTrigger(lambda: self.on_guest_event(GuestEvent.RESET, "guest reset"))
@@ -294,7 +435,14 @@ class Vm:
         if serial_backend is not None:
             if serial_backend.path and cfg.serial.mode is ConsoleOutputMode.PTY:
                 cfg.serial.file = serial_backend.path
-            self.serial = Serial16550(self._irq(SERIAL_IRQ), serial_backend.write)
+            if "__serial" in saved:
+                try:
+                    self.serial = Serial16550.from_state(from_plain(SerialState, saved["__serial"], "__serial"),
+                                                         trigger=self._irq(SERIAL_IRQ), out=serial_backend.write)
+                except ValueError as err:
+                    raise SnapshotError(f"Invalid serial state: {err}") from None
+            else:
+                self.serial = Serial16550(self._irq(SERIAL_IRQ), serial_backend.write)
             entry = self.pio.insert(self.serial, SERIAL_PORT, 8, name="__serial")
             serial = self.serial
 
@@ -325,7 +473,11 @@ class Vm:
         below_4g = min(self.memory.size, MMIO32_START)
         above_4g = self.memory.size - below_4g
         self.pio.insert(I8042(reset), I8042_PORT, 5, name="i8042")
-        self.pio.insert(Cmos(below_4g, above_4g, reset), CMOS_PORT, 2, name="cmos")
+        if "__cmos" in saved:
+            self.cmos = Cmos.from_state(from_plain(CmosState, saved["__cmos"], "__cmos"), reset=reset)
+        else:
+            self.cmos = Cmos(below_4g, above_4g, reset)
+        self.pio.insert(self.cmos, CMOS_PORT, 2, name="cmos")
         self.pio.insert(PostPort(), POST_PORT, 1, name="post")
         self.pio.insert(AcpiShutdown(poweroff, reset), SHUTDOWN_PORT, 8, name="acpi-shutdown")
         self.pio.insert(AcpiPmTimer(), PM_TIMER_PORT, 4, name="acpi-pm-timer")
@@ -412,10 +564,15 @@ class Vm:
     def pause(self) -> None:
         check_transition(self.state, VmState.PAUSED)
         self._stop_vcpus()
+        # The guest must not see the paused time: kvmclock is put back on resume.
+        self._paused_clock = self.vm_fd.get_clock()[0]
         self.state = VmState.PAUSED
 
     def resume(self) -> None:
         check_transition(self.state, VmState.RUNNING)
+        if self._paused_clock is not None:
+            self.vm_fd.set_clock(self._paused_clock)
+            self._paused_clock = None
         self._start_vcpus()
         self.state = VmState.RUNNING
 
@@ -457,9 +614,6 @@ class Vm:
 
     def nmi(self) -> None:
         raise VmshError("NMI injection is not supported by this vmsh yet")
-
-    def snapshot(self, directory: str) -> None:
-        raise VmshError("Snapshots are not supported by this vmsh yet")
 
     # --- inspection ---------------------------------------------------------------------------------
 

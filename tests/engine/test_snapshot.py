@@ -1,0 +1,156 @@
+"""Snapshot and restore on KVM with a tiny kernel that prints a, b, c... one letter a second:
+a restored VM, in a new process, goes on with the next letter; a bad snapshot is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.engine import tiny_kernel
+from vmsh.api.client import ApiClient, ApiError
+
+LAUNCH = [sys.executable, "-m", "vmsh", "launch"]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the VMM did not come up"
+        time.sleep(0.05)
+
+
+def read_available(proc: subprocess.Popen, wait: float) -> bytes:
+    assert proc.stdout is not None
+    out = b""
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+@pytest.fixture
+def snapshot(tmp_path: Path):
+    """A running letters VM, paused and snapshotted; yields (snapshot dir, last letter printed)."""
+    k = tmp_path / "letters.elf"
+    k.write_bytes(tiny_kernel.letters())
+    api, snap = tmp_path / "api.sock", tmp_path / "snap"
+    snap.mkdir()
+    proc = subprocess.Popen([*LAUNCH, "--kernel", str(k), "--serial", "tty", "--console", "off", "--api-socket", str(api)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(api, proc)
+        printed = read_available(proc, 2.5)
+        assert printed, "the guest printed nothing"
+        with ApiClient(str(api)) as client:
+            client.put("vm.pause")
+            printed += read_available(proc, 0.3)
+            client.put("vm.snapshot", {"destination_url": f"file://{snap}"})
+            with pytest.raises(ApiError) as info:  # files exist now: refused, VM unharmed
+                client.put("vm.snapshot", {"destination_url": f"file://{snap}"})
+            assert info.value.status == 500 and "already exists" in info.value.messages[-1]
+            client.put("vm.resume")
+            assert client.get("vm.info")["state"] == "Running"
+    finally:
+        proc.kill()
+        proc.wait()
+    yield snap, printed.decode()[-1]
+
+
+def test_snapshot_files(snapshot) -> None:
+    snap, _ = snapshot
+    assert sorted(p.name for p in snap.iterdir()) == ["config.json", "memory-ranges", "state.json"]
+    tree = json.loads((snap / "state.json").read_text())
+    assert set(tree["snapshots"]) == {"cpu-manager", "memory-manager", "device-manager"}
+    assert set(tree["snapshots"]["device-manager"]["snapshots"]) >= {"__serial", "__cmos"}
+    assert (snap / "memory-ranges").stat().st_size == json.loads((snap / "config.json").read_text())["memory"]["size"]
+
+
+def test_restore_continues_in_a_new_process(snapshot, tmp_path: Path) -> None:
+    snap, last = snapshot
+    ev = tmp_path / "restore-events"
+    proc = subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on", "--event-monitor", f"path={ev}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        printed = read_available(proc, 3.0).decode()
+        assert printed, proc.stderr.read1(4096) if proc.poll() is not None else "nothing printed after restore"  # type: ignore[union-attr]
+        expected = chr((ord(last) - ord("a") + 1) % 26 + ord("a"))
+        assert printed[0] == expected, f"last letter before the snapshot {last!r}, first after restore {printed[:5]!r}"
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+    events = [f"{r['source']} {r['event']}" for r in (json.loads(t) for t in ev.read_text().split("\n\n") if t.strip())]
+    assert events[:5] == ["vmm starting", "vm restoring", "vm restored", "vm resuming", "vm resumed"]
+
+
+def test_restored_clones_run_side_by_side(snapshot) -> None:
+    snap, last = snapshot
+    procs = [subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    try:
+        outputs = [read_available(p, 2.5) for p in procs]
+        assert all(outputs), [p.poll() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_restore_stays_paused_without_resume(snapshot, tmp_path: Path) -> None:
+    snap, _ = snapshot
+    api = tmp_path / "restored.sock"
+    proc = subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap}", "--api-socket", str(api)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(api, proc)
+        with ApiClient(str(api)) as client:
+            assert client.get("vm.info")["state"] == "Paused"
+            assert read_available(proc, 1.5) == b""
+            client.put("vm.resume")
+            assert read_available(proc, 2.5)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "state.json").unlink(), "state.json is missing"),
+        (lambda d: (d / "state.json").write_text("{not json"), "is not JSON"),
+        (lambda d: (d / "memory-ranges").write_bytes(b"short"), "holds 5 bytes"),
+        (lambda d: (d / "config.json").write_text('{"cpus": {"boot_vcpus": 2, "max_vcpus": 2}, "payload": {"kernel": "/k"}}'),
+         "vCPUs"),
+        (lambda d: (d / "state.json").write_text(json.dumps({"snapshots": {}, "snapshot_data": {"state": '{"version": 99}'}})),
+         "Unsupported snapshot format"),
+    ],
+)
+def test_bad_snapshot_is_refused(snapshot, damage, message: str) -> None:
+    snap, _ = snapshot
+    damage(snap)
+    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert message.encode() in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_corrupt_vcpu_state_is_refused(snapshot) -> None:
+    snap, _ = snapshot
+    tree = json.loads((snap / "state.json").read_text())
+    vcpu = tree["snapshots"]["cpu-manager"]["snapshots"]["0"]
+    state = json.loads(vcpu["snapshot_data"]["state"])
+    state["regs"]["rip"] = "not a number"
+    vcpu["snapshot_data"]["state"] = json.dumps(state)
+    (snap / "state.json").write_text(json.dumps(tree))
+    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1 and b"vcpu0.regs.rip" in result.stderr
