@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vmsh.errors import ImageError
-from vmsh.harness import Guest
+from vmsh.harness import Guest, SnapshotCache, restore_guest
 
 #: quiet: every console byte costs the guest kernel instructions, which are emulated on PVM hosts
 DEFAULT_CMDLINE = "console=ttyS0 quiet"
@@ -79,5 +79,34 @@ def launch_guest(images: Callable[[str], str], tmp_path: Path) -> Iterator[Launc
         return guest
 
     yield launch
+    for guest in guests:
+        guest.close()
+
+
+@pytest.fixture(scope="session")
+def snapshot_cache(tmp_path_factory: pytest.TempPathFactory) -> SnapshotCache:
+    """Booted-guest snapshots shared by every xdist worker of this run (the parent of the
+    workers' base temp directories is common to them)."""
+    root = tmp_path_factory.getbasetemp().parent / "vmsh-snapshots"
+    return SnapshotCache(root, boot_timeout=BOOT_TIMEOUT)
+
+
+def default_flags(images: Callable[[str], str], *extra: str) -> list[str]:
+    return ["--kernel", images("vmlinux"), "--initramfs", images("initramfs"), "--cmdline", DEFAULT_CMDLINE,
+            "--serial", "tty", "--console", "off", "--memory", "size=256M", *extra]
+
+
+@pytest.fixture
+def restored_guest(images: Callable[[str], str], snapshot_cache: SnapshotCache, tmp_path: Path) -> Iterator[Callable[..., Guest]]:
+    """``restored_guest(*flags)``: a clone of a guest booted once with the default flags plus ``flags``."""
+    guests: list[Guest] = []
+
+    def restore(*extra: str) -> Guest:
+        snap = snapshot_cache.get(default_flags(images, *extra))
+        guest = restore_guest(snap, tmp_path / f"clone{len(guests)}")
+        guests.append(guest)
+        return guest
+
+    yield restore
     for guest in guests:
         guest.close()

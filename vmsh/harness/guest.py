@@ -141,6 +141,10 @@ class Guest:
         self._setup_shell()
         return self
 
+    def mark_shell_ready(self) -> None:
+        """Declare the shell already set up (a guest restored from a snapshot taken at its prompt)."""
+        self._shell_ready = True
+
     def _setup_shell(self) -> None:
         # A unique prompt, no echo, and kernel messages off the console; the marker
         # printed by printf proves the settings took.
