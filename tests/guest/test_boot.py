@@ -7,38 +7,38 @@ import time
 
 import pytest
 
-from tests.guest.conftest import DEFAULT_CMDLINE
+from vmsh.harness.pytest_plugin import DEFAULT_CMDLINE
 
 
 @pytest.mark.parametrize("kernel", ["vmlinux", "kernel"])
-def test_both_kernel_formats_boot_to_a_shell(launch_guest, kernel: str) -> None:
-    guest = launch_guest(kernel=kernel)
+def test_both_kernel_formats_boot_to_a_shell(vmsh_guest, kernel: str) -> None:
+    guest = vmsh_guest(kernel=kernel)
     assert guest.check_output("echo $((6 * 7))") == "42"
 
 
 @pytest.mark.parametrize("cpus", [1, 2])
-def test_nproc_matches_boot_vcpus(launch_guest, cpus: int) -> None:
-    guest = launch_guest("--cpus", f"boot={cpus}")
+def test_nproc_matches_boot_vcpus(vmsh_guest, cpus: int) -> None:
+    guest = vmsh_guest("--cpus", f"boot={cpus}")
     assert guest.check_output("nproc") == str(cpus)
     assert guest.check_output("grep -c ^processor /proc/cpuinfo") == str(cpus)
 
 
-def test_memtotal_matches_memory(launch_guest) -> None:
-    guest = launch_guest("--memory", "size=192M")
+def test_memtotal_matches_memory(vmsh_guest) -> None:
+    guest = vmsh_guest("--memory", "size=192M")
     kib = int(guest.check_output("awk '/MemTotal/ {print $2}' /proc/meminfo"))
     # The kernel keeps its own image and early reservations out of MemTotal.
     assert 150 * 1024 < kib <= 192 * 1024
 
 
-def test_cmdline_is_exactly_the_given_one(launch_guest) -> None:
+def test_cmdline_is_exactly_the_given_one(vmsh_guest) -> None:
     cmdline = DEFAULT_CMDLINE + " vmsh.test=a,b,c"
-    guest = launch_guest(cmdline=cmdline)
+    guest = vmsh_guest(cmdline=cmdline)
     assert guest.check_output("cat /proc/cmdline") == cmdline
 
 
-def test_dmi_from_platform(launch_guest) -> None:
+def test_dmi_from_platform(vmsh_guest) -> None:
     uuid = "4f1a8a3e-2b6c-4d3e-9f10-1234567890ab"
-    guest = launch_guest("--platform", f"serial_number=VMSH-SN-1,uuid={uuid},oem_strings=[vmsh-oem-one,vmsh-oem-two]")
+    guest = vmsh_guest("--platform", f"serial_number=VMSH-SN-1,uuid={uuid},oem_strings=[vmsh-oem-one,vmsh-oem-two]")
     assert guest.check_output("cat /sys/class/dmi/id/product_serial") == "VMSH-SN-1"
     assert guest.check_output("cat /sys/class/dmi/id/product_uuid") == uuid
     assert guest.check_output("cat /sys/class/dmi/id/sys_vendor") == "Cloud Hypervisor"
@@ -46,22 +46,22 @@ def test_dmi_from_platform(launch_guest) -> None:
     assert "vmsh-oem-one" in raw and "vmsh-oem-two" in raw
 
 
-def test_poweroff_ends_the_vmm_with_status_zero(launch_guest) -> None:
-    guest = launch_guest()
+def test_poweroff_ends_the_vmm_with_status_zero(vmsh_guest) -> None:
+    guest = vmsh_guest()
     guest.send("poweroff\n")
     assert guest.wait_exit(timeout=120) == 0
 
 
-def test_reboot_comes_back(launch_guest) -> None:
-    guest = launch_guest()
+def test_reboot_comes_back(vmsh_guest) -> None:
+    guest = vmsh_guest()
     guest.send("reboot\n")
     guest.wait_ready()
     assert guest.check_output("echo back") == "back"
 
 
-def test_serial_file_mode_carries_the_console(launch_guest, tmp_path) -> None:
+def test_serial_file_mode_carries_the_console(vmsh_guest, tmp_path) -> None:
     log = tmp_path / "serial.log"
-    guest = launch_guest(serial=f"file={log}", ready=False)
+    guest = vmsh_guest(serial=f"file={log}", ready=False)
     deadline = time.monotonic() + 240
     while "VMSH-READY" not in (log.read_text(errors="replace") if log.exists() else ""):
         assert time.monotonic() < deadline, "no ready marker in the serial file"
@@ -69,10 +69,10 @@ def test_serial_file_mode_carries_the_console(launch_guest, tmp_path) -> None:
         time.sleep(0.2)
 
 
-def test_debian_cloud_kernel_starts_and_keeps_running(launch_guest) -> None:
+def test_debian_cloud_kernel_starts_and_keeps_running(vmsh_guest) -> None:
     # The stock kernel needs hundreds of millions of emulated instructions to reach user
     # space on a PVM host; here it must print its banner, find the ACPI tables and go on.
-    guest = launch_guest(kernel="debian-vmlinux", initramfs="debian-initramfs", ready=False,
+    guest = vmsh_guest(kernel="debian-vmlinux", initramfs="debian-initramfs", ready=False,
                          cmdline="console=ttyS0 earlyprintk=ttyS0 noxsave clearcpuid=smap,popcnt mitigations=off nofsgsbase")
     guest.expect(r"Linux version 6\.1\.\S+-cloud-amd64", timeout=120)
     guest.expect(r"ACPI: RSDP 0x00000000000A0000", timeout=120)

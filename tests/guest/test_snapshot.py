@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from vmsh.api.client import ApiClient
-from vmsh.harness import Guest, restore_guest
-from vmsh.harness.snapshots import launch_argv
-
-from tests.guest.conftest import default_flags
+from vmsh.harness import restore_guest
 
 
-def test_counter_loop_and_tmpfs_file_survive_restore(images, tmp_path: Path) -> None:
+def test_counter_loop_and_tmpfs_file_survive_restore(vmsh_guest, tmp_path: Path) -> None:
     api = tmp_path / "api.sock"
     snap = tmp_path / "snap"
     snap.mkdir()
-    with Guest(launch_argv([*default_flags(images), "--api-socket", str(api)]), workdir=tmp_path / "boot",
-               boot_timeout=300) as guest:
-        guest.wait_ready()
-        guest.check_output("echo 'kept in tmpfs' > /tmp/note; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count; done) &")
-        time.sleep(1)
-        before = int(guest.check_output("cat /tmp/count"))
-        clock_before = float(guest.check_output("cut -d' ' -f1 /proc/uptime"))
-        with ApiClient(str(api)) as client:
-            client.put("vm.pause")
-            client.put("vm.snapshot", {"destination_url": f"file://{snap}"})
+    guest = vmsh_guest("--api-socket", str(api))
+    guest.check_output("echo 'kept in tmpfs' > /tmp/note; (i=0; while :; do i=$((i+1)); echo $i > /tmp/count; done) &")
+    time.sleep(1)
+    before = int(guest.check_output("cat /tmp/count"))
+    clock_before = float(guest.check_output("cut -d' ' -f1 /proc/uptime"))
+    with ApiClient(str(api)) as client:
+        client.put("vm.pause")
+        client.put("vm.snapshot", {"destination_url": f"file://{snap}"})
+    guest.close()
     # the original process is gone; a new one carries on
     clone = restore_guest(snap, tmp_path / "clone")
     try:
@@ -41,8 +36,8 @@ def test_counter_loop_and_tmpfs_file_survive_restore(images, tmp_path: Path) -> 
         clone.close()
 
 
-def test_four_clones_from_one_snapshot(restored_guest) -> None:
-    clones = [restored_guest() for _ in range(4)]
+def test_four_clones_from_one_snapshot(vmsh_clone) -> None:
+    clones = [vmsh_clone() for _ in range(4)]
     for i, clone in enumerate(clones):
         clone.check_output(f"echo {i} > /tmp/who")
     assert [clone.check_output("cat /tmp/who") for clone in clones] == ["0", "1", "2", "3"]

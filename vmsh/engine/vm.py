@@ -613,7 +613,12 @@ class Vm:
         self.ged.notify(GED_POWER_BUTTON)
 
     def nmi(self) -> None:
-        raise VmshError("NMI injection is not supported by this vmsh yet")
+        """Queue an NMI on every vCPU (from its own thread while it runs)."""
+        for vcpu in self.vcpus:
+            if self.state is VmState.RUNNING:
+                vcpu.run_on_vcpu(lambda v: v.fd.nmi())
+            else:
+                vcpu.fd.nmi()
 
     # --- inspection ---------------------------------------------------------------------------------
 

@@ -1,0 +1,152 @@
+"""vmsh's pytest plugin: fixtures that boot real guests, from launcher flags or a JSON config.
+
+Registered through the ``pytest11`` entry point, so any project with vmsh installed gets:
+
+* ``vmsh_image(name)`` - the path of a built guest image (``vmlinux``, ``initramfs``, ...);
+* ``vmsh_guest(*flags, config=None, kernel=..., ready=True)`` - a booted guest whose serial
+  console is driven by the harness; ``config`` (a JSON VmConfig as a dict) goes through
+  the API's ``vm.create`` + ``vm.boot`` instead of flags;
+* ``vmsh_snapshots`` and ``vmsh_clone(*flags)`` - boot once per configuration (shared by
+  xdist workers), then restore a clone per test.
+
+Options: ``--vmsh-kernel``/``--vmsh-initramfs`` choose the images, ``--vmsh-boot-timeout``
+the boot budget, ``--vmsh-keep-logs DIR`` copies every guest's console log there (always on
+failure the tail is in the error). A test that needs ``/dev/kvm`` or the images and cannot
+have them fails in CI (``CI`` set) and is skipped elsewhere, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmsh.errors import ImageError
+from vmsh.harness.guest import Guest
+from vmsh.harness.snapshots import SnapshotCache, launch_argv, restore_guest
+
+DEFAULT_CMDLINE = "console=ttyS0 quiet"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vmsh", "vmsh guests")
+    group.addoption("--vmsh-kernel", default="vmlinux", help="guest image to boot (default: vmlinux)")
+    group.addoption("--vmsh-initramfs", default="initramfs", help="initramfs image (default: initramfs)")
+    group.addoption("--vmsh-boot-timeout", type=float, default=float(os.environ.get("VMSH_BOOT_TIMEOUT", "300")),
+                    help="seconds a guest may take to reach its ready marker")
+    group.addoption("--vmsh-keep-logs", default=None, metavar="DIR", help="copy every guest console log into DIR")
+
+
+def unavailable(reason: str) -> None:
+    """Fail in CI, skip elsewhere: a guest test must never pass without running."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI builds the images first, so this is an error)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def vmsh_image() -> Callable[[str], str]:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        unavailable("guest tests need /dev/kvm (read-write)")
+    from vmsh.images import image_path
+
+    def lookup(name: str) -> str:
+        try:
+            return str(image_path(name))
+        except ImageError as err:
+            unavailable(f"guest image {name!r} is not built ({err}); run `vmsh images build`")
+            raise
+
+    return lookup
+
+
+class GuestFactory:
+    """Boots guests for one test and stops them after it."""
+
+    def __init__(self, request: pytest.FixtureRequest, workdir: Path, image: Callable[[str], str]) -> None:
+        self.request = request
+        self.workdir = workdir
+        self.image = image
+        self.guests: list[Guest] = []
+        opts = request.config.option
+        self.kernel, self.initramfs = opts.vmsh_kernel, opts.vmsh_initramfs
+        self.boot_timeout = opts.vmsh_boot_timeout
+
+    def flags(self, *extra: str, kernel: str | None = None, initramfs: str | None = None,
+              cmdline: str = DEFAULT_CMDLINE) -> list[str]:
+        return ["--kernel", self.image(kernel or self.kernel), "--initramfs", self.image(initramfs or self.initramfs),
+                "--cmdline", cmdline, "--serial", "tty", "--console", "off", *extra]
+
+    def _new(self, argv: list[str]) -> Guest:
+        guest = Guest(argv, workdir=self.workdir / f"guest{len(self.guests)}", boot_timeout=self.boot_timeout)
+        self.guests.append(guest)
+        return guest
+
+    def __call__(self, *extra: str, config: dict[str, Any] | None = None, ready: bool = True, **kw: Any) -> Guest:
+        if config is None:
+            guest = self._new(launch_argv(self.flags(*extra, **kw)))
+            guest.start()
+        else:
+            guest = self._boot_json(config)
+        if ready:
+            guest.wait_ready()
+        return guest
+
+    def _boot_json(self, config: dict[str, Any]) -> Guest:
+        from vmsh.api.client import ApiClient
+
+        api = self.workdir / f"api{len(self.guests)}.sock"
+        guest = self._new(launch_argv(["--api-socket", str(api)]))
+        guest.start()
+        deadline = time.monotonic() + 30
+        while not api.exists():
+            if time.monotonic() > deadline or guest.exit_status() is not None:
+                raise guest._fail("the VMM's API socket did not appear")
+            time.sleep(0.02)
+        with ApiClient(str(api)) as client:
+            client.put("vm.create", config)
+            client.put("vm.boot")
+        return guest
+
+    def clone(self, snapshot: Path) -> Guest:
+        guest = restore_guest(snapshot, self.workdir / f"clone{len(self.guests)}", timeout=self.boot_timeout)
+        self.guests.append(guest)
+        return guest
+
+    def close(self) -> None:
+        keep = self.request.config.option.vmsh_keep_logs
+        for i, guest in enumerate(self.guests):
+            guest.close()
+            if keep and guest.log_path.exists():
+                target = Path(keep) / f"{self.request.node.name}-{i}.log".replace("/", "_")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(guest.log_path, target)
+
+
+@pytest.fixture
+def vmsh_guest(request: pytest.FixtureRequest, tmp_path: Path, vmsh_image: Callable[[str], str]) -> Iterator[GuestFactory]:
+    factory = GuestFactory(request, tmp_path, vmsh_image)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="session")
+def vmsh_snapshots(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SnapshotCache:
+    # The parent of the per-worker base temp directories is shared by all xdist workers.
+    root = tmp_path_factory.getbasetemp().parent / "vmsh-snapshots"
+    return SnapshotCache(root, boot_timeout=request.config.option.vmsh_boot_timeout)
+
+
+@pytest.fixture
+def vmsh_clone(vmsh_guest: GuestFactory, vmsh_snapshots: SnapshotCache) -> Callable[..., Guest]:
+    """``vmsh_clone(*flags)``: a clone of a guest booted once with the default flags plus ``flags``."""
+
+    def clone(*extra: str, **kw: Any) -> Guest:
+        return vmsh_guest.clone(vmsh_snapshots.get(vmsh_guest.flags(*extra, **kw)))
+
+    return clone
