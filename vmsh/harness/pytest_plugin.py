@@ -78,9 +78,10 @@ class GuestFactory:
         self.boot_timeout = opts.vmsh_boot_timeout
 
     def flags(self, *extra: str, kernel: str | None = None, initramfs: str | None = None,
-              cmdline: str = DEFAULT_CMDLINE) -> list[str]:
+              cmdline: str = DEFAULT_CMDLINE, serial: str = "tty") -> list[str]:
+        """Launcher flags for the chosen images; the serial console on the VMM's terminal by default."""
         return ["--kernel", self.image(kernel or self.kernel), "--initramfs", self.image(initramfs or self.initramfs),
-                "--cmdline", cmdline, "--serial", "tty", "--console", "off", *extra]
+                "--cmdline", cmdline, "--serial", serial, "--console", "off", *extra]
 
     def _new(self, argv: list[str]) -> Guest:
         guest = Guest(argv, workdir=self.workdir / f"guest{len(self.guests)}", boot_timeout=self.boot_timeout)
