@@ -118,10 +118,15 @@ for _name, _endpoint, _summary in (
     _simple(_name, _endpoint, _summary)
 
 
-@command("snapshot", "snapshot DIR", "write a snapshot of the paused VM into the existing directory DIR", "lifecycle")
+@command("snapshot", "snapshot DIR", "write a snapshot of the paused VM into DIR (created if missing; must hold no snapshot)", "lifecycle")
 def _snapshot(session: Session, args: list[str]) -> None:
     if len(args) != 1:
         raise UsageError("snapshot takes one argument: the directory")
+    if session.target.local:
+        try:
+            os.makedirs(args[0], exist_ok=True)
+        except OSError as err:
+            raise VmshError(f"Cannot create the snapshot directory {args[0]}") from err
     session.target.call("vm.snapshot", {"destination_url": _file_url(args[0])})
 
 
@@ -369,6 +374,16 @@ def _source(session: Session, args: list[str]) -> None:
     if len(args) != 1:
         raise UsageError("source takes one file")
     session.run_file(args[0])
+
+
+@command("image", "image NAME [VAR]", "set $VAR (default: $NAME) to the path of a built guest image (vmlinux, initramfs, ...)", "flow")
+def _image(session: Session, args: list[str]) -> None:
+    from vmsh.images import image_path
+
+    if not 1 <= len(args) <= 2:
+        raise UsageError("image takes an image name and an optional variable name")
+    var = args[1] if len(args) == 2 else args[0].replace("-", "_")
+    session.variables[var] = str(image_path(args[0]))
 
 
 @command("connect", "connect PATH", "drive the VMM behind an API socket (vmsh launch --api-socket PATH)", "flow")
