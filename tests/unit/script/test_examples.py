@@ -9,7 +9,7 @@ import pytest
 from vmsh.script.commands import COMMANDS
 from vmsh.script.lexer import split_commands
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.vmsh"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples").glob("*.vmsh"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
