@@ -376,28 +376,29 @@ def parse_pmem(text: str) -> m.PmemConfig:
 _CONSOLE_MODES = ("off", "pty", "tty", "null")
 
 
-def _console(text: str) -> m.ConsoleConfig:
-    p = OptionParser("file", "socket", "iommu", valueless=_CONSOLE_MODES).parse(text)
-    file = socket = None
+def _console_mode(p: OptionParser, path_keys: dict[str, str]) -> tuple[m.ConsoleOutputMode, dict[str, str]]:
+    """The mode word (or the path key) that is set, and the path it names.
+
+    ``path_keys`` maps each path-taking key (``file``, ``socket``) to the message for an
+    empty path.
+    """
     for word in _CONSOLE_MODES:
         if p.is_set(word):
-            mode = m.ConsoleOutputMode.from_word(word)
-            break
-    else:
-        if p.is_set("file"):
-            mode = m.ConsoleOutputMode.FILE
-            file = p.get("file")
-            if file is None:
-                raise OptionParseError("Path missing when using file console mode")
-        elif p.is_set("socket"):
-            mode = m.ConsoleOutputMode.SOCKET
-            socket = p.get("socket")
-            if socket is None:
-                raise OptionParseError("Path missing when using socket console mode")
-        else:
-            raise OptionParseError("invalid console mode given")
-    assert isinstance(mode, m.ConsoleOutputMode)
-    return m.ConsoleConfig(file=file, mode=mode, iommu=_flag(p, "iommu"), socket=socket)
+            return m.ConsoleOutputMode.from_word(word), {}  # type: ignore[return-value]
+    for key, missing in path_keys.items():
+        if p.is_set(key):
+            path = p.get(key)
+            if path is None:
+                raise OptionParseError(missing)
+            return m.ConsoleOutputMode.from_word(key), {key: path}  # type: ignore[return-value]
+    raise OptionParseError("invalid console mode given")
+
+
+def _console(text: str) -> m.ConsoleConfig:
+    p = OptionParser("file", "socket", "iommu", valueless=_CONSOLE_MODES).parse(text)
+    mode, paths = _console_mode(p, {"file": "Path missing when using file console mode",
+                                    "socket": "Path missing when using socket console mode"})
+    return m.ConsoleConfig(file=paths.get("file"), mode=mode, iommu=_flag(p, "iommu"), socket=paths.get("socket"))
 
 
 @option("serial", "off|null|pty|tty|file=</path/to/a/file>|socket=</path/to/a/file>")
@@ -419,20 +420,7 @@ def _io_port(value: str) -> int:
 @option("debug-console", "off|pty|tty|file=</path/to/a/file>,iobase=<port in hex>")
 def parse_debug_console(text: str) -> m.DebugConsoleConfig:
     p = OptionParser("file", "iobase", valueless=_CONSOLE_MODES).parse(text)
-    file = None
-    for word in _CONSOLE_MODES:
-        if p.is_set(word):
-            mode = m.ConsoleOutputMode.from_word(word)
-            break
-    else:
-        if p.is_set("file"):
-            mode = m.ConsoleOutputMode.FILE
-            file = p.get("file")
-            if file is None:
-                raise OptionParseError("Path missing when using file mode for debug console")
-        else:
-            raise OptionParseError("invalid console mode given")
-    assert isinstance(mode, m.ConsoleOutputMode)
+    mode, paths = _console_mode(p, {"file": "Path missing when using file mode for debug console"})
     iobase = None
     raw = p.get("iobase")
     if raw is not None:
@@ -442,7 +430,7 @@ def parse_debug_console(text: str) -> m.DebugConsoleConfig:
             raise OptionParseError(
                 f"The IO port was not properly provided in hex or a `0x` prefix is missing: {raw}"
             ) from None
-    return m.DebugConsoleConfig(file=file, mode=mode, iobase=iobase)
+    return m.DebugConsoleConfig(file=paths.get("file"), mode=mode, iobase=iobase)
 
 
 @option(
