@@ -40,6 +40,10 @@ def test_kernel_config_matches_fragment(image):
                 "DEBUG_INFO_DWARF4", "PAGE_TABLE_ISOLATION"):
         assert f"CONFIG_{opt}" not in options, opt
     assert "noxsave" in options["CONFIG_CMDLINE"] and "clearcpuid=" in options["CONFIG_CMDLINE"]
+    # without it init dies on its first SYSCALL on PVM hosts (patches/0004)
+    assert "syscall_pf_fixup" in options["CONFIG_CMDLINE"]
+    for opt in ("PTP_1588_CLOCK", "LEGACY_PTYS", "VT", "IPV6"):  # profiled boot-time costs
+        assert f"CONFIG_{opt}" not in options, opt
 
 
 def test_system_map_next_to_vmlinux(image):
