@@ -41,7 +41,7 @@ from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.configure import configure_vcpu, write_boot_tables
 from vmsh.engine.boot.loader import load_initramfs, load_kernel
-from vmsh.engine.bus import Bus
+from vmsh.engine.bus import Bus, BusError
 from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.events import EventMonitor
@@ -463,7 +463,7 @@ class Vm:
             port = dbg.iobase if dbg.iobase is not None else m.DEFAULT_DEBUG_CONSOLE_IOBASE
             try:
                 self.pio.insert(DebugConsole(backend.write), port, 1, name="__debug_console")
-            except ValueError as err:
+            except BusError as err:
                 raise DeviceError(f"The debug console port {port:#x} collides with another device") from err
         if cfg.console.mode not in (ConsoleOutputMode.OFF, ConsoleOutputMode.NULL):
             LOG.warning("virtio-console (--console %s) is not available yet; use the serial port",
