@@ -121,7 +121,7 @@ class TtyBackend(FdBackend):
         self._saved: list | None = None
         if with_input and os.isatty(0):
             self._saved = termios.tcgetattr(0)
-            tty.setraw(0)
+            tty.setraw(0, termios.TCSANOW)  # keep what was typed before the VMM started
 
     def close(self) -> None:
         super().close()

@@ -37,6 +37,10 @@ from vmsh.harness.shellproto import READY_MARKER, clean, command_line, setup_lin
 LOG = logging.getLogger(__name__)
 
 CONSOLE_TAIL = 3000
+#: the end of a root or user shell prompt (busybox may follow it with a cursor query)
+SHELL_PROMPT = r"[#$] (?:\x1b\[6n)?"
+#: the guest shell's acknowledgement of the setup line (each command forks on slow hosts)
+SETUP_TIMEOUT = 90.0
 
 
 class GuestError(VmshError):
@@ -136,8 +140,13 @@ class Guest:
     # --- guest ------------------------------------------------------------------------------------
 
     def wait_ready(self, timeout: float | None = None) -> Guest:
-        """Wait for the ready marker, then set up the shell for :meth:`run`."""
+        """Wait for the ready marker and the shell's first prompt, then set the shell up for :meth:`run`.
+
+        Input typed before the shell has opened its terminal can be lost, so nothing is sent
+        before the prompt shows.
+        """
         self.expect(re.escape(self.ready_marker), timeout=timeout or self.boot_timeout)
+        self.expect(SHELL_PROMPT, timeout=timeout or self.boot_timeout)
         self._setup_shell()
         return self
 
@@ -150,7 +159,7 @@ class Guest:
         # printed by printf proves the settings took.
         line, ack = setup_line(f"setup{next(self._ids)}")
         self.send(line)
-        self.expect(ack, timeout=30)
+        self.expect(ack, timeout=SETUP_TIMEOUT)
         self._shell_ready = True
 
     def run(self, command: str, timeout: float = 60.0) -> CommandResult:
