@@ -118,3 +118,15 @@ def test_pci_bus_slots() -> None:
         assert "not free" in str(err)
     else:
         raise AssertionError("slot 1 was taken")
+
+
+def test_cmos_reset_only_through_index_0x8f() -> None:
+    reset = Counter()
+    dev = Cmos(512 << 20, 0, reset)
+    dev.write(0, b"\x0f")
+    dev.write(1, b"\x0a")  # SMP bring-up: warm reset vector...
+    dev.write(1, b"\x00")  # ...and its clearing: no reset
+    assert reset.count == 0
+    dev.write(0, b"\x8f")
+    dev.write(1, b"\x00")  # real-mode restart
+    assert reset.count == 1

@@ -27,6 +27,9 @@ SECONDS, MINUTES, HOURS = 0x00, 0x02, 0x04
 WEEKDAY, DAY, MONTH, YEAR = 0x06, 0x07, 0x08, 0x09
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
 SHUTDOWN_STATUS = 0x0F
+#: Linux's real-mode restart writes 0 to the shutdown status with NMIs masked (index 0x8f);
+#: its SMP bring-up writes 0 to plain 0x0f to clear the warm-reset code, which is no reset.
+RESET_INDEX = 0x80 | SHUTDOWN_STATUS
 CENTURY = 0x32
 MEM_16M_LOW, MEM_16M_HIGH = 0x34, 0x35
 MEM_4G_LOW, MEM_4G_MID, MEM_4G_HIGH = 0x5B, 0x5C, 0x5D
@@ -68,6 +71,7 @@ class Cmos:
     def __init__(self, mem_below_4g: int, mem_above_4g: int, reset: Trigger | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.index = 0
+        self.raw_index = 0
         self.nvram = bytearray(128)
         self.offset_seconds = 0
         self.reset = reset
@@ -123,6 +127,7 @@ class Cmos:
             return
         value = data[0]
         if offset == INDEX_OFFSET:
+            self.raw_index = value
             self.index = value & INDEX_MASK
             return
         if offset != DATA_OFFSET:
@@ -135,7 +140,7 @@ class Cmos:
             self.nvram[REG_B] = value
         elif self.index in (REG_C, REG_D):
             pass  # read-only
-        elif self.index == SHUTDOWN_STATUS and value == 0 and self.reset is not None:
+        elif self.raw_index == RESET_INDEX and value == 0 and self.reset is not None:
             LOG.info("cmos: guest requested a reset")
             self.reset.trigger()
         else:
