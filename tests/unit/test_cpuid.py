@@ -47,3 +47,14 @@ def test_cpuid_phys_bits_capped() -> None:
 def test_cpuid_input_is_not_modified() -> None:
     build_cpuid(SUPPORTED, 7, CpuTopology.flat(8), pvm=True)
     assert leaf(SUPPORTED, 1).ebx == 0x800
+
+
+def test_pvm_hides_the_pv_ipi_feature() -> None:
+    from vmsh.engine.cpuid import KVM_CPUID_FEATURES, KVM_FEATURE_PV_SEND_IPI, CpuTopology, build_cpuid
+    from vmsh.engine.kvm import CpuidEntry
+
+    leaf = CpuidEntry(function=KVM_CPUID_FEATURES, eax=0xFFFF)
+    on_pvm = build_cpuid([leaf], 0, CpuTopology.flat(2), pvm=True)[0]
+    on_kvm = build_cpuid([leaf], 0, CpuTopology.flat(2), pvm=False)[0]
+    assert not on_pvm.eax & (1 << KVM_FEATURE_PV_SEND_IPI)
+    assert on_kvm.eax & (1 << KVM_FEATURE_PV_SEND_IPI)

@@ -52,6 +52,11 @@ class CpuTopology:
         return self.threads_per_core * self.cores_per_die * self.dies_per_package
 
 
+#: KVM's paravirtual feature leaf and the PV IPI bit in its EAX (Documentation/virt/kvm/x86/cpuid.rst)
+KVM_CPUID_FEATURES = 0x4000_0001
+KVM_FEATURE_PV_SEND_IPI = 11
+
+
 def _shift_for(count: int) -> int:
     """Bits needed to number ``count`` items (the x2APIC id field width)."""
     return max(count - 1, 0).bit_length()
@@ -89,6 +94,10 @@ def build_cpuid(supported: list[CpuidEntry], vcpu_id: int, topology: CpuTopology
         elif e.function == 4 and e.eax & 0x1F:
             # EAX[31:26]: addressable core ids per package - 1 (Intel deterministic cache leaf)
             e.eax = (e.eax & 0x03FFFFFF) | ((min(topology.cores_per_die * topology.dies_per_package, 64) - 1) << 26)
+        elif e.function == KVM_CPUID_FEATURES and pvm:
+            # A PVM host does not complete the PV IPI hypercall: a guest that uses it spins
+            # forever bringing up its second vCPU. Plain APIC IPIs work.
+            e.eax &= ~(1 << KVM_FEATURE_PV_SEND_IPI)
         elif e.function == 0x8000_0008:
             if phys_bits is not None:
                 e.eax = (e.eax & ~0xFF) | min(phys_bits, e.eax & 0xFF)
