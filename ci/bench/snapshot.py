@@ -1,0 +1,131 @@
+"""Benchmark: snapshot time and restore-to-responsive time, vmsh beside QEMU, in one run.
+
+For each guest size (256 MiB and 2 GiB by default) the default kernel and initramfs boot
+once under each VMM. Then:
+
+* vmsh: pause + ``vm.snapshot``; then ``vmsh launch --restore ...,resume=on`` in a new
+  process, timed from the command until the guest answers a command on its console;
+* QEMU: ``stop`` + ``migrate "exec:cat > FILE"`` on its monitor; then a new QEMU with
+  ``-incoming "exec:cat FILE"``, timed the same way (KVM where QEMU can boot, TCG on PVM hosts).
+
+Prints medians and the vmsh/QEMU ratios. Targets: vmsh restore under 50 ms (not counting
+the Python start-up of the new process) and flat in guest size.
+
+Usage: ``python ci/bench/snapshot.py [--sizes 256 2048] [--runs 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import pexpect  # noqa: E402
+
+from vmsh.api.client import ApiClient  # noqa: E402
+from vmsh.harness import Guest  # noqa: E402
+from vmsh.harness.snapshots import launch_argv  # noqa: E402
+from vmsh.images import image_path  # noqa: E402
+from vmsh.images.qemu import QEMU, BootSpec  # noqa: E402
+
+CMDLINE = "console=ttyS0 quiet"
+
+
+def answer_time(child: pexpect.spawn, start: float, timeout: float) -> float:
+    """Type a command until the guest echoes its answer; seconds since ``start``."""
+    tag = "VMSH-ANSWER"
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        child.send(f"echo {tag[:5]}''{tag[5:]}\n")
+        try:
+            child.expect(tag, timeout=0.5)
+            return time.monotonic() - start
+        except pexpect.TIMEOUT:
+            continue
+    raise RuntimeError("the restored guest did not answer")
+
+
+def vmsh_round(tmp: Path, size_mib: int) -> tuple[float, float]:
+    flags = ["--kernel", str(image_path("vmlinux")), "--initramfs", str(image_path("initramfs")), "--cmdline", CMDLINE,
+             "--serial", "tty", "--console", "off", "--memory", f"size={size_mib}M"]
+    api, snap = tmp / "api.sock", tmp / "snap"
+    snap.mkdir()
+    with Guest(launch_argv([*flags, "--api-socket", str(api)]), workdir=tmp / "boot", boot_timeout=600) as guest:
+        guest.wait_ready()
+        with ApiClient(str(api)) as client:
+            client.put("vm.pause")
+            t0 = time.monotonic()
+            client.put("vm.snapshot", {"destination_url": f"file://{snap}"})
+            snapshot_s = time.monotonic() - t0
+    start = time.monotonic()
+    child = pexpect.spawn(sys.executable, ["-m", "vmsh", "launch", "--restore", f"source_url=file://{snap},resume=on"],
+                          echo=False)
+    try:
+        restore_s = answer_time(child, start, 60)
+    finally:
+        child.close(force=True)
+    return snapshot_s, restore_s
+
+
+def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
+    spec = BootSpec(image_path("vmlinux"), image_path("initramfs"), machine="microvm", cmdline=CMDLINE, memory_mb=size_mib)
+    monitor = tmp / "qemu-monitor.sock"
+    state = tmp / "qemu-state"
+    argv = spec.argv()
+    argv[argv.index("tcg")] = accel
+    child = pexpect.spawn(argv[0], [*argv[1:], "-monitor", f"unix:{monitor},server,nowait"], echo=False, timeout=600)
+    try:
+        child.expect("VMSH-READY", timeout=600)
+        mon = socket.socket(socket.AF_UNIX)
+        mon.connect(str(monitor))
+        mon.sendall(b"stop\n")
+        t0 = time.monotonic()
+        mon.sendall(f'migrate "exec:cat > {state}"\n'.encode())
+        while True:  # poll until the migration has completed
+            mon.sendall(b"info migrate\n")
+            time.sleep(0.05)
+            if b"completed" in mon.recv(65536):
+                break
+        snapshot_s = time.monotonic() - t0
+        mon.close()
+    finally:
+        child.close(force=True)
+    start = time.monotonic()
+    child = pexpect.spawn(argv[0], [*argv[1:], "-incoming", f"exec:cat {state}"], echo=False)
+    try:
+        restore_s = answer_time(child, start, 120)
+    finally:
+        child.close(force=True)
+    return snapshot_s, restore_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 2048], help="guest RAM in MiB")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    accel = "tcg" if os.path.isdir("/sys/module/kvm_pvm") else "kvm"
+    print(f"snapshot and restore-to-responsive, median of {args.runs} (QEMU: {QEMU} with {accel.upper()})")
+    print(f"{'size':>6}  {'vmsh snap':>9} {'qemu snap':>9} {'ratio':>6}  {'vmsh restore':>12} {'qemu restore':>12} {'ratio':>6}")
+    for size in args.sizes:
+        v, q = [], []
+        for _ in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="vmsh-bench-") as tmp:
+                v.append(vmsh_round(Path(tmp), size))
+            with tempfile.TemporaryDirectory(prefix="vmsh-bench-") as tmp:
+                q.append(qemu_round(Path(tmp), size, accel))
+        vs, vr = statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)
+        qs, qr = statistics.median(x[0] for x in q), statistics.median(x[1] for x in q)
+        print(f"{size:>5}M  {vs:>8.3f}s {qs:>8.3f}s {vs / qs:>6.2f}  {vr:>11.3f}s {qr:>11.3f}s {vr / qr:>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
