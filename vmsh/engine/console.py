@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import termios
 import threading
@@ -48,14 +49,23 @@ class ConsoleBackend:
         """Release what the backend holds; later writes are dropped."""
 
 
-def _pump(read: Callable[[], bytes], sink: InputSink, stop: threading.Event, name: str) -> None:
-    """Forward input until EOF, retrying while the guest's FIFO is full."""
+def _pump(fd: int, sink: InputSink, stop: threading.Event, name: str) -> None:
+    """Forward input from ``fd`` until EOF or ``stop``, retrying while the guest's FIFO is full.
+
+    The descriptor is polled and ``stop`` checked before every read: after a reboot a new
+    VM reads the same terminal, and an old reader must not take (and drop) its input.
+    """
 
     def body() -> None:
         while not stop.is_set():
             try:
-                data = read()
-            except OSError:
+                ready, _, _ = select.select([fd], [], [], 0.2)
+                if not ready or stop.is_set():
+                    continue
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                continue
+            except (OSError, ValueError):
                 return
             if not data:
                 return
@@ -100,8 +110,7 @@ class FdBackend(ConsoleBackend):
 
     def start_input(self, sink: InputSink) -> None:
         if self.in_fd is not None:
-            fd = self.in_fd
-            _pump(lambda: os.read(fd, 4096), sink, self._stop, "console-in")
+            _pump(self.in_fd, sink, self._stop, "console-in")
 
     def close(self) -> None:
         self._stop.set()
@@ -145,21 +154,7 @@ class PtyBackend(FdBackend):
         LOG.info("PTY path: %s", self.path)
 
     def start_input(self, sink: InputSink) -> None:
-        import select
-
-        master = self.out_fd
-
-        def read() -> bytes:
-            while not self._stop.is_set():
-                ready, _, _ = select.select([master], [], [], 0.2)
-                if ready:
-                    try:
-                        return os.read(master, 4096)
-                    except BlockingIOError:
-                        continue
-            return b""
-
-        _pump(read, sink, self._stop, "pty-in")
+        _pump(self.out_fd, sink, self._stop, "pty-in")
 
     def close(self) -> None:
         super().close()
@@ -213,8 +208,6 @@ class SocketBackend(ConsoleBackend):
                 self._read_client(client, self._sink)
 
     def _read_client(self, client: socket.socket, sink: InputSink) -> None:
-        import select
-
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([client], [], [], 0.2)
