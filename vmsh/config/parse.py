@@ -62,6 +62,14 @@ def _missing(what: str) -> OptionParseError:
     return OptionParseError(f"{what} missing")
 
 
+def _required(parser: OptionParser, key: str, what: str | None = None) -> str:
+    """The value of a key the option cannot do without (``<what> missing`` otherwise)."""
+    value = parser.get(key)
+    if value is None:
+        raise _missing(what or key)
+    return value
+
+
 def _flag(parser: OptionParser, key: str) -> bool:
     return parser.convert(key, toggle) or False
 
@@ -189,9 +197,7 @@ def parse_memory_zone(text: str) -> m.MemoryZoneConfig:
         "size", "file", "shared", "hugepages", "hugepage_size", "host_numa_node", "id",
         "hotplug_size", "hotplugged_size", "prefault",
     ).parse(text)
-    zone_id = p.get("id")
-    if zone_id is None:
-        raise _missing("id")
+    zone_id = _required(p, "id")
     size = p.convert("size", byte_sized)
     return m.MemoryZoneConfig(
         id=zone_id,
@@ -333,14 +339,10 @@ FS_MAX_TAG_LEN = 36
 )
 def parse_fs(text: str) -> m.FsConfig:
     p = OptionParser("tag", "queue_size", "num_queues", "socket", "id", "pci_segment").parse(text)
-    tag = p.get("tag")
-    if tag is None:
-        raise _missing("tag")
+    tag = _required(p, "tag")
     if len(tag.encode()) > FS_MAX_TAG_LEN:
         raise OptionParseError(f"max tag length is {FS_MAX_TAG_LEN}")
-    socket = p.get("socket")
-    if socket is None:
-        raise _missing("socket")
+    socket = _required(p, "socket")
     num_queues = p.convert("num_queues", _usize)
     queue_size = p.convert("queue_size", _u16)
     return m.FsConfig(
@@ -360,9 +362,7 @@ def parse_fs(text: str) -> m.FsConfig:
 )
 def parse_pmem(text: str) -> m.PmemConfig:
     p = OptionParser("size", "file", "iommu", "discard_writes", "id", "pci_segment").parse(text)
-    file = p.get("file")
-    if file is None:
-        raise _missing("file")
+    file = _required(p, "file")
     return m.PmemConfig(
         file=file,
         size=p.convert("size", byte_sized),
@@ -439,9 +439,7 @@ def parse_debug_console(text: str) -> m.DebugConsoleConfig:
 )
 def parse_device(text: str) -> m.DeviceConfig:
     p = OptionParser("path", "id", "iommu", "pci_segment", "x_nv_gpudirect_clique").parse(text)
-    path = p.get("path")
-    if path is None:
-        raise _missing("path")
+    path = _required(p, "path")
     return m.DeviceConfig(
         path=path,
         iommu=_flag(p, "iommu"),
@@ -454,9 +452,7 @@ def parse_device(text: str) -> m.DeviceConfig:
 @option("user-device", "socket=<socket_path>,id=<device_id>,pci_segment=<segment_id>")
 def parse_user_device(text: str) -> m.UserDeviceConfig:
     p = OptionParser("socket", "id", "pci_segment").parse(text)
-    socket = p.get("socket")
-    if socket is None:
-        raise _missing("socket")
+    socket = _required(p, "socket")
     return m.UserDeviceConfig(socket=socket, id=p.get("id"), pci_segment=p.convert("pci_segment", _u16) or 0)
 
 
@@ -466,9 +462,7 @@ def parse_user_device(text: str) -> m.UserDeviceConfig:
 )
 def parse_vdpa(text: str) -> m.VdpaConfig:
     p = OptionParser("path", "num_queues", "iommu", "id", "pci_segment").parse(text)
-    path = p.get("path")
-    if path is None:
-        raise _missing("path")
+    path = _required(p, "path")
     num_queues = p.convert("num_queues", _usize)
     return m.VdpaConfig(
         path=path,
@@ -485,9 +479,7 @@ def parse_vdpa(text: str) -> m.VdpaConfig:
 )
 def parse_vsock(text: str) -> m.VsockConfig:
     p = OptionParser("socket", "cid", "iommu", "id", "pci_segment").parse(text)
-    socket = p.get("socket")
-    if socket is None:
-        raise _missing("socket")
+    socket = _required(p, "socket")
     cid = p.convert("cid", _u32)
     if cid is None:
         raise _missing("cid")
@@ -547,18 +539,14 @@ def parse_pci_segment(text: str) -> m.PciSegmentConfig:
 @option("tpm", "(UNIX Domain Socket from swtpm) socket=</path/to/a/socket>")
 def parse_tpm(text: str) -> m.TpmConfig:
     p = OptionParser("socket").parse(text)
-    socket = p.get("socket")
-    if socket is None:
-        raise _missing("path")
+    socket = _required(p, "socket", "path")
     return m.TpmConfig(socket=socket)
 
 
 @option("sgx-epc", "id=<epc_section_identifier>,size=<epc_section_size>,prefault=on|off")
 def parse_sgx_epc(text: str) -> m.SgxEpcConfig:
     p = OptionParser("id", "size", "prefault").parse(text)
-    epc_id = p.get("id")
-    if epc_id is None:
-        raise _missing("id")
+    epc_id = _required(p, "id")
     return m.SgxEpcConfig(id=epc_id, size=p.convert("size", byte_sized) or 0, prefault=_flag(p, "prefault"))
 
 
@@ -569,9 +557,7 @@ def parse_sgx_epc(text: str) -> m.SgxEpcConfig:
 )
 def parse_restore(text: str) -> m.RestoreConfig:
     p = OptionParser("source_url", "prefault", "net_fds", "resume").parse(text)
-    source_url = p.get("source_url")
-    if source_url is None:
-        raise _missing("source_url")
+    source_url = _required(p, "source_url")
     net_fds = p.convert("net_fds", tuple_list(str, integer_list("i32")))
     return m.RestoreConfig(
         source_url=source_url,
