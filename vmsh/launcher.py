@@ -108,8 +108,12 @@ def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
     server = None
     stop_signals = []
 
+    # A signal handler runs in the main thread between two bytecodes, possibly while that
+    # thread holds the event queue's lock: it only records the signal, the loop acts on it.
+    received: list[int] = []
+
     def on_signal(signum: int, _frame: object) -> None:
-        vmm.guest_event(GuestEvent.STOP, f"signal {signal.Signals(signum).name}")
+        received.append(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         stop_signals.append((sig, signal.signal(sig, on_signal)))
@@ -126,8 +130,11 @@ def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
             with vmm.lock:
                 vmm.restore(opts.restore)
         while not vmm.exited.is_set():
+            if received:
+                vmm.handle_guest_event(GuestEvent.STOP, f"signal {signal.Signals(received[0]).name}")
+                break
             try:
-                kind, detail = vmm.guest_events.get(timeout=0.5)
+                kind, detail = vmm.guest_events.get(timeout=0.2)
             except queue.Empty:
                 continue
             if vmm.handle_guest_event(kind, detail):
