@@ -31,18 +31,7 @@ CODE = bytes.fromhex(
 )
 
 
-class Kicker:
-    thread_safe = True
-
-    def __init__(self) -> None:
-        self.vcpu: Vcpu | None = None
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(size)
-
-    def write(self, offset: int, data: bytes) -> None:
-        assert self.vcpu is not None
-        self.vcpu.kick()
+from tests.engine.test_boot import Stopper as Kicker  # a port whose write stops the vCPU  # noqa: E402
 
 
 def make_vm(kvm: Kvm) -> tuple[VmFd, GuestMemory, VcpuFd, Vcpu, Recorder]:
