@@ -131,6 +131,33 @@ struct kvm_ioeventfd {
     uint32_t flags;
     ...;
 };
+struct kvm_irq_routing_irqchip {
+    uint32_t irqchip;
+    uint32_t pin;
+};
+struct kvm_irq_routing_msi {
+    uint32_t address_lo;
+    uint32_t address_hi;
+    uint32_t data;
+    uint32_t pad;
+};
+struct kvm_irq_routing_entry {
+    uint32_t gsi;
+    uint32_t type;
+    uint32_t flags;
+    uint32_t pad;
+    union {
+        struct kvm_irq_routing_irqchip irqchip;
+        struct kvm_irq_routing_msi msi;
+        uint32_t pad[8];
+    } u;
+    ...;
+};
+struct kvm_irq_routing {
+    uint32_t nr;
+    uint32_t flags;
+    struct kvm_irq_routing_entry entries[];
+};
 struct kvm_enable_cap {
     uint32_t cap;
     uint32_t flags;
@@ -237,7 +264,7 @@ IOCTLS = [
     # vm
     "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR",
     "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2", "KVM_IRQ_LINE", "KVM_IRQFD", "KVM_IOEVENTFD",
-    "KVM_ENABLE_CAP", "KVM_GET_STATS_FD",
+    "KVM_ENABLE_CAP", "KVM_GET_STATS_FD", "KVM_SET_GSI_ROUTING",
     # vcpu
     "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_GET_FPU",
     "KVM_SET_FPU", "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_MSRS", "KVM_SET_MSRS",
@@ -276,6 +303,7 @@ CONSTANTS = [
     "KVM_CAP_TSC_CONTROL", "KVM_CAP_GET_TSC_KHZ",
     # flags
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "KVM_PIT_SPEAKER_DUMMY",
+    "KVM_IRQ_ROUTING_IRQCHIP", "KVM_IRQ_ROUTING_MSI",
     "KVM_IRQFD_FLAG_DEASSIGN", "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO",
     "KVM_IOEVENTFD_FLAG_DEASSIGN", "KVM_VCPUEVENT_VALID_NMI_PENDING", "KVM_VCPUEVENT_VALID_SIPI_VECTOR",
     "KVM_VCPUEVENT_VALID_SHADOW", "KVM_VCPUEVENT_VALID_SMM", "KVM_VCPUEVENT_VALID_PAYLOAD",

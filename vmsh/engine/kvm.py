@@ -377,6 +377,26 @@ class VmFd:
             "fd": fd, "gsi": gsi, "flags": lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0})
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_IRQFD, req), "KVM_IRQFD")
 
+    def set_gsi_routing(self, irqchip: list[tuple[int, int, int]], msi: list[tuple[int, int, int]]) -> None:
+        """KVM_SET_GSI_ROUTING: replace the whole GSI table.
+
+        ``irqchip`` holds (gsi, chip, pin) routes to the in-kernel PIC/IOAPIC, ``msi`` holds
+        (gsi, address, data) MSI messages. The table replaces KVM's default one, so the
+        irqchip routes must be repeated every time.
+        """
+        entries = len(irqchip) + len(msi)
+        table = ffi.new("struct kvm_irq_routing *", {"nr": entries, "entries": entries})
+        for i, (gsi, chip, pin) in enumerate(irqchip):
+            e = table.entries[i]
+            e.gsi, e.type = gsi, lib.KVM_IRQ_ROUTING_IRQCHIP
+            e.u.irqchip.irqchip, e.u.irqchip.pin = chip, pin
+        for i, (gsi, address, data) in enumerate(msi, start=len(irqchip)):
+            e = table.entries[i]
+            e.gsi, e.type = gsi, lib.KVM_IRQ_ROUTING_MSI
+            e.u.msi.address_lo, e.u.msi.address_hi = address & 0xFFFF_FFFF, address >> 32
+            e.u.msi.data = data
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, table), "KVM_SET_GSI_ROUTING")
+
     def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
                   datamatch: int | None = None, deassign: bool = False) -> None:
         """KVM_IOEVENTFD: a guest write to ``addr`` signals eventfd ``fd`` instead of exiting."""
