@@ -15,6 +15,7 @@
     ├── NotFoundError        no VM, no VM config, or no device with that id
     ├── BusyError            a request that must wait for an earlier one to finish
     └── DeviceError          a host-side device failure (never a guest's misbehaviour)
+        └── VirtQueueError       a guest's virtqueue breaks the spec; the device stops until reset
 
 Messages are short, one line, and do not repeat their cause; the cause is chained
 with ``raise ... from err`` and shown by the front-ends as a numbered chain.
@@ -73,6 +74,10 @@ class BusyError(VmshError):
 
 class DeviceError(VmshError):
     """A host-side device failure."""
+
+
+class VirtQueueError(DeviceError):
+    """A malformed virtqueue (bad index, address, loop); caught by the device, which then needs a reset."""
 
 
 def error_chain(err: BaseException) -> list[str]:

@@ -26,6 +26,19 @@ SUBSYSTEM_ID = 0x2E
 CAPABILITIES_POINTER = 0x34
 INTERRUPT_LINE = 0x3C
 INTERRUPT_PIN = 0x3D
+#: first byte after the type 0 header: capabilities live in 0x40..0xff (§6.7)
+CAPABILITIES_START = 0x40
+NUM_BARS = 6
+
+# STATUS register bits (§6.2.3)
+STATUS_CAPABILITIES_LIST_BIT = 0x0010  # the capabilities pointer at 0x34 is valid
+# COMMAND register bits (§6.2.2)
+COMMAND_MEMORY_SPACE_BIT = 0x0002  # the function decodes its memory BARs
+
+# Memory BAR low bits (§6.2.5.1): bit 0 = 0 for memory, bits 2:1 type, bit 3 prefetchable
+BAR_MEM_TYPE_64_BIT = 0x4  # 64-bit BAR: the next BAR register holds the upper 32 bits
+BAR_MEM_PREFETCHABLE_BIT = 0x8
+BAR_MEM_ADDRESS_MASK = 0xFFFF_FFF0
 
 #: command register bits the guest may set: I/O space, memory space, bus master, INTx disable
 COMMAND_WRITABLE = 0x0407
@@ -55,6 +68,90 @@ class PciConfigSpace:
         self.put(SUBSYSTEM_ID, subsystem, 2)
         self.writable(COMMAND, COMMAND_WRITABLE, 2)
         self.writable(INTERRUPT_LINE, 0xFF, 1)
+        #: length of each capability added by ``add_capability``, by offset
+        self.cap_lengths: dict[int, int] = {}
+
+    # -- device-side helpers -------------------------------------------------------------------
+
+    def add_memory_bar(self, index: int, size: int, *, is_64bit: bool, prefetchable: bool = False) -> None:
+        """Declare BAR ``index`` as a memory BAR of ``size`` bytes (a power of two >= 16).
+
+        The write mask keeps the low ``log2(size)`` bits at zero, so the guest's sizing
+        (write all ones, read back ``~(size - 1)``; §6.2.5.1) works; a 64-bit BAR also uses
+        register ``index + 1`` for the upper half.
+        """
+        if size < 16 or size & (size - 1) or not 0 <= index < NUM_BARS - (1 if is_64bit else 0):
+            raise ValueError(f"invalid BAR {index} of size {size:#x}")
+        flags = (BAR_MEM_TYPE_64_BIT if is_64bit else 0) | (BAR_MEM_PREFETCHABLE_BIT if prefetchable else 0)
+        mask = ~(size - 1) & ((1 << 64) - 1 if is_64bit else 0xFFFF_FFFF)
+        offset = BAR0 + 4 * index
+        self.put(offset, flags, 4)
+        self.writable(offset, mask & BAR_MEM_ADDRESS_MASK, 4)
+        if is_64bit:
+            self.put(offset + 4, 0, 4)
+            self.writable(offset + 4, mask >> 32, 4)
+
+    def is_64bit_bar(self, index: int) -> bool:
+        """True if BAR ``index`` is a 64-bit memory BAR."""
+        low = self.get(BAR0 + 4 * index, 4)
+        return not low & 1 and low & 0x6 == BAR_MEM_TYPE_64_BIT
+
+    def bar_address(self, index: int) -> int:
+        """The address currently programmed in memory BAR ``index`` (both halves of a 64-bit BAR)."""
+        addr = self.get(BAR0 + 4 * index, 4) & BAR_MEM_ADDRESS_MASK
+        if self.is_64bit_bar(index):
+            addr |= self.get(BAR0 + 4 * index + 4, 4) << 32
+        return addr
+
+    def set_bar_address(self, index: int, addr: int) -> None:
+        """Program memory BAR ``index`` (device side, e.g. the VMM's initial allocation)."""
+        offset = BAR0 + 4 * index
+        flags = self.get(offset, 4) & ~BAR_MEM_ADDRESS_MASK
+        mask = self.get_mask(offset, 4)
+        self.put(offset, (addr & mask) | flags, 4)
+        if self.is_64bit_bar(index):
+            self.put(offset + 4, (addr >> 32) & self.get_mask(offset + 4, 4), 4)
+
+    def add_capability(self, cap_id: int, body: bytes, writable_mask: bytes = b"") -> int:
+        """Append a capability to the list (§6.7) and return its offset in config space.
+
+        ``body`` is everything after the two header bytes (ID, next pointer); ``writable_mask``
+        (aligned with ``body``) marks the bits the guest may change.
+        """
+        last = 0
+        offset = self.get(CAPABILITIES_POINTER, 1)
+        while offset:
+            last = offset
+            offset = self.get(offset + 1, 1)
+        start = CAPABILITIES_START if not last else last + self.cap_lengths[last]
+        start = (start + 3) & ~3  # capabilities are DWORD aligned (§6.7)
+        length = 2 + len(body)
+        if start + length > 0x100:
+            raise ValueError("no room for another PCI capability")
+        self.data[start] = cap_id
+        self.data[start + 1] = 0
+        self.data[start + 2 : start + length] = body
+        self.write_mask[start + 2 : start + 2 + len(writable_mask)] = writable_mask
+        self.cap_lengths[start] = length
+        if last:
+            self.data[last + 1] = start
+        else:
+            self.put(CAPABILITIES_POINTER, start, 1)
+            self.put(STATUS, self.get(STATUS, 2) | STATUS_CAPABILITIES_LIST_BIT, 2)
+        return start
+
+    def capabilities(self) -> list[tuple[int, int]]:
+        """``(cap_id, offset)`` of every capability, in list order (bounded: at most 48)."""
+        caps: list[tuple[int, int]] = []
+        offset = self.get(CAPABILITIES_POINTER, 1)
+        while offset and len(caps) < 48:
+            caps.append((self.data[offset], offset))
+            offset = self.data[offset + 1]
+        return caps
+
+    def get_mask(self, offset: int, size: int) -> int:
+        """The guest-writable bits of a register."""
+        return int.from_bytes(self.write_mask[offset : offset + size], "little")
 
     def put(self, offset: int, value: int, size: int) -> None:
         """Set a register (device side; ignores write masks)."""

@@ -1,0 +1,273 @@
+"""virtio-net (virtio 1.2 §5.1) over a host tap.
+
+Queues: receiveq/transmitq pairs (0, 1), (2, 3), ..., then a control queue when there is more
+than one pair (VIRTIO_NET_F_MQ needs VIRTIO_NET_F_CTRL_VQ, §5.1.5). Pair *i* uses the tap's
+fd *i* (a multi-queue tap).
+
+Frames keep their 12-byte ``virtio_net_hdr`` (§5.1.6) on both sides: the tap is opened with
+``IFF_VNET_HDR`` and the same header size, so checksum and segmentation offloads negotiated
+by the guest pass straight through to the host stack.
+
+- Transmit: each chain's readable part goes to the tap with one ``writev`` from guest RAM.
+- Receive: the tap fd is watched by the engine's I/O loop while the guest has receive
+  buffers. A frame is read once and copied into as many chains as it needs (with
+  VIRTIO_NET_F_MRG_RXBUF, ``num_buffers`` says how many; §5.1.6.4). When the ring runs dry
+  mid-frame the chains taken are given back (``next_avail`` rewound), the frame waits, and
+  the fd is unwatched until the guest kicks the receive queue: no busy loop, and nothing
+  half-delivered is ever visible in a snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+from vmsh.devices.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, Tap
+from vmsh.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, has_feature
+from vmsh.devices.virtio.queue import VirtQueue
+from vmsh.errors import VirtQueueError
+
+LOG = logging.getLogger(__name__)
+
+# Feature bits (§5.1.3)
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_GUEST_UFO = 10
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_HOST_UFO = 14
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_MQ = 22
+
+VIRTIO_NET_S_LINK_UP = 1  # config status (§5.1.4)
+
+# Control queue (§5.1.6.5)
+VIRTIO_NET_CTRL_RX = 0
+VIRTIO_NET_CTRL_MAC = 1
+VIRTIO_NET_CTRL_MQ = 4
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0
+VIRTIO_NET_OK, VIRTIO_NET_ERR = 0, 1
+
+#: struct virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+VNET_HDR_SIZE = 12
+NUM_BUFFERS_OFFSET = 10
+#: the largest frame a tap hands out: header + 64 KiB GSO frame + Ethernet header
+MAX_FRAME = VNET_HDR_SIZE + 65535 + 14
+CTRL_QUEUE_SIZE = 64
+
+
+class FdWatcher(Protocol):
+    """The engine's I/O loop: call ``callback`` whenever ``fd`` is readable."""
+
+    def add(self, fd: int, callback: Callable[[], None]) -> None: ...
+
+    def remove(self, fd: int) -> None: ...
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio-net device on the queues of one tap."""
+
+    device_type = VIRTIO_ID_NET
+
+    def __init__(self, tap: Tap, mac: bytes, watcher: FdWatcher, *, queue_size: int = 256, mtu: int | None = None,
+                 offload_csum: bool = True, offload_tso: bool = True, offload_ufo: bool = True) -> None:
+        self.pairs = len(tap.fds)
+        self.queue_max_sizes = (queue_size,) * (2 * self.pairs) + ((CTRL_QUEUE_SIZE,) if self.pairs > 1 else ())
+        super().__init__()
+        self.tap = tap
+        self.mac = mac
+        self.mtu = mtu
+        self.watcher = watcher
+        features = self.avail_features | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MRG_RXBUF
+        if mtu is not None:
+            features |= 1 << VIRTIO_NET_F_MTU
+        if self.pairs > 1:
+            features |= 1 << VIRTIO_NET_F_CTRL_VQ | 1 << VIRTIO_NET_F_MQ
+        if offload_csum:
+            features |= 1 << VIRTIO_NET_F_CSUM | 1 << VIRTIO_NET_F_GUEST_CSUM
+            if offload_tso:
+                features |= (1 << VIRTIO_NET_F_HOST_TSO4 | 1 << VIRTIO_NET_F_HOST_TSO6 | 1 << VIRTIO_NET_F_HOST_ECN
+                             | 1 << VIRTIO_NET_F_GUEST_TSO4 | 1 << VIRTIO_NET_F_GUEST_TSO6 | 1 << VIRTIO_NET_F_GUEST_ECN)
+            if offload_ufo:
+                features |= 1 << VIRTIO_NET_F_HOST_UFO | 1 << VIRTIO_NET_F_GUEST_UFO
+        self.avail_features = features
+        self._armed = [False] * self.pairs
+        self._pending: list[bytes | None] = [None] * self.pairs
+        self._buffer = bytearray(MAX_FRAME)
+        self.stats = {"rx_bytes": 0, "rx_frames": 0, "tx_bytes": 0, "tx_frames": 0, "rx_dropped": 0, "tx_dropped": 0}
+
+    # -- configuration (§5.1.4) ------------------------------------------------------------------
+
+    def config_bytes(self) -> bytes:
+        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, self.pairs, self.mtu or 0)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def on_activate(self) -> None:
+        acked = self.acked_features
+        offload = 0
+        if has_feature(acked, VIRTIO_NET_F_GUEST_CSUM):
+            offload |= TUN_F_CSUM
+            for bit, flag in ((VIRTIO_NET_F_GUEST_TSO4, TUN_F_TSO4), (VIRTIO_NET_F_GUEST_TSO6, TUN_F_TSO6),
+                              (VIRTIO_NET_F_GUEST_ECN, TUN_F_TSO_ECN), (VIRTIO_NET_F_GUEST_UFO, TUN_F_UFO)):
+                if has_feature(acked, bit):
+                    offload |= flag
+        self.tap.set_offload(offload)
+        for pair in range(self.pairs):
+            self._arm(pair)
+
+    def on_reset(self) -> None:
+        for pair in range(self.pairs):
+            self._disarm(pair)
+        self._pending = [None] * self.pairs
+
+    def close(self) -> None:
+        super().close()
+        self.tap.close()
+
+    def _arm(self, pair: int) -> None:
+        if not self._armed[pair] and pair < len(self.tap.fds):
+            self._armed[pair] = True
+            self.watcher.add(self.tap.fds[pair], lambda p=pair: self._tap_readable(p))
+
+    def _disarm(self, pair: int) -> None:
+        if self._armed[pair]:
+            self._armed[pair] = False
+            self.watcher.remove(self.tap.fds[pair])
+
+    # -- queues ----------------------------------------------------------------------------------
+
+    def process_queue(self, index: int, queue: VirtQueue) -> None:
+        if index == 2 * self.pairs:
+            self._control(queue)
+        elif index % 2:
+            self._transmit(index, queue)
+        else:
+            # New receive buffers: deliver what waits and watch the tap again.
+            self._receive(index // 2)
+
+    def _transmit(self, index: int, queue: VirtQueue) -> None:
+        fd = self.tap.fds[index // 2]
+        used = False
+        while (chain := queue.pop()) is not None:
+            if chain.readable_len > VNET_HDR_SIZE:
+                try:
+                    os.writev(fd, chain.readable_views())
+                    self.stats["tx_frames"] += 1
+                    self.stats["tx_bytes"] += chain.readable_len - VNET_HDR_SIZE
+                except OSError as err:
+                    # A full or downed tap drops the frame, as a real NIC would.
+                    self.stats["tx_dropped"] += 1
+                    LOG.debug("tap %s: frame dropped: %s", self.tap.name, err)
+            queue.add_used(chain.head, 0)
+            used = True
+        if used:
+            self.signal_used(index)
+
+    def _tap_readable(self, pair: int) -> None:
+        """The I/O loop saw the tap readable (runs on the I/O thread)."""
+        index = 2 * pair
+        with self._locks[index]:
+            if not self.activated or self.needs_reset:
+                return
+            try:
+                self._receive(pair)
+            except (VirtQueueError, OSError) as err:
+                self._disarm(pair)
+                self.fail(err)
+
+    def _receive(self, pair: int) -> None:
+        """Move frames from the tap into receive buffers until either runs out."""
+        index = 2 * pair
+        queue = self.queues[index] if index < len(self.queues) else None
+        if queue is None or not queue.ready:
+            return
+        mergeable = has_feature(self.acked_features, VIRTIO_NET_F_MRG_RXBUF)
+        delivered = False
+        while True:
+            frame = self._pending[pair]
+            if frame is None:
+                try:
+                    n = os.readv(self.tap.fds[pair], [self._buffer])
+                except BlockingIOError:
+                    break
+                frame = bytes(self._buffer[:n])
+            if not self._deliver(queue, frame, mergeable):
+                self._pending[pair] = frame
+                self._disarm(pair)  # until the guest adds buffers
+                break
+            self._pending[pair] = None
+            delivered = True
+        if self._pending[pair] is None:
+            self._arm(pair)
+        if delivered:
+            self.signal_used(index)
+
+    def _deliver(self, queue: VirtQueue, frame: bytes, mergeable: bool) -> bool:
+        """Copy ``frame`` into receive chains; False (and nothing taken) if there are too few."""
+        chains = []
+        room = 0
+        while room < len(frame):
+            chain = queue.pop()
+            if chain is None:
+                queue.next_avail = (queue.next_avail - len(chains)) & 0xFFFF
+                return False
+            chains.append(chain)
+            room += chain.writable_len
+            if not mergeable:
+                break
+        if len(chains) == 1 and room < len(frame) and not mergeable:
+            # The guest's buffer cannot hold the frame (it did not ask for big packets).
+            self.stats["rx_dropped"] += 1
+            queue.add_used(chains[0].head, 0)
+            return True
+        header = bytearray(frame[:VNET_HDR_SIZE])
+        struct.pack_into("<H", header, NUM_BUFFERS_OFFSET, len(chains))
+        data = memoryview(bytes(header) + frame[VNET_HDR_SIZE:])
+        pos = 0
+        for chain in chains:
+            written = chain.write(data[pos:])
+            queue.add_used(chain.head, written)
+            pos += written
+        self.stats["rx_frames"] += 1
+        self.stats["rx_bytes"] += len(frame) - VNET_HDR_SIZE
+        return True
+
+    def _control(self, queue: VirtQueue) -> None:
+        """Control commands (§5.1.6.5): queue-pair count and RX filters are acknowledged."""
+        used = False
+        while (chain := queue.pop()) is not None:
+            command = chain.read(0, 2)
+            status = VIRTIO_NET_ERR
+            if len(command) == 2:
+                cls, cmd = command
+                if cls == VIRTIO_NET_CTRL_MQ and cmd == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET:
+                    pairs = int.from_bytes(chain.read(2, 2), "little")
+                    status = VIRTIO_NET_OK if 1 <= pairs <= self.pairs else VIRTIO_NET_ERR
+                elif cls in (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_MAC):
+                    status = VIRTIO_NET_OK  # the tap delivers everything; filtering is the guest's
+            written = chain.write(bytes([status]))
+            queue.add_used(chain.head, written)
+            used = True
+        if used:
+            self.signal_used(2 * self.pairs)
+
+    # -- counters ----------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.stats)
