@@ -31,7 +31,12 @@ from dataclasses import dataclass
 
 from vmsh.config.model import DiskConfig
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
-from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue, advance_views, window_views
+from vmsh.devices.virtio.queue import (
+    DescriptorChain,
+    VirtQueue,
+    advance_views,
+    window_views,
+)
 from vmsh.errors import DeviceError
 
 LOG = logging.getLogger(__name__)

@@ -23,7 +23,6 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Optional
 
 from vmsh.engine.memory import GuestMemory
 from vmsh.errors import GuestMemoryError, VirtQueueError
@@ -204,7 +203,7 @@ class VirtQueueState:
     next_avail: int = 0
     next_used: int = 0
     #: used idx at the last interrupt, or None before the first (EVENT_IDX bookkeeping)
-    signalled_used: Optional[int] = None
+    signalled_used: int | None = None
     event_idx: bool = False
     indirect: bool = False
 

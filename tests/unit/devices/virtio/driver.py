@@ -10,7 +10,11 @@ import struct
 from dataclasses import dataclass, field
 
 from vmsh.devices.pci.config_space import BAR0, CAPABILITIES_POINTER, COMMAND
-from vmsh.devices.pci.msix import MSIX_CONTROL_ENABLE_BIT, MSIX_CONTROL_FUNCTION_MASK_BIT, PCI_CAP_ID_MSIX
+from vmsh.devices.pci.msix import (
+    MSIX_CONTROL_ENABLE_BIT,
+    MSIX_CONTROL_FUNCTION_MASK_BIT,
+    PCI_CAP_ID_MSIX,
+)
 from vmsh.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -175,6 +179,8 @@ class Ring:
             self.in_flight.pop(head, None)
             out.append((head, length))
             self.last_used = (self.last_used + 1) & 0xFFFF
+        # virtqueue_get_buf_ctx_split: with callbacks on, ask for an interrupt at the next buffer
+        self.set_used_event(self.last_used)
         return out
 
     def set_used_event(self, value: int) -> None:

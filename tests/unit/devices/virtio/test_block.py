@@ -1,0 +1,277 @@
+"""virtio-blk: every request type against a backing file, through the PCI transport."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
+from vmsh.config.model import DiskConfig
+from vmsh.devices.virtio.block import (
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+    VirtioBlock,
+)
+from vmsh.devices.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
+from vmsh.devices.virtio.pci import VirtioPciDevice
+from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from vmsh.engine.memory import GuestMemory
+from vmsh.errors import DeviceError
+
+DISK_SIZE = 1 << 20  # 2048 sectors
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(DISK_SIZE))
+    return path
+
+
+class Disk:
+    """A probed disk: the driver, its ring, and a request helper."""
+
+    def __init__(self, blk: VirtioBlock, mem: GuestMemory, alloc: Allocator, router: FakeRouter, **probe: object) -> None:
+        self.blk, self.mem, self.alloc = blk, mem, alloc
+        self.pci = VirtioPciDevice(blk, mem, router)
+        self.driver = PciDriver(self.pci, mem, alloc)
+        self.rings = self.driver.probe(**probe)  # type: ignore[arg-type]
+
+    def request(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *, queue: int = 0,
+                indirect: bool = False, split: int = 0) -> tuple[int, bytes, int]:
+        """Submit one request; returns (status, data read, used length)."""
+        ring: Ring = self.rings[queue]
+        hdr = self.alloc.alloc(16)
+        self.mem.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+        bufs = [(hdr, 16, False)]
+        if out:
+            addr = self.alloc.alloc(len(out), 512)
+            self.mem.write(addr, out)
+            bufs += self._split(addr, len(out), False, split)
+        data = self.alloc.alloc(in_len, 512) if in_len else 0
+        if in_len:
+            bufs += self._split(data, in_len, True, split)
+        status = self.alloc.alloc(1)
+        self.mem.write(status, b"\xee")
+        bufs.append((status, 1, True))
+        head = ring.add(bufs, alloc=self.alloc, indirect=indirect)
+        self.driver.kick(queue)
+        used = ring.take_used()
+        assert [h for h, _ in used] == [head]
+        return self.mem.read(status, 1)[0], self.mem.read(data, in_len) if in_len else b"", used[0][1]
+
+    @staticmethod
+    def _split(addr: int, length: int, write: bool, parts: int) -> list[tuple[int, int, bool]]:
+        if parts <= 1:
+            return [(addr, length, write)]
+        step = length // parts
+        cuts = [i * step for i in range(parts)] + [length]
+        return [(addr + a, b - a, write) for a, b in itertools.pairwise(cuts)]
+
+
+@pytest.fixture
+def disk(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> Iterator[Disk]:
+    d = Disk(VirtioBlock(str(image), serial="vmsh-disk-0"), mem, alloc, router)
+    yield d
+    d.pci.close()
+
+
+def test_block_config_and_features(disk: Disk, image: Path) -> None:
+    assert disk.driver.device_config(0, 8) == DISK_SIZE // 512
+    assert disk.driver.device_config(12, 4) == 126  # seg_max
+    assert disk.driver.device_config(20, 4) == 512  # blk_size
+    assert disk.driver.device_config(34, 2) == 1  # num_queues
+    f = disk.blk.avail_features
+    assert f >> VIRTIO_BLK_F_FLUSH & 1 and f >> VIRTIO_BLK_F_DISCARD & 1 and f >> VIRTIO_BLK_F_WRITE_ZEROES & 1
+    assert not f >> VIRTIO_BLK_F_RO & 1 and not f >> VIRTIO_BLK_F_MQ & 1
+    assert disk.pci.config.read(0x08, 4) == bytes([1, 0x00, 0x80, 0x01])  # mass storage, other
+    assert disk.pci.config.read(0x00, 4) == struct.pack("<HH", 0x1AF4, 0x1042)
+
+
+def test_block_read(disk: Disk, image: Path) -> None:
+    status, data, used = disk.request(VIRTIO_BLK_T_IN, 8, in_len=4096)
+    assert status == VIRTIO_BLK_S_OK and used == 4097
+    assert sha(data) == sha(image.read_bytes()[8 * 512:8 * 512 + 4096])
+    assert disk.blk.counters()["read_bytes"] == 4096 and disk.blk.counters()["read_ops"] == 1
+
+
+@pytest.mark.parametrize("indirect,split", [(False, 3), (True, 1), (True, 8)])
+def test_block_write_scattered(disk: Disk, image: Path, indirect: bool, split: int) -> None:
+    payload = os.urandom(8192)
+    status, _, used = disk.request(VIRTIO_BLK_T_OUT, 100, out=payload, indirect=indirect, split=split)
+    assert status == VIRTIO_BLK_S_OK and used == 1
+    assert sha(image.read_bytes()[100 * 512:100 * 512 + 8192]) == sha(payload)
+    status, data, _ = disk.request(VIRTIO_BLK_T_IN, 100, in_len=8192, indirect=indirect, split=split)
+    assert status == VIRTIO_BLK_S_OK and data == payload
+    assert disk.blk.counters()["write_bytes"] == 8192
+
+
+def test_block_last_sector_and_out_of_range(disk: Disk, image: Path) -> None:
+    last = DISK_SIZE // 512 - 1
+    assert disk.request(VIRTIO_BLK_T_IN, last, in_len=512)[0] == VIRTIO_BLK_S_OK
+    assert disk.request(VIRTIO_BLK_T_IN, last, in_len=1024)[0] == VIRTIO_BLK_S_IOERR
+    assert disk.request(VIRTIO_BLK_T_OUT, last + 1, out=b"x" * 512)[0] == VIRTIO_BLK_S_IOERR
+    assert disk.request(VIRTIO_BLK_T_IN, (1 << 64) - 1, in_len=512)[0] == VIRTIO_BLK_S_IOERR
+    assert disk.request(VIRTIO_BLK_T_IN, 0, in_len=100)[0] == VIRTIO_BLK_S_IOERR  # not whole sectors
+    assert len(image.read_bytes()) == DISK_SIZE
+    assert disk.blk.counters()["errors"] == 4
+
+
+def test_block_flush(disk: Disk) -> None:
+    assert disk.request(VIRTIO_BLK_T_FLUSH)[0] == VIRTIO_BLK_S_OK
+    assert disk.blk.counters()["flush_ops"] == 1
+
+
+def test_block_get_id(disk: Disk) -> None:
+    status, data, used = disk.request(VIRTIO_BLK_T_GET_ID, in_len=20)
+    assert status == VIRTIO_BLK_S_OK and data == b"vmsh-disk-0".ljust(20, b"\0") and used == 21
+
+
+def test_block_get_id_default_serial(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+    d = Disk(VirtioBlock(str(image)), mem, alloc, router)
+    st = image.stat()
+    _, data, _ = d.request(VIRTIO_BLK_T_GET_ID, in_len=20)
+    assert data.rstrip(b"\0") == f"{st.st_dev}{st.st_rdev}{st.st_ino}".encode()[:20]
+    d.pci.close()
+
+
+def test_block_unsupported_type(disk: Disk) -> None:
+    assert disk.request(10, in_len=16)[0] == VIRTIO_BLK_S_UNSUPP  # GET_LIFETIME
+    assert disk.request(0x1234)[0] == VIRTIO_BLK_S_UNSUPP
+
+
+def test_block_write_zeroes(disk: Disk, image: Path) -> None:
+    seg = struct.pack("<QII", 10, 4, 0)
+    assert disk.request(VIRTIO_BLK_T_WRITE_ZEROES, out=seg)[0] == VIRTIO_BLK_S_OK
+    content = image.read_bytes()
+    assert content[10 * 512:14 * 512] == bytes(2048) and content[9 * 512:10 * 512] != bytes(512)
+    seg = struct.pack("<QII", 20, 8, 1)  # unmap allowed
+    assert disk.request(VIRTIO_BLK_T_WRITE_ZEROES, out=seg)[0] == VIRTIO_BLK_S_OK
+    assert image.read_bytes()[20 * 512:28 * 512] == bytes(4096)
+    assert len(image.read_bytes()) == DISK_SIZE
+    assert disk.request(VIRTIO_BLK_T_WRITE_ZEROES, out=struct.pack("<QII", 2047, 2, 0))[0] == VIRTIO_BLK_S_IOERR
+    assert disk.request(VIRTIO_BLK_T_WRITE_ZEROES, out=struct.pack("<QII", 0, 1, 2))[0] == VIRTIO_BLK_S_UNSUPP
+
+
+def test_block_discard(disk: Disk, image: Path) -> None:
+    seg = struct.pack("<QII", 0, 16, 0)
+    assert disk.request(VIRTIO_BLK_T_DISCARD, out=seg)[0] == VIRTIO_BLK_S_OK
+    assert image.read_bytes()[:8192] == bytes(8192)  # ext4 and tmpfs punch holes
+    assert len(image.read_bytes()) == DISK_SIZE
+    assert disk.request(VIRTIO_BLK_T_DISCARD, out=struct.pack("<QII", 0, 1, 1))[0] == VIRTIO_BLK_S_UNSUPP
+    assert disk.request(VIRTIO_BLK_T_DISCARD, out=seg * 2)[0] == VIRTIO_BLK_S_UNSUPP  # max_discard_seg 1
+    assert disk.request(VIRTIO_BLK_T_DISCARD, out=b"short")[0] == VIRTIO_BLK_S_UNSUPP
+    assert disk.blk.counters()["discard_ops"] == 1
+
+
+def test_block_readonly(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+    before = image.read_bytes()
+    d = Disk(VirtioBlock.from_config(DiskConfig(path=str(image), readonly=True)), mem, alloc, router)
+    assert d.blk.avail_features >> VIRTIO_BLK_F_RO & 1
+    assert not d.blk.avail_features >> VIRTIO_BLK_F_DISCARD & 1
+    assert d.request(VIRTIO_BLK_T_OUT, 0, out=b"x" * 512)[0] == VIRTIO_BLK_S_IOERR
+    assert d.request(VIRTIO_BLK_T_WRITE_ZEROES, out=struct.pack("<QII", 0, 1, 0))[0] == VIRTIO_BLK_S_IOERR
+    assert d.request(VIRTIO_BLK_T_DISCARD, out=struct.pack("<QII", 0, 1, 0))[0] == VIRTIO_BLK_S_IOERR
+    assert d.request(VIRTIO_BLK_T_IN, 0, in_len=512)[0] == VIRTIO_BLK_S_OK
+    assert d.request(VIRTIO_BLK_T_FLUSH)[0] == VIRTIO_BLK_S_OK
+    assert image.read_bytes() == before
+    d.pci.close()
+
+
+def test_block_direct(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+    try:
+        blk = VirtioBlock(str(image), direct=True)
+    except DeviceError:
+        pytest.skip("the file system of tmp_path has no O_DIRECT")
+    d = Disk(blk, mem, alloc, router)
+    payload = os.urandom(4096)
+    assert d.request(VIRTIO_BLK_T_OUT, 16, out=payload)[0] == VIRTIO_BLK_S_OK  # aligned: direct
+    assert d.request(VIRTIO_BLK_T_OUT, 24, out=payload, split=7)[0] == VIRTIO_BLK_S_OK  # misaligned: bounce
+    content = image.read_bytes()
+    assert content[16 * 512:16 * 512 + 4096] == payload and content[24 * 512:24 * 512 + 4096] == payload
+    status, data, _ = d.request(VIRTIO_BLK_T_IN, 24, in_len=4096, split=3)
+    assert status == VIRTIO_BLK_S_OK and data == payload
+    d.pci.close()
+
+
+def test_block_multi_queue(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+    d = Disk(VirtioBlock(str(image), num_queues=2, queue_size=64), mem, alloc, router)
+    assert d.blk.avail_features >> VIRTIO_BLK_F_MQ & 1
+    assert d.driver.device_config(34, 2) == 2 and len(d.rings) == 2 and d.rings[1].size == 64
+    payload = os.urandom(1024)
+    assert d.request(VIRTIO_BLK_T_OUT, 4, out=payload, queue=1)[0] == VIRTIO_BLK_S_OK
+    assert d.request(VIRTIO_BLK_T_IN, 4, in_len=1024, queue=0)[1] == payload
+    assert router.fired.count(1) == 1 and router.fired.count(2) == 1  # one vector per queue
+    d.pci.close()
+
+
+def test_block_malformed_requests_complete(disk: Disk) -> None:
+    ring = disk.rings[0]
+    # no status byte at all: returned with length 0
+    hdr = disk.alloc.alloc(16)
+    head = ring.add([(hdr, 16, False)])
+    disk.driver.kick(0)
+    assert ring.take_used() == [(head, 0)]
+    # a header shorter than 16 bytes: IOERR
+    status = disk.alloc.alloc(1)
+    head = ring.add([(hdr, 8, False), (status, 1, True)])
+    disk.driver.kick(0)
+    assert ring.take_used() == [(head, 1)] and disk.mem.read(status, 1)[0] == VIRTIO_BLK_S_IOERR
+    assert not disk.driver.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
+
+
+def test_block_hostile_chain_needs_reset(disk: Disk) -> None:
+    ring = disk.rings[0]
+    hdr = disk.alloc.alloc(16)
+    ring.write_desc(0, hdr, 16, VIRTQ_DESC_F_NEXT, 1)
+    ring.write_desc(1, hdr, 16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 0)
+    ring.publish(0)
+    disk.driver.kick(0)
+    assert disk.driver.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
+
+
+def test_block_bad_image() -> None:
+    with pytest.raises(DeviceError):
+        VirtioBlock("/nonexistent/disk.raw")
+    with pytest.raises(DeviceError):
+        VirtioBlock.from_config(DiskConfig())
+
+
+def test_block_state_round_trip(disk: Disk, image: Path, mem: GuestMemory) -> None:
+    payload = os.urandom(512)
+    disk.request(VIRTIO_BLK_T_OUT, 1, out=payload)
+    state = disk.pci.state()
+    assert state.device.write_ops == 1
+    router2 = FakeRouter()
+    clone = VirtioPciDevice(VirtioBlock(str(image), serial="vmsh-disk-0"), mem, router2)
+    clone.restore(state)
+    assert clone.state() == state
+    disk.pci = disk.driver.dev = clone  # the guest keeps using the same rings
+    assert disk.request(VIRTIO_BLK_T_IN, 1, in_len=512)[1] == payload
+    assert clone.counters()["read_ops"] == 1 and clone.counters()["write_ops"] == 1
+    clone.close()
+    image.write_bytes(b"\0" * 512)  # the image shrank: a snapshot of the old one no longer fits
+    with pytest.raises(ValueError):
+        VirtioPciDevice(VirtioBlock(str(image)), mem, router2).restore(state)
