@@ -13,7 +13,12 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_CONSOLE, VirtioDevice, has_feature
+from vmsh.devices.virtio.device import (
+    COMMON_FEATURES,
+    VIRTIO_ID_CONSOLE,
+    VirtioDevice,
+    has_feature,
+)
 from vmsh.devices.virtio.queue import VirtQueue
 from vmsh.errors import GuestMemoryError, VirtQueueError
 
