@@ -316,3 +316,30 @@ def test_pci_state_restore_rejects_mismatch(rng_dev: VirtioPciDevice, mem: Guest
         with pytest.raises(ValueError):
             blk.restore(state)
         blk.close()
+
+
+def test_pci_kicks_from_a_thread_race_resets(driver: PciDriver, rng_dev: VirtioPciDevice, alloc: Allocator) -> None:
+    import threading
+
+    driver.probe()
+    stop = threading.Event()
+
+    def kicker() -> None:
+        while not stop.is_set():
+            rng_dev.notify(0)
+
+    thread = threading.Thread(target=kicker)
+    thread.start()
+    try:
+        for _ in range(20):
+            (ring,) = driver.probe()
+            ring.add([(alloc.alloc(8), 8, True)])
+            driver.set_common(0x14, 0, 1)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
+    (ring,) = driver.probe()
+    head = ring.add([(alloc.alloc(8), 8, True)])
+    driver.kick(0)
+    assert ring.take_used() == [(head, 8)]
