@@ -34,7 +34,7 @@ from vmsh.devices.legacy.debugcon import DebugConsole
 from vmsh.devices.legacy.i8042 import I8042
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550, SerialState
-from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
+from vmsh.devices.pci.root import PciEcam
 from vmsh.engine import smbios
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
@@ -44,6 +44,8 @@ from vmsh.engine.boot.loader import load_initramfs, load_kernel
 from vmsh.engine.bus import Bus, BusError
 from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.cpuid import CpuTopology
+from vmsh.engine.device_manager import DeviceManager
+from vmsh.engine.virtio_devices import add_config_devices
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
@@ -75,7 +77,6 @@ I8042_PORT = 0x60
 CMOS_PORT = 0x70
 POST_PORT = 0x80
 SHUTDOWN_PORT, PM_TIMER_PORT = 0x600, 0x608
-PCI_CONFIG_PORT = 0xCF8
 #: the GED's event register: one byte in the free space below the IOAPIC
 GED_ADDRESS, GED_IRQ = 0xFEB0_0000, 5
 #: PCI windows (reference §6.1): 640 MiB of 32-bit MMIO from 3 GiB, 64-bit MMIO after RAM
@@ -92,7 +93,9 @@ def _unsupported(cfg: m.VmConfig) -> list[str]:
     """Options that parse and validate but that this VMM cannot provide yet."""
     missing = []
     for name, present in (
-        ("--disk", cfg.disks), ("--net", cfg.net), ("--fs", cfg.fs), ("--pmem", cfg.pmem),
+        ("--disk vhost_user=on (no vhost-user backend)", any(d.vhost_user for d in cfg.disks or [])),
+        ("--net vhost_user=on (no vhost-user backend)", any(n.vhost_user for n in cfg.net or [])),
+        ("--fs", cfg.fs), ("--pmem", cfg.pmem),
         ("--balloon", cfg.balloon), ("--vsock", cfg.vsock), ("--vdpa", cfg.vdpa),
         ("--device (VFIO)", cfg.devices), ("--user-device", cfg.user_devices), ("--tpm", cfg.tpm),
         ("--sgx-epc", cfg.sgx_epc), ("--numa", cfg.numa), ("--memory-zone", cfg.memory.zones),
@@ -190,6 +193,7 @@ class Vm:
         self.mmio = Bus("mmio")
         self.backends: list[ConsoleBackend] = []
         self.ged: Ged | None = None
+        self.devices: DeviceManager | None = None
         self.serial: Serial16550 | None = None
         self.pvm_handler: Any = None
         self.vm_stats: KvmStats | None = None
@@ -381,14 +385,13 @@ class Vm:
             raise VmshError(f"Cannot load the initramfs {payload.initramfs}") from err
 
         supported = self.kvm.supported_cpuid()
-        phys_bits = min(_host_phys_bits(supported), cfg.cpus.max_phys_bits)
-        ram_end = self.memory.last_addr + 1
+        phys_bits = self._phys_bits(supported)
         try:
             acpi = build_acpi(AcpiSpec(
                 boot_vcpus=cfg.cpus.boot_vcpus,
                 max_vcpus=cfg.cpus.max_vcpus,
                 serial=cfg.serial.mode is not ConsoleOutputMode.OFF,
-                pci_segments=pci_segments(cfg, ram_end, phys_bits),
+                pci_segments=self._pci_segments(),
                 ged=GedSpec(address=GED_ADDRESS, irq=GED_IRQ),
                 shutdown_port=SHUTDOWN_PORT,
                 pm_timer_port=PM_TIMER_PORT,
@@ -413,6 +416,15 @@ class Vm:
             configure_vcpu(fd, self.memory, kernel, supported, topology, pvm=is_pvm_host(), phys_bits=phys_bits)
             self.vcpus.append(Vcpu(fd, self.pio, self.mmio))
         self._finish()
+
+    def _phys_bits(self, supported: list[Any] | None = None) -> int:
+        assert self.kvm is not None
+        return min(_host_phys_bits(supported or self.kvm.supported_cpuid()), self.config.cpus.max_phys_bits)
+
+    def _pci_segments(self) -> tuple[PciSegment, ...]:
+        """The segments' ECAM and MMIO windows: the same for a boot and for its restores."""
+        assert self.memory is not None
+        return pci_segments(self.config, self.memory.last_addr + 1, self._phys_bits())
 
     def _irq(self, gsi: int) -> IrqFdTrigger:
         trigger = IrqFdTrigger(self.vm_fd, gsi)
@@ -483,12 +495,8 @@ class Vm:
         self.pio.insert(AcpiPmTimer(), PM_TIMER_PORT, 4, name="acpi-pm-timer")
         self.ged = Ged(self._irq(GED_IRQ))
         self.mmio.insert(self.ged, GED_ADDRESS, 1, name="ged")
-        for segment in range(cfg.num_pci_segments()):
-            bus = PciBus(segment)
-            if segment == 0:
-                self.pio.insert(PciConfigIo(bus), PCI_CONFIG_PORT, 8, name="pci-config-io")
-            self.mmio.insert(PciEcam(bus), layout.PCI_MMCONFIG_START + segment * PciEcam.SIZE, PciEcam.SIZE,
-                             name=f"pci-ecam{segment}")
+        self.devices = DeviceManager(self.vm_fd, self.memory, self.pio, self.mmio, self._pci_segments())
+        add_config_devices(self.devices, cfg, saved)
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -521,6 +529,8 @@ class Vm:
 
     def boot(self) -> None:
         check_transition(self.state, VmState.RUNNING)
+        assert self.devices is not None
+        self.devices.start()
         self._start_vcpus()
         self.state = VmState.RUNNING
         if self.profile is not None:
@@ -564,6 +574,8 @@ class Vm:
     def pause(self) -> None:
         check_transition(self.state, VmState.PAUSED)
         self._stop_vcpus()
+        assert self.devices is not None
+        self.devices.pause()
         # The guest must not see the paused time: kvmclock is put back on resume.
         self._paused_clock = self.vm_fd.get_clock()[0]
         self.state = VmState.PAUSED
@@ -573,6 +585,8 @@ class Vm:
         if self._paused_clock is not None:
             self.vm_fd.set_clock(self._paused_clock)
             self._paused_clock = None
+        assert self.devices is not None
+        self.devices.resume()
         self._start_vcpus()
         self.state = VmState.RUNNING
 
@@ -589,6 +603,8 @@ class Vm:
         self._stop_vcpus()
         if LOG.isEnabledFor(logging.INFO) and self.vm_stats is not None:
             self._log_counters()
+        if self.devices is not None:
+            self.devices.close()
         for backend in self.backends:
             backend.close()
         for stats in [self.vm_stats, *self.vcpu_stats]:

@@ -1,0 +1,253 @@
+"""The VM's PCI devices: segments and slots, BAR windows, MSI-X routing and virtqueue kicks.
+
+The device models (``vmsh.devices``) know nothing of KVM; this is where they are plugged in:
+
+- each PCI segment gets its bus, its ECAM window on the MMIO bus (and segment 0 the 0xcf8
+  configuration ports);
+- each virtio device gets a ``VirtioPciDevice`` transport in the slot it asks for (or the next
+  free one), its BAR 0 allocated from the segment's 32-bit or 64-bit window and mapped on the
+  MMIO bus, one ``KvmMsiRouter`` for its MSI-X vectors, and one ioeventfd per queue on its
+  notify address, served by the ``IoLoop`` thread; when the guest moves the BAR, the window
+  and the ioeventfds move with it;
+- on pause the I/O thread is quiesced, so a snapshot sees no request half done.
+
+Slot order follows cloud-hypervisor's device manager: console, disks, nets, rng, pmem,
+vsock, balloon (reference §8.2; ids §1.6).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
+from vmsh.devices.virtio.device import VirtioDevice
+from vmsh.devices.virtio.pci import VirtioPciDevice
+from vmsh.engine.acpi.spec import PciSegment
+from vmsh.engine.bus import Bus, BusError, BusRange
+from vmsh.engine.io_loop import IoLoop
+from vmsh.engine.memory import GuestMemory
+from vmsh.engine.msi import GsiRoutes, KvmMsiRouter
+from vmsh.errors import DeviceError, KvmError
+
+LOG = logging.getLogger(__name__)
+
+PCI_CONFIG_PORT = 0xCF8
+#: the guest writes a queue's 16-bit index to its notify address (virtio 1.2 §4.1.5.2)
+NOTIFY_WIDTH = 2
+
+
+class BarWindow:
+    """A transport's BAR 0 as a bus device, with the one lock that serializes the transport.
+
+    vCPU accesses to the BAR and the I/O thread's queue kicks both take ``lock``; it stays
+    the same when the guest moves the BAR, so the bus is told not to add its own.
+    """
+
+    thread_safe = True
+
+    def __init__(self, transport: VirtioPciDevice) -> None:
+        self.transport = transport
+        self.lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self.lock:
+            return self.transport.bar_read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self.lock:
+            self.transport.bar_write(offset, data)
+
+    def kick(self, fd: int, queue: int) -> None:
+        """The I/O-thread callback of one queue's ioeventfd."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        with self.lock:
+            self.transport.notify(queue)
+
+
+@dataclass(eq=False)
+class PciDevice:
+    """One virtio device as plugged into the VM."""
+
+    id: str
+    segment: int
+    slot: int
+    transport: VirtioPciDevice
+    router: KvmMsiRouter
+    window: BarWindow
+    mapped: BusRange | None = None
+    notify_fds: list[tuple[int, int]] = field(default_factory=list)  # (fd, guest address)
+
+
+class BarAllocator:
+    """Bump allocation of naturally aligned BARs inside one window."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.cursor, self.end = base, base + size
+
+    def allocate(self, size: int) -> int:
+        addr = (self.cursor + size - 1) & ~(size - 1)
+        if addr + size > self.end:
+            raise DeviceError(f"No room for a {size:#x}-byte BAR in the PCI window ending at {self.end:#x}")
+        self.cursor = addr + size
+        return addr
+
+
+class DeviceManager:
+    """PCI segments and the virtio devices on them."""
+
+    def __init__(self, vm_fd: Any, memory: GuestMemory, pio: Bus, mmio: Bus,
+                 segments: tuple[PciSegment, ...]) -> None:
+        self.vm_fd = vm_fd
+        self.memory = memory
+        self.pio = pio
+        self.mmio = mmio
+        self.segments = segments
+        self.buses = [PciBus(seg.id) for seg in segments]
+        self.routes = GsiRoutes(vm_fd)
+        self.loop = IoLoop()
+        self.devices: dict[str, PciDevice] = {}
+        self._alloc32 = {seg.id: BarAllocator(*seg.mmio32) for seg in segments}
+        self._alloc64 = {seg.id: BarAllocator(*seg.mmio64) for seg in segments}
+        for seg, bus in zip(segments, self.buses):
+            if seg.id == 0:
+                self.pio.insert(PciConfigIo(bus), PCI_CONFIG_PORT, 8, name="pci-config-io")
+            self.mmio.insert(PciEcam(bus), seg.ecam_base, PciEcam.SIZE, name=f"pci-ecam{seg.id}")
+
+    # --- plugging -------------------------------------------------------------------------------
+
+    def add_virtio(self, dev_id: str, device: VirtioDevice, *, segment: int = 0, slot: int | None = None,
+                   bar64: bool = True) -> PciDevice:
+        """Plug ``device`` in; its BAR gets an address now, the guest may move it later.
+
+        :raises DeviceError: when the segment, the slot or the BAR space is not available.
+        """
+        if not 0 <= segment < len(self.buses):
+            raise DeviceError(f"{dev_id}: PCI segment {segment} does not exist")
+        vectors = len(device.queue_max_sizes) + 1
+        router = KvmMsiRouter(self.vm_fd, self.routes, vectors)
+        try:
+            transport = VirtioPciDevice(device, self.memory, router, bar64=bar64)
+            try:
+                slot = self.buses[segment].add(transport, slot)
+            except ValueError as err:
+                raise DeviceError(f"{dev_id}: {err}") from None
+            entry = PciDevice(dev_id, segment, slot, transport, router, BarWindow(transport))
+            try:
+                allocator = self._alloc64[segment] if bar64 else self._alloc32[segment]
+                address = allocator.allocate(VirtioPciDevice.BAR_SIZE)
+                transport.set_bar_address(address)
+                self._map(entry, address)
+            except BaseException:
+                self.buses[segment].slots[slot] = None
+                raise
+        except BaseException:
+            router.close()
+            raise
+        transport.on_bar_change = lambda old, new, e=entry: self._moved(e, new)
+        self.devices[dev_id] = entry
+        LOG.debug("%s: %04x:00:%02x.0 BAR0 %#x", dev_id, segment, slot, transport.bar_address())
+        return entry
+
+    def _in_window(self, segment: int, address: int) -> bool:
+        seg = self.segments[segment]
+        size = VirtioPciDevice.BAR_SIZE
+        return any(base <= address and address + size <= base + length
+                   for base, length in (seg.mmio32, seg.mmio64))
+
+    def _map(self, entry: PciDevice, address: int) -> None:
+        """Map the BAR window at ``address`` and put ioeventfds on its notify addresses."""
+        try:
+            entry.mapped = self.mmio.insert(entry.window, address, VirtioPciDevice.BAR_SIZE,
+                                            name=f"_virtio-pci-{entry.id}")
+        except BusError as err:
+            raise DeviceError(f"{entry.id}: BAR at {address:#x} overlaps another device") from err
+        transport = entry.transport
+        for queue in range(len(transport.device.queue_max_sizes)):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            guest = address + transport.notify_offset(queue)
+            try:
+                self.vm_fd.ioeventfd(fd, guest, NOTIFY_WIDTH)
+            except KvmError as err:
+                os.close(fd)
+                self._unmap(entry)
+                raise DeviceError(f"{entry.id}: cannot register the queue notifications") from err
+            entry.notify_fds.append((fd, guest))
+            self.loop.add(fd, functools.partial(entry.window.kick, fd, queue))
+
+    def _unmap(self, entry: PciDevice) -> None:
+        for fd, guest in entry.notify_fds:
+            self.loop.remove(fd)
+            try:
+                self.vm_fd.ioeventfd(fd, guest, NOTIFY_WIDTH, deassign=True)
+            except KvmError:
+                pass
+            os.close(fd)
+        entry.notify_fds = []
+        if entry.mapped is not None:
+            self.mmio.remove(entry.mapped.base)
+            entry.mapped = None
+
+    def _moved(self, entry: PciDevice, address: int) -> None:
+        """The guest wrote BAR 0 (on a vCPU thread): follow it if the new place is usable.
+
+        While the guest sizes the BAR (all ones written, then the address back) the value
+        points outside every window; the BAR is simply unmapped until it is back in one.
+        """
+        if entry.mapped is not None and entry.mapped.base == address:
+            return
+        self._unmap(entry)
+        if address and self._in_window(entry.segment, address):
+            try:
+                self._map(entry, address)
+            except DeviceError as err:
+                LOG.warning("%s", err)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start serving notifications."""
+        self.loop.start()
+
+    def pause(self) -> None:
+        """Quiesce: no device work runs until :meth:`resume`."""
+        self.loop.pause()
+
+    def resume(self) -> None:
+        self.loop.resume()
+
+    def close(self) -> None:
+        """Stop the I/O thread, unplug everything and close the devices' host resources."""
+        self.loop.stop()
+        for entry in self.devices.values():
+            for fd, _ in entry.notify_fds:
+                os.close(fd)
+            entry.notify_fds = []
+            entry.router.close()
+            try:
+                entry.transport.device.close()
+            except Exception:  # closing must go on for the other devices
+                LOG.exception("%s: close failed", entry.id)
+        self.devices = {}
+
+    # --- inspection -------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {dev_id: dict(entry.transport.device.counters()) for dev_id, entry in self.devices.items()}
+
+    def device_tree(self) -> dict[str, dict[str, Any]]:
+        """Each device's id, its ``_virtio-pci-<id>`` transport and its PCI address."""
+        tree: dict[str, dict[str, Any]] = {}
+        for dev_id, entry in self.devices.items():
+            bdf = f"{entry.segment:04x}:00:{entry.slot:02x}.0"
+            tree[dev_id] = {"id": dev_id, "parent": f"_virtio-pci-{dev_id}", "pci_bdf": bdf}
+            tree[f"_virtio-pci-{dev_id}"] = {"id": f"_virtio-pci-{dev_id}", "children": [dev_id], "pci_bdf": bdf}
+        return tree
+
