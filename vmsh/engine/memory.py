@@ -15,6 +15,7 @@ out as in cloud-hypervisor's x86_64 layout (reference/cloud-hypervisor.md §6.1)
 from __future__ import annotations
 
 import bisect
+import ctypes
 import logging
 import mmap
 import os
@@ -39,6 +40,12 @@ _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 _MAP_HUGETLB = 0x40000
 _MAP_HUGE_SHIFT = 26
+
+#: the unit of ``GuestMemory.discard`` (the host's base page)
+PAGE_SIZE = mmap.PAGESIZE
+# fallocate(2) modes (include/uapi/linux/falloc.h)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -82,13 +89,15 @@ class MemoryOptions:
 class GuestRegion:
     """One contiguous mapping of guest RAM at ``start``."""
 
-    def __init__(self, start: int, mm: mmap.mmap, fd: int | None = None) -> None:
+    def __init__(self, start: int, mm: mmap.mmap, fd: int | None = None, *, shared: bool = False) -> None:
         self.start = start
         self.size = len(mm)
         self.end = start + self.size
         self.mmap = mm
         #: the memfd backing a shared region (None for anonymous memory)
         self.fd = fd
+        #: ``fd`` is mapped MAP_SHARED (its pages are the file's, not private copies)
+        self.shared = shared
         #: writable zero-copy view of the whole region
         self.view = memoryview(mm)
         self._host_addr: int | None = None
@@ -128,7 +137,7 @@ class GuestRegion:
             _madvise(mm, mmap.MADV_HUGEPAGE)
         if options.mergeable and hasattr(mmap, "MADV_MERGEABLE"):
             _madvise(mm, mmap.MADV_MERGEABLE)
-        return cls(start, mm, fd)
+        return cls(start, mm, fd, shared=options.shared)
 
     @property
     def host_addr(self) -> int:
@@ -142,6 +151,23 @@ class GuestRegion:
             self._host_addr = int(ffi.cast("uintptr_t", self._pin))
         return self._host_addr
 
+    def discard(self, offset: int, length: int) -> None:
+        """Give ``[offset, offset+length)`` of the mapping back to the host (page-aligned).
+
+        Private memory (anonymous, or a private file mapping) is dropped with
+        madvise(MADV_DONTNEED): the next touch faults in a zero page (or the file's page). A
+        shared memfd has the range punched out of the file, which also unmaps it.
+
+        :raises GuestMemoryError: if the host refuses.
+        """
+        try:
+            if self.fd is not None and self.shared:
+                _punch_hole(self.fd, offset, length)
+            else:
+                self.mmap.madvise(mmap.MADV_DONTNEED, offset, length)
+        except (OSError, ValueError) as err:
+            raise GuestMemoryError(f"cannot discard guest RAM at {self.start + offset:#x}+{length:#x}") from err
+
     def close(self) -> None:
         """Unmap (the region must no longer be a memslot)."""
         self.view.release()
@@ -154,6 +180,23 @@ class GuestRegion:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE), which the os module lacks.
+
+    :raises OSError: with the call's errno.
+    """
+    # INVARIANTS: plain integer arguments; off_t is 64-bit on the Linux targets vmsh supports.
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _madvise(mm: mmap.mmap, advice: int) -> None:
@@ -297,6 +340,20 @@ class GuestMemory:
         for r, off, n in chunks:
             r.view[off:off + n] = src[pos:pos + n]
             pos += n
+
+    def discard(self, addr: int, length: int) -> None:
+        """Return the RAM at ``[addr, addr+length)`` to the host; the guest reads zeros there next.
+
+        This is how balloon pages and reported free pages are given back. ``addr`` and
+        ``length`` must be multiples of ``PAGE_SIZE``; the range may cross regions.
+
+        :raises GuestMemoryError: if the range is not page-aligned or not entirely RAM (nothing
+            is discarded then), or if the host refuses.
+        """
+        if addr % PAGE_SIZE or length % PAGE_SIZE:
+            raise GuestMemoryError(f"discard of {addr:#x}+{length:#x} is not page-aligned")
+        for r, off, n in list(self._chunks(addr, length)):
+            r.discard(off, n)
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
         """Set ``length`` bytes at ``addr`` to ``value``."""
