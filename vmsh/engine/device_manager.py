@@ -17,6 +17,7 @@ vsock, balloon (reference §8.2; ids §1.6).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -26,12 +27,13 @@ from typing import Any
 
 from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
 from vmsh.devices.virtio.device import VirtioDevice
-from vmsh.devices.virtio.pci import VirtioPciDevice
+from vmsh.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 from vmsh.engine.acpi.spec import PciSegment
 from vmsh.engine.bus import Bus, BusError, BusRange
 from vmsh.engine.io_loop import IoLoop
 from vmsh.engine.memory import GuestMemory
 from vmsh.engine.msi import GsiRoutes, KvmMsiRouter
+from vmsh.engine.persist import SnapshotError, from_plain, to_plain
 from vmsh.errors import DeviceError, KvmError
 
 LOG = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class DeviceManager:
         self.routes = GsiRoutes(vm_fd)
         self.loop = IoLoop()
         self.devices: dict[str, PciDevice] = {}
+        self._kick_after_restore = False
         self._alloc32 = {seg.id: BarAllocator(*seg.mmio32) for seg in segments}
         self._alloc64 = {seg.id: BarAllocator(*seg.mmio64) for seg in segments}
         for seg, bus in zip(segments, self.buses):
@@ -210,18 +213,64 @@ class DeviceManager:
             except DeviceError as err:
                 LOG.warning("%s", err)
 
+    # --- snapshot -------------------------------------------------------------------------------
+
+    def states(self) -> dict[str, Any]:
+        """Each device's transport state (with its device state inside), as plain data."""
+        return {dev_id: to_plain(entry.transport.state()) for dev_id, entry in self.devices.items()}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Load the transports' states from a snapshot (untrusted) and re-plug their BARs.
+
+        ``saved`` maps device ids to states (the legacy devices' states taken out). Every
+        device of the config must have a state and no state may be left over: a
+        snapshot of another machine is refused rather than half applied.
+        """
+        ids = set(self.devices)
+        extra = sorted(set(saved) - ids)
+        missing = sorted(ids - set(saved))
+        if missing or extra:
+            raise SnapshotError(f"The snapshot's PCI devices do not match its config "
+                                f"(missing {missing or 'none'}, unknown {extra or 'none'})")
+        for dev_id, entry in self.devices.items():
+            raw = saved[dev_id]
+            if not isinstance(raw, dict):
+                raise SnapshotError(f"{dev_id}: expected an object")
+            state = from_plain(VirtioPciState, {**raw, "device": None}, dev_id)
+            device = entry.transport.device
+            template = device.state()
+            device_state = None
+            if template is not None:
+                device_state = from_plain(type(template), raw.get("device"), f"{dev_id}.device")
+            try:
+                entry.transport.restore(dataclasses.replace(state, device=device_state))
+            except (ValueError, DeviceError) as err:
+                raise SnapshotError(f"{dev_id}: the saved state does not fit the device") from err
+            self._moved(entry, entry.transport.bar_address())
+        self._kick_after_restore = True
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start serving notifications."""
-        self.loop.start()
+        """Start (or, after :meth:`pause`, resume) serving notifications.
+
+        After a restore every queue is looked at once: requests the guest queued before the
+        snapshot have no kick pending any more.
+        """
+        if self.loop.started:
+            self.loop.resume()
+        else:
+            self.loop.start()
+        if self._kick_after_restore:
+            self._kick_after_restore = False
+            for entry in self.devices.values():
+                for queue in range(len(entry.transport.device.queue_max_sizes)):
+                    with entry.window.lock:
+                        entry.transport.notify(queue)
 
     def pause(self) -> None:
         """Quiesce: no device work runs until :meth:`resume`."""
         self.loop.pause()
-
-    def resume(self) -> None:
-        self.loop.resume()
 
     def close(self) -> None:
         """Stop the I/O thread, unplug everything and close the devices' host resources."""

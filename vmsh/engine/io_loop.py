@@ -60,6 +60,11 @@ class IoLoop:
             except (OSError, ValueError):
                 pass
 
+    @property
+    def started(self) -> bool:
+        """True once :meth:`start` ran."""
+        return self._thread is not None
+
     def start(self) -> None:
         """Start the thread (once)."""
         if self._thread is None:

@@ -63,6 +63,10 @@ def from_plain(cls: type[T], value: Any, path: str = "") -> T:
 
 
 def _decode(tp: Any, value: Any, path: str) -> Any:
+    if tp is Any:
+        # A field whose type depends on something else (a device's own state): the owner
+        # decodes it once it knows the type.
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

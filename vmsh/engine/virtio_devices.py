@@ -31,12 +31,8 @@ def random_mac() -> bytes:
     return bytes(raw)
 
 
-def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, saved: dict[str, Any]) -> None:
-    """Create and plug every virtio device of ``cfg``.
-
-    ``saved`` holds the device states of a snapshot being restored (applied by the caller
-    once every device is plugged).
-    """
+def add_config_devices(manager: DeviceManager, cfg: m.VmConfig) -> None:
+    """Create and plug every virtio device of ``cfg``."""
     for disk in cfg.disks or []:
         _add(manager, disk.id, "--disk", lambda d=disk: _block(d), segment=disk.pci_segment,
              bar64=disk.pci_segment != 0)

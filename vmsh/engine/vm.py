@@ -87,6 +87,8 @@ PLATFORM_AREA = (64 << 10) + (1 << 20)
 VCPU_JOIN_TIMEOUT = 5.0
 
 GuestEventSink = Callable[[str, str], None]
+#: the device-manager snapshot nodes that are not PCI devices
+LEGACY_DEVICE_IDS = frozenset({"__serial", "__cmos", "__ged"})
 
 
 def _unsupported(cfg: m.VmConfig) -> list[str]:
@@ -310,6 +312,8 @@ class Vm:
         devices["__cmos"] = node(to_plain(self.cmos.state()))
         if self.ged is not None:
             devices["__ged"] = node({"pending": self.ged.pending})
+        assert self.devices is not None
+        devices.update((dev_id, node(state)) for dev_id, state in self.devices.states().items())
         tree = node(
             {"version": FORMAT_VERSION, "kvm": to_plain(kvm_state)},
             {
@@ -496,7 +500,9 @@ class Vm:
         self.ged = Ged(self._irq(GED_IRQ))
         self.mmio.insert(self.ged, GED_ADDRESS, 1, name="ged")
         self.devices = DeviceManager(self.vm_fd, self.memory, self.pio, self.mmio, self._pci_segments())
-        add_config_devices(self.devices, cfg, saved)
+        add_config_devices(self.devices, cfg)
+        if saved:
+            self.devices.restore({k: v for k, v in saved.items() if k not in LEGACY_DEVICE_IDS})
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -586,7 +592,7 @@ class Vm:
             self.vm_fd.set_clock(self._paused_clock)
             self._paused_clock = None
         assert self.devices is not None
-        self.devices.resume()
+        self.devices.start()
         self._start_vcpus()
         self.state = VmState.RUNNING
 
