@@ -103,8 +103,11 @@ def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
     install_kick_handler()  # VMs may be built on the API thread, where signals cannot be set up
     events = _open_events(opts)
     events.emit("vmm", "starting")
-    build = functools.partial(Vm.build, profile=opts.profile) if opts.profile else Vm.build
-    vmm = Vmm(events, vm_factory=build, restore_factory=Vm.restore)
+    build, restore = Vm.build, Vm.restore
+    if opts.profile:
+        build = functools.partial(Vm.build, profile=opts.profile)
+        restore = functools.partial(Vm.restore, profile=opts.profile)
+    vmm = Vmm(events, vm_factory=build, restore_factory=restore)
     server = None
     stop_signals = []
 

@@ -595,6 +595,8 @@ class Vm:
         self.devices.start()
         self._start_vcpus()
         self.state = VmState.RUNNING
+        if self.profile is not None and self.sampler is None:
+            self.start_profiler(self.profile.hz)  # a restored VM is profiled from its first resume
 
     def shutdown(self) -> None:
         """Stop the vCPUs and release everything (safe to call twice, or on a half-built VM)."""
@@ -646,7 +648,7 @@ class Vm:
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Device counters plus KVM's own statistics (``__vm``, ``__vcpuN``) and PVM handler counts."""
-        result: dict[str, dict[str, int]] = {}
+        result: dict[str, dict[str, int]] = dict(self.devices.counters()) if self.devices is not None else {}
         if self.vm_stats is not None:
             result["__vm"] = self.vm_stats.read_counters()
         for vcpu, stats in zip(self.vcpus, self.vcpu_stats):

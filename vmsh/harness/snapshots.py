@@ -7,6 +7,11 @@ the guest shell up for :meth:`Guest.run`, pauses and snapshots it; :func:`restor
 then starts ``vmsh launch --restore ...,resume=on`` in a fresh process whose serial console
 is already at that prompt. Restoring maps the snapshot's RAM copy-on-write, so clones are
 cheap and share memory.
+
+Writable disks are the one thing clones must not share: a cached snapshot keeps its own
+copy of each (taken while the guest is paused, so it matches the guest's page cache), and
+each clone runs on a private copy of that (like QEMU's ``snapshot=on``), so tests that
+write to disks can run side by side.
 """
 
 from __future__ import annotations
@@ -26,6 +31,25 @@ from vmsh.api.client import ApiClient
 from vmsh.harness.guest import Guest, GuestError
 
 LOG = logging.getLogger(__name__)
+
+
+def private_disks(snapshot: Path, dest: Path) -> Path:
+    """A snapshot directory ``dest`` that shares ``snapshot``'s RAM and state files but has
+    its own copy of every writable disk; returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("state.json", "memory-ranges"):
+        target = dest / name
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        os.symlink((snapshot / name).resolve(), target)
+    config = json.loads((snapshot / "config.json").read_text())
+    for disk in config.get("disks") or []:
+        if disk.get("path") and not disk.get("readonly"):
+            copy = dest / f"disk-{disk.get('id') or len(os.listdir(dest))}.img"
+            shutil.copyfile(disk["path"], copy)
+            disk["path"] = str(copy.resolve())
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dest
 
 
 @contextlib.contextmanager
@@ -82,15 +106,24 @@ class SnapshotCache:
                         client.put("vm.snapshot", {"destination_url": f"file://{staging}"})
                 except Exception as err:
                     raise GuestError(f"snapshot of the booted guest failed: {err}") from err
-            os.rename(staging, snap)
+                # Copy the disks now, while the guest is paused: they match its page cache.
+                # (config.json is written last; readers hold the lock anyway.)
+                shutil.rmtree(snap, ignore_errors=True)
+                private_disks(staging, snap)
+            for name in ("state.json", "memory-ranges"):
+                os.replace(staging / name, snap / name)
             LOG.info("snapshot %s for %s", snap, " ".join(flags))
             return snap
 
 
 def restore_guest(snapshot: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
                   extra_flags: list[str] | None = None, timeout: float = 60.0) -> Guest:
-    """A fresh VMM process running a clone of ``snapshot``, its shell ready for :meth:`Guest.run`."""
-    flags = ["--restore", f"source_url=file://{Path(snapshot).resolve()},resume=on", *(extra_flags or [])]
+    """A fresh VMM process running a clone of ``snapshot``, its shell ready for :meth:`Guest.run`.
+
+    The clone runs on private copies of the snapshot's writable disks (in ``workdir``).
+    """
+    own = private_disks(Path(snapshot), Path(workdir) / "snapshot")
+    flags = ["--restore", f"source_url=file://{own.resolve()},resume=on", *(extra_flags or [])]
     guest = Guest(launch_argv(flags), workdir=workdir, boot_timeout=timeout)
     guest.start()
     guest.mark_shell_ready()
