@@ -20,11 +20,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import mmap
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from vmsh._native import ffi
 from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
 from vmsh.devices.virtio.device import VirtioDevice
 from vmsh.devices.virtio.pci import VirtioPciDevice, VirtioPciState
@@ -39,12 +42,40 @@ from vmsh.errors import DeviceError, KvmError
 LOG = logging.getLogger(__name__)
 
 PCI_CONFIG_PORT = 0xCF8
+#: memory slots of device regions (pmem) start here, well above the RAM regions' slots
+_FIRST_REGION_SLOT = 32
+_REGION_ALIGN = 2 << 20
 #: the guest writes a queue's 16-bit index to its notify address (virtio 1.2 §4.1.5.2)
 NOTIFY_WIDTH = 2
 
 
+class PciFunctionModel(Protocol):
+    """What the manager needs of a PCI device model with one memory BAR (a virtio-pci
+    transport, pvpanic): configuration space, BAR 0 accesses and placement, state."""
+
+    config: Any
+    BAR_SIZE: int
+    on_bar_change: Callable[[int, int], None] | None
+
+    def bar_read(self, offset: int, size: int) -> bytes: ...
+
+    def bar_write(self, offset: int, data: bytes) -> None: ...
+
+    def bar_address(self) -> int: ...
+
+    def set_bar_address(self, addr: int) -> None: ...
+
+    def state(self) -> Any: ...
+
+    def restore(self, state: Any) -> None: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
 class BarWindow:
-    """A transport's BAR 0 as a bus device, with the one lock that serializes the transport.
+    """A device's BAR 0 as a bus device, with the one lock that serializes the device.
 
     vCPU accesses to the BAR and the I/O thread's queue kicks both take ``lock``; it stays
     the same when the guest moves the BAR, so the bus is told not to add its own.
@@ -52,7 +83,7 @@ class BarWindow:
 
     thread_safe = True
 
-    def __init__(self, transport: VirtioPciDevice) -> None:
+    def __init__(self, transport: PciFunctionModel) -> None:
         self.transport = transport
         self.lock = threading.Lock()
 
@@ -71,19 +102,21 @@ class BarWindow:
         except BlockingIOError:
             return
         with self.lock:
-            self.transport.notify(queue)
+            self.transport.notify(queue)  # type: ignore[attr-defined]
 
 
 @dataclass(eq=False)
 class PciDevice:
-    """One virtio device as plugged into the VM."""
+    """One device as plugged into the VM."""
 
     id: str
     segment: int
     slot: int
-    transport: VirtioPciDevice
-    router: KvmMsiRouter
+    transport: PciFunctionModel
+    router: KvmMsiRouter | None
     window: BarWindow
+    #: virtqueues served through ioeventfds (0 for a device without queues)
+    queues: int = 0
     mapped: BusRange | None = None
     notify_fds: list[tuple[int, int]] = field(default_factory=list)  # (fd, guest address)
 
@@ -117,6 +150,8 @@ class DeviceManager:
         self.loop = IoLoop()
         self.devices: dict[str, PciDevice] = {}
         self._kick_after_restore = False
+        #: host mappings in guest physical memory: (KVM slot, guest address, mapping)
+        self._regions: list[tuple[int, int, mmap.mmap]] = []
         self._alloc32 = {seg.id: BarAllocator(*seg.mmio32) for seg in segments}
         self._alloc64 = {seg.id: BarAllocator(*seg.mmio64) for seg in segments}
         for seg, bus in zip(segments, self.buses):
@@ -128,54 +163,78 @@ class DeviceManager:
 
     def add_virtio(self, dev_id: str, device: VirtioDevice, *, segment: int = 0, slot: int | None = None,
                    bar64: bool = True) -> PciDevice:
-        """Plug ``device`` in; its BAR gets an address now, the guest may move it later.
+        """Plug ``device`` in behind a virtio-pci transport with its MSI-X vectors.
 
         :raises DeviceError: when the segment, the slot or the BAR space is not available.
         """
-        if not 0 <= segment < len(self.buses):
-            raise DeviceError(f"{dev_id}: PCI segment {segment} does not exist")
-        vectors = len(device.queue_max_sizes) + 1
-        router = KvmMsiRouter(self.vm_fd, self.routes, vectors)
+        self._check_segment(dev_id, segment)
+        router = KvmMsiRouter(self.vm_fd, self.routes, len(device.queue_max_sizes) + 1)
         try:
             transport = VirtioPciDevice(device, self.memory, router, bar64=bar64)
-            try:
-                slot = self.buses[segment].add(transport, slot)
-            except ValueError as err:
-                raise DeviceError(f"{dev_id}: {err}") from None
-            entry = PciDevice(dev_id, segment, slot, transport, router, BarWindow(transport))
-            try:
-                allocator = self._alloc64[segment] if bar64 else self._alloc32[segment]
-                address = allocator.allocate(VirtioPciDevice.BAR_SIZE)
-                transport.set_bar_address(address)
-                self._map(entry, address)
-            except BaseException:
-                self.buses[segment].slots[slot] = None
-                raise
+            return self._plug(dev_id, transport, segment, slot, bar64, router, len(device.queue_max_sizes))
         except BaseException:
             router.close()
             raise
-        transport.on_bar_change = lambda old, new, e=entry: self._moved(e, new)
+
+    def add_pci(self, dev_id: str, function: PciFunctionModel, *, segment: int = 0, slot: int | None = None,
+                bar64: bool = False) -> PciDevice:
+        """Plug a PCI device model that has one memory BAR and no queues (pvpanic)."""
+        self._check_segment(dev_id, segment)
+        return self._plug(dev_id, function, segment, slot, bar64, None, 0)
+
+    def _check_segment(self, dev_id: str, segment: int) -> None:
+        if not 0 <= segment < len(self.buses):
+            raise DeviceError(f"{dev_id}: PCI segment {segment} does not exist")
+
+    def _plug(self, dev_id: str, function: PciFunctionModel, segment: int, slot: int | None, bar64: bool,
+              router: KvmMsiRouter | None, queues: int) -> PciDevice:
+        try:
+            slot = self.buses[segment].add(function, slot)
+        except ValueError as err:
+            raise DeviceError(f"{dev_id}: {err}") from None
+        entry = PciDevice(dev_id, segment, slot, function, router, BarWindow(function), queues=queues)
+        try:
+            allocator = self._alloc64[segment] if bar64 else self._alloc32[segment]
+            address = allocator.allocate(max(function.BAR_SIZE, 4096))
+            function.set_bar_address(address)
+            self._map(entry, address)
+        except BaseException:
+            self.buses[segment].slots[slot] = None
+            raise
+        function.on_bar_change = lambda old, new, e=entry: self._moved(e, new)
         self.devices[dev_id] = entry
-        LOG.debug("%s: %04x:00:%02x.0 BAR0 %#x", dev_id, segment, slot, transport.bar_address())
+        LOG.debug("%s: %04x:00:%02x.0 BAR0 %#x", dev_id, segment, slot, function.bar_address())
         return entry
 
-    def _in_window(self, segment: int, address: int) -> bool:
+    def map_region(self, dev_id: str, mapping: mmap.mmap, size: int) -> int:
+        """Put a host mapping (a pmem file) into guest physical memory as its own KVM memory
+        slot, at a 2 MiB-aligned address of segment 0's 64-bit window; returns the address."""
+        address = self._alloc64[0].allocate(max(_REGION_ALIGN, (size + _REGION_ALIGN - 1) & ~(_REGION_ALIGN - 1)))
+        slot = _FIRST_REGION_SLOT + len(self._regions)
+        host = int(ffi.cast("uintptr_t", ffi.from_buffer(mapping)))
+        try:
+            self.vm_fd.set_user_memory_region(slot, address, size, host)
+        except KvmError as err:
+            raise DeviceError(f"{dev_id}: KVM refused the memory region at {address:#x}") from err
+        self._regions.append((slot, address, mapping))
+        return address
+
+    def _in_window(self, segment: int, address: int, size: int) -> bool:
         seg = self.segments[segment]
-        size = VirtioPciDevice.BAR_SIZE
         return any(base <= address and address + size <= base + length
                    for base, length in (seg.mmio32, seg.mmio64))
 
     def _map(self, entry: PciDevice, address: int) -> None:
         """Map the BAR window at ``address`` and put ioeventfds on its notify addresses."""
         try:
-            entry.mapped = self.mmio.insert(entry.window, address, VirtioPciDevice.BAR_SIZE,
-                                            name=f"_virtio-pci-{entry.id}")
+            entry.mapped = self.mmio.insert(entry.window, address, entry.transport.BAR_SIZE,
+                                            name=f"_virtio-pci-{entry.id}" if entry.queues else entry.id)
         except BusError as err:
             raise DeviceError(f"{entry.id}: BAR at {address:#x} overlaps another device") from err
         transport = entry.transport
-        for queue in range(len(transport.device.queue_max_sizes)):
+        for queue in range(entry.queues):
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            guest = address + transport.notify_offset(queue)
+            guest = address + transport.notify_offset(queue)  # type: ignore[attr-defined]
             try:
                 self.vm_fd.ioeventfd(fd, guest, NOTIFY_WIDTH)
             except KvmError as err:
@@ -207,7 +266,7 @@ class DeviceManager:
         if entry.mapped is not None and entry.mapped.base == address:
             return
         self._unmap(entry)
-        if address and self._in_window(entry.segment, address):
+        if address and self._in_window(entry.segment, address, entry.transport.BAR_SIZE):
             try:
                 self._map(entry, address)
             except DeviceError as err:
@@ -236,18 +295,23 @@ class DeviceManager:
             raw = saved[dev_id]
             if not isinstance(raw, dict):
                 raise SnapshotError(f"{dev_id}: expected an object")
-            state = from_plain(VirtioPciState, {**raw, "device": None}, dev_id)
-            device = entry.transport.device
-            template = device.state()
-            device_state = None
-            if template is not None:
-                device_state = from_plain(type(template), raw.get("device"), f"{dev_id}.device")
             try:
-                entry.transport.restore(dataclasses.replace(state, device=device_state))
+                entry.transport.restore(self._decode_state(entry, raw))
             except (ValueError, DeviceError) as err:
                 raise SnapshotError(f"{dev_id}: the saved state does not fit the device") from err
             self._moved(entry, entry.transport.bar_address())
         self._kick_after_restore = True
+
+    @staticmethod
+    def _decode_state(entry: PciDevice, raw: dict[str, Any]) -> Any:
+        if not isinstance(entry.transport, VirtioPciDevice):
+            return from_plain(type(entry.transport.state()), raw, entry.id)
+        state = from_plain(VirtioPciState, {**raw, "device": None}, entry.id)
+        template = entry.transport.device.state()
+        device_state = None
+        if template is not None:
+            device_state = from_plain(type(template), raw.get("device"), f"{entry.id}.device")
+        return dataclasses.replace(state, device=device_state)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -264,13 +328,22 @@ class DeviceManager:
         if self._kick_after_restore:
             self._kick_after_restore = False
             for entry in self.devices.values():
-                for queue in range(len(entry.transport.device.queue_max_sizes)):
+                for queue in range(entry.queues):
                     with entry.window.lock:
-                        entry.transport.notify(queue)
+                        entry.transport.notify(queue)  # type: ignore[attr-defined]
+        for device in self._pausable():
+            device.resume()
+
+    def _pausable(self) -> list[Any]:
+        """Device models with their own clock (the watchdog): paused with the VM."""
+        return [d for d in (getattr(e.transport, "device", None) for e in self.devices.values())
+                if callable(getattr(d, "pause", None)) and callable(getattr(d, "resume", None))]
 
     def pause(self) -> None:
-        """Quiesce: no device work runs until :meth:`resume`."""
+        """Quiesce: no device work runs until :meth:`start`."""
         self.loop.pause()
+        for device in self._pausable():
+            device.pause()
 
     def close(self) -> None:
         """Stop the I/O thread, unplug everything and close the devices' host resources."""
@@ -279,17 +352,24 @@ class DeviceManager:
             for fd, _ in entry.notify_fds:
                 os.close(fd)
             entry.notify_fds = []
-            entry.router.close()
+            if entry.router is not None:
+                entry.router.close()
             try:
-                entry.transport.device.close()
+                entry.transport.close()
             except Exception:  # closing must go on for the other devices
                 LOG.exception("%s: close failed", entry.id)
         self.devices = {}
+        for _, _, mapping in self._regions:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # still exported somewhere; unmapped with the process
+        self._regions = []
 
     # --- inspection -------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, dict[str, int]]:
-        return {dev_id: dict(entry.transport.device.counters()) for dev_id, entry in self.devices.items()}
+        return {dev_id: dict(entry.transport.counters()) for dev_id, entry in self.devices.items()}
 
     def device_tree(self) -> dict[str, dict[str, Any]]:
         """Each device's id, its ``_virtio-pci-<id>`` transport and its PCI address."""

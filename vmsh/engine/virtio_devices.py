@@ -1,19 +1,31 @@
-"""The virtio devices a VmConfig asks for, created and plugged into the ``DeviceManager``.
+"""The PCI devices a VmConfig asks for, created and plugged into the ``DeviceManager``.
 
-One function per kind, in cloud-hypervisor's creation order (disks, nets, rng), so slots
-come out as its do. Every host resource (image file, tap, entropy source) is opened here,
-and a failure names the option and the device id.
+In cloud-hypervisor's creation order (console, disks, nets, rng, pmem, vsock, balloon,
+watchdog, then pvpanic), so slots come out as its do. Every host resource (image file, tap,
+entropy source, pmem file, vsock socket) is opened here, and a failure names the option
+and the device id.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from vmsh.config import model as m
 from vmsh.devices.backends.tap import Tap, parse_mac
+from vmsh.devices.base import Trigger
+from vmsh.devices.pvpanic import PvPanicDevice
+from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
+from vmsh.devices.virtio.console import VirtioConsole
+from vmsh.devices.virtio.pmem import VirtioPmem
+from vmsh.devices.virtio.vsock import VirtioVsock
+from vmsh.devices.virtio.watchdog import VirtioWatchdog
+from vmsh.engine.console import ConsoleBackend
 from vmsh.devices.virtio.net import VirtioNet, format_mac
 from vmsh.devices.virtio.rng import VirtioRng
 from vmsh.engine.device_manager import DeviceManager
@@ -22,6 +34,10 @@ from vmsh.errors import DeviceError, VmshError
 LOG = logging.getLogger(__name__)
 
 RNG_ID = "__rng"
+CONSOLE_ID = "__console"
+BALLOON_ID = "__balloon"
+WATCHDOG_ID = "__watchdog"
+PVPANIC_ID = "__pvpanic"
 
 
 def random_mac() -> bytes:
@@ -31,8 +47,27 @@ def random_mac() -> bytes:
     return bytes(raw)
 
 
-def add_config_devices(manager: DeviceManager, cfg: m.VmConfig) -> None:
-    """Create and plug every virtio device of ``cfg``."""
+@dataclass
+class PlatformHooks:
+    """What devices report to the VM: console output, a guest panic, a watchdog reset."""
+
+    console: ConsoleBackend | None = None
+    on_panic: Callable[[int], object] | None = None
+    reset: Trigger | None = None
+    #: set to the created console device, so its backend's input can be fed to it
+    console_device: VirtioConsole | None = None
+
+
+def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformHooks) -> None:
+    """Create and plug every PCI device of ``cfg``."""
+    if hooks.console is not None:
+        backend = hooks.console
+
+        def console() -> VirtioConsole:
+            hooks.console_device = VirtioConsole(backend.write)
+            return hooks.console_device
+
+        _add(manager, CONSOLE_ID, "--console", console)
     for disk in cfg.disks or []:
         _add(manager, disk.id, "--disk", lambda d=disk: _block(d), segment=disk.pci_segment,
              bar64=disk.pci_segment != 0)
@@ -40,6 +75,24 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig) -> None:
         _add(manager, net.id, "--net", lambda n=net: _net(manager, n), segment=net.pci_segment)
     if cfg.rng is not None:
         _add(manager, RNG_ID, "--rng", lambda: VirtioRng(cfg.rng.src))
+    for pmem in cfg.pmem or []:
+        _add(manager, pmem.id, "--pmem", lambda p=pmem: _pmem(manager, p), segment=pmem.pci_segment)
+    if cfg.vsock is not None:
+        vsock = cfg.vsock
+        _add(manager, vsock.id, "--vsock", lambda: VirtioVsock.from_config(vsock, manager.loop),
+             segment=vsock.pci_segment)
+    if cfg.balloon is not None:
+        balloon = cfg.balloon
+        _add(manager, BALLOON_ID, "--balloon", lambda: VirtioBalloon.from_config(balloon))
+    if cfg.watchdog:
+        assert hooks.reset is not None
+        reset = hooks.reset
+        _add(manager, WATCHDOG_ID, "--watchdog", lambda: VirtioWatchdog(reset))
+    if cfg.pvpanic:
+        try:
+            manager.add_pci(PVPANIC_ID, PvPanicDevice(hooks.on_panic))
+        except DeviceError as err:
+            raise VmshError(f"--pvpanic: cannot create {PVPANIC_ID}") from err
 
 
 def _add(manager: DeviceManager, dev_id: str | None, option: str, make: Any, *, segment: int = 0,
@@ -81,3 +134,22 @@ def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:
     mac = parse_mac(net.mac)
     return VirtioNet(tap, mac, manager.loop, queue_size=net.queue_size, mtu=net.mtu,
                      offload_csum=net.offload_csum, offload_tso=net.offload_tso, offload_ufo=net.offload_ufo)
+
+
+def _pmem(manager: DeviceManager, pmem: m.PmemConfig) -> VirtioPmem:
+    """The file mapped into guest physical memory: shared (writes reach the file) or, with
+    ``discard_writes``, private (the guest's writes stay in this process)."""
+    flags = os.O_RDONLY if pmem.discard_writes else os.O_RDWR
+    fd = os.open(pmem.file, flags | os.O_CLOEXEC)
+    try:
+        size = pmem.size or os.fstat(fd).st_size
+        if size <= 0 or size % (2 << 20):
+            raise DeviceError(f"the pmem size {size} is not a positive multiple of 2 MiB")
+        if pmem.size and os.fstat(fd).st_size < size and not pmem.discard_writes:
+            os.ftruncate(fd, size)
+        share = mmap.MAP_PRIVATE if pmem.discard_writes else mmap.MAP_SHARED
+        mapping = mmap.mmap(fd, size, share, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    start = manager.map_region(pmem.id or "pmem", mapping, size)
+    return VirtioPmem.from_config(pmem, start, size)

@@ -35,6 +35,7 @@ from vmsh.devices.legacy.i8042 import I8042
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550, SerialState
 from vmsh.devices.pci.root import PciEcam
+from vmsh.devices.pvpanic import event_name as pvpanic_event_name
 from vmsh.engine import smbios
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
@@ -45,7 +46,7 @@ from vmsh.engine.bus import Bus, BusError
 from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.device_manager import DeviceManager
-from vmsh.engine.virtio_devices import add_config_devices
+from vmsh.engine.virtio_devices import PlatformHooks, add_config_devices
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
@@ -92,17 +93,21 @@ LEGACY_DEVICE_IDS = frozenset({"__serial", "__cmos", "__ged"})
 
 
 def _unsupported(cfg: m.VmConfig) -> list[str]:
-    """Options that parse and validate but that this VMM cannot provide yet."""
+    """Options that parse and validate but that this VMM cannot provide, each with why."""
     missing = []
     for name, present in (
-        ("--disk vhost_user=on (no vhost-user backend)", any(d.vhost_user for d in cfg.disks or [])),
-        ("--net vhost_user=on (no vhost-user backend)", any(n.vhost_user for n in cfg.net or [])),
-        ("--fs", cfg.fs), ("--pmem", cfg.pmem),
-        ("--balloon", cfg.balloon), ("--vsock", cfg.vsock), ("--vdpa", cfg.vdpa),
-        ("--device (VFIO)", cfg.devices), ("--user-device", cfg.user_devices), ("--tpm", cfg.tpm),
-        ("--sgx-epc", cfg.sgx_epc), ("--numa", cfg.numa), ("--memory-zone", cfg.memory.zones),
-        ("--pvpanic", cfg.pvpanic), ("--watchdog", cfg.watchdog),
-        ("--memory hotplug_size", cfg.memory.hotplug_size), ("--cpus kvm_hyperv=on", cfg.cpus.kvm_hyperv), ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
+        # These need host pieces vmsh does not have: a vhost-user backend, VFIO, vDPA, SGX.
+        ("--disk vhost_user=on (needs a vhost-user backend)", any(d.vhost_user for d in cfg.disks or [])),
+        ("--net vhost_user=on (needs a vhost-user backend)", any(n.vhost_user for n in cfg.net or [])),
+        ("--fs (virtio-fs needs a vhost-user backend)", cfg.fs),
+        ("--vdpa (needs /dev/vhost-vdpa-*)", cfg.vdpa),
+        ("--device (VFIO passthrough needs /dev/vfio)", cfg.devices),
+        ("--user-device (needs a vfio-user server)", cfg.user_devices),
+        ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
+        # Not implemented yet.
+        ("--tpm", cfg.tpm), ("--numa", cfg.numa), ("--memory-zone", cfg.memory.zones),
+        ("--memory hotplug_size", cfg.memory.hotplug_size), ("--cpus kvm_hyperv=on", cfg.cpus.kvm_hyperv),
+        ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
     ):
         if present:
             missing.append(name)
@@ -217,7 +222,7 @@ class Vm:
         """
         missing = _unsupported(config)
         if missing:
-            raise VmshError("Not supported by this vmsh yet: " + ", ".join(missing))
+            raise VmshError("Not supported by vmsh: " + ", ".join(missing))
         vm = cls(config, events, on_guest_event, profile, tty)
         try:
             vm._create()
@@ -245,7 +250,7 @@ class Vm:
             raise SnapshotError(f"{directory}/config.json is not a valid VmConfig") from err
         missing = _unsupported(config)
         if missing:
-            raise SnapshotError("The snapshot needs what this vmsh does not support yet: " + ", ".join(missing))
+            raise SnapshotError("The snapshot needs what vmsh does not support: " + ", ".join(missing))
         vm = cls(config, events, on_guest_event, profile, tty)
         try:
             vm._restore(tree, memory_path, restore.prefault)
@@ -481,9 +486,16 @@ class Vm:
                 self.pio.insert(DebugConsole(backend.write), port, 1, name="__debug_console")
             except BusError as err:
                 raise DeviceError(f"The debug console port {port:#x} collides with another device") from err
-        if cfg.console.mode not in (ConsoleOutputMode.OFF, ConsoleOutputMode.NULL):
-            LOG.warning("virtio-console (--console %s) is not available yet; use the serial port",
-                        cfg.console.mode.value.lower())
+        hooks = PlatformHooks(on_panic=self._guest_panic, reset=reset)
+        if cfg.console.mode is not ConsoleOutputMode.OFF:
+            if cfg.console.mode is ConsoleOutputMode.TTY and self.tty is not None:
+                hooks.console = self.tty
+            else:
+                hooks.console = open_backend(cfg.console.mode, cfg.console.file, None)
+                if hooks.console is not None:
+                    self.backends.append(hooks.console)
+                    if hooks.console.path and cfg.console.mode is ConsoleOutputMode.PTY:
+                        cfg.console.file = hooks.console.path
 
         # RAM fills 0..3 GiB first, the rest goes above 4 GiB (reference §6.1).
         below_4g = min(self.memory.size, MMIO32_START)
@@ -500,9 +512,15 @@ class Vm:
         self.ged = Ged(self._irq(GED_IRQ))
         self.mmio.insert(self.ged, GED_ADDRESS, 1, name="ged")
         self.devices = DeviceManager(self.vm_fd, self.memory, self.pio, self.mmio, self._pci_segments())
-        add_config_devices(self.devices, cfg)
+        add_config_devices(self.devices, cfg, hooks)
         if saved:
             self.devices.restore({k: v for k, v in saved.items() if k not in LEGACY_DEVICE_IDS})
+        if hooks.console is not None and hooks.console_device is not None:
+            hooks.console.start_input(hooks.console_device.enqueue_input)
+
+    def _guest_panic(self, events: int) -> None:
+        """pvpanic: the guest reported a panic (cloud-hypervisor's ``guest panic`` event)."""
+        self.events.emit("guest", "panic", {"event": pvpanic_event_name(events)})
 
     # --- lifecycle --------------------------------------------------------------------------------
 
