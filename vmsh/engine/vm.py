@@ -46,7 +46,7 @@ from vmsh.engine.bus import Bus, BusError
 from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.device_manager import DeviceManager
-from vmsh.engine.virtio_devices import PlatformHooks, add_config_devices
+from vmsh.engine.virtio_devices import BALLOON_ID, PlatformHooks, add_config_devices
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
@@ -517,6 +517,17 @@ class Vm:
             self.devices.restore({k: v for k, v in saved.items() if k not in LEGACY_DEVICE_IDS})
         if hooks.console is not None and hooks.console_device is not None:
             hooks.console.start_input(hooks.console_device.enqueue_input)
+
+    def resize_balloon(self, size: int) -> None:
+        """Ask the guest to give ``size`` bytes back through the balloon."""
+        entry = self.devices.devices.get(BALLOON_ID) if self.devices is not None else None
+        if entry is None or self.config.balloon is None:
+            raise VmshError("resize: the VM has no balloon device (--balloon)")
+        if size > self.config.memory.total_size():
+            raise VmshError(f"resize: a balloon of {size} bytes is larger than the guest's RAM")
+        with entry.window.lock:
+            entry.transport.device.resize(size)  # type: ignore[attr-defined]
+        self.config.balloon.size = size
 
     def _guest_panic(self, events: int) -> None:
         """pvpanic: the guest reported a panic (cloud-hypervisor's ``guest panic`` event)."""

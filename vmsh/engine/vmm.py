@@ -378,8 +378,14 @@ class Vmm:
         raise NotFoundError(f"No device with id {request.id}")
 
     def resize(self, request: ResizeRequest) -> None:
-        self._require_vm()
-        raise VmshError("resize: changing vCPUs, RAM or the balloon of a running VM is not supported yet")
+        vm = self._require_vm()
+        cfg = vm.config
+        if request.desired_vcpus is not None and request.desired_vcpus != cfg.cpus.boot_vcpus:
+            raise VmshError("resize: changing the vCPUs of a running VM is not supported yet")
+        if request.desired_ram is not None and request.desired_ram != cfg.memory.total_size():
+            raise VmshError("resize: changing the RAM of a running VM is not supported yet (use the balloon)")
+        if request.desired_balloon is not None:
+            vm.resize_balloon(request.desired_balloon)
 
     def resize_zone(self, request: ResizeZoneRequest) -> None:
         self._require_vm()

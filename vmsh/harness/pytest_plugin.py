@@ -78,10 +78,11 @@ class GuestFactory:
         self.boot_timeout = opts.vmsh_boot_timeout
 
     def flags(self, *extra: str, kernel: str | None = None, initramfs: str | None = None,
-              cmdline: str = DEFAULT_CMDLINE, serial: str = "tty") -> list[str]:
-        """Launcher flags for the chosen images; the serial console on the VMM's terminal by default."""
+              cmdline: str = DEFAULT_CMDLINE, serial: str = "tty", console: str = "off") -> list[str]:
+        """Launcher flags for the chosen images; the serial console on the VMM's terminal
+        and no virtio console by default."""
         return ["--kernel", self.image(kernel or self.kernel), "--initramfs", self.image(initramfs or self.initramfs),
-                "--cmdline", cmdline, "--serial", serial, "--console", "off", *extra]
+                "--cmdline", cmdline, "--serial", serial, "--console", console, *extra]
 
     def _new(self, argv: list[str]) -> Guest:
         guest = Guest(argv, workdir=self.workdir / f"guest{len(self.guests)}", boot_timeout=self.boot_timeout)
