@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 
 from vmsh.config.model import DiskConfig
+from vmsh.devices.ratelimit import FdWatcher, RateLimiter, ThrottleTimer
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from vmsh.devices.virtio.queue import (
     DescriptorChain,
@@ -145,6 +146,9 @@ class VirtioBlock(VirtioDevice):
     :param num_queues: request queues (VIRTIO_BLK_F_MQ when more than one).
     :param queue_size: maximum size of each queue.
     :param serial: GET_ID answer (at most 20 bytes); default derived from the image's inode.
+    :param rate_limiter: bandwidth/ops limit (possibly shared with other disks of a group):
+        while it refuses, requests stay in the ring and the queue is re-run after its delay.
+    :param watcher: the engine's I/O loop, which runs that retry timer (a thread timer without).
     :raises DeviceError: if the image cannot be opened.
 
     Example::
@@ -156,7 +160,8 @@ class VirtioBlock(VirtioDevice):
     device_type = VIRTIO_ID_BLOCK
 
     def __init__(self, path: str, *, readonly: bool = False, direct: bool = False, num_queues: int = 1,
-                 queue_size: int = 128, serial: str | None = None) -> None:
+                 queue_size: int = 128, serial: str | None = None, rate_limiter: RateLimiter | None = None,
+                 watcher: FdWatcher | None = None) -> None:
         if num_queues < 1 or queue_size <= MINIMUM_QUEUE_SIZE:
             raise DeviceError(f"virtio-blk: bad queue layout {num_queues}x{queue_size}")
         self.queue_max_sizes = (queue_size,) * num_queues
@@ -193,6 +198,10 @@ class VirtioBlock(VirtioDevice):
         self._bounce: mmap.mmap | None = None
         self._counts = {k: 0 for k in ("read_bytes", "write_bytes", "read_ops", "write_ops", "flush_ops",
                                        "discard_ops", "write_zeroes_ops", "errors")}
+        self.rate_limiter = rate_limiter
+        self._throttle = ThrottleTimer(self.queue_notify, watcher) if rate_limiter is not None else None
+        #: requests held back by the rate limiter (not part of the snapshot state)
+        self.throttled = 0
 
     @classmethod
     def from_config(cls, config: DiskConfig) -> VirtioBlock:
@@ -223,11 +232,39 @@ class VirtioBlock(VirtioDevice):
 
     def process_queue(self, index: int, queue: VirtQueue) -> None:
         used = False
-        while (chain := queue.pop()) is not None:
+        limiter = self.rate_limiter
+        while True:
+            if limiter is not None and limiter.blocked():
+                # Leave the requests in the ring; the timer brings us back (no kick needed).
+                self._hold_back(index)
+                break
+            chain = queue.pop()
+            if chain is None:
+                break
+            if limiter is not None and not limiter.consume(self._cost(chain), 1):
+                queue.next_avail = (queue.next_avail - 1) & 0xFFFF  # give the chain back
+                self._hold_back(index)
+                break
             queue.add_used(chain.head, self._request(chain))
             used = True
         if used:
             self.signal_used(index)
+
+    def _cost(self, chain: DescriptorChain) -> int:
+        """Bytes a request moves for the bandwidth bucket: IN/OUT data, 0 for the others."""
+        if chain.readable_len < _REQ_HEADER.size:
+            return 0
+        rtype = _REQ_HEADER.unpack(chain.read(0, _REQ_HEADER.size))[0]
+        if rtype == VIRTIO_BLK_T_IN:
+            return max(0, chain.writable_len - 1)
+        if rtype == VIRTIO_BLK_T_OUT:
+            return chain.readable_len - _REQ_HEADER.size
+        return 0
+
+    def _hold_back(self, index: int) -> None:
+        assert self.rate_limiter is not None and self._throttle is not None
+        self.throttled += 1
+        self._throttle.wait(index, self.rate_limiter.delay())
 
     def _request(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the bytes written into the chain (data + status)."""
@@ -429,8 +466,14 @@ class VirtioBlock(VirtioDevice):
 
     # -- lifecycle, snapshot, counters -------------------------------------------------------
 
+    def on_reset(self) -> None:
+        if self._throttle is not None:
+            self._throttle.cancel()
+
     def close(self) -> None:
         super().close()
+        if self._throttle is not None:
+            self._throttle.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -454,5 +497,8 @@ class VirtioBlock(VirtioDevice):
             self._counts[key] = max(0, int(getattr(state, key)))
 
     def counters(self) -> dict[str, int]:
-        return dict(self._counts)
+        counts = dict(self._counts)
+        if self.rate_limiter is not None:
+            counts["throttled"] = self.throttled
+        return counts
 

@@ -15,6 +15,10 @@ by the guest pass straight through to the host stack.
   mid-frame the chains taken are given back (``next_avail`` rewound), the frame waits, and
   the fd is unwatched until the guest kicks the receive queue: no busy loop, and nothing
   half-delivered is ever visible in a snapshot.
+- Rate limiting (``bw_*``/``ops_*``): each direction of each queue pair has its own limiter
+  (as in cloud-hypervisor). A transmit chain the limiter refuses stays in the ring; a received
+  frame it refuses waits as the pending frame with the tap unwatched. A timer re-runs the queue
+  once the limiter has tokens again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from vmsh.devices.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, Tap
+from vmsh.devices.ratelimit import RateLimiter, ThrottleTimer
 from vmsh.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, has_feature
 from vmsh.devices.virtio.queue import VirtQueue
 from vmsh.errors import VirtQueueError
@@ -85,7 +90,9 @@ class VirtioNet(VirtioDevice):
     device_type = VIRTIO_ID_NET
 
     def __init__(self, tap: Tap, mac: bytes, watcher: FdWatcher, *, queue_size: int = 256, mtu: int | None = None,
-                 offload_csum: bool = True, offload_tso: bool = True, offload_ufo: bool = True) -> None:
+                 offload_csum: bool = True, offload_tso: bool = True, offload_ufo: bool = True,
+                 rate_limiter: Callable[[], RateLimiter | None] | None = None) -> None:
+        """``rate_limiter`` makes one limiter (or None) for each direction of each queue pair."""
         self.pairs = len(tap.fds)
         self.queue_max_sizes = (queue_size,) * (2 * self.pairs) + ((CTRL_QUEUE_SIZE,) if self.pairs > 1 else ())
         super().__init__()
@@ -108,8 +115,15 @@ class VirtioNet(VirtioDevice):
         self.avail_features = features
         self._armed = [False] * self.pairs
         self._pending: list[bytes | None] = [None] * self.pairs
+        self._rx_paid = [False] * self.pairs
         self._buffer = bytearray(MAX_FRAME)
         self.stats = {"rx_bytes": 0, "rx_frames": 0, "tx_bytes": 0, "tx_frames": 0, "rx_dropped": 0, "tx_dropped": 0}
+        #: limiter of queue index 2*pair (rx) and 2*pair+1 (tx); None where unlimited
+        self.limiters: list[RateLimiter | None] = [rate_limiter() if rate_limiter else None
+                                                   for _ in range(2 * self.pairs)]
+        self._throttle = ThrottleTimer(self.queue_notify, watcher) if any(self.limiters) else None
+        if self._throttle is not None:
+            self.stats.update(rx_throttled=0, tx_throttled=0)
 
     # -- configuration (§5.1.4) ------------------------------------------------------------------
 
@@ -135,10 +149,21 @@ class VirtioNet(VirtioDevice):
         for pair in range(self.pairs):
             self._disarm(pair)
         self._pending = [None] * self.pairs
+        self._rx_paid = [False] * self.pairs
+        if self._throttle is not None:
+            self._throttle.cancel()
 
     def close(self) -> None:
         super().close()
+        if self._throttle is not None:
+            self._throttle.close()
         self.tap.close()
+
+    def _hold_back(self, index: int, limiter: RateLimiter) -> None:
+        """``limiter`` refused queue ``index``: come back when it has tokens."""
+        assert self._throttle is not None
+        self.stats["tx_throttled" if index % 2 else "rx_throttled"] += 1
+        self._throttle.wait(index, limiter.delay())
 
     def _arm(self, pair: int) -> None:
         if not self._armed[pair] and pair < len(self.tap.fds):
@@ -163,8 +188,19 @@ class VirtioNet(VirtioDevice):
 
     def _transmit(self, index: int, queue: VirtQueue) -> None:
         fd = self.tap.fds[index // 2]
+        limiter = self.limiters[index]
         used = False
-        while (chain := queue.pop()) is not None:
+        while True:
+            if limiter is not None and limiter.blocked():
+                self._hold_back(index, limiter)
+                break
+            chain = queue.pop()
+            if chain is None:
+                break
+            if limiter is not None and not limiter.consume(chain.readable_len, 1):
+                queue.next_avail = (queue.next_avail - 1) & 0xFFFF  # stays in the ring
+                self._hold_back(index, limiter)
+                break
             if chain.readable_len > VNET_HDR_SIZE:
                 try:
                     os.writev(fd, chain.readable_views())
@@ -198,6 +234,7 @@ class VirtioNet(VirtioDevice):
         if queue is None or not queue.ready:
             return
         mergeable = has_feature(self.acked_features, VIRTIO_NET_F_MRG_RXBUF)
+        limiter = self.limiters[index]
         delivered = False
         while True:
             frame = self._pending[pair]
@@ -207,11 +244,19 @@ class VirtioNet(VirtioDevice):
                 except BlockingIOError:
                     break
                 frame = bytes(self._buffer[:n])
+            if limiter is not None and not self._rx_paid[pair]:
+                if not limiter.consume(len(frame), 1):
+                    self._pending[pair] = frame
+                    self._disarm(pair)  # until the timer re-runs the receive queue
+                    self._hold_back(index, limiter)
+                    break
+                self._rx_paid[pair] = True  # a frame waiting for buffers is not charged twice
             if not self._deliver(queue, frame, mergeable):
                 self._pending[pair] = frame
                 self._disarm(pair)  # until the guest adds buffers
                 break
             self._pending[pair] = None
+            self._rx_paid[pair] = False
             delivered = True
         if self._pending[pair] is None:
             self._arm(pair)
