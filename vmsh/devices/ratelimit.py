@@ -31,7 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from vmsh.config.model import RateLimiterConfig, RateLimiterGroupConfig, TokenBucketConfig
+from vmsh.config.model import (
+    RateLimiterConfig,
+    RateLimiterGroupConfig,
+    TokenBucketConfig,
+)
 
 LOG = logging.getLogger(__name__)
 
