@@ -2,7 +2,8 @@
 
 Takes cloud-hypervisor's flags, builds the VmConfig through :mod:`vmsh.config` and hands
 it to the engine. ``--dry-run`` (a vmsh addition) prints the validated configuration as
-canonical JSON instead. Exit status: 0 on success, 1 on an error (printed as one line,
+canonical JSON instead; ``--describe`` prints the machine the guest would see
+(:mod:`vmsh.engine.describe`) without running it. Exit status: 0 on success, 1 on an error (printed as one line,
 the error and its causes joined by ``: ``), 2 on a malformed command line.
 """
 
@@ -20,7 +21,7 @@ from vmsh import __version__
 from vmsh.errors import UsageError, VmshError, error_chain
 
 if TYPE_CHECKING:
-    from vmsh.config.launcher_args import VmmOptions
+    from vmsh.config.launcher_args import LauncherArgs, VmmOptions
     from vmsh.config.model import VmConfig
     from vmsh.engine.events import EventMonitor
 
@@ -63,6 +64,8 @@ def main(argv: list[str]) -> int:
         if args.get("dry-run"):
             sys.stdout.write(canonical_json(normalize(vm_config_from_args(args))))
             return 0
+        if args.get("describe"):
+            return describe(args)
         from vmsh import logsetup
 
         try:
@@ -76,6 +79,18 @@ def main(argv: list[str]) -> int:
     except VmshError as err:
         print_error(err)
         return 1
+
+
+def describe(args: LauncherArgs) -> int:
+    """``--describe``: build the VM the flags ask for, print its machine description, exit."""
+    from vmsh.config import normalize, vm_config_from_args
+    from vmsh.config.launcher_args import has_payload
+    from vmsh.engine.describe import canonical_text, describe_config
+
+    if not has_payload(args):
+        raise VmshError("--describe needs a VM: give --kernel or --firmware")
+    sys.stdout.write(canonical_text(describe_config(normalize(vm_config_from_args(args)))))
+    return 0
 
 
 def _open_events(opts: VmmOptions) -> EventMonitor:

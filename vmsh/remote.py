@@ -20,6 +20,7 @@ usage: vmsh remote [--api-socket <path>] <subcommand> [args]
 
 subcommands:
   ping | info | counters                          query the VMM and its VM
+  describe                                        the machine a created VM would give its guest (vmsh)
   create [FILE|-]                                 create a VM from a JSON VmConfig (default: stdin)
   boot | shutdown | reboot | pause | resume       lifecycle
   power-button | nmi | delete | shutdown-vmm
@@ -33,6 +34,7 @@ subcommands:
 
 _SIMPLE = {
     "ping": ("GET", "vmm.ping"), "info": ("GET", "vm.info"), "counters": ("GET", "vm.counters"),
+    "describe": ("GET", "vm.describe"),
     "boot": ("PUT", "vm.boot"), "shutdown": ("PUT", "vm.shutdown"), "reboot": ("PUT", "vm.reboot"),
     "pause": ("PUT", "vm.pause"), "resume": ("PUT", "vm.resume"), "power-button": ("PUT", "vm.power-button"),
     "nmi": ("PUT", "vm.nmi"), "delete": ("PUT", "vm.delete"), "shutdown-vmm": ("PUT", "vmm.shutdown"),
@@ -158,6 +160,10 @@ def main(argv: list[str]) -> int:
     except VmshError as err:
         print_error(err)
         return 1
-    if result is not None:
+    if result is not None and args[0] == "describe":
+        from vmsh.engine.describe import canonical_text
+
+        sys.stdout.write(canonical_text(result))  # the same text as `vmsh launch --describe`
+    elif result is not None:
         print(json.dumps(result))
     return 0

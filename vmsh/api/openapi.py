@@ -44,6 +44,23 @@ _RESPONSES: dict[str, dict[str, Any]] = {
             "device_tree": {"type": "object"},
         },
     },
+    "vm.describe": {
+        "type": "object",
+        "description": "vmsh extra: the machine a created (not booted) VM gives its guest, as "
+                       "`vmsh launch --describe` prints it (see vmsh.engine.describe).",
+        "required": ["format", "acpi", "smbios", "boot", "ram", "vcpus", "pci", "virtio", "buses"],
+        "properties": {
+            "format": {"type": "integer"},
+            "acpi": {"type": "array", "items": {"type": "object"}},
+            "smbios": {"type": "object"},
+            "boot": {"type": "object"},
+            "ram": {"type": "object"},
+            "vcpus": {"type": "array", "items": {"type": "object"}},
+            "pci": {"type": "array", "items": {"type": "object"}},
+            "virtio": {"type": "object"},
+            "buses": {"type": "object"},
+        },
+    },
     "vm.counters": {
         "type": "object",
         "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer", "format": "int64"}},

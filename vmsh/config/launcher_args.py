@@ -5,7 +5,7 @@ options that take several values (``--disk``, ``--net``, ...) collect every valu
 next flag and may be repeated (``--disk a b`` equals ``--disk a --disk b``); other options
 may appear once; ``--opt=value`` is accepted too. :func:`parse_argv` gives a
 :class:`LauncherArgs`; :func:`vm_config_from_args` builds the (unvalidated) VmConfig from it.
-vmsh's own additions (``--dry-run``) are marked as such in the help.
+vmsh's own additions (``--dry-run``, ``--describe``, ``--profile``) are marked as such in the help.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("gdb", f"GDB socket (UNIX domain socket): {_syntax('gdb')}", group=VMM),
     Flag("version", "Print version", arity="flag", group=VMM, short="V"),
     Flag("dry-run", "vmsh: print the validated configuration as canonical JSON and exit", arity="flag", group=VMSH),
+    Flag("describe", "vmsh: print the machine the guest would see (ACPI, SMBIOS, CPUID, memory map, PCI, virtio) "
+         "as JSON and exit without running it", arity="flag", group=VMSH),
     Flag("profile", f"vmsh: sample the guest's instruction pointers, report by symbol at exit: {_syntax('profile')}",
          group=VMSH),
 )

@@ -128,6 +128,7 @@ ACTIONS: tuple[Action, ...] = (
     Action("delete", "PUT", None),
     Action("info", "GET", None),
     Action("counters", "GET", None),
+    Action("describe", "GET", None),
     Action("resize", "PUT", ResizeRequest),
     Action("resize-zone", "PUT", ResizeZoneRequest),
     Action("add-device", "PUT", m.DeviceConfig),
@@ -339,6 +340,20 @@ class Vmm:
 
     def counters(self) -> dict[str, dict[str, int]]:
         return self._require_vm().counters()
+
+    def describe(self) -> dict[str, Any]:
+        """``vm.describe`` (a vmsh extra): the machine the created config gives its guest.
+
+        Builds a throwaway VM from a normalized copy of the config, describes it
+        (:mod:`vmsh.engine.describe`) and releases it; valid in the Created state only.
+        """
+        if self.config is None:
+            raise NotFoundError("VM is not created")
+        if self.vm is not None:
+            raise StateError(f"vm.describe needs a created VM that is not booted (it is {self.vm.state.value})")
+        from vmsh.engine.describe import describe_config
+
+        return describe_config(normalize(copy.deepcopy(self.config)))
 
     # --- devices ------------------------------------------------------------------------------
 
