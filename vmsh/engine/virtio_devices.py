@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from vmsh.config import model as m
 from vmsh.devices.backends.tap import Tap, parse_mac
 from vmsh.devices.base import Trigger
 from vmsh.devices.pvpanic import PvPanicDevice
+from vmsh.devices.ratelimit import RateLimiter, RateLimiterGroup
 from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
@@ -38,6 +40,10 @@ CONSOLE_ID = "__console"
 BALLOON_ID = "__balloon"
 WATCHDOG_ID = "__watchdog"
 PVPANIC_ID = "__pvpanic"
+
+
+#: each VM's ``--rate-limit-group`` limiters, shared by the disks that name them (hot-plugged too)
+_RATE_LIMIT_GROUPS: weakref.WeakKeyDictionary[DeviceManager, dict[str, RateLimiterGroup]] = weakref.WeakKeyDictionary()
 
 
 def random_mac() -> bytes:
@@ -60,6 +66,7 @@ class PlatformHooks:
 
 def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformHooks) -> None:
     """Create and plug every PCI device of ``cfg``."""
+    _RATE_LIMIT_GROUPS[manager] = {g.id: RateLimiterGroup.from_config(g) for g in cfg.rate_limit_groups or []}
     if hooks.console is not None:
         backend = hooks.console
 
@@ -69,7 +76,7 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
 
         _add(manager, CONSOLE_ID, "--console", console)
     for disk in cfg.disks or []:
-        _add(manager, disk.id, "--disk", lambda d=disk: _block(d), segment=disk.pci_segment,
+        _add(manager, disk.id, "--disk", lambda d=disk: _block(manager, d), segment=disk.pci_segment,
              bar64=disk.pci_segment != 0)
     for net in cfg.net or []:
         _add(manager, net.id, "--net", lambda n=net: _net(manager, n), segment=net.pci_segment)
@@ -109,11 +116,18 @@ def _add(manager: DeviceManager, dev_id: str | None, option: str, make: Any, *, 
         raise
 
 
-def _block(disk: m.DiskConfig) -> VirtioBlock:
+def _block(manager: DeviceManager, disk: m.DiskConfig) -> VirtioBlock:
     if disk.path is None:
         raise DeviceError("a disk needs path=")
+    if disk.rate_limit_group is not None:
+        group = _RATE_LIMIT_GROUPS.get(manager, {}).get(disk.rate_limit_group)
+        if group is None:
+            raise DeviceError(f"rate-limit group {disk.rate_limit_group} is not defined")
+        limiter: RateLimiter | None = group.limiter
+    else:
+        limiter = RateLimiter.from_config(disk.rate_limiter_config)
     return VirtioBlock(disk.path, readonly=disk.readonly, direct=disk.direct, num_queues=disk.num_queues,
-                       queue_size=disk.queue_size, serial=disk.serial)
+                       queue_size=disk.queue_size, serial=disk.serial, rate_limiter=limiter, watcher=manager.loop)
 
 
 def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:
@@ -132,8 +146,10 @@ def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:
         # snapshot's config.json brings the same MAC back on restore.
         net.mac = format_mac(random_mac())
     mac = parse_mac(net.mac)
+    limits = net.rate_limiter_config
     return VirtioNet(tap, mac, manager.loop, queue_size=net.queue_size, mtu=net.mtu,
-                     offload_csum=net.offload_csum, offload_tso=net.offload_tso, offload_ufo=net.offload_ufo)
+                     offload_csum=net.offload_csum, offload_tso=net.offload_tso, offload_ufo=net.offload_ufo,
+                     rate_limiter=(lambda: RateLimiter.from_config(limits)) if limits is not None else None)
 
 
 def _pmem(manager: DeviceManager, pmem: m.PmemConfig) -> VirtioPmem:
