@@ -5,12 +5,14 @@ Registered through the ``pytest11`` entry point, so any project with vmsh instal
 * ``vmsh_image(name)`` - the path of a built guest image (``vmlinux``, ``initramfs``, ...);
 * ``vmsh_guest(*flags, config=None, kernel=..., ready=True)`` - a booted guest whose serial
   console is driven by the harness; ``config`` (a JSON VmConfig as a dict) goes through
-  the API's ``vm.create`` + ``vm.boot`` instead of flags;
+  the API's ``vm.create`` + ``vm.boot`` instead of flags; ``vmsh_guest.launch(flags)`` takes
+  complete launcher flags;
 * ``vmsh_snapshots`` and ``vmsh_clone(*flags)`` - boot once per configuration (shared by
   xdist workers), then restore a clone per test.
 
 Options: ``--vmsh-kernel``/``--vmsh-initramfs`` choose the images, ``--vmsh-boot-timeout``
-the boot budget, ``--vmsh-keep-logs DIR`` copies every guest's console log there (always on
+the boot budget, ``--vmsh-parity-all`` boots every CLI/JSON parity configuration (not only
+the ones marked for CI), ``--vmsh-keep-logs DIR`` copies every guest's console log there (always on
 failure the tail is in the error). A test that needs ``/dev/kvm`` or the images and cannot
 have them fails in CI (``CI`` set) and is skipped elsewhere, with the reason.
 """
@@ -40,6 +42,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vmsh-boot-timeout", type=float, default=float(os.environ.get("VMSH_BOOT_TIMEOUT", "300")),
                     help="seconds a guest may take to reach its ready marker")
     group.addoption("--vmsh-keep-logs", default=None, metavar="DIR", help="copy every guest console log into DIR")
+    group.addoption("--vmsh-parity-all", action="store_true", default=False,
+                    help="boot every parity configuration both ways (default: only the few marked for CI)")
 
 
 def unavailable(reason: str) -> None:
@@ -87,6 +91,14 @@ class GuestFactory:
     def _new(self, argv: list[str]) -> Guest:
         guest = Guest(argv, workdir=self.workdir / f"guest{len(self.guests)}", boot_timeout=self.boot_timeout)
         self.guests.append(guest)
+        return guest
+
+    def launch(self, flags: list[str], ready: bool = True) -> Guest:
+        """A guest from complete launcher flags (images, cmdline, serial and console included)."""
+        guest = self._new(launch_argv(list(flags)))
+        guest.start()
+        if ready:
+            guest.wait_ready()
         return guest
 
     def __call__(self, *extra: str, config: dict[str, Any] | None = None, ready: bool = True, **kw: Any) -> Guest:
