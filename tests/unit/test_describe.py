@@ -203,3 +203,30 @@ def test_describe_virtio_gives_type_features_queues_config_and_serial() -> None:
 
 def test_canonical_text_sorts_keys_and_ends_with_a_newline() -> None:
     assert d.canonical_text({"b": 1, "a": [2]}) == '{\n "a": [\n  2\n ],\n "b": 1\n}\n'
+
+
+def test_vm_describe_needs_a_created_vm_that_is_not_booted() -> None:
+    from vmsh.config import model as m
+    from vmsh.engine.state import VmState
+    from vmsh.engine.vmm import ACTIONS_BY_PATH, Vmm
+    from vmsh.errors import NotFoundError, StateError
+
+    action = ACTIONS_BY_PATH["/api/v1/vm.describe"]
+    assert (action.http_method, action.body) == ("GET", None)
+    vmm = Vmm()
+    with pytest.raises(NotFoundError):
+        vmm.call(action)
+
+    class Booted:
+        state = VmState.RUNNING
+
+    vmm.config = m.VmConfig()
+    vmm.vm = Booted()  # type: ignore[assignment]
+    with pytest.raises(StateError, match="not booted"):
+        vmm.call(action)
+
+
+def test_remote_describe_is_a_get_of_vm_describe() -> None:
+    from vmsh.remote import build_request
+
+    assert build_request("describe", []) == ("GET", "vm.describe", None, [])
