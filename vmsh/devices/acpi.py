@@ -8,6 +8,8 @@
 * :class:`Ged`: the one-byte event register behind the Generic Event Device (ACPI0013, ACPI
   6.4 §5.6.9): the VMM sets event bits and raises the GED interrupt; the guest's ``_EVT``
   method reads the register, which clears it, and handles each bit.
+* :class:`PciHotplugController`: the registers behind ACPI PCI hotplug (slots up/down per
+  segment, eject), the scheme of QEMU's and cloud-hypervisor's ``PHPR`` device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from vmsh.devices.base import Trigger
 
@@ -96,3 +100,82 @@ class Ged:
     @property
     def pending(self) -> int:
         return self._pending
+
+
+@dataclass
+class PciHotplugState:
+    """Slots that came up or are to go, per segment, and the selected segment."""
+
+    up: list[int]
+    down: list[int]
+    selected: int
+
+
+class PciHotplugController:
+    """The ACPI PCI hotplug registers (``vmsh.engine.acpi.pci_hotplug`` has the AML side).
+
+    For the segment selected in PSEG: PCIU (0x0) reads and clears the bitmap of slots that
+    came up, PCID (0x4) that of slots the VMM wants removed; a write to B0EJ (0x8) ejects
+    the slots whose bits are set (``on_eject(segment, slot)``); PSEG (0xc) selects the
+    segment. Registers are 32 bits; other sizes and offsets read zero and are ignored.
+    """
+
+    thread_safe = True
+
+    def __init__(self, segments: int, on_eject: Callable[[int, int], None]) -> None:
+        self.segments = segments
+        self.on_eject = on_eject
+        self.up = [0] * segments
+        self.down = [0] * segments
+        self.selected = 0
+        self._lock = threading.Lock()
+
+    def plug(self, segment: int, slot: int) -> None:
+        """A device appeared in ``slot``: the guest's next rescan finds it."""
+        with self._lock:
+            self.up[segment] |= 1 << slot
+
+    def unplug(self, segment: int, slot: int) -> None:
+        """Ask the guest to give ``slot`` up; it ejects it through B0EJ when it has."""
+        with self._lock:
+            self.down[segment] |= 1 << slot
+
+    def read(self, offset: int, size: int) -> bytes:
+        value = 0
+        if size == 4:
+            with self._lock:
+                seg = self.selected
+                if offset == 0x0:
+                    value, self.up[seg] = self.up[seg], 0
+                elif offset == 0x4:
+                    value, self.down[seg] = self.down[seg], 0
+                elif offset == 0xC:
+                    value = seg
+        return value.to_bytes(4, "little")[:size].ljust(size, b"\0")
+
+    def write(self, offset: int, data: bytes) -> None:
+        if len(data) != 4:
+            return
+        value = int.from_bytes(data, "little")
+        if offset == 0xC:
+            with self._lock:
+                if value < self.segments:
+                    self.selected = value
+        elif offset == 0x8:
+            with self._lock:
+                seg = self.selected
+            for slot in range(32):
+                if value >> slot & 1:
+                    self.on_eject(seg, slot)
+
+    def state(self) -> PciHotplugState:
+        with self._lock:
+            return PciHotplugState(list(self.up), list(self.down), self.selected)
+
+    def restore(self, state: PciHotplugState) -> None:
+        if len(state.up) != self.segments or len(state.down) != self.segments or not 0 <= state.selected < self.segments:
+            raise ValueError("PCI hotplug state does not fit this VM's segments")
+        with self._lock:
+            self.up = [v & 0xFFFF_FFFF for v in state.up]
+            self.down = [v & 0xFFFF_FFFF for v in state.down]
+            self.selected = state.selected

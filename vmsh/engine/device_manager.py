@@ -206,6 +206,24 @@ class DeviceManager:
         LOG.debug("%s: %04x:00:%02x.0 BAR0 %#x", dev_id, segment, slot, function.bar_address())
         return entry
 
+    def remove(self, dev_id: str) -> PciDevice:
+        """Unplug ``dev_id`` (the guest has ejected it): unmap it and free its slot."""
+        entry = self.devices.pop(dev_id)
+        with entry.window.lock:
+            self._unmap(entry)
+        self.buses[entry.segment].slots[entry.slot] = None
+        if entry.router is not None:
+            entry.router.close()
+        try:
+            entry.transport.close()
+        except Exception:  # the device is gone from the guest either way
+            LOG.exception("%s: close failed", dev_id)
+        return entry
+
+    def find_slot(self, segment: int, slot: int) -> PciDevice | None:
+        """The device in ``slot`` of ``segment``."""
+        return next((e for e in self.devices.values() if e.segment == segment and e.slot == slot), None)
+
     def map_region(self, dev_id: str, mapping: mmap.mmap, size: int) -> int:
         """Put a host mapping (a pmem file) into guest physical memory as its own KVM memory
         slot, at a 2 MiB-aligned address of segment 0's 64-bit window; returns the address."""
@@ -276,7 +294,8 @@ class DeviceManager:
 
     def states(self) -> dict[str, Any]:
         """Each device's transport state (with its device state inside), as plain data."""
-        return {dev_id: to_plain(entry.transport.state()) for dev_id, entry in self.devices.items()}
+        return {dev_id: {**to_plain(entry.transport.state()), "pci_slot": entry.slot}
+                for dev_id, entry in self.devices.items()}
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Load the transports' states from a snapshot (untrusted) and re-plug their BARs.
@@ -295,12 +314,27 @@ class DeviceManager:
             raw = saved[dev_id]
             if not isinstance(raw, dict):
                 raise SnapshotError(f"{dev_id}: expected an object")
+            self._move_slot(entry, raw.pop("pci_slot", entry.slot))
             try:
                 entry.transport.restore(self._decode_state(entry, raw))
             except (ValueError, DeviceError) as err:
                 raise SnapshotError(f"{dev_id}: the saved state does not fit the device") from err
             self._moved(entry, entry.transport.bar_address())
         self._kick_after_restore = True
+
+    def _move_slot(self, entry: PciDevice, slot: Any) -> None:
+        """Put a restored device back in the slot it had (hotplug can leave gaps)."""
+        if slot == entry.slot:
+            return
+        bus = self.buses[entry.segment]
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 < slot < len(bus.slots):
+            raise SnapshotError(f"{entry.id}: invalid PCI slot {slot!r}")
+        other = bus.slots[slot]
+        bus.slots[slot], bus.slots[entry.slot] = entry.transport, other
+        if other is not None:
+            moved = next(e for e in self.devices.values() if e.transport is other)
+            moved.slot = entry.slot
+        entry.slot = slot
 
     @staticmethod
     def _decode_state(entry: PciDevice, raw: dict[str, Any]) -> Any:

@@ -30,7 +30,7 @@ from vmsh.devices.virtio.watchdog import VirtioWatchdog
 from vmsh.engine.console import ConsoleBackend
 from vmsh.devices.virtio.net import VirtioNet, format_mac
 from vmsh.devices.virtio.rng import VirtioRng
-from vmsh.engine.device_manager import DeviceManager
+from vmsh.engine.device_manager import DeviceManager, PciDevice
 from vmsh.errors import DeviceError, VmshError
 
 LOG = logging.getLogger(__name__)
@@ -76,18 +76,15 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
 
         _add(manager, CONSOLE_ID, "--console", console)
     for disk in cfg.disks or []:
-        _add(manager, disk.id, "--disk", lambda d=disk: _block(manager, d), segment=disk.pci_segment,
-             bar64=disk.pci_segment != 0)
+        add_item(manager, "disks", disk)
     for net in cfg.net or []:
-        _add(manager, net.id, "--net", lambda n=net: _net(manager, n), segment=net.pci_segment)
+        add_item(manager, "net", net)
     if cfg.rng is not None:
         _add(manager, RNG_ID, "--rng", lambda: VirtioRng(cfg.rng.src))
     for pmem in cfg.pmem or []:
-        _add(manager, pmem.id, "--pmem", lambda p=pmem: _pmem(manager, p), segment=pmem.pci_segment)
+        add_item(manager, "pmem", pmem)
     if cfg.vsock is not None:
-        vsock = cfg.vsock
-        _add(manager, vsock.id, "--vsock", lambda: VirtioVsock.from_config(vsock, manager.loop),
-             segment=vsock.pci_segment)
+        add_item(manager, "vsock", cfg.vsock)
     if cfg.balloon is not None:
         balloon = cfg.balloon
         _add(manager, BALLOON_ID, "--balloon", lambda: VirtioBalloon.from_config(balloon))
@@ -102,15 +99,31 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
             raise VmshError(f"--pvpanic: cannot create {PVPANIC_ID}") from err
 
 
+def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = False) -> PciDevice:
+    """Create and plug one ``disks``/``net``/``pmem``/``vsock`` item of a config (cold, or
+    into a running VM: then a disk's BAR is 64-bit like every hotplugged device's)."""
+    if kind == "disks":
+        return _add(manager, item.id, "--disk", lambda: _block(manager, item), segment=item.pci_segment,
+                    bar64=hotplug or item.pci_segment != 0)
+    if kind == "net":
+        return _add(manager, item.id, "--net", lambda: _net(manager, item), segment=item.pci_segment)
+    if kind == "pmem":
+        return _add(manager, item.id, "--pmem", lambda: _pmem(manager, item), segment=item.pci_segment)
+    if kind == "vsock":
+        return _add(manager, item.id, "--vsock", lambda: VirtioVsock.from_config(item, manager.loop),
+                    segment=item.pci_segment)
+    raise VmshError(f"{kind}: these devices cannot be plugged into a running VM")
+
+
 def _add(manager: DeviceManager, dev_id: str | None, option: str, make: Any, *, segment: int = 0,
-         bar64: bool = True) -> None:
+         bar64: bool = True) -> PciDevice:
     assert dev_id is not None, "normalize() names every device"
     try:
         device = make()
     except (DeviceError, OSError, ValueError) as err:
         raise VmshError(f"{option}: cannot create {dev_id}") from err
     try:
-        manager.add_virtio(dev_id, device, segment=segment, bar64=bar64)
+        return manager.add_virtio(dev_id, device, segment=segment, bar64=bar64)
     except BaseException:
         device.close()
         raise

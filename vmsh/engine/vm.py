@@ -28,7 +28,15 @@ from typing import Any
 from vmsh.config import canonical_json, normalize, vm_config_from_json
 from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
-from vmsh.devices.acpi import GED_POWER_BUTTON, AcpiPmTimer, AcpiShutdown, Ged
+from vmsh.devices.acpi import (
+    GED_PCI_CHANGE,
+    GED_POWER_BUTTON,
+    AcpiPmTimer,
+    AcpiShutdown,
+    Ged,
+    PciHotplugController,
+    PciHotplugState,
+)
 from vmsh.devices.legacy.cmos import Cmos, CmosState
 from vmsh.devices.legacy.debugcon import DebugConsole
 from vmsh.devices.legacy.i8042 import I8042
@@ -37,6 +45,7 @@ from vmsh.devices.legacy.serial import Serial16550, SerialState
 from vmsh.devices.pci.root import PciEcam
 from vmsh.devices.pvpanic import event_name as pvpanic_event_name
 from vmsh.engine import smbios
+from vmsh.engine.acpi import pci_hotplug
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
 from vmsh.engine.boot import layout
@@ -47,6 +56,7 @@ from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.device_manager import DeviceManager
 from vmsh.engine.virtio_devices import BALLOON_ID, PlatformHooks, add_config_devices
+from vmsh.engine.virtio_devices import add_item as add_config_item
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
@@ -80,6 +90,8 @@ POST_PORT = 0x80
 SHUTDOWN_PORT, PM_TIMER_PORT = 0x600, 0x608
 #: the GED's event register: one byte in the free space below the IOAPIC
 GED_ADDRESS, GED_IRQ = 0xFEB0_0000, 5
+#: the ACPI PCI hotplug registers, in the same free space
+PCI_HOTPLUG_ADDRESS = 0xFEB0_1000
 #: PCI windows (reference §6.1): 640 MiB of 32-bit MMIO from 3 GiB, 64-bit MMIO after RAM
 MMIO32_START, MMIO32_SIZE = 0xC000_0000, 640 << 20
 RAM_64BIT_START = 1 << 32
@@ -89,7 +101,7 @@ VCPU_JOIN_TIMEOUT = 5.0
 
 GuestEventSink = Callable[[str, str], None]
 #: the device-manager snapshot nodes that are not PCI devices
-LEGACY_DEVICE_IDS = frozenset({"__serial", "__cmos", "__ged"})
+LEGACY_DEVICE_IDS = frozenset({"__serial", "__cmos", "__ged", "__pci_hotplug"})
 
 
 def _unsupported(cfg: m.VmConfig) -> list[str]:
@@ -114,6 +126,10 @@ def _unsupported(cfg: m.VmConfig) -> list[str]:
     if cfg.memory.size == 0:
         missing.append("--memory size=0")
     return missing
+
+
+def _bdf(segment: int, slot: int) -> str:
+    return f"{segment:04x}:00:{slot:02x}.0"
 
 
 def host_memory() -> int | None:
@@ -317,6 +333,7 @@ class Vm:
         devices["__cmos"] = node(to_plain(self.cmos.state()))
         if self.ged is not None:
             devices["__ged"] = node({"pending": self.ged.pending})
+        devices["__pci_hotplug"] = node(to_plain(self.hotplug.state()))
         assert self.devices is not None
         devices.update((dev_id, node(state)) for dev_id, state in self.devices.states().items())
         tree = node(
@@ -401,6 +418,8 @@ class Vm:
                 max_vcpus=cfg.cpus.max_vcpus,
                 serial=cfg.serial.mode is not ConsoleOutputMode.OFF,
                 pci_segments=self._pci_segments(),
+                pci_rescan_method=pci_hotplug.RESCAN_METHOD,
+                extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, list(range(cfg.num_pci_segments()))),
                 ged=GedSpec(address=GED_ADDRESS, irq=GED_IRQ),
                 shutdown_port=SHUTDOWN_PORT,
                 pm_timer_port=PM_TIMER_PORT,
@@ -511,12 +530,55 @@ class Vm:
         self.pio.insert(AcpiPmTimer(), PM_TIMER_PORT, 4, name="acpi-pm-timer")
         self.ged = Ged(self._irq(GED_IRQ))
         self.mmio.insert(self.ged, GED_ADDRESS, 1, name="ged")
+        self.hotplug = PciHotplugController(cfg.num_pci_segments(), self._ejected)
+        if "__pci_hotplug" in saved:
+            try:
+                self.hotplug.restore(from_plain(PciHotplugState, saved["__pci_hotplug"], "__pci_hotplug"))
+            except ValueError as err:
+                raise SnapshotError(str(err)) from None
+        self.mmio.insert(self.hotplug, PCI_HOTPLUG_ADDRESS, pci_hotplug.REGISTER_SIZE, name="pci-hotplug")
         self.devices = DeviceManager(self.vm_fd, self.memory, self.pio, self.mmio, self._pci_segments())
         add_config_devices(self.devices, cfg, hooks)
         if saved:
             self.devices.restore({k: v for k, v in saved.items() if k not in LEGACY_DEVICE_IDS})
         if hooks.console is not None and hooks.console_device is not None:
             hooks.console.start_input(hooks.console_device.enqueue_input)
+
+    # --- hotplug ---------------------------------------------------------------------------------
+
+    def hotplug_device(self, kind: str, item: Any) -> dict[str, str]:
+        """Plug a device of the running VM's config in (``kind`` is the config list it is in)
+        and tell the guest through ACPI; returns cloud-hypervisor's PciDeviceInfo."""
+        assert self.devices is not None and self.ged is not None
+        entry = add_config_item(self.devices, kind, item, hotplug=True)
+        self.hotplug.plug(entry.segment, entry.slot)
+        self.ged.notify(GED_PCI_CHANGE)
+        return {"id": entry.id, "bdf": _bdf(entry.segment, entry.slot)}
+
+    def unplug_device(self, dev_id: str) -> bool:
+        """Ask the guest to eject ``dev_id``; False if there is no such PCI device."""
+        assert self.devices is not None and self.ged is not None
+        entry = self.devices.devices.get(dev_id)
+        if entry is None:
+            return False
+        self.hotplug.unplug(entry.segment, entry.slot)
+        self.ged.notify(GED_PCI_CHANGE)
+        return True
+
+    def _ejected(self, segment: int, slot: int) -> None:
+        """The guest ejected ``slot`` (a vCPU thread, from its write to B0EJ)."""
+        assert self.devices is not None
+        entry = self.devices.find_slot(segment, slot)
+        if entry is None:
+            return
+        self.devices.remove(entry.id)
+        for attr in ("disks", "net", "pmem"):
+            items = getattr(self.config, attr)
+            if items and any(i.id == entry.id for i in items):
+                setattr(self.config, attr, [i for i in items if i.id != entry.id] or None)
+        if self.config.vsock is not None and self.config.vsock.id == entry.id:
+            self.config.vsock = None
+        self.events.emit("vm", "device-removed", {"id": entry.id, "bdf": _bdf(segment, slot)})
 
     def resize_balloon(self, size: int) -> None:
         """Ask the guest to give ``size`` bytes back through the balloon."""

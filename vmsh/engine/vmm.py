@@ -147,6 +147,9 @@ ACTIONS: tuple[Action, ...] = (
 ACTIONS_BY_PATH = {a.path: a for a in ACTIONS}
 
 #: add-* action -> (VmConfig list attribute, or the single-device attribute for vsock)
+#: config lists whose devices can be plugged into a running VM
+HOTPLUG_KINDS = frozenset({"disks", "net", "pmem", "vsock"})
+
 _ADD_TARGETS = {
     "add-device": "devices",
     "add-disk": "disks",
@@ -357,30 +360,43 @@ class Vmm:
 
     # --- devices ------------------------------------------------------------------------------
 
-    def add_device_config(self, action: str, device: Any) -> None:
-        """Cold-add a device to the config of a VM that is not booted yet.
-
-        Hotplug into a running guest is not available: the request is refused, naming why.
-        """
+    def add_device_config(self, action: str, device: Any) -> dict[str, str] | None:
+        """Add a device: to the config of a VM not booted yet, or hotplugged into the running
+        guest through ACPI PCI hotplug (then cloud-hypervisor's PciDeviceInfo is returned)."""
         if self.config is None:
             raise NotFoundError("VM is not created")
-        if self.vm is not None:
-            raise VmshError(f"{action}: hotplug into a running VM is not supported yet")
         attr = _ADD_TARGETS[action]
+        if self.vm is not None and attr not in HOTPLUG_KINDS:
+            raise VmshError(f"{action}: these devices cannot be hotplugged into a running VM")
         candidate = copy.deepcopy(self.config)
         if attr == "vsock":
             candidate.vsock = device
         else:
             setattr(candidate, attr, (getattr(candidate, attr) or []) + [device])
-        if candidate.payload is not None:
-            normalize(candidate)  # validate before committing
-        self.config = candidate
+        if candidate.payload is not None or self.vm is not None:
+            candidate = normalize(candidate)  # validate (and name the device) before committing
+        if self.vm is None:
+            self.config = candidate
+            return None
+        added = candidate.vsock if attr == "vsock" else getattr(candidate, attr)[-1]
+        info = self.vm.hotplug_device(attr, added)
+        # The VM's config object is the one vm.info shows: update it in place.
+        if attr == "vsock":
+            self.vm.config.vsock = added
+        else:
+            setattr(self.vm.config, attr, (getattr(self.vm.config, attr) or []) + [added])
+        self.config = self.vm.config
+        return info
 
     def remove_device(self, request: RemoveDeviceRequest) -> None:
+        """Remove a device: from the config of a VM not booted yet, or by asking the running
+        guest to eject it (the ``device-removed`` event follows when it has)."""
         if self.config is None:
             raise NotFoundError("VM is not created")
         if self.vm is not None:
-            raise VmshError("remove-device: hotplug into a running VM is not supported yet")
+            if not self.vm.unplug_device(request.id):
+                raise NotFoundError(f"No device with id {request.id}")
+            return
         for attr in ("disks", "net", "fs", "pmem", "devices", "user_devices", "vdpa"):
             items = getattr(self.config, attr)
             if items and any(item.id == request.id for item in items):
