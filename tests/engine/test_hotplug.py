@@ -1,0 +1,63 @@
+"""PCI hotplug at the VMM level, on KVM with a tiny kernel (no guest driver involved): the
+device is plugged and announced through the hotplug registers and the GED; a guest's eject
+through B0EJ unplugs it, updates the config and emits ``device-removed``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.engine import tiny_kernel
+from vmsh.config import model as m
+from vmsh.config import normalize, vm_config_from_argv
+from vmsh.devices.acpi import GED_PCI_CHANGE
+from vmsh.engine.events import EventMonitor
+from vmsh.engine.vm import GED_ADDRESS, PCI_HOTPLUG_ADDRESS, Vm
+
+
+class Events(EventMonitor):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.seen: list[tuple[str, str, dict | None]] = []
+
+    def emit(self, source, event, properties=None):
+        self.seen.append((source, event, properties))
+
+
+@pytest.fixture
+def vm(tmp_path: Path):
+    kernel = tmp_path / "hello.elf"
+    kernel.write_bytes(tiny_kernel.hello_poweroff())
+    cfg = normalize(vm_config_from_argv(["--kernel", str(kernel), "--serial", "null", "--console", "off"]))
+    events = Events()
+    machine = Vm.build(cfg, events, lambda kind, detail: None)
+    machine.test_events = events
+    yield machine
+    machine.shutdown()
+
+
+def test_hotplugged_disk_is_announced_and_ejected(vm, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    disk = m.DiskConfig(path=str(image), id="hot0")
+    info = vm.hotplug_device("disks", disk)
+    slot = int(info["bdf"].split(":")[2].split(".")[0], 16)
+    assert info["id"] == "hot0" and info["bdf"].startswith("0000:00:")
+    # the guest's view: a virtio-blk function in that slot, its bit in PCIU, the GED event
+    assert vm.devices.buses[0].config_read(0, slot, 0, 0, 4) == bytes.fromhex("f4 1a 42 10")
+    assert vm.mmio.read(GED_ADDRESS, 1)[0] & GED_PCI_CHANGE
+    assert int.from_bytes(vm.mmio.read(PCI_HOTPLUG_ADDRESS, 4), "little") == 1 << slot
+    vm.config.disks = [disk]
+    # removal: the bit in PCID, then the guest ejects through B0EJ
+    assert vm.unplug_device("hot0")
+    assert int.from_bytes(vm.mmio.read(PCI_HOTPLUG_ADDRESS + 4, 4), "little") == 1 << slot
+    vm.mmio.write(PCI_HOTPLUG_ADDRESS + 8, (1 << slot).to_bytes(4, "little"))
+    assert "hot0" not in vm.devices.devices
+    assert vm.devices.buses[0].config_read(0, slot, 0, 0, 4) == b"\xff" * 4
+    assert vm.config.disks is None
+    assert ("vm", "device-removed", {"id": "hot0", "bdf": info["bdf"]}) in vm.test_events.seen
+
+
+def test_unknown_device_cannot_be_unplugged(vm) -> None:
+    assert not vm.unplug_device("nope")
