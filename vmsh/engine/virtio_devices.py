@@ -24,12 +24,12 @@ from vmsh.devices.ratelimit import RateLimiter, RateLimiterGroup
 from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
+from vmsh.devices.virtio.net import VirtioNet, format_mac
 from vmsh.devices.virtio.pmem import VirtioPmem
+from vmsh.devices.virtio.rng import VirtioRng
 from vmsh.devices.virtio.vsock import VirtioVsock
 from vmsh.devices.virtio.watchdog import VirtioWatchdog
 from vmsh.engine.console import ConsoleBackend
-from vmsh.devices.virtio.net import VirtioNet, format_mac
-from vmsh.devices.virtio.rng import VirtioRng
 from vmsh.engine.device_manager import DeviceManager, PciDevice
 from vmsh.errors import DeviceError, VmshError
 

@@ -55,12 +55,18 @@ from vmsh.engine.bus import Bus, BusError
 from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.device_manager import DeviceManager
-from vmsh.engine.virtio_devices import BALLOON_ID, PlatformHooks, add_config_devices
-from vmsh.engine.virtio_devices import add_item as add_config_item
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
-from vmsh.engine.kvm_state import VcpuState, VmKvmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
+from vmsh.engine.kvm_state import (
+    VcpuState,
+    VmKvmState,
+    restore_vcpu,
+    restore_vm,
+    save_vcpu,
+    save_vm,
+    saveable_msrs,
+)
 from vmsh.engine.memory import GuestMemory, GuestRegion, MemoryOptions, ram_ranges
 from vmsh.engine.persist import (
     FORMAT_VERSION,
@@ -78,8 +84,17 @@ from vmsh.engine.pvm import internal_error_handler, is_pvm_host
 from vmsh.engine.state import VmState, check_transition
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop, install_kick_handler
+from vmsh.engine.virtio_devices import BALLOON_ID, PlatformHooks, add_config_devices
+from vmsh.engine.virtio_devices import add_item as add_config_item
 from vmsh.engine.vmm import GuestEvent
-from vmsh.errors import ConfigError, DeviceError, KvmError, StateError, VmshError, error_chain
+from vmsh.errors import (
+    ConfigError,
+    DeviceError,
+    KvmError,
+    StateError,
+    VmshError,
+    error_chain,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -135,7 +150,8 @@ def _bdf(segment: int, slot: int) -> str:
 def host_memory() -> int | None:
     """RAM plus swap of this host in bytes (None when /proc/meminfo cannot be read)."""
     try:
-        fields = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii"))
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
         return (int(fields["MemTotal"].split()[0]) + int(fields["SwapTotal"].split()[0])) * 1024
     except (OSError, KeyError, ValueError):
         return None

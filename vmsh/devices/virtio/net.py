@@ -29,7 +29,14 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from vmsh.devices.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, Tap
+from vmsh.devices.backends.tap import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_TSO_ECN,
+    TUN_F_UFO,
+    Tap,
+)
 from vmsh.devices.ratelimit import RateLimiter, ThrottleTimer
 from vmsh.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, has_feature
 from vmsh.devices.virtio.queue import VirtQueue
