@@ -9,6 +9,10 @@ The device models (``vmsh.devices``) know nothing of KVM; this is where they are
   MMIO bus, one ``KvmMsiRouter`` for its MSI-X vectors, and one ioeventfd per queue on its
   notify address, served by the ``IoLoop`` thread; when the guest moves the BAR, the window
   and the ioeventfds move with it;
+- a plain PCI device with one memory BAR (pvpanic) is placed and mapped the same way;
+- a device region (a pmem file) becomes a KVM memory slot in the 64-bit window;
+- hotplugged devices go through the same path; an ejected one is unmapped and its slot
+  freed (BAR space is not reused: the windows are far larger than any device set);
 - on pause the I/O thread is quiesced, so a snapshot sees no request half done.
 
 Slot order follows cloud-hypervisor's device manager: console, disks, nets, rng, pmem,
@@ -136,7 +140,7 @@ class BarAllocator:
 
 
 class DeviceManager:
-    """PCI segments and the virtio devices on them."""
+    """PCI segments and the devices on them."""
 
     def __init__(self, vm_fd: Any, memory: GuestMemory, pio: Bus, mmio: Bus,
                  segments: tuple[PciSegment, ...]) -> None:
@@ -150,8 +154,8 @@ class DeviceManager:
         self.loop = IoLoop()
         self.devices: dict[str, PciDevice] = {}
         self._kick_after_restore = False
-        #: host mappings in guest physical memory: (KVM slot, guest address, mapping)
-        self._regions: list[tuple[int, int, mmap.mmap]] = []
+        #: host mappings in guest physical memory, by device id: (KVM slot, guest address, mapping)
+        self._regions: dict[str, tuple[int, int, mmap.mmap]] = {}
         self._alloc32 = {seg.id: BarAllocator(*seg.mmio32) for seg in segments}
         self._alloc64 = {seg.id: BarAllocator(*seg.mmio64) for seg in segments}
         for seg, bus in zip(segments, self.buses):
@@ -212,13 +216,28 @@ class DeviceManager:
         with entry.window.lock:
             self._unmap(entry)
         self.buses[entry.segment].slots[entry.slot] = None
+        self._release(entry)
+        return entry
+
+    def _release(self, entry: PciDevice) -> None:
+        """Close what a device holds: its interrupts, its model's host resources, its region."""
         if entry.router is not None:
             entry.router.close()
         try:
             entry.transport.close()
-        except Exception:  # the device is gone from the guest either way
-            LOG.exception("%s: close failed", dev_id)
-        return entry
+        except Exception:  # the device is gone from the guest either way; go on with the rest
+            LOG.exception("%s: close failed", entry.id)
+        region = self._regions.pop(entry.id, None)
+        if region is not None:
+            slot, address, mapping = region
+            try:
+                self.vm_fd.set_user_memory_region(slot, address, 0, 0)  # size 0 deletes the slot
+            except KvmError:
+                pass  # the VM is going away
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # still exported somewhere; unmapped with the process
 
     def find_slot(self, segment: int, slot: int) -> PciDevice | None:
         """The device in ``slot`` of ``segment``."""
@@ -228,13 +247,14 @@ class DeviceManager:
         """Put a host mapping (a pmem file) into guest physical memory as its own KVM memory
         slot, at a 2 MiB-aligned address of segment 0's 64-bit window; returns the address."""
         address = self._alloc64[0].allocate(max(_REGION_ALIGN, (size + _REGION_ALIGN - 1) & ~(_REGION_ALIGN - 1)))
-        slot = _FIRST_REGION_SLOT + len(self._regions)
+        used = {slot for slot, _, _ in self._regions.values()}
+        slot = next(s for s in range(_FIRST_REGION_SLOT, _FIRST_REGION_SLOT + 1024) if s not in used)
         host = int(ffi.cast("uintptr_t", ffi.from_buffer(mapping)))
         try:
             self.vm_fd.set_user_memory_region(slot, address, size, host)
         except KvmError as err:
             raise DeviceError(f"{dev_id}: KVM refused the memory region at {address:#x}") from err
-        self._regions.append((slot, address, mapping))
+        self._regions[dev_id] = (slot, address, mapping)
         return address
 
     def _in_window(self, segment: int, address: int, size: int) -> bool:
@@ -386,19 +406,8 @@ class DeviceManager:
             for fd, _ in entry.notify_fds:
                 os.close(fd)
             entry.notify_fds = []
-            if entry.router is not None:
-                entry.router.close()
-            try:
-                entry.transport.close()
-            except Exception:  # closing must go on for the other devices
-                LOG.exception("%s: close failed", entry.id)
+            self._release(entry)
         self.devices = {}
-        for _, _, mapping in self._regions:
-            try:
-                mapping.close()
-            except BufferError:
-                pass  # still exported somewhere; unmapped with the process
-        self._regions = []
 
     # --- inspection -------------------------------------------------------------------------------
 
