@@ -37,6 +37,9 @@ def test_boots_to_ready_marker_and_powers_off(image, kernel, initrd, machine):
         assert guest.run("tty") == "/dev/ttyS0"
         # job control: the shell has a controlling terminal
         assert "sleep" in guest.run("sleep 30 & jobs; kill %1")
+        # applets run by name although the image links only a few of them
+        assert guest.run("echo abc | sed s/b/B/ | awk '{print $1}' | tr a A") == "ABc"
+        assert "UP" in guest.run("ip -o link show lo")
         mounts = guest.run("cat /proc/mounts")
         for fs in ("proc /proc", "sysfs /sys", "devtmpfs /dev", "devpts /dev/pts", "tmpfs /tmp"):
             assert fs in mounts, fs

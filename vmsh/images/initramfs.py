@@ -21,13 +21,32 @@ log = logging.getLogger(__name__)
 
 TARGET = "initramfs"
 DEBIAN_TARGET = "debian-initramfs"
-RECIPE = 1
+#: 2: applet links only for LINKED_APPLETS, a static /etc/fstab
+RECIPE = 2
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_PACKAGE = "busybox-static"
 INIT_SCRIPT = cache.GUEST_IMAGES_DIR / "init.sh"
 FILENAME = "initramfs.cpio"
 #: marker line /init prints once the guest is usable
 READY_MARKER = "VMSH-READY"
+
+#: The only applet links in the image. Unpacking a link costs the guest kernel about
+#: 14,000 emulated instructions (header parsing, path walk, inode), and the shell runs
+#: every applet by name without one (busybox-static is built with
+#: FEATURE_SH_STANDALONE and FEATURE_PREFER_APPLETS: applets that exec others, such as
+#: setsid, env or xargs, find applets the same way) by re-executing /proc/self/exe.
+#: Before /proc is mounted that fails and the shell falls back to PATH, so /bin/mount
+#: must exist for the Debian kernel's /init; /bin/sh is the interpreter of ``#!/bin/sh``
+#: scripts; the others are the applets /init and its traps run, kept reachable by path.
+LINKED_APPLETS = ("bin/sh", "bin/mount", "sbin/insmod", "sbin/poweroff", "usr/bin/setsid", "bin/cttyhack")
+#: /init mounts these with one ``mount -a`` (devtmpfs is mounted before it)
+FSTAB = (
+    "proc /proc proc defaults 0 0\n"
+    "sysfs /sys sysfs defaults 0 0\n"
+    "devpts /dev/pts devpts gid=5,mode=620,ptmxmode=666 0 0\n"
+    "tmpfs /tmp tmpfs mode=1777 0 0\n"
+    "tmpfs /run tmpfs mode=755 0 0\n"
+)
 
 _DIRS = ("bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "root", "run", "sbin",
          "sys", "tmp", "usr", "usr/bin", "usr/sbin", "var")
@@ -51,17 +70,30 @@ def _busybox_applets() -> list[str]:
     return sorted(line.strip() for line in out.stdout.splitlines() if line.strip())
 
 
+def _check_standalone_shell() -> None:
+    """The image relies on busybox's shell finding applets without links or PATH."""
+    out = subprocess.run([str(BUSYBOX), "sh", "-c", "true | cat"], capture_output=True, check=False,
+                         env={"PATH": "/nonexistent"})
+    if out.returncode != 0:
+        raise ImageError(f"{BUSYBOX} sh cannot run applets without links "
+                         "(built without FEATURE_SH_STANDALONE?)")
+
+
 def base_entries() -> list[cpio.Entry]:
-    """The common image: directories, device nodes, busybox and its applet links, /init."""
+    """The common image: directories, device nodes, busybox and a few applet links, /init."""
     entries = [cpio.directory(d) for d in _DIRS]
     entries[_DIRS.index("tmp")] = cpio.directory("tmp", 0o1777)
     # the kernel opens /dev/console for init before anything mounts devtmpfs
     entries += [cpio.chardev("dev/console", 5, 1), cpio.chardev("dev/null", 1, 3, 0o666)]
     entries.append(cpio.file("bin/busybox", BUSYBOX.read_bytes(), 0o755))
-    for applet in _busybox_applets():
-        if applet != "bin/busybox":
-            entries.append(cpio.symlink(applet, "/bin/busybox"))
+    _check_standalone_shell()
+    applets = set(_busybox_applets())
+    for applet in LINKED_APPLETS:
+        if applet not in applets:
+            raise ImageError(f"{BUSYBOX} has no applet {applet}")
+        entries.append(cpio.symlink(applet, "/bin/busybox"))
     entries.append(cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755))
+    entries.append(cpio.file("etc/fstab", FSTAB.encode()))
     entries.append(cpio.file("etc/hostname", b"vmsh-guest\n"))
     entries.append(cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"))
     entries.append(cpio.file("etc/group", b"root:x:0:\ntty:x:5:\n"))
