@@ -99,7 +99,13 @@ def test_restored_clones_run_side_by_side(snapshot) -> None:
     procs = [subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
     try:
-        outputs = [read_available(p, 2.5) for p in procs]
+        # each clone must print; wait for it (a loaded host may take seconds to start four VMMs)
+        outputs = [b""] * len(procs)
+        deadline = time.monotonic() + 60
+        while not all(outputs) and time.monotonic() < deadline:
+            for i, p in enumerate(procs):
+                if not outputs[i]:
+                    outputs[i] = read_available(p, 0.2)
         assert all(outputs), [p.poll() for p in procs]
     finally:
         for p in procs:

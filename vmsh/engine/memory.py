@@ -86,6 +86,40 @@ class MemoryOptions:
     prefault: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ZoneSpec:
+    """One ``--memory-zone``: its size, how it is backed, and where."""
+
+    size: int
+    options: MemoryOptions = MemoryOptions()
+    #: back the zone with this file (MAP_SHARED when ``options.shared``, else private)
+    file: str | None = None
+    #: bind the zone's pages to this host NUMA node (mbind MPOL_BIND)
+    host_numa_node: int | None = None
+
+
+#: mbind(2): x86_64 syscall number and the policy that binds to a node set
+_SYS_MBIND = 237
+_MPOL_BIND = 2
+
+
+def bind_to_node(mm: mmap.mmap, node: int) -> None:
+    """Bind a mapping's pages to host NUMA node ``node``.
+
+    :raises GuestMemoryError: when the node does not exist or the kernel refuses.
+    """
+    if not os.path.isdir(f"/sys/devices/system/node/node{node}"):
+        raise GuestMemoryError(f"host NUMA node {node} does not exist")
+    mask = (ctypes.c_ulong * (node // 64 + 1))()
+    mask[node // 64] = 1 << (node % 64)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(len(mm)), _MPOL_BIND,
+                    mask, ctypes.c_ulong(len(mask) * 64 + 1), 0) != 0:
+        raise GuestMemoryError(f"cannot bind guest RAM to host NUMA node {node}: "
+                               f"{os.strerror(ctypes.get_errno())}")
+
+
 class GuestRegion:
     """One contiguous mapping of guest RAM at ``start``."""
 
@@ -138,6 +172,31 @@ class GuestRegion:
         if options.mergeable and hasattr(mmap, "MADV_MERGEABLE"):
             _madvise(mm, mmap.MADV_MERGEABLE)
         return cls(start, mm, fd, shared=options.shared)
+
+    @classmethod
+    def from_file(cls, start: int, path: str, offset: int, size: int, options: MemoryOptions) -> GuestRegion:
+        """Map ``size`` bytes of ``path`` from ``offset`` for guest address ``start``: shared
+        (the guest writes the file) with ``options.shared``, else copy-on-write. A file
+        shorter than that is extended.
+
+        :raises GuestMemoryError: when the file cannot be opened or mapped.
+        """
+        flags = (mmap.MAP_SHARED if options.shared else mmap.MAP_PRIVATE) | (_MAP_POPULATE if options.prefault else 0)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise GuestMemoryError(f"cannot open the memory zone file {path}") from err
+        try:
+            if os.fstat(fd).st_size < offset + size:
+                os.ftruncate(fd, offset + size)
+            mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        except (OSError, ValueError) as err:
+            raise GuestMemoryError(f"cannot map {size} bytes of {path} as guest RAM") from err
+        finally:
+            os.close(fd)
+        if options.mergeable and hasattr(mmap, "MADV_MERGEABLE"):
+            _madvise(mm, mmap.MADV_MERGEABLE)
+        return cls(start, mm)
 
     @property
     def host_addr(self) -> int:
@@ -233,6 +292,37 @@ class GuestMemory:
         try:
             for start, length in ram_ranges(size):
                 regions.append(GuestRegion.create(start, length, options))
+        except GuestMemoryError:
+            for r in regions:
+                r.close()
+            raise
+        return cls(regions)
+
+    @classmethod
+    def create_zones(cls, zones: list[ZoneSpec]) -> GuestMemory:
+        """RAM made of memory zones, one after the other in guest physical memory, laid out
+        around the 32-bit hole like plain RAM; a zone that straddles the hole is two regions."""
+        total = sum(z.size for z in zones)
+        if not zones or total <= 0 or any(z.size <= 0 or z.size % 4096 for z in zones):
+            raise GuestMemoryError("memory zones must have positive sizes that are multiples of 4 KiB")
+        regions: list[GuestRegion] = []
+        pieces = iter(ram_ranges(total))
+        start, room = next(pieces)
+        try:
+            for zone in zones:
+                done = 0
+                while done < zone.size:
+                    if room == 0:
+                        start, room = next(pieces)
+                    n = min(room, zone.size - done)
+                    if zone.file is not None:
+                        region = GuestRegion.from_file(start, zone.file, done, n, zone.options)
+                    else:
+                        region = GuestRegion.create(start, n, zone.options)
+                    regions.append(region)
+                    if zone.host_numa_node is not None:
+                        bind_to_node(region.mmap, zone.host_numa_node)
+                    start, room, done = start + n, room - n, done + n
         except GuestMemoryError:
             for r in regions:
                 r.close()

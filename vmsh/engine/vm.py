@@ -67,7 +67,7 @@ from vmsh.engine.kvm_state import (
     save_vm,
     saveable_msrs,
 )
-from vmsh.engine.memory import GuestMemory, GuestRegion, MemoryOptions, ram_ranges
+from vmsh.engine.memory import GuestMemory, GuestRegion, MemoryOptions, ZoneSpec, ram_ranges
 from vmsh.engine.persist import (
     FORMAT_VERSION,
     SnapshotError,
@@ -90,6 +90,7 @@ from vmsh.engine.vmm import GuestEvent
 from vmsh.errors import (
     ConfigError,
     DeviceError,
+    GuestMemoryError,
     KvmError,
     StateError,
     VmshError,
@@ -132,14 +133,14 @@ def _unsupported(cfg: m.VmConfig) -> list[str]:
         ("--user-device (needs a vfio-user server)", cfg.user_devices),
         ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
         # Not implemented yet.
-        ("--tpm", cfg.tpm), ("--numa", cfg.numa), ("--memory-zone", cfg.memory.zones),
+        ("--tpm", cfg.tpm), ("--numa", cfg.numa),
         ("--memory hotplug_size", cfg.memory.hotplug_size), ("--cpus kvm_hyperv=on", cfg.cpus.kvm_hyperv),
         ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
     ):
         if present:
             missing.append(name)
-    if cfg.memory.size == 0:
-        missing.append("--memory size=0")
+    if cfg.memory.size == 0 and not cfg.memory.zones:
+        missing.append("--memory size=0 without --memory-zone")
     return missing
 
 
@@ -166,6 +167,27 @@ def _host_phys_bits(supported: list[Any]) -> int:
         if entry.function == 0x8000_0008:
             return int(entry.eax & 0xFF)
     return 36
+
+
+def _create_memory(mem: m.MemoryConfig) -> GuestMemory:
+    """Guest RAM from ``--memory``, or from the ``--memory-zone`` s laid out one after another."""
+    if not mem.zones:
+        return GuestMemory.create(mem.size, MemoryOptions(
+            shared=mem.shared, hugepages=mem.hugepages, hugepage_size=mem.hugepage_size,
+            mergeable=mem.mergeable, thp=mem.thp, prefault=mem.prefault))
+    if mem.size:
+        raise VmshError("--memory size must be 0 when the RAM comes from --memory-zone")
+    for zone in mem.zones:
+        if zone.hotplug_size or zone.hotplugged_size:
+            raise VmshError(f"--memory-zone {zone.id}: memory hotplug is not supported by vmsh")
+    specs = [ZoneSpec(zone.size, MemoryOptions(
+        shared=zone.shared, hugepages=zone.hugepages, hugepage_size=zone.hugepage_size,
+        mergeable=mem.mergeable, thp=mem.thp, prefault=zone.prefault), file=zone.file,
+        host_numa_node=zone.host_numa_node) for zone in mem.zones]
+    try:
+        return GuestMemory.create_zones(specs)
+    except GuestMemoryError as err:
+        raise VmshError("Cannot create the memory zones") from err
 
 
 def _map_snapshot_memory(path: Path, prefault: bool) -> GuestMemory:
@@ -299,12 +321,12 @@ class Vm:
         kvm_state = from_plain(VmKvmState, root.get("kvm"), "vm.kvm")
         table = node_data(tree, "memory-manager")
         ranges = table.get("ranges") if isinstance(table, dict) else None
-        expected = [list(r) for r in ram_ranges(cfg.memory.size)]
+        expected = [list(r) for r in ram_ranges(cfg.memory.total_size())]
         if ranges != expected:
             raise SnapshotError(f"The snapshot's RAM ranges {ranges} do not match its config ({expected})")
         size = memory_path.stat().st_size
-        if size != cfg.memory.size:
-            raise SnapshotError(f"{memory_path} holds {size} bytes, the config says {cfg.memory.size}")
+        if size != cfg.memory.total_size():
+            raise SnapshotError(f"{memory_path} holds {size} bytes, the config says {cfg.memory.total_size()}")
         vcpu_ids = node_children(tree, "cpu-manager")
         if sorted(vcpu_ids, key=lambda x: (len(x), x)) != [str(i) for i in range(cfg.cpus.boot_vcpus)]:
             raise SnapshotError(f"The snapshot has vCPUs {vcpu_ids}, its config {cfg.cpus.boot_vcpus}")
@@ -358,10 +380,11 @@ class Vm:
                 "cpu-manager": node(children={
                     str(v.index): node(to_plain(save_vcpu(v.fd, msrs))) for v in self.vcpus
                 }),
-                "memory-manager": node({"ranges": [[r.start, r.size] for r in self.memory.regions]}),
+                "memory-manager": node({"ranges": [list(r) for r in ram_ranges(self.memory.size)]}),
                 "device-manager": node(children=devices),
             },
         )
+        # regions in address order: their concatenation is the coalesced ranges' contents
         write_snapshot(directory, canonical_json(self.config), tree, [(r.start, r.view) for r in self.memory.regions])
 
     def _open_kvm(self) -> None:
@@ -407,10 +430,7 @@ class Vm:
         assert cfg.payload is not None
         self._open_kvm()
         assert self.kvm is not None
-        mem_cfg = cfg.memory
-        options = MemoryOptions(shared=mem_cfg.shared, hugepages=mem_cfg.hugepages, hugepage_size=mem_cfg.hugepage_size,
-                                mergeable=mem_cfg.mergeable, thp=mem_cfg.thp, prefault=mem_cfg.prefault)
-        self.memory = GuestMemory.create(mem_cfg.size, options)
+        self.memory = _create_memory(cfg.memory)
         self.memory.register(self.vm_fd)
 
         payload = cfg.payload
