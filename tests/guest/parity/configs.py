@@ -130,6 +130,9 @@ CASES: tuple[Case, ...] = (
     C("memory-256M", ["--memory", "size=256M"], {"memory": {"size": 256 << 20}}),
     C("memory-1G", ["--memory", "size=1G"], {"memory": {"size": 1 << 30}}),
     C("memory-3584M-above-4G", ["--memory", "size=3584M"], {"memory": {"size": 3584 << 20}}),
+    C("memory-zones", ["--memory", "size=0", "--memory-zone", "id=z0,size=256M", "id=z1,size=128M,shared=on"],
+      {"memory": {"size": 0, "zones": [{"id": "z0", "size": 256 << 20},
+                                        {"id": "z1", "size": 128 << 20, "shared": True}]}}),
     C("memory-shared-bzimage", ["--memory", "size=640M,shared=on"], {"memory": {"size": 640 << 20, "shared": True}},
       kernel="kernel"),
     # --- platform -------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def check_agrees_with_config(desc: dict[str, Any], config: dict[str, Any]) -> No
     assert desc["boot"]["cmdline"] == config["payload"]["cmdline"]
     assert desc["boot"]["protocol"] == ("bzimage" if config["payload"]["kernel"].endswith("bzImage") else "pvh")
     ram = sum(e["size"] for e in desc["boot"]["e820"] if e["type"] == 1)
-    size = config.get("memory", {}).get("size", 512 << 20)
+    memory = config.get("memory", {})
+    size = memory.get("size", 512 << 20) + sum(z["size"] for z in memory.get("zones", []))
     assert size - (1 << 20) <= ram <= size  # the map leaves out [640 KiB, 1 MiB)
     assert sum(r["size"] for r in desc["ram"]["regions"]) == size
     signatures = [t["signature"] for t in desc["acpi"]]
