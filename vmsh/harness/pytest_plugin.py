@@ -127,8 +127,11 @@ class GuestFactory:
             client.put("vm.boot")
         return guest
 
-    def clone(self, snapshot: Path) -> Guest:
-        guest = restore_guest(snapshot, self.workdir / f"clone{len(self.guests)}", timeout=self.boot_timeout)
+    def clone(self, snapshot: Path, restore_flags: list[str] | None = None) -> Guest:
+        """A restored clone of ``snapshot``; ``restore_flags`` go to its ``vmsh launch --restore``
+        (``--api-socket``, ``--event-monitor``, ...)."""
+        guest = restore_guest(snapshot, self.workdir / f"clone{len(self.guests)}", extra_flags=restore_flags,
+                              timeout=self.boot_timeout)
         self.guests.append(guest)
         return guest
 
@@ -158,9 +161,10 @@ def vmsh_snapshots(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 
 @pytest.fixture
 def vmsh_clone(vmsh_guest: GuestFactory, vmsh_snapshots: SnapshotCache) -> Callable[..., Guest]:
-    """``vmsh_clone(*flags)``: a clone of a guest booted once with the default flags plus ``flags``."""
+    """``vmsh_clone(*flags, restore_flags=[...])``: a clone of a guest booted once with the default
+    flags plus ``flags``; ``restore_flags`` are given to the clone's own process."""
 
-    def clone(*extra: str, **kw: Any) -> Guest:
-        return vmsh_guest.clone(vmsh_snapshots.get(vmsh_guest.flags(*extra, **kw)))
+    def clone(*extra: str, restore_flags: list[str] | None = None, **kw: Any) -> Guest:
+        return vmsh_guest.clone(vmsh_snapshots.get(vmsh_guest.flags(*extra, **kw)), restore_flags)
 
     return clone
