@@ -98,6 +98,8 @@ def test_dsdt_content(tmp_path: Path) -> None:
         "Memory32Fixed (ReadWrite, 0xE8000000, 0x00100000, ) Memory32Fixed (ReadWrite, 0xE8100000, 0x00100000, ) })",
         'Device (COM1) { Name (_HID, EisaId ("PNP0501")) Name (_UID, One) Name (_CRS, ResourceTemplate () { '
         "IO (Decode16, 0x03F8, 0x03F8, 0x01, 0x08, ) IRQNoFlags () {4} }) }",
+        'Device (RTC) { Name (_HID, EisaId ("PNP0B00")) Name (_CRS, ResourceTemplate () { '
+        "IO (Decode16, 0x0070, 0x0070, 0x01, 0x02, ) }) }",
         'Device (PWRB) { Name (_HID, EisaId ("PNP0C0C")) Name (_UID, Zero) }',
         f"OperationRegion (GDST, SystemMemory, 0x{GED_ADDRESS:016X}, One) "
         "Field (GDST, ByteAcc, NoLock, WriteAsZeros) { GDAT, 8 }",

@@ -186,7 +186,7 @@ def test_tables_too_big() -> None:
 
 def test_dsdt_pieces_follow_spec() -> None:
     full = build_acpi(two_segment_spec()).table("DSDT")
-    for name in (b"PCI0", b"PC01", b"MBRD", b"COM1", b"PWRB", b"GEC_", b"GED_", b"CPUS", b"_S5_"):
+    for name in (b"PCI0", b"PC01", b"MBRD", b"COM1", b"RTC_", b"PWRB", b"GEC_", b"GED_", b"CPUS", b"_S5_"):
         assert name in full
     bare = build_acpi(two_segment_spec(serial=False, power_button=False, ged=None)).table("DSDT")
     for name in (b"COM1", b"PWRB", b"GEC_", b"GED_"):

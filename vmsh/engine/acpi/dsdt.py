@@ -7,6 +7,7 @@ What the guest finds under ``\\_SB_``:
 - ``MBRD`` (PNP0C02, motherboard resources) reserving every segment's ECAM, which Linux wants
   to see before it trusts MCFG;
 - ``COM1`` (PNP0501) at 0x3f8, IRQ 4, when the serial port is on;
+- ``RTC_`` (PNP0B00), the CMOS real-time clock at 0x70, without an interrupt;
 - ``PWRB`` (PNP0C0C), the control-method power button (ACPI 6.4 §4.8.2.2.1.2);
 - ``GEC_``, the MMIO register of the Generic Event Device, and ``GED_`` (ACPI0013, §5.6.9)
   whose ``_EVT`` reads that read-to-clear register and dispatches on its bits;
@@ -54,6 +55,7 @@ from vmsh.engine.acpi.spec import (
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+CMOS_PORT = 0x70
 #: SLP_TYP value for S5 that the guest writes to the sleep control register (FADT)
 S5_SLEEP_TYPE = 5
 #: Notify value for a power button press (ACPI 6.4 §5.6.6, Table 5.187 "Device Object Notification
@@ -158,6 +160,22 @@ def com1() -> bytes:
     )
 
 
+def cmos_rtc() -> bytes:
+    """``RTC_``: the CMOS RTC (PNP0B00), ports 0x70-0x71.
+
+    Without it Linux registers a platform RTC device with ISA IRQ 8, which a hardware-reduced
+    ACPI machine has not set up, and rtc_cmos fails to probe. Listed without an interrupt (vmsh's
+    CMOS raises no alarms), Linux drives it without one.
+    """
+    return Device(
+        "RTC_",
+        [
+            Name("_HID", EisaId("PNP0B00")),
+            Name("_CRS", ResourceTemplate([aml.IO(CMOS_PORT, CMOS_PORT, 1, 2)])),
+        ],
+    )
+
+
 def power_button() -> bytes:
     """``PWRB``: the control-method power button; the GED notifies it with 0x80."""
     return Device("PWRB", [Name("_HID", EisaId("PNP0C0C")), Name("_UID", 0)])
@@ -243,6 +261,7 @@ def dsdt_aml(spec: AcpiSpec) -> bytes:
         sb.append(motherboard_resources(spec.pci_segments))
     if spec.serial:
         sb.append(com1())
+    sb.append(cmos_rtc())
     if spec.power_button:
         sb.append(power_button())
     if spec.ged is not None:
