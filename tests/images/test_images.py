@@ -27,7 +27,8 @@ def test_kernel_config_matches_fragment(image):
     assert kernel.config_mismatches(config, fragment) == []
     options = kernel.parse_config(config)
     # the brief's must-haves, spelled out here too so the fragment cannot quietly drop one
-    for opt in ("64BIT", "SMP", "PVH", "SERIAL_8250_CONSOLE", "ACPI", "ACPI_BUTTON",
+    for opt in ("64BIT", "SMP", "PVH", "SERIAL_8250_CONSOLE", "ACPI", "ACPI_TINY_POWER_BUTTON",
+                "HOTPLUG_PCI_ACPI", "MAGIC_SYSRQ",
                 "ACPI_PROCESSOR", "PCI_MSI", "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_NET",
                 "VIRTIO_CONSOLE", "HW_RANDOM_VIRTIO", "VIRTIO_BALLOON", "VIRTIO_PMEM",
                 "VIRTIO_VSOCKETS", "PVPANIC", "PVPANIC_PCI", "DMI", "DMIID", "RTC_DRV_CMOS",

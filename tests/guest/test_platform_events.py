@@ -1,0 +1,123 @@
+"""What the guest's own kernel does with vmsh's platform events: ACPI PCI hotplug (add-disk,
+add-net and remove-device on a running guest, through acpiphp), the ACPI power button (the
+tiny power-button driver signals /init, which powers off) and pvpanic (a panic the guest
+triggers itself becomes cloud-hypervisor's ``guest panic`` event).
+
+Every test restores a clone of one booted guest with its own API socket and event file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from vmsh.api.client import ApiClient
+
+
+@pytest.fixture
+def clone(vmsh_clone, tmp_path: Path):
+    """A clone with ``.api`` (socket path) and ``.events`` (event-monitor file)."""
+
+    def make(*flags: str):
+        api, events = tmp_path / "api.sock", tmp_path / "events.json"
+        guest = vmsh_clone(*flags, restore_flags=["--api-socket", f"path={api}",
+                                                  "--event-monitor", f"path={events}"])
+        guest.api, guest.events = str(api), events
+        return guest
+
+    return make
+
+
+def events_of(path: Path) -> list[tuple[str, str, dict]]:
+    """The (source, event, properties) of every record in an event-monitor file so far."""
+    decoder, text, out, pos = json.JSONDecoder(), path.read_text(), [], 0
+    while (pos := _skip_space(text, pos)) < len(text):
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # a record still being written
+        out.append((record["source"], record["event"], record.get("properties") or {}))
+    return out
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def wait_for_event(path: Path, source: str, event: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for src, ev, props in events_of(path):
+            if (src, ev) == (source, event):
+                return props
+        time.sleep(0.2)
+    raise AssertionError(f"no {source} {event} event in {timeout:.0f} s: {events_of(path)}")
+
+
+def wait_in_guest(guest, condition: str, tries: int = 300) -> None:
+    """Poll a shell condition in the guest (5 per second) until it holds."""
+    guest.check_output(f"i=0; until {condition}; do [ $i -lt {tries} ] || exit 1; i=$((i+1)); sleep 0.2; done",
+                       timeout=tries / 5 + 30)
+
+
+def test_hotplugged_disk_appears_in_the_guest_and_ejects(clone, tmp_path: Path) -> None:
+    guest = clone()
+    image = tmp_path / "hot.img"
+    with open(image, "wb") as f:
+        f.write(b"VMSH-HOTPLUG-DISK".ljust(512, b"\0"))
+        f.truncate(8 << 20)
+    with ApiClient(guest.api) as api:
+        info = api.put("vm.add-disk", {"path": str(image), "id": "hot0", "serial": "hot-serial"})
+    assert info["id"] == "hot0"
+    # acpiphp rescans the slot on the GED's notification and virtio-blk binds to it
+    wait_in_guest(guest, "[ -e /sys/block/vda ]")
+    assert guest.check_output("cat /sys/block/vda/serial") == "hot-serial"  # (no newline in this file)
+    assert guest.check_output("cat /sys/block/vda/size") == str(16384)
+    assert guest.check_output("dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 17") == "VMSH-HOTPLUG-DISK"
+    # the PCI function the guest found is at the address vmsh reported
+    slot = info["bdf"].rsplit(":", 1)[1]
+    assert guest.check_output("readlink -f /sys/block/vda/device").split("/")[-2] == f"0000:00:{slot}"
+
+    with ApiClient(guest.api) as api:
+        api.put("vm.remove-device", {"id": "hot0"})
+    props = wait_for_event(guest.events, "vm", "device-removed")
+    assert props == {"id": "hot0", "bdf": info["bdf"]}
+    wait_in_guest(guest, "[ ! -e /sys/block/vda ]")
+    with ApiClient(guest.api) as api:
+        assert not api.get("vm.info")["config"].get("disks")
+    # the guest keeps running, and the slot can be used again
+    with ApiClient(guest.api) as api:
+        again = api.put("vm.add-disk", {"path": str(image), "id": "hot1"})
+    assert again["bdf"] == info["bdf"]
+    wait_in_guest(guest, "[ -e /sys/block/vda ]")
+
+
+def test_hotplugged_net_device_gets_its_mac(clone) -> None:
+    guest = clone()
+    mac = "52:54:00:12:34:99"
+    with ApiClient(guest.api) as api:
+        api.put("vm.add-net", {"mac": mac, "id": "hotnet"})
+    wait_in_guest(guest, "[ -e /sys/class/net/eth0 ]")
+    assert guest.check_output("cat /sys/class/net/eth0/address") == mac
+
+
+def test_power_button_powers_the_guest_off(clone) -> None:
+    guest = clone()
+    with ApiClient(guest.api) as api:
+        api.put("vm.power-button")
+    # /init traps the tiny power-button driver's SIGUSR2, syncs and powers off: vmsh exits 0
+    assert guest.wait_exit(timeout=120) == 0
+    assert ("vm", "shutdown", {}) in events_of(guest.events)
+
+
+def test_guest_panic_becomes_the_panic_event(clone) -> None:
+    guest = clone("--pvpanic")
+    guest.send("echo c > /proc/sysrq-trigger\n")
+    props = wait_for_event(guest.events, "guest", "panic", timeout=120)
+    assert props == {"event": "panic"}
+    guest.expect("Kernel panic - not syncing: sysrq triggered crash", timeout=30)
