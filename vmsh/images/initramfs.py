@@ -1,4 +1,5 @@
-"""The initramfs images: busybox-static, ``guest-images/init.sh`` as ``/init``.
+"""The initramfs images: busybox-static, ``guest-images/init.sh`` as ``/init``, and the
+static helpers of ``guest-images/tools/`` (``/bin/vsock``; see ``guest_tools``).
 
 ``initramfs`` has no modules (the default kernel has everything built in);
 ``debian-initramfs`` is the same plus the Debian kernel's virtio modules under
@@ -15,14 +16,14 @@ import subprocess
 from pathlib import Path
 
 from vmsh.errors import ImageError
-from vmsh.images import cache, cpio, tools
+from vmsh.images import cache, cpio, guest_tools, tools
 
 log = logging.getLogger(__name__)
 
 TARGET = "initramfs"
 DEBIAN_TARGET = "debian-initramfs"
-#: 2: applet links only for LINKED_APPLETS, a static /etc/fstab
-RECIPE = 2
+#: 2: applet links only for LINKED_APPLETS, a static /etc/fstab; 3: /bin/vsock
+RECIPE = 3
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_PACKAGE = "busybox-static"
 INIT_SCRIPT = cache.GUEST_IMAGES_DIR / "init.sh"
@@ -53,8 +54,9 @@ _DIRS = ("bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "root", "run"
 
 
 def key_inputs() -> dict[str, str]:
-    """busybox-static's version, /init and the recipe."""
+    """busybox-static's version, /init, the guest tools' sources and compiler, the recipe."""
     inputs = {f"pkg:{p}": v for p, v in tools.require_packages([BUSYBOX_PACKAGE]).items()}
+    inputs.update(guest_tools.key_inputs())
     inputs["init"] = cache.file_digest(INIT_SCRIPT)
     inputs["recipe"] = str(RECIPE)
     return inputs
@@ -79,8 +81,9 @@ def _check_standalone_shell() -> None:
                          "(built without FEATURE_SH_STANDALONE?)")
 
 
-def base_entries() -> list[cpio.Entry]:
-    """The common image: directories, device nodes, busybox and a few applet links, /init."""
+def base_entries(logfile: Path) -> list[cpio.Entry]:
+    """The common image: directories, device nodes, busybox and a few applet links, the
+    compiled guest tools, /init."""
     entries = [cpio.directory(d) for d in _DIRS]
     entries[_DIRS.index("tmp")] = cpio.directory("tmp", 0o1777)
     # the kernel opens /dev/console for init before anything mounts devtmpfs
@@ -92,6 +95,8 @@ def base_entries() -> list[cpio.Entry]:
         if applet not in applets:
             raise ImageError(f"{BUSYBOX} has no applet {applet}")
         entries.append(cpio.symlink(applet, "/bin/busybox"))
+    for path, program in guest_tools.build(logfile).items():
+        entries.append(cpio.file(path, program, 0o755))
     entries.append(cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755))
     entries.append(cpio.file("etc/fstab", FSTAB.encode()))
     entries.append(cpio.file("etc/hostname", b"vmsh-guest\n"))
@@ -118,7 +123,7 @@ def write_image(dest: Path, entries: list[cpio.Entry]) -> None:
 
 def build(out: Path, logfile: Path) -> dict[str, object]:
     """Build the module-less initramfs into ``out``."""
-    entries = base_entries()
+    entries = base_entries(logfile)
     write_image(out / FILENAME, entries)
     return {"entries": len(entries), "size": (out / FILENAME).stat().st_size}
 
@@ -129,7 +134,7 @@ def build_debian(out: Path, logfile: Path, debian_dir: Path) -> dict[str, object
 
     info = json.loads((debian_dir / "build-info.json").read_text())
     release = info["release"]
-    entries = base_entries() + module_entries(release, debian_dir / "modules")
+    entries = base_entries(logfile) + module_entries(release, debian_dir / "modules")
     write_image(out / FILENAME, entries)
     return {"entries": len(entries), "release": release, "modules": info["modules"],
             "size": (out / FILENAME).stat().st_size}

@@ -1,0 +1,78 @@
+"""Small static C programs for the guest, compiled when the initramfs is built.
+
+busybox has no tool for some things the guest tests need (an AF_VSOCK stream on
+stdin/stdout), so ``guest-images/tools/*.c`` are compiled here with ``gcc -static``
+against Debian's static glibc (``libc.a`` from libc6-dev) and put into the initramfs.
+Static, because the initramfs has no dynamic loader or shared libraries: copying
+them in would cost the guest kernel an unpack step per file.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+from vmsh.errors import ImageError
+from vmsh.images import cache, tools
+from vmsh.images.steps import run_logged
+
+TOOLS_DIR = cache.GUEST_IMAGES_DIR / "tools"
+#: path in the initramfs -> C source in guest-images/tools/
+PROGRAMS = {"bin/vsock": "vsock.c"}
+#: the compiler, the static C library and the kernel headers (<linux/vm_sockets.h>)
+PACKAGES = ("gcc-12", "libc6-dev", "linux-libc-dev")
+#: -s: symbols only cost unpacking time in the guest
+CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra")
+
+_PT_INTERP = 3
+_PT_DYNAMIC = 2
+_ET_EXEC = 2
+_EM_X86_64 = 62
+
+
+def key_inputs() -> dict[str, str]:
+    """Package versions, compiler flags and the sources; ImageError if a package is missing."""
+    inputs = {f"pkg:{p}": v for p, v in tools.require_packages(PACKAGES).items()}
+    inputs["cflags"] = " ".join(CFLAGS)
+    for dest, source in sorted(PROGRAMS.items()):
+        inputs[f"tool:{dest}"] = cache.file_digest(TOOLS_DIR / source)
+    return inputs
+
+
+def _require_static_libc() -> None:
+    """gcc prints just the name it was given when it has no such library file."""
+    tools.require_tools(["gcc"])
+    out = subprocess.run(["gcc", "-print-file-name=libc.a"], capture_output=True, text=True, check=False)
+    if out.returncode != 0 or not Path(out.stdout.strip()).is_absolute():
+        raise ImageError("the static C library libc.a is missing (gcc -static needs it): apt-get install libc6-dev")
+
+
+def is_static_executable(data: bytes) -> bool:
+    """An x86-64 ELF executable without a program interpreter or dynamic section."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return False
+    e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    (phoff,) = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    if e_type != _ET_EXEC or e_machine != _EM_X86_64 or phoff + phnum * phentsize > len(data):
+        return False
+    types = {struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)}
+    return not types & {_PT_INTERP, _PT_DYNAMIC}
+
+
+def build(logfile: Path) -> dict[str, bytes]:
+    """Compile every program; return ``{path in the initramfs: executable}``."""
+    _require_static_libc()
+    built: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="vmsh-guest-tools-") as tmp:
+        for dest, source in sorted(PROGRAMS.items()):
+            exe = Path(tmp) / Path(dest).name
+            run_logged(["gcc", *CFLAGS, "-o", str(exe), str(TOOLS_DIR / source)], logfile, what=f"gcc {source}")
+            data = exe.read_bytes()
+            if not is_static_executable(data):
+                raise ImageError(f"gcc -static made {source} into something other than a static "
+                                 f"x86-64 executable, log: {logfile}")
+            built[dest] = data
+    return built
