@@ -12,8 +12,10 @@ from tests.engine import tiny_kernel
 from vmsh.config import model as m
 from vmsh.config import normalize, vm_config_from_argv
 from vmsh.devices.acpi import GED_PCI_CHANGE
+from vmsh.engine.acpi import pci_hotplug
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.vm import GED_ADDRESS, PCI_HOTPLUG_ADDRESS, Vm
+from vmsh.errors import VmshError
 
 
 class Events(EventMonitor):
@@ -61,3 +63,27 @@ def test_hotplugged_disk_is_announced_and_ejected(vm, tmp_path: Path) -> None:
 
 def test_unknown_device_cannot_be_unplugged(vm) -> None:
     assert not vm.unplug_device("nope")
+
+
+def test_hotplug_uses_only_the_declared_spare_slots(vm, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    declared = vm.hotplug.declared[0]
+    occupied = {e.slot for e in vm.devices.devices.values()}
+    assert len([s for s in declared if s not in occupied]) == pci_hotplug.SPARE_SLOTS
+    # the DSDT has a slot device for exactly those slots
+    dsdt = vm.memory.read(0, 1 << 20)  # the tables are in low memory
+    for slot in range(1, 32):
+        assert (pci_hotplug.slot_name(slot).encode() + b"\x08_SUN" in dsdt) == (slot in declared), slot
+    plugged = [vm.hotplug_device("disks", m.DiskConfig(path=str(image), id=f"hot{i}"))
+               for i in range(pci_hotplug.SPARE_SLOTS)]
+    assert sorted(int(p["bdf"].split(":")[2][:2], 16) for p in plugged) == [s for s in declared if s not in occupied]
+    with pytest.raises(VmshError, match="No free hotplug slot on PCI segment 0"):
+        vm.hotplug_device("disks", m.DiskConfig(path=str(image), id="one-too-many"))
+    assert "one-too-many" not in vm.devices.devices
+
+
+def test_declared_slots_are_the_occupied_ones_and_the_first_free_ones() -> None:
+    assert pci_hotplug.declared_slots(set()) == list(range(1, 1 + pci_hotplug.SPARE_SLOTS))
+    assert pci_hotplug.declared_slots({0, 2, 20}) == sorted({2, 20} | {1, 3, 4, 5, 6, 7, 8, 9})
+    assert pci_hotplug.declared_slots(set(range(1, 32))) == list(range(1, 32))

@@ -104,11 +104,13 @@ class Ged:
 
 @dataclass
 class PciHotplugState:
-    """Slots that came up or are to go, per segment, and the selected segment."""
+    """Slots that came up or are to go, per segment, the selected segment, and the slots the
+    guest's ACPI tables declare hotpluggable (per segment; None: all of them)."""
 
     up: list[int]
     down: list[int]
     selected: int
+    declared: list[list[int]] | None = None
 
 
 class PciHotplugController:
@@ -128,6 +130,8 @@ class PciHotplugController:
         self.up = [0] * segments
         self.down = [0] * segments
         self.selected = 0
+        #: per segment, the slots the guest's ACPI tables have slot devices for
+        self.declared: list[list[int]] = [list(range(1, 32)) for _ in range(segments)]
         self._lock = threading.Lock()
 
     def plug(self, segment: int, slot: int) -> None:
@@ -170,12 +174,16 @@ class PciHotplugController:
 
     def state(self) -> PciHotplugState:
         with self._lock:
-            return PciHotplugState(list(self.up), list(self.down), self.selected)
+            return PciHotplugState(list(self.up), list(self.down), self.selected, [list(d) for d in self.declared])
 
     def restore(self, state: PciHotplugState) -> None:
         if len(state.up) != self.segments or len(state.down) != self.segments or not 0 <= state.selected < self.segments:
             raise ValueError("PCI hotplug state does not fit this VM's segments")
+        declared = state.declared if state.declared is not None else self.declared
+        if len(declared) != self.segments or any(not 0 < s < 32 for seg in declared for s in seg):
+            raise ValueError("PCI hotplug state declares slots this VM cannot have")
         with self._lock:
+            self.declared = [sorted(set(seg)) for seg in declared]
             self.up = [v & 0xFFFF_FFFF for v in state.up]
             self.down = [v & 0xFFFF_FFFF for v in state.down]
             self.selected = state.selected

@@ -80,6 +80,8 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
         kwargs = {}
         for f in dataclasses.fields(tp):
             if f.name not in value:
+                if f.default is not dataclasses.MISSING:  # a field newer than the snapshot
+                    continue
                 raise SnapshotError(f"{path}: missing {f.name}")
             kwargs[f.name] = _decode(hints[f.name], value[f.name], f"{path}.{f.name}")
         return tp(**kwargs)

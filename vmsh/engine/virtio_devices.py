@@ -99,31 +99,33 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
             raise VmshError(f"--pvpanic: cannot create {PVPANIC_ID}") from err
 
 
-def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = False) -> PciDevice:
-    """Create and plug one ``disks``/``net``/``pmem``/``vsock`` item of a config (cold, or
-    into a running VM: then a disk's BAR is 64-bit like every hotplugged device's)."""
+def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = False,
+             slot: int | None = None) -> PciDevice:
+    """Create and plug one ``disks``/``net``/``pmem``/``vsock`` item of a config, in ``slot`` or
+    the first free one (cold, or into a running VM: then a disk's BAR is 64-bit like every
+    hotplugged device's)."""
+    where = {"segment": item.pci_segment, "slot": slot}
     if kind == "disks":
-        return _add(manager, item.id, "--disk", lambda: _block(manager, item), segment=item.pci_segment,
-                    bar64=hotplug or item.pci_segment != 0)
+        return _add(manager, item.id, "--disk", lambda: _block(manager, item),
+                    bar64=hotplug or item.pci_segment != 0, **where)
     if kind == "net":
-        return _add(manager, item.id, "--net", lambda: _net(manager, item), segment=item.pci_segment)
+        return _add(manager, item.id, "--net", lambda: _net(manager, item), **where)
     if kind == "pmem":
-        return _add(manager, item.id, "--pmem", lambda: _pmem(manager, item), segment=item.pci_segment)
+        return _add(manager, item.id, "--pmem", lambda: _pmem(manager, item), **where)
     if kind == "vsock":
-        return _add(manager, item.id, "--vsock", lambda: VirtioVsock.from_config(item, manager.loop),
-                    segment=item.pci_segment)
+        return _add(manager, item.id, "--vsock", lambda: VirtioVsock.from_config(item, manager.loop), **where)
     raise VmshError(f"{kind}: these devices cannot be plugged into a running VM")
 
 
 def _add(manager: DeviceManager, dev_id: str | None, option: str, make: Any, *, segment: int = 0,
-         bar64: bool = True) -> PciDevice:
+         slot: int | None = None, bar64: bool = True) -> PciDevice:
     assert dev_id is not None, "normalize() names every device"
     try:
         device = make()
     except (DeviceError, OSError, ValueError) as err:
         raise VmshError(f"{option}: cannot create {dev_id}") from err
     try:
-        return manager.add_virtio(dev_id, device, segment=segment, bar64=bar64)
+        return manager.add_virtio(dev_id, device, segment=segment, slot=slot, bar64=bar64)
     except BaseException:
         device.close()
         raise

@@ -448,6 +448,13 @@ class Vm:
 
         supported = self.kvm.supported_cpuid()
         phys_bits = self._phys_bits(supported)
+        # the devices first: the ACPI tables declare their slots hotpluggable
+        self._create_devices({})
+        assert self.devices is not None
+        self.hotplug.declared = [
+            pci_hotplug.declared_slots({e.slot for e in self.devices.devices.values() if e.segment == seg})
+            for seg in range(cfg.num_pci_segments())
+        ]
         try:
             acpi = build_acpi(AcpiSpec(
                 boot_vcpus=cfg.cpus.boot_vcpus,
@@ -455,7 +462,7 @@ class Vm:
                 serial=cfg.serial.mode is not ConsoleOutputMode.OFF,
                 pci_segments=self._pci_segments(),
                 pci_rescan_method=pci_hotplug.RESCAN_METHOD,
-                extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, list(range(cfg.num_pci_segments()))),
+                extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, self.hotplug.declared),
                 ged=GedSpec(address=GED_ADDRESS, irq=GED_IRQ),
                 shutdown_port=SHUTDOWN_PORT,
                 pm_timer_port=PM_TIMER_PORT,
@@ -467,7 +474,6 @@ class Vm:
         self.memory.write(layout.SMBIOS_START, tables)
         write_boot_tables(self.memory, kernel, payload.cmdline or "", initrd, rsdp=acpi.rsdp_address)
 
-        self._create_devices({})
 
         topo = cfg.cpus.topology
         topology = (
@@ -586,7 +592,14 @@ class Vm:
         """Plug a device of the running VM's config in (``kind`` is the config list it is in)
         and tell the guest through ACPI; returns cloud-hypervisor's PciDeviceInfo."""
         assert self.devices is not None and self.ged is not None
-        entry = add_config_item(self.devices, kind, item, hotplug=True)
+        segment = item.pci_segment
+        if not 0 <= segment < len(self.hotplug.declared):
+            raise VmshError(f"PCI segment {segment} does not exist")
+        free = [s for s in self.hotplug.declared[segment] if self.devices.find_slot(segment, s) is None]
+        if not free:
+            raise VmshError(f"No free hotplug slot on PCI segment {segment} (vmsh declares "
+                            f"{pci_hotplug.SPARE_SLOTS} spare slots per segment at boot)")
+        entry = add_config_item(self.devices, kind, item, hotplug=True, slot=free[0])
         self.hotplug.plug(entry.segment, entry.slot)
         self.ged.notify(GED_PCI_CHANGE)
         return {"id": entry.id, "bdf": _bdf(entry.segment, entry.slot)}

@@ -7,10 +7,11 @@ import subprocess
 
 import pytest
 
-from vmsh.devices.acpi import PciHotplugController
+from vmsh.devices.acpi import PciHotplugController, PciHotplugState
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.pci_hotplug import RESCAN_METHOD, hotplug_aml
 from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
+from vmsh.engine.persist import from_plain, to_plain
 
 
 def u32(value: int) -> bytes:
@@ -52,12 +53,29 @@ def test_state_round_trip_and_checks() -> None:
         PciHotplugController(1, lambda s, t: None).restore(ctl.state())
 
 
+def test_declared_slots_survive_a_snapshot_and_older_snapshots_declare_all() -> None:
+    ctl = PciHotplugController(1, lambda seg, slot: None)
+    ctl.declared = [[1, 2, 9]]
+    plain = to_plain(ctl.state())
+    other = PciHotplugController(1, lambda seg, slot: None)
+    other.restore(from_plain(PciHotplugState, plain))
+    assert other.declared == [[1, 2, 9]]
+    # a snapshot from before slots were declared: its guest has a slot device for every slot
+    del plain["declared"]
+    older = PciHotplugController(1, lambda seg, slot: None)
+    older.restore(from_plain(PciHotplugState, plain))
+    assert older.declared == [list(range(1, 32))]
+    for bad in ([[0]], [[32]], [[1], [2]]):
+        with pytest.raises(ValueError):
+            other.restore(from_plain(PciHotplugState, {**plain, "declared": bad}))
+
+
 @pytest.mark.skipif(shutil.which("iasl") is None, reason="needs iasl (acpica-tools) to disassemble the DSDT")
 def test_dsdt_with_hotplug_disassembles(tmp_path) -> None:
     segs = tuple(PciSegment(id=i, ecam_base=0xE800_0000 + (i << 20), mmio32=(0xC000_0000 + (i << 24), 1 << 24),
                             mmio64=((1 << 32) + (i << 30), 1 << 30)) for i in range(2))
     acpi = build_acpi(AcpiSpec(boot_vcpus=1, pci_segments=segs, ged=GedSpec(address=0xFEB0_0000, irq=5),
-                               pci_rescan_method=RESCAN_METHOD, extra_aml=hotplug_aml(0xFEB0_1000, [0, 1])))
+                               pci_rescan_method=RESCAN_METHOD, extra_aml=hotplug_aml(0xFEB0_1000, [list(range(1, 32))] * 2)))
     (tmp_path / "dsdt.dat").write_bytes(acpi.table("DSDT"))
     out = subprocess.run(["iasl", "-d", "dsdt.dat"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
