@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import pytest
 
+from tests.engine import tiny_kernel
 from tests.engine.conftest import Recorder
 from tests.unit.test_loader import make_bzimage, make_elf
+from vmsh.config import normalize, vm_config_from_argv
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.configure import BOOT_MSRS, configure_vcpu, write_boot_tables
 from vmsh.engine.boot.loader import load_initramfs, load_kernel
 from vmsh.engine.bus import Bus
 from vmsh.engine.cpuid import CpuTopology
+from vmsh.engine.events import EventMonitor
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.memory import GuestMemory
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop
+from vmsh.engine.vm import KVM_CAP_HYPERV_SYNIC, Vm
+from vmsh.errors import VmshError
 
 STOP_PORT = 0xF4
 
@@ -139,3 +144,27 @@ def test_pvm_host_cpuid_keeps_cx16_cleared_but_reforces_others(kvm: Kvm) -> None
         fd.close()
     finally:
         vm.close()
+
+
+def test_kvm_hyperv_needs_the_host_kvm_hyper_v_emulation(tmp_path) -> None:
+    """``kvm_hyperv=on`` gives each vCPU Hyper-V's CPUID leaves and KVM's SynIC; a host whose
+    KVM cannot emulate Hyper-V (PVM) refuses it with a clear error instead."""
+    kernel = tmp_path / "hello.elf"
+    kernel.write_bytes(tiny_kernel.hello_poweroff())
+    cfg = normalize(vm_config_from_argv(["--kernel", str(kernel), "--serial", "null", "--console", "off",
+                                         "--cpus", "boot=1,kvm_hyperv=on"]))
+    kvm = Kvm()
+    try:
+        supported = kvm.check_extension(KVM_CAP_HYPERV_SYNIC)
+    finally:
+        kvm.close()
+    if not supported:
+        with pytest.raises(VmshError, match="kvm_hyperv=on: this host's KVM has no Hyper-V emulation"):
+            Vm.build(cfg, EventMonitor(None), lambda kind, detail: None)
+        return
+    vm = Vm.build(cfg, EventMonitor(None), lambda kind, detail: None)
+    try:
+        cpuid = vm.vcpus[0].fd.get_cpuid2()
+        assert next(e for e in cpuid if e.function == 0x4000_0001).eax.to_bytes(4, "little") == b"Hv#1"
+    finally:
+        vm.shutdown()

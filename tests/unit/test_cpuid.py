@@ -58,3 +58,17 @@ def test_pvm_hides_the_pv_ipi_feature() -> None:
     on_kvm = build_cpuid([leaf], 0, CpuTopology.flat(2), pvm=False)[0]
     assert not on_pvm.eax & (1 << KVM_FEATURE_PV_SEND_IPI)
     assert on_kvm.eax & (1 << KVM_FEATURE_PV_SEND_IPI)
+
+
+def test_kvm_hyperv_replaces_kvm_leaves_with_hyper_v_ones() -> None:
+    kvm_leaves = [CpuidEntry(0x4000_0000, eax=0x4000_0001, ebx=0x4B4D564B), CpuidEntry(0x4000_0001, eax=1 << 11)]
+    out = build_cpuid(SUPPORTED + kvm_leaves, 0, CpuTopology.flat(1), pvm=True, hyperv=True)
+    vendor = leaf(out, 0x4000_0000)
+    assert vendor.eax == 0x4000_000A
+    assert b"".join(r.to_bytes(4, "little") for r in (vendor.ebx, vendor.ecx, vendor.edx)) == b"Linux KVM Hv"
+    assert leaf(out, 0x4000_0001).eax.to_bytes(4, "little") == b"Hv#1"
+    assert [e.function for e in out if e.function >> 28 == 4] == list(range(0x4000_0000, 0x4000_000B))
+    assert leaf(out, 0x4000_0003).eax & (1 << 2)  # the SynIC registers
+    # without it, KVM's own leaves stay
+    plain = build_cpuid(SUPPORTED + kvm_leaves, 0, CpuTopology.flat(1))
+    assert leaf(plain, 0x4000_0000).ebx == 0x4B4D564B

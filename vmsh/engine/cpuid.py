@@ -56,6 +56,43 @@ class CpuTopology:
 KVM_CPUID_FEATURES = 0x4000_0001
 KVM_FEATURE_PV_SEND_IPI = 11
 
+# Hyper-V's CPUID interface (Microsoft Hypervisor Top Level Functional Specification 6.0,
+# §2.4 "Hypervisor CPUID Leaves"), which ``--cpus kvm_hyperv=on`` puts where KVM's own
+# leaves were, as cloud-hypervisor does. KVM emulates what the leaves announce.
+HV_CPUID_VENDOR = 0x4000_0000  # EAX: highest leaf; EBX-EDX: vendor "Linux KVM Hv"
+HV_CPUID_INTERFACE = 0x4000_0001  # EAX: "Hv#1", the interface signature Hyper-V guests check
+HV_CPUID_VERSION = 0x4000_0002  # build number, major/minor version
+HV_CPUID_FEATURES = 0x4000_0003  # the partition privileges guests may use
+HV_CPUID_ENLIGHTENMENTS = 0x4000_0004  # recommendations
+HV_CPUID_LAST = 0x4000_000A  # leaves up to here are defined ("Hv#1" compliance)
+HV_SIGNATURE_HV1 = 0x3123_7648  # "Hv#1"
+HV_VENDOR = (0x756E_694C, 0x564B_2078, 0x7648_204D)  # "Linu", "x KV", "M Hv"
+HV_VERSION = (0x3839, 0xA_0000)  # build 14393, version 10.0
+# 0x4000_0003 EAX privileges: partition reference counter, SynIC, synthetic timers, reference TSC
+HV_ACCESS_PARTITION_REFERENCE_COUNTER = 1 << 1
+HV_ACCESS_SYNIC_REGS = 1 << 2
+HV_ACCESS_SYNTHETIC_TIMER_REGS = 1 << 3
+HV_ACCESS_PARTITION_REFERENCE_TSC = 1 << 9
+HV_CPU_DYNAMIC_PARTITIONING = 1 << 3  # EDX
+HV_RECOMMEND_RELAXED_TIMING = 1 << 5  # 0x4000_0004 EAX
+
+
+def hyperv_leaves() -> list[CpuidEntry]:
+    """The Hyper-V leaves 0x4000_0000-0x4000_000A that ``kvm_hyperv=on`` gives the guest."""
+    leaves = {
+        HV_CPUID_VENDOR: CpuidEntry(HV_CPUID_VENDOR, eax=HV_CPUID_LAST, ebx=HV_VENDOR[0], ecx=HV_VENDOR[1],
+                                    edx=HV_VENDOR[2]),
+        HV_CPUID_INTERFACE: CpuidEntry(HV_CPUID_INTERFACE, eax=HV_SIGNATURE_HV1),
+        HV_CPUID_VERSION: CpuidEntry(HV_CPUID_VERSION, eax=HV_VERSION[0], ebx=HV_VERSION[1]),
+        HV_CPUID_FEATURES: CpuidEntry(
+            HV_CPUID_FEATURES,
+            eax=(HV_ACCESS_PARTITION_REFERENCE_COUNTER | HV_ACCESS_SYNIC_REGS | HV_ACCESS_SYNTHETIC_TIMER_REGS
+                 | HV_ACCESS_PARTITION_REFERENCE_TSC),
+            edx=HV_CPU_DYNAMIC_PARTITIONING),
+        HV_CPUID_ENLIGHTENMENTS: CpuidEntry(HV_CPUID_ENLIGHTENMENTS, eax=HV_RECOMMEND_RELAXED_TIMING),
+    }
+    return [leaves.get(f, CpuidEntry(f)) for f in range(HV_CPUID_VENDOR, HV_CPUID_LAST + 1)]
+
 
 def _shift_for(count: int) -> int:
     """Bits needed to number ``count`` items (the x2APIC id field width)."""
@@ -63,13 +100,16 @@ def _shift_for(count: int) -> int:
 
 
 def build_cpuid(supported: list[CpuidEntry], vcpu_id: int, topology: CpuTopology, *,
-                pvm: bool = False, phys_bits: int | None = None) -> list[CpuidEntry]:
+                pvm: bool = False, phys_bits: int | None = None, hyperv: bool = False) -> list[CpuidEntry]:
     """The CPUID table for vCPU ``vcpu_id`` (its APIC id is its index).
 
     :param supported: from ``Kvm.supported_cpuid()``.
     :param pvm: clear what a PVM host cannot emulate (CX16).
     :param phys_bits: cap the guest physical address width (0x8000_0008 EAX[7:0]).
+    :param hyperv: Hyper-V's leaves instead of KVM's at 0x4000_0000 (``kvm_hyperv=on``).
     """
+    if hyperv:
+        supported = [e for e in supported if not HV_CPUID_VENDOR <= e.function <= HV_CPUID_LAST] + hyperv_leaves()
     smt_shift = _shift_for(topology.threads_per_core)
     core_shift = smt_shift + _shift_for(topology.cores_per_die * topology.dies_per_package)
     out: list[CpuidEntry] = []
@@ -94,7 +134,7 @@ def build_cpuid(supported: list[CpuidEntry], vcpu_id: int, topology: CpuTopology
         elif e.function == 4 and e.eax & 0x1F:
             # EAX[31:26]: addressable core ids per package - 1 (Intel deterministic cache leaf)
             e.eax = (e.eax & 0x03FFFFFF) | ((min(topology.cores_per_die * topology.dies_per_package, 64) - 1) << 26)
-        elif e.function == KVM_CPUID_FEATURES and pvm:
+        elif e.function == KVM_CPUID_FEATURES and pvm and not hyperv:
             # A PVM host does not complete the PV IPI hypercall: a guest that uses it spins
             # forever bringing up its second vCPU. Plain APIC IPIs work.
             e.eax &= ~(1 << KVM_FEATURE_PV_SEND_IPI)

@@ -587,6 +587,11 @@ class VcpuFd:
 
     # -- CPUID and MSRs ---------------------------------------------------------------------
 
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the vCPU."""
+        req = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args) + [0] * (4 - len(args))})
+        _check(lib.vmsh_ioctl(self.fd, lib.KVM_ENABLE_CAP, req), f"KVM_ENABLE_CAP {cap}")
+
     def set_cpuid2(self, entries: list[CpuidEntry]) -> None:
         """KVM_SET_CPUID2."""
         c = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})

@@ -57,7 +57,7 @@ from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.device_manager import DeviceManager
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
-from vmsh.engine.kvm import Kvm
+from vmsh.engine.kvm import Kvm, VcpuFd
 from vmsh.engine.kvm_state import (
     VcpuState,
     VmKvmState,
@@ -117,6 +117,8 @@ VCPU_JOIN_TIMEOUT = 5.0
 
 GuestEventSink = Callable[[str, str], None]
 #: the device-manager snapshot nodes that are not PCI devices
+#: <linux/kvm.h>: KVM emulates Hyper-V's synthetic interrupt controller
+KVM_CAP_HYPERV_SYNIC = 123
 LEGACY_DEVICE_IDS = frozenset({"__serial", "__cmos", "__ged", "__pci_hotplug"})
 
 
@@ -134,7 +136,7 @@ def _unsupported(cfg: m.VmConfig) -> list[str]:
         ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
         # Not implemented yet.
         ("--tpm", cfg.tpm), ("--numa", cfg.numa),
-        ("--memory hotplug_size", cfg.memory.hotplug_size), ("--cpus kvm_hyperv=on", cfg.cpus.kvm_hyperv),
+        ("--memory hotplug_size", cfg.memory.hotplug_size),
         ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
     ):
         if present:
@@ -340,6 +342,7 @@ class Vm:
         self._create_devices(devices)
         for state in vcpu_states:
             fd = self.vm_fd.create_vcpu(state.vcpu_id)
+            self._enable_hyperv(fd)  # before its SynIC MSRs are restored
             self.vcpus.append(Vcpu(fd, self.pio, self.mmio))
         try:
             for vcpu, state in zip(self.vcpus, vcpu_states):
@@ -474,7 +477,6 @@ class Vm:
         self.memory.write(layout.SMBIOS_START, tables)
         write_boot_tables(self.memory, kernel, payload.cmdline or "", initrd, rsdp=acpi.rsdp_address)
 
-
         topo = cfg.cpus.topology
         topology = (
             CpuTopology(threads_per_core=topo.threads_per_core, cores_per_die=topo.cores_per_die,
@@ -483,9 +485,25 @@ class Vm:
         )
         for index in range(cfg.cpus.boot_vcpus):
             fd = self.vm_fd.create_vcpu(index)
-            configure_vcpu(fd, self.memory, kernel, supported, topology, pvm=is_pvm_host(), phys_bits=phys_bits)
+            self._enable_hyperv(fd)
+            configure_vcpu(fd, self.memory, kernel, supported, topology, pvm=is_pvm_host(), phys_bits=phys_bits,
+                           hyperv=cfg.cpus.kvm_hyperv)
             self.vcpus.append(Vcpu(fd, self.pio, self.mmio))
         self._finish()
+
+    def _enable_hyperv(self, fd: VcpuFd) -> None:
+        """``kvm_hyperv=on``: KVM's Hyper-V synthetic interrupt controller on this vCPU (the
+        CPUID leaves announce it). Hosts whose KVM has no Hyper-V emulation (PVM) refuse."""
+        if not self.config.cpus.kvm_hyperv:
+            return
+        assert self.kvm is not None
+        if not self.kvm.check_extension(KVM_CAP_HYPERV_SYNIC):
+            raise VmshError("--cpus kvm_hyperv=on: this host's KVM has no Hyper-V emulation (KVM_CAP_HYPERV_SYNIC)"
+                            + (": PVM hosts have none" if is_pvm_host() else ""))
+        try:
+            fd.enable_cap(KVM_CAP_HYPERV_SYNIC)
+        except KvmError as err:
+            raise VmshError(f"--cpus kvm_hyperv=on: cannot enable the SynIC on vcpu{fd.vcpu_id}") from err
 
     def _phys_bits(self, supported: list[Any] | None = None) -> int:
         assert self.kvm is not None

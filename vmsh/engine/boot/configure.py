@@ -66,9 +66,9 @@ def _set_delivery_mode(lapic: bytearray, offset: int, mode: int) -> None:
 
 def configure_vcpu(fd: VcpuFd, mem: GuestMemory, kernel: KernelImage, supported_cpuid: list[CpuidEntry],
                    topology: CpuTopology, *, pvm: bool, irqchip: bool = True,
-                   phys_bits: int | None = None) -> None:
+                   phys_bits: int | None = None, hyperv: bool = False) -> None:
     """CPUID, MSRs, FPU, LAPIC, registers and segments for ``fd`` at the kernel's entry."""
-    fd.set_cpuid2(build_cpuid(supported_cpuid, fd.vcpu_id, topology, pvm=pvm, phys_bits=phys_bits))
+    fd.set_cpuid2(build_cpuid(supported_cpuid, fd.vcpu_id, topology, pvm=pvm, phys_bits=phys_bits, hyperv=hyperv))
     done = fd.set_msrs(BOOT_MSRS)
     if done != len(BOOT_MSRS):
         LOG.warning("vcpu%d: KVM took %d of %d boot MSRs", fd.vcpu_id, done, len(BOOT_MSRS))
