@@ -10,20 +10,45 @@
  * once the host end closes, so nothing read from stdin after that could be delivered.
  * Exit status 0; 1 with a message on stderr on an error; 2 for bad usage.
  *
- * Built static by vmsh/images/initramfs.py (gcc -static -Os) into the initramfs as
- * /bin/vsock. The guest kernel runs emulated (every kernel instruction costs about a
+ * Built static by vmsh/images/guest_tools.py (musl-gcc -static -Os) into the initramfs
+ * as /bin/vsock. The guest kernel runs emulated (every kernel instruction costs about a
  * microsecond), so the copy loop uses one large buffer and the fewest syscalls: one
  * poll, one read and usually one write per chunk.
  */
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
-#include <linux/vm_sockets.h>
+
+/*
+ * musl-gcc does not search /usr/include, so <linux/vm_sockets.h> is not reachable
+ * (and pulling all of the kernel's uapi headers in for one struct is not worth it).
+ * These are the kernel ABI values of include/uapi/linux/vm_sockets.h, which never
+ * change: the address family number and a 16-byte address laid out like struct
+ * sockaddr (family, 2 reserved bytes, port, CID, flags, zero padding).
+ */
+#ifndef AF_VSOCK
+#define AF_VSOCK 40
+#endif
+#define VMADDR_CID_ANY 0xffffffffU
+
+struct sockaddr_vm {
+	sa_family_t svm_family;
+	unsigned short svm_reserved1;
+	unsigned int svm_port;
+	unsigned int svm_cid;
+	unsigned char svm_flags;
+	unsigned char svm_zero[3];
+};
+
+_Static_assert(sizeof(struct sockaddr_vm) == sizeof(struct sockaddr), "sockaddr_vm is 16 bytes");
+_Static_assert(offsetof(struct sockaddr_vm, svm_port) == 4 && offsetof(struct sockaddr_vm, svm_cid) == 8,
+	       "port and CID where the kernel reads them");
 
 /* larger than the 64 KiB a vsock packet carries, so one read takes what has arrived */
 static char buf[256 << 10];
