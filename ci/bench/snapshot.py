@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import statistics
 import sys
@@ -83,6 +84,10 @@ def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
     child = pexpect.spawn(argv[0], [*argv[1:], "-monitor", f"unix:{monitor},server,nowait"], echo=False, timeout=600)
     try:
         child.expect("VMSH-READY", timeout=600)
+        # Snapshot an idle console: QEMU's UART loses its transmit interrupt when it is
+        # migrated mid-transmit (the shell's banner), and the restored console stays silent.
+        answer_time(child, time.monotonic(), 120)
+        time.sleep(0.5)
         mon = socket.socket(socket.AF_UNIX)
         mon.connect(str(monitor))
         mon.sendall(b"stop\n")
@@ -93,17 +98,53 @@ def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
             time.sleep(0.05)
             if b"completed" in mon.recv(65536):
                 break
+        # QEMU is done when its pipe is; `cat` may still be writing the file
+        size = -1
+        while size != state.stat().st_size:
+            size = state.stat().st_size
+            time.sleep(0.05)
         snapshot_s = time.monotonic() - t0
         mon.close()
     finally:
         child.close(force=True)
     start = time.monotonic()
-    child = pexpect.spawn(argv[0], [*argv[1:], "-incoming", f"exec:cat {state}"], echo=False)
+    monitor = tmp / "qemu-monitor-incoming.sock"
+    child = pexpect.spawn(argv[0], [*argv[1:], "-monitor", f"unix:{monitor},server,nowait",
+                                    "-incoming", f"exec:cat {state}"], echo=False)
     try:
-        restore_s = answer_time(child, start, 120)
+        # the source was stopped, so the migrated VM stays paused: `cont` it, like resume=on
+        with resume_when_migrated(monitor, start + 120):
+            restore_s = answer_time(child, start, 120)
     finally:
         child.close(force=True)
     return snapshot_s, restore_s
+
+
+def resume_when_migrated(monitor: Path, deadline: float) -> socket.socket:
+    """Send ``cont`` on QEMU's monitor once the incoming migration has left the VM paused;
+    returns the monitor connection (closing it before the guest runs can stall the guest)."""
+    while not monitor.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("QEMU's monitor socket did not appear")
+        time.sleep(0.005)
+    mon = socket.socket(socket.AF_UNIX)
+    mon.connect(str(monitor))
+    mon.settimeout(5)
+    while time.monotonic() < deadline:
+        mon.sendall(b"info status\n")
+        reply = b""
+        while b"VM status:" not in reply or not reply.endswith(b"(qemu) "):
+            chunk = mon.recv(65536)
+            if not chunk:
+                raise RuntimeError("QEMU closed its monitor")
+            reply += chunk
+        # "paused (inmigrate)" until the state has been read
+        if re.search(rb"VM status: paused\r?\n", reply):
+            mon.sendall(b"cont\n")
+            return mon
+        time.sleep(0.01)
+    mon.close()
+    raise RuntimeError("the incoming QEMU never reached the paused state")
 
 
 def main(argv: list[str] | None = None) -> int:
