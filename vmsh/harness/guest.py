@@ -28,8 +28,10 @@ import shlex
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pexpect
+import ptyprocess
 
 from vmsh.errors import VmshError
 from vmsh.harness.shellproto import READY_MARKER, clean, command_line, setup_line, strip_escapes
@@ -41,6 +43,17 @@ CONSOLE_TAIL = 3000
 SHELL_PROMPT = r"[#$] (?:\x1b\[6n)?"
 #: the guest shell's acknowledgement of the setup line (each command forks on slow hosts)
 SETUP_TIMEOUT = 90.0
+
+
+class _Spawn(pexpect.spawn):
+    """``pexpect.spawn`` whose child keeps ``pass_fds`` open (ptyprocess closes every other fd)."""
+
+    def __init__(self, *args: Any, pass_fds: tuple[int, ...] = (), **kw: Any) -> None:
+        self._pass_fds = pass_fds  # read by _spawnpty, which runs inside pexpect.spawn.__init__
+        super().__init__(*args, **kw)
+
+    def _spawnpty(self, args: list[str], **kwargs: Any) -> ptyprocess.PtyProcess:
+        return ptyprocess.PtyProcess.spawn(args, pass_fds=self._pass_fds, **kwargs)
 
 
 class GuestError(VmshError):
@@ -68,12 +81,15 @@ class Guest:
     :param argv: the VMM command line; its standard input and output must be the serial console.
     :param workdir: where ``console.log`` goes (created if needed).
     :param boot_timeout: seconds to wait for the ready marker.
+    :param pass_fds: fds the VMM inherits under the same numbers (``--net fd=N``); each must
+        be inheritable (``os.set_inheritable``).
     """
 
     _ids = itertools.count()
 
     def __init__(self, argv: list[str], workdir: str | os.PathLike[str], *, boot_timeout: float = 120.0,
-                 env: dict[str, str] | None = None, ready_marker: str = READY_MARKER) -> None:
+                 env: dict[str, str] | None = None, ready_marker: str = READY_MARKER,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.argv = list(argv)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +98,7 @@ class Guest:
         self.ready_marker = ready_marker
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept for the guest's lifetime
         self._env = {**os.environ, **(env or {})}
+        self.pass_fds = tuple(pass_fds)
         self.child: pexpect.spawn | None = None
         self._shell_ready = False
 
@@ -90,9 +107,9 @@ class Guest:
     def start(self) -> Guest:
         """Start the VMM process."""
         LOG.info("starting %s", shlex.join(self.argv))
-        self.child = pexpect.spawn(
+        self.child = _Spawn(
             self.argv[0], self.argv[1:], env=self._env, timeout=self.boot_timeout, dimensions=(50, 250),
-            logfile=self._log, echo=False,
+            logfile=self._log, echo=False, pass_fds=self.pass_fds,
         )
         return self
 

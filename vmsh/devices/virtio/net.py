@@ -6,7 +6,8 @@ fd *i* (a multi-queue tap).
 
 Frames keep their 12-byte ``virtio_net_hdr`` (§5.1.6) on both sides: the tap is opened with
 ``IFF_VNET_HDR`` and the same header size, so checksum and segmentation offloads negotiated
-by the guest pass straight through to the host stack.
+by the guest pass straight through to the host stack. A tap handed over as an fd
+(``--net fd=``) is given that header size and made non-blocking when the device is built.
 
 - Transmit: each chain's readable part goes to the tap with one ``writev`` from guest RAM.
 - Receive: the tap fd is watched by the engine's I/O loop while the guest has receive
@@ -23,6 +24,8 @@ by the guest pass straight through to the host stack.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import struct
@@ -35,12 +38,13 @@ from vmsh.devices.backends.tap import (
     TUN_F_TSO6,
     TUN_F_TSO_ECN,
     TUN_F_UFO,
+    TUNSETVNETHDRSZ,
     Tap,
 )
 from vmsh.devices.ratelimit import RateLimiter, ThrottleTimer
 from vmsh.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, has_feature
 from vmsh.devices.virtio.queue import VirtQueue
-from vmsh.errors import VirtQueueError
+from vmsh.errors import DeviceError, VirtQueueError
 
 LOG = logging.getLogger(__name__)
 
@@ -91,6 +95,25 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+def fit_tap_fds(tap: Tap) -> None:
+    """Make the tap's fds behave as this device needs, however they were opened.
+
+    A tap handed over by the caller (``--net fd=``) comes as the caller opened it: often
+    blocking (the receive path reads until EAGAIN, so a blocking fd would hang the I/O
+    thread) and with the kernel's default 10-byte header (frames here carry 12).
+
+    :raises DeviceError: if the header size is refused.
+    """
+    for fd in tap.fds:
+        try:
+            os.set_blocking(fd, False)
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("<i", VNET_HDR_SIZE))
+        except OSError as err:
+            # Not a tap at all: nothing to size here (activation's TUNSETOFFLOAD will say so).
+            if err.errno != errno.ENOTTY:
+                raise DeviceError(f"tap {tap.name}: cannot use fd {fd}: {err.strerror}") from err
+
+
 class VirtioNet(VirtioDevice):
     """A virtio-net device on the queues of one tap."""
 
@@ -103,6 +126,7 @@ class VirtioNet(VirtioDevice):
         self.pairs = len(tap.fds)
         self.queue_max_sizes = (queue_size,) * (2 * self.pairs) + ((CTRL_QUEUE_SIZE,) if self.pairs > 1 else ())
         super().__init__()
+        fit_tap_fds(tap)
         self.tap = tap
         self.mac = mac
         self.mtu = mtu
