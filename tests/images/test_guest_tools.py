@@ -1,5 +1,5 @@
-"""The static guest helpers (``guest-images/tools/``): how they are built, and /bin/vsock in
-the built initramfs."""
+"""The static guest helpers (``guest-images/tools/``): how they are built, and /bin/vsock and
+/bin/randread in the built initramfs."""
 
 from __future__ import annotations
 
@@ -25,7 +25,11 @@ def _readelf(path) -> str:
 MAX_TOOL_BYTES = 128 << 10
 
 
-def _check_static_and_runs(path) -> None:
+#: what each program prints on stderr when run without arguments (it then exits 2)
+USAGE = {"bin/vsock": "usage: vsock listen PORT", "bin/randread": "usage: randread [-s] [-w] [-n COUNT]"}
+
+
+def _check_static_and_runs(path, usage: str) -> None:
     """Checked with binutils and by running it, not with the builder's own ELF reader."""
     data = path.read_bytes()
     # linked with musl: glibc's static code carries its GLIBC_* version strings
@@ -35,19 +39,20 @@ def _check_static_and_runs(path) -> None:
     assert "INTERP" not in headers and "DYNAMIC" not in headers, headers
     # without arguments it prints its usage and exits 2 (it has no loader to miss)
     run = subprocess.run([str(path)], capture_output=True, text=True, env={}, check=False)
-    assert run.returncode == 2 and run.stderr.startswith("usage: vsock listen PORT"), run
+    assert run.returncode == 2 and run.stderr.startswith(usage), run
 
 
 @pytest.mark.images
 @pytest.mark.parametrize("name", ["initramfs", "debian-initramfs"])
-def test_initramfs_has_a_static_vsock_tool(image, tmp_path, name):
+def test_initramfs_has_the_static_tools(image, tmp_path, name):
     members = cpio.read_names(image(name).read_bytes())
-    mode, data = members["bin/vsock"]
-    assert mode == 0o100755
-    exe = tmp_path / "vsock"
-    exe.write_bytes(data)
-    exe.chmod(0o755)
-    _check_static_and_runs(exe)
+    for dest in guest_tools.PROGRAMS:
+        mode, data = members[dest]
+        assert mode == 0o100755
+        exe = tmp_path / Path(dest).name
+        exe.write_bytes(data)
+        exe.chmod(0o755)
+        _check_static_and_runs(exe, USAGE[dest])
 
 
 def test_build_compiles_static_programs(tmp_path):
@@ -58,12 +63,13 @@ def test_build_compiles_static_programs(tmp_path):
     built = guest_tools.build(tmp_path / "log")
     # reproducible: the initramfs is keyed by its inputs and must not change between builds
     assert guest_tools.build(tmp_path / "log2") == built
-    assert set(built) == set(guest_tools.PROGRAMS) == {"bin/vsock"}
-    exe = tmp_path / "vsock"
-    exe.write_bytes(built["bin/vsock"])
-    exe.chmod(0o755)
-    _check_static_and_runs(exe)
-    assert guest_tools.is_static_executable(built["bin/vsock"])
+    assert set(built) == set(guest_tools.PROGRAMS) == set(USAGE)
+    for dest, data in built.items():
+        exe = tmp_path / Path(dest).name
+        exe.write_bytes(data)
+        exe.chmod(0o755)
+        _check_static_and_runs(exe, USAGE[dest])
+        assert guest_tools.is_static_executable(data)
     # a dynamically linked program (the Python running this test) is told apart
     assert not guest_tools.is_static_executable(Path(os.path.realpath(sys.executable)).read_bytes())
     assert not guest_tools.is_static_executable(b"#!/bin/sh\n")
@@ -84,10 +90,41 @@ def test_tool_sources_are_in_the_initramfs_key(monkeypatch, tmp_path):
         before = initramfs.key_inputs()
     except ImageError as err:
         pytest.skip(str(err))
-    source = tmp_path / "vsock.c"
-    source.write_text("int main(void) { return 0; }\n")
+    for source in guest_tools.PROGRAMS.values():
+        (tmp_path / source).write_bytes((guest_tools.TOOLS_DIR / source).read_bytes())
+    (tmp_path / "vsock.c").write_text("int main(void) { return 0; }\n")
     monkeypatch.setattr(guest_tools, "TOOLS_DIR", tmp_path)
     after = initramfs.key_inputs()
     assert after["tool:bin/vsock"] != before["tool:bin/vsock"]
     assert {k: v for k, v in after.items() if k != "tool:bin/vsock"} == {
         k: v for k, v in before.items() if k != "tool:bin/vsock"}
+
+
+def test_randread_reads_and_writes_with_o_direct(tmp_path):
+    try:
+        guest_tools.key_inputs()
+    except ImageError as err:
+        pytest.skip(str(err))
+    exe = tmp_path / "randread"
+    exe.write_bytes(guest_tools.build(tmp_path / "log")["bin/randread"])
+    exe.chmod(0o755)
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(8 << 20))
+
+    def randread(*args: str) -> str:
+        run = subprocess.run([str(exe), *args, str(disk)], capture_output=True, text=True, check=False)
+        if run.returncode == 1 and "Invalid argument" in run.stderr:
+            pytest.skip(f"no O_DIRECT on the file system of {tmp_path}")
+        assert run.returncode == 0, run
+        return run.stdout
+
+    # sequential writes of 1 MiB: the first 3 MiB hold the pattern, the rest is untouched
+    assert randread("-s", "-w", "-b", "1048576", "-n", "3").startswith("randread: 3 writes of 1048576 bytes in ")
+    data = disk.read_bytes()
+    assert data[: 3 << 20] == b"\xa5" * (3 << 20) and data[3 << 20:] == bytes(5 << 20)
+    out = randread("-n", "100")
+    assert out.startswith("randread: 100 reads of 4096 bytes in ") and out.rstrip().endswith("MiB/s"), out
+    # a time limit alone ends the run too
+    assert randread("-t", "1").startswith("randread: ")
+    bad = subprocess.run([str(exe), "-b", "1000", str(disk)], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith(USAGE["bin/randread"])

@@ -1,13 +1,13 @@
 """Small static C programs for the guest, compiled when the initramfs is built.
 
-busybox has no tool for some things the guest tests need (an AF_VSOCK stream on
-stdin/stdout), so ``guest-images/tools/*.c`` are compiled here with ``musl-gcc -static``
-(Debian's musl-tools) and put into the initramfs. Static, because the initramfs has no
-dynamic loader or shared libraries: copying them in would cost the guest kernel an
-unpack step per file. musl rather than glibc, because the guest kernel copies every
-byte of the initramfs at every boot, emulated on PVM hosts: a static glibc program is
-about 0.67 MB (0.4 M emulated instructions of unpacking), the same program with musl
-about 34 KB.
+busybox has no tool for some things the guest tests and benchmarks need (an AF_VSOCK
+stream on stdin/stdout, O_DIRECT random reads), so ``guest-images/tools/*.c`` are
+compiled here with ``musl-gcc -static`` (Debian's musl-tools) and put into the initramfs.
+Static, because the initramfs has no dynamic loader or shared libraries: copying them in
+would cost the guest kernel an unpack step per file. musl rather than glibc, because the
+guest kernel copies every byte of the initramfs at every boot, emulated on PVM hosts: a
+static glibc program is about 0.67 MB (0.4 M emulated instructions of unpacking), the
+same program with musl about 34 KB.
 
 musl-gcc searches only musl's own headers, not /usr/include: kernel headers
 (``<linux/...>``) are out of reach, so the tools define the few kernel ABI constants
@@ -27,7 +27,7 @@ from vmsh.images.steps import run_logged
 
 TOOLS_DIR = cache.GUEST_IMAGES_DIR / "tools"
 #: path in the initramfs -> C source in guest-images/tools/
-PROGRAMS = {"bin/vsock": "vsock.c"}
+PROGRAMS = {"bin/vsock": "vsock.c", "bin/randread": "randread.c"}
 #: musl-gcc (musl-tools, which brings musl-dev's libc.a) wraps the system gcc
 PACKAGES = ("gcc-12", "musl-tools")
 COMPILER = "musl-gcc"
