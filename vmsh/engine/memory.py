@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NewType
 
+from vmsh.engine import page_runs
 from vmsh.errors import GuestMemoryError
 
 LOG = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ class GuestRegion:
         self.shared = shared
         #: writable zero-copy view of the whole region
         self.view = memoryview(mm)
+        #: the file and offset a file-backed region maps (its untouched pages read from there)
+        self.backing: tuple[int, int] | None = None
         self._host_addr: int | None = None
 
     @classmethod
@@ -191,12 +194,13 @@ class GuestRegion:
                 os.ftruncate(fd, offset + size)
             mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         except (OSError, ValueError) as err:
-            raise GuestMemoryError(f"cannot map {size} bytes of {path} as guest RAM") from err
-        finally:
             os.close(fd)
+            raise GuestMemoryError(f"cannot map {size} bytes of {path} as guest RAM") from err
         if options.mergeable and hasattr(mmap, "MADV_MERGEABLE"):
             _madvise(mm, mmap.MADV_MERGEABLE)
-        return cls(start, mm)
+        region = cls(start, mm)
+        region.backing = (fd, offset)
+        return region
 
     @property
     def host_addr(self) -> int:
@@ -209,6 +213,21 @@ class GuestRegion:
             self._pin = ffi.from_buffer(self.mmap)
             self._host_addr = int(ffi.cast("uintptr_t", self._pin))
         return self._host_addr
+
+    def data_runs(self) -> page_runs.Runs:
+        """The runs of the region that may hold non-zero bytes (the rest reads as zeros):
+        pages this process has touched, and whatever its memfd or backing file has data for.
+        When the host cannot tell, the whole region."""
+        try:
+            runs = [page_runs.resident_runs(self.host_addr, self.size)]
+            if self.fd is not None:
+                runs.append(page_runs.file_data_runs(self.fd, 0, self.size))
+            if self.backing is not None:
+                runs.append(page_runs.file_data_runs(*self.backing, self.size))
+        except OSError as err:
+            LOG.info("guest RAM at %#x: cannot tell untouched pages (%s); saving all of it", self.start, err)
+            return [(0, self.size)]
+        return page_runs.merge(*runs)
 
     def discard(self, offset: int, length: int) -> None:
         """Give ``[offset, offset+length)`` of the mapping back to the host (page-aligned).
@@ -239,6 +258,9 @@ class GuestRegion:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        if self.backing is not None:
+            os.close(self.backing[0])
+            self.backing = None
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import os
 import types
@@ -62,6 +63,17 @@ def from_plain(cls: type[T], value: Any, path: str = "") -> T:
     return _decode(cls, value, path or cls.__name__)  # type: ignore[no-any-return]
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A state class's field types (evaluating its string annotations is what costs: once)."""
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(cls)
+
+
 def _decode(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         # A field whose type depends on something else (a device's own state): the owner
@@ -76,9 +88,9 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise SnapshotError(f"{path}: expected an object")
-        hints = typing.get_type_hints(tp)
+        hints = _hints(tp)
         kwargs = {}
-        for f in dataclasses.fields(tp):
+        for f in _fields(tp):
             if f.name not in value:
                 if f.default is not dataclasses.MISSING:  # a field newer than the snapshot
                     continue
@@ -166,8 +178,11 @@ def node_children(tree: dict[str, Any], path: str) -> list[str]:
 
 
 def write_snapshot(directory: str, config_json: str, tree: dict[str, Any],
-                   ranges: list[tuple[int, memoryview]]) -> None:
+                   ranges: list[tuple[memoryview, list[tuple[int, int]]]]) -> None:
     """Write the three files into ``directory`` (which must exist and hold none of them).
+
+    ``ranges`` are the RAM regions in order, each with the runs ``(offset, length)`` that may
+    hold data; the rest of each region is zeros and stays a hole in the memory file.
 
     Each file is written under a temporary name, flushed to disk, then renamed; on any
     failure every file written so far is removed, so no half snapshot is left.
@@ -215,9 +230,14 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _write_ranges(fd: int, ranges: list[tuple[int, memoryview]]) -> None:
-    for _, view in ranges:
-        _write_all(fd, view)
+def _write_ranges(fd: int, ranges: list[tuple[memoryview, list[tuple[int, int]]]]) -> None:
+    base = 0
+    for view, runs in ranges:
+        for offset, length in runs:
+            os.lseek(fd, base + offset, os.SEEK_SET)
+            _write_all(fd, view[offset:offset + length])
+        base += len(view)
+    os.ftruncate(fd, base)
 
 
 def read_snapshot(directory: str) -> tuple[str, dict[str, Any], Path]:

@@ -255,6 +255,8 @@ class Vm:
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.backends: list[ConsoleBackend] = []
+        #: console input starts once the interrupt controller and vCPUs hold their final state
+        self._input_starters: list[Callable[[], None]] = []
         self.ged: Ged | None = None
         self.devices: DeviceManager | None = None
         self.serial: Serial16550 | None = None
@@ -388,7 +390,8 @@ class Vm:
             },
         )
         # regions in address order: their concatenation is the coalesced ranges' contents
-        write_snapshot(directory, canonical_json(self.config), tree, [(r.start, r.view) for r in self.memory.regions])
+        write_snapshot(directory, canonical_json(self.config), tree,
+                       [(r.view, r.data_runs()) for r in self.memory.regions])
 
     def _open_kvm(self) -> None:
         """The KVM VM with its in-kernel irqchip and PIT, after checking what the host can give."""
@@ -417,8 +420,13 @@ class Vm:
         self.pvm_handler = None
 
     def _finish(self) -> None:
-        """What every VM gets once its memory exists: the PVM handler and KVM's statistics."""
+        """What every VM gets once it is built or restored: the PVM handler, KVM's statistics,
+        and console input. Input waits until now: an interrupt the UART raised for it before a
+        restore loaded the irqchip would be lost, and with it all further input."""
         assert self.memory is not None
+        for start in self._input_starters:
+            start()
+        self._input_starters.clear()
         self.pvm_handler = internal_error_handler(self.memory) if is_pvm_host() else None
         for vcpu in self.vcpus:
             vcpu.on_internal_error = self.pvm_handler
@@ -553,7 +561,7 @@ class Vm:
                 with lock:
                     return serial.enqueue_raw_bytes(data)
 
-            serial_backend.start_input(feed)
+            self._input_starters.append(lambda: serial_backend.start_input(feed))
 
         dbg = cfg.debug_console
         if dbg.mode not in (ConsoleOutputMode.OFF, ConsoleOutputMode.NULL):
@@ -602,7 +610,8 @@ class Vm:
         if saved:
             self.devices.restore({k: v for k, v in saved.items() if k not in LEGACY_DEVICE_IDS})
         if hooks.console is not None and hooks.console_device is not None:
-            hooks.console.start_input(hooks.console_device.enqueue_input)
+            console, device = hooks.console, hooks.console_device
+            self._input_starters.append(lambda: console.start_input(device.enqueue_input))
 
     # --- hotplug ---------------------------------------------------------------------------------
 
