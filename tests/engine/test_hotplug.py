@@ -14,6 +14,7 @@ from vmsh.config import normalize, vm_config_from_argv
 from vmsh.devices.acpi import GED_PCI_CHANGE
 from vmsh.engine.acpi import pci_hotplug
 from vmsh.engine.events import EventMonitor
+from vmsh.engine.pvm import is_pvm_host
 from vmsh.engine.vm import GED_ADDRESS, PCI_HOTPLUG_ADDRESS, Vm
 from vmsh.errors import VmshError
 
@@ -70,13 +71,13 @@ def test_hotplug_uses_only_the_declared_spare_slots(vm, tmp_path: Path) -> None:
     image.write_bytes(bytes(1 << 20))
     declared = vm.hotplug.declared[0]
     occupied = {e.slot for e in vm.devices.devices.values()}
-    assert len([s for s in declared if s not in occupied]) == pci_hotplug.SPARE_SLOTS
+    spare = len([s for s in declared if s not in occupied])
+    assert spare == (pci_hotplug.SPARE_SLOTS_PVM if is_pvm_host() else 31 - len(occupied))
     # the DSDT has a slot device for exactly those slots
     dsdt = vm.memory.read(0, 1 << 20)  # the tables are in low memory
     for slot in range(1, 32):
         assert (pci_hotplug.slot_name(slot).encode() + b"\x08_SUN" in dsdt) == (slot in declared), slot
-    plugged = [vm.hotplug_device("disks", m.DiskConfig(path=str(image), id=f"hot{i}"))
-               for i in range(pci_hotplug.SPARE_SLOTS)]
+    plugged = [vm.hotplug_device("disks", m.DiskConfig(path=str(image), id=f"hot{i}")) for i in range(spare)]
     assert sorted(int(p["bdf"].split(":")[2][:2], 16) for p in plugged) == [s for s in declared if s not in occupied]
     with pytest.raises(VmshError, match="No free hotplug slot on PCI segment 0"):
         vm.hotplug_device("disks", m.DiskConfig(path=str(image), id="one-too-many"))
@@ -84,6 +85,7 @@ def test_hotplug_uses_only_the_declared_spare_slots(vm, tmp_path: Path) -> None:
 
 
 def test_declared_slots_are_the_occupied_ones_and_the_first_free_ones() -> None:
-    assert pci_hotplug.declared_slots(set()) == list(range(1, 1 + pci_hotplug.SPARE_SLOTS))
-    assert pci_hotplug.declared_slots({0, 2, 20}) == sorted({2, 20} | {1, 3, 4, 5, 6, 7, 8, 9})
-    assert pci_hotplug.declared_slots(set(range(1, 32))) == list(range(1, 32))
+    assert pci_hotplug.declared_slots(set()) == list(range(1, 32))
+    assert pci_hotplug.declared_slots(set(), 8) == list(range(1, 9))
+    assert pci_hotplug.declared_slots({0, 2, 20}, 8) == sorted({2, 20} | {1, 3, 4, 5, 6, 7, 8, 9})
+    assert pci_hotplug.declared_slots(set(range(1, 32)), 8) == list(range(1, 32))

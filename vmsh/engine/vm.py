@@ -462,8 +462,9 @@ class Vm:
         # the devices first: the ACPI tables declare their slots hotpluggable
         self._create_devices({})
         assert self.devices is not None
+        spare = pci_hotplug.SPARE_SLOTS_PVM if is_pvm_host() else pci_hotplug.NUM_SLOTS
         self.hotplug.declared = [
-            pci_hotplug.declared_slots({e.slot for e in self.devices.devices.values() if e.segment == seg})
+            pci_hotplug.declared_slots({e.slot for e in self.devices.devices.values() if e.segment == seg}, spare)
             for seg in range(cfg.num_pci_segments())
         ]
         try:
@@ -624,8 +625,9 @@ class Vm:
             raise VmshError(f"PCI segment {segment} does not exist")
         free = [s for s in self.hotplug.declared[segment] if self.devices.find_slot(segment, s) is None]
         if not free:
-            raise VmshError(f"No free hotplug slot on PCI segment {segment} (vmsh declares "
-                            f"{pci_hotplug.SPARE_SLOTS} spare slots per segment at boot)")
+            raise VmshError(f"No free hotplug slot on PCI segment {segment}"
+                            + (f" (on PVM hosts vmsh declares {pci_hotplug.SPARE_SLOTS_PVM} spare slots per segment"
+                               " at boot)" if len(self.hotplug.declared[segment]) < pci_hotplug.NUM_SLOTS - 1 else ""))
         entry = add_config_item(self.devices, kind, item, hotplug=True, slot=free[0])
         self.hotplug.plug(entry.segment, entry.slot)
         self.ged.notify(GED_PCI_CHANGE)

@@ -9,11 +9,12 @@ calls the root bridge's ``PCNT``: Notify(Sxx, 1) (device check: the guest scans 
 for each bit of PCIU, Notify(Sxx, 3) (eject request) for each bit of PCID. The guest's
 acpiphp then runs the slot's ``_EJ0``, which writes the slot's bit to ``B0EJ``.
 
-Only some slots get a slot device: those holding a device at boot (so any device can be
-removed) and the first ``SPARE_SLOTS`` free ones (for devices added later). Each slot device
-costs a Linux guest about 140,000 instructions at boot (its ACPI device, sysfs nodes and
-acpiphp slot), a seventh of a second where the guest kernel is emulated, so declaring all
-31, as cloud-hypervisor does, would cost the default guest a third of its boot.
+On hardware KVM every slot gets a slot device, as in cloud-hypervisor. On a PVM host only
+those holding a device at boot (so any device can be removed) and the first
+``SPARE_SLOTS_PVM`` free ones (for devices added later) do: each slot device costs a Linux
+guest about 150,000 instructions at boot (its ACPI device, sysfs nodes and acpiphp slot),
+which PVM emulates at a microsecond each, so all 31 would add 4.6 M instructions (a fifth of
+the default guest's boot). A snapshot records which slots its guest has.
 
 Names: ACPI 6.4 §6.3.3 ``_EJx``, §6.1.12 ``_SUN``, §6.1.1 ``_ADR`` (device << 16 | function),
 §5.6.6 Notify values 1 (device check) and 3 (eject request).
@@ -59,17 +60,17 @@ DWORD_ACC = 3
 STA_HIDDEN_DEVICE = 0x0B
 
 
-#: free slots per segment declared hotpluggable at boot, beyond the occupied ones
-SPARE_SLOTS = 8
+#: free slots per segment declared hotpluggable at boot on a PVM host, beyond the occupied ones
+SPARE_SLOTS_PVM = 8
 #: slot 0 of a segment is its host bridge
 FIRST_SLOT = 1
 NUM_SLOTS = 32
 
 
-def declared_slots(occupied: set[int]) -> list[int]:
-    """The slots of a segment that get a slot device: ``occupied`` ones and ``SPARE_SLOTS`` free."""
+def declared_slots(occupied: set[int], spare: int = NUM_SLOTS) -> list[int]:
+    """The slots of a segment that get a slot device: the ``occupied`` ones and ``spare`` free ones."""
     free = [s for s in range(FIRST_SLOT, NUM_SLOTS) if s not in occupied]
-    return sorted({s for s in occupied if s >= FIRST_SLOT} | set(free[:SPARE_SLOTS]))
+    return sorted({s for s in occupied if s >= FIRST_SLOT} | set(free[:spare]))
 
 
 def slot_name(slot: int) -> str:
