@@ -95,7 +95,11 @@ def build_request(command: str, args: list[str]) -> tuple[str, str, Any, list[in
         if len(args) != 1:
             raise UsageError("restore takes one argument: source_url=file:///dir[,prefault=on][,resume=on]")
         restore = OPTION_PARSERS["restore"][0](args[0])
-        return "PUT", "vm.restore", to_json_value(restore), []
+        # the taps of net_fds travel as SCM_RIGHTS, in order; the body keeps ids and counts
+        fds = [fd for entry in restore.net_fds or [] for fd in entry.fds or []]
+        for entry in restore.net_fds or []:
+            entry.fds = None
+        return "PUT", "vm.restore", to_json_value(restore), fds
     if command in ("resize", "resize-zone"):
         flags = dict(zip(args[::2], args[1::2]))
         if len(args) % 2 or not flags:

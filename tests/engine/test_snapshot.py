@@ -15,6 +15,8 @@ import pytest
 
 from tests.engine import tiny_kernel
 from vmsh.api.client import ApiClient, ApiError
+from vmsh.config import model as m
+from vmsh.engine.persist import SnapshotError
 
 LAUNCH = [sys.executable, "-m", "vmsh", "launch"]
 
@@ -160,3 +162,23 @@ def test_corrupt_vcpu_state_is_refused(snapshot) -> None:
     (snap / "state.json").write_text(json.dumps(tree))
     result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60, check=False)
     assert result.returncode == 1 and b"vcpu0.regs.rip" in result.stderr
+
+
+def test_restored_fd_backed_nets_need_new_fds() -> None:
+    from vmsh.engine.vm import apply_restored_net_fds
+
+    def config() -> m.VmConfig:
+        return m.VmConfig(net=[m.NetConfig(id="net0", fds=[7, 8]), m.NetConfig(id="net1", tap="vmtap9")])
+
+    cfg = config()
+    apply_restored_net_fds(cfg, [m.RestoredNetConfig(id="net0", num_fds=2, fds=[30, 31])])
+    assert cfg.net[0].fds == [30, 31] and cfg.net[1].fds is None
+    cases = [
+        (None, "net0 was created from fds: restore it with net_fds=\\[net0@"),
+        ([m.RestoredNetConfig(id="net1", num_fds=1, fds=[30])], "no net device net1 created from fds"),
+        ([m.RestoredNetConfig(id="nope", num_fds=1, fds=[30])], "no net device nope"),
+        ([m.RestoredNetConfig(id="net0", num_fds=1, fds=[30])], "net0 needs 2 fds, got 1"),
+    ]
+    for net_fds, message in cases:
+        with pytest.raises(SnapshotError, match=message):
+            apply_restored_net_fds(config(), net_fds)

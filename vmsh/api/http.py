@@ -225,6 +225,14 @@ def _attach_fds(action: Action, request: Any, fds: list[int]) -> Any:
         request.fds = list(fds)
         fds.clear()
         return request
+    if action.name == "restore" and request.net_fds:
+        # in the order of net_fds, num_fds each (cloud-hypervisor's ch-remote sends them so)
+        wanted = sum(entry.num_fds for entry in request.net_fds)
+        if wanted != len(fds):
+            raise HttpError(400, f"net_fds asks for {wanted} file descriptors, the request carries {len(fds)}")
+        for entry in request.net_fds:
+            entry.fds, fds[:] = fds[: entry.num_fds], fds[entry.num_fds:]
+        return request
     raise HttpError(400, f"{action.path} takes no file descriptors")
 
 

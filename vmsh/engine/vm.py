@@ -146,6 +146,29 @@ def _unsupported(cfg: m.VmConfig) -> list[str]:
     return missing
 
 
+def apply_restored_net_fds(config: m.VmConfig, net_fds: list[m.RestoredNetConfig] | None) -> None:
+    """Give the snapshot's fd-backed net devices the tap fds of ``--restore net_fds=`` (the fd
+    numbers in its config.json belonged to the process that took it).
+
+    :raises SnapshotError: for an entry that names no fd-backed net of the snapshot or brings a
+        different number of fds, and for an fd-backed net left without new fds.
+    """
+    nets = {n.id: n for n in config.net or []}
+    given = set()
+    for entry in net_fds or []:
+        net = nets.get(entry.id)
+        if net is None or net.fds is None:
+            raise SnapshotError(f"net_fds: the snapshot has no net device {entry.id} created from fds")
+        if entry.fds is None or len(entry.fds) != len(net.fds):
+            raise SnapshotError(f"net_fds: {entry.id} needs {len(net.fds)} fds, got {len(entry.fds or [])}")
+        net.fds = list(entry.fds)
+        given.add(entry.id)
+    for net in nets.values():
+        if net.fds is not None and net.id not in given:
+            raise SnapshotError(f"Net device {net.id} was created from fds: restore it with "
+                                f"net_fds=[{net.id}@[...]] giving new ones")
+
+
 def _bdf(segment: int, slot: int) -> str:
     return f"{segment:04x}:00:{slot:02x}.0"
 
@@ -306,6 +329,7 @@ class Vm:
             config = normalize(vm_config_from_json(config_text))
         except ConfigError as err:
             raise SnapshotError(f"{directory}/config.json is not a valid VmConfig") from err
+        apply_restored_net_fds(config, restore.net_fds)
         missing = _unsupported(config)
         if missing:
             raise SnapshotError("The snapshot needs what vmsh does not support: " + ", ".join(missing))

@@ -174,3 +174,31 @@ def test_vmm_shutdown(api) -> None:
     client.put("vmm.shutdown")
     assert vmm.exited.is_set()
     assert events(events_path)[-3:] == [("vm", "shutdown"), ("vm", "deleted"), ("vmm", "shutdown")]
+
+
+def test_restore_takes_net_fds_as_scm_rights(tmp_path: Path) -> None:
+    seen = []
+
+    def restore_factory(directory, request, events, on_guest_event):
+        seen.append([(e.id, e.fds) for e in request.net_fds])
+        raise VmshError("stop here")
+
+    vmm = Vmm(EventMonitor(None), vm_factory=FakeVm, restore_factory=restore_factory)
+    sock = str(tmp_path / "api.sock")
+    server = ApiServer(vmm, path=sock).start()
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        body = {"source_url": "file:///s", "net_fds": [{"id": "net0", "num_fds": 1}, {"id": "net1", "num_fds": 1}]}
+        with ApiClient(sock) as client, pytest.raises(ApiError):
+            client.put("vm.restore", body, fds=[r1, r2])
+        # each entry got its own descriptor (received as new numbers), in order
+        (entries,) = seen
+        assert [e[0] for e in entries] == ["net0", "net1"] and all(len(e[1]) == 1 for e in entries)
+        with ApiClient(sock) as client, pytest.raises(ApiError) as err:
+            client.put("vm.restore", body, fds=[r1])
+        assert err.value.status == 400 and "asks for 2 file descriptors" in str(err.value)
+    finally:
+        server.close()
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)

@@ -83,6 +83,12 @@ def test_add_net_fds_travel_as_scm_rights() -> None:
     assert endpoint == "vm.add-net" and fds == [5, 6] and "fds" not in body
 
 
+def test_restore_net_fds_travel_as_scm_rights() -> None:
+    _, endpoint, body, fds = build_request("restore", ["source_url=file:///s,net_fds=[net0@[5,6],net1@[7]]"])
+    assert endpoint == "vm.restore" and fds == [5, 6, 7]
+    assert [(n["id"], n["num_fds"], n.get("fds")) for n in body["net_fds"]] == [("net0", 2, None), ("net1", 1, None)]
+
+
 @pytest.mark.parametrize("argv", [["boot", "x"], ["snapshot"], ["resize", "--vcpus", "2"], ["resize-zone", "--id", "z"]])
 def test_build_request_usage(argv: list[str]) -> None:
     with pytest.raises(UsageError):
