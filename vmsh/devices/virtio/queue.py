@@ -322,6 +322,8 @@ class VirtQueue:
         table, table_len = self.desc_table, self.size
         index = head
         in_indirect = False
+        #: an indirect table, read in one piece (a block request's segments are in one)
+        indirect_raw = b""
         seen_writable = False
         count = 0
         while True:
@@ -332,10 +334,13 @@ class VirtQueue:
             # longer walk is a loop.
             if count > table_len:
                 raise VirtQueueError(f"descriptor chain from {head} is longer than {table_len} (a loop?)")
-            try:
-                addr, length, flags, nxt = _DESC.unpack(self.memory.read(table + DESC_SIZE * index, DESC_SIZE))
-            except GuestMemoryError as err:
-                raise VirtQueueError(f"descriptor {index} is not in guest RAM") from err
+            if in_indirect:
+                addr, length, flags, nxt = _DESC.unpack_from(indirect_raw, DESC_SIZE * index)
+            else:
+                try:
+                    addr, length, flags, nxt = _DESC.unpack(self.memory.read(table + DESC_SIZE * index, DESC_SIZE))
+                except GuestMemoryError as err:
+                    raise VirtQueueError(f"descriptor {index} is not in guest RAM") from err
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise VirtQueueError("nested indirect descriptor table")
@@ -345,8 +350,10 @@ class VirtQueue:
                     raise VirtQueueError("indirect descriptor with VIRTQ_DESC_F_NEXT")
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.size:
                     raise VirtQueueError(f"indirect table of {length} bytes")
-                if not self.memory.is_valid_range(addr, length):
-                    raise VirtQueueError(f"indirect table at {addr:#x}+{length:#x} is not in guest RAM")
+                try:
+                    indirect_raw = self.memory.read(addr, length)
+                except GuestMemoryError:
+                    raise VirtQueueError(f"indirect table at {addr:#x}+{length:#x} is not in guest RAM") from None
                 table, table_len, index = addr, length // DESC_SIZE, 0
                 in_indirect, count = True, 0
                 continue
