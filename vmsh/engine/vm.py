@@ -116,9 +116,9 @@ PLATFORM_AREA = (64 << 10) + (1 << 20)
 VCPU_JOIN_TIMEOUT = 5.0
 
 GuestEventSink = Callable[[str, str], None]
-#: the device-manager snapshot nodes that are not PCI devices
 #: <linux/kvm.h>: KVM emulates Hyper-V's synthetic interrupt controller
 KVM_CAP_HYPERV_SYNIC = 123
+#: the device-manager snapshot nodes that are not PCI devices
 LEGACY_DEVICE_IDS = frozenset({"__serial", "__cmos", "__ged", "__pci_hotplug"})
 
 
