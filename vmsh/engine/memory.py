@@ -124,7 +124,8 @@ def bind_to_node(mm: mmap.mmap, node: int) -> None:
 class GuestRegion:
     """One contiguous mapping of guest RAM at ``start``."""
 
-    def __init__(self, start: int, mm: mmap.mmap, fd: int | None = None, *, shared: bool = False) -> None:
+    def __init__(self, start: int, mm: mmap.mmap, fd: int | None = None, *, shared: bool = False,
+                 backing: tuple[int, int] | None = None, fresh: bool = False) -> None:
         self.start = start
         self.size = len(mm)
         self.end = start + self.size
@@ -135,8 +136,12 @@ class GuestRegion:
         self.shared = shared
         #: writable zero-copy view of the whole region
         self.view = memoryview(mm)
-        #: the file and offset a file-backed region maps (its untouched pages read from there)
-        self.backing: tuple[int, int] | None = None
+        #: the file (an fd this region owns) and offset a file-backed region maps: its untouched
+        #: pages read from there
+        self.backing = backing
+        #: made here as fresh RAM or with its ``backing`` known, so ``data_runs`` may leave pages
+        #: out; a region of unknown origin is saved whole
+        self._contents_known = fresh or backing is not None
         self._host_addr: int | None = None
 
     @classmethod
@@ -174,7 +179,7 @@ class GuestRegion:
             _madvise(mm, mmap.MADV_HUGEPAGE)
         if options.mergeable and hasattr(mmap, "MADV_MERGEABLE"):
             _madvise(mm, mmap.MADV_MERGEABLE)
-        return cls(start, mm, fd, shared=options.shared)
+        return cls(start, mm, fd, shared=options.shared, fresh=True)
 
     @classmethod
     def from_file(cls, start: int, path: str, offset: int, size: int, options: MemoryOptions) -> GuestRegion:
@@ -198,9 +203,7 @@ class GuestRegion:
             raise GuestMemoryError(f"cannot map {size} bytes of {path} as guest RAM") from err
         if options.mergeable and hasattr(mmap, "MADV_MERGEABLE"):
             _madvise(mm, mmap.MADV_MERGEABLE)
-        region = cls(start, mm)
-        region.backing = (fd, offset)
-        return region
+        return cls(start, mm, backing=(fd, offset))
 
     @property
     def host_addr(self) -> int:
@@ -217,7 +220,9 @@ class GuestRegion:
     def data_runs(self) -> page_runs.Runs:
         """The runs of the region that may hold non-zero bytes (the rest reads as zeros):
         pages this process has touched, and whatever its memfd or backing file has data for.
-        When the host cannot tell, the whole region."""
+        When the host cannot tell, or the region's origin is unknown, the whole region."""
+        if not self._contents_known:
+            return [(0, self.size)]
         try:
             runs = [page_runs.resident_runs(self.host_addr, self.size)]
             if self.fd is not None:

@@ -224,7 +224,8 @@ def _map_snapshot_memory(path: Path, prefault: bool) -> GuestMemory:
             offset = 0
             for start, length in ram_ranges(os.fstat(f.fileno()).st_size):
                 mm = mmap.mmap(f.fileno(), length, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-                regions.append(GuestRegion(start, mm))
+                # the file stays known: a later snapshot copies the pages this VM never touched
+                regions.append(GuestRegion(start, mm, backing=(os.dup(f.fileno()), offset)))
                 offset += length
     except (OSError, ValueError) as err:
         for region in regions:

@@ -59,3 +59,35 @@ def test_a_region_restored_from_a_file_saves_the_file_data_and_its_own_writes(tm
         assert {2, 20} <= covered and len(covered) < 32
     finally:
         region.close()
+
+
+def test_a_restored_vm_saves_the_snapshot_pages_it_never_touched(tmp_path) -> None:
+    """Regression: a clone's RAM maps its snapshot's memory file; a page the clone never
+    touched is in no page table, yet holds the snapshot's data, which its own snapshot must keep."""
+    from vmsh.engine.vm import _map_snapshot_memory
+
+    path = tmp_path / "memory-ranges"
+    with open(path, "wb") as f:
+        f.truncate(64 * PAGE)
+        f.seek(40 * PAGE)
+        f.write(b"kernel text")
+    memory = _map_snapshot_memory(path, prefault=False)
+    try:
+        (region,) = memory.regions
+        region.view[3 * PAGE] = 1  # touched since the restore
+        covered = {p for s, n in region.data_runs() for p in range(s // PAGE, (s + n) // PAGE)}
+        assert {3, 40} <= covered
+    finally:
+        memory.close()
+
+
+def test_a_region_of_unknown_origin_is_saved_whole(tmp_path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 8 * PAGE)
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 8 * PAGE, mmap.MAP_PRIVATE)
+    region = GuestRegion(0, mm)
+    try:
+        assert region.data_runs() == [(0, 8 * PAGE)]
+    finally:
+        region.close()
