@@ -259,7 +259,13 @@ class GuestRegion:
 
             ffi.release(self._pin)
             del self._pin
-        self.mmap.close()
+        try:
+            self.mmap.close()
+        except BufferError:
+            # A view of this RAM is still referenced (say, by a traceback a log record keeps):
+            # unmapping under it would turn its next use into a crash. The mapping goes when
+            # the last view does.
+            LOG.debug("guest RAM at %#x is still referenced; it is unmapped with its last view", self.start)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -309,6 +315,9 @@ class GuestMemory:
                 raise GuestMemoryError(f"guest RAM regions overlap at {b.start:#x}")
         self._starts = [r.start for r in self.regions]
         self._slots: list[int] = []
+        #: the region the last lookup found: nearly every access is in the same one (RAM below
+        #: the 32-bit hole), and a hit costs two comparisons instead of a bisect
+        self._hint = self.regions[0] if self.regions else None
 
     @classmethod
     def create(cls, size: int, options: MemoryOptions = MemoryOptions()) -> GuestMemory:
@@ -384,10 +393,14 @@ class GuestMemory:
 
         :raises GuestMemoryError: if ``addr`` is not RAM.
         """
+        r = self._hint
+        if r is not None and r.start <= addr < r.end:
+            return r
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:
             r = self.regions[i]
             if addr < r.end:
+                self._hint = r
                 return r
         raise GuestMemoryError(f"guest address {addr:#x} is not RAM")
 
@@ -402,6 +415,9 @@ class GuestMemory:
 
     def is_valid_range(self, addr: int, length: int) -> bool:
         """True if ``[addr, addr+length)`` is entirely RAM (possibly across regions)."""
+        r = self._hint
+        if r is not None and length >= 0 and r.start <= addr and addr + length <= r.end:
+            return True
         try:
             for _ in self._chunks(addr, length):
                 pass
@@ -432,7 +448,15 @@ class GuestMemory:
         return r.view[off:off + length]
 
     def slices(self, addr: int, length: int) -> list[memoryview]:
-        """Zero-copy views covering ``[addr, addr+length)``, one per region crossed."""
+        """Zero-copy views covering ``[addr, addr+length)``, one per region crossed (none for
+        ``length`` 0).
+
+        :raises GuestMemoryError: if any byte is outside RAM.
+        """
+        r = self._hint
+        if r is not None and length > 0 and r.start <= addr and addr + length <= r.end:
+            off = addr - r.start
+            return [r.view[off:off + length]]
         return [r.view[off:off + n] for r, off, n in self._chunks(addr, length)]
 
     def read(self, addr: int, length: int) -> bytes:
@@ -451,6 +475,14 @@ class GuestMemory:
 
         :raises GuestMemoryError: if any byte is outside RAM (nothing is written then).
         """
+        if not isinstance(data, (bytes, bytearray)):
+            data = memoryview(data).cast("B")
+        r = self._hint
+        n = len(data)
+        if r is not None and r.start <= addr and addr + n <= r.end:
+            off = addr - r.start
+            r.view[off:off + n] = data
+            return
         chunks = list(self._chunks(addr, len(data)))
         src = memoryview(data).cast("B")
         pos = 0

@@ -77,6 +77,8 @@ SECTOR_SHIFT = 9
 VIRTIO_BLK_ID_BYTES = 20
 #: request header: type, reserved, sector
 _REQ_HEADER = struct.Struct("<IIQ")
+#: the status byte of each status value
+_STATUS = {s: bytes([s]) for s in (0, 1, 2)}
 #: struct virtio_blk_discard_write_zeroes: sector, num_sectors, flags
 _DWZ_SEGMENT = struct.Struct("<QII")
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 0x1  # the device may deallocate the zeroed range
@@ -288,14 +290,13 @@ class VirtioBlock(VirtioDevice):
             status, written = VIRTIO_BLK_S_IOERR, 0
         if status != VIRTIO_BLK_S_OK:
             self._counts["errors"] += 1
-        chain.write(bytes([status]), status_at)
+        chain.write_tail(_STATUS[status])  # the last writable byte (§5.2.6)
         return written + 1
 
     def _dispatch(self, chain: DescriptorChain, rtype: int, sector: int, status_at: int) -> int:
         if rtype == VIRTIO_BLK_T_IN:
-            ranges = chain.writable_ranges(0, status_at)
             self._check_range(sector, status_at)
-            self._read(chain, ranges, sector << SECTOR_SHIFT)
+            self._read(chain, status_at, sector << SECTOR_SHIFT)
             self._counts["read_ops"] += 1
             self._counts["read_bytes"] += status_at
             return status_at
@@ -304,7 +305,7 @@ class VirtioBlock(VirtioDevice):
             if self.readonly:
                 raise _BadRequest(VIRTIO_BLK_S_IOERR)
             self._check_range(sector, length)
-            self._write(chain, chain.readable_ranges(_REQ_HEADER.size), sector << SECTOR_SHIFT)
+            self._write(chain, length, sector << SECTOR_SHIFT)
             self._counts["write_ops"] += 1
             self._counts["write_bytes"] += length
             return 0
@@ -380,50 +381,75 @@ class VirtioBlock(VirtioDevice):
 
     # -- data movement ---------------------------------------------------------------------
 
-    def _aligned(self, ranges: list[tuple[int, int]]) -> bool:
+    @staticmethod
+    def _aligned(ranges: list[tuple[int, int]]) -> bool:
         # Guest RAM regions are page-aligned mmaps at page-aligned guest addresses, so a guest
         # address's alignment is its host address's alignment.
         return all(addr % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 for addr, n in ranges)
 
-    def _read(self, chain: DescriptorChain, ranges: list[tuple[int, int]], offset: int) -> None:
-        views = chain.views(ranges)
-        if self.direct and not self._aligned(ranges):
+    def _read(self, chain: DescriptorChain, length: int, offset: int) -> None:
+        """``length`` bytes at ``offset`` into the writable part: one preadv into guest RAM."""
+        views = chain.writable_views(0, length)
+        if self.direct and not self._aligned(chain.writable_ranges(0, length)):
             self._bounce_read(views, offset)
             return
         try:
-            self._pread_all(views, offset)
+            self._pread_all(views, offset, length)
         except OSError as err:
             if not (self.direct and err.errno == errno.EINVAL):
                 raise
             self._bounce_read(views, offset)
 
-    def _write(self, chain: DescriptorChain, ranges: list[tuple[int, int]], offset: int) -> None:
-        views = chain.views(ranges)
-        if self.direct and not self._aligned(ranges):
+    def _write(self, chain: DescriptorChain, length: int, offset: int) -> None:
+        """The readable part after the header to ``offset``: one pwritev from guest RAM."""
+        views = chain.readable_views(_REQ_HEADER.size, length)
+        if self.direct and not self._aligned(chain.readable_ranges(_REQ_HEADER.size, length)):
             self._bounce_write(views, offset)
             return
         try:
-            self._pwrite_all(views, offset)
+            self._pwrite_all(views, offset, length)
         except OSError as err:
             if not (self.direct and err.errno == errno.EINVAL):
                 raise
             self._bounce_write(views, offset)
 
-    def _pread_all(self, views: list[memoryview], offset: int) -> int:
-        done = 0
+    def _pread_all(self, views: list[memoryview], offset: int, length: int | None = None) -> int:
+        if length is not None and len(views) <= IOV_MAX:
+            n = os.preadv(self.fd, views, offset)
+            if n == length:
+                return n  # the usual case: the whole request in one call
+            if n <= 0:
+                self._zero_tail(views, 0)
+                return length
+            views = advance_views(views, n)
+            done = n
+        else:
+            done = 0
         while views:
             n = os.preadv(self.fd, views[:IOV_MAX], offset + done)
             if n <= 0:
-                # Past the end of a file that shrank under us: the rest reads as zeros.
-                for v in views:
-                    v[:] = bytes(len(v))
+                self._zero_tail(views, done)
                 break
             done += n
             views = advance_views(views, n)
         return done
 
-    def _pwrite_all(self, views: list[memoryview], offset: int) -> int:
+    @staticmethod
+    def _zero_tail(views: list[memoryview], done: int) -> None:
+        # Past the end of a file that shrank under us: the rest reads as zeros.
+        for v in views:
+            v[:] = bytes(len(v))
+
+    def _pwrite_all(self, views: list[memoryview], offset: int, length: int | None = None) -> int:
         done = 0
+        if length is not None and len(views) <= IOV_MAX:
+            n = os.pwritev(self.fd, views, offset)
+            if n == length:
+                return n  # the usual case: the whole request in one call
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            views = advance_views(views, n)
+            done = n
         while views:
             n = os.pwritev(self.fd, views[:IOV_MAX], offset + done)
             if n <= 0:

@@ -186,7 +186,9 @@ class VirtioDevice:
 
     def fail(self, err: Exception) -> None:
         """Enter DEVICE_NEEDS_RESET (§2.1.2) and tell the driver with a config change."""
-        LOG.warning("%s: %s; the device needs a reset", type(self).__name__, err)
+        # the text, not the exception: a log record that kept it would keep its traceback's
+        # views of guest RAM alive
+        LOG.warning("%s: %s; the device needs a reset", type(self).__name__, str(err))
         self.needs_reset = True
         if self.interrupt is not None:
             self.interrupt.signal_config_change()

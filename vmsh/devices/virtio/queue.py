@@ -23,6 +23,7 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmsh.engine.memory import GuestMemory
 from vmsh.errors import GuestMemoryError, VirtQueueError
@@ -48,6 +49,9 @@ USED_ELEM_SIZE = 8
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
+#: a RAM region's view and an offset in it
+_Place = tuple[memoryview, int]
 
 # x86 may let a load pass an earlier store (TSO). Where the spec needs a full barrier - between
 # publishing used idx and reading used_event (§2.7.10, the driver's side of the same race) - we
@@ -83,17 +87,22 @@ def window_views(views: list[memoryview], offset: int, length: int) -> list[memo
     pos = 0
     end = offset + length
     for v in views:
-        lo, hi = max(offset, pos), min(end, pos + len(v))
-        if lo < hi:
-            out.append(v[lo - pos:hi - pos])
-        pos += len(v)
+        n = len(v)
+        nxt = pos + n
+        if nxt > offset:
+            if pos >= offset and nxt <= end:
+                out.append(v)  # wholly inside: no new view
+            else:
+                lo, hi = max(offset, pos), min(end, nxt)
+                if lo < hi:
+                    out.append(v[lo - pos:hi - pos])
+        pos = nxt
         if pos >= end:
             break
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     """One buffer of a chain: guest physical ``addr``, ``length`` bytes, and its direction."""
 
     addr: int
@@ -105,7 +114,9 @@ class DescriptorChain:
     """A validated chain: device-readable descriptors first, then device-writable ones.
 
     Indirect tables are flattened into ``descriptors`` (§2.7.5.3). Every buffer was checked to
-    lie in guest RAM when the chain was popped.
+    lie in guest RAM when the chain was popped, and its zero-copy views of guest RAM were made
+    then (one per descriptor, two where a buffer crosses from one RAM region into the next),
+    so a request costs no further address lookups.
 
     Example::
 
@@ -115,19 +126,43 @@ class DescriptorChain:
         queue.add_used(chain.head, 4096)
     """
 
-    def __init__(self, memory: GuestMemory, head: int, descriptors: list[Descriptor]) -> None:
+    __slots__ = ("memory", "head", "_descs", "_rviews", "_wviews", "readable_len", "writable_len")
+
+    def __init__(self, memory: GuestMemory, head: int, descriptors: list[tuple[int, int, bool]],
+                 views: tuple[list[memoryview], list[memoryview]] | None = None) -> None:
         self.memory = memory
         #: index of the chain's first descriptor in the descriptor table: the id for ``add_used``
         self.head = head
-        self.descriptors = descriptors
-        self.readable = [d for d in descriptors if not d.write_only]
-        self.writable = [d for d in descriptors if d.write_only]
+        self._descs = descriptors
+        if views is None:
+            # INVARIANTS: built by a caller that did not walk a ring (tests); the views are made here.
+            rviews: list[memoryview] = []
+            wviews: list[memoryview] = []
+            for addr, length, w in descriptors:
+                (wviews if w else rviews).extend(memory.slices(addr, length))
+            views = (rviews, wviews)
+        self._rviews, self._wviews = views
         #: total bytes of the readable and of the writable descriptors
-        self.readable_len = sum(d.length for d in self.readable)
-        self.writable_len = sum(d.length for d in self.writable)
+        self.readable_len = sum(len(v) for v in self._rviews)
+        self.writable_len = sum(len(v) for v in self._wviews)
 
     def __repr__(self) -> str:
         return f"DescriptorChain(head={self.head}, r={self.readable_len}, w={self.writable_len})"
+
+    @property
+    def descriptors(self) -> list[Descriptor]:
+        """Every descriptor of the chain, in order."""
+        return [Descriptor(*d) for d in self._descs]
+
+    @property
+    def readable(self) -> list[Descriptor]:
+        """The device-readable descriptors."""
+        return [Descriptor(*d) for d in self._descs if not d[2]]
+
+    @property
+    def writable(self) -> list[Descriptor]:
+        """The device-writable descriptors."""
+        return [Descriptor(*d) for d in self._descs if d[2]]
 
     @staticmethod
     def _ranges(descs: list[Descriptor], offset: int, length: int | None) -> list[tuple[int, int]]:
@@ -156,7 +191,7 @@ class DescriptorChain:
     def views(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
         """Zero-copy views of guest RAM for ``ranges``.
 
-        :raises GuestMemoryError: if RAM changed since the chain was validated.
+        :raises GuestMemoryError: if a range is not RAM.
         """
         out: list[memoryview] = []
         for addr, n in ranges:
@@ -165,15 +200,35 @@ class DescriptorChain:
 
     def readable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
         """Zero-copy views of part of the readable buffers (clipped to what exists)."""
-        return self.views(self.readable_ranges(offset, length))
+        if offset <= 0 and (length is None or length >= self.readable_len):
+            return list(self._rviews)
+        return window_views(self._rviews, max(0, offset), self.readable_len if length is None else max(0, length))
 
     def writable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
         """Zero-copy views of part of the writable buffers (clipped to what exists)."""
-        return self.views(self.writable_ranges(offset, length))
+        if offset <= 0 and (length is None or length >= self.writable_len):
+            return list(self._wviews)
+        return window_views(self._wviews, max(0, offset), self.writable_len if length is None else max(0, length))
+
+    def write_tail(self, data: bytes) -> bool:
+        """Copy ``data`` into the last ``len(data)`` bytes of the writable part (a status at the
+        end of a request); False, and nothing written, if the part is shorter."""
+        n = len(data)
+        if n > self.writable_len:
+            return False
+        last = self._wviews[-1] if self._wviews else None
+        if last is not None and len(last) >= n:
+            last[len(last) - n:] = data
+            return True
+        self.write(data, self.writable_len - n)
+        return True
 
     def read(self, offset: int = 0, length: int | None = None) -> bytes:
         """Copy bytes out of the readable part (fewer if the chain is shorter)."""
-        return b"".join(bytes(v) for v in self.readable_views(offset, length))
+        views = self.readable_views(offset, length)
+        if len(views) == 1:
+            return bytes(views[0])
+        return b"".join(views)
 
     def read_all(self) -> bytes:
         """Copy the whole readable part."""
@@ -240,6 +295,8 @@ class VirtQueue:
         self.event_idx = False
         #: VIRTIO_F_INDIRECT_DESC was negotiated
         self.indirect = False
+        self._view_key: tuple[int, int, int, int] | None = None
+        self._views: tuple[_Place | None, _Place | None, _Place | None] = (None, None, None)
 
     # -- validation ------------------------------------------------------------------------
 
@@ -268,20 +325,51 @@ class VirtQueue:
             return False
         return True
 
+    # -- ring access -------------------------------------------------------------------------
+    #
+    # The three ring areas are reached through their RAM region's own view and an offset,
+    # looked up once per ring layout (the driver sets the addresses before the queue is
+    # enabled; a restore or a reset changes them, hence the key). No new view is kept, so
+    # the region can still be unmapped. A ring that is not wholly inside one RAM region gets
+    # none: it is read through GuestMemory instead, which raises for bytes outside RAM.
+
+    def _ring_views(self) -> tuple[_Place | None, _Place | None, _Place | None]:
+        n = self.size
+        key = (self.desc_table, self.avail_ring, self.used_ring, n)
+        if key != self._view_key:
+            self._views = (self._one_view(self.desc_table, DESC_SIZE * n),
+                           self._one_view(self.avail_ring, 6 + 2 * n),
+                           self._one_view(self.used_ring, 6 + USED_ELEM_SIZE * n))
+            self._view_key = key
+        return self._views
+
+    def _one_view(self, addr: int, length: int) -> _Place | None:
+        try:
+            r = self.memory.find_region(addr)
+        except GuestMemoryError:
+            return None
+        off = addr - r.start
+        return (r.view, off) if off + length <= r.size else None
+
+    def _read_u16(self, place: _Place | None, base: int, offset: int, what: str) -> int:
+        try:
+            if place is not None:
+                return int(_U16.unpack_from(place[0], place[1] + offset)[0])
+            return self.memory.read_u16(base + offset)
+        except GuestMemoryError as err:
+            raise VirtQueueError(f"{what} is not readable") from err
+
     # -- the available ring ------------------------------------------------------------------
 
     def _avail_idx(self) -> int:
-        return self.memory.read_u16(self.avail_ring + 2)
+        return self._read_u16(self._ring_views()[1], self.avail_ring, 2, "available ring")
 
     def pending(self) -> int:
         """How many chains the driver made available that the device has not popped.
 
         :raises VirtQueueError: if the driver's idx ran more than ``size`` ahead (§2.7.6).
         """
-        try:
-            n = (self._avail_idx() - self.next_avail) & 0xFFFF
-        except GuestMemoryError as err:
-            raise VirtQueueError("available ring is not readable") from err
+        n = (self._avail_idx() - self.next_avail) & 0xFFFF
         if n > self.size:
             raise VirtQueueError(f"available idx is {n} entries ahead of a queue of {self.size}")
         return n
@@ -301,29 +389,49 @@ class VirtQueue:
             full_fence()
             if not self.pending():
                 return None
-        slot = self.avail_ring + 4 + 2 * (self.next_avail % self.size)
-        try:
-            head = self.memory.read_u16(slot)
-        except GuestMemoryError as err:
-            raise VirtQueueError("available ring is not readable") from err
+        avail = self._ring_views()[1]
+        head = self._read_u16(avail, self.avail_ring, 4 + 2 * (self.next_avail % self.size), "available ring")
         chain = self._walk(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return chain
 
     def _set_avail_event(self, value: int) -> None:
+        used = self._ring_views()[2]
+        offset = 4 + USED_ELEM_SIZE * self.size
         try:
-            self.memory.write_u16(self.used_ring + 4 + USED_ELEM_SIZE * self.size, value)
+            if used is not None:
+                _U16.pack_into(used[0], used[1] + offset, value)
+            else:
+                self.memory.write_u16(self.used_ring + offset, value)
         except GuestMemoryError as err:
             raise VirtQueueError("used ring is not writable") from err
 
     def _walk(self, head: int) -> DescriptorChain:
-        """Follow the chain from ``head`` (§2.7.5), flattening an indirect table (§2.7.5.3)."""
-        descs: list[Descriptor] = []
+        """Follow the chain from ``head`` (§2.7.5), flattening an indirect table (§2.7.5.3).
+
+        Every buffer's views of guest RAM are made here (``GuestMemory.slices`` checks the
+        range), so a buffer outside RAM fails the chain before the device sees it.
+        """
+        descs: list[tuple[int, int, bool]] = []
+        rviews: list[memoryview] = []
+        wviews: list[memoryview] = []
+        try:
+            return self._walk_into(head, descs, rviews, wviews)
+        except VirtQueueError:
+            # no view of guest RAM outlives a failed walk (a traceback kept by a log record
+            # would otherwise keep the RAM mapped)
+            rviews.clear()
+            wviews.clear()
+            raise
+
+    def _walk_into(self, head: int, descs: list[tuple[int, int, bool]], rviews: list[memoryview],
+                   wviews: list[memoryview]) -> DescriptorChain:
+        slices = self.memory.slices
+        place = self._ring_views()[0]
+        table_view, table_off = place if place is not None else (None, 0)
         table, table_len = self.desc_table, self.size
         index = head
         in_indirect = False
-        #: an indirect table, read in one piece (a block request's segments are in one)
-        indirect_raw = b""
         seen_writable = False
         count = 0
         while True:
@@ -334,13 +442,13 @@ class VirtQueue:
             # longer walk is a loop.
             if count > table_len:
                 raise VirtQueueError(f"descriptor chain from {head} is longer than {table_len} (a loop?)")
-            if in_indirect:
-                addr, length, flags, nxt = _DESC.unpack_from(indirect_raw, DESC_SIZE * index)
-            else:
-                try:
+            try:
+                if table_view is not None:
+                    addr, length, flags, nxt = _DESC.unpack_from(table_view, table_off + DESC_SIZE * index)
+                else:
                     addr, length, flags, nxt = _DESC.unpack(self.memory.read(table + DESC_SIZE * index, DESC_SIZE))
-                except GuestMemoryError as err:
-                    raise VirtQueueError(f"descriptor {index} is not in guest RAM") from err
+            except GuestMemoryError as err:
+                raise VirtQueueError(f"descriptor {index} is not in guest RAM") from err
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_indirect:
                     raise VirtQueueError("nested indirect descriptor table")
@@ -351,7 +459,9 @@ class VirtQueue:
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.size:
                     raise VirtQueueError(f"indirect table of {length} bytes")
                 try:
-                    indirect_raw = self.memory.read(addr, length)
+                    # read in one piece (a block request's segments are all in one table), and
+                    # copied: the driver cannot change the table under the walk
+                    table_view, table_off = memoryview(self.memory.read(addr, length)), 0
                 except GuestMemoryError:
                     raise VirtQueueError(f"indirect table at {addr:#x}+{length:#x} is not in guest RAM") from None
                 table, table_len, index = addr, length // DESC_SIZE, 0
@@ -362,11 +472,14 @@ class VirtQueue:
                 seen_writable = True
             elif seen_writable:
                 raise VirtQueueError("device-readable descriptor after a device-writable one")
-            if length and not self.memory.is_valid_range(addr, length):
-                raise VirtQueueError(f"buffer at {addr:#x}+{length:#x} is not in guest RAM")
-            descs.append(Descriptor(addr, length, write_only))
+            if length:
+                try:
+                    (wviews if write_only else rviews).extend(slices(addr, length))
+                except GuestMemoryError:
+                    raise VirtQueueError(f"buffer at {addr:#x}+{length:#x} is not in guest RAM") from None
+            descs.append((addr, length, write_only))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return DescriptorChain(self.memory, head, descs)
+                return DescriptorChain(self.memory, head, descs, (rviews, wviews))
             index = nxt
 
     # -- the used ring ---------------------------------------------------------------------
@@ -378,14 +491,21 @@ class VirtQueue:
         """
         if not 0 <= head < self.size:
             raise VirtQueueError(f"used id {head} outside a queue of {self.size}")
-        elem = self.used_ring + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
+        used = self._ring_views()[2]
+        elem = 4 + USED_ELEM_SIZE * (self.next_used % self.size)
+        nxt = (self.next_used + 1) & 0xFFFF
         try:
-            self.memory.write(elem, _USED_ELEM.pack(head, length & 0xFFFF_FFFF))
             # x86 keeps stores in order, so the element is visible before the idx (§2.7.13.3).
-            self.next_used = (self.next_used + 1) & 0xFFFF
-            self.memory.write_u16(self.used_ring + 2, self.next_used)
+            if used is not None:
+                view, base = used
+                _USED_ELEM.pack_into(view, base + elem, head, length & 0xFFFF_FFFF)
+                _U16.pack_into(view, base + 2, nxt)
+            else:
+                self.memory.write(self.used_ring + elem, _USED_ELEM.pack(head, length & 0xFFFF_FFFF))
+                self.memory.write_u16(self.used_ring + 2, nxt)
         except GuestMemoryError as err:
             raise VirtQueueError("used ring is not in guest RAM") from err
+        self.next_used = nxt
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for the used buffers added so far (§2.7.10).
@@ -394,16 +514,17 @@ class VirtQueue:
         (``vring_need_event``); otherwise unless the driver set VRING_AVAIL_F_NO_INTERRUPT.
         """
         full_fence()
+        avail = self._ring_views()[1]
         try:
             if self.event_idx:
-                used_event = self.memory.read_u16(self.avail_ring + 4 + 2 * self.size)
+                used_event = self._read_u16(avail, self.avail_ring, 4 + 2 * self.size, "available ring")
                 old, new = self.signalled_used, self.next_used
                 self.signalled_used = new
                 if old is None:
                     return True
                 return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-            return not self.memory.read_u16(self.avail_ring) & VIRTQ_AVAIL_F_NO_INTERRUPT
-        except GuestMemoryError:
+            return not self._read_u16(avail, self.avail_ring, 0, "available ring") & VIRTQ_AVAIL_F_NO_INTERRUPT
+        except VirtQueueError:
             return True
 
     # -- snapshot --------------------------------------------------------------------------
