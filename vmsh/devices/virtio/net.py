@@ -24,6 +24,7 @@ by the guest pass straight through to the host stack. A tap handed over as an fd
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import logging
@@ -43,7 +44,7 @@ from vmsh.devices.backends.tap import (
 )
 from vmsh.devices.ratelimit import RateLimiter, ThrottleTimer
 from vmsh.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, has_feature
-from vmsh.devices.virtio.queue import VirtQueue
+from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue, window_views
 from vmsh.errors import DeviceError, VirtQueueError
 
 LOG = logging.getLogger(__name__)
@@ -81,6 +82,16 @@ NUM_BUFFERS_OFFSET = 10
 #: the largest frame a tap hands out: header + 64 KiB GSO frame + Ethernet header
 MAX_FRAME = VNET_HDR_SIZE + 65535 + 14
 CTRL_QUEUE_SIZE = 64
+_NUM_BUFFERS = struct.Struct("<H")
+
+
+class _Rx(enum.Enum):
+    """What reading one frame from the tap into the receive ring came to."""
+
+    DELIVERED = enum.auto()  # the frame is in the ring (or dropped), used buffers added
+    EMPTY = enum.auto()  # the tap had nothing
+    STARVED = enum.auto()  # no receive buffer to read into: the frame stays in the tap
+    PENDING = enum.auto()  # read, but it waits as the pending frame
 
 
 class FdWatcher(Protocol):
@@ -147,7 +158,8 @@ class VirtioNet(VirtioDevice):
         self._armed = [False] * self.pairs
         self._pending: list[bytes | None] = [None] * self.pairs
         self._rx_paid = [False] * self.pairs
-        self._buffer = bytearray(MAX_FRAME)
+        #: where the part of a frame that does not fit its first receive chain is read to
+        self._spill = bytearray(MAX_FRAME)
         self.stats = {"rx_bytes": 0, "rx_frames": 0, "tx_bytes": 0, "tx_frames": 0, "rx_dropped": 0, "tx_dropped": 0}
         #: limiter of queue index 2*pair (rx) and 2*pair+1 (tx); None where unlimited
         self.limiters: list[RateLimiter | None] = [rate_limiter() if rate_limiter else None
@@ -267,14 +279,20 @@ class VirtioNet(VirtioDevice):
         mergeable = has_feature(self.acked_features, VIRTIO_NET_F_MRG_RXBUF)
         limiter = self.limiters[index]
         delivered = False
+        starved = False
         while True:
             frame = self._pending[pair]
             if frame is None:
-                try:
-                    n = os.readv(self.tap.fds[pair], [self._buffer])
-                except BlockingIOError:
+                outcome = self._receive_direct(pair, queue, mergeable, limiter)
+                if outcome is _Rx.DELIVERED:
+                    delivered = True
+                    continue
+                if outcome is _Rx.STARVED:
+                    starved = True  # frames wait in the tap until the guest adds buffers
+                if outcome is not _Rx.PENDING:
                     break
-                frame = bytes(self._buffer[:n])
+                frame = self._pending[pair]
+                assert frame is not None
             if limiter is not None and not self._rx_paid[pair]:
                 if not limiter.consume(len(frame), 1):
                     self._pending[pair] = frame
@@ -289,14 +307,68 @@ class VirtioNet(VirtioDevice):
             self._pending[pair] = None
             self._rx_paid[pair] = False
             delivered = True
-        if self._pending[pair] is None:
+        if starved:
+            self._disarm(pair)
+        elif self._pending[pair] is None:
             self._arm(pair)
         if delivered:
             self.signal_used(index)
 
+    def _receive_direct(self, pair: int, queue: VirtQueue, mergeable: bool, limiter: RateLimiter | None) -> _Rx:
+        """Read one frame from the tap straight into the next receive chain (the part that does
+        not fit lands in a spill buffer and is copied into further chains with
+        VIRTIO_NET_F_MRG_RXBUF). A frame that cannot be finished now - the limiter refuses it,
+        the ring runs dry in the middle, or the first chain cannot even hold the header -
+        becomes the pending frame, and the chains taken are given back."""
+        chain = queue.pop()
+        if chain is None:
+            return _Rx.STARVED
+        views = chain.writable_views()
+        room = chain.writable_len
+        try:
+            n = os.readv(self.tap.fds[pair], [*views, self._spill])
+        except BlockingIOError:
+            queue.next_avail = (queue.next_avail - 1) & 0xFFFF  # give the chain back
+            return _Rx.EMPTY
+        except OSError:
+            queue.next_avail = (queue.next_avail - 1) & 0xFFFF
+            raise
+        paid = limiter is None or limiter.consume(n, 1)
+        if n > room and not mergeable and paid:
+            # The guest's buffer cannot hold the frame (it did not ask for big packets).
+            self.stats["rx_dropped"] += 1
+            queue.add_used(chain.head, 0)
+            return _Rx.DELIVERED
+        chains = [chain]
+        have = room
+        while have < n and paid and room >= VNET_HDR_SIZE:
+            more = queue.pop()
+            if more is None:
+                break
+            chains.append(more)
+            have += more.writable_len
+        if not paid or have < n or room < VNET_HDR_SIZE:
+            head = b"".join(window_views(views, 0, min(n, room)))
+            self._pending[pair] = head + bytes(self._spill[:max(0, n - room)])
+            self._rx_paid[pair] = False
+            queue.next_avail = (queue.next_avail - len(chains)) & 0xFFFF
+            return _Rx.PENDING
+        # num_buffers (§5.1.6.4): how many chains the frame took; the tap leaves it unset
+        chain.write(_NUM_BUFFERS.pack(len(chains)), NUM_BUFFERS_OFFSET)
+        queue.add_used(chain.head, min(n, room))
+        spill = memoryview(self._spill)[:max(0, n - room)]
+        pos = 0
+        for more in chains[1:]:
+            written = more.write(spill[pos:])
+            queue.add_used(more.head, written)
+            pos += written
+        self.stats["rx_frames"] += 1
+        self.stats["rx_bytes"] += n - VNET_HDR_SIZE
+        return _Rx.DELIVERED
+
     def _deliver(self, queue: VirtQueue, frame: bytes, mergeable: bool) -> bool:
         """Copy ``frame`` into receive chains; False (and nothing taken) if there are too few."""
-        chains = []
+        chains: list[DescriptorChain] = []
         room = 0
         while room < len(frame):
             chain = queue.pop()

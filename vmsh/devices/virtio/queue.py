@@ -126,10 +126,11 @@ class DescriptorChain:
         queue.add_used(chain.head, 4096)
     """
 
-    __slots__ = ("memory", "head", "_descs", "_rviews", "_wviews", "readable_len", "writable_len")
+    __slots__ = ("_descs", "_rviews", "_wviews", "head", "memory", "readable_len", "writable_len")
 
     def __init__(self, memory: GuestMemory, head: int, descriptors: list[tuple[int, int, bool]],
-                 views: tuple[list[memoryview], list[memoryview]] | None = None) -> None:
+                 views: tuple[list[memoryview], list[memoryview]] | None = None,
+                 lengths: tuple[int, int] | None = None) -> None:
         self.memory = memory
         #: index of the chain's first descriptor in the descriptor table: the id for ``add_used``
         self.head = head
@@ -142,9 +143,10 @@ class DescriptorChain:
                 (wviews if w else rviews).extend(memory.slices(addr, length))
             views = (rviews, wviews)
         self._rviews, self._wviews = views
+        if lengths is None:
+            lengths = (sum(len(v) for v in self._rviews), sum(len(v) for v in self._wviews))
         #: total bytes of the readable and of the writable descriptors
-        self.readable_len = sum(len(v) for v in self._rviews)
-        self.writable_len = sum(len(v) for v in self._wviews)
+        self.readable_len, self.writable_len = lengths
 
     def __repr__(self) -> str:
         return f"DescriptorChain(head={self.head}, r={self.readable_len}, w={self.writable_len})"
@@ -296,6 +298,8 @@ class VirtQueue:
         #: VIRTIO_F_INDIRECT_DESC was negotiated
         self.indirect = False
         self._view_key: tuple[int, int, int, int] | None = None
+        #: the driver's available idx as last read (``pop`` reads it again once it is reached)
+        self._shadow_avail = 0
         self._views: tuple[_Place | None, _Place | None, _Place | None] = (None, None, None)
 
     # -- validation ------------------------------------------------------------------------
@@ -369,9 +373,11 @@ class VirtQueue:
 
         :raises VirtQueueError: if the driver's idx ran more than ``size`` ahead (§2.7.6).
         """
-        n = (self._avail_idx() - self.next_avail) & 0xFFFF
+        idx = self._avail_idx()
+        n = (idx - self.next_avail) & 0xFFFF
         if n > self.size:
             raise VirtQueueError(f"available idx is {n} entries ahead of a queue of {self.size}")
+        self._shadow_avail = idx
         return n
 
     def pop(self) -> DescriptorChain | None:
@@ -382,7 +388,9 @@ class VirtQueue:
 
         :raises VirtQueueError: for any malformed ring or chain.
         """
-        if not self.pending():
+        # The driver's idx is read only when the last one read has been used up (its entries
+        # were checked then; a legitimate driver never takes them back).
+        if not 0 < (self._shadow_avail - self.next_avail) & 0xFFFF <= self.size and not self.pending():
             if not self.event_idx:
                 return None
             self._set_avail_event(self.next_avail)
@@ -430,7 +438,19 @@ class VirtQueue:
         place = self._ring_views()[0]
         table_view, table_off = place if place is not None else (None, 0)
         table, table_len = self.desc_table, self.size
+        if table_view is not None and head < table_len:
+            addr, length, flags, _ = _DESC.unpack_from(table_view, table_off + DESC_SIZE * head)
+            if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+                # one buffer (a receive buffer, a small frame): no walk
+                try:
+                    views = slices(addr, length) if length else []
+                except GuestMemoryError:
+                    raise VirtQueueError(f"buffer at {addr:#x}+{length:#x} is not in guest RAM") from None
+                if flags & VIRTQ_DESC_F_WRITE:
+                    return DescriptorChain(self.memory, head, [(addr, length, True)], ([], views), (0, length))
+                return DescriptorChain(self.memory, head, [(addr, length, False)], (views, []), (length, 0))
         index = head
+        rlen = wlen = 0
         in_indirect = False
         seen_writable = False
         count = 0
@@ -474,12 +494,17 @@ class VirtQueue:
                 raise VirtQueueError("device-readable descriptor after a device-writable one")
             if length:
                 try:
-                    (wviews if write_only else rviews).extend(slices(addr, length))
+                    if write_only:
+                        wviews.extend(slices(addr, length))
+                        wlen += length
+                    else:
+                        rviews.extend(slices(addr, length))
+                        rlen += length
                 except GuestMemoryError:
                     raise VirtQueueError(f"buffer at {addr:#x}+{length:#x} is not in guest RAM") from None
             descs.append((addr, length, write_only))
             if not flags & VIRTQ_DESC_F_NEXT:
-                return DescriptorChain(self.memory, head, descs, (rviews, wviews))
+                return DescriptorChain(self.memory, head, descs, (rviews, wviews), (rlen, wlen))
             index = nxt
 
     # -- the used ring ---------------------------------------------------------------------
@@ -553,4 +578,5 @@ class VirtQueue:
         self.size, self.ready = s.size, bool(s.ready)
         self.desc_table, self.avail_ring, self.used_ring = s.desc_table, s.avail_ring, s.used_ring
         self.next_avail, self.next_used, self.signalled_used = s.next_avail, s.next_used, s.signalled_used
+        self._shadow_avail = s.next_avail
         self.event_idx, self.indirect = bool(s.event_idx), bool(s.indirect)
