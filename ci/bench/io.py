@@ -24,14 +24,24 @@ guest; on PVM its system time is the guest kernel's emulated instructions, whose
 MiB is printed for vmsh). One short TCP connection before the timed ones keeps one-time
 costs out. Target: vmsh at least QEMU's throughput on each row.
 
+Per device request (a virtio-blk request, a virtio-net frame either way: vmsh's device
+counters) it prints, for vmsh, the guest instructions KVM emulated, the VMM's CPU without
+the vCPU threads and the wall time. On a PVM host the first bounds the in-guest rows: every
+guest kernel instruction costs about a microsecond there, and the VMM's share is small.
+So the run ends with ``io_device.py``'s measurement of the device models themselves,
+driven in process without a guest (what bounds vmsh where the guest runs natively, on
+hardware KVM), beside QEMU's in-guest figures from the same run.
+
 Usage: ``python ci/bench/io.py [--seconds 5] [--disk-mib 64] [--memory 128]
-[--qemu-accel kvm|tcg]`` as root: it creates the taps ``vmshio0`` (10.79.1.0/24) and
+[--qemu-accel kvm|tcg] [--device-seconds 2]`` as root: it creates the taps ``vmshio0`` (10.79.1.0/24) and
 ``qemuio0`` (10.79.2.0/24), names and subnets no test uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import re
 import socket
@@ -46,8 +56,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import io_device
 from boot import pvm_host
-from vmsh_boot import _emulated_now
+from vmsh_boot import _UnixHTTPConnection
 
 from vmsh.harness import Guest
 from vmsh.harness.snapshots import launch_argv
@@ -105,20 +116,45 @@ def named_threads(pid: int, pattern: str) -> frozenset[int]:
                      if re.match(pattern, Path(f"/proc/{pid}/task/{tid}/comm").read_text()))
 
 
+#: the device counters that count requests: virtio-blk requests, virtio-net frames
+_REQUEST_COUNTERS = ("read_ops", "write_ops", "flush_ops", "discard_ops", "write_zeroes_ops", "tx_frames", "rx_frames")
+
+
+def api_counters(api_socket: str) -> tuple[int | None, int | None]:
+    """KVM's emulated-instruction count summed over vCPUs, and the device requests served
+    (``vm.counters``); None where unknown."""
+    try:
+        conn = _UnixHTTPConnection(api_socket)
+        conn.request("GET", "/api/v1/vm.counters")
+        counters = json.loads(conn.getresponse().read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None, None
+    insns = [v["insn_emulation"] for k, v in counters.items() if k.startswith("__vcpu") and "insn_emulation" in v]
+    requests = sum(int(v.get(name, 0)) for k, v in counters.items() if not k.startswith("__")
+                   for name in _REQUEST_COUNTERS)
+    return (sum(insns) if insns else None), requests
+
+
 @dataclass(frozen=True)
 class Usage:
-    """The VMM's counters at one moment: CPU seconds (all threads, without the vCPU threads)
-    and, where KVM reports it, the guest's emulated-instruction count."""
+    """The VMM's counters at one moment: CPU seconds (all threads, without the vCPU threads),
+    wall time, and, where known, the guest's emulated-instruction count and the device
+    requests served."""
 
     cpu_all: float
     cpu_dev: float
     emulated: int | None
+    requests: int | None = None
+    wall: float = 0.0
 
     def __sub__(self, other: Usage) -> Usage:
-        emulated = None
+        emulated = requests = None
         if self.emulated is not None and other.emulated is not None:
             emulated = self.emulated - other.emulated
-        return Usage(self.cpu_all - other.cpu_all, self.cpu_dev - other.cpu_dev, emulated)
+        if self.requests is not None and other.requests is not None:
+            requests = self.requests - other.requests
+        return Usage(self.cpu_all - other.cpu_all, self.cpu_dev - other.cpu_dev, emulated, requests,
+                     self.wall - other.wall)
 
 
 @dataclass(frozen=True)
@@ -147,13 +183,14 @@ class Vm:
     def usage(self, start: bool) -> Usage:
         """The counters now; the API request for the instruction count goes outside the window
         (before the CPU times at its ``start``, after them at its end): it costs vmsh CPU."""
-        emulated = _emulated_now(self.api) if self.api and start else None
+        emulated, requests = api_counters(self.api) if self.api and start else (None, None)
         pid = self.guest.pid
+        wall = time.monotonic()
         cpu_all = process_cpu_seconds(pid)
         cpu_dev = cpu_all - threads_cpu_seconds(pid, self.vcpus)
         if self.api and not start:
-            emulated = _emulated_now(self.api)
-        return Usage(cpu_all, cpu_dev, emulated)
+            emulated, requests = api_counters(self.api)
+        return Usage(cpu_all, cpu_dev, emulated, requests, wall)
 
 
 def fill_disk(path: Path, mib: int) -> None:
@@ -351,6 +388,15 @@ def report(a: Vm, b: Vm) -> None:
                 what, size = ("IO", 1) if unit == "IOPS" else ("MiB", MiB)
                 x = row.usage.emulated / row.moved * size
                 line(f"  {vm.name} guest instr. emulated/{what}", x if vm is a else None, x if vm is b else None)
+            u = row.usage
+            if u.requests:
+                # per device request: a virtio-blk request or a virtio-net frame (either way)
+                def pick(v: float, mine: bool = vm is a) -> tuple[float | None, float | None]:
+                    return (v, None) if mine else (None, v)
+                if u.emulated is not None:
+                    line(f"  {vm.name} per request: guest instr. emulated", *pick(u.emulated / u.requests))
+                line(f"  {vm.name} per request: VMM CPU us, no vCPU threads", *pick(u.cpu_dev / u.requests * 1e6))
+                line(f"  {vm.name} per request: wall us ({u.requests:,} requests)", *pick(u.wall / u.requests * 1e6))
     print(f"\nratio = {a.name} / {b.name}: above 1 is better for rates, below 1 for CPU time")
 
 
@@ -360,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk-mib", type=int, default=64)
     parser.add_argument("--memory", type=int, default=128, help="guest RAM in MiB")
     parser.add_argument("--qemu-accel", choices=["kvm", "tcg"], default="tcg" if pvm_host() else "kvm")
+    parser.add_argument("--device-seconds", type=float, default=2.0,
+                        help="length of each device-capacity workload (io_device.py; 0: none)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("io.py creates tap devices: run it as root")
@@ -391,6 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nin-guest I/O, default kernel, {args.memory} MiB, {args.seconds} s per transfer, "
           f"{args.disk_mib} MiB disk on {base or tempfile.gettempdir()} ({host})")
     report(*vms)
+    if args.device_seconds > 0:
+        qemu = vms[1]
+        beside = {f"blk-{key}": (qemu.name, qemu.rows[key].rate, unit)
+                  for key, _, unit in METRICS if key in ("seq-write", "seq-read", "rand-read")}
+        beside["net-tx-65536"] = (qemu.name + " TCP guest -> host", qemu.rows["tcp-out"].rate, "MiB/s")
+        beside["net-rx-65536"] = (qemu.name + " TCP host -> guest", qemu.rows["tcp-in"].rate, "MiB/s")
+        io_device.report(io_device.measure(args.device_seconds), beside)
+        print("(on hardware KVM the guest's own instructions run natively and this capacity bounds vmsh's "
+              "rows; on a PVM host the guest kernel's emulated instructions do)")
     return 0
 
 
