@@ -20,7 +20,7 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NewType
 
@@ -458,6 +458,25 @@ class GuestMemory:
             off = addr - r.start
             return [r.view[off:off + length]]
         return [r.view[off:off + n] for r, off, n in self._chunks(addr, length)]
+
+    def slices_of(self, addrs: Sequence[int], lengths: Sequence[int]) -> list[memoryview]:
+        """``slices`` of many ranges at once (a request's segments), in order, none for an
+        empty one.
+
+        :raises GuestMemoryError: if any byte of any range is outside RAM.
+        """
+        out: list[memoryview] = []
+        r = self._hint
+        if r is None:
+            return out
+        start, end, view = r.start, r.end, r.view
+        for addr, n in zip(addrs, lengths, strict=True):
+            if start <= addr and addr + n <= end:
+                if n:
+                    out.append(view[addr - start:addr - start + n])
+            else:
+                out.extend(self.slices(addr, n))
+        return out
 
     def read(self, addr: int, length: int) -> bytes:
         """Copy ``length`` bytes from guest RAM.

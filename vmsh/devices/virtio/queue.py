@@ -19,6 +19,7 @@ Ring layout (§2.7.2, table "Virtqueue Part Alignment/Size", queue size ``n``)::
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import threading
@@ -57,6 +58,25 @@ _Place = tuple[memoryview, int]
 # publishing used idx and reading used_event (§2.7.10, the driver's side of the same race) - we
 # acquire and release a lock, which executes a locked read-modify-write: a full fence on x86.
 _FENCE = threading.Lock()
+
+
+#: flags of a linear table's entries: chained (readable or writable), and the last one
+_CHAINED = frozenset((VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE))
+_LAST = frozenset((0, VIRTQ_DESC_F_WRITE))
+#: byte -> its WRITE bit as 0 or 1
+_WRITE_BIT = bytes((b & VIRTQ_DESC_F_WRITE) >> 1 for b in range(256))
+
+
+@functools.lru_cache(maxsize=64)
+def _desc_table_struct(n: int) -> struct.Struct:
+    """A whole table of ``n`` descriptors in one ``unpack``."""
+    return struct.Struct("<" + "QIHH" * n)
+
+
+@functools.lru_cache(maxsize=64)
+def _ascending(n: int) -> tuple[int, ...]:
+    """The ``next`` fields of a linear table of ``n`` entries (the last one's is not looked at)."""
+    return tuple(range(1, n))
 
 
 def full_fence() -> None:
@@ -486,6 +506,10 @@ class VirtQueue:
                     raise VirtQueueError(f"indirect table at {addr:#x}+{length:#x} is not in guest RAM") from None
                 table, table_len, index = addr, length // DESC_SIZE, 0
                 in_indirect, count = True, 0
+                if not descs:
+                    chain = self._linear_table(head, table_view, table_len)
+                    if chain is not None:
+                        return chain
                 continue
             write_only = bool(flags & VIRTQ_DESC_F_WRITE)
             if write_only:
@@ -506,6 +530,31 @@ class VirtQueue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 return DescriptorChain(self.memory, head, descs, (rviews, wviews), (rlen, wlen))
             index = nxt
+
+    def _linear_table(self, head: int, raw: memoryview, n: int) -> DescriptorChain | None:
+        """An indirect table laid out as drivers lay them out - entry i chained to i + 1, the
+        readable entries first, no nested table - as a chain, decoded in one piece; None for
+        any other table (the general walk then checks it entry by entry)."""
+        values = _desc_table_struct(n).unpack(raw)
+        flags, nexts = values[2::4], values[3::4]
+        if nexts[:-1] != _ascending(n) or not set(flags[:-1]) <= _CHAINED or flags[-1] not in _LAST:
+            return None
+        # every flag is now 0..3: one byte each, bit 1 (WRITE) as 0/1
+        writes = bytes(flags).translate(_WRITE_BIT)
+        first_write = writes.find(1)
+        if first_write < 0:
+            first_write = n
+        elif 0 in writes[first_write:]:
+            raise VirtQueueError("device-readable descriptor after a device-writable one")
+        addrs, lengths = values[0::4], values[1::4]
+        descs = list(zip(addrs, lengths, [False] * first_write + [True] * (n - first_write), strict=True))
+        try:
+            rviews = self.memory.slices_of(addrs[:first_write], lengths[:first_write])
+            wviews = self.memory.slices_of(addrs[first_write:], lengths[first_write:])
+        except GuestMemoryError as err:
+            raise VirtQueueError(f"a buffer of the table is not in guest RAM: {err}") from None
+        rlen = sum(lengths[:first_write])
+        return DescriptorChain(self.memory, head, descs, (rviews, wviews), (rlen, sum(lengths) - rlen))
 
     # -- the used ring ---------------------------------------------------------------------
 
