@@ -31,7 +31,7 @@ from vmsh.devices.virtio.queue import (
     VirtQueue,
 )
 from vmsh.engine.memory import GuestMemory, GuestRegion
-from vmsh.errors import VirtQueueError
+from vmsh.errors import GuestMemoryError, VirtQueueError
 
 MiB = 1 << 20
 
@@ -454,3 +454,22 @@ def test_indirect_table_entry_with_odd_flags_takes_the_checked_walk(mem: GuestMe
     _publish_table(q, ring, table, 2)
     with pytest.raises(VirtQueueError, match="nested"):
         q.pop()
+
+
+# -- GuestMemory's fast paths ---------------------------------------------------------------------
+
+
+def test_memory_slices_of_across_regions_and_outside_ram() -> None:
+    mem = GuestMemory([GuestRegion.create(0, MiB), GuestRegion.create(2 * MiB, MiB)])
+    try:
+        views = mem.slices_of([0x1000, 2 * MiB + 16, 0x2000], [8, 4, 0])
+        assert [len(v) for v in views] == [8, 4]
+        with pytest.raises(GuestMemoryError, match="not RAM"):
+            mem.slices_of([0x1000, MiB + 8], [8, 8])  # the second lies in the hole
+        with pytest.raises(GuestMemoryError, match="not RAM"):
+            mem.slices_of([MiB - 4], [8])  # runs from RAM into the hole
+        mem.write(2 * MiB, memoryview(bytearray(b"\1\0\2\0")).cast("H"))  # any format: bytes are copied
+        assert mem.read(2 * MiB, 4) == b"\1\0\2\0"
+        assert mem.read(0x10, 4) == bytes(4)  # the hint moved back and forth
+    finally:
+        mem.close()
