@@ -82,6 +82,8 @@ NUM_BUFFERS_OFFSET = 10
 #: the largest frame a tap hands out: header + 64 KiB GSO frame + Ethernet header
 MAX_FRAME = VNET_HDR_SIZE + 65535 + 14
 CTRL_QUEUE_SIZE = 64
+#: most buffers one readv takes (Linux's UIO_MAXIOV)
+IOV_MAX = 1024
 _NUM_BUFFERS = struct.Struct("<H")
 
 
@@ -325,6 +327,10 @@ class VirtioNet(VirtioDevice):
             return _Rx.STARVED
         views = chain.writable_views()
         room = chain.writable_len
+        if len(views) >= IOV_MAX:
+            # more pieces than one readv takes (a hostile chain): the frame goes to the spill
+            # buffer and through the copying path
+            views, room = [], 0
         try:
             n = os.readv(self.tap.fds[pair], [*views, self._spill])
         except BlockingIOError:
@@ -350,7 +356,7 @@ class VirtioNet(VirtioDevice):
         if not paid or have < n or room < VNET_HDR_SIZE:
             head = b"".join(window_views(views, 0, min(n, room)))
             self._pending[pair] = head + bytes(self._spill[:max(0, n - room)])
-            self._rx_paid[pair] = False
+            self._rx_paid[pair] = paid  # charged once, however long it waits
             queue.next_avail = (queue.next_avail - len(chains)) & 0xFFFF
             return _Rx.PENDING
         # num_buffers (§5.1.6.4): how many chains the frame took; the tap leaves it unset

@@ -473,3 +473,66 @@ def test_memory_slices_of_across_regions_and_outside_ram() -> None:
         assert mem.read(0x10, 4) == bytes(4)  # the hint moved back and forth
     finally:
         mem.close()
+
+
+def test_net_rx_chain_of_more_pieces_than_readv_takes(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+    dev_end, host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dev_end.setblocking(False)
+    host.setblocking(False)
+    tap = PairTap("pair", [dev_end.detach()])
+    watcher = FakeWatcher()
+    net = VirtioNet(tap, b"\x02\0\0\0\0\1", watcher, queue_size=2048)
+    pci = VirtioPciDevice(net, mem, router)
+    try:
+        driver = PciDriver(pci, mem, alloc)
+        rx = driver.probe()[0]
+        buf = alloc.alloc(1500)
+        head = rx.add([(buf + i, 1, True) for i in range(1500)], alloc=alloc, indirect=True)
+        driver.kick(0)
+        sent = frame(300, 9)
+        host.send(sent)
+        watcher.fds[tap.fds[0]]()  # type: ignore[operator]
+        assert rx.take_used() == [(head, len(sent))]
+        assert mem.read(buf + VNET_HDR_SIZE, 300) == sent[VNET_HDR_SIZE:]
+        assert not net.needs_reset
+    finally:
+        pci.close()
+        host.close()
+
+
+def test_net_rx_frame_waiting_for_buffers_is_charged_once(mem: GuestMemory, alloc: Allocator,
+                                                          router: FakeRouter) -> None:
+    from tests.unit.devices.test_ratelimit import FakeClock
+    from vmsh.devices.ratelimit import RateLimiter, TokenBucket
+
+    clock = FakeClock()
+    limiters: list[RateLimiter] = []
+
+    def make_limiter() -> RateLimiter:
+        limiters.append(RateLimiter(ops=TokenBucket(100, 1000, clock=clock), clock=clock))
+        return limiters[-1]
+
+    dev_end, host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dev_end.setblocking(False)
+    host.setblocking(False)
+    tap = PairTap("pair", [dev_end.detach()])
+    watcher = FakeWatcher()
+    net = VirtioNet(tap, b"\x02\0\0\0\0\1", watcher, rate_limiter=make_limiter)
+    pci = VirtioPciDevice(net, mem, router)
+    try:
+        driver = PciDriver(pci, mem, alloc)
+        rx = driver.probe()[0]
+        rx.add([(alloc.alloc(1024), 1024, True)])
+        driver.kick(0)
+        host.send(frame(3000))  # needs three buffers: read, charged, then waits
+        watcher.fds[tap.fds[0]]()  # type: ignore[operator]
+        ops = limiters[0].ops
+        assert ops is not None and ops.available() == 99
+        for _ in range(2):
+            rx.add([(alloc.alloc(1024), 1024, True)])
+        driver.kick(0)
+        assert len(rx.take_used()) == 3
+        assert ops.available() == 99  # not charged again
+    finally:
+        pci.close()
+        host.close()
