@@ -742,7 +742,7 @@ class Vm:
         """Start sampling every vCPU's instruction pointer ``hz`` times a second."""
         if self.sampler is not None:
             raise VmshError("The profiler is already running")
-        self.sampler = RipSampler(self.vcpus, hz)
+        self.sampler = RipSampler(self.vcpus, hz, memory=self.memory)
         self.sampler.start()
 
     def stop_profiler(self, system_map: str | None = None, top: int = 40) -> str:
@@ -761,15 +761,26 @@ class Vm:
 
     def _finish_profile(self) -> None:
         assert self.profile is not None
+        sampler = self.sampler
         text = self.stop_profiler(self.profile.system_map)
         if self.profile.path is None:
             LOG.warning("%s", text)
             return
-        try:
-            with open(self.profile.path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        except OSError as err:
-            LOG.error("cannot write the profile to %s: %s", self.profile.path, err)
+        outputs = [(self.profile.path, text + "\n")]
+        if sampler is not None and sampler.stacks and self.profile.system_map is not None:
+            try:
+                symbolizer = Symbolizer.from_system_map(self.profile.system_map)
+            except (OSError, ValueError):
+                symbolizer = None  # stop_profiler has said why
+            if symbolizer is not None:
+                # flame graph input beside the report (flamegraph.pl, speedscope, ...)
+                outputs.append((self.profile.path + ".folded", sampler.folded_stacks(symbolizer)))
+        for path, content in outputs:
+            try:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(content)
+            except OSError as err:
+                LOG.error("cannot write the profile to %s: %s", path, err)
 
     def pause(self) -> None:
         check_transition(self.state, VmState.PAUSED)
