@@ -191,6 +191,7 @@ class SocketBackend(ConsoleBackend):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sink: InputSink | None = None
+        self._input_started = threading.Event()
         threading.Thread(target=self._accept, name="console-socket", daemon=True).start()
 
     def _accept(self) -> None:
@@ -204,8 +205,13 @@ class SocketBackend(ConsoleBackend):
                 if self._client is not None:
                     self._client.close()
                 self._client = client
-            if self._sink is not None:
-                self._read_client(client, self._sink)
+            # A client may connect (and type) before the VM lets input in (start_input): its
+            # bytes wait in the socket until then instead of being dropped with the client.
+            while not self._input_started.wait(0.2):
+                if self._stop.is_set():
+                    return
+            assert self._sink is not None
+            self._read_client(client, self._sink)
 
     def _read_client(self, client: socket.socket, sink: InputSink) -> None:
         while not self._stop.is_set():
@@ -245,6 +251,7 @@ class SocketBackend(ConsoleBackend):
 
     def start_input(self, sink: InputSink) -> None:
         self._sink = sink
+        self._input_started.set()
 
     def close(self) -> None:
         self._stop.set()

@@ -105,6 +105,28 @@ def test_socket_both_ways_with_backpressure(tmp_path: Path) -> None:
     assert not os.path.exists(path)
 
 
+def test_socket_input_typed_before_input_starts_is_kept(tmp_path: Path) -> None:
+    # The VM lets input in only once its irqchip and vCPUs are set up; a client that
+    # connected and typed before that must not lose its bytes (or all later ones).
+    path = str(tmp_path / "serial.sock")
+    backend = open_backend(Mode.SOCKET, socket_path=path)
+    collector = Collector()
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    try:
+        wait_for(lambda: backend._client is not None)
+        client.sendall(b"early ")
+        time.sleep(0.3)
+        assert collector.data == b""  # nothing is fed to a guest that cannot take it yet
+        backend.start_input(collector)
+        wait_for(lambda: collector.data == b"early ")
+        client.sendall(b"and later")
+        wait_for(lambda: collector.data == b"early and later")
+    finally:
+        client.close()
+        backend.close()
+
+
 def test_busy_socket_path_is_refused(tmp_path: Path) -> None:
     path = str(tmp_path / "serial.sock")
     first = open_backend(Mode.SOCKET, socket_path=path)
