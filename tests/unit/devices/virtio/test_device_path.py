@@ -9,6 +9,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -291,14 +292,19 @@ class Net:
         self.pci.close()
         self.host.close()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def frame(n: int, fill: int = 0x5A) -> bytes:
     return bytes(VNET_HDR_SIZE) + bytes([fill]) * n
 
 
 def test_net_rx_frame_in_one_buffer_and_across_buffers(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
-    net = Net(mem, alloc, router)
-    try:
+    with Net(mem, alloc, router) as net:
         net.post(8)
         net.driver.kick(0)
         small, big = frame(100, 1), frame(2500, 2)
@@ -310,13 +316,10 @@ def test_net_rx_frame_in_one_buffer_and_across_buffers(mem: GuestMemory, alloc: 
         assert got[0][VNET_HDR_SIZE:] == small[VNET_HDR_SIZE:] and got[1][VNET_HDR_SIZE:] == big[VNET_HDR_SIZE:]
         assert struct.unpack_from("<H", got[1], NUM_BUFFERS_OFFSET)[0] == 3
         assert net.net.counters()["rx_frames"] == 2
-    finally:
-        net.close()
 
 
 def test_net_rx_ring_dry_mid_frame_gives_buffers_back(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
-    net = Net(mem, alloc, router)
-    try:
+    with Net(mem, alloc, router) as net:
         net.post(2)
         net.driver.kick(0)
         big = frame(3000, 7)  # needs 3 buffers of 1 KiB
@@ -330,13 +333,10 @@ def test_net_rx_ring_dry_mid_frame_gives_buffers_back(mem: GuestMemory, alloc: A
         (got,) = net.received()
         assert got[VNET_HDR_SIZE:] == big[VNET_HDR_SIZE:]
         assert net.tap.fds[0] in net.watcher.fds
-    finally:
-        net.close()
 
 
 def test_net_rx_no_buffers_leaves_frames_in_the_tap(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
-    net = Net(mem, alloc, router)
-    try:
+    with Net(mem, alloc, router) as net:
         net.host.send(frame(60))
         net.readable()  # nothing posted yet
         assert net.tap.fds[0] not in net.watcher.fds  # no busy loop on a readable tap
@@ -344,14 +344,11 @@ def test_net_rx_no_buffers_leaves_frames_in_the_tap(mem: GuestMemory, alloc: All
         net.post(1)
         net.driver.kick(0)
         assert [len(f) for f in net.received()] == [VNET_HDR_SIZE + 60]
-    finally:
-        net.close()
 
 
 def test_net_rx_first_buffer_smaller_than_the_header(mem: GuestMemory, alloc: Allocator,
                                                      router: FakeRouter) -> None:
-    net = Net(mem, alloc, router)
-    try:
+    with Net(mem, alloc, router) as net:
         net.post(1, size=8)
         net.post(2, size=1024)
         net.driver.kick(0)
@@ -362,14 +359,11 @@ def test_net_rx_first_buffer_smaller_than_the_header(mem: GuestMemory, alloc: Al
         got = b"".join(mem.read(net.bufs[h][0], length) for h, length in used)
         assert got[VNET_HDR_SIZE:] == sent[VNET_HDR_SIZE:]
         assert struct.unpack_from("<H", got, NUM_BUFFERS_OFFSET)[0] == len(used) == 2
-    finally:
-        net.close()
 
 
 def test_net_rx_oversized_frame_dropped_without_mergeable(mem: GuestMemory, alloc: Allocator,
                                                            router: FakeRouter) -> None:
-    net = Net(mem, alloc, router, mergeable=False)
-    try:
+    with Net(mem, alloc, router, mergeable=False) as net:
         net.post(4)
         net.driver.kick(0)
         net.host.send(frame(3000))
@@ -378,14 +372,11 @@ def test_net_rx_oversized_frame_dropped_without_mergeable(mem: GuestMemory, allo
         used = net.rx.take_used()
         assert [length for _, length in used] == [0, VNET_HDR_SIZE + 100]
         assert net.net.counters()["rx_dropped"] == 1
-    finally:
-        net.close()
 
 
 def test_net_rx_hostile_buffer_outside_ram_fails_the_device(mem: GuestMemory, alloc: Allocator,
                                                             router: FakeRouter) -> None:
-    net = Net(mem, alloc, router)
-    try:
+    with Net(mem, alloc, router) as net:
         head = net.rx._take()
         net.rx.write_desc(head, mem.size - 4, 4096, VIRTQ_DESC_F_WRITE)
         net.rx.publish(head)
@@ -394,8 +385,6 @@ def test_net_rx_hostile_buffer_outside_ram_fails_the_device(mem: GuestMemory, al
         net.readable()
         assert net.net.needs_reset
         assert net.rx.take_used() == []
-    finally:
-        net.close()
 
 
 # -- indirect tables decoded in one piece -----------------------------------------------------------
@@ -429,30 +418,21 @@ def test_indirect_table_linear_and_shuffled_agree(mem: GuestMemory, alloc: Alloc
     assert (chain.readable_len, chain.writable_len) == (64, 101)
 
 
-def test_indirect_linear_table_readable_after_writable(mem: GuestMemory, alloc: Allocator) -> None:
+@pytest.mark.parametrize(("entries", "error"), [
+    # a readable buffer after a writable one
+    (lambda a, size: [(a, 8, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1), (a, 8, 0, 0)],
+     "readable descriptor after"),
+    # a buffer that runs out of guest RAM
+    (lambda a, size: [(a, 16, VIRTQ_DESC_F_NEXT, 1), (size - 2, 4096, VIRTQ_DESC_F_WRITE, 0)],
+     "not in guest RAM"),
+    # an entry with flags a linear table never has (INDIRECT): the checked walk refuses it
+    (lambda a, size: [(a, 16, VIRTQ_DESC_F_NEXT, 1), (a, 16, VIRTQ_DESC_F_INDIRECT, 0)], "nested"),
+], ids=["readable-after-writable", "buffer-outside-ram", "odd-flags-take-the-checked-walk"])
+def test_hostile_indirect_table_fails_the_pop(mem: GuestMemory, alloc: Allocator, entries, error: str) -> None:
     q, ring = make(mem, alloc, indirect=True)
-    a = alloc.alloc(64)
-    table = _table(mem, alloc, [(a, 8, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1), (a, 8, 0, 0)])
+    table = _table(mem, alloc, entries(alloc.alloc(64), mem.size))
     _publish_table(q, ring, table, 2)
-    with pytest.raises(VirtQueueError, match="readable descriptor after"):
-        q.pop()
-
-
-def test_indirect_linear_table_buffer_outside_ram(mem: GuestMemory, alloc: Allocator) -> None:
-    q, ring = make(mem, alloc, indirect=True)
-    a = alloc.alloc(64)
-    table = _table(mem, alloc, [(a, 16, VIRTQ_DESC_F_NEXT, 1), (mem.size - 2, 4096, VIRTQ_DESC_F_WRITE, 0)])
-    _publish_table(q, ring, table, 2)
-    with pytest.raises(VirtQueueError, match="not in guest RAM"):
-        q.pop()
-
-
-def test_indirect_table_entry_with_odd_flags_takes_the_checked_walk(mem: GuestMemory, alloc: Allocator) -> None:
-    q, ring = make(mem, alloc, indirect=True)
-    a = alloc.alloc(64)
-    table = _table(mem, alloc, [(a, 16, VIRTQ_DESC_F_NEXT, 1), (a, 16, VIRTQ_DESC_F_INDIRECT, 0)])
-    _publish_table(q, ring, table, 2)
-    with pytest.raises(VirtQueueError, match="nested"):
+    with pytest.raises(VirtQueueError, match=error):
         q.pop()
 
 
