@@ -107,8 +107,8 @@ def test_dsdt_content(tmp_path: Path) -> None:
         f"Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) {{ 0x{GED_IRQ:08X}, }} }}) "
         "Method (_EVT, 1, Serialized) { Local0 = \\_SB.GEC.GDAT If ((Local0 & 0x08)) { Notify (\\_SB.PWRB, 0x80) } } }",
         'Device (CPUS) { Name (_HID, "ACPI0010") Device (C000) { Name (_HID, "ACPI0007") Name (_UID, Zero) '
-        "Method (_STA, 0, NotSerialized) { Return (0x0F) } }",
-        'Device (C003) { Name (_HID, "ACPI0007") Name (_UID, 0x03) Method (_STA, 0, NotSerialized) { Return (Zero) } }',
+        "Method (_STA, 0, Serialized) { Return (0x0F) } }",
+        'Device (C003) { Name (_HID, "ACPI0007") Name (_UID, 0x03) Method (_STA, 0, Serialized) { Return (Zero) } }',
         "Name (\\_S5, Package (0x04) { 0x05, 0x05, Zero, Zero })",
     ]
     for piece in expected:

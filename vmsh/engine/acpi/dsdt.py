@@ -231,13 +231,14 @@ def ged(spec: AcpiSpec) -> bytes:
 
 def processor(index: int, present: bool) -> bytes:
     """A processor device (ACPI0007, §8.4): ``_UID`` is the vCPU index, which is also the ACPI
-    processor UID of its MADT entry; ``_STA`` is a method so that hotplug can make it dynamic."""
+    processor UID of its MADT entry; ``_STA`` is a method so that hotplug can make it dynamic
+    (Serialized, which spares ACPICA a parse of it at table load; see ``pci_hotplug``)."""
     return Device(
         processor_name(index),
         [
             Name("_HID", String("ACPI0007")),
             Name("_UID", index),
-            Method("_STA", 0, [Return(STA_PRESENT_ENABLED if present else STA_ABSENT)]),
+            Method("_STA", 0, [Return(STA_PRESENT_ENABLED if present else STA_ABSENT)], serialized=True),
         ],
     )
 
