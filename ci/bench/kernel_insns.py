@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cmdline", default="console=ttyS0 quiet panic=-1")
     parser.add_argument("--memory-mb", type=int, default=128)
     parser.add_argument("--top", type=int, default=30, help="symbols listed")
+    parser.add_argument("--stage-top", type=int, default=4, help="symbols listed per stage")
     parser.add_argument("--stage-min", type=float, default=0.1,
-                        help="stages listed from this many million instructions")
+                                help="stages listed from this many million instructions")
     args = parser.parse_args(argv)
     kernel = args.kernel or image_path("vmlinux")
     system_map = args.system_map or kernel.parent / "System.map"
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, counts in stages:
         n = sum(counts.values())
         if n >= args.stage_min * 1e6:
-            tops = ", ".join(f"{s} {c / 1e3:.0f}k" for s, c in counts.most_common(4))
+            tops = ", ".join(f"{s} {c / 1e3:.0f}k" for s, c in counts.most_common(args.stage_top))
             print(f"{n / 1e6:7.3f} M  {name}: {tops}")
     return 0
 
