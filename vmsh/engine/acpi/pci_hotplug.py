@@ -12,9 +12,11 @@ acpiphp then runs the slot's ``_EJ0``, which writes the slot's bit to ``B0EJ``.
 On hardware KVM every slot gets a slot device, as in cloud-hypervisor. On a PVM host only
 those holding a device at boot (so any device can be removed) and the first
 ``SPARE_SLOTS_PVM`` free ones (for devices added later) do: each slot device costs a Linux
-guest about 150,000 instructions at boot (its ACPI device, sysfs nodes and acpiphp slot),
-which PVM emulates at a microsecond each, so all 31 would add 4.6 M instructions (a fifth of
-the default guest's boot). A snapshot records which slots its guest has.
+guest about 100,000 instructions at boot (its ACPI device, sysfs nodes and acpiphp slot),
+which PVM emulates at over a microsecond each, so all 31 would add 3 M instructions (a third
+of the default guest's boot), and even 8 spare ones cost 0.8 M. Four spare slots let a
+running guest take four devices more than it booted with (the guest tests add one at a time);
+a hot-add beyond them is refused with an error that says why. A snapshot records which slots its guest has.
 
 Every method is declared Serialized. For a NotSerialized method ACPICA parses the method's
 AML when the table is loaded, to find out whether it must serialize it anyway (it does when
@@ -66,7 +68,7 @@ STA_HIDDEN_DEVICE = 0x0B
 
 
 #: free slots per segment declared hotpluggable at boot on a PVM host, beyond the occupied ones
-SPARE_SLOTS_PVM = 8
+SPARE_SLOTS_PVM = 4
 #: slot 0 of a segment is its host bridge
 FIRST_SLOT = 1
 NUM_SLOTS = 32
