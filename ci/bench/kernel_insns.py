@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=30, help="symbols listed")
     parser.add_argument("--stage-top", type=int, default=4, help="symbols listed per stage")
     parser.add_argument("--stage-min", type=float, default=0.1,
-                                help="stages listed from this many million instructions")
+                        help="stages listed from this many million instructions")
     args = parser.parse_args(argv)
     kernel = args.kernel or image_path("vmlinux")
     system_map = args.system_map or kernel.parent / "System.map"

@@ -15,8 +15,9 @@ those holding a device at boot (so any device can be removed) and the first
 guest about 100,000 instructions at boot (its ACPI device, sysfs nodes and acpiphp slot),
 which PVM emulates at over a microsecond each, so all 31 would add 3 M instructions (a third
 of the default guest's boot), and even 8 spare ones cost 0.8 M. Four spare slots let a
-running guest take four devices more than it booted with (the guest tests add one at a time);
-a hot-add beyond them is refused with an error that says why. A snapshot records which slots its guest has.
+running guest take four devices more than it booted with (the guest tests add one at a
+time); a hot-add beyond them is refused with an error that says why. A snapshot records
+which slots its guest has.
 
 Every method is declared Serialized. For a NotSerialized method ACPICA parses the method's
 AML when the table is loaded, to find out whether it must serialize it anyway (it does when
