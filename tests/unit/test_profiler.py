@@ -55,9 +55,10 @@ def test_stacks_give_an_inclusive_view() -> None:
     frame = (0xFFFFFFFF81000210).to_bytes(8, "little") + (0x1234).to_bytes(8, "little")
     outer = (0xFFFFFFFF81000110).to_bytes(8, "little")
     beyond_text = (0xFFFFFFFF81000500).to_bytes(8, "little")
-    sampler._raw = [(0xFFFFFFFF81000310, frame + outer + beyond_text + b"\x01"),  # a torn last word
-                    (0xFFFFFFFF81000320, frame + frame + outer),  # middle twice: counted once
-                    (0xFFFFFFFF81000120, b"")]
+    base = 0xFFFFC90000003F00
+    sampler._raw = [(0xFFFFFFFF81000310, 0, base, frame + outer + beyond_text + b"\x01"),  # a torn last word
+                    (0xFFFFFFFF81000320, base + 8, base, frame + frame + outer),  # middle twice: counted once
+                    (0xFFFFFFFF81000120, 0, base, b"")]
     sampler.samples.update({0xFFFFFFFF81000310: 1, 0xFFFFFFFF81000320: 1, 0xFFFFFFFF81000120: 1})
     sampler._parse_stacks()
     assert sampler.stacks[0xFFFFFFFF81000310, (0xFFFFFFFF81000210, 0xFFFFFFFF81000110,
@@ -70,6 +71,68 @@ def test_stacks_give_an_inclusive_view() -> None:
     assert [line.split()[1] for line in lines[2:4]] == ["2", "2"] and len(lines) == 4
     assert "_etext" not in text  # an address past the end of text is not a return address
     assert "inclusive" in sampler.report(sym)
+
+
+def test_init_text_is_code_and_data_is_not() -> None:
+    sym = Symbolizer([(0xFFFFFFFF81000000, "_stext"), (0xFFFFFFFF81000100, "f"),
+                      (0xFFFFFFFF81000400, "_etext"), (0xFFFFFFFF81800000, "_sinittext"),
+                      (0xFFFFFFFF81800100, "an_initcall"), (0xFFFFFFFF81900000, "_einittext")])
+    assert sym.is_code(0xFFFFFFFF81000110) and sym.is_code(0xFFFFFFFF81800110)
+    assert not sym.is_code(0xFFFFFFFF81000500) and not sym.is_code(0xFFFFFFFF81900010)
+    sampler = RipSampler([], hz=100)
+    sampler.stacks.update({(0xFFFFFFFF81000110, (0xFFFFFFFF81800110, 0xFFFFFFFF81000500)): 1})
+    assert sampler.folded_stacks(sym) == "an_initcall;f 1\n"
+    assert Symbolizer([(0x1000, "f")]).is_code(0x5000)  # no _etext: nothing to tell by
+
+
+def _words(*values: int) -> bytes:
+    return b"".join(v.to_bytes(8, "little") for v in values)
+
+
+def test_a_whole_frame_pointer_chain_replaces_the_scan() -> None:
+    base = 0xFFFFC90000003E00
+    sampler = RipSampler([], hz=100)
+    # rsp: a stale text address, then two frames: (saved rbp, return address)
+    stack = _words(0xFFFFFFFF81000250, base + 24, 0xFFFFFFFF81000210, base + 40, 0xFFFFFFFF81000110,
+                   0, 0xFFFFFFFF81000010)
+    sampler._raw = [(0xFFFFFFFF81000310, base + 8, base, stack)]
+    sampler._parse_stacks()
+    assert sampler.stacks == {(0xFFFFFFFF81000310, (0xFFFFFFFF81000210, 0xFFFFFFFF81000110,
+                                                    0xFFFFFFFF81000010)): 1}
+
+
+def test_a_frame_pointer_chain_goes_on_through_the_pt_regs_of_interrupted_kernel_code() -> None:
+    base = 0xFFFFC90000003000
+    handler, interrupted, caller = 0xFFFFFFFF81000210, 0xFFFFFFFF81000350, 0xFFFFFFFF81000110
+    regs = [0] * 21  # struct pt_regs: bp is word 4, ip word 16
+    regs[4], regs[16] = base + 8 * 24, interrupted
+    words = [0, base + 8 * 3 + 1, handler, *regs, 0, caller]
+    sampler = RipSampler([], hz=100)
+    sampler._raw = [(0xFFFFFFFF81000310, base + 8, base, _words(*words))]
+    sampler._parse_stacks()
+    assert list(sampler.stacks) == [(0xFFFFFFFF81000310, (handler, interrupted, caller))]
+    # user code was interrupted: the chain ends at its pt_regs
+    regs[16] = 0x401000
+    sampler = RipSampler([], hz=100)
+    sampler._raw = [(0xFFFFFFFF81000310, base + 8, base, _words(0, base + 8 * 3 + 1, handler, *regs))]
+    sampler._parse_stacks()
+    assert list(sampler.stacks) == [(0xFFFFFFFF81000310, (handler,))]
+
+
+def test_a_broken_frame_pointer_chain_falls_back_to_the_scan() -> None:
+    base = 0xFFFFC90000003E00
+    text = (0xFFFFFFFF81000250, 0xFFFFFFFF81000210, 0xFFFFFFFF81000110)
+    cases = {
+        "rbp outside the stack": (_words(0, text[0], 0, text[1], 0, text[2]), 0x1000),
+        "a saved rbp below its frame": (_words(base, text[0], base, text[1], 0, text[2]), base + 16),
+        "a return address outside text": (_words(base + 16, 0x1234, text[0], text[1], 0, text[2]), base),
+        "no zero frame before the end": (_words(0, text[0], 0, text[1], base + 40, text[2]), base + 32),
+    }
+    for name, (stack, rbp) in cases.items():
+        sampler = RipSampler([], hz=100)
+        sampler._raw = [(0xFFFFFFFF81000310, rbp, base, stack)]
+        sampler._parse_stacks()
+        assert sampler.stacks == {(0xFFFFFFFF81000310, text): 1}, name
 
 
 def test_no_inclusive_view_without_stacks() -> None:

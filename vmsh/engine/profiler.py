@@ -17,7 +17,12 @@ Linux's "guess" unwinder finds return addresses without frame pointers. The repo
 inclusive view too: the share of samples in which each function was running *or on the stack*,
 which is what says that, say, ``acpi_init`` and everything it calls takes a fifth of a boot.
 Like the guess unwinder it can count a function whose stale return address is still on the
-stack; the shares are upper bounds.
+stack; the shares are upper bounds. A kernel built with frame pointers
+(``CONFIG_UNWINDER_FRAME_POINTER``) gets exact stacks instead: when rbp starts a chain of
+frames inside the read stack (each saved rbp above the last, each return address in kernel
+text) that ends in a zero saved rbp, as every task's stack does at ``ret_from_fork``, the
+chain is used rather than the scan. A stale rbp in a kernel without frame pointers almost
+never forms such a chain, and when it does not the scan is used as before.
 """
 
 from __future__ import annotations
@@ -44,6 +49,42 @@ KERNEL_TEXT_HIGH = 0xFFFF_FFFF_C000_0000
 KERNEL_STACK_SIZE = 0x4000
 
 
+#: where the saved rbp and rip are in a ``struct pt_regs`` (arch/x86/include/asm/ptrace.h), in words
+_PT_REGS_BP, _PT_REGS_IP = 4, 16
+
+
+def _frame_chain(words: array, base: int, rbp: int) -> tuple[int, ...] | None:
+    """The return addresses along the frame-pointer chain from ``rbp`` in a stack read from
+    ``base`` as ``words``, innermost first; None unless it is a whole chain: 8-byte aligned
+    frames inside the stack, each saved rbp above the last and each return address in kernel
+    text, up to a saved rbp of 0 or an encoded ``pt_regs`` pointer (``regs + 1``, which
+    ``copy_thread()`` and the entry code leave, arch/x86/include/asm/frame.h). From a
+    ``pt_regs`` of interrupted kernel code the walk goes on with its rip and rbp as far as
+    the chain stays whole."""
+    out: list[int] = []
+    complete = None
+    while rbp % 8 == 0 and base <= rbp and (rbp - base) // 8 + 1 < len(words):
+        index = (rbp - base) // 8
+        saved, ret = words[index], words[index + 1]
+        if not KERNEL_TEXT_LOW <= ret < KERNEL_TEXT_HIGH:
+            break
+        out.append(ret)
+        if saved == 0:
+            return tuple(out)
+        if saved % 8 == 1 and saved > rbp:
+            complete = tuple(out)
+            regs = (saved - 1 - base) // 8
+            if regs + _PT_REGS_IP >= len(words) or not KERNEL_TEXT_LOW <= words[regs + _PT_REGS_IP] < KERNEL_TEXT_HIGH:
+                return complete
+            out.append(words[regs + _PT_REGS_IP])
+            complete = tuple(out)
+            saved = words[regs + _PT_REGS_BP]
+        elif saved <= rbp:
+            break
+        rbp = saved
+    return complete
+
+
 class Symbolizer:
     """Address -> ``symbol+offset`` from a System.map."""
 
@@ -51,14 +92,18 @@ class Symbolizer:
         pairs = sorted(symbols)
         self._addrs = [a for a, _ in pairs]
         self._names = [n for _, n in pairs]
+        where = dict(zip(self._names, self._addrs))
+        #: kernel text and init text (boot-time functions and initcalls run from the latter)
+        self._code: list[tuple[int, int]] = []
+        if "_etext" in where:
+            self._code.append((where.get("_stext", 0), where["_etext"]))
+            if "_sinittext" in where and "_einittext" in where:
+                self._code.append((where["_sinittext"], where["_einittext"]))
 
-    @property
-    def text_end(self) -> int | None:
-        """Where kernel text ends (the ``_etext`` symbol), if the map has it."""
-        try:
-            return self._addrs[self._names.index("_etext")]
-        except ValueError:
-            return None
+    def is_code(self, addr: int) -> bool:
+        """Whether ``addr`` is in kernel text (``_stext``.. ``_etext``) or init text
+        (``_sinittext``.. ``_einittext``); True for any address when the map has no ``_etext``."""
+        return not self._code or any(start <= addr < end for start, end in self._code)
 
     @classmethod
     def from_system_map(cls, path: str) -> Symbolizer:
@@ -98,7 +143,8 @@ class RipSampler:
         #: how many samples had each (rip, kernel text addresses on its stack), of those whose
         #: stack was read
         self.stacks: Counter[tuple[int, tuple[int, ...]]] = Counter()
-        self._raw: list[tuple[int, bytes]] = []
+        #: (rip, rbp, the stack's first address, the stack's bytes from there)
+        self._raw: list[tuple[int, int, int, bytes]] = []
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -114,7 +160,7 @@ class RipSampler:
             self.samples[regs.rip] += 1
             self.timeline.append((t, regs.rip))
             if stack is not None:
-                self._raw.append((regs.rip, stack))
+                self._raw.append((regs.rip, regs.rbp, regs.rsp & ~7, stack))
 
     def _read_stack(self, fd: object, rsp: int) -> bytes | None:
         """The bytes from ``rsp`` to the top of its kernel stack; None outside 64-bit kernel mode
@@ -135,9 +181,12 @@ class RipSampler:
         with self._lock:
             raw, self._raw = self._raw, []
         parsed: Counter[tuple[int, tuple[int, ...]]] = Counter()
-        for rip, data in raw:
+        for rip, rbp, base, data in raw:
             words = array("Q", data[: len(data) // 8 * 8])
-            parsed[rip, tuple(w for w in words if KERNEL_TEXT_LOW <= w < KERNEL_TEXT_HIGH)] += 1
+            chain = _frame_chain(words, base, rbp)
+            if chain is None:
+                chain = tuple(w for w in words if KERNEL_TEXT_LOW <= w < KERNEL_TEXT_HIGH)
+            parsed[rip, chain] += 1
         with self._lock:
             self.stacks.update(parsed)
 
@@ -183,11 +232,10 @@ class RipSampler:
         sampled function last, with how many samples had it."""
         with self._lock:
             stacks = list(self.stacks.items())
-        end = symbolizer.text_end
         out = []
         for (rip, addrs), n in stacks:
-            # the scan went from rsp up, innermost caller first; past _etext is not code
-            frames = [symbolizer.lookup(a) for a in reversed(addrs) if end is None or a < end]
+            # the scan went from rsp up, innermost caller first; outside the text it is not code
+            frames = [symbolizer.lookup(a) for a in reversed(addrs) if symbolizer.is_code(a)]
             frames.append(symbolizer.lookup(rip))
             out.append((frames, n))
         return out
