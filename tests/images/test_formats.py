@@ -27,6 +27,49 @@ def test_cpio_round_trip_is_sorted_and_reproducible():
     assert len(a.getvalue()) % 4 == 0
 
 
+def _page_aligned(archive: bytes, data: bytes) -> bool:
+    return archive.index(data) % cpio.PAGE_SIZE == 0
+
+
+def test_cpio_puts_the_data_of_files_of_a_page_or_more_on_page_boundaries():
+    # contents unique to each file, so that where they start can be found
+    def content(tag: int, size: int) -> bytes:
+        return (bytes([tag]) * 7 + b"\xff") * (size // 8) + bytes([tag]) * (size % 8)
+
+    for name_len in range(1, 60, 7):
+        for lead in range(0, 9000, 997):
+            entries = [cpio.directory("bin"), cpio.file("bin/a", content(1, lead)),
+                       cpio.file("bin/b" + "x" * name_len, content(2, 5000)),
+                       cpio.file("bin/c", content(3, 4096)), cpio.file("bin/d", content(4, 4095))]
+            out = io.BytesIO()
+            cpio.write(out, entries)
+            archive = out.getvalue()
+            assert _page_aligned(archive, content(2, 5000)) and _page_aligned(archive, content(3, 4096))
+            assert cpio.read_names(archive) == {e.path: (e.mode, e.data) for e in entries}
+            # a name padded with NULs still ends in one, within the kernel's PATH_MAX
+            for name in (b"bin/b" + b"x" * name_len, b"bin/c"):
+                header = archive.rindex(b"070701", 0, archive.index(name))
+                namesize = int(archive[header + 94 : header + 102], 16)
+                assert 0 < namesize <= 4096 and archive[header + 110 + namesize - 1] == 0
+
+
+def test_cpio_writes_the_parent_directory_again_where_a_padded_name_cannot_align():
+    # for each 4-byte step of what comes before, the long name's data is aligned; for
+    # some offsets (here 13 of them) the name alone cannot reach the boundary
+    data = bytes(range(256)) * 20
+    for lead in range(0, 4096, 4):
+        entries = [cpio.directory("bin"), cpio.file("bin/a", b"\1" * lead),
+                   cpio.file("bin/b" + "x" * 50, data)]
+        out = io.BytesIO()
+        cpio.write(out, entries)
+        archive = out.getvalue()
+        assert _page_aligned(archive, data), lead
+        assert cpio.read_names(archive) == {e.path: (e.mode, e.data) for e in entries}
+        assert archive.count(b"bin\0") in (1, 2)
+        if lead == 3700:
+            assert archive.count(b"bin\0") == 2
+
+
 def test_cpio_rejects_duplicates():
     with pytest.raises(ValueError):
         cpio.write(io.BytesIO(), [cpio.directory("a"), cpio.directory("a")])

@@ -54,10 +54,12 @@ _DIRS = ("bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "root", "run"
 
 
 def key_inputs() -> dict[str, str]:
-    """busybox-static's version, /init, the guest tools' sources and compiler, the recipe."""
+    """busybox-static's version, /init, the guest tools' sources and compiler, the archive
+    writer (its layout is part of the image), the recipe."""
     inputs = {f"pkg:{p}": v for p, v in tools.require_packages([BUSYBOX_PACKAGE]).items()}
     inputs.update(guest_tools.key_inputs())
     inputs["init"] = cache.file_digest(INIT_SCRIPT)
+    inputs["cpio"] = cache.file_digest(Path(cpio.__file__))
     inputs["recipe"] = str(RECIPE)
     return inputs
 
