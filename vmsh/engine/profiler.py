@@ -20,9 +20,10 @@ Like the guess unwinder it can count a function whose stale return address is st
 stack; the shares are upper bounds. A kernel built with frame pointers
 (``CONFIG_UNWINDER_FRAME_POINTER``) gets exact stacks instead: when rbp starts a chain of
 frames inside the read stack (each saved rbp above the last, each return address in kernel
-text) that ends in a zero saved rbp, as every task's stack does at ``ret_from_fork``, the
-chain is used rather than the scan. A stale rbp in a kernel without frame pointers almost
-never forms such a chain, and when it does not the scan is used as before.
+text) that ends where a task's stack ends (a zero saved rbp, or the encoded ``pt_regs``
+pointer that ``ret_from_fork`` and the entry code leave), the chain is used rather than the
+scan. A stale rbp in a kernel without frame pointers almost never forms such a chain, and
+when it does not the scan is used as before.
 """
 
 from __future__ import annotations
@@ -74,9 +75,12 @@ def _frame_chain(words: array, base: int, rbp: int) -> tuple[int, ...] | None:
         if saved % 8 == 1 and saved > rbp:
             complete = tuple(out)
             regs = (saved - 1 - base) // 8
-            if regs + _PT_REGS_IP >= len(words) or not KERNEL_TEXT_LOW <= words[regs + _PT_REGS_IP] < KERNEL_TEXT_HIGH:
+            if regs + _PT_REGS_IP >= len(words):
                 return complete
-            out.append(words[regs + _PT_REGS_IP])
+            interrupted = words[regs + _PT_REGS_IP]
+            if not KERNEL_TEXT_LOW <= interrupted < KERNEL_TEXT_HIGH:
+                return complete  # user code
+            out.append(interrupted)
             complete = tuple(out)
             saved = words[regs + _PT_REGS_BP]
         elif saved <= rbp:
