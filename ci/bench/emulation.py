@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vmsh.engine.boot import regs as bootregs  # noqa: E402
 from vmsh.engine.bus import Bus  # noqa: E402
 from vmsh.engine.kvm import Kvm  # noqa: E402
-from vmsh.engine.memory import GuestMemory  # noqa: E402
+from vmsh.engine.memory import GuestMemoryMmap  # noqa: E402
 from vmsh.engine.pvm import PvmHandler, is_pvm_host  # noqa: E402
 from vmsh.engine.stats import KvmStats  # noqa: E402
 from vmsh.engine.vcpu import Vcpu, VcpuStop  # noqa: E402
@@ -40,7 +40,7 @@ HLT = b"\xf4"
 def run_loop(kvm: Kvm, code: bytes, **gprs: int) -> tuple[float, int]:
     """Run ``code`` then HLT in a fresh one-vCPU VM; (seconds, emulated instructions)."""
     vm = kvm.create_vm()
-    mem = GuestMemory.create(MEM_SIZE)
+    mem = GuestMemoryMmap.create(MEM_SIZE)
     try:
         mem.register(vm)
         fd = vm.create_vcpu(0)

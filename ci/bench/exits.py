@@ -136,14 +136,14 @@ def run_python(n: int, runs: int, lock_free: bool = False) -> list[float]:
     """Drive the same guest through ``Vcpu.run``; per-exit seconds for each run."""
     from vmsh.engine.bus import Bus
     from vmsh.engine.kvm import EXIT_IO, Kvm
-    from vmsh.engine.memory import GuestMemory
+    from vmsh.engine.memory import GuestMemoryMmap
     from vmsh.engine.vcpu import Vcpu, VcpuStop
 
     results = []
     kvm = Kvm()
     for _ in range(runs):
         vm = kvm.create_vm()
-        mem = GuestMemory.create(1 << 20)
+        mem = GuestMemoryMmap.create(1 << 20)
         mem.register(vm)
         mem.write(GUEST_ADDR, guest_code(n))
         fd = vm.create_vcpu(0)

@@ -1,7 +1,7 @@
 """Benchmark: the VMM's own virtio-blk and virtio-net capacity, without a guest (issue #6).
 
 The real device models (``VirtioBlock``, ``VirtioNet``) run in this process on a
-``GuestMemory``; a host-side driver plays the guest: it lays out split virtqueues in that
+``GuestMemoryMmap``; a host-side driver plays the guest: it lays out split virtqueues in that
 memory, fills descriptor chains the way Linux's drivers do, calls the device's kick
 (``queue_notify``, what the I/O thread calls when a queue's ioeventfd fires) or the tap's
 readable callback, and reaps the used ring. Only the device's calls are timed, in thread CPU
@@ -64,7 +64,7 @@ from vmsh.devices.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     VirtQueue,
 )
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -104,7 +104,7 @@ class NoWatcher:
 class Ring:
     """The driver side of one split virtqueue, with an indirect table slot per descriptor."""
 
-    def __init__(self, mem: GuestMemory, base: int, size: int, table_room: int) -> None:
+    def __init__(self, mem: GuestMemoryMmap, base: int, size: int, table_room: int) -> None:
         self.mem, self.size = mem, size
         self.desc = base
         self.avail = base + 16 * size
@@ -116,7 +116,7 @@ class Ring:
         self.avail_idx = self.last_used = 0
         self.free = list(range(size))
 
-    def queue(self, max_size: int, memory: GuestMemory) -> VirtQueue:
+    def queue(self, max_size: int, memory: GuestMemoryMmap) -> VirtQueue:
         q = VirtQueue(memory, max_size)
         q.size, q.desc_table, q.avail_ring, q.used_ring, q.ready = self.size, self.desc, self.avail, self.used, True
         q.event_idx = q.indirect = True
@@ -204,7 +204,7 @@ class Timer:
         self.wall += max(0, time.perf_counter_ns() - w - wall)
 
 
-def _activate(device: VirtioDevice, mem: GuestMemory, queues: list[VirtQueue], features: int) -> Counter:
+def _activate(device: VirtioDevice, mem: GuestMemoryMmap, queues: list[VirtQueue], features: int) -> Counter:
     irq = Counter()
     device.activate(mem, queues, irq, features & device.avail_features)
     return irq
@@ -220,7 +220,7 @@ def _pages(mem_base: int, count: int) -> list[int]:
 def bench_block(seconds: float, workdir: Path, disk_mib: int = 64) -> list[DeviceRow]:
     """Sequential 1 MiB writes and reads, random 4 KiB reads: one request per kick."""
     queue_size = 128
-    mem = GuestMemory.create(64 * MiB)
+    mem = GuestMemoryMmap.create(64 * MiB)
     disk = workdir / "device-bench.raw"
     chunk = bytes(range(256)) * (MiB // 256)
     with open(disk, "wb") as f:
@@ -291,7 +291,7 @@ def bench_net(seconds: float, batch: int = 8) -> list[DeviceRow]:
             s.setsockopt(socket.SOL_SOCKET, opt, 4 * MiB)
     watcher = NoWatcher()
     net = VirtioNet(PairTap("bench", [dev_end.detach()]), b"\x02\0\0\0\0\1", watcher, queue_size=256)
-    mem = GuestMemory.create(64 * MiB)
+    mem = GuestMemoryMmap.create(64 * MiB)
     rx_ring = Ring(mem, 0x10000, 256, 0)
     tx_ring = Ring(mem, 0x40000, 256, 16 * 20)
     irq = _activate(net, mem, [rx_ring.queue(256, mem), tx_ring.queue(256, mem)],

@@ -14,7 +14,7 @@ import pytest
 from vmsh.engine.boot import regs as bootregs
 from vmsh.engine.bus import Bus
 from vmsh.engine.kvm import Kvm, VcpuFd, VmFd
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.vcpu import Vcpu
 
 KVM_REASON = "needs /dev/kvm (read-write): engine tests run tiny guests under KVM"
@@ -62,7 +62,7 @@ class TinyVm:
 
     def __init__(self, kvm: Kvm, mem_size: int = 4 << 20) -> None:
         self.vm: VmFd = kvm.create_vm()
-        self.mem = GuestMemory.create(mem_size)
+        self.mem = GuestMemoryMmap.create(mem_size)
         self.mem.register(self.vm)
         self.fd: VcpuFd = self.vm.create_vcpu(0)
         self.pio = Bus("pio")

@@ -20,7 +20,7 @@ from vmsh.engine.bus import Bus
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.kvm import Kvm
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop
@@ -44,13 +44,13 @@ class Stopper:
         self.vcpu.kick()
 
 
-def boot(kvm: Kvm, image: bytes, cmdline: str, initrd: bytes | None = None) -> tuple[Recorder, Vcpu, GuestMemory]:
+def boot(kvm: Kvm, image: bytes, cmdline: str, initrd: bytes | None = None) -> tuple[Recorder, Vcpu, GuestMemoryMmap]:
     vm = kvm.create_vm()
     vm.set_tss_addr(layout.KVM_TSS_START)
     vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
     vm.create_irqchip()
     vm.create_pit2()
-    mem = GuestMemory.create(64 << 20)
+    mem = GuestMemoryMmap.create(64 << 20)
     mem.register(vm)
     kernel = load_kernel(mem, image)
     rd = load_initramfs(mem, initrd, kernel) if initrd else None

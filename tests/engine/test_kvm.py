@@ -182,10 +182,10 @@ def test_pvm_get_fpu_does_not_carry_mxcsr(tiny: TinyVm) -> None:
 
 
 def test_memory_above_the_32bit_hole_registers_as_two_slots(kvm: Kvm) -> None:
-    from vmsh.engine.memory import GuestMemory
+    from vmsh.engine.memory import GuestMemoryMmap
 
     vm = kvm.create_vm()
-    mem = GuestMemory.create((3 << 30) + (64 << 20))  # MAP_NORESERVE: costs nothing until touched
+    mem = GuestMemoryMmap.create((3 << 30) + (64 << 20))  # MAP_NORESERVE: costs nothing until touched
     try:
         assert [(r.start, r.size) for r in mem.regions] == [(0, 3 << 30), (4 << 30, 64 << 20)]
         mem.register(vm)

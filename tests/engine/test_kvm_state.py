@@ -8,7 +8,7 @@ from vmsh.engine.boot import regs as bootregs
 from vmsh.engine.bus import Bus
 from vmsh.engine.kvm import Kvm, VcpuFd, VmFd
 from vmsh.engine.kvm_state import restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.vcpu import Vcpu, VcpuStop
 
 MEM = 4 << 20
@@ -34,12 +34,12 @@ CODE = bytes.fromhex(
 from tests.engine.test_boot import Stopper as Kicker  # a port whose write stops the vCPU  # noqa: E402
 
 
-def make_vm(kvm: Kvm) -> tuple[VmFd, GuestMemory, VcpuFd, Vcpu, Recorder]:
+def make_vm(kvm: Kvm) -> tuple[VmFd, GuestMemoryMmap, VcpuFd, Vcpu, Recorder]:
     vm = kvm.create_vm()
     vm.set_tss_addr(layout.KVM_TSS_START)
     vm.create_irqchip()
     vm.create_pit2()
-    mem = GuestMemory.create(MEM)
+    mem = GuestMemoryMmap.create(MEM)
     mem.register(vm)
     fd = vm.create_vcpu(0)
     pio = Bus("pio")

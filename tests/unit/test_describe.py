@@ -17,7 +17,7 @@ from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.bootparams import e820_map, write_boot_params, write_pvh_start_info
 from vmsh.engine.boot.loader import KernelImage, load_cmdline
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 
 class FlatMemory:
@@ -101,12 +101,12 @@ def test_parse_smbios_without_the_anchor_is_an_error() -> None:
 
 @pytest.fixture
 def guest_memory():
-    mem = GuestMemory.create(64 << 20)
+    mem = GuestMemoryMmap.create(64 << 20)
     yield mem
     mem.close()
 
 
-def test_describe_boot_reads_a_bzimage_zero_page(guest_memory: GuestMemory) -> None:
+def test_describe_boot_reads_a_bzimage_zero_page(guest_memory: GuestMemoryMmap) -> None:
     header = bytearray(0x280 - 0x1F1)
     kernel = KernelImage("bzimage", 0x100000, 0x100000, 0x200000, bytes(header), 0x20F)
     initrd_data = b"initrd" * 100
@@ -124,7 +124,7 @@ def test_describe_boot_reads_a_bzimage_zero_page(guest_memory: GuestMemory) -> N
     assert len(bytes.fromhex(boot["zero_page"]["hex"])) == 4096
 
 
-def test_describe_boot_reads_pvh_start_info(guest_memory: GuestMemory) -> None:
+def test_describe_boot_reads_pvh_start_info(guest_memory: GuestMemoryMmap) -> None:
     load_cmdline(guest_memory, "quiet")
     guest_memory.write(0x400000, b"x" * 4096)
     e820 = e820_map(guest_memory)

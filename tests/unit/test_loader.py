@@ -19,14 +19,14 @@ from vmsh.engine.boot.bootparams import (
 )
 from vmsh.engine.boot.configure import write_boot_tables
 from vmsh.engine.boot.loader import LoaderError, load_cmdline, load_initramfs, load_kernel
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 MEM = 64 << 20
 
 
 @pytest.fixture
-def mem() -> GuestMemory:
-    m = GuestMemory.create(MEM)
+def mem() -> GuestMemoryMmap:
+    m = GuestMemoryMmap.create(MEM)
     yield m
     m.close()
 
@@ -64,7 +64,7 @@ def make_bzimage(version: int = 0x20F, setup_sects: int = 2, payload: bytes = b"
     return bytes(img) + payload
 
 
-def test_elf_loader_copies_segments_and_finds_the_pvh_entry(mem: GuestMemory) -> None:
+def test_elf_loader_copies_segments_and_finds_the_pvh_entry(mem: GuestMemoryMmap) -> None:
     mem.fill(0x1000040, 32, 0xAA)
     k = load_kernel(mem, make_elf())
     assert (k.kind, k.entry) == ("pvh", 0x1000200)
@@ -73,22 +73,22 @@ def test_elf_loader_copies_segments_and_finds_the_pvh_entry(mem: GuestMemory) ->
     assert mem.read(0x1000040, 32) == bytes(32)  # bss zeroed
 
 
-def test_elf_without_pvh_note_is_refused(mem: GuestMemory) -> None:
+def test_elf_without_pvh_note_is_refused(mem: GuestMemoryMmap) -> None:
     with pytest.raises(LoaderError, match="no PVH entry note"):
         load_kernel(mem, make_elf(entry_note=None))
 
 
-def test_elf_segment_outside_ram_is_refused(mem: GuestMemory) -> None:
+def test_elf_segment_outside_ram_is_refused(mem: GuestMemoryMmap) -> None:
     with pytest.raises(LoaderError, match="does not fit"):
         load_kernel(mem, make_elf(paddr=MEM - 16, entry_note=MEM - 16))
 
 
-def test_elf_below_1mib_is_refused(mem: GuestMemory) -> None:
+def test_elf_below_1mib_is_refused(mem: GuestMemoryMmap) -> None:
     with pytest.raises(LoaderError, match="below"):
         load_kernel(mem, make_elf(paddr=0x1000, entry_note=0x200000))
 
 
-def test_bzimage_loader_places_protected_mode_code(mem: GuestMemory) -> None:
+def test_bzimage_loader_places_protected_mode_code(mem: GuestMemoryMmap) -> None:
     img = make_bzimage()
     k = load_kernel(mem, img)
     assert (k.kind, k.entry, k.protocol) == ("bzimage", 0x100000, 0x20F)
@@ -97,7 +97,7 @@ def test_bzimage_loader_places_protected_mode_code(mem: GuestMemory) -> None:
     assert k.cmdline_max == 2048
 
 
-def test_bzimage_zero_setup_sects_means_four(mem: GuestMemory) -> None:
+def test_bzimage_zero_setup_sects_means_four(mem: GuestMemoryMmap) -> None:
     img = bytearray(make_bzimage(setup_sects=4))
     img[0x1F1] = 0
     load_kernel(mem, bytes(img))
@@ -107,22 +107,22 @@ def test_bzimage_zero_setup_sects_means_four(mem: GuestMemory) -> None:
 @pytest.mark.parametrize("kwargs,msg", [({"version": 0x1FF}, "boot protocol"),
                                         ({"loadflags": 0}, "LOADED_HIGH"),
                                         ({"code32_start": 0x10000}, "below")])
-def test_bzimage_unsupported_headers_are_refused(mem: GuestMemory, kwargs: dict[str, int], msg: str) -> None:
+def test_bzimage_unsupported_headers_are_refused(mem: GuestMemoryMmap, kwargs: dict[str, int], msg: str) -> None:
     with pytest.raises(LoaderError, match=msg):
         load_kernel(mem, make_bzimage(**kwargs))
 
 
-def test_garbage_is_neither_elf_nor_bzimage(mem: GuestMemory) -> None:
+def test_garbage_is_neither_elf_nor_bzimage(mem: GuestMemoryMmap) -> None:
     with pytest.raises(LoaderError, match="neither an ELF vmlinux nor a bzImage"):
         load_kernel(mem, b"MZ" + bytes(4096))
 
 
-def test_missing_kernel_file(mem: GuestMemory, tmp_path: object) -> None:
+def test_missing_kernel_file(mem: GuestMemoryMmap, tmp_path: object) -> None:
     with pytest.raises(LoaderError, match="cannot read kernel"):
         load_kernel(mem, "/nonexistent/vmlinux")
 
 
-def test_initramfs_goes_page_aligned_to_the_top_of_low_ram(mem: GuestMemory) -> None:
+def test_initramfs_goes_page_aligned_to_the_top_of_low_ram(mem: GuestMemoryMmap) -> None:
     k = load_kernel(mem, make_elf())
     addr, size = load_initramfs(mem, b"070701" + bytes(5000), k)
     assert size == 5006
@@ -130,25 +130,25 @@ def test_initramfs_goes_page_aligned_to_the_top_of_low_ram(mem: GuestMemory) -> 
     assert mem.read(addr, 6) == b"070701"
 
 
-def test_initramfs_that_does_not_fit_is_refused(mem: GuestMemory) -> None:
+def test_initramfs_that_does_not_fit_is_refused(mem: GuestMemoryMmap) -> None:
     k = load_kernel(mem, make_elf())
     with pytest.raises(LoaderError, match="does not fit"):
         load_initramfs(mem, bytes(MEM - 0x1000000), k)
 
 
-def test_cmdline_is_nul_terminated_and_bounded(mem: GuestMemory) -> None:
+def test_cmdline_is_nul_terminated_and_bounded(mem: GuestMemoryMmap) -> None:
     assert load_cmdline(mem, "console=ttyS0") == 13
     assert mem.read(layout.CMDLINE_START, 14) == b"console=ttyS0\0"
     with pytest.raises(LoaderError, match="at most 10"):
         load_cmdline(mem, "x" * 11, max_len=10)
 
 
-def test_e820_map_matches_the_reference_layout(mem: GuestMemory) -> None:
+def test_e820_map_matches_the_reference_layout(mem: GuestMemoryMmap) -> None:
     assert e820_map(mem) == [(0, 0xA0000, 1), (0x100000, MEM - 0x100000, 1),
                              (0xE800_0000, 256 << 20, 2)]
 
 
-def test_boot_params_carry_header_cmdline_initrd_and_e820(mem: GuestMemory) -> None:
+def test_boot_params_carry_header_cmdline_initrd_and_e820(mem: GuestMemoryMmap) -> None:
     k = load_kernel(mem, make_bzimage())
     e820 = e820_map(mem)
     write_boot_params(mem, k, 5, (0x3000000, 0x1234), e820)
@@ -161,7 +161,7 @@ def test_boot_params_carry_header_cmdline_initrd_and_e820(mem: GuestMemory) -> N
     assert struct.unpack_from("<QQI", zp, BP_E820_TABLE + 20) == (0x100000, MEM - 0x100000, 1)
 
 
-def test_pvh_start_info_layout(mem: GuestMemory) -> None:
+def test_pvh_start_info_layout(mem: GuestMemoryMmap) -> None:
     e820 = e820_map(mem)
     write_pvh_start_info(mem, (0x3000000, 0x1234), e820)
     info = struct.unpack("<IIIIQQQQII", mem.read(layout.PVH_INFO_START, 56))
@@ -171,7 +171,7 @@ def test_pvh_start_info_layout(mem: GuestMemory) -> None:
     assert struct.unpack("<QQII", mem.read(layout.MEMMAP_START + 24, 24)) == (0x100000, MEM - 0x100000, 1, 0)
 
 
-def test_write_boot_tables_for_pvh(mem: GuestMemory) -> None:
+def test_write_boot_tables_for_pvh(mem: GuestMemoryMmap) -> None:
     k = load_kernel(mem, make_elf())
     write_boot_tables(mem, k, "console=ttyS0 quiet", None)
     assert mem.read(layout.CMDLINE_START, 20) == b"console=ttyS0 quiet\0"

@@ -1,18 +1,18 @@
-"""GuestMemory bounds and region crossings; Bus routing and overlap checks."""
+"""GuestMemoryMmap bounds and region crossings; Bus routing and overlap checks."""
 
 from __future__ import annotations
 
 import pytest
 
 from vmsh.engine.bus import Bus, BusError
-from vmsh.engine.memory import GuestMemory, GuestRegion, ram_ranges
+from vmsh.engine.memory import GuestMemoryMmap, GuestRegion, ram_ranges
 from vmsh.errors import GuestMemoryError
 
 
 @pytest.fixture
-def two_regions() -> GuestMemory:
+def two_regions() -> GuestMemoryMmap:
     # [0, 8 KiB) and [16 KiB, 20 KiB) with a hole, plus [8 KiB, 12 KiB) adjacent to the first
-    mem = GuestMemory([GuestRegion.create(0, 0x2000), GuestRegion.create(0x2000, 0x1000),
+    mem = GuestMemoryMmap([GuestRegion.create(0, 0x2000), GuestRegion.create(0x2000, 0x1000),
                        GuestRegion.create(0x4000, 0x1000)])
     yield mem
     mem.close()
@@ -23,32 +23,32 @@ def test_ram_ranges_split_around_the_32bit_hole() -> None:
     assert ram_ranges(4 << 30) == [(0, 3 << 30), (4 << 30, 1 << 30)]
 
 
-def test_memory_read_write_round_trip(two_regions: GuestMemory) -> None:
+def test_memory_read_write_round_trip(two_regions: GuestMemoryMmap) -> None:
     two_regions.write(0x100, b"abc")
     assert two_regions.read(0x100, 3) == b"abc"
     two_regions.write_u64(0x4008, 0x1122334455667788)
     assert two_regions.read_u32(0x400C) == 0x11223344
 
 
-def test_memory_access_crossing_adjacent_regions(two_regions: GuestMemory) -> None:
+def test_memory_access_crossing_adjacent_regions(two_regions: GuestMemoryMmap) -> None:
     two_regions.write(0x1FFE, b"wxyz")
     assert two_regions.read(0x1FFE, 4) == b"wxyz"
     assert [len(v) for v in two_regions.slices(0x1FFE, 4)] == [2, 2]
 
 
-def test_memory_slice_is_zero_copy(two_regions: GuestMemory) -> None:
+def test_memory_slice_is_zero_copy(two_regions: GuestMemoryMmap) -> None:
     view = two_regions.slice(0x10, 4)
     view[:] = b"\x01\x02\x03\x04"
     assert two_regions.read(0x10, 4) == b"\x01\x02\x03\x04"
 
 
-def test_memory_slice_refuses_to_cross_regions(two_regions: GuestMemory) -> None:
+def test_memory_slice_refuses_to_cross_regions(two_regions: GuestMemoryMmap) -> None:
     with pytest.raises(GuestMemoryError, match="leaves its RAM region"):
         two_regions.slice(0x1FFE, 4)
 
 
 @pytest.mark.parametrize("addr,length", [(0x3000, 1), (0x2FFF, 2), (0x5000, 1), (-1, 1), (0x4FFF, 2)])
-def test_memory_rejects_accesses_outside_ram(two_regions: GuestMemory, addr: int, length: int) -> None:
+def test_memory_rejects_accesses_outside_ram(two_regions: GuestMemoryMmap, addr: int, length: int) -> None:
     with pytest.raises(GuestMemoryError):
         two_regions.read(addr, length)
     with pytest.raises(GuestMemoryError):
@@ -56,13 +56,13 @@ def test_memory_rejects_accesses_outside_ram(two_regions: GuestMemory, addr: int
     assert not two_regions.is_valid_range(addr, length)
 
 
-def test_memory_write_outside_ram_writes_nothing(two_regions: GuestMemory) -> None:
+def test_memory_write_outside_ram_writes_nothing(two_regions: GuestMemoryMmap) -> None:
     with pytest.raises(GuestMemoryError):
         two_regions.write(0x2FFE, b"abcd")  # runs into the hole at 0x3000
     assert two_regions.read(0x2FFE, 2) == b"\0\0"
 
 
-def test_memory_checked_offset(two_regions: GuestMemory) -> None:
+def test_memory_checked_offset(two_regions: GuestMemoryMmap) -> None:
     assert two_regions.checked_offset(0x4000, 0xFFF) == 0x4FFF
     with pytest.raises(GuestMemoryError):
         two_regions.checked_offset(0x4000, 0x1000)
@@ -71,7 +71,7 @@ def test_memory_checked_offset(two_regions: GuestMemory) -> None:
 def test_memory_rejects_overlapping_regions() -> None:
     a, b = GuestRegion.create(0, 0x2000), GuestRegion.create(0x1000, 0x1000)
     with pytest.raises(GuestMemoryError, match="overlap"):
-        GuestMemory([a, b])
+        GuestMemoryMmap([a, b])
     a.close()
     b.close()
 
@@ -79,7 +79,7 @@ def test_memory_rejects_overlapping_regions() -> None:
 def test_memory_create_shared_memfd_region() -> None:
     from vmsh.engine.memory import MemoryOptions
 
-    mem = GuestMemory.create(1 << 20, MemoryOptions(shared=True))
+    mem = GuestMemoryMmap.create(1 << 20, MemoryOptions(shared=True))
     assert mem.regions[0].fd is not None
     mem.write(0, b"x")
     assert mem.read(0, 1) == b"x"
@@ -88,7 +88,7 @@ def test_memory_create_shared_memfd_region() -> None:
 
 def test_memory_create_rejects_bad_sizes() -> None:
     with pytest.raises(GuestMemoryError):
-        GuestMemory.create(1000)
+        GuestMemoryMmap.create(1000)
 
 
 class Dev:
@@ -188,13 +188,13 @@ def test_memory_hugepages_unavailable_is_a_clean_error() -> None:
         if int(f.read()) >= 16:
             pytest.skip("this host has huge pages reserved")
     with pytest.raises(GuestMemoryError, match="cannot map"):
-        GuestMemory.create(32 << 20, MemoryOptions(hugepages=True))
+        GuestMemoryMmap.create(32 << 20, MemoryOptions(hugepages=True))
 
 
 def test_memory_prefault_and_mergeable_options_map() -> None:
     from vmsh.engine.memory import MemoryOptions
 
-    mem = GuestMemory.create(2 << 20, MemoryOptions(prefault=True, mergeable=True, thp=False))
+    mem = GuestMemoryMmap.create(2 << 20, MemoryOptions(prefault=True, mergeable=True, thp=False))
     mem.write_u8(0x1FFFFF, 7)
     assert mem.read_u8(0x1FFFFF) == 7
     mem.close()

@@ -36,7 +36,7 @@ from vmsh.engine.bus import Bus
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.profiler import RipSampler, Symbolizer
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
 from vmsh.engine.stats import KvmStats
@@ -87,7 +87,7 @@ def _boot(args: argparse.Namespace) -> int:
     vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
     vm.create_irqchip()
     vm.create_pit2()
-    mem = GuestMemory.create(args.memory_mib << 20)
+    mem = GuestMemoryMmap.create(args.memory_mib << 20)
     mem.register(vm)
 
     t0 = time.monotonic()

@@ -38,7 +38,7 @@ from vmsh.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 from vmsh.engine.acpi.spec import PciSegment
 from vmsh.engine.bus import Bus, BusError, BusRange
 from vmsh.engine.io_loop import IoLoop
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.msi import GsiRoutes, KvmMsiRouter
 from vmsh.engine.persist import SnapshotError, from_plain, to_plain
 from vmsh.errors import DeviceError, KvmError
@@ -142,7 +142,7 @@ class BarAllocator:
 class DeviceManager:
     """PCI segments and the devices on them."""
 
-    def __init__(self, vm_fd: Any, memory: GuestMemory, pio: Bus, mmio: Bus,
+    def __init__(self, vm_fd: Any, memory: GuestMemoryMmap, pio: Bus, mmio: Bus,
                  segments: tuple[PciSegment, ...]) -> None:
         self.vm_fd = vm_fd
         self.memory = memory

@@ -1,14 +1,14 @@
 """Guest physical memory: mmap'd RAM regions, bounds-checked access, KVM memslot registration.
 
-Every access to guest RAM in vmsh goes through ``GuestMemory``: reads and writes at guest
-physical addresses (``GuestAddress``) that may cross from one region into the next, and
-zero-copy ``memoryview`` slices for I/O paths (``os.preadv`` into guest buffers). An address
-or length outside RAM raises ``GuestMemoryError``; nothing here does raw pointer math for the
-callers.
+``GuestMemoryMmap`` implements ``vmsh.guest_memory.GuestMemory`` (the protocol devices use) over
+mmap regions: reads and writes at guest physical addresses (``GuestAddress``) that may cross from
+one region into the next, and zero-copy ``memoryview`` slices for I/O paths (``os.preadv`` into
+guest buffers). An address or length outside RAM raises ``GuestMemoryError``; nothing here does
+raw pointer math for the callers.
 
-The provider side (``GuestRegion.anonymous`` / ``GuestRegion.memfd`` and
-``GuestMemory.register``) builds the regions and hands them to KVM as memslots. RAM is laid
-out as in cloud-hypervisor's x86_64 layout (reference/cloud-hypervisor.md §6.1): the first
+The provider side (``GuestRegion.create`` / ``GuestRegion.from_file`` and
+``GuestMemoryMmap.register``) builds the regions and hands them to KVM as memslots. RAM is laid
+out as in cloud-hypervisor's x86_64 layout (its ``arch/src/x86_64/layout.rs``): the first
 ``min(size, 3 GiB)`` at 0, the rest from 4 GiB; see ``ram_ranges``.
 """
 
@@ -22,14 +22,13 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NewType
 
 from vmsh.engine import page_runs
 from vmsh.errors import GuestMemoryError
+from vmsh.guest_memory import GuestAddress
 
 LOG = logging.getLogger(__name__)
 
-GuestAddress = NewType("GuestAddress", int)
 
 #: start of the 32-bit MMIO hole: RAM below it is [0, 3 GiB) (§6.1 MEM_32BIT_RESERVED_START)
 MEM_32BIT_RESERVED_START = 0xC000_0000
@@ -42,7 +41,7 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 _MAP_HUGETLB = 0x40000
 _MAP_HUGE_SHIFT = 26
 
-#: the unit of ``GuestMemory.discard`` (the host's base page)
+#: the unit of ``GuestMemoryMmap.discard`` (the host's base page)
 PAGE_SIZE = mmap.PAGESIZE
 # fallocate(2) modes (include/uapi/linux/falloc.h)
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -298,12 +297,12 @@ def _madvise(mm: mmap.mmap, advice: int) -> None:
         LOG.debug("madvise(%d) refused: %s", advice, err)
 
 
-class GuestMemory:
+class GuestMemoryMmap:
     """Guest RAM made of non-overlapping ``GuestRegion`` s.
 
     Example::
 
-        mem = GuestMemory.create(64 << 20)
+        mem = GuestMemoryMmap.create(64 << 20)
         mem.write(GuestAddress(0x1000), b"hello")
         assert mem.read(GuestAddress(0x1000), 5) == b"hello"
     """
@@ -320,7 +319,7 @@ class GuestMemory:
         self._hint = self.regions[0] if self.regions else None
 
     @classmethod
-    def create(cls, size: int, options: MemoryOptions = MemoryOptions()) -> GuestMemory:
+    def create(cls, size: int, options: MemoryOptions = MemoryOptions()) -> GuestMemoryMmap:
         """Allocate ``size`` bytes of RAM laid out around the 32-bit hole (``ram_ranges``)."""
         if size <= 0 or size % 4096:
             raise GuestMemoryError(f"guest RAM size {size} is not a positive multiple of 4 KiB")
@@ -335,7 +334,7 @@ class GuestMemory:
         return cls(regions)
 
     @classmethod
-    def create_zones(cls, zones: list[ZoneSpec]) -> GuestMemory:
+    def create_zones(cls, zones: list[ZoneSpec]) -> GuestMemoryMmap:
         """RAM made of memory zones, one after the other in guest physical memory, laid out
         around the 32-bit hole like plain RAM; a zone that straddles the hole is two regions."""
         total = sum(z.size for z in zones)

@@ -67,7 +67,7 @@ from vmsh.engine.kvm_state import (
     save_vm,
     saveable_msrs,
 )
-from vmsh.engine.memory import GuestMemory, GuestRegion, MemoryOptions, ZoneSpec, ram_ranges
+from vmsh.engine.memory import GuestMemoryMmap, GuestRegion, MemoryOptions, ZoneSpec, ram_ranges
 from vmsh.engine.persist import (
     FORMAT_VERSION,
     SnapshotError,
@@ -194,10 +194,10 @@ def _host_phys_bits(supported: list[Any]) -> int:
     return 36
 
 
-def _create_memory(mem: m.MemoryConfig) -> GuestMemory:
+def _create_memory(mem: m.MemoryConfig) -> GuestMemoryMmap:
     """Guest RAM from ``--memory``, or from the ``--memory-zone`` s laid out one after another."""
     if not mem.zones:
-        return GuestMemory.create(mem.size, MemoryOptions(
+        return GuestMemoryMmap.create(mem.size, MemoryOptions(
             shared=mem.shared, hugepages=mem.hugepages, hugepage_size=mem.hugepage_size,
             mergeable=mem.mergeable, thp=mem.thp, prefault=mem.prefault))
     if mem.size:
@@ -210,12 +210,12 @@ def _create_memory(mem: m.MemoryConfig) -> GuestMemory:
         mergeable=mem.mergeable, thp=mem.thp, prefault=zone.prefault), file=zone.file,
         host_numa_node=zone.host_numa_node) for zone in mem.zones]
     try:
-        return GuestMemory.create_zones(specs)
+        return GuestMemoryMmap.create_zones(specs)
     except GuestMemoryError as err:
         raise VmshError("Cannot create the memory zones") from err
 
 
-def _map_snapshot_memory(path: Path, prefault: bool) -> GuestMemory:
+def _map_snapshot_memory(path: Path, prefault: bool) -> GuestMemoryMmap:
     """Guest RAM as a private (copy-on-write) mapping of a snapshot's memory file."""
     regions: list[GuestRegion] = []
     flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0x8000) if prefault else 0)
@@ -231,7 +231,7 @@ def _map_snapshot_memory(path: Path, prefault: bool) -> GuestMemory:
         for region in regions:
             region.close()
         raise SnapshotError(f"Cannot map the snapshot memory {path}") from err
-    return GuestMemory(regions)
+    return GuestMemoryMmap(regions)
 
 
 def pci_segments(cfg: m.VmConfig, ram_end: int, phys_bits: int) -> tuple[PciSegment, ...]:
@@ -274,7 +274,7 @@ class Vm:
         self.state = VmState.CREATED
         self.kvm: Kvm | None = None
         self.vm_fd: Any = None
-        self.memory: GuestMemory | None = None
+        self.memory: GuestMemoryMmap | None = None
         self.vcpus: list[Vcpu] = []
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")

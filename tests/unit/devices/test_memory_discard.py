@@ -1,20 +1,20 @@
-"""GuestMemory.discard: pages given back to the host read as zeros; bad ranges are refused."""
+"""GuestMemoryMmap.discard: pages given back to the host read as zeros; bad ranges are refused."""
 
 from __future__ import annotations
 
 import pytest
 
-from vmsh.engine.memory import PAGE_SIZE, GuestMemory, GuestRegion, MemoryOptions
+from vmsh.engine.memory import PAGE_SIZE, GuestMemoryMmap, GuestRegion, MemoryOptions
 from vmsh.errors import GuestMemoryError
 
 
-def _nonzero_pages(mem: GuestMemory) -> int:
+def _nonzero_pages(mem: GuestMemoryMmap) -> int:
     return sum(1 for i in range(0, mem.size, PAGE_SIZE) if mem.read(i, 1) != b"\0")
 
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_discard_zeroes_pages(shared: bool) -> None:
-    mem = GuestMemory.create(64 * PAGE_SIZE, MemoryOptions(shared=shared, thp=False))
+    mem = GuestMemoryMmap.create(64 * PAGE_SIZE, MemoryOptions(shared=shared, thp=False))
     try:
         mem.fill(0, 8 * PAGE_SIZE, 0xAA)
         mem.discard(2 * PAGE_SIZE, 3 * PAGE_SIZE)
@@ -30,7 +30,7 @@ def test_discard_zeroes_pages(shared: bool) -> None:
 def test_discard_across_regions() -> None:
     a = GuestRegion.create(0, 4 * PAGE_SIZE)
     b = GuestRegion.create(4 * PAGE_SIZE, 4 * PAGE_SIZE)
-    mem = GuestMemory([a, b])
+    mem = GuestMemoryMmap([a, b])
     try:
         mem.fill(0, 8 * PAGE_SIZE, 1)
         mem.discard(3 * PAGE_SIZE, 2 * PAGE_SIZE)
@@ -45,7 +45,7 @@ def test_discard_across_regions() -> None:
     (60 * PAGE_SIZE, 8 * PAGE_SIZE), (1 << 40, PAGE_SIZE),
 ])
 def test_discard_refuses_bad_ranges(addr: int, length: int) -> None:
-    mem = GuestMemory.create(64 * PAGE_SIZE)
+    mem = GuestMemoryMmap.create(64 * PAGE_SIZE)
     try:
         mem.fill(0, 64 * PAGE_SIZE, 7)
         with pytest.raises(GuestMemoryError):

@@ -19,7 +19,7 @@ import threading
 from typing import Any, Protocol
 
 from vmsh.devices.virtio.queue import VirtQueue
-from vmsh.engine.memory import GuestMemory
+from vmsh.guest_memory import GuestMemory
 from vmsh.errors import GuestMemoryError, VirtQueueError
 
 LOG = logging.getLogger(__name__)

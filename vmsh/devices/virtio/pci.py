@@ -49,7 +49,7 @@ from vmsh.devices.virtio.device import (
     has_feature,
 )
 from vmsh.devices.virtio.queue import VirtQueue, VirtQueueState
-from vmsh.engine.memory import GuestMemory
+from vmsh.guest_memory import GuestMemory
 from vmsh.errors import VmshError
 
 LOG = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from vmsh.engine.memory import GuestMemory
+from vmsh.guest_memory import GuestMemory
 from vmsh.errors import GuestMemoryError, VirtQueueError
 
 LOG = logging.getLogger(__name__)

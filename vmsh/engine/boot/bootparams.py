@@ -17,7 +17,7 @@ import struct
 
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.loader import TYPE_OF_LOADER_OFFSET, KernelImage, LoaderError
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 LOG = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ _MEMMAP = struct.Struct("<QQII")  # addr, size, type, reserved
 _E820 = struct.Struct("<QQI")
 
 
-def e820_map(mem: GuestMemory, reserve_ecam: bool = True) -> list[tuple[int, int, int]]:
+def e820_map(mem: GuestMemoryMmap, reserve_ecam: bool = True) -> list[tuple[int, int, int]]:
     """The guest's memory map as ``(addr, size, type)``: low RAM, RAM from 1 MiB, RAM above 4 GiB."""
     entries = [(0, layout.LOW_RAM_END, layout.E820_RAM)]
     for region in mem.regions:
@@ -58,7 +58,7 @@ def e820_map(mem: GuestMemory, reserve_ecam: bool = True) -> list[tuple[int, int
     return entries
 
 
-def write_boot_params(mem: GuestMemory, kernel: KernelImage, cmdline_len: int,
+def write_boot_params(mem: GuestMemoryMmap, kernel: KernelImage, cmdline_len: int,
                       initrd: tuple[int, int] | None, e820: list[tuple[int, int, int]],
                       rsdp: int = 0) -> None:
     """Build the zero page for a bzImage at ZERO_PAGE_START."""
@@ -81,7 +81,7 @@ def write_boot_params(mem: GuestMemory, kernel: KernelImage, cmdline_len: int,
     del cmdline_len  # the length is implied by the NUL; kept in the signature for callers' checks
 
 
-def write_pvh_start_info(mem: GuestMemory, initrd: tuple[int, int] | None,
+def write_pvh_start_info(mem: GuestMemoryMmap, initrd: tuple[int, int] | None,
                          e820: list[tuple[int, int, int]], rsdp: int = 0,
                          cmdline: bool = True) -> None:
     """Write hvm_start_info, the module list and the memory map for a PVH entry."""

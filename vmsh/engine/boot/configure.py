@@ -15,7 +15,7 @@ from vmsh.engine.boot.bootparams import e820_map, write_boot_params, write_pvh_s
 from vmsh.engine.boot.loader import KernelImage, load_cmdline
 from vmsh.engine.cpuid import CpuTopology, build_cpuid
 from vmsh.engine.kvm import CpuidEntry, VcpuFd
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 LOG = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _set_delivery_mode(lapic: bytearray, offset: int, mode: int) -> None:
     struct.pack_into("<I", lapic, offset, value)
 
 
-def configure_vcpu(fd: VcpuFd, mem: GuestMemory, kernel: KernelImage, supported_cpuid: list[CpuidEntry],
+def configure_vcpu(fd: VcpuFd, mem: GuestMemoryMmap, kernel: KernelImage, supported_cpuid: list[CpuidEntry],
                    topology: CpuTopology, *, pvm: bool, irqchip: bool = True,
                    phys_bits: int | None = None, hyperv: bool = False) -> None:
     """CPUID, MSRs, FPU, LAPIC, registers and segments for ``fd`` at the kernel's entry."""
@@ -85,7 +85,7 @@ def configure_vcpu(fd: VcpuFd, mem: GuestMemory, kernel: KernelImage, supported_
         fd.set_regs(regs.bzimage_regs(kernel.entry))
 
 
-def write_boot_tables(mem: GuestMemory, kernel: KernelImage, cmdline: str,
+def write_boot_tables(mem: GuestMemoryMmap, kernel: KernelImage, cmdline: str,
                       initrd: tuple[int, int] | None, rsdp: int = 0) -> None:
     """Command line plus the zero page (bzImage) or hvm_start_info (PVH)."""
     n = load_cmdline(mem, cmdline, kernel.cmdline_max)

@@ -13,7 +13,7 @@
   ``code32_start`` and entered there in 32-bit mode (Linux Documentation/arch/x86/boot.rst,
   "THE REAL-MODE KERNEL HEADER" and "32-bit BOOT PROTOCOL").
 
-The loaders take bytes (or a path) and write through ``GuestMemory``; they are unit-tested on
+The loaders take bytes (or a path) and write through ``GuestMemoryMmap``; they are unit-tested on
 synthetic images.
 """
 
@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 
 from vmsh.engine.boot import layout
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.errors import GuestMemoryError, VmshError
 
 LOG = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def _read(source: bytes | str | os.PathLike[str]) -> bytes | mmap.mmap:
         raise LoaderError(f"cannot read kernel {os.fspath(source)!r}") from err
 
 
-def load_kernel(mem: GuestMemory, source: bytes | str | os.PathLike[str]) -> KernelImage:
+def load_kernel(mem: GuestMemoryMmap, source: bytes | str | os.PathLike[str]) -> KernelImage:
     """Load an ELF vmlinux (PVH) or a bzImage into ``mem``.
 
     :raises LoaderError: if the image is neither, or does not fit in RAM.
@@ -143,7 +143,7 @@ def find_pvh_entry(data: bytes | mmap.mmap) -> int | None:
     return None
 
 
-def load_elf(mem: GuestMemory, data: bytes | mmap.mmap) -> KernelImage:
+def load_elf(mem: GuestMemoryMmap, data: bytes | mmap.mmap) -> KernelImage:
     """Load an ELF64 x86_64 vmlinux and return its PVH entry.
 
     :raises LoaderError: on a malformed ELF, one without a PVH note, or one that does not fit.
@@ -184,7 +184,7 @@ def load_elf(mem: GuestMemory, data: bytes | mmap.mmap) -> KernelImage:
     return KernelImage("pvh", entry, lo, hi)
 
 
-def load_bzimage(mem: GuestMemory, data: bytes | mmap.mmap) -> KernelImage:
+def load_bzimage(mem: GuestMemoryMmap, data: bytes | mmap.mmap) -> KernelImage:
     """Load a bzImage's protected-mode code at ``code32_start``.
 
     :raises LoaderError: for an old or malformed header, or an image that does not fit.
@@ -223,7 +223,7 @@ def load_bzimage(mem: GuestMemory, data: bytes | mmap.mmap) -> KernelImage:
                        version, initrd_addr_max, min(cmdline_max, layout.CMDLINE_MAX_SIZE - 1))
 
 
-def load_initramfs(mem: GuestMemory, source: bytes | str | os.PathLike[str], kernel: KernelImage) -> tuple[int, int]:
+def load_initramfs(mem: GuestMemoryMmap, source: bytes | str | os.PathLike[str], kernel: KernelImage) -> tuple[int, int]:
     """Place the initramfs at the top of the RAM below 3 GiB, page-aligned (§6.2).
 
     :returns: ``(guest address, size)``.
@@ -247,7 +247,7 @@ def load_initramfs(mem: GuestMemory, source: bytes | str | os.PathLike[str], ker
     return addr, len(data)
 
 
-def load_cmdline(mem: GuestMemory, cmdline: str | bytes, max_len: int = layout.CMDLINE_MAX_SIZE - 1) -> int:
+def load_cmdline(mem: GuestMemoryMmap, cmdline: str | bytes, max_len: int = layout.CMDLINE_MAX_SIZE - 1) -> int:
     """Write the NUL-terminated command line at CMDLINE_START; returns its length.
 
     :raises LoaderError: if it is longer than ``max_len`` or contains a NUL.

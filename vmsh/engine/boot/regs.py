@@ -20,7 +20,7 @@ import struct
 
 from vmsh.engine.boot import layout
 from vmsh.engine.kvm import DTable, Fpu, Regs, Segment, Sregs
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 LOG = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ BOOT_GDT_64 = (0, gdt_entry(0xA09B, 0, 0xFFFFF), gdt_entry(0xC093, 0, 0xFFFFF),
                gdt_entry(0x008B, 0, 0x67))
 
 
-def write_gdt_idt(mem: GuestMemory, gdt: tuple[int, ...]) -> None:
+def write_gdt_idt(mem: GuestMemoryMmap, gdt: tuple[int, ...]) -> None:
     """Write ``gdt`` at BOOT_GDT_START and a zero IDT entry at BOOT_IDT_START."""
     mem.write(layout.BOOT_GDT_START, struct.pack(f"<{len(gdt)}Q", *gdt))
     mem.write_u64(layout.BOOT_IDT_START, 0)
@@ -117,7 +117,7 @@ def _apply_gdt(sregs: Sregs, gdt: tuple[int, ...]) -> None:
     sregs.idt = DTable(layout.BOOT_IDT_START, 7)
 
 
-def protected_mode_sregs(sregs: Sregs, mem: GuestMemory) -> Sregs:
+def protected_mode_sregs(sregs: Sregs, mem: GuestMemoryMmap) -> Sregs:
     """Flat 32-bit protected mode, paging off (both Linux 32-bit entry paths).
 
     Writes the boot GDT/IDT into ``mem`` and returns ``sregs`` updated (EFER untouched, as
@@ -130,7 +130,7 @@ def protected_mode_sregs(sregs: Sregs, mem: GuestMemory) -> Sregs:
     return sregs
 
 
-def identity_page_tables(mem: GuestMemory) -> int:
+def identity_page_tables(mem: GuestMemoryMmap) -> int:
     """Identity-map the low 4 GiB with 2 MiB pages; returns the CR3 value.
 
     One PML4 entry -> four PDPT entries -> four page directories of 512 2 MiB pages each
@@ -146,7 +146,7 @@ def identity_page_tables(mem: GuestMemory) -> int:
     return layout.PML4_START
 
 
-def long_mode_sregs(sregs: Sregs, mem: GuestMemory) -> Sregs:
+def long_mode_sregs(sregs: Sregs, mem: GuestMemoryMmap) -> Sregs:
     """64-bit mode at CPL0 with the low 4 GiB identity-mapped (page tables written to ``mem``)."""
     write_gdt_idt(mem, BOOT_GDT_64)
     _apply_gdt(sregs, BOOT_GDT_64)

@@ -7,14 +7,14 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 RAM_SIZE = 16 << 20
 
 
 @pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    m = GuestMemory.create(RAM_SIZE)
+def mem() -> Iterator[GuestMemoryMmap]:
+    m = GuestMemoryMmap.create(RAM_SIZE)
     yield m
     m.close()
 

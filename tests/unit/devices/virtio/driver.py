@@ -1,4 +1,4 @@
-"""A guest driver in miniature: split rings in a ``GuestMemory``, and a virtio-pci driver that
+"""A guest driver in miniature: split rings in a ``GuestMemoryMmap``, and a virtio-pci driver that
 talks to ``VirtioPciDevice`` through configuration space and BAR 0 the way Linux's
 drivers/virtio/virtio_pci_modern.c does (reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK,
 queue setup with MSI-X vectors, queue_enable, DRIVER_OK, notify).
@@ -50,7 +50,7 @@ from vmsh.devices.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     VirtQueue,
 )
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 
 class FakeRouter:
@@ -99,7 +99,7 @@ class Allocator:
 class Ring:
     """The driver side of one split virtqueue (virtio 1.2 §2.7)."""
 
-    mem: GuestMemory
+    mem: GuestMemoryMmap
     size: int
     desc: int
     avail: int
@@ -110,7 +110,7 @@ class Ring:
     in_flight: dict[int, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, mem: GuestMemory, alloc: Allocator, size: int) -> Ring:
+    def create(cls, mem: GuestMemoryMmap, alloc: Allocator, size: int) -> Ring:
         desc = alloc.alloc(16 * size, 16)
         avail = alloc.alloc(6 + 2 * size, 2)
         used = alloc.alloc(6 + 8 * size, 4)
@@ -196,7 +196,7 @@ class Ring:
 class PciDriver:
     """Drives a ``VirtioPciDevice`` like virtio_pci_modern.c plus virtio.c's probe sequence."""
 
-    def __init__(self, dev: VirtioPciDevice, mem: GuestMemory, alloc: Allocator) -> None:
+    def __init__(self, dev: VirtioPciDevice, mem: GuestMemoryMmap, alloc: Allocator) -> None:
         self.dev, self.mem, self.alloc = dev, mem, alloc
         self.caps: dict[int, tuple[int, int, int]] = {}  # cfg_type -> (config offset, bar offset, length)
         self.msix_cap = 0

@@ -25,14 +25,14 @@ from vmsh.devices.virtio.balloon import (
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_STATUS_DEVICE_NEEDS_RESET
 from vmsh.devices.virtio.pci import DEVICE_CONFIG_OFFSET, VirtioPciDevice
 from vmsh.devices.virtio.queue import VirtQueue
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import from_plain, to_plain
 from vmsh.errors import DeviceError
 
 PAGE = 4096
 
 
-def activate(dev: VirtioBalloon, mem: GuestMemory, alloc: Allocator, features: int) -> tuple[list[Ring], FakeInterrupt]:
+def activate(dev: VirtioBalloon, mem: GuestMemoryMmap, alloc: Allocator, features: int) -> tuple[list[Ring], FakeInterrupt]:
     rings = [Ring.create(mem, alloc, 16) for _ in dev.queue_max_sizes]
     queues = [r.attach(VirtQueue(mem, size)) for r, size in zip(rings, dev.queue_max_sizes, strict=True)]
     irq = FakeInterrupt()
@@ -40,13 +40,13 @@ def activate(dev: VirtioBalloon, mem: GuestMemory, alloc: Allocator, features: i
     return rings, irq
 
 
-def send_pfns(ring: Ring, mem: GuestMemory, alloc: Allocator, pfns: list[int]) -> int:
+def send_pfns(ring: Ring, mem: GuestMemoryMmap, alloc: Allocator, pfns: list[int]) -> int:
     buf = alloc.alloc(4 * max(1, len(pfns)), 4)
     mem.write(buf, struct.pack(f"<{len(pfns)}I", *pfns))
     return ring.add([(buf, 4 * len(pfns), False)])
 
 
-def test_balloon_through_pci(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_balloon_through_pci(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     dev = VirtioBalloon.from_config(BalloonConfig(size=8 << 20, deflate_on_oom=True, free_page_reporting=True))
     pci = VirtioPciDevice(dev, mem, router)
     driver = PciDriver(pci, mem, alloc)
@@ -78,7 +78,7 @@ def test_balloon_through_pci(mem: GuestMemory, alloc: Allocator, router: FakeRou
     pci.close()
 
 
-def test_balloon_bad_pfns_are_skipped(mem: GuestMemory, alloc: Allocator) -> None:
+def test_balloon_bad_pfns_are_skipped(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev = VirtioBalloon(0)
     rings, irq = activate(dev, mem, alloc, COMMON_FEATURES)
     mem.fill(0x100 * PAGE, PAGE, 0x55)
@@ -97,7 +97,7 @@ def test_balloon_bad_pfns_are_skipped(mem: GuestMemory, alloc: Allocator) -> Non
     assert dev.counters()["deflated_pages"] == 1 and dev.counters()["bad_pfns"] == 4
 
 
-def test_balloon_hostile_chains(mem: GuestMemory, alloc: Allocator) -> None:
+def test_balloon_hostile_chains(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev = VirtioBalloon(0)
     rings, _ = activate(dev, mem, alloc, COMMON_FEATURES)
     # a huge readable buffer is read only up to the cap; a write-only or odd-sized one gives no PFN
@@ -113,7 +113,7 @@ def test_balloon_hostile_chains(mem: GuestMemory, alloc: Allocator) -> None:
     assert dev.needs_reset
 
 
-def test_balloon_free_page_reporting(mem: GuestMemory, alloc: Allocator) -> None:
+def test_balloon_free_page_reporting(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev = VirtioBalloon(0, free_page_reporting=True, stats=True)
     # The driver acked reporting but not stats: Linux compacts the queue indexes, reporting is 2.
     rings, _ = activate(dev, mem, alloc, COMMON_FEATURES | 1 << VIRTIO_BALLOON_F_REPORTING)
@@ -133,7 +133,7 @@ def test_balloon_free_page_reporting(mem: GuestMemory, alloc: Allocator) -> None
     assert rings[3].take_used() == []
 
 
-def test_balloon_stats(mem: GuestMemory, alloc: Allocator) -> None:
+def test_balloon_stats(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev = VirtioBalloon(0, free_page_reporting=True, stats=True)
     feats = COMMON_FEATURES | 1 << VIRTIO_BALLOON_F_REPORTING | 1 << VIRTIO_BALLOON_F_STATS_VQ
     rings, irq = activate(dev, mem, alloc, feats)
@@ -160,7 +160,7 @@ def test_balloon_resize_and_limits() -> None:
         VirtioBalloon(-1)
 
 
-def test_balloon_state_round_trip(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_balloon_state_round_trip(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     dev = VirtioBalloon(64 << 20, stats=True)
     pci = VirtioPciDevice(dev, mem, router)
     driver = PciDriver(pci, mem, alloc)

@@ -33,7 +33,7 @@ from vmsh.devices.virtio.block import (
 from vmsh.devices.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
 from vmsh.devices.virtio.pci import VirtioPciDevice
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.errors import DeviceError
 
 DISK_SIZE = 1 << 20  # 2048 sectors
@@ -53,7 +53,7 @@ def image(tmp_path: Path) -> Path:
 class Disk:
     """A probed disk: the driver, its ring, and a request helper."""
 
-    def __init__(self, blk: VirtioBlock, mem: GuestMemory, alloc: Allocator, router: FakeRouter, **probe: object) -> None:
+    def __init__(self, blk: VirtioBlock, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, **probe: object) -> None:
         self.blk, self.mem, self.alloc = blk, mem, alloc
         self.pci = VirtioPciDevice(blk, mem, router)
         self.driver = PciDriver(self.pci, mem, alloc)
@@ -92,7 +92,7 @@ class Disk:
 
 
 @pytest.fixture
-def disk(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> Iterator[Disk]:
+def disk(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> Iterator[Disk]:
     d = Disk(VirtioBlock(str(image), serial="vmsh-disk-0"), mem, alloc, router)
     yield d
     d.pci.close()
@@ -149,7 +149,7 @@ def test_block_get_id(disk: Disk) -> None:
     assert status == VIRTIO_BLK_S_OK and data == b"vmsh-disk-0".ljust(20, b"\0") and used == 21
 
 
-def test_block_get_id_default_serial(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_block_get_id_default_serial(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     d = Disk(VirtioBlock(str(image)), mem, alloc, router)
     st = image.stat()
     _, data, _ = d.request(VIRTIO_BLK_T_GET_ID, in_len=20)
@@ -186,7 +186,7 @@ def test_block_discard(disk: Disk, image: Path) -> None:
     assert disk.blk.counters()["discard_ops"] == 1
 
 
-def test_block_readonly(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_block_readonly(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     before = image.read_bytes()
     d = Disk(VirtioBlock.from_config(DiskConfig(path=str(image), readonly=True)), mem, alloc, router)
     assert d.blk.avail_features >> VIRTIO_BLK_F_RO & 1
@@ -200,7 +200,7 @@ def test_block_readonly(image: Path, mem: GuestMemory, alloc: Allocator, router:
     d.pci.close()
 
 
-def test_block_direct(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_block_direct(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     try:
         blk = VirtioBlock(str(image), direct=True)
     except DeviceError:
@@ -216,7 +216,7 @@ def test_block_direct(image: Path, mem: GuestMemory, alloc: Allocator, router: F
     d.pci.close()
 
 
-def test_block_multi_queue(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_block_multi_queue(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     d = Disk(VirtioBlock(str(image), num_queues=2, queue_size=64), mem, alloc, router)
     assert d.blk.avail_features >> VIRTIO_BLK_F_MQ & 1
     assert d.driver.device_config(34, 2) == 2 and len(d.rings) == 2 and d.rings[1].size == 64
@@ -259,7 +259,7 @@ def test_block_bad_image() -> None:
         VirtioBlock.from_config(DiskConfig())
 
 
-def test_block_state_round_trip(disk: Disk, image: Path, mem: GuestMemory) -> None:
+def test_block_state_round_trip(disk: Disk, image: Path, mem: GuestMemoryMmap) -> None:
     payload = os.urandom(512)
     disk.request(VIRTIO_BLK_T_OUT, 1, out=payload)
     state = disk.pci.state()

@@ -15,11 +15,11 @@ from vmsh.devices.virtio.console import (
 from vmsh.devices.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
 from vmsh.devices.virtio.pci import VirtioPciDevice
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 
 class Console:
-    def __init__(self, mem: GuestMemory, alloc: Allocator, router: FakeRouter, **kw: int) -> None:
+    def __init__(self, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, **kw: int) -> None:
         self.output: list[bytes] = []
         self.dev = VirtioConsole(out=self.output.append, **kw)
         self.pci = VirtioPciDevice(self.dev, mem, router)
@@ -31,7 +31,7 @@ class Console:
 
 
 @pytest.fixture
-def con(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> Iterator[Console]:
+def con(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> Iterator[Console]:
     c = Console(mem, alloc, router, cols=80, rows=25)
     yield c
     c.pci.close()
@@ -101,7 +101,7 @@ def test_console_hostile_receive_chain(con: Console) -> None:
     assert con.driver.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
 
 
-def test_console_state(con: Console, mem: GuestMemory, router: FakeRouter) -> None:
+def test_console_state(con: Console, mem: GuestMemoryMmap, router: FakeRouter) -> None:
     con.probe()
     con.dev.enqueue_input(b"pending")
     state = con.pci.state()

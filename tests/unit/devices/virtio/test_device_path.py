@@ -31,13 +31,13 @@ from vmsh.devices.virtio.queue import (
     DescriptorChain,
     VirtQueue,
 )
-from vmsh.engine.memory import GuestMemory, GuestRegion
+from vmsh.engine.memory import GuestMemoryMmap, GuestRegion
 from vmsh.errors import GuestMemoryError, VirtQueueError
 
 MiB = 1 << 20
 
 
-def make(mem: GuestMemory, alloc: Allocator, size: int = 8, **kw: bool) -> tuple[VirtQueue, Ring]:
+def make(mem: GuestMemoryMmap, alloc: Allocator, size: int = 8, **kw: bool) -> tuple[VirtQueue, Ring]:
     ring = Ring.create(mem, alloc, size)
     return ring.attach(VirtQueue(mem, size), **kw), ring
 
@@ -45,7 +45,7 @@ def make(mem: GuestMemory, alloc: Allocator, size: int = 8, **kw: bool) -> tuple
 # -- chains ---------------------------------------------------------------------------------------
 
 
-def test_chain_views_are_guest_ram(mem: GuestMemory, alloc: Allocator) -> None:
+def test_chain_views_are_guest_ram(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, indirect=True)
     a, b, c = alloc.alloc(16), alloc.alloc(4096), alloc.alloc(1)
     ring.add([(a, 16, False), (b, 4096, True), (c, 1, True)], alloc=alloc, indirect=True)
@@ -58,14 +58,14 @@ def test_chain_views_are_guest_ram(mem: GuestMemory, alloc: Allocator) -> None:
     assert [len(v) for v in chain.writable_views(4000, 200)] == [96, 1]
 
 
-def test_chain_write_tail_across_descriptors_and_too_short(mem: GuestMemory) -> None:
+def test_chain_write_tail_across_descriptors_and_too_short(mem: GuestMemoryMmap) -> None:
     chain = DescriptorChain(mem, 0, [(0x1000, 4, True), (0x2000, 1, True)])
     assert chain.write_tail(b"wxyz") and mem.read(0x1000, 4) == b"\0wxy" and mem.read(0x2000, 1) == b"z"
     assert not chain.write_tail(b"123456")
     assert mem.read(0x1000, 4) == b"\0wxy"
 
 
-def test_single_descriptor_chain_outside_ram_fails(mem: GuestMemory, alloc: Allocator) -> None:
+def test_single_descriptor_chain_outside_ram_fails(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     ring.write_desc(0, mem.size - 8, 16, VIRTQ_DESC_F_WRITE)  # runs off the end of RAM
     ring.publish(0)
@@ -78,7 +78,7 @@ def test_single_descriptor_chain_outside_ram_fails(mem: GuestMemory, alloc: Allo
     assert chain is not None and chain.writable_len == 0 and chain.writable_views() == []
 
 
-def test_oversized_indirect_table_and_indirect_loop(mem: GuestMemory, alloc: Allocator) -> None:
+def test_oversized_indirect_table_and_indirect_loop(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, size=4, indirect=True)
     table = alloc.alloc(16 * 5)
     ring.write_desc(0, table, 16 * 5, VIRTQ_DESC_F_INDIRECT)  # 5 entries > queue size 4
@@ -97,7 +97,7 @@ def test_oversized_indirect_table_and_indirect_loop(mem: GuestMemory, alloc: All
 
 
 def test_failed_walk_keeps_no_view_of_ram() -> None:
-    mem = GuestMemory.create(1 * MiB)
+    mem = GuestMemoryMmap.create(1 * MiB)
     alloc = Allocator(0x1000, 1 * MiB)
     q, ring = make(mem, alloc)
     buf = alloc.alloc(64)
@@ -113,7 +113,7 @@ def test_failed_walk_keeps_no_view_of_ram() -> None:
 
 
 def test_buffer_across_two_ram_regions(tmp_path: Path) -> None:
-    mem = GuestMemory([GuestRegion.create(0, MiB), GuestRegion.create(MiB, MiB)])
+    mem = GuestMemoryMmap([GuestRegion.create(0, MiB), GuestRegion.create(MiB, MiB)])
     try:
         alloc = Allocator(0x1000, MiB - 0x2000)
         q, ring = make(mem, alloc)
@@ -127,7 +127,7 @@ def test_buffer_across_two_ram_regions(tmp_path: Path) -> None:
 
 
 def test_ring_across_two_ram_regions_is_read_through_memory() -> None:
-    mem = GuestMemory([GuestRegion.create(0, MiB), GuestRegion.create(MiB, MiB)])
+    mem = GuestMemoryMmap([GuestRegion.create(0, MiB), GuestRegion.create(MiB, MiB)])
     try:
         alloc = Allocator(MiB - 64, 2 * MiB)  # the descriptor table straddles the boundary
         q, ring = make(mem, alloc, size=8)
@@ -146,7 +146,7 @@ def test_ring_across_two_ram_regions_is_read_through_memory() -> None:
 # -- the driver's available idx -------------------------------------------------------------------
 
 
-def test_avail_idx_is_read_again_once_used_up(mem: GuestMemory, alloc: Allocator) -> None:
+def test_avail_idx_is_read_again_once_used_up(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     buf = alloc.alloc(8)
     heads = [ring.add([(buf, 8, True)]) for _ in range(2)]
@@ -156,7 +156,7 @@ def test_avail_idx_is_read_again_once_used_up(mem: GuestMemory, alloc: Allocator
     assert q.pop() is None
 
 
-def test_restored_queue_does_not_hand_out_unpublished_entries(mem: GuestMemory, alloc: Allocator) -> None:
+def test_restored_queue_does_not_hand_out_unpublished_entries(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     buf = alloc.alloc(8)
     for _ in range(3):
@@ -168,7 +168,7 @@ def test_restored_queue_does_not_hand_out_unpublished_entries(mem: GuestMemory, 
     assert [fresh.pop() is not None for _ in range(3)] == [True, True, False]
 
 
-def test_avail_idx_jump_caught_on_the_next_read(mem: GuestMemory, alloc: Allocator) -> None:
+def test_avail_idx_jump_caught_on_the_next_read(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     buf = alloc.alloc(8)
     ring.add([(buf, 8, True)])
@@ -182,7 +182,7 @@ def test_avail_idx_jump_caught_on_the_next_read(mem: GuestMemory, alloc: Allocat
 
 
 class Disk:
-    def __init__(self, path: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+    def __init__(self, path: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
         self.mem, self.alloc = mem, alloc
         self.blk = VirtioBlock(str(path))
         self.pci = VirtioPciDevice(self.blk, mem, router)
@@ -200,7 +200,7 @@ class Disk:
 
 
 @pytest.fixture
-def disk(tmp_path: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> Iterator[Disk]:
+def disk(tmp_path: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> Iterator[Disk]:
     path = tmp_path / "disk.raw"
     path.write_bytes(os.urandom(2 * MiB))
     d = Disk(path, mem, alloc, router)
@@ -249,7 +249,7 @@ class PairTap(Tap):
 
 
 class Net:
-    def __init__(self, mem: GuestMemory, alloc: Allocator, router: FakeRouter, *, mergeable: bool = True) -> None:
+    def __init__(self, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, *, mergeable: bool = True) -> None:
         dev_end, self.host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         dev_end.setblocking(False)
         self.host.setblocking(False)
@@ -303,7 +303,7 @@ def frame(n: int, fill: int = 0x5A) -> bytes:
     return bytes(VNET_HDR_SIZE) + bytes([fill]) * n
 
 
-def test_net_rx_frame_in_one_buffer_and_across_buffers(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_net_rx_frame_in_one_buffer_and_across_buffers(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     with Net(mem, alloc, router) as net:
         net.post(8)
         net.driver.kick(0)
@@ -318,7 +318,7 @@ def test_net_rx_frame_in_one_buffer_and_across_buffers(mem: GuestMemory, alloc: 
         assert net.net.counters()["rx_frames"] == 2
 
 
-def test_net_rx_ring_dry_mid_frame_gives_buffers_back(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_net_rx_ring_dry_mid_frame_gives_buffers_back(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     with Net(mem, alloc, router) as net:
         net.post(2)
         net.driver.kick(0)
@@ -335,7 +335,7 @@ def test_net_rx_ring_dry_mid_frame_gives_buffers_back(mem: GuestMemory, alloc: A
         assert net.tap.fds[0] in net.watcher.fds
 
 
-def test_net_rx_no_buffers_leaves_frames_in_the_tap(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_net_rx_no_buffers_leaves_frames_in_the_tap(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     with Net(mem, alloc, router) as net:
         net.host.send(frame(60))
         net.readable()  # nothing posted yet
@@ -346,7 +346,7 @@ def test_net_rx_no_buffers_leaves_frames_in_the_tap(mem: GuestMemory, alloc: All
         assert [len(f) for f in net.received()] == [VNET_HDR_SIZE + 60]
 
 
-def test_net_rx_first_buffer_smaller_than_the_header(mem: GuestMemory, alloc: Allocator,
+def test_net_rx_first_buffer_smaller_than_the_header(mem: GuestMemoryMmap, alloc: Allocator,
                                                      router: FakeRouter) -> None:
     with Net(mem, alloc, router) as net:
         net.post(1, size=8)
@@ -361,7 +361,7 @@ def test_net_rx_first_buffer_smaller_than_the_header(mem: GuestMemory, alloc: Al
         assert struct.unpack_from("<H", got, NUM_BUFFERS_OFFSET)[0] == len(used) == 2
 
 
-def test_net_rx_oversized_frame_dropped_without_mergeable(mem: GuestMemory, alloc: Allocator,
+def test_net_rx_oversized_frame_dropped_without_mergeable(mem: GuestMemoryMmap, alloc: Allocator,
                                                            router: FakeRouter) -> None:
     with Net(mem, alloc, router, mergeable=False) as net:
         net.post(4)
@@ -374,7 +374,7 @@ def test_net_rx_oversized_frame_dropped_without_mergeable(mem: GuestMemory, allo
         assert net.net.counters()["rx_dropped"] == 1
 
 
-def test_net_rx_hostile_buffer_outside_ram_fails_the_device(mem: GuestMemory, alloc: Allocator,
+def test_net_rx_hostile_buffer_outside_ram_fails_the_device(mem: GuestMemoryMmap, alloc: Allocator,
                                                             router: FakeRouter) -> None:
     with Net(mem, alloc, router) as net:
         head = net.rx._take()
@@ -390,7 +390,7 @@ def test_net_rx_hostile_buffer_outside_ram_fails_the_device(mem: GuestMemory, al
 # -- indirect tables decoded in one piece -----------------------------------------------------------
 
 
-def _table(mem: GuestMemory, alloc: Allocator, entries: list[tuple[int, int, int, int]]) -> int:
+def _table(mem: GuestMemoryMmap, alloc: Allocator, entries: list[tuple[int, int, int, int]]) -> int:
     table = alloc.alloc(16 * len(entries))
     for i, (addr, length, flags, nxt) in enumerate(entries):
         mem.write(table + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
@@ -403,7 +403,7 @@ def _publish_table(q: VirtQueue, ring: Ring, table: int, n: int) -> None:
 
 
 @pytest.mark.parametrize("order", ["linear", "shuffled"])
-def test_indirect_table_linear_and_shuffled_agree(mem: GuestMemory, alloc: Allocator, order: str) -> None:
+def test_indirect_table_linear_and_shuffled_agree(mem: GuestMemoryMmap, alloc: Allocator, order: str) -> None:
     q, ring = make(mem, alloc, indirect=True)
     a, b, c = alloc.alloc(64), alloc.alloc(100), alloc.alloc(1)
     nxt, w = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
@@ -428,7 +428,7 @@ def test_indirect_table_linear_and_shuffled_agree(mem: GuestMemory, alloc: Alloc
     # an entry with flags a linear table never has (INDIRECT): the checked walk refuses it
     (lambda a, size: [(a, 16, VIRTQ_DESC_F_NEXT, 1), (a, 16, VIRTQ_DESC_F_INDIRECT, 0)], "nested"),
 ], ids=["readable-after-writable", "buffer-outside-ram", "odd-flags-take-the-checked-walk"])
-def test_hostile_indirect_table_fails_the_pop(mem: GuestMemory, alloc: Allocator, entries, error: str) -> None:
+def test_hostile_indirect_table_fails_the_pop(mem: GuestMemoryMmap, alloc: Allocator, entries, error: str) -> None:
     q, ring = make(mem, alloc, indirect=True)
     table = _table(mem, alloc, entries(alloc.alloc(64), mem.size))
     _publish_table(q, ring, table, 2)
@@ -436,11 +436,11 @@ def test_hostile_indirect_table_fails_the_pop(mem: GuestMemory, alloc: Allocator
         q.pop()
 
 
-# -- GuestMemory's fast paths ---------------------------------------------------------------------
+# -- GuestMemoryMmap's fast paths ---------------------------------------------------------------------
 
 
 def test_memory_slices_of_across_regions_and_outside_ram() -> None:
-    mem = GuestMemory([GuestRegion.create(0, MiB), GuestRegion.create(2 * MiB, MiB)])
+    mem = GuestMemoryMmap([GuestRegion.create(0, MiB), GuestRegion.create(2 * MiB, MiB)])
     try:
         views = mem.slices_of([0x1000, 2 * MiB + 16, 0x2000], [8, 4, 0])
         assert [len(v) for v in views] == [8, 4]
@@ -455,7 +455,7 @@ def test_memory_slices_of_across_regions_and_outside_ram() -> None:
         mem.close()
 
 
-def test_net_rx_chain_of_more_pieces_than_readv_takes(mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+def test_net_rx_chain_of_more_pieces_than_readv_takes(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
     dev_end, host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     dev_end.setblocking(False)
     host.setblocking(False)
@@ -480,7 +480,7 @@ def test_net_rx_chain_of_more_pieces_than_readv_takes(mem: GuestMemory, alloc: A
         host.close()
 
 
-def test_net_rx_frame_waiting_for_buffers_is_charged_once(mem: GuestMemory, alloc: Allocator,
+def test_net_rx_frame_waiting_for_buffers_is_charged_once(mem: GuestMemoryMmap, alloc: Allocator,
                                                           router: FakeRouter) -> None:
     from tests.unit.devices.test_ratelimit import FakeClock
     from vmsh.devices.ratelimit import RateLimiter, TokenBucket

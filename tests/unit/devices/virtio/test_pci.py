@@ -40,11 +40,11 @@ from vmsh.devices.virtio.pci import (
 )
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from vmsh.devices.virtio.rng import VirtioRng
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 
 @pytest.fixture
-def rng_dev(mem: GuestMemory, router: FakeRouter) -> VirtioPciDevice:
+def rng_dev(mem: GuestMemoryMmap, router: FakeRouter) -> VirtioPciDevice:
     dev = VirtioPciDevice(VirtioRng(), mem, router)
     dev.set_bar_address(0xE000_0000)
     yield dev
@@ -52,7 +52,7 @@ def rng_dev(mem: GuestMemory, router: FakeRouter) -> VirtioPciDevice:
 
 
 @pytest.fixture
-def driver(rng_dev: VirtioPciDevice, mem: GuestMemory, alloc: Allocator) -> PciDriver:
+def driver(rng_dev: VirtioPciDevice, mem: GuestMemoryMmap, alloc: Allocator) -> PciDriver:
     return PciDriver(rng_dev, mem, alloc)
 
 
@@ -78,7 +78,7 @@ def test_pci_capabilities(driver: PciDriver) -> None:
 
 
 @pytest.mark.parametrize("bar64", [True, False])
-def test_pci_bar_sizing(mem: GuestMemory, router: FakeRouter, bar64: bool) -> None:
+def test_pci_bar_sizing(mem: GuestMemoryMmap, router: FakeRouter, bar64: bool) -> None:
     dev = VirtioPciDevice(VirtioRng(), mem, router, bar64=bar64)
     moves: list[tuple[int, int]] = []
     dev.on_bar_change = lambda old, new: moves.append((old, new))
@@ -102,7 +102,7 @@ def test_pci_bar_move_64bit_reported_once(rng_dev: VirtioPciDevice) -> None:
     assert moves[-1] == (0x1_0008_0000, 0x1_C000_0000)
 
 
-def test_pci_bar_move_32bit(mem: GuestMemory, router: FakeRouter) -> None:
+def test_pci_bar_move_32bit(mem: GuestMemoryMmap, router: FakeRouter) -> None:
     dev = VirtioPciDevice(VirtioRng(), mem, router, bar64=False)
     moves: list[tuple[int, int]] = []
     dev.on_bar_change = lambda old, new: moves.append((old, new))
@@ -135,7 +135,7 @@ def test_pci_driver_ok_without_features_ok_needs_reset(driver: PciDriver, rng_de
     assert not rng_dev.activated and driver.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
 
 
-def test_pci_rng_request_and_msix(driver: PciDriver, router: FakeRouter, mem: GuestMemory, alloc: Allocator) -> None:
+def test_pci_rng_request_and_msix(driver: PciDriver, router: FakeRouter, mem: GuestMemoryMmap, alloc: Allocator) -> None:
     (ring,) = driver.probe()
     buf = alloc.alloc(64)
     head = ring.add([(buf, 64, True)])
@@ -246,7 +246,7 @@ def test_pci_notify_offsets(rng_dev: VirtioPciDevice) -> None:
     rng_dev.notify(0)  # not activated
 
 
-def test_pci_random_accesses_never_raise(rng_dev: VirtioPciDevice, alloc: Allocator, mem: GuestMemory) -> None:
+def test_pci_random_accesses_never_raise(rng_dev: VirtioPciDevice, alloc: Allocator, mem: GuestMemoryMmap) -> None:
     driver = PciDriver(rng_dev, mem, alloc)
     driver.probe()
     rnd = random.Random(1234)
@@ -270,7 +270,7 @@ def test_pci_random_accesses_never_raise(rng_dev: VirtioPciDevice, alloc: Alloca
 @given(st.lists(st.tuples(st.integers(0, 0x38), st.sampled_from([1, 2, 4, 8]), st.integers(0, (1 << 64) - 1)),
                 max_size=40))
 def test_pci_common_config_fuzz(writes: list[tuple[int, int, int]]) -> None:
-    mem = GuestMemory.create(1 << 20)
+    mem = GuestMemoryMmap.create(1 << 20)
     dev = VirtioPciDevice(VirtioRng(), mem, FakeRouter())
     try:
         for offset, size, value in writes:
@@ -282,7 +282,7 @@ def test_pci_common_config_fuzz(writes: list[tuple[int, int, int]]) -> None:
         mem.close()
 
 
-def test_pci_state_round_trip_mid_operation(driver: PciDriver, rng_dev: VirtioPciDevice, mem: GuestMemory,
+def test_pci_state_round_trip_mid_operation(driver: PciDriver, rng_dev: VirtioPciDevice, mem: GuestMemoryMmap,
                                              alloc: Allocator) -> None:
     (ring,) = driver.probe()
     first = ring.add([(alloc.alloc(8), 8, True)])
@@ -304,7 +304,7 @@ def test_pci_state_round_trip_mid_operation(driver: PciDriver, rng_dev: VirtioPc
     clone.close()
 
 
-def test_pci_state_restore_rejects_mismatch(rng_dev: VirtioPciDevice, mem: GuestMemory, router: FakeRouter) -> None:
+def test_pci_state_restore_rejects_mismatch(rng_dev: VirtioPciDevice, mem: GuestMemoryMmap, router: FakeRouter) -> None:
     import tempfile
 
     from vmsh.devices.virtio.block import VirtioBlock

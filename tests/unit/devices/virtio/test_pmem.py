@@ -16,7 +16,7 @@ from vmsh.devices.virtio.pmem import (
     VirtioPmem,
     VirtioPmemState,
 )
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import from_plain, to_plain
 from vmsh.errors import DeviceError
 
@@ -31,14 +31,14 @@ def backing(tmp_path: Path) -> Path:
     return path
 
 
-def probe(dev: VirtioPmem, mem: GuestMemory, alloc: Allocator) -> tuple[VirtioPciDevice, PciDriver]:
+def probe(dev: VirtioPmem, mem: GuestMemoryMmap, alloc: Allocator) -> tuple[VirtioPciDevice, PciDriver]:
     pci = VirtioPciDevice(dev, mem, FakeRouter())
     driver = PciDriver(pci, mem, alloc)
     driver.probe()
     return pci, driver
 
 
-def request(driver: PciDriver, mem: GuestMemory, alloc: Allocator, body: bytes | None,
+def request(driver: PciDriver, mem: GuestMemoryMmap, alloc: Allocator, body: bytes | None,
             resp_len: int = 4) -> tuple[int, int]:
     bufs = []
     if body is not None:
@@ -56,7 +56,7 @@ def request(driver: PciDriver, mem: GuestMemory, alloc: Allocator, body: bytes |
     return length, mem.read_u32(resp) if resp_len >= 4 else -1
 
 
-def test_pmem_config_and_flush(backing: Path, mem: GuestMemory, alloc: Allocator) -> None:
+def test_pmem_config_and_flush(backing: Path, mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev = VirtioPmem.from_config(PmemConfig(file=str(backing)), START)
     assert dev.size == SIZE and dev.device_type == 27
     pci, driver = probe(dev, mem, alloc)
@@ -67,7 +67,7 @@ def test_pmem_config_and_flush(backing: Path, mem: GuestMemory, alloc: Allocator
     assert dev.fd == -1
 
 
-def test_pmem_bad_requests(backing: Path, mem: GuestMemory, alloc: Allocator) -> None:
+def test_pmem_bad_requests(backing: Path, mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev = VirtioPmem(str(backing), START, SIZE)
     pci, driver = probe(dev, mem, alloc)
     assert request(driver, mem, alloc, (7).to_bytes(4, "little")) == (4, VIRTIO_PMEM_RESP_TYPE_EIO)
@@ -79,7 +79,7 @@ def test_pmem_bad_requests(backing: Path, mem: GuestMemory, alloc: Allocator) ->
     pci.close()
 
 
-def test_pmem_fsync_failure_is_eio(backing: Path, mem: GuestMemory, alloc: Allocator) -> None:
+def test_pmem_fsync_failure_is_eio(backing: Path, mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev = VirtioPmem(str(backing), START, SIZE)
     pci, driver = probe(dev, mem, alloc)
     real = dev.fd
@@ -92,7 +92,7 @@ def test_pmem_fsync_failure_is_eio(backing: Path, mem: GuestMemory, alloc: Alloc
     pci.close()
 
 
-def test_pmem_discard_writes(backing: Path, mem: GuestMemory, alloc: Allocator) -> None:
+def test_pmem_discard_writes(backing: Path, mem: GuestMemoryMmap, alloc: Allocator) -> None:
     backing.chmod(0o444)  # read-only is enough: writes never reach the file
     dev = VirtioPmem.from_config(PmemConfig(file=str(backing), discard_writes=True, size=SIZE), START)
     pci, driver = probe(dev, mem, alloc)

@@ -16,11 +16,11 @@ from vmsh.devices.virtio.queue import (
     VirtQueue,
     VirtQueueState,
 )
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.errors import DeviceError, VirtQueueError
 
 
-def make(mem: GuestMemory, alloc: Allocator, size: int = 8, **kw: bool) -> tuple[VirtQueue, Ring]:
+def make(mem: GuestMemoryMmap, alloc: Allocator, size: int = 8, **kw: bool) -> tuple[VirtQueue, Ring]:
     ring = Ring.create(mem, alloc, size)
     return ring.attach(VirtQueue(mem, size), **kw), ring
 
@@ -29,12 +29,12 @@ def test_queue_error_is_a_device_error() -> None:
     assert issubclass(VirtQueueError, DeviceError)
 
 
-def test_queue_pop_empty(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_pop_empty(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, _ = make(mem, alloc)
     assert q.pop() is None
 
 
-def test_queue_pop_chain_and_add_used(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_pop_chain_and_add_used(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     a, b = alloc.alloc(100), alloc.alloc(200)
     mem.write(a, b"request")
@@ -51,7 +51,7 @@ def test_queue_pop_chain_and_add_used(mem: GuestMemory, alloc: Allocator) -> Non
     assert ring.take_used() == [(head, 200)]
 
 
-def test_queue_chain_helpers_cross_descriptors(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_chain_helpers_cross_descriptors(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     bufs = [alloc.alloc(4) for _ in range(3)]
     for i, addr in enumerate(bufs):
@@ -65,7 +65,7 @@ def test_queue_chain_helpers_cross_descriptors(mem: GuestMemory, alloc: Allocato
     assert chain.readable_ranges(3, 6) == [(bufs[0] + 3, 1), (bufs[1], 4), (bufs[2], 1)]
 
 
-def test_queue_indirect_table_flattened(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_indirect_table_flattened(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, indirect=True)
     a, b, c = alloc.alloc(16), alloc.alloc(512), alloc.alloc(1)
     head = ring.add([(a, 16, False), (b, 512, True), (c, 1, True)], alloc=alloc, indirect=True)
@@ -75,7 +75,7 @@ def test_queue_indirect_table_flattened(mem: GuestMemory, alloc: Allocator) -> N
     assert chain.writable_len == 513
 
 
-def test_queue_avail_idx_wraps(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_avail_idx_wraps(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, size=4)
     buf = alloc.alloc(8)
     ring.avail_idx = 0xFFFE
@@ -92,14 +92,14 @@ def test_queue_avail_idx_wraps(mem: GuestMemory, alloc: Allocator) -> None:
     assert [h for h, _ in ring.take_used()] == heads
 
 
-def test_queue_no_interrupt_flag(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_no_interrupt_flag(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     assert q.needs_notification()
     ring.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)
     assert not q.needs_notification()
 
 
-def test_queue_event_idx_suppression(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_event_idx_suppression(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, event_idx=True)
     buf = alloc.alloc(8)
     # The driver wants an interrupt only when used idx passes 3 (i.e. after the 4th buffer).
@@ -114,7 +114,7 @@ def test_queue_event_idx_suppression(mem: GuestMemory, alloc: Allocator) -> None
     assert wanted == [True, False, False, True, False]
 
 
-def test_queue_event_idx_rearms_avail_event(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_event_idx_rearms_avail_event(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, event_idx=True)
     buf = alloc.alloc(8)
     ring.add([(buf, 8, True)])
@@ -124,7 +124,7 @@ def test_queue_event_idx_rearms_avail_event(mem: GuestMemory, alloc: Allocator) 
     assert ring.avail_event() == 2  # notify me as soon as entry 2 is made available
 
 
-def test_queue_validate(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_validate(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     q.validate()
     q.size = 6
@@ -138,7 +138,7 @@ def test_queue_validate(mem: GuestMemory, alloc: Allocator) -> None:
     assert not q.is_valid()
 
 
-def test_queue_state_round_trip(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_state_round_trip(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, event_idx=True)
     buf = alloc.alloc(8)
     for _ in range(3):
@@ -169,20 +169,20 @@ def hostile(q: VirtQueue) -> VirtQueueError:
     return info.value
 
 
-def test_queue_hostile_head_out_of_range(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_head_out_of_range(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     ring.publish(8)
     assert "index 8" in str(hostile(q))
 
 
-def test_queue_hostile_next_out_of_range(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_next_out_of_range(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     ring.write_desc(0, alloc.alloc(8), 8, VIRTQ_DESC_F_NEXT, 100)
     ring.publish(0)
     hostile(q)
 
 
-def test_queue_hostile_loop(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_loop(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, size=256)
     buf = alloc.alloc(8)
     ring.write_desc(0, buf, 8, VIRTQ_DESC_F_NEXT, 1)
@@ -191,7 +191,7 @@ def test_queue_hostile_loop(mem: GuestMemory, alloc: Allocator) -> None:
     assert "loop" in str(hostile(q))
 
 
-def test_queue_hostile_self_loop_in_indirect_table(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_self_loop_in_indirect_table(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, indirect=True)
     table = alloc.alloc(64)
     buf = alloc.alloc(8)
@@ -202,7 +202,7 @@ def test_queue_hostile_self_loop_in_indirect_table(mem: GuestMemory, alloc: Allo
     hostile(q)
 
 
-def test_queue_hostile_nested_indirect(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_nested_indirect(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, indirect=True)
     table = alloc.alloc(16)
     ring.write_desc(0, table, 16, VIRTQ_DESC_F_INDIRECT, table=table)
@@ -211,7 +211,7 @@ def test_queue_hostile_nested_indirect(mem: GuestMemory, alloc: Allocator) -> No
     assert "nested" in str(hostile(q))
 
 
-def test_queue_hostile_indirect_with_next(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_indirect_with_next(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, indirect=True)
     table = alloc.alloc(16)
     ring.write_desc(0, alloc.alloc(8), 8, 0, table=table)
@@ -220,7 +220,7 @@ def test_queue_hostile_indirect_with_next(mem: GuestMemory, alloc: Allocator) ->
     hostile(q)
 
 
-def test_queue_hostile_indirect_not_negotiated(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_indirect_not_negotiated(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     table = alloc.alloc(16)
     ring.write_desc(0, alloc.alloc(8), 8, 0, table=table)
@@ -230,21 +230,21 @@ def test_queue_hostile_indirect_not_negotiated(mem: GuestMemory, alloc: Allocato
 
 
 @pytest.mark.parametrize("length", [0, 15, 16 * 9, 0xFFFF_FFF0])
-def test_queue_hostile_indirect_table_length(mem: GuestMemory, alloc: Allocator, length: int) -> None:
+def test_queue_hostile_indirect_table_length(mem: GuestMemoryMmap, alloc: Allocator, length: int) -> None:
     q, ring = make(mem, alloc, indirect=True)
     ring.write_desc(0, alloc.alloc(16 * 9), length, VIRTQ_DESC_F_INDIRECT)
     ring.publish(0)
     hostile(q)
 
 
-def test_queue_hostile_indirect_table_outside_ram(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_indirect_table_outside_ram(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc, indirect=True)
     ring.write_desc(0, mem.size - 16, 32, VIRTQ_DESC_F_INDIRECT)
     ring.publish(0)
     hostile(q)
 
 
-def test_queue_hostile_readable_after_writable(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_readable_after_writable(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     buf = alloc.alloc(8)
     ring.write_desc(0, buf, 8, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1)
@@ -254,20 +254,20 @@ def test_queue_hostile_readable_after_writable(mem: GuestMemory, alloc: Allocato
 
 
 @pytest.mark.parametrize("addr,length", [(16 << 20, 8), ((16 << 20) - 4, 8), (1 << 63, 1), (0xFFFF_FFFF_FFFF_FFF0, 0xFFFF_FFFF)])
-def test_queue_hostile_buffer_outside_ram(mem: GuestMemory, alloc: Allocator, addr: int, length: int) -> None:
+def test_queue_hostile_buffer_outside_ram(mem: GuestMemoryMmap, alloc: Allocator, addr: int, length: int) -> None:
     q, ring = make(mem, alloc)
     ring.write_desc(0, addr, length, VIRTQ_DESC_F_WRITE)
     ring.publish(0)
     hostile(q)
 
 
-def test_queue_hostile_avail_idx_jump(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_avail_idx_jump(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, ring = make(mem, alloc)
     mem.write_u16(ring.avail + 2, 9)  # 9 entries in a ring of 8
     assert "ahead" in str(hostile(q))
 
 
-def test_queue_hostile_rings_outside_ram_at_runtime(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_rings_outside_ram_at_runtime(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     q, _ = make(mem, alloc)
     q.avail_ring = mem.size + 0x1000  # validate() would refuse; pop must not crash either
     hostile(q)
@@ -282,7 +282,7 @@ def test_queue_hostile_rings_outside_ram_at_runtime(mem: GuestMemory, alloc: All
         q2.add_used(99, 8)
 
 
-def test_queue_hostile_huge_lengths_no_allocation(mem: GuestMemory, alloc: Allocator) -> None:
+def test_queue_hostile_huge_lengths_no_allocation(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     # Zero-length descriptors and max-length chains are walked without allocating their size.
     q, ring = make(mem, alloc, size=8)
     for i in range(8):

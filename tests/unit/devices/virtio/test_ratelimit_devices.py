@@ -30,7 +30,7 @@ from vmsh.devices.virtio.block import (
 )
 from vmsh.devices.virtio.net import VNET_HDR_SIZE, VirtioNet
 from vmsh.devices.virtio.pci import VirtioPciDevice
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 
 DISK_SIZE = 1 << 20
 
@@ -54,7 +54,7 @@ def bucket(size: int, refill_ms: int = 1000, burst: int = 0) -> TokenBucketConfi
 class LimitedDisk:
     """A probed disk whose requests are submitted without waiting for completion."""
 
-    def __init__(self, blk: VirtioBlock, mem: GuestMemory, alloc: Allocator, router: FakeRouter) -> None:
+    def __init__(self, blk: VirtioBlock, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
         self.blk, self.mem, self.alloc = blk, mem, alloc
         self.pci = VirtioPciDevice(blk, mem, router)
         self.driver = PciDriver(self.pci, mem, alloc)
@@ -84,7 +84,7 @@ class LimitedDisk:
         return self.blk.queues[0].pending()
 
 
-def make_disk(image: Path, mem: GuestMemory, alloc: Allocator, router: FakeRouter, limiter: RateLimiter,
+def make_disk(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, limiter: RateLimiter,
               watcher: FakeWatcher) -> LimitedDisk:
     return LimitedDisk(VirtioBlock(str(image), rate_limiter=limiter, watcher=watcher), mem, alloc, router)
 
@@ -95,7 +95,7 @@ def fire(watcher: FakeWatcher) -> None:
     callback()  # type: ignore[operator]
 
 
-def test_block_bandwidth_limit_holds_requests_in_the_ring(image: Path, mem: GuestMemory, alloc: Allocator,
+def test_block_bandwidth_limit_holds_requests_in_the_ring(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
                                                          router: FakeRouter, clock: FakeClock) -> None:
     limiter = RateLimiter.from_config(RateLimiterConfig(bandwidth=bucket(8192)), clock=clock)
     assert limiter is not None
@@ -125,7 +125,7 @@ def test_block_bandwidth_limit_holds_requests_in_the_ring(image: Path, mem: Gues
     assert watcher.fds == {}  # close releases the timer
 
 
-def test_block_ops_limit_counts_every_request(image: Path, mem: GuestMemory, alloc: Allocator,
+def test_block_ops_limit_counts_every_request(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
                                               router: FakeRouter, clock: FakeClock) -> None:
     limiter = RateLimiter.from_config(RateLimiterConfig(ops=bucket(2, 100, burst=1)), clock=clock)
     assert limiter is not None
@@ -145,7 +145,7 @@ def test_block_ops_limit_counts_every_request(image: Path, mem: GuestMemory, all
         disk.pci.close()
 
 
-def test_block_reset_while_throttled_cancels_the_timer(image: Path, mem: GuestMemory, alloc: Allocator,
+def test_block_reset_while_throttled_cancels_the_timer(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
                                                        router: FakeRouter, clock: FakeClock) -> None:
     limiter = RateLimiter.from_config(RateLimiterConfig(ops=bucket(1)), clock=clock)
     assert limiter is not None
@@ -164,7 +164,7 @@ def test_block_reset_while_throttled_cancels_the_timer(image: Path, mem: GuestMe
         disk.pci.close()
 
 
-def test_block_group_shared_by_two_disks(image: Path, mem: GuestMemory, alloc: Allocator,
+def test_block_group_shared_by_two_disks(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
                                          router: FakeRouter, clock: FakeClock) -> None:
     group = RateLimiterGroup.from_config(RateLimiterGroupConfig(
         id="group0", rate_limiter_config=RateLimiterConfig(bandwidth=bucket(8192))), clock=clock)
@@ -186,7 +186,7 @@ def test_block_group_shared_by_two_disks(image: Path, mem: GuestMemory, alloc: A
         d1.pci.close()
 
 
-def test_block_without_watcher_uses_a_thread_timer(image: Path, mem: GuestMemory, alloc: Allocator,
+def test_block_without_watcher_uses_a_thread_timer(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
                                                    router: FakeRouter) -> None:
     limiter = RateLimiter.from_config(RateLimiterConfig(ops=bucket(1, 20)))  # real clock: 50 ops/s
     assert limiter is not None
@@ -226,7 +226,7 @@ def wire() -> Iterator[tuple[FakeTap, socket.socket]]:
 
 
 class LimitedNet:
-    def __init__(self, tap: FakeTap, mem: GuestMemory, alloc: Allocator, router: FakeRouter,
+    def __init__(self, tap: FakeTap, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter,
                  factory: Callable[[], RateLimiter | None], watcher: FakeWatcher) -> None:
         self.mem, self.alloc = mem, alloc
         self.net = VirtioNet(tap, b"\x02\0\0\0\0\1", watcher, rate_limiter=factory)
@@ -252,7 +252,7 @@ def recv_all(sock: socket.socket) -> list[bytes]:
             return out
 
 
-def test_net_tx_ops_limit(wire: tuple[FakeTap, socket.socket], mem: GuestMemory, alloc: Allocator,
+def test_net_tx_ops_limit(wire: tuple[FakeTap, socket.socket], mem: GuestMemoryMmap, alloc: Allocator,
                           router: FakeRouter, clock: FakeClock) -> None:
     tap, host = wire
     watcher = FakeWatcher()
@@ -276,7 +276,7 @@ def test_net_tx_ops_limit(wire: tuple[FakeTap, socket.socket], mem: GuestMemory,
         dev.pci.close()
 
 
-def test_net_rx_bandwidth_limit(wire: tuple[FakeTap, socket.socket], mem: GuestMemory, alloc: Allocator,
+def test_net_rx_bandwidth_limit(wire: tuple[FakeTap, socket.socket], mem: GuestMemoryMmap, alloc: Allocator,
                                 router: FakeRouter, clock: FakeClock) -> None:
     tap, host = wire
     watcher = FakeWatcher()
@@ -304,7 +304,7 @@ def test_net_rx_bandwidth_limit(wire: tuple[FakeTap, socket.socket], mem: GuestM
         dev.pci.close()
 
 
-def test_net_without_limit_has_no_timer(wire: tuple[FakeTap, socket.socket], mem: GuestMemory, alloc: Allocator,
+def test_net_without_limit_has_no_timer(wire: tuple[FakeTap, socket.socket], mem: GuestMemoryMmap, alloc: Allocator,
                                         router: FakeRouter) -> None:
     tap, _ = wire
     watcher = FakeWatcher()

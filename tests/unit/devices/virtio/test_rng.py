@@ -9,11 +9,11 @@ import pytest
 from tests.unit.devices.virtio.driver import Allocator, FakeInterrupt, Ring
 from vmsh.devices.virtio.queue import VirtQueue
 from vmsh.devices.virtio.rng import MAX_REQUEST_BYTES, VirtioRng, VirtioRngState
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.errors import DeviceError
 
 
-def activate(rng: VirtioRng, mem: GuestMemory, alloc: Allocator) -> tuple[Ring, FakeInterrupt]:
+def activate(rng: VirtioRng, mem: GuestMemoryMmap, alloc: Allocator) -> tuple[Ring, FakeInterrupt]:
     ring = Ring.create(mem, alloc, 8)
     q = ring.attach(VirtQueue(mem, 256))
     irq = FakeInterrupt()
@@ -21,7 +21,7 @@ def activate(rng: VirtioRng, mem: GuestMemory, alloc: Allocator) -> tuple[Ring, 
     return ring, irq
 
 
-def test_rng_fills_from_source(tmp_path: Path, mem: GuestMemory, alloc: Allocator) -> None:
+def test_rng_fills_from_source(tmp_path: Path, mem: GuestMemoryMmap, alloc: Allocator) -> None:
     src = tmp_path / "entropy"
     src.write_bytes(bytes(range(256)) * 4)
     rng = VirtioRng(str(src))
@@ -36,7 +36,7 @@ def test_rng_fills_from_source(tmp_path: Path, mem: GuestMemory, alloc: Allocato
     rng.close()
 
 
-def test_rng_short_source(tmp_path: Path, mem: GuestMemory, alloc: Allocator) -> None:
+def test_rng_short_source(tmp_path: Path, mem: GuestMemoryMmap, alloc: Allocator) -> None:
     src = tmp_path / "entropy"
     src.write_bytes(b"abc")
     rng = VirtioRng(str(src))
@@ -47,7 +47,7 @@ def test_rng_short_source(tmp_path: Path, mem: GuestMemory, alloc: Allocator) ->
     rng.close()
 
 
-def test_rng_huge_request_is_capped(mem: GuestMemory, alloc: Allocator) -> None:
+def test_rng_huge_request_is_capped(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     rng = VirtioRng()
     ring, _ = activate(rng, mem, alloc)
     head = ring.add([(0x10_0000, 8 << 20, True)])
@@ -56,7 +56,7 @@ def test_rng_huge_request_is_capped(mem: GuestMemory, alloc: Allocator) -> None:
     rng.close()
 
 
-def test_rng_readable_only_chain_gets_nothing(mem: GuestMemory, alloc: Allocator) -> None:
+def test_rng_readable_only_chain_gets_nothing(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     rng = VirtioRng()
     ring, _ = activate(rng, mem, alloc)
     head = ring.add([(alloc.alloc(8), 8, False)])
@@ -65,7 +65,7 @@ def test_rng_readable_only_chain_gets_nothing(mem: GuestMemory, alloc: Allocator
     rng.close()
 
 
-def test_rng_not_activated_or_reset_ignores_kicks(mem: GuestMemory, alloc: Allocator) -> None:
+def test_rng_not_activated_or_reset_ignores_kicks(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     rng = VirtioRng()
     rng.queue_notify(0)
     rng.queue_notify(3)

@@ -1,6 +1,6 @@
 """virtio-vsock: cloud-hypervisor's unix-socket protocol both ways, credit, hostile packets, state.
 
-The test plays the guest's vsock driver on rings in a ``GuestMemory`` and the engine's I/O loop
+The test plays the guest's vsock driver on rings in a ``GuestMemoryMmap`` and the engine's I/O loop
 with a watcher it pumps by hand; the host side is real unix sockets.
 """
 
@@ -33,7 +33,7 @@ from vmsh.devices.virtio.vsock import (
     VirtioVsock,
     VirtioVsockState,
 )
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import from_plain, to_plain
 from vmsh.errors import DeviceError
 
@@ -85,7 +85,7 @@ class Packet:
 class Guest:
     """The guest's virtio_transport: rx buffers split header/data like Linux 6.1, tx packets."""
 
-    def __init__(self, dev: VirtioVsock, mem: GuestMemory, alloc: Allocator, rx_buffers: int = 8) -> None:
+    def __init__(self, dev: VirtioVsock, mem: GuestMemoryMmap, alloc: Allocator, rx_buffers: int = 8) -> None:
         self.dev, self.mem, self.alloc = dev, mem, alloc
         self.rings = [Ring.create(mem, alloc, 64) for _ in range(3)]
         queues = [r.attach(VirtQueue(mem, 256), event_idx=False) for r in self.rings]
@@ -136,7 +136,7 @@ def sock_path(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def env(sock_path: str, mem: GuestMemory) -> Iterator[tuple[VirtioVsock, FakeWatcher]]:
+def env(sock_path: str, mem: GuestMemoryMmap) -> Iterator[tuple[VirtioVsock, FakeWatcher]]:
     watcher = FakeWatcher()
     dev = VirtioVsock.from_config(VsockConfig(cid=CID, socket=sock_path), watcher)
     yield dev, watcher
@@ -196,7 +196,7 @@ def test_vsock_socket_setup_errors(tmp_path: Path) -> None:
             VirtioVsock(cid, str(tmp_path / "x.sock"), watcher)
 
 
-def test_vsock_guest_to_host(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, alloc: Allocator,
+def test_vsock_guest_to_host(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator,
                              sock_path: str) -> None:
     dev, watcher = env
     srv = host_listen(f"{sock_path}_1234")
@@ -225,7 +225,7 @@ def test_vsock_guest_to_host(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMem
     srv.close()
 
 
-def test_vsock_guest_connect_refused(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, alloc: Allocator) -> None:
+def test_vsock_guest_connect_refused(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev, _ = env
     guest = Guest(dev, mem, alloc)
     guest.send(VIRTIO_VSOCK_OP_REQUEST, 5000, 4321)  # nobody listens on <socket>_4321
@@ -237,7 +237,7 @@ def test_vsock_guest_connect_refused(env: tuple[VirtioVsock, FakeWatcher], mem: 
     assert [p.op for p in guest.recv()] == [VIRTIO_VSOCK_OP_RST]
 
 
-def test_vsock_host_to_guest(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, alloc: Allocator,
+def test_vsock_host_to_guest(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator,
                              sock_path: str) -> None:
     dev, watcher = env
     guest = Guest(dev, mem, alloc)
@@ -271,7 +271,7 @@ def test_vsock_host_to_guest(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMem
 
 
 @pytest.mark.parametrize("line", [b"HELLO 1\n", b"CONNECT x\n", b"CONNECT " + b"1" * 40, b"CONN"])
-def test_vsock_bad_host_command(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, alloc: Allocator,
+def test_vsock_bad_host_command(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator,
                                 sock_path: str, line: bytes) -> None:
     dev, watcher = env
     guest = Guest(dev, mem, alloc)
@@ -287,7 +287,7 @@ def test_vsock_bad_host_command(env: tuple[VirtioVsock, FakeWatcher], mem: Guest
     host.close()
 
 
-def test_vsock_no_rx_buffers_no_busy_loop(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory,
+def test_vsock_no_rx_buffers_no_busy_loop(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap,
                                           alloc: Allocator, sock_path: str) -> None:
     dev, watcher = env
     srv = host_listen(f"{sock_path}_80")
@@ -307,7 +307,7 @@ def test_vsock_no_rx_buffers_no_busy_loop(env: tuple[VirtioVsock, FakeWatcher], 
     srv.close()
 
 
-def test_vsock_credit(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, alloc: Allocator,
+def test_vsock_credit(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator,
                       sock_path: str) -> None:
     dev, watcher = env
     srv = host_listen(f"{sock_path}_81")
@@ -331,7 +331,7 @@ def test_vsock_credit(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, al
     srv.close()
 
 
-def test_vsock_buffered_writes_flush(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, alloc: Allocator,
+def test_vsock_buffered_writes_flush(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator,
                                      sock_path: str) -> None:
     dev, watcher = env
     srv = host_listen(f"{sock_path}_82")
@@ -357,7 +357,7 @@ def test_vsock_buffered_writes_flush(env: tuple[VirtioVsock, FakeWatcher], mem: 
     srv.close()
 
 
-def test_vsock_guest_overrunning_credit_is_reset(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory,
+def test_vsock_guest_overrunning_credit_is_reset(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap,
                                                  alloc: Allocator, sock_path: str) -> None:
     dev, _ = env
     srv = host_listen(f"{sock_path}_83")
@@ -376,7 +376,7 @@ def test_vsock_guest_overrunning_credit_is_reset(env: tuple[VirtioVsock, FakeWat
     srv.close()
 
 
-def test_vsock_hostile_packets(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, alloc: Allocator,
+def test_vsock_hostile_packets(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator,
                                sock_path: str) -> None:
     dev, _ = env
     srv = host_listen(f"{sock_path}_90")
@@ -419,7 +419,7 @@ def test_vsock_hostile_packets(env: tuple[VirtioVsock, FakeWatcher], mem: GuestM
     srv.close()
 
 
-def test_vsock_connection_limit(sock_path: str, mem: GuestMemory, alloc: Allocator) -> None:
+def test_vsock_connection_limit(sock_path: str, mem: GuestMemoryMmap, alloc: Allocator) -> None:
     watcher = FakeWatcher()
     dev = VirtioVsock(CID, sock_path, watcher, max_connections=1)
     srv = host_listen(f"{sock_path}_91")
@@ -437,7 +437,7 @@ def test_vsock_connection_limit(sock_path: str, mem: GuestMemory, alloc: Allocat
     dev.close()
 
 
-def test_vsock_reset_closes_everything(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory, alloc: Allocator,
+def test_vsock_reset_closes_everything(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator,
                                        sock_path: str) -> None:
     dev, watcher = env
     srv = host_listen(f"{sock_path}_92")
@@ -456,7 +456,7 @@ def test_vsock_reset_closes_everything(env: tuple[VirtioVsock, FakeWatcher], mem
     srv.close()
 
 
-def test_vsock_state_round_trip_and_transport_reset(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemory,
+def test_vsock_state_round_trip_and_transport_reset(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap,
                                                     alloc: Allocator, sock_path: str) -> None:
     dev, _ = env
     guest = Guest(dev, mem, alloc)

@@ -14,7 +14,7 @@ from vmsh.devices.virtio.watchdog import (
     VirtioWatchdog,
     VirtioWatchdogState,
 )
-from vmsh.engine.memory import GuestMemory
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import from_plain, to_plain
 
 
@@ -36,13 +36,13 @@ class Clock:
         return self.now
 
 
-def activate(dev: VirtioWatchdog, mem: GuestMemory, alloc: Allocator) -> Ring:
+def activate(dev: VirtioWatchdog, mem: GuestMemoryMmap, alloc: Allocator) -> Ring:
     ring = Ring.create(mem, alloc, 8)
     dev.activate(mem, [ring.attach(VirtQueue(mem, 8))], FakeInterrupt(), COMMON_FEATURES)
     return ring
 
 
-def ping(dev: VirtioWatchdog, ring: Ring, mem: GuestMemory, alloc: Allocator, writable: bool = True) -> list[tuple[int, int]]:
+def ping(dev: VirtioWatchdog, ring: Ring, mem: GuestMemoryMmap, alloc: Allocator, writable: bool = True) -> list[tuple[int, int]]:
     buf = alloc.alloc(1)
     mem.write_u8(buf, 0)
     ring.add([(buf, 1, writable)])
@@ -59,7 +59,7 @@ def test_watchdog_defaults() -> None:
     assert dev.config_bytes() == b""
 
 
-def test_watchdog_fires_only_after_missed_pings(mem: GuestMemory, alloc: Allocator) -> None:
+def test_watchdog_fires_only_after_missed_pings(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     trig, clock = FakeTrigger(), Clock()
     dev = VirtioWatchdog(trig, interval=3600, clock=clock)  # ticks driven by hand
     ring = activate(dev, mem, alloc)
@@ -78,7 +78,7 @@ def test_watchdog_fires_only_after_missed_pings(mem: GuestMemory, alloc: Allocat
     dev.close()
 
 
-def test_watchdog_thread_lifecycle(mem: GuestMemory, alloc: Allocator) -> None:
+def test_watchdog_thread_lifecycle(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     trig = FakeTrigger()
     dev = VirtioWatchdog(trig, interval=0.01, timeout=0.05)
     assert dev._thread is None
@@ -98,7 +98,7 @@ def test_watchdog_thread_lifecycle(mem: GuestMemory, alloc: Allocator) -> None:
     assert dev._thread is None
 
 
-def test_watchdog_reset_from_its_own_trigger(mem: GuestMemory, alloc: Allocator) -> None:
+def test_watchdog_reset_from_its_own_trigger(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     done = threading.Event()
 
     class ResettingTrigger:
@@ -114,7 +114,7 @@ def test_watchdog_reset_from_its_own_trigger(mem: GuestMemory, alloc: Allocator)
     dev.close()
 
 
-def test_watchdog_pause_resume(mem: GuestMemory, alloc: Allocator) -> None:
+def test_watchdog_pause_resume(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     trig, clock = FakeTrigger(), Clock()
     dev = VirtioWatchdog(trig, interval=3600, clock=clock)
     ring = activate(dev, mem, alloc)
@@ -129,7 +129,7 @@ def test_watchdog_pause_resume(mem: GuestMemory, alloc: Allocator) -> None:
     dev.close()
 
 
-def test_watchdog_hostile_buffers(mem: GuestMemory, alloc: Allocator) -> None:
+def test_watchdog_hostile_buffers(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     dev = VirtioWatchdog(FakeTrigger(), interval=3600)
     ring = activate(dev, mem, alloc)
     [(_, length)] = ping(dev, ring, mem, alloc, writable=False)
@@ -143,7 +143,7 @@ def test_watchdog_hostile_buffers(mem: GuestMemory, alloc: Allocator) -> None:
     dev.close()
 
 
-def test_watchdog_state(mem: GuestMemory, alloc: Allocator) -> None:
+def test_watchdog_state(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     clock = Clock()
     dev = VirtioWatchdog(FakeTrigger(), interval=3600, clock=clock)
     ring = activate(dev, mem, alloc)
