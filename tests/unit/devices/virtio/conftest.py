@@ -1,4 +1,4 @@
-"""Fixtures for the virtio tests: a small guest RAM and an allocator over it."""
+"""Fixtures for the virtio tests: a small guest RAM and an allocator over it (the MSI router is in ../conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.unit.devices.virtio.driver import Allocator, FakeRouter
+from tests.unit.devices.virtio.driver import Allocator
 from vmsh.engine.memory import GuestMemoryMmap
 
 RAM_SIZE = 16 << 20
@@ -22,8 +22,3 @@ def mem() -> Iterator[GuestMemoryMmap]:
 @pytest.fixture
 def alloc() -> Allocator:
     return Allocator(0x1000, RAM_SIZE)
-
-
-@pytest.fixture
-def router() -> FakeRouter:
-    return FakeRouter()

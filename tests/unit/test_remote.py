@@ -15,7 +15,7 @@ from vmsh.engine.vmm import Vmm
 from vmsh.errors import UsageError
 from vmsh.remote import build_request
 
-from .fake_vm import FakeVm
+from tests.unit.api.fake_vm import FakeVm
 
 
 @pytest.fixture
