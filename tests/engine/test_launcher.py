@@ -8,13 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pexpect
 import pytest
 
 from tests.engine import tiny_kernel
+from vmsh.harness.waiting import wait_until
 
 LAUNCH = [sys.executable, "-m", "vmsh", "launch"]
 
@@ -78,10 +78,7 @@ def test_serial_socket_both_ways(tmp_path: Path) -> None:
     proc = subprocess.Popen([*LAUNCH, "--kernel", k, "--serial", f"socket={sock_path}", "--console", "off"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not sock_path.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.05)
+        wait_until(sock_path.exists, 30, f"the serial socket {sock_path}", process=proc)
         client = socket.socket(socket.AF_UNIX)
         client.connect(str(sock_path))
         client.sendall(b"z")
@@ -107,10 +104,7 @@ def test_serial_pty_via_api_info(tmp_path: Path) -> None:
     try:
         from vmsh.api.client import ApiClient
 
-        deadline = time.monotonic() + 30
-        while not api.exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_until(api.exists, 30, f"the VMM's API socket {api}", process=proc)
         with ApiClient(str(api)) as client:
             pty_path = client.get("vm.info")["config"]["serial"]["file"]
         assert pty_path.startswith("/dev/pts/")
@@ -132,10 +126,8 @@ def test_reset_reboots(tmp_path: Path) -> None:
     proc = subprocess.Popen([*LAUNCH, "--kernel", k, "--serial", "tty", "--console", "off", "--event-monitor", f"path={ev}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (ev.exists() and events(ev).count("vm rebooted") >= 2):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_until(lambda: ev.exists() and events(ev).count("vm rebooted") >= 2, 30, "two 'vm rebooted' events",
+                   process=proc)
         proc.terminate()
         assert proc.wait(30) == 0
     finally:

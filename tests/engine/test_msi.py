@@ -10,6 +10,7 @@ from tests.engine.conftest import CODE_ADDR, Recorder, TinyVm
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.msi import GsiRoutes, KvmMsiRouter, default_irqchip_routes
 from vmsh.engine.vcpu import install_kick_handler
+from vmsh.harness.waiting import wait_until
 
 #: MSI address for LAPIC 0 and data with delivery mode NMI (SDM vol. 3A §10.11.1-2)
 MSI_ADDRESS = 0xFEE0_0000
@@ -70,13 +71,11 @@ def test_an_msi_vector_reaches_the_guest(kvm: Kvm) -> None:
         assert router.gsis == [24, 25]
         router.update(1, MSI_ADDRESS, MSI_DATA_NMI, masked=False)
         tiny.vcpu.start()
+        # Nothing may fire before the trigger: give the running vCPU time in which it could.
         time.sleep(0.2)
         assert out.writes == [], "nothing fired yet"
         router.trigger(1)
-        deadline = time.monotonic() + 10
-        while not out.writes and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert out.writes == [(0, b"N")]
+        assert wait_until(lambda: out.writes, 10, "the NMI handler's write", interval=0.01) == [(0, b"N")]
     finally:
         tiny.vcpu.kick()
         tiny.vcpu.join(5)

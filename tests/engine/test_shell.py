@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.engine import tiny_kernel
+from vmsh.harness.waiting import wait_until
 from vmsh.script.session import ScriptError, Session
 
 
@@ -81,10 +81,7 @@ def test_remote_vm_through_the_api_and_serial_socket(session, tmp_path: Path) ->
     proc = subprocess.Popen([sys.executable, "-m", "vmsh", "launch", "--api-socket", str(api)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not api.exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_until(api.exists, 30, f"the VMM's API socket {api}", process=proc)
         session.execute(f"connect {api}; ping")
         session.execute(f"create --kernel {k} --serial socket={serial} --console off; boot")
         session.execute("info state")

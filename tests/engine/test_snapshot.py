@@ -17,18 +17,17 @@ from tests.engine import tiny_kernel
 from vmsh.api.client import ApiClient, ApiError
 from vmsh.config import model as m
 from vmsh.engine.persist import SnapshotError
+from vmsh.harness.waiting import wait_until
 
 LAUNCH = [sys.executable, "-m", "vmsh", "launch"]
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, "the VMM did not come up"
-        time.sleep(0.05)
+def wait_for_socket(path: Path, proc: subprocess.Popen) -> None:
+    wait_until(path.exists, 30, f"the VMM's API socket {path}", process=proc)
 
 
 def read_available(proc: subprocess.Popen, wait: float) -> bytes:
+    """Everything the guest prints within ``wait`` seconds."""
     assert proc.stdout is not None
     out = b""
     end = time.monotonic() + wait
@@ -42,6 +41,21 @@ def read_available(proc: subprocess.Popen, wait: float) -> bytes:
     return out
 
 
+def read_printed(proc: subprocess.Popen, timeout: float = 30) -> bytes:
+    """What the guest printed, as soon as it printed anything (a letter a second when it runs)."""
+    return wait_until(lambda: read_available(proc, 0.1), timeout, "the guest to print", interval=0, process=proc)
+
+
+def drain(proc: subprocess.Popen) -> bytes:
+    """What is already in the serial pipe (the serial device writes it from the vCPU thread, so
+    once a pause returned, everything printed before it is there)."""
+    assert proc.stdout is not None
+    out = b""
+    while select.select([proc.stdout], [], [], 0)[0] and (chunk := os.read(proc.stdout.fileno(), 4096)):
+        out += chunk
+    return out
+
+
 @pytest.fixture
 def snapshot(tmp_path: Path):
     """A running letters VM, paused and snapshotted; yields (snapshot dir, last letter printed)."""
@@ -52,12 +66,11 @@ def snapshot(tmp_path: Path):
     proc = subprocess.Popen([*LAUNCH, "--kernel", str(k), "--serial", "tty", "--console", "off", "--api-socket", str(api)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for(api, proc)
-        printed = read_available(proc, 2.5)
-        assert printed, "the guest printed nothing"
+        wait_for_socket(api, proc)
+        printed = read_printed(proc)
         with ApiClient(str(api)) as client:
             client.put("vm.pause")
-            printed += read_available(proc, 0.3)
+            printed += drain(proc)
             client.put("vm.snapshot", {"destination_url": f"file://{snap}"})
             with pytest.raises(ApiError) as info:  # files exist now: refused, VM unharmed
                 client.put("vm.snapshot", {"destination_url": f"file://{snap}"})
@@ -85,8 +98,7 @@ def test_restore_continues_in_a_new_process(snapshot, tmp_path: Path) -> None:
     proc = subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on", "--event-monitor", f"path={ev}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        printed = read_available(proc, 3.0).decode()
-        assert printed, proc.stderr.read1(4096) if proc.poll() is not None else "nothing printed after restore"  # type: ignore[union-attr]
+        printed = read_printed(proc).decode()
         expected = chr((ord(last) - ord("a") + 1) % 26 + ord("a"))
         assert printed[0] == expected, f"last letter before the snapshot {last!r}, first after restore {printed[:5]!r}"
     finally:
@@ -103,12 +115,13 @@ def test_restored_clones_run_side_by_side(snapshot) -> None:
     try:
         # each clone must print; wait for it (a loaded host may take seconds to start four VMMs)
         outputs = [b""] * len(procs)
-        deadline = time.monotonic() + 60
-        while not all(outputs) and time.monotonic() < deadline:
+
+        def all_printed() -> bool:
             for i, p in enumerate(procs):
-                if not outputs[i]:
-                    outputs[i] = read_available(p, 0.2)
-        assert all(outputs), [p.poll() for p in procs]
+                outputs[i] = outputs[i] or read_available(p, 0.1)
+            return all(outputs)
+
+        wait_until(all_printed, 60, "every clone to print", interval=0)
     finally:
         for p in procs:
             p.kill()
@@ -121,12 +134,13 @@ def test_restore_stays_paused_without_resume(snapshot, tmp_path: Path) -> None:
     proc = subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap}", "--api-socket", str(api)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for(api, proc)
+        wait_for_socket(api, proc)
         with ApiClient(str(api)) as client:
             assert client.get("vm.info")["state"] == "Paused"
+            # Nothing may come out while paused: a running guest would print within 1.5 s.
             assert read_available(proc, 1.5) == b""
             client.put("vm.resume")
-            assert read_available(proc, 2.5)
+            assert read_printed(proc)
     finally:
         proc.kill()
         proc.wait()

@@ -7,12 +7,12 @@ import json
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
 from vmsh.api.client import ApiClient
+from vmsh.harness.waiting import wait_until
 
 FIXTURE = Path(__file__).parent / "fixtures" / "snapshot-v1.tar.gz"
 DEVICES = ["__console", "_disk0", "_net1", "__rng", "_pmem2", "_vsock3", "__balloon", "__watchdog", "__pvpanic"]
@@ -39,11 +39,7 @@ def test_release_1_snapshot_restores(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "vmsh", "launch", "--restore", f"source_url=file://{snap}",
                              "--api-socket", str(api)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not api.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the VMM did not come up"
-            time.sleep(0.05)
+        wait_until(api.exists, 60, f"the VMM's API socket {api}", process=proc)
         with ApiClient(str(api)) as client:
             info = client.get("vm.info")
             assert info["state"] == "Paused"
@@ -52,11 +48,8 @@ def test_release_1_snapshot_restores(tmp_path: Path) -> None:
             assert set(DEVICES) <= set(client.get("vm.counters"))
             before = serial.read_bytes() if serial.exists() else b""
             client.put("vm.resume")
-            deadline = time.monotonic() + 30
-            while len(serial.read_bytes()) <= len(before):
-                assert time.monotonic() < deadline, "the restored guest printed nothing"
-                time.sleep(0.1)
-            printed = serial.read_bytes()[len(before):]
+            printed = wait_until(lambda: serial.read_bytes()[len(before):], 30, "the restored guest to print",
+                                 process=proc)
             assert printed[:1].isalpha(), printed
             assert client.get("vm.info")["state"] == "Running"
     finally:

@@ -35,6 +35,7 @@ import ptyprocess
 
 from vmsh.errors import VmshError
 from vmsh.harness.shellproto import READY_MARKER, clean, command_line, setup_line, strip_escapes
+from vmsh.harness.waiting import WaitTimeout, wait_until
 
 LOG = logging.getLogger(__name__)
 
@@ -225,15 +226,15 @@ class Guest:
 
     def close(self) -> None:
         """Stop the VMM (SIGTERM and SIGHUP, then SIGKILL) and close the log."""
-        if self.child is not None and self.child.isalive():
-            self.child.kill(signal.SIGTERM)
-            self.child.kill(signal.SIGHUP)
-            deadline = time.monotonic() + 5
-            while self.child.isalive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self.child.isalive():
-                self.child.kill(signal.SIGKILL)
-        if self.child is not None:
-            self.child.close(force=True)
+        child = self.child
+        if child is not None and child.isalive():
+            child.kill(signal.SIGTERM)
+            child.kill(signal.SIGHUP)
+            try:
+                wait_until(lambda: not child.isalive(), 5, "the VMM to end after SIGTERM")
+            except WaitTimeout:
+                child.kill(signal.SIGKILL)
+        if child is not None:
+            child.close(force=True)
         if not self._log.closed:
             self._log.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import pytest
 from vmsh.errors import ImageError
 from vmsh.harness.guest import Guest
 from vmsh.harness.snapshots import SnapshotCache, launch_argv, restore_guest
+from vmsh.harness.waiting import WaitTimeout, wait_until
 
 DEFAULT_CMDLINE = "console=ttyS0 quiet"
 
@@ -117,11 +117,10 @@ class GuestFactory:
         api = self.workdir / f"api{len(self.guests)}.sock"
         guest = self._new(launch_argv(["--api-socket", str(api)]))
         guest.start()
-        deadline = time.monotonic() + 30
-        while not api.exists():
-            if time.monotonic() > deadline or guest.exit_status() is not None:
-                raise guest._fail("the VMM's API socket did not appear")
-            time.sleep(0.02)
+        try:
+            wait_until(api.exists, 30, f"the VMM's API socket {api}", interval=0.02, process=guest.exit_status)
+        except WaitTimeout as err:
+            raise guest._fail(str(err)) from None
         with ApiClient(str(api)) as client:
             client.put("vm.create", config)
             client.put("vm.boot")

@@ -13,6 +13,7 @@ import pytest
 from vmsh.config.model import ConsoleOutputMode as Mode
 from vmsh.engine.console import open_backend
 from vmsh.errors import DeviceError
+from vmsh.harness.waiting import wait_until
 
 
 class Collector:
@@ -26,14 +27,6 @@ class Collector:
         self.data += take
         self.event.set()
         return len(take)
-
-
-def wait_for(predicate, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError("timed out")
-        time.sleep(0.01)
 
 
 def test_off_is_no_device() -> None:
@@ -71,7 +64,7 @@ def test_pty_both_ways() -> None:
         backend.write(b"out\n")
         assert os.read(fd, 100) == b"out\n"
         os.write(fd, b"in")
-        wait_for(lambda: collector.data == b"in")
+        wait_until(lambda: collector.data == b"in", 5, "the input", interval=0.01)
     finally:
         os.close(fd)
         backend.close()
@@ -94,11 +87,11 @@ def test_socket_both_ways_with_backpressure(tmp_path: Path) -> None:
     client = socket.socket(socket.AF_UNIX)
     client.connect(path)
     try:
-        wait_for(lambda: backend._client is not None)
+        wait_until(lambda: backend._client is not None, 5, "the backend to accept", interval=0.01)
         backend.write(b"guest says hi")
         assert client.recv(100) == b"guest says hi"
         client.sendall(b"host input")
-        wait_for(lambda: collector.data == b"host input")
+        wait_until(lambda: collector.data == b"host input", 5, "the host input", interval=0.01)
     finally:
         client.close()
         backend.close()
@@ -114,14 +107,14 @@ def test_socket_input_typed_before_input_starts_is_kept(tmp_path: Path) -> None:
     client = socket.socket(socket.AF_UNIX)
     client.connect(path)
     try:
-        wait_for(lambda: backend._client is not None)
+        wait_until(lambda: backend._client is not None, 5, "the backend to accept", interval=0.01)
         client.sendall(b"early ")
-        time.sleep(0.3)
+        time.sleep(0.3)  # time in which the input thread could (wrongly) pass the bytes on
         assert collector.data == b""  # nothing is fed to a guest that cannot take it yet
         backend.start_input(collector)
-        wait_for(lambda: collector.data == b"early ")
+        wait_until(lambda: collector.data == b"early ", 5, "the early input", interval=0.01)
         client.sendall(b"and later")
-        wait_for(lambda: collector.data == b"early and later")
+        wait_until(lambda: collector.data == b"early and later", 5, "all input", interval=0.01)
     finally:
         client.close()
         backend.close()

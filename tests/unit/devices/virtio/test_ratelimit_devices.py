@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from vmsh.devices.virtio.block import (
 from vmsh.devices.virtio.net import VNET_HDR_SIZE, VirtioNet
 from vmsh.devices.virtio.pci import VirtioPciDevice
 from vmsh.engine.memory import GuestMemoryMmap
+from vmsh.harness.waiting import wait_until
 
 DISK_SIZE = 1 << 20
 
@@ -194,11 +194,13 @@ def test_block_without_watcher_uses_a_thread_timer(image: Path, mem: GuestMemory
     try:
         heads = [disk.submit(VIRTIO_BLK_T_FLUSH) for _ in range(3)]
         disk.driver.kick(0)
-        done = disk.done()
-        deadline = time.monotonic() + 5
-        while len(done) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-            done += disk.done()
+        done: list[int] = []
+
+        def all_done() -> bool:
+            done.extend(disk.done())
+            return len(done) >= 3
+
+        wait_until(all_done, 5, "the thread timer to release the throttled flushes", interval=0.01)
         assert done == heads
     finally:
         disk.pci.close()
