@@ -1,11 +1,11 @@
 """Fixtures for the engine tests: tiny guests in a real KVM VM (no Linux).
 
-Every test here needs /dev/kvm; without it the whole directory is skipped with a loud reason.
+Every test here needs /dev/kvm; without it each fails in CI and is skipped elsewhere, as the
+guest tests are (:mod:`vmsh.harness.requirements`).
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
 
@@ -16,8 +16,7 @@ from vmsh.engine.bus import Bus
 from vmsh.engine.kvm import Kvm, VcpuFd, VmFd
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.vcpu import Vcpu
-
-KVM_REASON = "needs /dev/kvm (read-write): engine tests run tiny guests under KVM"
+from vmsh.harness.requirements import KVM_REASON, kvm_available, require
 
 #: where test code is loaded and started
 CODE_ADDR = 0x100000
@@ -27,16 +26,17 @@ STACK_TOP = 0x200000
 IDT_ADDR = 0x3000
 
 
-def kvm_available() -> bool:
-    return os.access("/dev/kvm", os.R_OK | os.W_OK)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/engine" in str(item.fspath):
             item.add_marker(pytest.mark.kvm)
-            if not kvm_available():
-                item.add_marker(pytest.mark.skip(reason=f"SKIPPED LOUDLY: {KVM_REASON}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kvm_required() -> None:
+    """Every engine test needs KVM: fail in CI without it, skip elsewhere (autouse and
+    session-scoped, so it runs before the session's ``kvm`` fixture opens the device)."""
+    require(kvm_available(), f"engine tests {KVM_REASON}")
 
 
 class Recorder:

@@ -1,17 +1,17 @@
 """Fixtures for the guest-image tests: locate built images, or say loudly how to build them.
 
 Outside CI a missing image skips the test with a reason naming ``vmsh images build``;
-with ``CI=true`` it fails, because CI builds the images first.
+in CI it fails, because CI builds the images first (:mod:`vmsh.harness.requirements`).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from vmsh.errors import ImageError
+from vmsh.harness.requirements import unavailable
 
 
 def require_image(name: str) -> Path:
@@ -21,10 +21,7 @@ def require_image(name: str) -> Path:
     try:
         return image_path(name)
     except ImageError as err:
-        msg = f"guest image {name!r} not built ({err}); run: vmsh images build"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"guest image {name!r} not built ({err}); run: vmsh images build")
 
 
 @pytest.fixture

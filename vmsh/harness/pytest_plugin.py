@@ -14,7 +14,8 @@ Options: ``--vmsh-kernel``/``--vmsh-initramfs`` choose the images, ``--vmsh-boot
 the boot budget, ``--vmsh-parity-all`` boots every CLI/JSON parity configuration (not only
 the ones marked for CI), ``--vmsh-keep-logs DIR`` copies every guest's console log there (always on
 failure the tail is in the error). A test that needs ``/dev/kvm`` or the images and cannot
-have them fails in CI (``CI`` set) and is skipped elsewhere, with the reason.
+have them fails in CI (``CI`` set) and is skipped elsewhere, with the reason
+(:mod:`vmsh.harness.requirements`); the skips are listed again at the end of the run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 
 from vmsh.errors import ImageError
 from vmsh.harness.guest import Guest
+from vmsh.harness.requirements import KVM_REASON, SKIP_PREFIX, kvm_available, require, unavailable
 from vmsh.harness.snapshots import SnapshotCache, launch_argv, restore_guest
 from vmsh.harness.waiting import WaitTimeout, wait_until
 
@@ -46,17 +48,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="boot every parity configuration both ways (default: only the few marked for CI)")
 
 
-def unavailable(reason: str) -> None:
-    """Fail in CI, skip elsewhere: a guest test must never pass without running."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI builds the images first, so this is an error)")
-    pytest.skip(reason)
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """List the tests that did not run for want of KVM or images, loudly: a run that skipped
+    them is not a green run."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if reason.startswith(SKIP_PREFIX):
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("vmsh: tests that did not run (they fail in CI)", sep="!", yellow=True, bold=True)
+        for reason, count in sorted(reasons.items()):
+            terminalreporter.line(f"{count:5d}  {reason.removeprefix(SKIP_PREFIX)}", yellow=True)
 
 
 @pytest.fixture(scope="session")
 def vmsh_image() -> Callable[[str], str]:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        unavailable("guest tests need /dev/kvm (read-write)")
+    require(kvm_available(), f"guest tests {KVM_REASON}")
     from vmsh.images import image_path
 
     def lookup(name: str) -> str:
