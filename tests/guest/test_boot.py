@@ -3,11 +3,10 @@ DMI/SMBIOS, poweroff and reboot."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from vmsh.harness.pytest_plugin import DEFAULT_CMDLINE
+from vmsh.harness.waiting import wait_until
 
 
 @pytest.mark.parametrize("kernel", ["vmlinux", "kernel"])
@@ -63,11 +62,8 @@ def test_reboot_comes_back(vmsh_guest) -> None:
 def test_serial_file_mode_carries_the_console(vmsh_guest, tmp_path) -> None:
     log = tmp_path / "serial.log"
     guest = vmsh_guest(serial=f"file={log}", ready=False)
-    deadline = time.monotonic() + 240
-    while "VMSH-READY" not in (log.read_text(errors="replace") if log.exists() else ""):
-        assert time.monotonic() < deadline, "no ready marker in the serial file"
-        assert guest.exit_status() is None
-        time.sleep(0.2)
+    wait_until(lambda: log.exists() and "VMSH-READY" in log.read_text(errors="replace"), 240,
+               f"the ready marker in {log}", interval=0.2, process=guest.exit_status)
 
 
 def test_debian_cloud_kernel_starts_and_keeps_running(vmsh_guest) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from vmsh.api.client import ApiClient
+from vmsh.harness.waiting import wait_until
 
 MAC = "52:54:00:aa:bb:cc"
 MTU = 1400
@@ -76,17 +78,15 @@ def test_net_tcp_transfers_both_ways(guest, device_setup) -> None:
     size = 256 << 10
     data = os.urandom(size)
     # host -> guest: the guest listens, the host sends
-    guest.check_output("(nc -l -p 5000 > /tmp/in &) ; sleep 0.5")
-    deadline = time.monotonic() + 30
-    while True:
+    guest.check_output("(nc -l -p 5000 > /tmp/in &)")
+
+    def connect() -> socket.socket | None:
         try:
-            conn = socket.create_connection((device_setup["guest_ip"], 5000), timeout=10)
-            break
+            return socket.create_connection((device_setup["guest_ip"], 5000), timeout=10)
         except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    with conn:
+            return None  # refused until nc listens
+
+    with wait_until(connect, 30, "the guest's nc to accept on port 5000", interval=0.2) as conn:
         conn.sendall(data)
     guest.check_output("while pidof nc >/dev/null; do sleep 0.2; done")
     assert guest.check_output("sha256sum /tmp/in").split()[0] == hashlib.sha256(data).hexdigest()
@@ -118,14 +118,14 @@ def test_console_carries_text_both_ways(guest) -> None:
         guest.check_output("while [ ! -s /tmp/from-host ]; do sleep 0.2; done")
         assert guest.check_output("cat /tmp/from-host") == "hello-from-host"
         guest.check_output("echo hello-from-guest > /dev/hvc0")
-        seen = b""
-        deadline = time.monotonic() + 30
-        while b"hello-from-guest" not in seen and time.monotonic() < deadline:
-            try:
-                seen += os.read(fd, 1024)
-            except BlockingIOError:
-                time.sleep(0.1)
-        assert b"hello-from-guest" in seen
+        seen = bytearray()
+
+        def greeted() -> bool:
+            if select.select([fd], [], [], 0.1)[0]:
+                seen.extend(os.read(fd, 1024))
+            return b"hello-from-guest" in seen
+
+        wait_until(greeted, 30, "the guest's line on the console pty", interval=0)
     finally:
         os.close(fd)
 
@@ -167,8 +167,7 @@ def vsock_connect(setup: dict, port: int, timeout: float = 60) -> socket.socket:
     Until the guest program listens, the guest kernel resets the connection and the device
     closes the host stream, so this retries.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+    def connect() -> socket.socket | None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(30)
         s.connect(str(setup["root"] / "vsock.sock"))
@@ -180,8 +179,9 @@ def vsock_connect(setup: dict, port: int, timeout: float = 60) -> socket.socket:
             assert line.startswith(b"OK ") and int(line[3:]) >= 1 << 30, line
             return s
         s.close()
-        assert time.monotonic() < deadline, f"nothing accepted on guest vsock port {port}"
-        time.sleep(0.5)
+        return None
+
+    return wait_until(connect, timeout, f"the guest to accept on vsock port {port}", interval=0.5)
 
 
 def exchange(conn: socket.socket, data: bytes) -> bytes:

@@ -9,12 +9,12 @@ Every test restores a clone of one booted guest with its own API socket and even
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from vmsh.api.client import ApiClient
+from vmsh.harness.waiting import WaitTimeout, wait_until
 
 
 @pytest.fixture
@@ -50,13 +50,18 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def wait_for_event(path: Path, source: str, event: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The properties of the first ``source event`` record in ``path``, once it is there."""
+
+    def found() -> tuple[dict] | None:
         for src, ev, props in events_of(path):
             if (src, ev) == (source, event):
-                return props
-        time.sleep(0.2)
-    raise AssertionError(f"no {source} {event} event in {timeout:.0f} s: {events_of(path)}")
+                return (props,)  # a tuple: true even when the record has no properties
+        return None
+
+    try:
+        return wait_until(found, timeout, f"a {source} {event} event in {path}", interval=0.2)[0]
+    except WaitTimeout as err:
+        raise WaitTimeout(f"{err}; the events so far: {events_of(path)}") from None
 
 
 def wait_in_guest(guest, condition: str, tries: int = 300) -> None:

@@ -36,6 +36,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ from vmsh.engine.persist import node_data, read_snapshot
 from vmsh.errors import VmshError
 from vmsh.harness.guest import Guest, GuestError
 from vmsh.harness.snapshots import launch_argv, private_disks
+from vmsh.harness.waiting import WaitTimeout, wait_until
 
 KIB, MIB = 1 << 10, 1 << 20
 #: Limits well below what the guest alone manages here (about 256 KiB/s from a disk, 25 KiB/s
@@ -90,8 +92,10 @@ def snapshot_in_flight(api: str, root: Path, rings: list[tuple[str, int]]) -> tu
     returns the snapshot directory and the counters at that pause. The VM stays paused.
 
     After a snapshot the buckets are full again (they refill in host time, the guest's is
-    stopped), so a retry lets the guest drain them first.
+    stopped), so a retry first lets the guest drain them: it waits until every device throttles
+    again, that is holds requests back in its rings.
     """
+    devices = sorted({dev_id for dev_id, _ in rings})
     with ApiClient(api) as client:
         for attempt in range(4):
             client.put("vm.pause")
@@ -104,16 +108,24 @@ def snapshot_in_flight(api: str, root: Path, rings: list[tuple[str, int]]) -> tu
             if all(pending.values()):
                 return snap, counters
             client.put("vm.resume")
-            time.sleep(2.0)
+            for dev_id in devices:
+                wait_counter(api, dev_id, throttles, throttles(counters[dev_id]) + 1)
     raise AssertionError(f"no pause caught requests in every ring of {rings}")
 
 
-def wait_counter(api: str, dev_id: str, key: str, at_least: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
+def throttles(device_counters: dict[str, int]) -> int:
+    """How often a device held requests back (block: ``throttled``; net: ``rx_``/``tx_throttled``)."""
+    return sum(value for key, value in device_counters.items() if key.endswith("throttled"))
+
+
+def wait_counter(api: str, dev_id: str, key: str | Callable[[dict[str, int]], int], at_least: int,
+                 timeout: float = 120.0) -> None:
+    """Wait until counter ``key`` of ``dev_id`` (or ``key(counters of dev_id)``) reaches ``at_least``."""
+    value = key if callable(key) else (lambda counters: counters.get(key, 0))
+    name = getattr(key, "__name__", key)
     with ApiClient(api) as client:
-        while (value := client.get("vm.counters")[dev_id].get(key, 0)) < at_least:
-            assert time.monotonic() < deadline, f"{dev_id}.{key} stuck at {value} (< {at_least})"
-            time.sleep(0.2)
+        wait_until(lambda: value(client.get("vm.counters")[dev_id]) >= at_least, timeout,
+                   f"{dev_id}.{name} to reach {at_least}", interval=0.2)
 
 
 def clone(snapshot: Path, workdir: Path) -> Guest:
@@ -132,11 +144,10 @@ def clone(snapshot: Path, workdir: Path) -> Guest:
                   workdir=workdir, boot_timeout=120)
     guest.start()
     try:
-        deadline = time.monotonic() + 120
-        while not running(api):
-            if time.monotonic() > deadline or guest.exit_status() is not None:
-                raise GuestError(f"the restored VM did not start running\n{guest.console_tail()}")
-            time.sleep(0.05)
+        try:
+            wait_until(lambda: running(api), 120, "the restored VM to run", process=guest.exit_status)
+        except WaitTimeout as err:
+            raise GuestError(f"{err}\n{guest.console_tail()}") from None
         guest.mark_shell_ready()
         guest.check_output("true", timeout=120)
     except BaseException:
@@ -186,7 +197,9 @@ def test_disk_reads_and_writes_in_flight_finish_in_a_restored_clone(vmsh_guest, 
         # both disks past their first buckets: from here on they are throttled
         wait_counter(first.api, "src", "read_bytes", 128 * KIB)
         wait_counter(first.api, "dst", "write_bytes", 128 * KIB)
-        time.sleep(0.5)  # not just as a request completes, when the next may not be queued yet
+        # and holding requests back in their rings (not just completing one, the next unqueued)
+        wait_counter(first.api, "src", "throttled", 1)
+        wait_counter(first.api, "dst", "throttled", 1)
         saved, at_pause = snapshot_in_flight(first.api, tmp_path, [("src", 0), ("dst", 0)])
     finally:
         first.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 
 from tests.guest.parity.configs import DISK0_SIZE, DISK1_SIZE, PMEM_SIZE, Case, render
 from vmsh.harness.snapshots import launch_argv
+from vmsh.harness.waiting import WaitTimeout, wait_until
 
 
 def worker_index() -> int:
@@ -50,11 +50,10 @@ class ApiVmm:
         self.log = open(workdir / "vmm.log", "wb")
         self.proc = subprocess.Popen(launch_argv(["--api-socket", str(self.socket)]), stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API VMM did not start: {(workdir / 'vmm.log').read_text()}")
-            time.sleep(0.02)
+        try:
+            wait_until(self.socket.exists, 30, f"the API VMM's socket {self.socket}", interval=0.02, process=self.proc)
+        except WaitTimeout as err:
+            raise WaitTimeout(f"{err}\n--- vmm.log ---\n{(workdir / 'vmm.log').read_text()}") from None
 
     def close(self) -> None:
         if self.proc.poll() is None:
