@@ -11,7 +11,7 @@ import pytest
 
 from tests.engine import tiny_kernel
 from tests.engine.conftest import Recorder
-from tests.unit.engine.boot.test_loader import make_bzimage, make_elf
+from tests.kernel_images import make_bzimage, make_elf
 from vmsh.config import normalize, vm_config_from_argv
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.configure import BOOT_MSRS, configure_vcpu, write_boot_tables

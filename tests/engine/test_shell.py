@@ -11,16 +11,7 @@ import pytest
 
 from tests.engine import tiny_kernel
 from vmsh.harness.waiting import wait_until
-from vmsh.script.session import ScriptError, Session
-
-
-@pytest.fixture
-def session():
-    out: list[str] = []
-    s = Session(out=out.append)
-    s.captured = out
-    yield s
-    s.close()
+from vmsh.script.session import ScriptError
 
 
 def kernel(tmp_path: Path, image: bytes) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 
-from tests.unit.engine.boot.test_loader import make_elf
+from tests.kernel_images import make_elf
 
 LOAD_ADDR = 0x1000000
 

@@ -18,17 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.workers import worker_index
 from vmsh.api.client import ApiClient
 from vmsh.harness.waiting import wait_until
 
 MAC = "52:54:00:aa:bb:cc"
 MTU = 1400
 PMEM_SIZE = 4 << 20
-
-
-def worker_index() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return int(worker[2:] or 0) % 200
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.workers import worker_index
 from vmsh.api.client import ApiClient
 from vmsh.devices.backends.tap import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF, Tap
 from vmsh.engine.persist import node_data, read_snapshot
@@ -61,11 +62,6 @@ MAC, HOST_MAC = "52:54:00:78:00:02", "52:54:00:78:00:01"
 MASK = "255.255.255.240"  # two /28s per worker: the named tap's and the fd tap's
 PORT = 5078
 SEND_TIMEOUT = 180.0
-
-
-def worker_index() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return int(worker[2:] or 0) % 200
 
 
 def pending_in_ring(snapshot: Path, dev_id: str, queue: int) -> int:

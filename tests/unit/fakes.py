@@ -1,18 +1,23 @@
-"""Fakes shared by the unit tests (style-anchors §15): a trigger, a bytearray guest memory."""
+"""Fakes shared by the unit tests: a trigger, a bytearray guest memory, a clock, an fd watcher."""
 
 from __future__ import annotations
 
 import struct
+import threading
+
+from vmsh.devices.ratelimit import NS_PER_MS
 
 
 class FakeTrigger:
-    """A ``Trigger`` that counts how often it fired."""
+    """A ``Trigger`` that counts how often it fired; ``fired`` is set from the first time on."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.fired = threading.Event()
 
     def trigger(self) -> None:
         self.count += 1
+        self.fired.set()
 
 
 class FakePhysMemory:
@@ -40,3 +45,29 @@ class FakePhysMemory:
 
     def write_u64(self, addr: int, value: int) -> None:
         self.write(addr, struct.pack("<Q", value))
+
+
+class FakeClock:
+    """Monotonic nanoseconds that move only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1_000 * NS_PER_MS
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance_ms(self, ms: float) -> None:
+        self.now += int(ms * NS_PER_MS)
+
+
+class FakeWatcher:
+    """The engine's I/O loop as a dict: the test calls the callbacks itself."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, object] = {}
+
+    def add(self, fd: int, callback: object) -> None:
+        self.fds[fd] = callback
+
+    def remove(self, fd: int) -> None:
+        self.fds.pop(fd, None)

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.api.fake_vm import FakeVm
 from vmsh.api.http import ApiServer
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.vmm import Vmm
 from vmsh.errors import UsageError
 from vmsh.remote import build_request
-
-from tests.unit.api.fake_vm import FakeVm
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,13 +10,9 @@ from typing import Any
 import pytest
 
 from tests.guest.parity.configs import DISK0_SIZE, DISK1_SIZE, PMEM_SIZE, Case, render
+from tests.guest.workers import worker_index
 from vmsh.harness.snapshots import launch_argv
 from vmsh.harness.waiting import WaitTimeout, wait_until
-
-
-def worker_index() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return int(worker[2:] or 0) % 200
 
 
 @pytest.fixture(scope="module")

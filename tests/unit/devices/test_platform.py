@@ -5,19 +5,11 @@ from __future__ import annotations
 import calendar
 import struct
 
+from tests.unit.fakes import FakeTrigger
 from vmsh.devices.acpi import POWEROFF_VALUE, AcpiPmTimer, AcpiShutdown, Ged
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.pci.config_space import PciConfigSpace
 from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def trigger(self) -> None:
-        self.count += 1
-
 
 NOW = calendar.timegm((2026, 11, 27, 13, 45, 30))
 
@@ -60,7 +52,7 @@ def test_cmos_state_round_trip() -> None:
 
 
 def test_acpi_shutdown_port() -> None:
-    off, reset = Counter(), Counter()
+    off, reset = FakeTrigger(), FakeTrigger()
     dev = AcpiShutdown(off, reset)
     dev.write(0, bytes([POWEROFF_VALUE]))
     dev.write(0, b"\x01")
@@ -76,7 +68,7 @@ def test_pm_timer_counts_at_its_frequency() -> None:
 
 
 def test_ged_read_clears() -> None:
-    irq = Counter()
+    irq = FakeTrigger()
     ged = Ged(irq)
     ged.notify(0x8)
     assert irq.count == 1
@@ -121,7 +113,7 @@ def test_pci_bus_slots() -> None:
 
 
 def test_cmos_reset_only_through_index_0x8f() -> None:
-    reset = Counter()
+    reset = FakeTrigger()
     dev = Cmos(512 << 20, 0, reset)
     dev.write(0, b"\x0f")
     dev.write(1, b"\x0a")  # SMP bring-up: warm reset vector...

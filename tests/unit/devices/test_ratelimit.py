@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.unit.fakes import FakeClock, FakeWatcher
 from vmsh.config.model import (
     RateLimiterConfig,
     RateLimiterGroupConfig,
@@ -22,19 +23,6 @@ from vmsh.devices.ratelimit import (
     TimerFd,
     TokenBucket,
 )
-
-
-class FakeClock:
-    """Nanoseconds that move only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1_000 * NS_PER_MS
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance_ms(self, ms: float) -> None:
-        self.now += int(ms * NS_PER_MS)
 
 
 @pytest.fixture
@@ -196,17 +184,6 @@ def test_timerfd_fires_once() -> None:
         assert select.select([t.fd], [], [], 0.05)[0] == []
     finally:
         t.close()
-
-
-class FakeWatcher:
-    def __init__(self) -> None:
-        self.fds: dict[int, object] = {}
-
-    def add(self, fd: int, callback: object) -> None:
-        self.fds[fd] = callback
-
-    def remove(self, fd: int) -> None:
-        self.fds.pop(fd, None)
 
 
 def test_throttle_timer_on_a_watcher() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit.devices.test_ratelimit import FakeClock
+from tests.unit.fakes import FakeClock
 from vmsh.devices.ratelimit import NS_PER_MS, RateLimiter, TokenBucket
 
 SIZE, REFILL_MS = 1000, 100

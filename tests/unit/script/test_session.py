@@ -9,16 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmsh.script.commands import COMMANDS, parse_duration
-from vmsh.script.session import ScriptError, Session
-
-
-@pytest.fixture
-def session():
-    out: list[str] = []
-    s = Session(out=out.append)
-    s.captured = out
-    yield s
-    s.close()
+from vmsh.script.session import ScriptError
 
 
 def test_set_echo_and_assert(session) -> None:

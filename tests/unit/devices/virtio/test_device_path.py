@@ -13,8 +13,8 @@ from typing import Self
 
 import pytest
 
-from tests.unit.devices.test_ratelimit import FakeWatcher
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
+from tests.unit.fakes import FakeWatcher
 from vmsh.devices.backends.tap import Tap
 from vmsh.devices.virtio.block import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlock
 from vmsh.devices.virtio.net import (
@@ -482,7 +482,7 @@ def test_net_rx_chain_of_more_pieces_than_readv_takes(mem: GuestMemoryMmap, allo
 
 def test_net_rx_frame_waiting_for_buffers_is_charged_once(mem: GuestMemoryMmap, alloc: Allocator,
                                                           router: FakeRouter) -> None:
-    from tests.unit.devices.test_ratelimit import FakeClock
+    from tests.unit.fakes import FakeClock
     from vmsh.devices.ratelimit import RateLimiter, TokenBucket
 
     clock = FakeClock()

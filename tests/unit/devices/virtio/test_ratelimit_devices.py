@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.devices.test_ratelimit import FakeClock, FakeWatcher
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
+from tests.unit.fakes import FakeClock, FakeWatcher
 from vmsh.config.model import (
     RateLimiterConfig,
     RateLimiterGroupConfig,

@@ -6,6 +6,7 @@ import threading
 import time
 
 from tests.unit.devices.virtio.driver import Allocator, FakeInterrupt, Ring
+from tests.unit.fakes import FakeTrigger
 from vmsh.devices.virtio.device import COMMON_FEATURES
 from vmsh.devices.virtio.queue import VirtQueue
 from vmsh.devices.virtio.watchdog import (
@@ -16,16 +17,6 @@ from vmsh.devices.virtio.watchdog import (
 )
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import from_plain, to_plain
-
-
-class FakeTrigger:
-    def __init__(self) -> None:
-        self.count = 0
-        self.fired = threading.Event()
-
-    def trigger(self) -> None:
-        self.count += 1
-        self.fired.set()
 
 
 class Clock:
