@@ -109,7 +109,9 @@ def test_console_carries_text_both_ways(guest) -> None:
         pty = api.get("vm.info")["config"]["console"]["file"]
     fd = os.open(pty, os.O_RDWR | os.O_NOCTTY)
     try:
-        guest.check_output("stty -F /dev/hvc0 raw -echo; (head -n1 /dev/hvc0 > /tmp/from-host &); sleep 0.5")
+        # The host writes only once head holds hvc0 open: input to a tty nobody has open is dropped.
+        guest.check_output("stty -F /dev/hvc0 raw -echo; (head -n1 /dev/hvc0 > /tmp/from-host &); "
+                           "until ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q /dev/hvc0; do sleep 0.1; done")
         os.write(fd, b"hello-from-host\n")
         guest.check_output("while [ ! -s /tmp/from-host ]; do sleep 0.2; done")
         assert guest.check_output("cat /tmp/from-host") == "hello-from-host"

@@ -136,4 +136,9 @@ def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     stale.bind(path)
     stale.close()
     backend = open_backend(Mode.SOCKET, socket_path=path)
-    backend.close()
+    try:
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(path)  # refused by the stale file: a live listener took its place
+        client.close()
+    finally:
+        backend.close()
