@@ -12,6 +12,7 @@ import pytest
 
 from vmsh.devices.backends.tap import TUN_F_CSUM, Tap, parse_mac
 from vmsh.errors import DeviceError
+from vmsh.harness.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(
     not os.access("/dev/net/tun", os.R_OK | os.W_OK) or os.geteuid() != 0,
@@ -57,15 +58,17 @@ def test_a_frame_goes_through_with_its_vnet_header(tap: Tap) -> None:
     tap.configure(ip=f"10.{net}.1.1", mask="255.255.255.0", mac=HOST_MAC)
     tap.set_offload(TUN_F_CSUM)
     os.write(tap.fds[0], bytes(12) + _arp_request(f"10.{net}.1.2", f"10.{net}.1.1"))
-    for _ in range(20):
-        if not select.select([tap.fds[0]], [], [], 0.5)[0]:
-            continue
-        frame = os.read(tap.fds[0], 2048)[12:]
-        if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02":  # ARP reply
-            assert frame[:6] == parse_mac(GUEST_MAC)
-            assert frame[22:28] == parse_mac(HOST_MAC)
-            return
-    pytest.fail("no ARP reply from the host side of the tap")
+
+    def arp_reply() -> bytes | None:
+        if select.select([tap.fds[0]], [], [], 0.1)[0]:
+            frame = os.read(tap.fds[0], 2048)[12:]  # after the vnet header
+            if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02":
+                return frame
+        return None  # nothing yet, or another frame (IPv6 router solicitations, ...)
+
+    frame = wait_until(arp_reply, 10, "an ARP reply from the host side of the tap", interval=0)
+    assert frame[:6] == parse_mac(GUEST_MAC)
+    assert frame[22:28] == parse_mac(HOST_MAC)
 
 
 def test_multi_queue_tap_has_one_fd_per_queue() -> None:
