@@ -1,4 +1,6 @@
-"""Fixtures shared across the test trees."""
+"""Fixtures shared across the test trees, and the ``needs`` mark: a test that needs a tool CI
+installs (``ci/debian-packages.txt``) fails in CI without it and is skipped elsewhere
+(:mod:`vmsh.harness.requirements`), instead of being skipped everywhere."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from vmsh.harness.requirements import require
 from vmsh.script.session import Session
 
 
@@ -17,3 +20,12 @@ def session() -> Iterator[Session]:
     s.captured = out  # type: ignore[attr-defined]  # a test-only attribute: the fixture's output sink
     yield s
     s.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs(available, reason): fail in CI unless available, else skip")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        require(*mark.args)

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from vmsh.errors import ImageError
+from vmsh.harness.requirements import unavailable
 from vmsh.images import cpio, guest_tools, initramfs
 
 
 def _readelf(path) -> str:
     if shutil.which("readelf") is None:
-        pytest.skip("readelf (binutils) not installed")
+        unavailable("readelf (binutils) not installed")
     return subprocess.run(["readelf", "-lhW", str(path)], capture_output=True, text=True, check=True).stdout
 
 

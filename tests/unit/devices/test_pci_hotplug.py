@@ -70,7 +70,7 @@ def test_declared_slots_survive_a_snapshot_and_older_snapshots_declare_all() -> 
             other.restore(from_plain(PciHotplugState, {**plain, "declared": bad}))
 
 
-@pytest.mark.skipif(shutil.which("iasl") is None, reason="needs iasl (acpica-tools) to disassemble the DSDT")
+@pytest.mark.needs(shutil.which("iasl") is not None, "needs iasl (acpica-tools) to disassemble the DSDT")
 def test_dsdt_with_hotplug_disassembles(tmp_path) -> None:
     segs = tuple(PciSegment(id=i, ecam_base=0xE800_0000 + (i << 20), mmio32=(0xC000_0000 + (i << 24), 1 << 24),
                             mmio64=((1 << 32) + (i << 30), 1 << 30)) for i in range(2))

@@ -197,7 +197,7 @@ def test_too_big() -> None:
         build_smbios(SmbiosSpec(oem_strings=("x" * 1000,) * 70))
 
 
-@pytest.mark.skipif(shutil.which("dmidecode") is None, reason="dmidecode not installed: SMBIOS not cross-checked")
+@pytest.mark.needs(shutil.which("dmidecode") is not None, "dmidecode not installed: SMBIOS not cross-checked")
 def test_dmidecode_reads_it(tmp_path: Path) -> None:
     spec = SmbiosSpec(serial_number="SER-42", uuid="12345678-9abc-def0-1122-334455667788", oem_strings=("k=v", "two"))
     table = build_structures(spec)

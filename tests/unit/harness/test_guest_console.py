@@ -11,7 +11,7 @@ import pytest
 from vmsh.harness import Guest, GuestError
 
 BUSYBOX = shutil.which("busybox")
-pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox is not installed (apt-get install busybox-static)")
+pytestmark = pytest.mark.needs(BUSYBOX is not None, "busybox is not installed (apt-get install busybox-static)")
 
 FAKE_GUEST = """
 echo 'Linux version 6.1 (fake)'

@@ -12,7 +12,7 @@ import pytest
 from vmsh.harness import Guest
 
 BUSYBOX = shutil.which("busybox")
-pytestmark = pytest.mark.skipif(BUSYBOX is None, reason="busybox is not installed (apt-get install busybox-static)")
+pytestmark = pytest.mark.needs(BUSYBOX is not None, "busybox is not installed (apt-get install busybox-static)")
 
 
 def test_passed_fd_is_open_in_the_child_and_others_are_not(tmp_path: Path) -> None:

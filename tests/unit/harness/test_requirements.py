@@ -72,3 +72,26 @@ def test_without_kvm_elsewhere_skips_and_says_so_at_the_end(tmp_path: Path, test
     assert "1 skipped" in result.stdout, result.stdout
     summary = result.stdout.split("vmsh: tests that did not run (they fail in CI)", 1)
     assert len(summary) == 2 and "need /dev/kvm (read-write)" in summary[1], result.stdout
+
+
+NEEDS_TEST = """
+import pytest
+
+@pytest.mark.needs(False, "frobnicator (apt-get install frob)")
+def test_it() -> None:
+    pass
+"""
+
+
+@pytest.mark.parametrize("ci, rc, summary", [("true", 1, "1 error"), (None, 0, "1 skipped")])
+def test_the_needs_mark_fails_in_ci_and_skips_elsewhere(tmp_path: Path, ci: str | None, rc: int, summary: str) -> None:
+    (tmp_path / "test_needs.py").write_text(NEEDS_TEST)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_XDIST_WORKER", "PYTEST_ADDOPTS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    if ci is not None:
+        env["CI"] = ci
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                             "-p", "no:xdist", "-q", "-rs", str(tmp_path / "test_needs.py")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == rc and summary in result.stdout, result.stdout + result.stderr
+    assert "frobnicator (apt-get install frob)" in result.stdout, result.stdout

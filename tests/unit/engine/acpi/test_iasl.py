@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from vmsh.engine.acpi import AcpiSpec, build_acpi
+from vmsh.harness.requirements import unavailable
 
 from .conftest import GED_ADDRESS, GED_IRQ, two_segment_spec
 
@@ -32,7 +33,7 @@ _MISSING = "iasl not found: ACPI tables NOT checked by ACPICA; install Debian's 
 if IASL is None:
     warnings.warn(_MISSING, stacklevel=1)
 
-pytestmark = pytest.mark.skipif(IASL is None, reason=_MISSING)
+pytestmark = pytest.mark.needs(IASL is not None, _MISSING)
 
 #: anything ACPICA says about a broken table contains one of these words
 _COMPLAINT = re.compile(r"error|warning|incorrect|invalid|unknown|\*\*\*\*", re.IGNORECASE)
@@ -202,7 +203,7 @@ def test_minimal_machine_disassembles(tmp_path: Path) -> None:
 
 def acpiexec(dsdt: bytes, commands: list[str], tmp_path: Path, fill: int = 0) -> str:
     if ACPIEXEC is None:
-        pytest.skip("acpiexec not found (part of acpica-tools): AML not executed")
+        unavailable("acpiexec not found (part of acpica-tools): AML not executed")
     (tmp_path / "dsdt.aml").write_bytes(dsdt)
     # -fv: the value unwritten operation regions read as (here: the GDAT register)
     out = _run([ACPIEXEC, "-fv", str(fill), "-b", "; ".join(commands), "dsdt.aml"], tmp_path)
