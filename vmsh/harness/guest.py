@@ -26,7 +26,6 @@ import os
 import re
 import shlex
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -205,17 +204,25 @@ class Guest:
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         """Wait for the VMM process to end; returns its exit status."""
-        assert self.child is not None
-        deadline = time.monotonic() + timeout
-        while self.child.isalive():
-            if time.monotonic() > deadline:
-                raise self._fail(f"the VMM did not exit within {timeout}s")
-            try:
-                self.child.expect(pexpect.EOF, timeout=0.5)
+        child = self.child
+        assert child is not None
+
+        def ended() -> bool:
+            if not child.isalive():
+                return True
+            try:  # read the console meanwhile: a child blocked on a full pty never exits
+                child.expect(pexpect.EOF, timeout=0.5)
             except pexpect.TIMEOUT:
                 pass
-        self.child.wait() if self.child.isalive() else None
-        return self.exit_status()
+            return False
+
+        try:
+            wait_until(ended, timeout, "the VMM to exit", interval=0)
+        except WaitTimeout:
+            raise self._fail(f"the VMM did not exit within {timeout}s") from None
+        status = self.exit_status()
+        assert status is not None, "isalive() reaped it"
+        return status
 
     def exit_status(self) -> int | None:
         if self.child is None or self.child.isalive():
