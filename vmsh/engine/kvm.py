@@ -123,12 +123,8 @@ class Regs:
     rflags: int = 0x2
 
 
-#: kvm_regs field order, which is also the x86 register number order (rax=0 ... r15=15)
-#: except for rsp/rbp/rsi/rdi; see GPR_NAMES for the encoding order.
+#: kvm_regs field order (not the x86 encoding order: see ``vmsh.engine.x86.emulate.GPR_NAMES``)
 REG_FIELDS = tuple(f.name for f in dataclasses.fields(Regs))
-#: register names in x86 encoding order (ModRM reg/rm values 0..15)
-GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
 @dataclass(slots=True)
