@@ -362,11 +362,6 @@ class VmFd:
         cfg = ffi.new("struct kvm_pit_config *", {"flags": flags})
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_CREATE_PIT2, cfg), "KVM_CREATE_PIT2")
 
-    def irq_line(self, irq: int, level: int) -> None:
-        """KVM_IRQ_LINE: set a GSI's level on the in-kernel irqchip."""
-        lvl = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
-        _check(lib.vmsh_ioctl(self.fd, lib.KVM_IRQ_LINE, lvl), "KVM_IRQ_LINE")
-
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
         """KVM_IRQFD: a write to eventfd ``fd`` raises ``gsi`` without a trip through user space."""
         req = ffi.new("struct kvm_irqfd *", {

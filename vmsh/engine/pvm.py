@@ -125,10 +125,6 @@ class PvmHandler:
         #: last CPU mode seen per vCPU index (see __call__)
         self._modes: dict[int, int] = {}
 
-    def forget_modes(self) -> None:
-        """Drop the per-vCPU mode cache (call after resetting vCPUs to their boot state)."""
-        self._modes.clear()
-
     def __call__(self, vcpu: Vcpu, err: InternalError) -> bool:
         """Complete the failed instruction; True when the vCPU can run on.
 
