@@ -43,7 +43,7 @@ from vmsh.errors import GuestMemoryError, KvmError
 from vmsh.guest_memory import GuestMemory
 
 if TYPE_CHECKING:
-    from vmsh.engine.vcpu import InternalError, Vcpu
+    from vmsh.engine.vcpu import InternalErrorExit, Vcpu
 
 LOG = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class PvmHandler:
         #: last CPU mode seen per vCPU index (see __call__)
         self._modes: dict[int, int] = {}
 
-    def __call__(self, vcpu: Vcpu, err: InternalError) -> bool:
+    def __call__(self, vcpu: Vcpu, err: InternalErrorExit) -> bool:
         """Complete the failed instruction; True when the vCPU can run on.
 
         :raises KvmError: naming the bytes and rip when the instruction is not handled.
