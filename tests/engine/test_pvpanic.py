@@ -8,8 +8,8 @@ from pathlib import Path
 from tests.engine import tiny_kernel
 from tests.engine.test_hotplug import Events
 from vmsh.config import normalize, vm_config_from_argv
-from vmsh.engine.vm import Vm
 from vmsh.engine.virtio_devices import PVPANIC_ID
+from vmsh.engine.vm import Vm
 
 
 def test_pvpanic_write_emits_guest_panic(tmp_path: Path) -> None:

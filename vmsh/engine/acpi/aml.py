@@ -25,10 +25,9 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable, Sequence
-from typing import Union
 
 #: an operand: a ready AML encoding or an integer to encode as a constant
-Term = Union[bytes, int]
+Term = bytes | int
 
 # --- opcodes (ACPI 6.4 §20.3, "AML Byte Stream Byte Values") ------------------------------------
 ZERO_OP = 0x00
@@ -415,13 +414,13 @@ def Return(value: Term) -> bytes:
     return bytes([RETURN_OP]) + _t(value)
 
 
-def Notify(target: Term, value: Term) -> bytes:
+def Notify(target: Term | str, value: Term) -> bytes:
     """``Notify(object, value)`` (§20.2.5.3 DefNotify); ``target`` is a path string or bytes."""
     obj = Path(target) if isinstance(target, str) else _t(target)
     return bytes([NOTIFY_OP]) + obj + _t(value)
 
 
-def _target(target: Term | None) -> bytes:
+def _target(target: Term | str | None) -> bytes:
     """A Target operand: a SuperName or NullName when the result is not stored."""
     if target is None:
         return bytes([NULL_NAME])

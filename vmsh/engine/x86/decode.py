@@ -96,12 +96,10 @@ def _needs_modrm(opmap: int, opcode: int) -> tuple[bool, int]:
             return False, 0
         if opcode in (0x01, 0xAE, 0xB8):
             return True, 0
-    elif opmap == 2:
-        if opcode in (0xF2, 0xF3, 0xF5, 0xF6, 0xF7):
-            return True, 0
-    elif opmap == 3:
-        if opcode == 0xF0:
-            return True, 1
+    elif opmap == 2 and opcode in (0xF2, 0xF3, 0xF5, 0xF6, 0xF7):
+        return True, 0
+    elif opmap == 3 and opcode == 0xF0:
+        return True, 1
     raise UnknownInstruction(f"opcode map {opmap} byte {opcode:#04x}")
 
 
@@ -188,10 +186,8 @@ def _decode(code: bytes, mode: int) -> Insn:
         addrsize = 32 if has_67 else 64
     else:
         default = 32 if mode == MODE_32 else 16
-        if vex:
-            opsize = 32  # VEX.W is ignored outside 64-bit mode for the GPR forms
-        else:
-            opsize = 48 - default if has_66 else default
+        # VEX.W is ignored outside 64-bit mode for the GPR forms
+        opsize = 32 if vex else (48 - default if has_66 else default)
         addrsize = (48 - default) if has_67 else default
     has_modrm, imm_len = _needs_modrm(opmap, opcode)
     insn = Insn(length=0, opmap=opmap, opcode=opcode, opsize=opsize, addrsize=addrsize, rep=rep,
