@@ -2,7 +2,7 @@
 
 ``IrqFdTrigger`` raises a GSI on the in-kernel irqchip by writing an eventfd registered with
 ``KVM_IRQFD``: the interrupt goes in without an ioctl from the device's thread and without a
-vCPU exit (DESIGN.md, performance design). An irqfd injects an edge (assert then deassert),
+vCPU exit (README.md, "PCI and virtio"). An irqfd injects an edge (assert then deassert),
 which is what ISA devices such as the 16550 on IRQ 4 use.
 """
 

@@ -1,7 +1,7 @@
 """Booting the guest images under QEMU with TCG: the check of the images that does not
 depend on vmsh, shared by ``tests/images`` and ``ci/bench/kernel.py``.
 
-QEMU's KVM mode does not work on this project's hosts (see pvm-host.md), so this is
+QEMU's KVM mode does not work on this project's hosts (they are PVM hosts, see ``vmsh/engine/pvm.py``), so this is
 pure emulation (``-accel tcg``). The serial console is QEMU's stdio, driven through
 pipes with pexpect. The ELF ``vmlinux`` kernels boot through their PVH note on
 ``-M microvm``; bzImages boot through SeaBIOS on ``-M pc``.

@@ -19,7 +19,7 @@ PCI_CONFIG_IO_PORT = 0xCF8
 PCI_CONFIG_IO_SIZE = 8
 
 DEFAULT_RSDP_ADDRESS = 0xA0000
-#: the ACPI area ends where SMBIOS starts (reference/cloud-hypervisor.md §6.1)
+#: the ACPI area ends where SMBIOS starts (cloud-hypervisor's ``arch/src/x86_64/layout.rs``)
 DEFAULT_ACPI_LIMIT = 0xF0000
 DEFAULT_SHUTDOWN_PORT = 0x600
 DEFAULT_PM_TIMER_PORT = 0x608

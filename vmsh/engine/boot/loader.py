@@ -1,7 +1,7 @@
 """Kernel loaders: ELF ``vmlinux`` through its PVH entry, and bzImage through the 32-bit boot protocol.
 
 ``load_kernel`` tries ELF first and falls back to bzImage, like cloud-hypervisor
-(reference/cloud-hypervisor.md §6.2); a file that is neither gives a ``LoaderError``.
+(``vmm/src/vm.rs``, ``load_kernel``); a file that is neither gives a ``LoaderError``.
 
 - ELF: every ``PT_LOAD`` segment is copied to its ``p_paddr`` (its bss zeroed), and the
   ``PT_NOTE`` segments are searched for the Xen note ``XEN_ELFNOTE_PHYS32_ENTRY`` (type 18,
