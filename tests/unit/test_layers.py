@@ -3,9 +3,10 @@
 Layers, bottom up (README.md "Layout", DESIGN): ``vmsh/errors.py`` and ``vmsh/guest_memory.py``;
 ``vmsh/config`` (pure); ``vmsh/devices`` (register models); the machine (``vmsh/engine/*``); the
 control loop (``vmsh/engine/vmm.py``); the front-ends (cli, launcher, repl, script, api, harness,
-remote). Every ``import`` counts, at module level, inside functions and under
-``if TYPE_CHECKING:``; an import made only for type checking is left out of the cycle check (it
-never runs) but not out of the layer rules (it still couples the layers).
+remote, and the tools beside them: config_cli, images, logsetup). Every ``import`` counts, at
+module level, inside functions and under ``if TYPE_CHECKING:``; an import made only for type
+checking is left out of the cycle check (it never runs) but not out of the layer rules (it still
+couples the layers). Imports by name at run time (``importlib``) are not seen.
 
 An import names the module it loads: ``from vmsh.engine import kvm`` is an edge to
 ``vmsh.engine.kvm``, ``from vmsh.engine.kvm import Regs`` one to ``vmsh.engine.kvm``. The parent
@@ -24,7 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "vmsh"
 
-FRONT_ENDS = ("vmsh.api", "vmsh.script", "vmsh.repl", "vmsh.cli", "vmsh.launcher", "vmsh.harness", "vmsh.remote")
+FRONT_ENDS = ("vmsh.api", "vmsh.script", "vmsh.repl", "vmsh.cli", "vmsh.launcher", "vmsh.harness", "vmsh.remote",
+              # the tools beside them: the config and images commands, the entry point, logging setup
+              "vmsh.config_cli", "vmsh.images", "vmsh.__main__", "vmsh.logsetup")
 CONTROL = "vmsh.engine.vmm"
 
 
