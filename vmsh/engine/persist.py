@@ -11,7 +11,11 @@ A snapshot directory holds cloud-hypervisor's three files:
 
 :func:`to_plain` and :func:`from_plain` convert the frozen state dataclasses (ints, bools,
 strings, bytes as base64, tuples, nested dataclasses) to JSON values and back. A snapshot is
-untrusted input: every value is type-checked and every failure names its path.
+untrusted input: every value is type-checked, an integer field declared with a register width
+(``vmsh.devices.state.U8`` ... ``U64``) is range-checked, and every failure names its path. A
+state class with ``fresh_when_null = True`` decodes JSON ``null`` (what an older release wrote
+for a device without state) as its default state. The devices check the rest of their
+restore rules themselves (``vmsh.devices.state``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmsh.errors import VmshError
+from vmsh.devices.state import IntRange
+from vmsh.errors import SnapshotError
+
+__all__ = ["SnapshotError", "from_plain", "to_plain", "node", "node_data", "node_children",
+           "write_snapshot", "read_snapshot", "CONFIG_FILE", "STATE_FILE", "MEMORY_FILE", "FORMAT_VERSION"]
 
 T = TypeVar("T")
 
@@ -36,10 +44,6 @@ STATE_FILE = "state.json"
 MEMORY_FILE = "memory-ranges"
 #: bumped whenever the meaning of a saved state changes
 FORMAT_VERSION = 1
-
-
-class SnapshotError(VmshError):
-    """A snapshot that cannot be written, or read back."""
 
 
 def to_plain(obj: Any) -> Any:
@@ -66,7 +70,7 @@ def from_plain(cls: type[T], value: Any, path: str = "") -> T:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     """A state class's field types (evaluating its string annotations is what costs: once)."""
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 @functools.cache
@@ -80,12 +84,21 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
         # decodes it once it knows the type.
         return value
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *extras = typing.get_args(tp)
+        decoded = _decode(base, value, path)
+        for extra in extras:
+            if isinstance(extra, IntRange) and not extra.lo <= decoded <= extra.hi:
+                raise SnapshotError(f"{path}: {decoded} is out of range {extra.lo}..{extra.hi}")
+        return decoded
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
         return _decode(args[0], value, path)
     if dataclasses.is_dataclass(tp):
+        if value is None and getattr(tp, "fresh_when_null", False):
+            return tp()
         if not isinstance(value, dict):
             raise SnapshotError(f"{path}: expected an object")
         hints = _hints(tp)

@@ -57,9 +57,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from vmsh.config.model import VsockConfig
+from vmsh.devices.state import U64, expect_state
 from vmsh.devices.virtio.device import VirtioDevice
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
-from vmsh.errors import DeviceError, GuestMemoryError, VirtQueueError
+from vmsh.errors import DeviceError, DeviceStateError, GuestMemoryError, VirtQueueError
 
 LOG = logging.getLogger(__name__)
 
@@ -163,13 +164,13 @@ class _Conn:
 class VirtioVsockState:
     """Plain-data state of a ``VirtioVsock``: the CID and counters (connections do not survive)."""
 
-    cid: int = 0
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-    host_connections: int = 0
-    guest_connections: int = 0
-    resets_sent: int = 0
-    dropped_packets: int = 0
+    cid: U64 = 0
+    rx_bytes: U64 = 0
+    tx_bytes: U64 = 0
+    host_connections: U64 = 0
+    guest_connections: U64 = 0
+    resets_sent: U64 = 0
+    dropped_packets: U64 = 0
 
 
 class VirtioVsock(VirtioDevice):
@@ -188,6 +189,7 @@ class VirtioVsock(VirtioDevice):
     """
 
     device_type = VIRTIO_ID_VSOCK
+    state_type = VirtioVsockState
 
     def __init__(self, cid: int, socket_path: str, watcher: FdWatcher, *, max_connections: int = MAX_CONNECTIONS,
                  queue_size: int = VSOCK_QUEUE_SIZE) -> None:
@@ -757,17 +759,17 @@ class VirtioVsock(VirtioDevice):
     def state(self) -> VirtioVsockState:
         return VirtioVsockState(cid=self.cid, **self._counts)
 
-    def restore(self, state: object) -> None:
+    def restore(self, state: VirtioVsockState) -> None:
         """Load counters; connections are gone, so the guest gets a transport reset event.
 
-        :raises ValueError: if the snapshot is of a device with another CID.
+        :raises DeviceStateError: for another state class, another CID than the device's,
+            or a counter beyond 64 bits.
         """
-        if not isinstance(state, VirtioVsockState):
-            return
-        if state.cid != self.cid:
-            raise ValueError(f"vsock: snapshot CID {state.cid}, device has {self.cid}")
+        s = expect_state(state, VirtioVsockState)
+        if s.cid != self.cid:
+            raise DeviceStateError("cid", f"{s.cid} is not this device's CID {self.cid}")
         for key in self._counts:
-            self._counts[key] = max(0, int(getattr(state, key)))
+            self._counts[key] = getattr(s, key)
         self._reset_event = True
 
     def counters(self) -> dict[str, int]:
