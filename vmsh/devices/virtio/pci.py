@@ -253,6 +253,7 @@ class VirtioPciDevice:
     """
 
     BAR_SIZE = BAR_SIZE
+    state_type = VirtioPciState
 
     def __init__(self, device: VirtioDevice, memory: GuestMemory, router: MsiRouter, *, bar64: bool = True) -> None:
         num_queues = len(device.queue_max_sizes)
