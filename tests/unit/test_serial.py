@@ -8,9 +8,9 @@ import json
 import pytest
 
 from tests.unit.fakes import FakeTrigger
-from vmsh.errors import DeviceStateError
 from vmsh.devices.legacy import serial as s
 from vmsh.devices.legacy.serial import Serial16550, SerialState
+from vmsh.errors import DeviceStateError
 
 
 def make() -> tuple[Serial16550, FakeTrigger, list[bytes]]:

@@ -71,12 +71,12 @@ class AcpiPmTimer:
     restored timer counts on from wherever it starts (a guest uses it only for intervals).
     """
 
-    def __init__(self, clock=time.monotonic_ns) -> None:
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._clock = clock
         self._start = clock()
 
     def read(self, offset: int, size: int) -> bytes:
-        ticks = (self._clock() - self._start) * PM_TIMER_HZ // 1_000_000_000
+        ticks: int = (self._clock() - self._start) * PM_TIMER_HZ // 1_000_000_000
         value = (ticks & 0xFFFF_FFFF).to_bytes(4, "little")
         return value[offset : offset + size].ljust(size, b"\0")
 

@@ -121,8 +121,9 @@ def _check(tp: Any, value: Any, path: str) -> None:
                 check_range(path, value, extra.lo, extra.hi)
         _check(base, value, path)
         return
-    if dataclasses.is_dataclass(tp) and dataclasses.is_dataclass(value):
-        hints = _hints(type(value))
+    if dataclasses.is_dataclass(tp) and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls: type = type(value)
+        hints = _hints(cls)
         for f in dataclasses.fields(value):
             _check(hints[f.name], getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
         return

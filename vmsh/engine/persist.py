@@ -28,6 +28,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,29 +97,30 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
         if value is None:
             return None
         return _decode(args[0], value, path)
-    if dataclasses.is_dataclass(tp):
-        if value is None and getattr(tp, "fresh_when_null", False):
-            return tp()
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        cls: type = tp
+        if value is None and getattr(cls, "fresh_when_null", False):
+            return cls()  # every field of such a class has a default
         if not isinstance(value, dict):
             raise SnapshotError(f"{path}: expected an object")
-        hints = _hints(tp)
+        hints = _hints(cls)
         kwargs = {}
-        for f in _fields(tp):
+        for f in _fields(cls):
             if f.name not in value:
                 if f.default is not dataclasses.MISSING:  # a field newer than the snapshot
                     continue
                 raise SnapshotError(f"{path}: missing {f.name}")
             kwargs[f.name] = _decode(hints[f.name], value[f.name], f"{path}.{f.name}")
-        return tp(**kwargs)
+        return cls(**kwargs)
     if origin is tuple:
-        args = typing.get_args(tp)
+        items = typing.get_args(tp)
         if not isinstance(value, list):
             raise SnapshotError(f"{path}: expected a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
-        if len(value) != len(args):
-            raise SnapshotError(f"{path}: expected {len(args)} items")
-        return tuple(_decode(a, item, f"{path}[{i}]") for i, (a, item) in enumerate(zip(args, value)))
+        if len(items) == 2 and items[1] is Ellipsis:
+            return tuple(_decode(items[0], item, f"{path}[{i}]") for i, item in enumerate(value))
+        if len(value) != len(items):
+            raise SnapshotError(f"{path}: expected {len(items)} items")
+        return tuple(_decode(a, item, f"{path}[{i}]") for i, (a, item) in enumerate(zip(items, value)))
     if origin is list:
         (elem,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -211,11 +213,12 @@ def write_snapshot(directory: str, config_json: str, tree: dict[str, Any],
     done: list[Path] = []
     temps: list[Path] = []
     try:
-        for name, writer in (
+        writers: tuple[tuple[str, Callable[[int], None]], ...] = (
             (MEMORY_FILE, lambda fd: _write_ranges(fd, ranges)),
             (STATE_FILE, lambda fd: _write_all(fd, json.dumps(tree, indent=1).encode())),
             (CONFIG_FILE, lambda fd: _write_all(fd, config_json.encode())),
-        ):
+        )
+        for name, writer in writers:
             temp = target / f".{name}.tmp-{os.getpid()}"
             temps.append(temp)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

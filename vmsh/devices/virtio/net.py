@@ -27,14 +27,15 @@ by the guest pass straight through to the host stack. A tap handed over as an fd
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import fcntl
+import functools
 import logging
 import os
 import struct
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -237,7 +238,7 @@ class VirtioNet(VirtioDevice):
     def _arm(self, pair: int) -> None:
         if not self._armed[pair] and pair < len(self.tap.fds):
             self._armed[pair] = True
-            self.watcher.add(self.tap.fds[pair], lambda p=pair: self._tap_readable(p))
+            self.watcher.add(self.tap.fds[pair], functools.partial(self._tap_readable, pair))
 
     def _disarm(self, pair: int) -> None:
         if self._armed[pair]:
