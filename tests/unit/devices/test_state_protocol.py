@@ -240,12 +240,18 @@ def test_nested_refusals_name_the_path(mem: GuestMemoryMmap) -> None:
         queue = dataclasses.replace(good.queues[0], desc_table=good.queues[0].desc_table + 8)
         with pytest.raises(DeviceStateError, match=r"^queues\[0\]\.desc_table: 0x[0-9a-f]+ is not 16-byte aligned"):
             dev.restore(dataclasses.replace(good, queues=(queue,)))
-        with pytest.raises(DeviceStateError, match=r"^device: expected a VirtioRngState, got NetState"):
-            dev.restore(dataclasses.replace(good, device=NetState()))
         entry = dataclasses.replace(good.msix.entries[0], data=1 << 32)
         msix = dataclasses.replace(good.msix, entries=(entry,) + good.msix.entries[1:])
         with pytest.raises(DeviceStateError, match=r"^msix\.entries\[0\]\.data: 4294967296 is out of range"):
             dev.restore(dataclasses.replace(good, msix=msix))
+        # refusals found while the nested parts load: the transport is put back as it was
+        with pytest.raises(DeviceStateError, match=r"^device: expected a VirtioRngState, got NetState"):
+            dev.restore(dataclasses.replace(good, device=NetState()))
+        assert dev.state() == good and dev.activated
+        other = PciConfigSpace(0x1AF4, 0x1041, 0x020000).state()  # a virtio-net function's space
+        with pytest.raises(DeviceStateError, match=r"^config\.data\.device_id: 0x1041 is not this function's 0x1044"):
+            dev.restore(dataclasses.replace(good, config=other))
+        assert dev.state() == good and dev.activated
     finally:
         dev.close()
 

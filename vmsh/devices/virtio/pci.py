@@ -582,8 +582,9 @@ class VirtioPciDevice:
         :raises DeviceStateError: for another state class, another number of queues, an
             MSI-X vector beyond the table, a register wider than it is, a queue of a running
             device with a layout the spec forbids, or a nested state (``config``, ``msix``,
-            ``queues[i]``, ``device``) that its part refuses. Checked before anything changes,
-            except the nested states of parts that are restored in turn.
+            ``queues[i]``, ``device``) that its part refuses. The transport's own fields are
+            checked before anything changes; if a nested part refuses its state, the transport
+            is put back into the state it had (its own, so it fits) before the error is raised.
         """
         s = expect_state(state, VirtioPciState)
         check_length("queues", s.queues, len(self.queues))
@@ -600,30 +601,39 @@ class VirtioPciDevice:
                     with within(f"queues[{i}]"):
                         check_live_layout(qs)
         with self._lock:
-            self.device.reset()
-            with within("config"):
-                self.config.restore(s.config)
-            with within("msix"):
-                self.msix.restore(s.msix)
-            for i, (q, qs) in enumerate(zip(self.queues, s.queues, strict=True)):
-                with within(f"queues[{i}]"):
-                    q.restore(qs)
-            self.queue_msix_vectors = list(s.queue_msix_vectors)
-            self.device_feature_select = s.device_feature_select
-            self.driver_feature_select = s.driver_feature_select
-            self.driver_features = s.driver_features
-            self.device_status = s.device_status & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET
-            self.config_generation = s.config_generation
-            self.config_msix_vector = s.config_msix_vector
-            self.queue_select = s.queue_select
-            self.isr = s.isr
-            self._bar_address = self.config.bar_address(0)
-            self._bar_pending = False
-            self.activated = False
-            self.needs_reset = False
-            with within("device"):
-                self.device.restore(s.device)
-            if s.activated:
-                self._activate()
-            if s.needs_reset:
-                self.needs_reset = True
+            before = self.state()
+            try:
+                self._load(s)
+            except DeviceStateError:
+                self._load(before)
+                raise
+
+    def _load(self, s: VirtioPciState) -> None:
+        """Apply a checked state (with the lock held); nested parts check theirs as they load."""
+        self.device.reset()
+        with within("config"):
+            self.config.restore(s.config)
+        with within("msix"):
+            self.msix.restore(s.msix)
+        for i, (q, qs) in enumerate(zip(self.queues, s.queues, strict=True)):
+            with within(f"queues[{i}]"):
+                q.restore(qs)
+        self.queue_msix_vectors = list(s.queue_msix_vectors)
+        self.device_feature_select = s.device_feature_select
+        self.driver_feature_select = s.driver_feature_select
+        self.driver_features = s.driver_features
+        self.device_status = s.device_status & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET
+        self.config_generation = s.config_generation
+        self.config_msix_vector = s.config_msix_vector
+        self.queue_select = s.queue_select
+        self.isr = s.isr
+        self._bar_address = self.config.bar_address(0)
+        self._bar_pending = False
+        self.activated = False
+        self.needs_reset = False
+        with within("device"):
+            self.device.restore(s.device)
+        if s.activated:
+            self._activate()
+        if s.needs_reset:
+            self.needs_reset = True
