@@ -343,7 +343,7 @@ def test_vsock_buffered_writes_flush(env: tuple[VirtioVsock, FakeWatcher], mem: 
     guest.recv()
     chunk = bytes(range(256)) * 256  # 64 KiB
     sent = b""
-    while not any(c.txbuf for c in dev._conns.values()):  # until the host stream is full
+    while not any(c.txbuf for c in dev.mux.conns.values()):  # until the host stream is full
         guest.send(VIRTIO_VSOCK_OP_RW, 6002, 82, chunk)
         sent += chunk
         assert len(sent) < 64 << 20
@@ -354,7 +354,7 @@ def test_vsock_buffered_writes_flush(env: tuple[VirtioVsock, FakeWatcher], mem: 
         got += host.recv(1 << 20)
         watcher.pump()
     assert got == sent
-    assert not any(c.txbuf for c in dev._conns.values()) and len(watcher.fds) == 2  # listener + stream
+    assert not any(c.txbuf for c in dev.mux.conns.values()) and len(watcher.fds) == 2  # listener + stream
     host.close()
     srv.close()
 
