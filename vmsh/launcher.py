@@ -112,16 +112,14 @@ def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
     raises :class:`VmshError` when the VM cannot be built or booted.
     """
     from vmsh.engine.vcpu import install_kick_handler
-    from vmsh.engine.vm import Vm
+    from vmsh.engine.builder import build_for_boot, build_from_snapshot
     from vmsh.engine.vmm import Vmm
 
     install_kick_handler()  # VMs may be built on the API thread, where signals cannot be set up
     events = _open_events(opts)
     events.emit("vmm", "starting")
-    build, restore = Vm.build, Vm.restore
-    if opts.profile:
-        build = functools.partial(Vm.build, profile=opts.profile)
-        restore = functools.partial(Vm.restore, profile=opts.profile)
+    build = functools.partial(build_for_boot, post=lambda work: work(), profile=opts.profile)  # INTERIM
+    restore = functools.partial(build_from_snapshot, post=lambda work: work(), profile=opts.profile)  # INTERIM
     vmm = Vmm(events, vm_factory=build, restore_factory=restore)
     server = None
     stop_signals = []

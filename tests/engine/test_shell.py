@@ -45,12 +45,12 @@ def test_local_errors_keep_the_session(session, tmp_path: Path) -> None:
     session.execute(f"create --kernel {k} --serial tty --console off")
     with pytest.raises(ScriptError, match="Error parsing --disk"):
         session.execute("add-disk path=/a,bogus=1")
-    with pytest.raises(ScriptError, match="regs needs a paused VM|There is no VM"):
+    with pytest.raises(ScriptError, match=r"regs needs a paused VM|There is no VM"):
         session.execute("regs")
     session.execute("boot")
     with pytest.raises(ScriptError, match="Invalid transition from Running to Running"):
         session.execute("resume")
-    with pytest.raises(ScriptError, match="timeout after 0.2s"):
+    with pytest.raises(ScriptError, match=r"timeout after 0\.2s"):
         session.execute("expect never-printed timeout=200ms")
     session.execute("pause")
     with pytest.raises(ScriptError, match="is not RAM"):

@@ -63,7 +63,8 @@ def snapshot(tmp_path: Path):
     k.write_bytes(tiny_kernel.letters())
     api, snap = tmp_path / "api.sock", tmp_path / "snap"
     snap.mkdir()
-    proc = subprocess.Popen([*LAUNCH, "--kernel", str(k), "--serial", "tty", "--console", "off", "--api-socket", str(api)],
+    proc = subprocess.Popen([*LAUNCH, "--kernel", str(k), "--serial", "tty", "--console", "off", "--api-socket",
+                             str(api)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for_socket(api, proc)
@@ -95,7 +96,8 @@ def test_snapshot_files(snapshot) -> None:
 def test_restore_continues_in_a_new_process(snapshot, tmp_path: Path) -> None:
     snap, last = snapshot
     ev = tmp_path / "restore-events"
-    proc = subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on", "--event-monitor", f"path={ev}"],
+    proc = subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on", "--event-monitor",
+                             f"path={ev}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         printed = read_printed(proc).decode()
@@ -109,7 +111,7 @@ def test_restore_continues_in_a_new_process(snapshot, tmp_path: Path) -> None:
 
 
 def test_restored_clones_run_side_by_side(snapshot) -> None:
-    snap, last = snapshot
+    snap, _ = snapshot
     procs = [subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
     try:
@@ -152,16 +154,19 @@ def test_restore_stays_paused_without_resume(snapshot, tmp_path: Path) -> None:
         (lambda d: (d / "state.json").unlink(), "state.json is missing"),
         (lambda d: (d / "state.json").write_text("{not json"), "is not JSON"),
         (lambda d: (d / "memory-ranges").write_bytes(b"short"), "holds 5 bytes"),
-        (lambda d: (d / "config.json").write_text('{"cpus": {"boot_vcpus": 2, "max_vcpus": 2}, "payload": {"kernel": "/k"}}'),
+        (lambda d: (d / "config.json").write_text(
+            '{"cpus": {"boot_vcpus": 2, "max_vcpus": 2}, "payload": {"kernel": "/k"}}'),
          "vCPUs"),
-        (lambda d: (d / "state.json").write_text(json.dumps({"snapshots": {}, "snapshot_data": {"state": '{"version": 99}'}})),
+        (lambda d: (d / "state.json").write_text(json.dumps({"snapshots": {},
+                                                             "snapshot_data": {"state": '{"version": 99}'}})),
          "Unsupported snapshot format"),
     ],
 )
 def test_bad_snapshot_is_refused(snapshot, damage, message: str) -> None:
     snap, _ = snapshot
     damage(snap)
-    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60, check=False)
+    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60,
+                            check=False)
     assert result.returncode == 1
     assert message.encode() in result.stderr and b"Traceback" not in result.stderr
 
@@ -174,12 +179,13 @@ def test_corrupt_vcpu_state_is_refused(snapshot) -> None:
     state["regs"]["rip"] = "not a number"
     vcpu["snapshot_data"]["state"] = json.dumps(state)
     (snap / "state.json").write_text(json.dumps(tree))
-    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60, check=False)
+    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60,
+                            check=False)
     assert result.returncode == 1 and b"vcpu0.regs.rip" in result.stderr
 
 
 def test_restored_fd_backed_nets_need_new_fds() -> None:
-    from vmsh.engine.vm import apply_restored_net_fds
+    from vmsh.engine.builder import apply_restored_net_fds
 
     def config() -> m.VmConfig:
         return m.VmConfig(net=[m.NetConfig(id="net0", fds=[7, 8]), m.NetConfig(id="net1", tap="vmtap9")])

@@ -1,6 +1,7 @@
 """tests/unit/ mirrors vmsh/: every folder of unit tests is named after the vmsh package it tests
 and is a package itself (so test modules of the same name in two folders do not clash under
-pytest's default import mode); a test file at the top names a top-level vmsh module."""
+pytest's default import mode); a test file at the top names a top-level vmsh module, or tests
+the tree as a whole."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 UNIT = Path(__file__).resolve().parent
 VMSH = UNIT.parents[1] / "vmsh"
+#: tests of the source tree as a whole (its layout, its import layers), not of one module
+WHOLE_TREE = {"test_layout.py", "test_layers.py"}
 
 
 def folders() -> list[Path]:
@@ -24,5 +27,5 @@ def test_every_folder_is_a_test_package() -> None:
 
 
 def test_top_level_tests_name_top_level_modules() -> None:
-    tops = [p for p in UNIT.glob("test_*.py") if p.name != "test_layout.py"]
+    tops = [p for p in UNIT.glob("test_*.py") if p.name not in WHOLE_TREE]
     assert tops and [p.name for p in tops if not (VMSH / p.name.removeprefix("test_")).is_file()] == []

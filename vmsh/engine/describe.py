@@ -255,7 +255,8 @@ def describe_boot(read: Reader) -> dict[str, Any]:
     ramdisk_size = struct.unpack_from("<I", page, 0x21C)[0] | struct.unpack_from("<I", page, 0xC4)[0] << 32
     initrd = None
     if ramdisk_size:
-        initrd = {"addr": ramdisk, "size": ramdisk_size, "sha256": hashlib.sha256(read(ramdisk, ramdisk_size)).hexdigest()}
+        digest = hashlib.sha256(read(ramdisk, ramdisk_size)).hexdigest()
+        initrd = {"addr": ramdisk, "size": ramdisk_size, "sha256": digest}
     return {"protocol": "bzimage", "zero_page": _blob(page), "e820": parse_e820(page),
             "rsdp": struct.unpack_from("<Q", page, BP_ACPI_RSDP_ADDR)[0], "initrd": initrd,
             "cmdline": read_cmdline(read, cmdline_ptr) if cmdline_ptr else ""}
@@ -440,7 +441,8 @@ def describe(vm: Any) -> dict[str, Any]:
             if function is None:
                 continue
             dev_id = ids.get((bus.segment, slot))
-            pci.append({"bdf": f"{bus.segment:04x}:00:{slot:02x}.0", "id": dev_id, **describe_function(function.config)})
+            bdf = f"{bus.segment:04x}:00:{slot:02x}.0"
+            pci.append({"bdf": bdf, "id": dev_id, **describe_function(function.config)})
             device = getattr(function, "device", None)
             if dev_id is not None and device is not None:
                 virtio[dev_id] = describe_virtio(device)
@@ -469,10 +471,10 @@ def describe_config(cfg: Any) -> dict[str, Any]:
     """
     from vmsh.engine.console import ConsoleBackend
     from vmsh.engine.events import EventMonitor
-    from vmsh.engine.vm import Vm
+    from vmsh.engine.builder import build_for_boot
 
     events = EventMonitor()
-    vm = Vm.build(cfg, events, lambda kind, detail: None, tty=ConsoleBackend())
+    vm = build_for_boot(cfg, events, lambda kind, detail: None, lambda work: work(), tty=ConsoleBackend())
     try:
         return describe(vm)
     finally:

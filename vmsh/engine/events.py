@@ -82,3 +82,14 @@ class EventMonitor:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+class GuestEvent:
+    """What a running guest can ask of its VMM (delivered from vCPU or device threads)."""
+
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    #: the VM cannot go on (a vCPU failed); the VMM exits with an error
+    FATAL = "fatal"
+    #: the VMM was asked to stop (SIGTERM, SIGINT)
+    STOP = "stop"

@@ -22,22 +22,11 @@ from typing import Any, Protocol
 from vmsh import __version__
 from vmsh.config import model as m
 from vmsh.config import normalize, to_json_value
-from vmsh.engine.events import EventMonitor
+from vmsh.engine.events import EventMonitor, GuestEvent
 from vmsh.engine.state import VmState, check_transition
 from vmsh.errors import NotFoundError, StateError, ValidationError, VmshError
 
 LOG = logging.getLogger(__name__)
-
-
-class GuestEvent:
-    """What a running guest can ask of its VMM (delivered from vCPU or device threads)."""
-
-    POWEROFF = "poweroff"
-    RESET = "reset"
-    #: the VM cannot go on (a vCPU failed); the VMM exits with an error
-    FATAL = "fatal"
-    #: the VMM was asked to stop (SIGTERM, SIGINT)
-    STOP = "stop"
 
 
 class VmLike(Protocol):

@@ -46,10 +46,11 @@ class LocalTarget:
     local = True
 
     def __init__(self, stream: ConsoleStream, notify: Callable[[str], None]) -> None:
-        from vmsh.engine.vm import Vm
+        from vmsh.engine.builder import build_for_boot, build_from_snapshot
 
         self.console = CapturedConsole(stream)
-        self.vmm = Vmm(vm_factory=functools.partial(Vm.build, tty=self.console), restore_factory=Vm.restore,
+        self.vmm = Vmm(vm_factory=functools.partial(build_for_boot, post=lambda work: work(), tty=self.console),  # INTERIM
+                       restore_factory=functools.partial(build_from_snapshot, post=lambda work: work()),
                        exit_on_poweroff=False)
         self._notify = notify
         self._stop = threading.Event()

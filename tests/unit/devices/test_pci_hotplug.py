@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from vmsh.errors import DeviceStateError
 from vmsh.devices.acpi import PciHotplugController, PciHotplugState
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.pci_hotplug import RESCAN_METHOD, hotplug_aml
@@ -49,7 +50,7 @@ def test_state_round_trip_and_checks() -> None:
     other.restore(ctl.state())
     other.write(0xC, u32(1))
     assert other.read(0x0, 4) == u32(1 << 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         PciHotplugController(1, lambda s, t: None).restore(ctl.state())
 
 
@@ -66,7 +67,7 @@ def test_declared_slots_survive_a_snapshot_and_older_snapshots_declare_all() -> 
     older.restore(from_plain(PciHotplugState, plain))
     assert older.declared == [list(range(1, 32))]
     for bad in ([[0]], [[32]], [[1], [2]]):
-        with pytest.raises(ValueError):
+        with pytest.raises(DeviceStateError):
             other.restore(from_plain(PciHotplugState, {**plain, "declared": bad}))
 
 
@@ -75,7 +76,8 @@ def test_dsdt_with_hotplug_disassembles(tmp_path) -> None:
     segs = tuple(PciSegment(id=i, ecam_base=0xE800_0000 + (i << 20), mmio32=(0xC000_0000 + (i << 24), 1 << 24),
                             mmio64=((1 << 32) + (i << 30), 1 << 30)) for i in range(2))
     acpi = build_acpi(AcpiSpec(boot_vcpus=1, pci_segments=segs, ged=GedSpec(address=0xFEB0_0000, irq=5),
-                               pci_rescan_method=RESCAN_METHOD, extra_aml=hotplug_aml(0xFEB0_1000, [list(range(1, 32))] * 2)))
+                               pci_rescan_method=RESCAN_METHOD,
+                               extra_aml=hotplug_aml(0xFEB0_1000, [list(range(1, 32))] * 2)))
     (tmp_path / "dsdt.dat").write_bytes(acpi.table("DSDT"))
     out = subprocess.run(["iasl", "-d", "dsdt.dat"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

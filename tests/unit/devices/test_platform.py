@@ -47,7 +47,8 @@ def test_cmos_state_round_trip() -> None:
     dev = Cmos(512 << 20, 0)
     dev.write(0, b"\x40")
     dev.write(1, b"\x99")
-    again = Cmos.from_state(dev.state())
+    again = Cmos(512 << 20, 0)
+    again.restore(dev.state())
     assert cmos_read(again, 0x40) == 0x99
 
 

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from vmsh.errors import DeviceStateError
 from vmsh.devices.pci.config_space import (
     BAR0,
     COMMAND,
@@ -99,12 +100,12 @@ def test_pvpanic_state_round_trip() -> None:
 def test_pvpanic_restore_hostile_state() -> None:
     dev = PvPanicDevice()
     good = dev.state()
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         dev.restore(PvPanicState(config=good.config, events=0x1FF))
     # A BAR register claiming 64 bits with a misaligned address is re-declared as ours.
     data = bytearray(good.config.data)
     data[BAR0:BAR0 + 4] = struct.pack("<I", 0xC000_0124)
-    bad = PvPanicState(config=type(good.config)(data=bytes(data), write_mask=b"\xff" * 8), events=3)
+    bad = PvPanicState(config=type(good.config)(data=bytes(data), write_mask=b"\xff" * len(data)), events=3)
     dev.restore(bad)
     assert dev.bar_address() == 0xC000_0120
     assert not dev.config.is_64bit_bar(0)

@@ -14,6 +14,7 @@ from tests.unit.devices.virtio.driver import (
     PciDriver,
     Ring,
 )
+from vmsh.errors import DeviceStateError
 from vmsh.config.model import BalloonConfig
 from vmsh.devices.virtio.balloon import (
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -32,7 +33,8 @@ from vmsh.errors import DeviceError
 PAGE = 4096
 
 
-def activate(dev: VirtioBalloon, mem: GuestMemoryMmap, alloc: Allocator, features: int) -> tuple[list[Ring], FakeInterrupt]:
+def activate(dev: VirtioBalloon, mem: GuestMemoryMmap, alloc: Allocator,
+             features: int) -> tuple[list[Ring], FakeInterrupt]:
     rings = [Ring.create(mem, alloc, 16) for _ in dev.queue_max_sizes]
     queues = [r.attach(VirtQueue(mem, size)) for r, size in zip(rings, dev.queue_max_sizes, strict=True)]
     irq = FakeInterrupt()
@@ -182,8 +184,8 @@ def test_balloon_state_round_trip(mem: GuestMemoryMmap, alloc: Allocator, router
     assert clone_dev.counters() == dev.counters()
     assert clone_dev.request_stats()
     assert rings[2].take_used() == [(head, 0)]
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtioBalloon(0).restore(VirtioBalloonState(num_pages=1 << 33))
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtioBalloon(0).restore(VirtioBalloonState(stats_head=1 << 20))
     assert not pci.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET

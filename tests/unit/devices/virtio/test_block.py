@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
+from vmsh.errors import DeviceStateError
 from vmsh.config.model import DiskConfig
 from vmsh.devices.virtio.block import (
     VIRTIO_BLK_F_DISCARD,
@@ -53,11 +54,12 @@ def image(tmp_path: Path) -> Path:
 class Disk:
     """A probed disk: the driver, its ring, and a request helper."""
 
-    def __init__(self, blk: VirtioBlock, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, **probe: object) -> None:
+    def __init__(self, blk: VirtioBlock, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter,
+                 **probe: object) -> None:
         self.blk, self.mem, self.alloc = blk, mem, alloc
         self.pci = VirtioPciDevice(blk, mem, router)
         self.driver = PciDriver(self.pci, mem, alloc)
-        self.rings = self.driver.probe(**probe)  # type: ignore[arg-type]
+        self.rings = self.driver.probe(**probe)  # type: ignore[arg-type]  # probe options of mixed types
 
     def request(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *, queue: int = 0,
                 indirect: bool = False, split: int = 0) -> tuple[int, bytes, int]:
@@ -273,5 +275,5 @@ def test_block_state_round_trip(disk: Disk, image: Path, mem: GuestMemoryMmap) -
     assert clone.counters()["read_ops"] == 1 and clone.counters()["write_ops"] == 1
     clone.close()
     image.write_bytes(b"\0" * 512)  # the image shrank: a snapshot of the old one no longer fits
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtioPciDevice(VirtioBlock(str(image)), mem, router2).restore(state)

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, Ring
+from vmsh.errors import DeviceStateError
 from vmsh.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -152,9 +153,9 @@ def test_queue_state_round_trip(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     again.restore(state)
     assert again.state() == state
     assert again.pop() is not None and again.pop() is not None and again.pop() is None
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtQueue(mem, 16).restore(state)
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         again.restore(VirtQueueState(max_size=8, size=8, next_avail=1 << 16))
 
 
@@ -253,7 +254,8 @@ def test_queue_hostile_readable_after_writable(mem: GuestMemoryMmap, alloc: Allo
     assert "readable" in str(hostile(q))
 
 
-@pytest.mark.parametrize("addr,length", [(16 << 20, 8), ((16 << 20) - 4, 8), (1 << 63, 1), (0xFFFF_FFFF_FFFF_FFF0, 0xFFFF_FFFF)])
+@pytest.mark.parametrize("addr,length", [(16 << 20, 8), ((16 << 20) - 4, 8), (1 << 63, 1),
+                                         (0xFFFF_FFFF_FFFF_FFF0, 0xFFFF_FFFF)])
 def test_queue_hostile_buffer_outside_ram(mem: GuestMemoryMmap, alloc: Allocator, addr: int, length: int) -> None:
     q, ring = make(mem, alloc)
     ring.write_desc(0, addr, length, VIRTQ_DESC_F_WRITE)
