@@ -23,6 +23,7 @@ from vmsh.engine.platform_devices import PCI_HOTPLUG_ADDRESS
 from vmsh.engine.state import VmState
 from vmsh.engine.vm import Vm
 from vmsh.errors import VmshError
+from vmsh.harness.waiting import wait_until
 
 pytestmark = pytest.mark.kvm
 
@@ -56,17 +57,6 @@ def build(tmp_path: Path, control: ControlQueue, *argv: str, kernel: bytes | Non
     return build_for_boot(cfg, Events(), lambda kind, detail: None, control.post)
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    done = threading.Event()
-    deadline = threading.Timer(timeout, done.set)
-    deadline.start()
-    try:
-        while not predicate():
-            assert not done.wait(0.01), what
-    finally:
-        deadline.cancel()
-
-
 def test_an_eject_on_a_vcpu_thread_waits_for_the_control_loop(tmp_path: Path) -> None:
     control = ControlQueue()
     vm = build(tmp_path, control)
@@ -78,9 +68,10 @@ def test_an_eject_on_a_vcpu_thread_waits_for_the_control_loop(tmp_path: Path) ->
         vm.config.disks = [disk]
         assert vm.unplug_device("hot0")
         # the guest's _EJ0 writes B0EJ on a vCPU thread
-        writer = threading.Thread(target=vm.mmio.write, args=(PCI_HOTPLUG_ADDRESS + 8, (1 << slot).to_bytes(4, "little")))
+        writer = threading.Thread(target=vm.mmio.write,
+                                  args=(PCI_HOTPLUG_ADDRESS + 8, (1 << slot).to_bytes(4, "little")))
         writer.start()
-        wait_for(lambda: control.pending, "the eject was not handed to the control loop")
+        wait_until(lambda: control.pending, 10, "the eject to be handed to the control loop", interval=0.01)
         # until the control loop runs, what API threads read is unchanged and the vCPU waits
         assert "hot0" in vm.devices.devices and vm.config.disks == [disk]
         assert writer.is_alive()
@@ -106,11 +97,11 @@ def test_a_bar_move_takes_the_device_lock_and_runs_on_the_control_loop(tmp_path:
         with entry.lock:  # the I/O thread is serving a kick
             writer = threading.Thread(target=bus.config_write, args=(0, entry.slot, 0, BAR0, new.to_bytes(4, "little")))
             writer.start()
-            writer.join(0.3)
+            writer.join(0.3)  # time in which a write that ignored the lock would finish
             # the configuration write waits for the device: nothing the I/O thread uses is gone
             assert writer.is_alive()
             assert entry.notify_fds == fds and entry.mapped is not None and entry.mapped.base == old
-        wait_for(lambda: control.pending, "the BAR move was not handed to the control loop")
+        wait_until(lambda: control.pending, 10, "the BAR move to be handed to the control loop", interval=0.01)
         assert entry.mapped is not None and entry.mapped.base == old and entry.notify_fds == fds
         assert control.run() == 1
         writer.join(5)
@@ -142,8 +133,9 @@ def test_a_pause_that_cannot_stop_a_vcpu_fails_and_the_vm_runs_on(tmp_path: Path
         assert vm.state is VmState.RUNNING
         gate.set()
         # both vCPUs run on: the stopped one was started again, the stuck one's kick withdrawn
-        wait_for(lambda: all(v._thread is not None and v._thread.is_alive() for v in vm.vcpus), "a vCPU is down")
-        for vcpu in vm.vcpus:
+        wait_until(lambda: all(v._thread is not None and v._thread.is_alive() for v in vm.vcpus), 10,
+                   "both vCPU threads to run", interval=0.01)
+        for vcpu in vm.vcpus:  # and keep running: 0.3 s in which a wrongly stopped one would end
             assert not vcpu.join(0.3), f"vcpu{vcpu.index} stopped after the failed pause"
         vm.pause()
         assert vm.state is VmState.PAUSED and all(v.join(0) for v in vm.vcpus)
