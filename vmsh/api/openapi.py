@@ -61,6 +61,32 @@ _RESPONSES: dict[str, dict[str, Any]] = {
             "buses": {"type": "object"},
         },
     },
+    "vm.registers": {
+        "type": "object",
+        "description": "vmsh extension: one vCPU's registers as KVM reports them (struct kvm_regs, "
+                       "struct kvm_sregs), every value an integer.",
+        "required": ["cpu_id", "regs", "sregs"],
+        "properties": {
+            "cpu_id": {"type": "integer"},
+            "regs": {"type": "object", "additionalProperties": {"type": "integer", "format": "int64"}},
+            "sregs": {"type": "object"},
+        },
+    },
+    "vm.read-memory": {
+        "type": "object",
+        "description": "vmsh extension: guest RAM at a guest physical address.",
+        "required": ["address", "data"],
+        "properties": {
+            "address": {"type": "integer", "format": "int64"},
+            "data": {"type": "string", "description": "the bytes in hex, two digits each"},
+        },
+    },
+    "vm.profile-stop": {
+        "type": "object",
+        "description": "vmsh extension: the profiler's report.",
+        "required": ["report"],
+        "properties": {"report": {"type": "string"}},
+    },
     "vm.counters": {
         "type": "object",
         "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer", "format": "int64"}},
@@ -137,8 +163,10 @@ def build_openapi() -> dict[str, Any]:
         )
     }
     for action in ACTIONS:
-        endpoint = f"{action.scope}.{action.name}"
+        endpoint = action.endpoint
         op: dict[str, Any] = {"operationId": endpoint.replace(".", "_").replace("-", "_"), "responses": dict(errors)}
+        if action.extension:
+            op["description"] = f"vmsh extension (not in cloud-hypervisor): {action.extension}."
         if action.body is not None:
             _add_schema(action.body, schemas)
             op["requestBody"] = {

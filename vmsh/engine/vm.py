@@ -55,7 +55,7 @@ from vmsh.engine.bus import Bus, BusError
 from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.device_manager import DeviceManager
-from vmsh.engine.events import EventMonitor
+from vmsh.engine.events import EventMonitor, GuestEvent
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm, VcpuFd
 from vmsh.engine.kvm_state import (
@@ -86,7 +86,6 @@ from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop, install_kick_handler
 from vmsh.engine.virtio_devices import BALLOON_ID, PlatformHooks, add_config_devices
 from vmsh.engine.virtio_devices import add_item as add_config_item
-from vmsh.engine.vmm import GuestEvent
 from vmsh.errors import (
     ConfigError,
     DeviceError,
