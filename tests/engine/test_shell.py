@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine import tiny_kernel
+from vmsh.api.client import ApiClient, ApiError
 from vmsh.script.session import ScriptError, Session
 
 
@@ -54,16 +55,26 @@ def test_local_errors_keep_the_session(session, tmp_path: Path) -> None:
     session.execute(f"create --kernel {k} --serial tty --console off")
     with pytest.raises(ScriptError, match="Error parsing --disk"):
         session.execute("add-disk path=/a,bogus=1")
-    with pytest.raises(ScriptError, match="regs needs a paused VM|There is no VM"):
+    with pytest.raises(ScriptError, match="VM is not booted"):
         session.execute("regs")
+    with pytest.raises(ScriptError, match="VM is not booted"):
+        session.execute("x 0x1000000")
     session.execute("boot")
     with pytest.raises(ScriptError, match="Invalid transition from Running to Running"):
         session.execute("resume")
+    with pytest.raises(ScriptError, match=r"vm.registers needs a paused VM \(it is Running\): pause first"):
+        session.execute("regs")
     with pytest.raises(ScriptError, match="timeout after 0.2s"):
         session.execute("expect never-printed timeout=200ms")
     session.execute("pause")
-    with pytest.raises(ScriptError, match="is not RAM"):
+    with pytest.raises(ScriptError, match=r"No vCPU 1 \(the VM has 1\)"):
+        session.execute("regs 1")
+    with pytest.raises(ScriptError, match="Cannot read 16 bytes at 0xffffffff0000: .*is not RAM"):
         session.execute("x 0xffffffff0000 16")
+    with pytest.raises(ScriptError, match="between 1 and 1 MiB"):
+        session.execute("x 0x1000000 0x100001")
+    with pytest.raises(ScriptError, match="The profiler is not running"):
+        session.execute("profile stop")
     session.execute("delete")
 
 
@@ -89,8 +100,26 @@ def test_remote_vm_through_the_api_and_serial_socket(session, tmp_path: Path) ->
         session.execute(f"create --kernel {k} --serial socket={serial} --console off; boot")
         session.execute("info state")
         assert session.captured[-1] == '"Running"'
-        with pytest.raises(ScriptError, match="needs the VM in this shell"):
-            session.execute("pause; regs")
+        session.execute("profile start hz=500; sleep 200ms; profile stop")
+        assert "samples" in session.captured[-1]
+        with pytest.raises(ScriptError, match=r"vm.registers needs a paused VM \(it is Running\)"):
+            session.execute("regs")
+        # the inspection commands read the remote VM as they read a local one
+        session.execute("pause; regs 0")
+        assert "rip" in session.captured[-1] and "cr0" in session.captured[-1]
+        assert int(session.variables["rip"], 16) >= tiny_kernel.LOAD_ADDR
+        session.execute("x 0x1000000 16")
+        assert session.captured[-1].startswith("0000000001000000  ba f8 03 00 00")  # mov edx, 0x3f8
+        with pytest.raises(ScriptError, match=r"status 400: Error from API: No vCPU 3 \(the VM has 1\)"):
+            session.execute("regs 3")
+        with pytest.raises(ScriptError, match="status 400: .*Cannot read 16 bytes at 0xffffffff0000: .*is not RAM"):
+            session.execute("x 0xffffffff0000 16")
+        with ApiClient(str(api)) as client:  # the action's own bound, past the shell's
+            with pytest.raises(ApiError) as err:
+                client.put("vm.read-memory", {"address": tiny_kernel.LOAD_ADDR, "length": (1 << 20) + 1})
+            assert err.value.status == 400 and "between 1 and 1048576 bytes" in str(err.value)
+            reply = client.put("vm.read-memory", {"address": tiny_kernel.LOAD_ADDR, "length": 5})
+            assert reply == {"address": tiny_kernel.LOAD_ADDR, "data": "baf8030000"}
         session.execute("resume; send w; expect 'w\\r?\\n' timeout=20")
         assert proc.wait(30) == 0  # the guest powered off, so the launched VMM ended
     finally:
