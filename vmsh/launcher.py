@@ -153,20 +153,20 @@ def make_vmm(events: EventMonitor, *, profile: ProfileConfig | None = None, tty:
 
 
 def run(opts: VmmOptions, cfg: VmConfig | None, *,
-        vmm_factory: Callable[[EventMonitor], Vmm] | None = None) -> int:
+        factories: tuple[VmFactory, RestoreFactory] | None = None) -> int:
     """Run the VMM: create and boot ``cfg`` (or restore), serve the API, and run the VMM's
     control loop on this (the main) thread until the VMM exits.
 
     Returns 0 when the guest powers off or the VMM is shut down (API or SIGTERM/SIGINT);
     raises :class:`VmshError` when the VM cannot be built or booted, or fails while it runs.
-    ``vmm_factory`` (tests) replaces :func:`make_vmm`.
+    ``factories`` (tests) replaces the engine's VM builders (:func:`vm_factories`).
     """
     from vmsh.engine.vcpu import install_kick_handler
 
     install_kick_handler()  # VMs may be built on the API thread, where signals cannot be set up
     events = _open_events(opts)
     events.emit("vmm", "starting")
-    vmm = vmm_factory(events) if vmm_factory is not None else make_vmm(events, profile=opts.profile)
+    vmm = make_vmm(events, profile=opts.profile, factories=factories)
     server = None
     stop_signals = []
 
