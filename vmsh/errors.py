@@ -92,3 +92,12 @@ def error_chain(err: BaseException) -> list[str]:
             chain.append(text)
         cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     return chain
+
+
+class DeviceStateError(VmshError):
+    """A saved device state that does not fit its device: ``field`` is the dotted path of the
+    value inside the state."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmsh import __version__
@@ -105,32 +104,20 @@ def _open_events(opts: VmmOptions) -> EventMonitor:
         raise VmshError("Error doing event monitor I/O") from err
 
 
-def _post_keyword(factory: Callable[..., Any], post: Post) -> dict[str, Post]:
-    """``{"post": post}`` when the engine's ``factory`` takes it.
-
-    Transitional (issue #15): ``Vm.build``/``Vm.restore`` take ``post=`` once topology changes
-    go to the control loop; then this check goes and ``post=post`` is passed always.
-    """
-    import inspect
-
-    return {"post": post} if "post" in inspect.signature(factory).parameters else {}
-
-
 def vm_factories(profile: ProfileConfig | None = None,
                  tty: ConsoleBackend | None = None) -> tuple[VmFactory, RestoreFactory]:
-    """The engine's VM builders in the shape :class:`~vmsh.engine.vmm.Vmm` calls them:
-    ``build(config, events, on_guest_event, post)`` and
-    ``restore(directory, restore, events, on_guest_event, post)``; ``tty`` is the backend of
+    """The engine's VM builders (:mod:`vmsh.engine.builder`) in the shape
+    :class:`~vmsh.engine.vmm.Vmm` calls them: ``build(config, events, on_guest_event, post)``
+    and ``restore(directory, restore, events, on_guest_event, post)``; ``tty`` is the backend of
     ``--serial tty``/``--console tty`` (the shell's captured console), None the terminal."""
-    from vmsh.engine.vm import Vm
+    from vmsh.engine.builder import build_for_boot, build_from_snapshot
 
     def build(config: VmConfig, events: EventMonitor, on_guest_event: GuestEventSink, post: Post) -> VmLike:
-        return Vm.build(config, events, on_guest_event, profile=profile, tty=tty, **_post_keyword(Vm.build, post))
+        return build_for_boot(config, events, on_guest_event, post, profile=profile, tty=tty)
 
     def restore(directory: str, request: RestoreConfig, events: EventMonitor, on_guest_event: GuestEventSink,
                 post: Post) -> VmLike:
-        return Vm.restore(directory, request, events, on_guest_event, profile=profile, tty=tty,
-                          **_post_keyword(Vm.restore, post))
+        return build_from_snapshot(directory, request, events, on_guest_event, post, profile=profile, tty=tty)
 
     return build, restore
 

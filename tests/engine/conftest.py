@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -113,3 +113,9 @@ def tiny(kvm: Kvm) -> Iterator[TinyVm]:
     vm = TinyVm(kvm)
     yield vm
     vm.close()
+
+
+def run_now(work: Callable[[], None]) -> None:
+    """A VM's ``post`` for tests without a control loop: the work runs at once, on the calling
+    thread (these tests drive the VM from one thread)."""
+    work()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.engine import tiny_kernel
+from tests.engine.conftest import run_now
 from tests.engine.conftest import Recorder
 from tests.unit.test_loader import make_bzimage, make_elf
 from vmsh.config import normalize, vm_config_from_argv
@@ -24,7 +25,7 @@ from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop
-from vmsh.engine.vm import KVM_CAP_HYPERV_SYNIC, Vm
+from vmsh.engine.builder import KVM_CAP_HYPERV_SYNIC, build_for_boot
 from vmsh.errors import VmshError
 
 STOP_PORT = 0xF4
@@ -160,9 +161,9 @@ def test_kvm_hyperv_needs_the_host_kvm_hyper_v_emulation(tmp_path) -> None:
         kvm.close()
     if not supported:
         with pytest.raises(VmshError, match="kvm_hyperv=on: this host's KVM has no Hyper-V emulation"):
-            Vm.build(cfg, EventMonitor(None), lambda kind, detail: None)
+            build_for_boot(cfg, EventMonitor(None), lambda kind, detail: None, run_now)
         return
-    vm = Vm.build(cfg, EventMonitor(None), lambda kind, detail: None)
+    vm = build_for_boot(cfg, EventMonitor(None), lambda kind, detail: None, run_now)
     try:
         cpuid = vm.vcpus[0].fd.get_cpuid2()
         assert next(e for e in cpuid if e.function == 0x4000_0001).eax.to_bytes(4, "little") == b"Hv#1"

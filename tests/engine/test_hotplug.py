@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 from tests.engine import tiny_kernel
+from tests.engine.conftest import run_now
 from vmsh.config import model as m
 from vmsh.config import normalize, vm_config_from_argv
 from vmsh.devices.acpi import GED_PCI_CHANGE
 from vmsh.engine.acpi import pci_hotplug
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.pvm import is_pvm_host
-from vmsh.engine.vm import GED_ADDRESS, PCI_HOTPLUG_ADDRESS, Vm
+from vmsh.engine.builder import build_for_boot
+from vmsh.engine.platform_devices import GED_ADDRESS, PCI_HOTPLUG_ADDRESS
 from vmsh.errors import VmshError
 
 
@@ -34,7 +36,7 @@ def vm(tmp_path: Path):
     kernel.write_bytes(tiny_kernel.hello_poweroff())
     cfg = normalize(vm_config_from_argv(["--kernel", str(kernel), "--serial", "null", "--console", "off"]))
     events = Events()
-    machine = Vm.build(cfg, events, lambda kind, detail: None)
+    machine = build_for_boot(cfg, events, lambda kind, detail: None, run_now)
     machine.test_events = events
     yield machine
     machine.shutdown()
@@ -69,7 +71,7 @@ def test_unknown_device_cannot_be_unplugged(vm) -> None:
 def test_hotplug_uses_only_the_declared_spare_slots(vm, tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
-    declared = vm.hotplug.declared[0]
+    declared = vm.platform.hotplug.declared[0]
     occupied = {e.slot for e in vm.devices.devices.values()}
     spare = len([s for s in declared if s not in occupied])
     assert spare == (pci_hotplug.SPARE_SLOTS_PVM if is_pvm_host() else 31 - len(occupied))

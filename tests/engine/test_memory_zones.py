@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 from tests.engine import tiny_kernel
+from tests.engine.conftest import run_now
 from vmsh.config import normalize, vm_config_from_argv
 from vmsh.engine.events import EventMonitor
-from vmsh.engine.vm import Vm
+from vmsh.engine.builder import build_for_boot
 
 LAUNCH = [sys.executable, "-m", "vmsh", "launch"]
 
@@ -22,7 +23,7 @@ def test_zones_are_laid_out_in_order_and_a_shared_file_zone_is_the_file(tmp_path
     cfg = normalize(vm_config_from_argv([
         "--kernel", str(kernel), "--serial", "null", "--console", "off", "--memory", "size=0",
         "--memory-zone", "id=z0,size=64M", f"id=z1,size=32M,file={backing},shared=on"]))
-    vm = Vm.build(cfg, EventMonitor(None), lambda kind, detail: None)
+    vm = build_for_boot(cfg, EventMonitor(None), lambda kind, detail: None, run_now)
     try:
         assert [(r.start, r.size) for r in vm.memory.regions] == [(0, 64 << 20), (64 << 20, 32 << 20)]
         vm.memory.write((64 << 20) + 4096, b"zone-one")

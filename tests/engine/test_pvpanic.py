@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.engine import tiny_kernel
+from tests.engine.conftest import run_now
 from tests.engine.test_hotplug import Events
 from vmsh.config import normalize, vm_config_from_argv
-from vmsh.engine.vm import Vm
+from vmsh.engine.builder import build_for_boot
 from vmsh.engine.virtio_devices import PVPANIC_ID
 
 
@@ -17,7 +18,7 @@ def test_pvpanic_write_emits_guest_panic(tmp_path: Path) -> None:
     kernel.write_bytes(tiny_kernel.hello_poweroff())
     cfg = normalize(vm_config_from_argv(["--kernel", str(kernel), "--serial", "null", "--console", "off", "--pvpanic"]))
     events = Events()
-    vm = Vm.build(cfg, events, lambda kind, detail: None)
+    vm = build_for_boot(cfg, events, lambda kind, detail: None, run_now)
     try:
         entry = vm.devices.devices[PVPANIC_ID]
         config = vm.devices.buses[0].config_read(0, entry.slot, 0, 0, 4)

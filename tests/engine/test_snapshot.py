@@ -165,7 +165,7 @@ def test_corrupt_vcpu_state_is_refused(snapshot) -> None:
 
 
 def test_restored_fd_backed_nets_need_new_fds() -> None:
-    from vmsh.engine.vm import apply_restored_net_fds
+    from vmsh.engine.builder import apply_restored_net_fds
 
     def config() -> m.VmConfig:
         return m.VmConfig(net=[m.NetConfig(id="net0", fds=[7, 8]), m.NetConfig(id="net1", tap="vmtap9")])

@@ -469,10 +469,10 @@ def describe_config(cfg: Any) -> dict[str, Any]:
     """
     from vmsh.engine.console import ConsoleBackend
     from vmsh.engine.events import EventMonitor
-    from vmsh.engine.vm import Vm
+    from vmsh.engine.builder import build_for_boot
 
     events = EventMonitor()
-    vm = Vm.build(cfg, events, lambda kind, detail: None, tty=ConsoleBackend())
+    vm = build_for_boot(cfg, events, lambda kind, detail: None, lambda work: work(), tty=ConsoleBackend())
     try:
         return describe(vm)
     finally:

@@ -1,7 +1,10 @@
-"""The VM's PCI devices: segments and slots, BAR windows, MSI-X routing and virtqueue kicks.
+"""The VM's devices: the platform devices, the PCI segments and slots, BAR windows, MSI-X
+routing and virtqueue kicks, and the one device tree that snapshots walk.
 
 The device models (``vmsh.devices``) know nothing of KVM; this is where they are plugged in:
 
+- the platform devices (serial, CMOS, GED, hotplug registers) are put on the port or MMIO bus
+  with ``add_legacy``; the stateful ones are kept by their snapshot ids;
 - each PCI segment gets its bus, its ECAM window on the MMIO bus (and segment 0 the 0xcf8
   configuration ports);
 - each virtio device gets a ``VirtioPciDevice`` transport in the slot it asks for (or the next
@@ -15,8 +18,13 @@ The device models (``vmsh.devices``) know nothing of KVM; this is where they are
   freed (BAR space is not reused: the windows are far larger than any device set);
 - on pause the I/O thread is quiesced, so a snapshot sees no request half done.
 
+Threads (``docs/threading.md``): the device set, the bus maps and the ioeventfd registrations
+change only on the VMM's control loop. A BAR move the guest makes on a vCPU thread is handed to
+it through ``handoff`` (the vCPU waits until it is done, as a BAR write takes effect at once on
+real hardware); every register path of a device takes the device's one lock (``pci_device``).
+
 Slot order follows cloud-hypervisor's device manager: console, disks, nets, rng, pmem,
-vsock, balloon (reference §8.2; ids §1.6).
+vsock, balloon.
 """
 
 from __future__ import annotations
@@ -26,10 +34,8 @@ import functools
 import logging
 import mmap
 import os
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from vmsh._native import ffi
 from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
@@ -40,8 +46,9 @@ from vmsh.engine.bus import Bus, BusError, BusRange
 from vmsh.engine.io_loop import IoLoop
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.msi import GsiRoutes, KvmMsiRouter
+from vmsh.engine.pci_device import BarAllocator, LockedPciFunction, PciDevice, PciFunctionModel
 from vmsh.engine.persist import SnapshotError, from_plain, to_plain
-from vmsh.errors import DeviceError, KvmError
+from vmsh.errors import DeviceError, DeviceStateError, KvmError
 
 LOG = logging.getLogger(__name__)
 
@@ -53,117 +60,46 @@ _REGION_ALIGN = 2 << 20
 NOTIFY_WIDTH = 2
 
 
-class PciFunctionModel(Protocol):
-    """What the manager needs of a PCI device model with one memory BAR (a virtio-pci
-    transport, pvpanic): configuration space, BAR 0 accesses and placement, state."""
-
-    config: Any
-    BAR_SIZE: int
-    on_bar_change: Callable[[int, int], None] | None
-
-    def bar_read(self, offset: int, size: int) -> bytes: ...
-
-    def bar_write(self, offset: int, data: bytes) -> None: ...
-
-    def bar_address(self) -> int: ...
-
-    def set_bar_address(self, addr: int) -> None: ...
-
-    def state(self) -> Any: ...
-
-    def restore(self, state: Any) -> None: ...
-
-    def counters(self) -> dict[str, int]: ...
-
-    def close(self) -> None: ...
-
-
-class BarWindow:
-    """A device's BAR 0 as a bus device, with the one lock that serializes the device.
-
-    vCPU accesses to the BAR and the I/O thread's queue kicks both take ``lock``; it stays
-    the same when the guest moves the BAR, so the bus is told not to add its own.
-    """
-
-    thread_safe = True
-
-    def __init__(self, transport: PciFunctionModel) -> None:
-        self.transport = transport
-        self.lock = threading.Lock()
-
-    def read(self, offset: int, size: int) -> bytes:
-        with self.lock:
-            return self.transport.bar_read(offset, size)
-
-    def write(self, offset: int, data: bytes) -> None:
-        with self.lock:
-            self.transport.bar_write(offset, data)
-
-    def kick(self, fd: int, queue: int) -> None:
-        """The I/O-thread callback of one queue's ioeventfd."""
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            return
-        with self.lock:
-            self.transport.notify(queue)  # type: ignore[attr-defined]
-
-
-@dataclass(eq=False)
-class PciDevice:
-    """One device as plugged into the VM."""
-
-    id: str
-    segment: int
-    slot: int
-    transport: PciFunctionModel
-    router: KvmMsiRouter | None
-    window: BarWindow
-    #: virtqueues served through ioeventfds (0 for a device without queues)
-    queues: int = 0
-    mapped: BusRange | None = None
-    notify_fds: list[tuple[int, int]] = field(default_factory=list)  # (fd, guest address)
-
-
-class BarAllocator:
-    """Bump allocation of naturally aligned BARs inside one window."""
-
-    def __init__(self, base: int, size: int) -> None:
-        self.cursor, self.end = base, base + size
-
-    def allocate(self, size: int) -> int:
-        addr = (self.cursor + size - 1) & ~(size - 1)
-        if addr + size > self.end:
-            raise DeviceError(f"No room for a {size:#x}-byte BAR in the PCI window ending at {self.end:#x}")
-        self.cursor = addr + size
-        return addr
+#: runs a piece of work on the VMM's control loop and returns when it is done
+Handoff = Callable[[Callable[[], None]], None]
 
 
 class DeviceManager:
-    """PCI segments and the devices on them."""
+    """The platform devices, the PCI segments and the devices on them."""
 
     def __init__(self, vm_fd: Any, memory: GuestMemoryMmap, pio: Bus, mmio: Bus,
-                 segments: tuple[PciSegment, ...]) -> None:
+                 segments: tuple[PciSegment, ...], handoff: Handoff) -> None:
         self.vm_fd = vm_fd
         self.memory = memory
         self.pio = pio
         self.mmio = mmio
         self.segments = segments
+        #: runs a BAR move on the control loop (from the vCPU thread that wrote the BAR)
+        self.handoff = handoff
         self.buses = [PciBus(seg.id) for seg in segments]
         self.routes = GsiRoutes(vm_fd)
         self.loop = IoLoop()
         self.devices: dict[str, PciDevice] = {}
+        #: stateful platform devices by snapshot id (``__serial``, ``__cmos``, ...)
+        self.legacy: dict[str, Any] = {}
         self._kick_after_restore = False
         #: host mappings in guest physical memory, by device id: (KVM slot, guest address, mapping)
         self._regions: dict[str, tuple[int, int, mmap.mmap]] = {}
         self._alloc32 = {seg.id: BarAllocator(*seg.mmio32) for seg in segments}
         self._alloc64 = {seg.id: BarAllocator(*seg.mmio64) for seg in segments}
-        for seg, bus in zip(segments, self.buses):
+        for seg, bus in zip(segments, self.buses, strict=True):
             if seg.id == 0:
                 self.pio.insert(PciConfigIo(bus), PCI_CONFIG_PORT, 8, name="pci-config-io")
             self.mmio.insert(PciEcam(bus), seg.ecam_base, PciEcam.SIZE, name=f"pci-ecam{seg.id}")
 
     # --- plugging -------------------------------------------------------------------------------
+
+    def add_legacy(self, dev_id: str, device: Any, bus: Bus, base: int, length: int, *, name: str) -> BusRange:
+        """Put a platform device on ``bus``; a stateful one is saved and restored as ``dev_id``."""
+        entry = bus.insert(device, base, length, name=name)
+        if callable(getattr(device, "state", None)):
+            self.legacy[dev_id] = device
+        return entry
 
     def add_virtio(self, dev_id: str, device: VirtioDevice, *, segment: int = 0, slot: int | None = None,
                    bar64: bool = True) -> PciDevice:
@@ -192,28 +128,29 @@ class DeviceManager:
 
     def _plug(self, dev_id: str, function: PciFunctionModel, segment: int, slot: int | None, bar64: bool,
               router: KvmMsiRouter | None, queues: int) -> PciDevice:
+        entry = PciDevice(dev_id, segment, -1, function, router, queues=queues)
         try:
-            slot = self.buses[segment].add(function, slot)
+            entry.slot = self.buses[segment].add(LockedPciFunction(entry, self._bar_written), slot)
         except ValueError as err:
             raise DeviceError(f"{dev_id}: {err}") from None
-        entry = PciDevice(dev_id, segment, slot, function, router, BarWindow(function), queues=queues)
         try:
             allocator = self._alloc64[segment] if bar64 else self._alloc32[segment]
             address = allocator.allocate(max(function.BAR_SIZE, 4096))
             function.set_bar_address(address)
-            self._map(entry, address)
+            with entry.lock:
+                self._map(entry, address)
         except BaseException:
-            self.buses[segment].slots[slot] = None
+            self.buses[segment].slots[entry.slot] = None
             raise
-        function.on_bar_change = lambda old, new, e=entry: self._moved(e, new)
+        function.on_bar_change = functools.partial(self._bar_moved, entry)
         self.devices[dev_id] = entry
-        LOG.debug("%s: %04x:00:%02x.0 BAR0 %#x", dev_id, segment, slot, function.bar_address())
+        LOG.debug("%s: %04x:00:%02x.0 BAR0 %#x", dev_id, segment, entry.slot, function.bar_address())
         return entry
 
     def remove(self, dev_id: str) -> PciDevice:
         """Unplug ``dev_id`` (the guest has ejected it): unmap it and free its slot."""
         entry = self.devices.pop(dev_id)
-        with entry.window.lock:
+        with entry.lock:
             self._unmap(entry)
         self.buses[entry.segment].slots[entry.slot] = None
         self._release(entry)
@@ -263,7 +200,8 @@ class DeviceManager:
                    for base, length in (seg.mmio32, seg.mmio64))
 
     def _map(self, entry: PciDevice, address: int) -> None:
-        """Map the BAR window at ``address`` and put ioeventfds on its notify addresses."""
+        """Map the BAR window at ``address`` and put ioeventfds on its notify addresses
+        (``entry.lock`` held)."""
         try:
             entry.mapped = self.mmio.insert(entry.window, address, entry.transport.BAR_SIZE,
                                             name=f"_virtio-pci-{entry.id}" if entry.queues else entry.id)
@@ -272,7 +210,7 @@ class DeviceManager:
         transport = entry.transport
         for queue in range(entry.queues):
             fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            guest = address + transport.notify_offset(queue)  # type: ignore[attr-defined]
+            guest = address + transport.notify_offset(queue)  # type: ignore[attr-defined]  # virtio transports only
             try:
                 self.vm_fd.ioeventfd(fd, guest, NOTIFY_WIDTH)
             except KvmError as err:
@@ -280,10 +218,15 @@ class DeviceManager:
                 self._unmap(entry)
                 raise DeviceError(f"{entry.id}: cannot register the queue notifications") from err
             entry.notify_fds.append((fd, guest))
+            entry.window.notify[fd] = queue
             self.loop.add(fd, functools.partial(entry.window.kick, fd, queue))
 
     def _unmap(self, entry: PciDevice) -> None:
+        """Unmap the BAR window and drop its ioeventfds (``entry.lock`` held, so no kick is
+        running; one the I/O thread has already picked up finds its fd gone from
+        ``window.notify`` and does nothing)."""
         for fd, guest in entry.notify_fds:
+            entry.window.notify.pop(fd, None)
             self.loop.remove(fd)
             try:
                 self.vm_fd.ioeventfd(fd, guest, NOTIFY_WIDTH, deassign=True)
@@ -295,8 +238,27 @@ class DeviceManager:
             self.mmio.remove(entry.mapped.base)
             entry.mapped = None
 
+    def _bar_moved(self, entry: PciDevice, old: int, new: int) -> None:
+        """The model's ``on_bar_change`` (inside a configuration write, ``entry.lock`` held):
+        only note where the BAR went."""
+        entry.pending_move = new
+
+    def _bar_written(self, entry: PciDevice) -> None:
+        """A configuration write moved BAR 0 (a vCPU thread, lock released): follow it on the
+        control loop before the vCPU goes on."""
+        self.handoff(functools.partial(self.follow_bar, entry))
+
+    def follow_bar(self, entry: PciDevice) -> None:
+        """Map the BAR where the guest put it (the control loop)."""
+        if self.devices.get(entry.id) is not entry:
+            return  # ejected meanwhile
+        with entry.lock:
+            address, entry.pending_move = entry.pending_move, None
+            if address is not None:
+                self._moved(entry, address)
+
     def _moved(self, entry: PciDevice, address: int) -> None:
-        """The guest wrote BAR 0 (on a vCPU thread): follow it if the new place is usable.
+        """Follow BAR 0 to ``address`` if the new place is usable (``entry.lock`` held).
 
         While the guest sizes the BAR (all ones written, then the address back) the value
         points outside every window; the BAR is simply unmapped until it is back in one.
@@ -313,33 +275,37 @@ class DeviceManager:
     # --- snapshot -------------------------------------------------------------------------------
 
     def states(self) -> dict[str, Any]:
-        """Each device's transport state (with its device state inside), as plain data."""
-        return {dev_id: {**to_plain(entry.transport.state()), "pci_slot": entry.slot}
-                for dev_id, entry in self.devices.items()}
+        """The device tree as plain data: each platform device's state, and each PCI device's
+        transport state (with its device state inside) and slot."""
+        tree: dict[str, Any] = {dev_id: to_plain(device.state()) for dev_id, device in self.legacy.items()}
+        tree.update((dev_id, {**to_plain(entry.transport.state()), "pci_slot": entry.slot})
+                    for dev_id, entry in self.devices.items())
+        return tree
 
     def restore(self, saved: dict[str, Any]) -> None:
-        """Load the transports' states from a snapshot (untrusted) and re-plug their BARs.
+        """Load every device's state from a snapshot (untrusted) and re-plug the BARs.
 
-        ``saved`` maps device ids to states (the legacy devices' states taken out). Every
-        device of the config must have a state and no state may be left over: a
+        Every device of the config must have a state and no state may be left over: a
         snapshot of another machine is refused rather than half applied.
+
+        :raises SnapshotError: naming the device and the field that does not fit.
         """
-        ids = set(self.devices)
+        ids = set(self.legacy) | set(self.devices)
         extra = sorted(set(saved) - ids)
         missing = sorted(ids - set(saved))
         if missing or extra:
-            raise SnapshotError(f"The snapshot's PCI devices do not match its config "
+            raise SnapshotError(f"The snapshot's devices do not match its config "
                                 f"(missing {missing or 'none'}, unknown {extra or 'none'})")
+        for dev_id, device in self.legacy.items():
+            _restore_state(dev_id, device, from_plain(type(device).state_type, saved[dev_id], dev_id))
         for dev_id, entry in self.devices.items():
             raw = saved[dev_id]
             if not isinstance(raw, dict):
                 raise SnapshotError(f"{dev_id}: expected an object")
             self._move_slot(entry, raw.pop("pci_slot", entry.slot))
-            try:
-                entry.transport.restore(self._decode_state(entry, raw))
-            except (ValueError, DeviceError) as err:
-                raise SnapshotError(f"{dev_id}: the saved state does not fit the device") from err
-            self._moved(entry, entry.transport.bar_address())
+            with entry.lock:
+                _restore_state(dev_id, entry.transport, self._decode_state(entry, raw))
+                self._moved(entry, entry.transport.bar_address())
         self._kick_after_restore = True
 
     def _move_slot(self, entry: PciDevice, slot: Any) -> None:
@@ -348,23 +314,24 @@ class DeviceManager:
             return
         bus = self.buses[entry.segment]
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 < slot < len(bus.slots):
-            raise SnapshotError(f"{entry.id}: invalid PCI slot {slot!r}")
+            raise SnapshotError(f"{entry.id}.pci_slot: invalid PCI slot {slot!r}")
         other = bus.slots[slot]
-        bus.slots[slot], bus.slots[entry.slot] = entry.transport, other
+        bus.slots[slot], bus.slots[entry.slot] = bus.slots[entry.slot], other
         if other is not None:
-            moved = next(e for e in self.devices.values() if e.transport is other)
+            moved = next(e for e in self.devices.values() if e is getattr(other, "device_entry", None))
             moved.slot = entry.slot
         entry.slot = slot
 
     @staticmethod
     def _decode_state(entry: PciDevice, raw: dict[str, Any]) -> Any:
-        if not isinstance(entry.transport, VirtioPciDevice):
-            return from_plain(type(entry.transport.state()), raw, entry.id)
+        transport = entry.transport
+        if not isinstance(transport, VirtioPciDevice):
+            return from_plain(type(transport).state_type, raw, entry.id)
         state = from_plain(VirtioPciState, {**raw, "device": None}, entry.id)
-        template = entry.transport.device.state()
+        device_type = getattr(type(transport.device), "state_type", None)
         device_state = None
-        if template is not None:
-            device_state = from_plain(type(template), raw.get("device"), f"{entry.id}.device")
+        if device_type is not None and raw.get("device") is not None:
+            device_state = from_plain(device_type, raw.get("device"), f"{entry.id}.device")
         return dataclasses.replace(state, device=device_state)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -383,8 +350,8 @@ class DeviceManager:
             self._kick_after_restore = False
             for entry in self.devices.values():
                 for queue in range(entry.queues):
-                    with entry.window.lock:
-                        entry.transport.notify(queue)  # type: ignore[attr-defined]
+                    with entry.lock:
+                        entry.transport.notify(queue)  # type: ignore[attr-defined]  # virtio transports only
         for device in self._pausable():
             device.resume()
 
@@ -423,3 +390,12 @@ class DeviceManager:
             tree[f"_virtio-pci-{dev_id}"] = {"id": f"_virtio-pci-{dev_id}", "children": [dev_id], "pci_bdf": bdf}
         return tree
 
+
+def _restore_state(dev_id: str, device: Any, state: Any) -> None:
+    """``device.restore(state)``, its complaint turned into a snapshot error naming the device."""
+    try:
+        device.restore(state)
+    except DeviceStateError as err:
+        raise SnapshotError(f"{dev_id}.{err}") from err
+    except (ValueError, DeviceError) as err:
+        raise SnapshotError(f"{dev_id}: the saved state does not fit the device") from err

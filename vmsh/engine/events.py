@@ -96,3 +96,4 @@ class EventMonitor:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+

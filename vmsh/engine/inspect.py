@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from vmsh.errors import GuestMemoryError, ValidationError
+from vmsh.errors import GuestMemoryError, ValidationError, VmshError
 
 LOG = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class InspectableVm(Protocol):
     @property
     def vcpus(self) -> Sequence[_Vcpu]: ...
     @property
-    def memory(self) -> _Memory: ...
+    def memory(self) -> _Memory | None: ...
     def start_profiler(self, hz: int) -> None: ...
     def stop_profiler(self, system_map: str | None = None, top: int = 40) -> str: ...
 
@@ -87,6 +87,8 @@ def read_memory(vm: InspectableVm, address: int, length: int) -> dict[str, Any]:
         raise ValidationError(f"The length must be between 1 and {MAX_READ} bytes (it is {length})")
     if address < 0:
         raise ValidationError(f"The address must not be negative (it is {address})")
+    if vm.memory is None:
+        raise VmshError("The VM has no guest RAM yet")
     try:
         data = vm.memory.read(address, length)
     except GuestMemoryError as err:

@@ -86,40 +86,6 @@ class MemoryOptions:
     prefault: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class ZoneSpec:
-    """One ``--memory-zone``: its size, how it is backed, and where."""
-
-    size: int
-    options: MemoryOptions = MemoryOptions()
-    #: back the zone with this file (MAP_SHARED when ``options.shared``, else private)
-    file: str | None = None
-    #: bind the zone's pages to this host NUMA node (mbind MPOL_BIND)
-    host_numa_node: int | None = None
-
-
-#: mbind(2): x86_64 syscall number and the policy that binds to a node set
-_SYS_MBIND = 237
-_MPOL_BIND = 2
-
-
-def bind_to_node(mm: mmap.mmap, node: int) -> None:
-    """Bind a mapping's pages to host NUMA node ``node``.
-
-    :raises GuestMemoryError: when the node does not exist or the kernel refuses.
-    """
-    if not os.path.isdir(f"/sys/devices/system/node/node{node}"):
-        raise GuestMemoryError(f"host NUMA node {node} does not exist")
-    mask = (ctypes.c_ulong * (node // 64 + 1))()
-    mask[node // 64] = 1 << (node % 64)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(_SYS_MBIND, ctypes.c_void_p(addr), ctypes.c_ulong(len(mm)), _MPOL_BIND,
-                    mask, ctypes.c_ulong(len(mask) * 64 + 1), 0) != 0:
-        raise GuestMemoryError(f"cannot bind guest RAM to host NUMA node {node}: "
-                               f"{os.strerror(ctypes.get_errno())}")
-
-
 class GuestRegion:
     """One contiguous mapping of guest RAM at ``start``."""
 
@@ -327,37 +293,6 @@ class GuestMemoryMmap:
         try:
             for start, length in ram_ranges(size):
                 regions.append(GuestRegion.create(start, length, options))
-        except GuestMemoryError:
-            for r in regions:
-                r.close()
-            raise
-        return cls(regions)
-
-    @classmethod
-    def create_zones(cls, zones: list[ZoneSpec]) -> GuestMemoryMmap:
-        """RAM made of memory zones, one after the other in guest physical memory, laid out
-        around the 32-bit hole like plain RAM; a zone that straddles the hole is two regions."""
-        total = sum(z.size for z in zones)
-        if not zones or total <= 0 or any(z.size <= 0 or z.size % 4096 for z in zones):
-            raise GuestMemoryError("memory zones must have positive sizes that are multiples of 4 KiB")
-        regions: list[GuestRegion] = []
-        pieces = iter(ram_ranges(total))
-        start, room = next(pieces)
-        try:
-            for zone in zones:
-                done = 0
-                while done < zone.size:
-                    if room == 0:
-                        start, room = next(pieces)
-                    n = min(room, zone.size - done)
-                    if zone.file is not None:
-                        region = GuestRegion.from_file(start, zone.file, done, n, zone.options)
-                    else:
-                        region = GuestRegion.create(start, n, zone.options)
-                    regions.append(region)
-                    if zone.host_numa_node is not None:
-                        bind_to_node(region.mmap, zone.host_numa_node)
-                    start, room, done = start + n, room - n, done + n
         except GuestMemoryError:
             for r in regions:
                 r.close()

@@ -316,6 +316,10 @@ class Vcpu:
         self._stop_requested = True
         self._interrupt()
 
+    def cancel_kick(self) -> None:
+        """Withdraw a ``kick`` the loop has not acted on yet (a pause that gave up waiting)."""
+        self._stop_requested = False
+
     def _interrupt(self) -> None:
         self._pending = True
         self.fd.set_immediate_exit(True)

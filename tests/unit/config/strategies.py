@@ -119,7 +119,7 @@ def vm_configs(draw: st.DrawFn) -> m.VmConfig:
         disks=disks or None,
         net=nets or None,
         rng=m.RngConfig(src=draw(PATH), iommu=draw(BOOL)),
-        balloon=draw(opt(st.builds(m.BalloonConfig, size=st.integers(0, 1 << 20), deflate_on_oom=BOOL, free_page_reporting=BOOL))),
+        balloon=draw(opt(st.builds(m.BalloonConfig, size=st.integers(0, (1 << 20) - 1), deflate_on_oom=BOOL, free_page_reporting=BOOL))),  # below the smallest RAM
         fs=None,
         pmem=draw(opt(st.lists(st.builds(m.PmemConfig, file=PATH, size=opt(SIZE), iommu=BOOL, discard_writes=BOOL), min_size=1, max_size=2))),
         serial=console(m.ConsoleOutputMode.NULL),

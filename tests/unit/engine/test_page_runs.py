@@ -64,14 +64,14 @@ def test_a_region_restored_from_a_file_saves_the_file_data_and_its_own_writes(tm
 def test_a_restored_vm_saves_the_snapshot_pages_it_never_touched(tmp_path) -> None:
     """Regression: a clone's RAM maps its snapshot's memory file; a page the clone never
     touched is in no page table, yet holds the snapshot's data, which its own snapshot must keep."""
-    from vmsh.engine.vm import _map_snapshot_memory
+    from vmsh.engine.memory_manager import map_snapshot_memory
 
     path = tmp_path / "memory-ranges"
     with open(path, "wb") as f:
         f.truncate(64 * PAGE)
         f.seek(40 * PAGE)
         f.write(b"kernel text")
-    memory = _map_snapshot_memory(path, prefault=False)
+    memory = map_snapshot_memory(path, prefault=False)
     try:
         (region,) = memory.regions
         region.view[3 * PAGE] = 1  # touched since the restore

@@ -1,0 +1,356 @@
+"""The composition root: the one place where a VM is put together, for a boot or from a snapshot.
+
+Two entry points share one device-creation path (Firecracker's ``builder.rs`` is the model):
+
+* :func:`build_for_boot` opens KVM, makes guest RAM (``memory_manager``), creates the devices
+  the config asks for, loads the kernel and initramfs, writes the ACPI and SMBIOS tables and
+  the boot parameters, and creates and configures the vCPUs;
+* :func:`build_from_snapshot` checks the snapshot against its config (``snapshot``), maps its
+  memory file copy-on-write, creates the same devices, and loads every saved state into them:
+  the vCPUs and the in-kernel irqchip first, then the device manager's device tree.
+
+Either returns a :class:`~vmsh.engine.vm.Vm` with nothing running, or raises and leaves nothing
+behind. The machine is cloud-hypervisor's x86_64 one (its ``docs/device_model.md`` and
+``arch/src/x86_64/layout.rs``): RAM below 3 GiB and from 4 GiB, the kernel through PVH or the
+bzImage 32-bit entry, ACPI at 0xa0000 (hardware-reduced FADT, MADT, MCFG, DSDT), SMBIOS at
+0xf0000, the in-kernel irqchip and PIT, the platform devices (``platform_devices``) and PCI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from vmsh.config import model as m
+from vmsh.config.model import ConsoleOutputMode
+from vmsh.devices.pvpanic import event_name as pvpanic_event_name
+from vmsh.engine import smbios
+from vmsh.engine.acpi import pci_hotplug
+from vmsh.engine.acpi.builder import build_acpi
+from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
+from vmsh.engine.boot import layout
+from vmsh.engine.boot.configure import configure_vcpu, write_boot_tables
+from vmsh.engine.boot.loader import load_initramfs, load_kernel
+from vmsh.engine.console import ConsoleBackend, open_backend
+from vmsh.engine.control_requests import ControlRequests, Post
+from vmsh.engine.cpuid import CpuTopology
+from vmsh.engine.device_manager import DeviceManager
+from vmsh.engine.events import EventMonitor, GuestEvent
+from vmsh.engine.hotplug import PciHotplug, declare_slots
+from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
+from vmsh.engine.kvm import Kvm, VcpuFd
+from vmsh.engine.kvm_state import restore_vcpu, restore_vm
+from vmsh.engine.memory_manager import check_host_memory, create_memory, map_snapshot_memory
+from vmsh.engine.pci_windows import pci_segments
+from vmsh.engine.persist import SnapshotError
+from vmsh.engine.platform_devices import (
+    GED_ADDRESS,
+    GED_IRQ,
+    PCI_HOTPLUG_ADDRESS,
+    PM_TIMER_PORT,
+    SHUTDOWN_PORT,
+    create_platform_devices,
+)
+from vmsh.engine.pvm import internal_error_handler, is_pvm_host
+from vmsh.engine.snapshot import read_saved_vm
+from vmsh.engine.state import VmState
+from vmsh.engine.stats import KvmStats
+from vmsh.engine.vcpu import Vcpu, install_kick_handler
+from vmsh.engine.virtio_devices import PlatformHooks, add_config_devices
+from vmsh.engine.vm import GuestEventSink, Vm
+from vmsh.errors import KvmError, VmshError
+
+LOG = logging.getLogger(__name__)
+
+#: <linux/kvm.h>: KVM emulates Hyper-V's synthetic interrupt controller
+KVM_CAP_HYPERV_SYNIC = 123
+
+
+def unsupported_options(cfg: m.VmConfig) -> list[str]:
+    """Options that parse and validate but that this VMM cannot provide, each with why."""
+    missing = []
+    for name, present in (
+        # These need host pieces vmsh does not have: a vhost-user backend, VFIO, vDPA, SGX.
+        ("--disk vhost_user=on (needs a vhost-user backend)", any(d.vhost_user for d in cfg.disks or [])),
+        ("--net vhost_user=on (needs a vhost-user backend)", any(n.vhost_user for n in cfg.net or [])),
+        ("--fs (virtio-fs needs a vhost-user backend)", cfg.fs),
+        ("--vdpa (needs /dev/vhost-vdpa-*)", cfg.vdpa),
+        ("--device (VFIO passthrough needs /dev/vfio)", cfg.devices),
+        ("--user-device (needs a vfio-user server)", cfg.user_devices),
+        ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
+        # Not implemented yet.
+        ("--tpm", cfg.tpm), ("--numa", cfg.numa),
+        ("--memory hotplug_size", cfg.memory.hotplug_size),
+        ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
+    ):
+        if present:
+            missing.append(name)
+    if cfg.memory.size == 0 and not cfg.memory.zones:
+        missing.append("--memory size=0 without --memory-zone")
+    return missing
+
+
+def apply_restored_net_fds(config: m.VmConfig, net_fds: list[m.RestoredNetConfig] | None) -> None:
+    """Give the snapshot's fd-backed net devices the tap fds of ``--restore net_fds=`` (the fd
+    numbers in its config.json belonged to the process that took it).
+
+    :raises SnapshotError: for an entry that names no fd-backed net of the snapshot or brings a
+        different number of fds, and for an fd-backed net left without new fds.
+    """
+    nets = {n.id: n for n in config.net or []}
+    given = set()
+    for entry in net_fds or []:
+        net = nets.get(entry.id)
+        if net is None or net.fds is None:
+            raise SnapshotError(f"net_fds: the snapshot has no net device {entry.id} created from fds")
+        if entry.fds is None or len(entry.fds) != len(net.fds):
+            raise SnapshotError(f"net_fds: {entry.id} needs {len(net.fds)} fds, got {len(entry.fds or [])}")
+        net.fds = list(entry.fds)
+        given.add(entry.id)
+    for net in nets.values():
+        if net.fds is not None and net.id not in given:
+            raise SnapshotError(f"Net device {net.id} was created from fds: restore it with "
+                                f"net_fds=[{net.id}@[...]] giving new ones")
+
+
+def build_for_boot(config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink, post: Post, *,
+                   profile: m.ProfileConfig | None = None, tty: ConsoleBackend | None = None) -> Vm:
+    """Create everything ``config`` asks for; nothing runs until ``Vm.boot``.
+
+    ``post`` queues work for the VMM's control loop (``Vmm.post``); ``tty`` is the serial
+    backend for ``--serial tty`` when this process's terminal is not the console.
+
+    :raises VmshError: naming what could not be created; nothing is left behind.
+    """
+    missing = unsupported_options(config)
+    if missing:
+        raise VmshError("Not supported by vmsh: " + ", ".join(missing))
+    vm = Vm(config, events, on_guest_event, ControlRequests(post), profile)
+    try:
+        _open_kvm(vm)
+        assert vm.kvm is not None
+        vm.memory = create_memory(config.memory)
+        vm.memory.register(vm.vm_fd)
+        payload = config.payload
+        assert payload is not None, "normalize() refuses a config without a payload"
+        image = payload.kernel or payload.firmware
+        assert image is not None, "normalize() refuses a payload without a kernel or firmware"
+        what = "kernel" if payload.kernel else "firmware"
+        try:
+            kernel = load_kernel(vm.memory, image)
+        except VmshError as err:
+            raise VmshError(f"Cannot load the {what} {image}") from err
+        try:
+            initrd = load_initramfs(vm.memory, payload.initramfs, kernel) if payload.initramfs else None
+        except VmshError as err:
+            raise VmshError(f"Cannot load the initramfs {payload.initramfs}") from err
+        supported = vm.kvm.supported_cpuid()
+        phys_bits = _phys_bits(vm, supported)
+        # the devices first: the ACPI tables declare their slots hotpluggable
+        segments = _create_devices(vm, tty, phys_bits)
+        assert vm.devices is not None and vm.platform is not None
+        spare = pci_hotplug.SPARE_SLOTS_PVM if is_pvm_host() else pci_hotplug.NUM_SLOTS
+        declare_slots(vm.platform.hotplug, vm.devices, config.num_pci_segments(), spare)
+        rsdp = _write_firmware_tables(vm, segments)
+        write_boot_tables(vm.memory, kernel, payload.cmdline or "", initrd, rsdp=rsdp)
+        topo = config.cpus.topology
+        topology = (
+            CpuTopology(threads_per_core=topo.threads_per_core, cores_per_die=topo.cores_per_die,
+                        dies_per_package=topo.dies_per_package, packages=topo.packages)
+            if topo is not None else CpuTopology.flat(config.cpus.max_vcpus)
+        )
+        for index in range(config.cpus.boot_vcpus):
+            fd = _create_vcpu(vm, index)
+            configure_vcpu(fd, vm.memory, kernel, supported, topology, pvm=is_pvm_host(), phys_bits=phys_bits,
+                           hyperv=config.cpus.kvm_hyperv)
+        _finish(vm)
+    except BaseException:
+        vm.shutdown()
+        raise
+    return vm
+
+
+def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventMonitor,
+                        on_guest_event: GuestEventSink, post: Post, *, profile: m.ProfileConfig | None = None,
+                        tty: ConsoleBackend | None = None) -> Vm:
+    """Rebuild the VM saved in ``directory``; it comes back Paused.
+
+    Guest RAM is the snapshot's memory file mapped copy-on-write (read in at once with
+    ``prefault``), so restoring costs the same whatever the guest's size, and clones of one
+    snapshot share its pages. The snapshot is untrusted input: a malformed or mismatched one
+    is refused with an error and leaves nothing behind.
+
+    :raises SnapshotError: naming what is wrong with the snapshot.
+    """
+    saved = read_saved_vm(directory)
+    config = saved.config
+    apply_restored_net_fds(config, restore.net_fds)
+    missing = unsupported_options(config)
+    if missing:
+        raise SnapshotError("The snapshot needs what vmsh does not support: " + ", ".join(missing))
+    vm = Vm(config, events, on_guest_event, ControlRequests(post), profile)
+    try:
+        _open_kvm(vm)
+        vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault)
+        vm.memory.register(vm.vm_fd)
+        _create_devices(vm, tty, _phys_bits(vm))
+        for state in saved.vcpus:
+            _create_vcpu(vm, state.vcpu_id)
+        try:
+            for vcpu, state in zip(vm.vcpus, saved.vcpus, strict=True):
+                restore_vcpu(vcpu.fd, state)
+            restore_vm(vm.vm_fd, saved.kvm)
+        except (KvmError, ValueError) as err:
+            raise SnapshotError("KVM refused the snapshot's vCPU or irqchip state") from err
+        assert vm.devices is not None
+        # after the irqchip: a device whose state raises an interrupt (the GED) must not lose it
+        vm.devices.restore(saved.devices)
+        vm.paused_clock = saved.kvm.clock
+        _finish(vm)
+        vm.state = VmState.PAUSED
+    except BaseException:
+        vm.shutdown()
+        raise
+    return vm
+
+
+def _open_kvm(vm: Vm) -> None:
+    """The KVM VM with its in-kernel irqchip and PIT, after checking what the host can give."""
+    cfg = vm.config
+    if threading.current_thread() is threading.main_thread():
+        install_kick_handler()  # front-ends that build VMs from other threads install it at start
+    usable = os.sched_getaffinity(0)
+    for entry in cfg.cpus.affinity or []:
+        wrong = sorted(set(entry.host_cpus) - usable)
+        if wrong:
+            raise VmshError(f"--cpus affinity: vCPU {entry.vcpu} asks for host CPU {wrong[0]}, "
+                            f"but this process may only use CPUs {sorted(usable)}")
+    check_host_memory(cfg.memory.total_size())
+    try:
+        vm.kvm = Kvm()
+    except KvmError as err:
+        raise VmshError("Cannot open /dev/kvm: is KVM available to this user?") from err
+    vm.vm_fd = vm.kvm.create_vm()
+    vm.vm_fd.set_tss_addr(layout.KVM_TSS_START)
+    vm.vm_fd.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
+    vm.vm_fd.create_irqchip()
+    vm.vm_fd.create_pit2()
+
+
+def _host_phys_bits(supported: list[Any]) -> int:
+    for entry in supported:
+        if entry.function == 0x8000_0008:
+            return int(entry.eax & 0xFF)
+    return 36
+
+
+def _phys_bits(vm: Vm, supported: list[Any] | None = None) -> int:
+    assert vm.kvm is not None
+    return min(_host_phys_bits(supported or vm.kvm.supported_cpuid()), vm.config.cpus.max_phys_bits)
+
+
+def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple[PciSegment, ...]:
+    """Every device of the config, fresh: the one path for a boot and for a restore (which then
+    loads the saved states into them). Returns the PCI segments."""
+    cfg = vm.config
+    assert vm.memory is not None
+    segments = pci_segments(cfg, vm.memory.last_addr + 1, phys_bits)
+
+    def irq(gsi: int) -> IrqFdTrigger:
+        trigger = IrqFdTrigger(vm.vm_fd, gsi)
+        vm.closeables.append(trigger)
+        return trigger
+
+    def on_eject(segment: int, slot: int) -> None:
+        # a vCPU thread's write to B0EJ: the removal runs on the control loop
+        vm.requests.run(lambda: vm.hotplug.ejected(segment, slot) if vm.hotplug is not None else None)
+
+    reset = EventTrigger(lambda: vm.on_guest_event(GuestEvent.RESET, "guest reset"))
+    poweroff = EventTrigger(lambda: vm.on_guest_event(GuestEvent.POWEROFF, "guest poweroff"))
+    vm.devices = DeviceManager(vm.vm_fd, vm.memory, vm.pio, vm.mmio, segments, handoff=vm.requests.run)
+    vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject)
+    vm.backends.extend(vm.platform.backends)
+    hooks = PlatformHooks(on_panic=lambda events: vm.events.emit("guest", "panic",
+                                                                 {"event": pvpanic_event_name(events)}),
+                          reset=reset)
+    if cfg.console.mode is not ConsoleOutputMode.OFF:
+        if cfg.console.mode is ConsoleOutputMode.TTY and tty is not None:
+            hooks.console = tty
+        else:
+            hooks.console = open_backend(cfg.console.mode, cfg.console.file, None)
+            if hooks.console is not None:
+                vm.backends.append(hooks.console)
+                if hooks.console.path and cfg.console.mode is ConsoleOutputMode.PTY:
+                    cfg.console.file = hooks.console.path
+    add_config_devices(vm.devices, cfg, hooks)
+    if hooks.console is not None and hooks.console_device is not None:
+        console, device = hooks.console, hooks.console_device
+        vm.platform.input_starters.append(lambda: console.start_input(device.enqueue_input))
+    vm.hotplug = PciHotplug(cfg, vm.devices, vm.platform.hotplug, vm.platform.ged, vm.events)
+    return segments
+
+
+def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
+    """The ACPI tables and SMBIOS in guest RAM; returns the RSDP's address."""
+    cfg = vm.config
+    assert vm.memory is not None and vm.platform is not None
+    try:
+        acpi = build_acpi(AcpiSpec(
+            boot_vcpus=cfg.cpus.boot_vcpus,
+            max_vcpus=cfg.cpus.max_vcpus,
+            serial=cfg.serial.mode is not ConsoleOutputMode.OFF,
+            pci_segments=segments,
+            pci_rescan_method=pci_hotplug.RESCAN_METHOD,
+            extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, vm.platform.hotplug.declared),
+            ged=GedSpec(address=GED_ADDRESS, irq=GED_IRQ),
+            shutdown_port=SHUTDOWN_PORT,
+            pm_timer_port=PM_TIMER_PORT,
+        ))
+        tables = smbios.build_smbios(smbios.SmbiosSpec.from_platform(cfg.platform))
+    except ValueError as err:
+        raise VmshError("Cannot build the firmware tables") from err
+    vm.memory.write(acpi.rsdp_address, acpi.blob)
+    vm.memory.write(layout.SMBIOS_START, tables)
+    return acpi.rsdp_address
+
+
+def _create_vcpu(vm: Vm, index: int) -> VcpuFd:
+    fd = vm.vm_fd.create_vcpu(index)
+    _enable_hyperv(vm, fd)  # before a restore loads its SynIC MSRs
+    vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio))
+    return fd
+
+
+def _enable_hyperv(vm: Vm, fd: VcpuFd) -> None:
+    """``kvm_hyperv=on``: KVM's Hyper-V synthetic interrupt controller on this vCPU (the CPUID
+    leaves announce it). Hosts whose KVM has no Hyper-V emulation (PVM) refuse."""
+    if not vm.config.cpus.kvm_hyperv:
+        return
+    assert vm.kvm is not None
+    if not vm.kvm.check_extension(KVM_CAP_HYPERV_SYNIC):
+        raise VmshError("--cpus kvm_hyperv=on: this host's KVM has no Hyper-V emulation (KVM_CAP_HYPERV_SYNIC)"
+                        + (": PVM hosts have none" if is_pvm_host() else ""))
+    try:
+        fd.enable_cap(KVM_CAP_HYPERV_SYNIC)
+    except KvmError as err:
+        raise VmshError(f"--cpus kvm_hyperv=on: cannot enable the SynIC on vcpu{fd.vcpu_id}") from err
+
+
+def _finish(vm: Vm) -> None:
+    """What every VM gets once it is built or restored: the PVM handler, KVM's statistics, and
+    console input. Input waits until now: an interrupt the UART raised for it before a restore
+    loaded the irqchip would be lost, and with it all further input."""
+    assert vm.memory is not None and vm.platform is not None
+    for start in vm.platform.input_starters:
+        start()
+    vm.platform.input_starters.clear()
+    vm.pvm_handler = internal_error_handler(vm.memory) if is_pvm_host() else None
+    for vcpu in vm.vcpus:
+        vcpu.on_internal_error = vm.pvm_handler
+    try:
+        vm.vm_stats = KvmStats(vm.vm_fd.stats_fd())
+        vm.vcpu_stats = [KvmStats(v.fd.stats_fd()) for v in vm.vcpus]
+    except VmshError as err:
+        LOG.info("KVM statistics are not available: %s", err)
