@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from vmsh.config.model import ProfileConfig, RestoreConfig, VmConfig
     from vmsh.engine.console import ConsoleBackend
     from vmsh.engine.events import EventMonitor
-    from vmsh.engine.vmm import GuestEventSink, Post, RestoreFactory, VmFactory, VmLike, Vmm
+    from vmsh.engine.vmm import (
+        GuestEventSink,
+        Post,
+        RestoreFactory,
+        VmFactory,
+        VmLike,
+        Vmm,
+    )
 
 LOG = logging.getLogger(__name__)
 

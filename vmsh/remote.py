@@ -76,7 +76,11 @@ def build_request(command: str, args: list[str]) -> tuple[str, str, Any, list[in
             raise UsageError("create takes at most one argument: a JSON file, or - for stdin")
         source = args[0] if args else "-"
         try:
-            text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
+            if source == "-":
+                text = sys.stdin.read()
+            else:
+                with open(source, encoding="utf-8") as file:
+                    text = file.read()
         except OSError as err:
             raise VmshError(f"Cannot read {source}") from err
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import array
 import json
 import socket
-from typing import Any
+from typing import Any, Self
 
 from vmsh.errors import VmshError
 
@@ -40,7 +40,7 @@ class ApiClient:
             raise VmshError(f"Cannot connect to the API socket {path}") from err
         self._buf = b""
 
-    def __enter__(self) -> ApiClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

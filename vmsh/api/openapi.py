@@ -97,12 +97,12 @@ _RESPONSES: dict[str, dict[str, Any]] = {
 def _type_schema(tp: Any, kind: str | None, schemas: dict[str, Any]) -> dict[str, Any]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
         return {**_type_schema(inner, kind, schemas), "nullable": True}
     if origin is list:
         (elem,) = typing.get_args(tp)
         return {"type": "array", "items": _type_schema(elem, kind, schemas)}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         _add_schema(tp, schemas)
         return {"$ref": f"#/components/schemas/{tp.__name__}"}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -205,7 +205,8 @@ def render() -> str:
 
 def load() -> dict[str, Any]:
     """The shipped document."""
-    return json.loads(SPEC_PATH.read_text())
+    document: dict[str, Any] = json.loads(SPEC_PATH.read_text())
+    return document
 
 
 if __name__ == "__main__":

@@ -467,9 +467,9 @@ def describe_config(cfg: Any) -> dict[str, Any]:
 
     ``tty`` consoles get a null backend: describing never touches the terminal.
     """
+    from vmsh.engine.builder import build_for_boot
     from vmsh.engine.console import ConsoleBackend
     from vmsh.engine.events import EventMonitor
-    from vmsh.engine.builder import build_for_boot
 
     events = EventMonitor()
     vm = build_for_boot(cfg, events, lambda kind, detail: None, lambda work: work(), tty=ConsoleBackend())

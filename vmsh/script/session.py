@@ -50,12 +50,16 @@ class ScriptError(VmshError):
         self.reason = message
 
 
+def _print(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
 def _request(endpoint: str, body: Any, fds: list[int] | None) -> tuple[Any, Any]:
     """The action of ``endpoint`` and its decoded body, as the HTTP server would decode them."""
     action = ACTIONS_BY_ENDPOINT.get(endpoint)
     if action is None:
         raise VmshError(f"no such action: {endpoint}")
-    request = None
+    request: Any = None
     if action.body is not None:
         request = from_json_value(action.body, body if body is not None else {})
         if fds and hasattr(request, "fds"):
@@ -144,7 +148,7 @@ class Session:
         engine's VM builders."""
         self.variables: dict[str, str] = {"status": "0", "output": ""}
         self.stream = ConsoleStream()
-        self.out = out or (lambda text: sys.stdout.write(text + "\n"))
+        self.out: Callable[[str], None] = out or _print
         self.messages: list[str] = []
         self._target: LocalTarget | RemoteTarget | None = None
         self._local_events = events

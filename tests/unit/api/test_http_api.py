@@ -50,7 +50,7 @@ def test_ping(api) -> None:
 
 
 def test_lifecycle_and_events(api) -> None:
-    client, vmm, events_path, _ = api
+    client, _, events_path, _ = api
     assert client.put("vm.create", BODY) is None
     assert client.get("vm.info")["state"] == "Created"
     client.put("vm.boot")
