@@ -3,6 +3,7 @@ through a remote ``vmsh launch --api-socket``."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -120,6 +121,9 @@ def test_remote_vm_through_the_api_and_serial_socket(session, tmp_path: Path) ->
             assert err.value.status == 400 and "between 1 and 1048576 bytes" in str(err.value)
             reply = client.put("vm.read-memory", {"address": tiny_kernel.LOAD_ADDR, "length": 5})
             assert reply == {"address": tiny_kernel.LOAD_ADDR, "data": "baf8030000"}
+        remote = subprocess.run([sys.executable, "-m", "vmsh", "remote", "--api-socket", str(api), "registers", "0"],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert remote.returncode == 0 and json.loads(remote.stdout)["regs"]["rip"] == int(session.variables["rip"], 16)
         session.execute("resume; send w; expect 'w\\r?\\n' timeout=20")
         assert proc.wait(30) == 0  # the guest powered off, so the launched VMM ended
     finally:
