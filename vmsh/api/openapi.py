@@ -19,7 +19,7 @@ from typing import Any
 from vmsh import __version__
 from vmsh.config import model as m
 from vmsh.config.options import INT_RANGES
-from vmsh.engine.vmm import ACTIONS
+from vmsh.engine.actions import ACTIONS
 
 SPEC_PATH = Path(__file__).with_name("openapi.json")
 

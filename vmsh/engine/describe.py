@@ -1,7 +1,7 @@
 """A description of the machine a guest would see, taken from a built VM before it runs.
 
-:func:`describe` reads a :class:`vmsh.engine.vm.Vm` that :meth:`~vmsh.engine.vm.Vm.build`
-made and that has not been booted, the way a guest would find it, and returns canonical
+:func:`describe` reads a :class:`vmsh.engine.vm.Vm` that
+:func:`~vmsh.engine.builder.build_for_boot` made and that has not been booted, the way a guest would find it, and returns canonical
 JSON-able data (dicts with string keys, lists, ints, strings; :func:`canonical_text` gives
 the text ``vmsh launch --describe`` prints and ``vmsh remote describe`` shows):
 

@@ -88,8 +88,6 @@ RestoreFactory = Callable[[str, m.RestoreConfig, EventMonitor, GuestEventSink, P
 #: :func:`vmsh.engine.describe.describe_config`).
 Describer = Callable[[m.VmConfig], dict[str, Any]]
 
-
-
 #: an item of the control queue: a guest event ``(kind, detail)`` or a posted callable
 _ControlItem = tuple[str, str] | Callable[[], None]
 

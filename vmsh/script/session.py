@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmsh.config.serde import from_json_value
+from vmsh.engine.actions import ACTIONS_BY_ENDPOINT
 from vmsh.engine.events import EventMonitor, GuestEvent
-from vmsh.engine.vmm import ACTIONS_BY_ENDPOINT
 from vmsh.errors import VmshError, error_chain
 from vmsh.script.commands import COMMANDS
 from vmsh.script.console import CapturedConsole, ConsoleStream, RemoteConsole
