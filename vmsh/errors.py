@@ -12,6 +12,8 @@
     ├── KvmError             an ioctl on /dev/kvm failed
     ├── GuestMemoryError     a guest physical address or length outside guest RAM
     ├── StateError           a lifecycle request illegal in the current state
+    ├── SnapshotError        a snapshot that cannot be written or read back
+    ├── DeviceStateError     a device's saved state that does not fit it (names the field)
     ├── NotFoundError        no VM, no VM config, or no device with that id
     ├── BusyError            a request that must wait for an earlier one to finish
     └── DeviceError          a host-side device failure (never a guest's misbehaviour)
@@ -62,6 +64,35 @@ class GuestMemoryError(VmshError):
 
 class StateError(VmshError):
     """A lifecycle request that the VM's current state does not allow."""
+
+
+class SnapshotError(VmshError):
+    """A snapshot that cannot be written, or read back."""
+
+
+class DeviceStateError(VmshError, ValueError):
+    """A saved device state that the device refuses: a wrong state class or a field out of range.
+
+    ``field`` is the dotted path of the offending value inside the state (``ier``,
+    ``queues[1].size``, ``device.cols``); ``str()`` reads ``"<field>: <message>"``. The engine
+    wraps it in a :class:`SnapshotError` that adds the device id. It is also a ``ValueError``:
+    callers that caught the ``ValueError`` devices raised before this class existed still catch it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+    def within(self, prefix: str) -> DeviceStateError:
+        """The same error with ``prefix`` put in front of its field (``queues[1]`` + ``size``)."""
+        if not self.field:
+            field = prefix
+        elif self.field.startswith("["):
+            field = prefix + self.field
+        else:
+            field = f"{prefix}.{self.field}"
+        return DeviceStateError(field, self.message)
 
 
 class NotFoundError(VmshError):

@@ -37,7 +37,8 @@ class ChFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         elapsed = format_duration(record.created - _START) if record.created >= _START else "0ns"
         location = f"{record.pathname.split('/vmsh/', 1)[-1] if '/vmsh/' in record.pathname else record.pathname}"
-        return f"vmsh: {elapsed}: <{record.threadName}> {record.levelname}:vmsh/{location}:{record.lineno} -- {record.getMessage()}"
+        return (f"vmsh: {elapsed}: <{record.threadName}> {record.levelname}:vmsh/{location}:{record.lineno} -- "
+                f"{record.getMessage()}")
 
 
 def level_for(verbosity: int) -> int:

@@ -134,7 +134,7 @@ def build_request(command: str, args: list[str]) -> tuple[str, str, Any, list[in
             entry.fds = None
         return "PUT", "vm.restore", to_json_value(restore), fds
     if command in ("resize", "resize-zone"):
-        flags = dict(zip(args[::2], args[1::2]))
+        flags = dict(zip(args[::2], args[1::2], strict=False))  # an odd count is refused below
         if len(args) % 2 or not flags:
             raise UsageError(f"{command} takes flags with values")
         allowed = {"--cpus", "--memory", "--balloon"} if command == "resize" else {"--id", "--size"}

@@ -19,10 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vmsh_boot import boot_to_marker  # noqa: E402
+from vmsh_boot import boot_to_marker
 
-from vmsh.images import image_path  # noqa: E402
-from vmsh.images.qemu import BootSpec, boot_to_marker as qemu_boot  # noqa: E402
+from vmsh.images import image_path
+from vmsh.images.qemu import BootSpec
+from vmsh.images.qemu import boot_to_marker as qemu_boot
 
 CMDLINE = "console=ttyS0 quiet"
 
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"boot to ready marker: {args.kernel}, {args.memory} MiB, median of {args.runs}"
           f"{' (PVM host)' if pvm_host() else ''}")
     print(f"  vmsh (KVM)          {v:8.2f} s   (min {min(vmsh_times):.2f}, max {max(vmsh_times):.2f})")
-    print(f"  qemu ({args.qemu_accel.upper():<3})          {q:8.2f} s   (min {min(qemu_times):.2f}, max {max(qemu_times):.2f})")
+    print(f"  qemu ({args.qemu_accel.upper():<3})          {q:8.2f} s   "
+          f"(min {min(qemu_times):.2f}, max {max(qemu_times):.2f})")
     print(f"  ratio vmsh/qemu     {v / q:8.2f}")
     if vmsh_insns:
         print(f"  vmsh emulated instructions (median) {int(statistics.median(vmsh_insns)):,}")

@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vmsh.engine.boot import regs as bootregs  # noqa: E402
-from vmsh.engine.bus import Bus  # noqa: E402
-from vmsh.engine.kvm import Kvm  # noqa: E402
-from vmsh.engine.memory import GuestMemoryMmap  # noqa: E402
-from vmsh.engine.pvm import PvmHandler, is_pvm_host  # noqa: E402
-from vmsh.engine.stats import KvmStats  # noqa: E402
-from vmsh.engine.vcpu import Vcpu, VcpuStop  # noqa: E402
+from vmsh.engine.boot import regs as bootregs
+from vmsh.engine.bus import Bus
+from vmsh.engine.kvm import Kvm
+from vmsh.engine.memory import GuestMemoryMmap
+from vmsh.engine.pvm import PvmHandler, is_pvm_host
+from vmsh.engine.stats import KvmStats
+from vmsh.engine.vcpu import Vcpu, VcpuStop
 
 CODE = 0x100000
 STACK_TOP = 0x200000

@@ -129,8 +129,8 @@ class Ring:
         raw = bytearray(16 * n)
         for i, (addr, length, w) in enumerate(bufs):
             more = i + 1 < n
-            _DESC.pack_into(raw, 16 * i, addr, length, (VIRTQ_DESC_F_WRITE if w else 0) | (VIRTQ_DESC_F_NEXT if more else 0),
-                            i + 1 if more else 0)
+            flags = (VIRTQ_DESC_F_WRITE if w else 0) | (VIRTQ_DESC_F_NEXT if more else 0)
+            _DESC.pack_into(raw, 16 * i, addr, length, flags, i + 1 if more else 0)
         if indirect:
             table = self.tables + head * self.table_room
             self.mem.write(table, raw)
@@ -256,7 +256,8 @@ def bench_block(seconds: float, workdir: Path, disk_mib: int = 64) -> list[Devic
                     slot = ring.free[-1]
                     hdr = headers + 32 * slot
                     mem.write(hdr, _BLK_HDR.pack(rtype, 0, (offset + first * PAGE) // 512))
-                    bufs = [(hdr, 16, False)] + [(p, PAGE, rtype == VIRTIO_BLK_T_IN) for p in segs] + [(hdr + 16, 1, True)]
+                    bufs = [(hdr, 16, False), *[(p, PAGE, rtype == VIRTIO_BLK_T_IN) for p in segs],
+                            (hdr + 16, 1, True)]
                     ring.add(bufs, indirect=True)
                     timer.call(lambda: dev.queue_notify(0))
                     for _, _length in ring.reap():
@@ -313,7 +314,7 @@ def bench_net(seconds: float, batch: int = 8) -> list[DeviceRow]:
             timer, frames, irq.used = Timer(), 0, 0
             end = time.monotonic() + seconds
             while time.monotonic() < end:
-                for i in range(batch):
+                for _ in range(batch):
                     rest, bufs = size - linear, [(tx_area, linear + VNET_HDR_SIZE, False)]
                     for p in frag_pages:
                         bufs.append((p, min(PAGE, rest), False))

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<17} error: {str(err).splitlines()[0]}")
             status = 1
             continue
-        vmsh = measure_vmsh(kernel, initrd, args.runs, args.timeout) if machine == "microvm" and not args.no_vmsh else None
+        wanted = machine == "microvm" and not args.no_vmsh
+        vmsh = measure_vmsh(kernel, initrd, args.runs, args.timeout) if wanted else None
         vmsh_s, vmsh_n = (f"{vmsh[0]:.2f}", f"{vmsh[1]:,}") if vmsh else ("n/a", "n/a")
         print(f"{name:<17} {statistics.median(times):>10.2f} {min(times):>6.2f} {max(times):>6.2f}"
               f"  {vmsh_s:>8} {vmsh_n:>10}", flush=True)

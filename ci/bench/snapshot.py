@@ -30,13 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import pexpect  # noqa: E402
+import pexpect
 
-from vmsh.api.client import ApiClient  # noqa: E402
-from vmsh.harness import Guest  # noqa: E402
-from vmsh.harness.snapshots import launch_argv  # noqa: E402
-from vmsh.images import image_path  # noqa: E402
-from vmsh.images.qemu import QEMU, BootSpec  # noqa: E402
+from vmsh.api.client import ApiClient
+from vmsh.harness import Guest
+from vmsh.harness.snapshots import launch_argv
+from vmsh.images import image_path
+from vmsh.images.qemu import QEMU, BootSpec
 
 CMDLINE = "console=ttyS0 quiet"
 
@@ -89,7 +89,8 @@ def vmsh_round(tmp: Path, size_mib: int) -> tuple[float, float, float]:
 
 
 def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
-    spec = BootSpec(image_path("vmlinux"), image_path("initramfs"), machine="microvm", cmdline=CMDLINE, memory_mb=size_mib)
+    spec = BootSpec(image_path("vmlinux"), image_path("initramfs"), machine="microvm", cmdline=CMDLINE,
+                    memory_mb=size_mib)
     monitor = tmp / "qemu-monitor.sock"
     state = tmp / "qemu-state"
     argv = spec.argv()

@@ -131,7 +131,7 @@ def test_kvm_stats_count_the_exits(kvm: Kvm) -> None:
 
 @pytest.mark.skipif(not is_pvm_host(), reason="PVM only")
 def test_pvm_host_cpuid_keeps_cx16_cleared_but_reforces_others(kvm: Kvm) -> None:
-    """pvm-host.md: SET_CPUID2 is accepted, most bits come back re-forced, CX16 stays off."""
+    """PVM hosts: SET_CPUID2 is accepted, most bits come back re-forced, CX16 stays off."""
     vm = kvm.create_vm()
     try:
         fd = vm.create_vcpu(0)

@@ -55,7 +55,8 @@ def test_serial_file_and_debug_console_file(tmp_path: Path) -> None:
 def test_debug_console_custom_port_and_off(tmp_path: Path) -> None:
     k = write_kernel(tmp_path, tiny_kernel.hello_poweroff())
     dbg = tmp_path / "debug.log"
-    result = launch("--kernel", k, "--serial", "null", "--console", "off", "--debug-console", f"file={dbg},iobase=0x402")
+    result = launch("--kernel", k, "--serial", "null", "--console", "off", "--debug-console",
+                    f"file={dbg},iobase=0x402")
     assert result.returncode == 0 and dbg.read_bytes() == b""  # the guest writes 0xe9, not 0x402
     result = launch("--kernel", k, "--serial", "off", "--console", "off")
     assert result.returncode == 0 and result.stdout == b""
@@ -129,7 +130,8 @@ def test_serial_pty_via_api_info(tmp_path: Path) -> None:
 def test_reset_reboots(tmp_path: Path) -> None:
     k = write_kernel(tmp_path, tiny_kernel.reset_loop())
     ev = tmp_path / "events"
-    proc = subprocess.Popen([*LAUNCH, "--kernel", k, "--serial", "tty", "--console", "off", "--event-monitor", f"path={ev}"],
+    proc = subprocess.Popen([*LAUNCH, "--kernel", k, "--serial", "tty", "--console", "off", "--event-monitor",
+                             f"path={ev}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
@@ -184,6 +186,7 @@ def test_busy_serial_socket(tmp_path: Path) -> None:
 def test_affinity_pins_and_bad_host_cpu_is_refused(tmp_path: Path) -> None:
     k = write_kernel(tmp_path, tiny_kernel.hello_poweroff())
     cpu = sorted(os.sched_getaffinity(0))[-1]
-    assert launch("--kernel", k, "--serial", "null", "--console", "off", "--cpus", f"boot=1,affinity=[0@[{cpu}]]").returncode == 0
+    assert launch("--kernel", k, "--serial", "null", "--console", "off", "--cpus",
+                  f"boot=1,affinity=[0@[{cpu}]]").returncode == 0
     result = launch("--kernel", k, "--serial", "null", "--console", "off", "--cpus", "boot=1,affinity=[0@[4095]]")
     assert result.returncode == 1 and b"host CPU 4095" in result.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from tests.engine.conftest import CODE_ADDR, Recorder, TinyVm
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.msi import GsiRoutes, KvmMsiRouter, default_irqchip_routes

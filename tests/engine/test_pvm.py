@@ -1,4 +1,4 @@
-"""The PVM instruction handler against real KVM: each instruction pvm-host.md lists.
+"""The PVM instruction handler against real KVM: each instruction ``vmsh/engine/pvm.py`` completes.
 
 On this project's PVM hosts each of these instructions ends KVM_RUN with an emulation failure
 and the handler completes it; on hardware KVM they run natively and the same end state is

@@ -65,12 +65,12 @@ def test_local_errors_keep_the_session(session, tmp_path: Path) -> None:
         session.execute("resume")
     with pytest.raises(ScriptError, match=r"vm.registers needs a paused VM \(it is Running\): pause first"):
         session.execute("regs")
-    with pytest.raises(ScriptError, match="timeout after 0.2s"):
+    with pytest.raises(ScriptError, match=r"timeout after 0\.2s"):
         session.execute("expect never-printed timeout=200ms")
     session.execute("pause")
     with pytest.raises(ScriptError, match=r"No vCPU 1 \(the VM has 1\)"):
         session.execute("regs 1")
-    with pytest.raises(ScriptError, match="Cannot read 16 bytes at 0xffffffff0000: .*is not RAM"):
+    with pytest.raises(ScriptError, match=r"Cannot read 16 bytes at 0xffffffff0000: .*is not RAM"):
         session.execute("x 0xffffffff0000 16")
     with pytest.raises(ScriptError, match="between 1 and 1 MiB"):
         session.execute("x 0x1000000 0x100001")
@@ -113,7 +113,7 @@ def test_remote_vm_through_the_api_and_serial_socket(session, tmp_path: Path) ->
         assert session.captured[-1].startswith("0000000001000000  ba f8 03 00 00")  # mov edx, 0x3f8
         with pytest.raises(ScriptError, match=r"status 400: Error from API: No vCPU 3 \(the VM has 1\)"):
             session.execute("regs 3")
-        with pytest.raises(ScriptError, match="status 400: .*Cannot read 16 bytes at 0xffffffff0000: .*is not RAM"):
+        with pytest.raises(ScriptError, match=r"status 400: .*Cannot read 16 bytes at 0xffffffff0000: .*is not RAM"):
             session.execute("x 0xffffffff0000 16")
         with ApiClient(str(api)) as client:  # the action's own bound, past the shell's
             with pytest.raises(ApiError) as err:

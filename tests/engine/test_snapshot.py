@@ -49,7 +49,8 @@ def snapshot(tmp_path: Path):
     k.write_bytes(tiny_kernel.letters())
     api, snap = tmp_path / "api.sock", tmp_path / "snap"
     snap.mkdir()
-    proc = subprocess.Popen([*LAUNCH, "--kernel", str(k), "--serial", "tty", "--console", "off", "--api-socket", str(api)],
+    proc = subprocess.Popen([*LAUNCH, "--kernel", str(k), "--serial", "tty", "--console", "off", "--api-socket",
+                             str(api)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for(api, proc)
@@ -82,11 +83,13 @@ def test_snapshot_files(snapshot) -> None:
 def test_restore_continues_in_a_new_process(snapshot, tmp_path: Path) -> None:
     snap, last = snapshot
     ev = tmp_path / "restore-events"
-    proc = subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on", "--event-monitor", f"path={ev}"],
+    proc = subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on", "--event-monitor",
+                             f"path={ev}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         printed = read_available(proc, 3.0).decode()
-        assert printed, proc.stderr.read1(4096) if proc.poll() is not None else "nothing printed after restore"  # type: ignore[union-attr]
+        assert printed, (proc.stderr.read1(4096)  # type: ignore[union-attr]  # stderr=PIPE: never None
+                         if proc.poll() is not None else "nothing printed after restore")
         expected = chr((ord(last) - ord("a") + 1) % 26 + ord("a"))
         assert printed[0] == expected, f"last letter before the snapshot {last!r}, first after restore {printed[:5]!r}"
     finally:
@@ -97,7 +100,7 @@ def test_restore_continues_in_a_new_process(snapshot, tmp_path: Path) -> None:
 
 
 def test_restored_clones_run_side_by_side(snapshot) -> None:
-    snap, last = snapshot
+    snap, _ = snapshot
     procs = [subprocess.Popen([*LAUNCH, "--restore", f"source_url=file://{snap},resume=on"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
     try:
@@ -138,16 +141,19 @@ def test_restore_stays_paused_without_resume(snapshot, tmp_path: Path) -> None:
         (lambda d: (d / "state.json").unlink(), "state.json is missing"),
         (lambda d: (d / "state.json").write_text("{not json"), "is not JSON"),
         (lambda d: (d / "memory-ranges").write_bytes(b"short"), "holds 5 bytes"),
-        (lambda d: (d / "config.json").write_text('{"cpus": {"boot_vcpus": 2, "max_vcpus": 2}, "payload": {"kernel": "/k"}}'),
+        (lambda d: (d / "config.json").write_text(
+            '{"cpus": {"boot_vcpus": 2, "max_vcpus": 2}, "payload": {"kernel": "/k"}}'),
          "vCPUs"),
-        (lambda d: (d / "state.json").write_text(json.dumps({"snapshots": {}, "snapshot_data": {"state": '{"version": 99}'}})),
+        (lambda d: (d / "state.json").write_text(json.dumps({"snapshots": {},
+                                                             "snapshot_data": {"state": '{"version": 99}'}})),
          "Unsupported snapshot format"),
     ],
 )
 def test_bad_snapshot_is_refused(snapshot, damage, message: str) -> None:
     snap, _ = snapshot
     damage(snap)
-    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60, check=False)
+    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60,
+                            check=False)
     assert result.returncode == 1
     assert message.encode() in result.stderr and b"Traceback" not in result.stderr
 
@@ -160,7 +166,8 @@ def test_corrupt_vcpu_state_is_refused(snapshot) -> None:
     state["regs"]["rip"] = "not a number"
     vcpu["snapshot_data"]["state"] = json.dumps(state)
     (snap / "state.json").write_text(json.dumps(tree))
-    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60, check=False)
+    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60,
+                            check=False)
     assert result.returncode == 1 and b"vcpu0.regs.rip" in result.stderr
 
 

@@ -41,7 +41,7 @@ def test_release_1_snapshot_restores(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 60
         while not api.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+            assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]  # stderr=PIPE: never None
             assert time.monotonic() < deadline, "the VMM did not come up"
             time.sleep(0.05)
         with ApiClient(str(api)) as client:

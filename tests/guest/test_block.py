@@ -76,13 +76,15 @@ def test_readonly_disk_refuses_writes(guest, vmsh_image) -> None:
     before = hashlib.sha256(Path(vmsh_image("raw-disk")).read_bytes()).hexdigest()
     result = guest.run("dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct")
     assert result.status != 0, result.output
-    assert guest.check_output("dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | head -c 20") == "VMSH-SECTOR 00000000"
+    first = guest.check_output("dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | head -c 20")
+    assert first == "VMSH-SECTOR 00000000"
     assert hashlib.sha256(Path(vmsh_image("raw-disk")).read_bytes()).hexdigest() == before
 
 
 def test_two_queues_are_used_by_two_vcpus(guest) -> None:
     assert guest.check_output("ls /sys/block/vda/mq").split() == ["0", "1"]
-    guest.check_output("for cpu in 1 2; do taskset $cpu dd if=/dev/vda of=/dev/null bs=4k count=64 iflag=direct 2>/dev/null; done")
+    guest.check_output("for cpu in 1 2; do taskset $cpu dd if=/dev/vda of=/dev/null bs=4k count=64 iflag=direct "
+                       "2>/dev/null; done")
     counts = {}
     for line in guest.check_output("grep -E 'req\\.[01]' /proc/interrupts").splitlines():
         fields = line.split()

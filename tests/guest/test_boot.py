@@ -74,7 +74,8 @@ def test_debian_cloud_kernel_starts_and_keeps_running(vmsh_guest) -> None:
     # The stock kernel needs hundreds of millions of emulated instructions to reach user
     # space on a PVM host; here it must print its banner, find the ACPI tables and go on.
     guest = vmsh_guest(kernel="debian-vmlinux", initramfs="debian-initramfs", ready=False,
-                         cmdline="console=ttyS0 earlyprintk=ttyS0 noxsave clearcpuid=smap,popcnt mitigations=off nofsgsbase")
+                         cmdline="console=ttyS0 earlyprintk=ttyS0 noxsave clearcpuid=smap,popcnt mitigations=off "
+                                 "nofsgsbase")
     guest.expect(r"Linux version 6\.1\.\S+-cloud-amd64", timeout=120)
     guest.expect(r"ACPI: RSDP 0x00000000000A0000", timeout=120)
     guest.expect(r"ACPI: Using ACPI \(MADT\) for SMP configuration information", timeout=180)

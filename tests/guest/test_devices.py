@@ -66,7 +66,8 @@ def test_net_has_its_mac_and_mtu_and_pings_both_ways(guest, device_setup) -> Non
     up(guest, device_setup)
     assert " 0% packet loss" in guest.check_output(f"ping -c 2 -W 10 {device_setup['host_ip']}")
     # busybox (installed with busybox-static) has ping; the host may not have iputils
-    host = subprocess.run(["busybox", "ping", "-c", "2", "-W", "10", device_setup["guest_ip"]], capture_output=True, text=True,
+    host = subprocess.run(["busybox", "ping", "-c", "2", "-W", "10", device_setup["guest_ip"]], capture_output=True,
+                          text=True,
                           check=False)
     assert host.returncode == 0, host.stdout + host.stderr
 

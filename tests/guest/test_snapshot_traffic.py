@@ -142,7 +142,7 @@ def clone(snapshot: Path, workdir: Path) -> Guest:
     except BaseException:
         guest.close()
         raise
-    guest.api = str(api)  # type: ignore[attr-defined]
+    guest.api = str(api)  # type: ignore[attr-defined]  # the test keeps the API socket beside its guest
     return guest
 
 

@@ -81,7 +81,7 @@ def test_missing_musl_gcc_names_the_package(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ImageError, match="musl-gcc is missing.*apt-get install musl-tools"):
+    with pytest.raises(ImageError, match=r"musl-gcc is missing.*apt-get install musl-tools"):
         guest_tools.build(tmp_path / "log")
 
 

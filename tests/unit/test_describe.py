@@ -221,7 +221,7 @@ def test_vm_describe_needs_a_created_vm_that_is_not_booted() -> None:
         state = VmState.RUNNING
 
     vmm.config = m.VmConfig()
-    vmm.vm = Booted()  # type: ignore[assignment]
+    vmm.vm = Booted()  # type: ignore[assignment]  # a stand-in for a booted Vm
     with pytest.raises(StateError, match="not booted"):
         vmm.call(action)
 

@@ -144,11 +144,11 @@ def test_no_inclusive_view_without_stacks() -> None:
 
 def test_stack_is_read_only_in_64_bit_kernel_mode() -> None:
     class Seg:
-        def __init__(self, dpl: int, l: int) -> None:
+        def __init__(self, dpl: int, l: int) -> None:  # noqa: E741 - the descriptor's L bit
             self.dpl, self.l = dpl, l
 
     class Sregs:
-        def __init__(self, dpl: int, l: int) -> None:
+        def __init__(self, dpl: int, l: int) -> None:  # noqa: E741 - the descriptor's L bit
             self.cs = Seg(dpl, l)
             self.cr0 = self.cr3 = self.cr4 = self.efer = 0
 

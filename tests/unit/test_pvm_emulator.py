@@ -1,4 +1,4 @@
-"""The PVM handler's decoder and emulator on byte strings, and the page walker on fake memory."""
+"""The x86 decoder and emulator (what the PVM handler runs) on byte strings, and the page walker on fake memory."""
 
 from __future__ import annotations
 
@@ -7,17 +7,8 @@ import pytest
 from tests.unit.fakes import FakePhysMemory
 from vmsh.engine.kvm import Fpu, Regs
 from vmsh.engine.paging import PTE_P, PTE_PS, PTE_RW, PageFault, PagingMode, read_virt, translate
-from vmsh.engine.pvm import (
-    MODE_32,
-    MODE_64,
-    RFLAGS_AC,
-    RFLAGS_CF,
-    RFLAGS_SF,
-    RFLAGS_ZF,
-    Emulator,
-    UnknownInstruction,
-    decode,
-)
+from vmsh.engine.x86.decode import MODE_32, MODE_64, UnknownInstruction, decode
+from vmsh.engine.x86.emulate import RFLAGS_AC, RFLAGS_CF, RFLAGS_SF, RFLAGS_ZF, Emulator
 
 LONG_MODE = PagingMode(cr0=0x80000011, cr3=0x1000, cr4=0x20, efer=0x500)
 

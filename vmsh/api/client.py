@@ -60,7 +60,8 @@ class ApiClient:
 
         :raises ApiError: for an error status, with the server's error chain.
         """
-        status, payload = self.raw(method, f"/api/v1/{endpoint}", None if body is None else json.dumps(body).encode(), fds)
+        data = None if body is None else json.dumps(body).encode()
+        status, payload = self.raw(method, f"/api/v1/{endpoint}", data, fds)
         decoded = json.loads(payload) if payload else None
         if status >= 400:
             messages = decoded if isinstance(decoded, list) else [str(decoded or "")]

@@ -155,7 +155,8 @@ def build_openapi() -> dict[str, Any]:
                              "description": "The error and its causes, outermost first."}
     paths: dict[str, Any] = {}
     errors = {
-        str(code): {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorChain"}}}}
+        str(code): {"description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorChain"}}}}
         for code, text in (
             (400, "Malformed request or invalid configuration"), (404, "No such endpoint, VM or device"),
             (409, "Duplicate device id or path"), (413, "Request body over 4 MiB"), (429, "Busy"),

@@ -28,10 +28,10 @@ __all__ = [
     "normalize",
     "parse_argv",
     "restore_config_from_json",
-    "vm_config_from_argv",
-    "vm_config_from_args",
-    "vm_config_from_json",
     "to_json_value",
+    "vm_config_from_args",
+    "vm_config_from_argv",
+    "vm_config_from_json",
 ]
 
 

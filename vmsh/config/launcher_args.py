@@ -129,7 +129,7 @@ def parse_argv(argv: list[str]) -> LauncherArgs:
         if token.startswith("--") and len(token) > 2:
             name, eq, inline = token[2:].partition("=")
             flag = FLAGS_BY_NAME.get(name)
-            if flag is None or flag.short and flag.name == flag.short:
+            if flag is None or (flag.short and flag.name == flag.short):
                 raise _usage_error(f"unexpected argument '{token}' found")
         elif token.startswith("-") and len(token) >= 2 and token[1] != "-":
             letters = token[1:]

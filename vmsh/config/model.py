@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Optional
+from typing import Any, Self
 
 #: ``--cpus`` and ``--memory`` defaults (cloud-hypervisor ``DEFAULT_*``).
 DEFAULT_VCPUS = 1
@@ -58,7 +58,7 @@ class JsonEnum(enum.Enum):
     """An enum whose value is its JSON spelling; ``words`` are the launcher spellings."""
 
     @classmethod
-    def from_word(cls, word: str) -> JsonEnum:
+    def from_word(cls, word: str) -> Self:
         """Look up a launcher word case-insensitively."""
         for member in cls:
             if word.lower() in member.words():
@@ -132,10 +132,10 @@ class CpusConfig:
 
     boot_vcpus: int = field(kind="u8")
     max_vcpus: int = field(kind="u8")
-    topology: Optional[CpuTopology] = field(None)
+    topology: CpuTopology | None = field(None)
     kvm_hyperv: bool = field(False)
     max_phys_bits: int = field(DEFAULT_MAX_PHYS_BITS, kind="u8")
-    affinity: Optional[list[CpuAffinity]] = field(None)
+    affinity: list[CpuAffinity] | None = field(None)
     features: CpuFeatures = field(factory=CpuFeatures)
 
 
@@ -147,10 +147,10 @@ class PlatformConfig:
     """``--platform``; ``system_serial_number``/``system_uuid`` are later spellings accepted on input."""
 
     num_pci_segments: int = field(DEFAULT_NUM_PCI_SEGMENTS, kind="u16")
-    iommu_segments: Optional[list[int]] = field(None, kind="u16")
-    serial_number: Optional[str] = field(None, aliases=("system_serial_number",))
-    uuid: Optional[str] = field(None, aliases=("system_uuid",))
-    oem_strings: Optional[list[str]] = field(None)
+    iommu_segments: list[int] | None = field(None, kind="u16")
+    serial_number: str | None = field(None, aliases=("system_serial_number",))
+    uuid: str | None = field(None, aliases=("system_uuid",))
+    oem_strings: list[str] | None = field(None)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -168,13 +168,13 @@ class MemoryZoneConfig:
 
     id: str = field()
     size: int = field(kind="u64")
-    file: Optional[str] = field(None)
+    file: str | None = field(None)
     shared: bool = field(False)
     hugepages: bool = field(False)
-    hugepage_size: Optional[int] = field(None, kind="u64")
-    host_numa_node: Optional[int] = field(None, kind="u32")
-    hotplug_size: Optional[int] = field(None, kind="u64")
-    hotplugged_size: Optional[int] = field(None, kind="u64")
+    hugepage_size: int | None = field(None, kind="u64")
+    host_numa_node: int | None = field(None, kind="u32")
+    hotplug_size: int | None = field(None, kind="u64")
+    hotplugged_size: int | None = field(None, kind="u64")
     prefault: bool = field(False)
 
 
@@ -185,13 +185,13 @@ class MemoryConfig:
     size: int = field(kind="u64")
     mergeable: bool = field(False)
     hotplug_method: HotplugMethod = field(HotplugMethod.ACPI)
-    hotplug_size: Optional[int] = field(None, kind="u64")
-    hotplugged_size: Optional[int] = field(None, kind="u64")
+    hotplug_size: int | None = field(None, kind="u64")
+    hotplugged_size: int | None = field(None, kind="u64")
     shared: bool = field(False)
     hugepages: bool = field(False)
-    hugepage_size: Optional[int] = field(None, kind="u64")
+    hugepage_size: int | None = field(None, kind="u64")
     prefault: bool = field(False)
-    zones: Optional[list[MemoryZoneConfig]] = field(None)
+    zones: list[MemoryZoneConfig] | None = field(None)
     thp: bool = field(True)
 
     def total_size(self) -> int:
@@ -212,7 +212,7 @@ class TokenBucketConfig:
     DENY_UNKNOWN_FIELDS = True
 
     size: int = field(kind="u64")
-    one_time_burst: Optional[int] = field(None, kind="u64")
+    one_time_burst: int | None = field(None, kind="u64")
     refill_time: int = field(kind="u64")
 
 
@@ -222,8 +222,8 @@ class RateLimiterConfig:
 
     DENY_UNKNOWN_FIELDS = True
 
-    bandwidth: Optional[TokenBucketConfig] = field(None)
-    ops: Optional[TokenBucketConfig] = field(None)
+    bandwidth: TokenBucketConfig | None = field(None)
+    ops: TokenBucketConfig | None = field(None)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -249,22 +249,22 @@ class VirtQueueAffinity:
 class DiskConfig:
     """``--disk``."""
 
-    path: Optional[str] = field(None)
+    path: str | None = field(None)
     readonly: bool = field(False)
     direct: bool = field(False)
     iommu: bool = field(False)
     num_queues: int = field(DEFAULT_DISK_NUM_QUEUES, kind="usize")
     queue_size: int = field(DEFAULT_DISK_QUEUE_SIZE, kind="u16")
     vhost_user: bool = field(False)
-    vhost_socket: Optional[str] = field(None)
-    rate_limit_group: Optional[str] = field(None)
-    rate_limiter_config: Optional[RateLimiterConfig] = field(None)
-    id: Optional[str] = field(None)
+    vhost_socket: str | None = field(None)
+    rate_limit_group: str | None = field(None)
+    rate_limiter_config: RateLimiterConfig | None = field(None)
+    id: str | None = field(None)
     disable_io_uring: bool = field(False)
     disable_aio: bool = field(False)
     pci_segment: int = field(0, kind="u16")
-    serial: Optional[str] = field(None)
-    queue_affinity: Optional[list[VirtQueueAffinity]] = field(None)
+    serial: str | None = field(None)
+    queue_affinity: list[VirtQueueAffinity] | None = field(None)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -276,21 +276,21 @@ class NetConfig:
     CLI/JSON parity of the canonical config.
     """
 
-    tap: Optional[str] = field(None)
+    tap: str | None = field(None)
     ip: str = field(DEFAULT_NET_IP, kind="ipv4")
     mask: str = field(DEFAULT_NET_MASK, kind="ipv4")
-    mac: Optional[str] = field(None, kind="mac")
-    host_mac: Optional[str] = field(None, kind="mac")
-    mtu: Optional[int] = field(None, kind="u16")
+    mac: str | None = field(None, kind="mac")
+    host_mac: str | None = field(None, kind="mac")
+    mtu: int | None = field(None, kind="u16")
     iommu: bool = field(False)
     num_queues: int = field(DEFAULT_NET_NUM_QUEUES, kind="usize")
     queue_size: int = field(DEFAULT_NET_QUEUE_SIZE, kind="u16")
     vhost_user: bool = field(False)
-    vhost_socket: Optional[str] = field(None)
+    vhost_socket: str | None = field(None)
     vhost_mode: VhostMode = field(VhostMode.CLIENT)
-    id: Optional[str] = field(None)
-    fds: Optional[list[int]] = field(None, kind="fd")
-    rate_limiter_config: Optional[RateLimiterConfig] = field(None)
+    id: str | None = field(None)
+    fds: list[int] | None = field(None, kind="fd")
+    rate_limiter_config: RateLimiterConfig | None = field(None)
     pci_segment: int = field(0, kind="u16")
     offload_tso: bool = field(True)
     offload_ufo: bool = field(True)
@@ -322,7 +322,7 @@ class FsConfig:
     socket: str = field()
     num_queues: int = field(DEFAULT_FS_NUM_QUEUES, kind="usize")
     queue_size: int = field(DEFAULT_FS_QUEUE_SIZE, kind="u16")
-    id: Optional[str] = field(None)
+    id: str | None = field(None)
     pci_segment: int = field(0, kind="u16")
 
 
@@ -331,10 +331,10 @@ class PmemConfig:
     """``--pmem``."""
 
     file: str = field()
-    size: Optional[int] = field(None, kind="u64")
+    size: int | None = field(None, kind="u64")
     iommu: bool = field(False)
     discard_writes: bool = field(False)
-    id: Optional[str] = field(None)
+    id: str | None = field(None)
     pci_segment: int = field(0, kind="u16")
 
 
@@ -342,19 +342,19 @@ class PmemConfig:
 class ConsoleConfig:
     """``--serial`` and ``--console``."""
 
-    file: Optional[str] = field(None)
+    file: str | None = field(None)
     mode: ConsoleOutputMode = field()
     iommu: bool = field(False)
-    socket: Optional[str] = field(None)
+    socket: str | None = field(None)
 
 
 @dataclasses.dataclass(kw_only=True)
 class DebugConsoleConfig:
     """``--debug-console``; a None ``iobase`` means port 0xe9."""
 
-    file: Optional[str] = field(None)
+    file: str | None = field(None)
     mode: ConsoleOutputMode = field()
-    iobase: Optional[int] = field(None, kind="u16")
+    iobase: int | None = field(None, kind="u16")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -363,9 +363,9 @@ class DeviceConfig:
 
     path: str = field()
     iommu: bool = field(False)
-    id: Optional[str] = field(None)
+    id: str | None = field(None)
     pci_segment: int = field(0, kind="u16")
-    x_nv_gpudirect_clique: Optional[int] = field(None, kind="u8")
+    x_nv_gpudirect_clique: int | None = field(None, kind="u8")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -373,7 +373,7 @@ class UserDeviceConfig:
     """``--user-device`` (vfio-user)."""
 
     socket: str = field()
-    id: Optional[str] = field(None)
+    id: str | None = field(None)
     pci_segment: int = field(0, kind="u16")
 
 
@@ -384,7 +384,7 @@ class VdpaConfig:
     path: str = field()
     num_queues: int = field(DEFAULT_VDPA_NUM_QUEUES, kind="usize")
     iommu: bool = field(False)
-    id: Optional[str] = field(None)
+    id: str | None = field(None)
     pci_segment: int = field(0, kind="u16")
 
 
@@ -395,7 +395,7 @@ class VsockConfig:
     cid: int = field(kind="u32")
     socket: str = field()
     iommu: bool = field(False)
-    id: Optional[str] = field(None)
+    id: str | None = field(None)
     pci_segment: int = field(0, kind="u16")
 
 
@@ -421,21 +421,21 @@ class NumaConfig:
     """``--numa``."""
 
     guest_numa_id: int = field(kind="u32")
-    cpus: Optional[list[int]] = field(None, kind="u8")
-    distances: Optional[list[NumaDistance]] = field(None)
-    memory_zones: Optional[list[str]] = field(None)
-    sgx_epc_sections: Optional[list[str]] = field(None)
-    pci_segments: Optional[list[int]] = field(None, kind="u16")
+    cpus: list[int] | None = field(None, kind="u8")
+    distances: list[NumaDistance] | None = field(None)
+    memory_zones: list[str] | None = field(None)
+    sgx_epc_sections: list[str] | None = field(None)
+    pci_segments: list[int] | None = field(None, kind="u16")
 
 
 @dataclasses.dataclass(kw_only=True)
 class PayloadConfig:
     """``--firmware``, ``--kernel``, ``--cmdline``, ``--initramfs``."""
 
-    firmware: Optional[str] = field(None)
-    kernel: Optional[str] = field(None)
-    cmdline: Optional[str] = field(None)
-    initramfs: Optional[str] = field(None)
+    firmware: str | None = field(None)
+    kernel: str | None = field(None)
+    cmdline: str | None = field(None)
+    initramfs: str | None = field(None)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -475,29 +475,29 @@ class VmConfig:
 
     cpus: CpusConfig = field(factory=default_cpus)
     memory: MemoryConfig = field(factory=default_memory)
-    payload: Optional[PayloadConfig] = field(None)
-    rate_limit_groups: Optional[list[RateLimiterGroupConfig]] = field(None)
-    disks: Optional[list[DiskConfig]] = field(None)
-    net: Optional[list[NetConfig]] = field(None)
+    payload: PayloadConfig | None = field(None)
+    rate_limit_groups: list[RateLimiterGroupConfig] | None = field(None)
+    disks: list[DiskConfig] | None = field(None)
+    net: list[NetConfig] | None = field(None)
     rng: RngConfig = field(factory=default_rng)
-    balloon: Optional[BalloonConfig] = field(None)
-    fs: Optional[list[FsConfig]] = field(None)
-    pmem: Optional[list[PmemConfig]] = field(None)
+    balloon: BalloonConfig | None = field(None)
+    fs: list[FsConfig] | None = field(None)
+    pmem: list[PmemConfig] | None = field(None)
     serial: ConsoleConfig = field(factory=default_serial)
     console: ConsoleConfig = field(factory=default_console)
     debug_console: DebugConsoleConfig = field(factory=default_debug_console)
-    devices: Optional[list[DeviceConfig]] = field(None)
-    user_devices: Optional[list[UserDeviceConfig]] = field(None)
-    vdpa: Optional[list[VdpaConfig]] = field(None)
-    vsock: Optional[VsockConfig] = field(None)
+    devices: list[DeviceConfig] | None = field(None)
+    user_devices: list[UserDeviceConfig] | None = field(None)
+    vdpa: list[VdpaConfig] | None = field(None)
+    vsock: VsockConfig | None = field(None)
     pvpanic: bool = field(False)
     iommu: bool = field(False)
-    sgx_epc: Optional[list[SgxEpcConfig]] = field(None)
-    numa: Optional[list[NumaConfig]] = field(None)
+    sgx_epc: list[SgxEpcConfig] | None = field(None)
+    numa: list[NumaConfig] | None = field(None)
     watchdog: bool = field(False)
-    pci_segments: Optional[list[PciSegmentConfig]] = field(None)
-    platform: Optional[PlatformConfig] = field(None)
-    tpm: Optional[TpmConfig] = field(None)
+    pci_segments: list[PciSegmentConfig] | None = field(None)
+    platform: PlatformConfig | None = field(None)
+    tpm: TpmConfig | None = field(None)
 
     def backed_by_shared_memory(self) -> bool:
         """Whether guest RAM can be shared with another process (vhost-user needs it)."""
@@ -518,7 +518,7 @@ class RestoredNetConfig:
 
     id: str = field()
     num_fds: int = field(kind="usize")
-    fds: Optional[list[int]] = field(None, kind="fd")
+    fds: list[int] | None = field(None, kind="fd")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -527,7 +527,7 @@ class RestoreConfig:
 
     source_url: str = field()
     prefault: bool = field(False)
-    net_fds: Optional[list[RestoredNetConfig]] = field(None)
+    net_fds: list[RestoredNetConfig] | None = field(None)
     resume: bool = field(False)
 
 
@@ -535,8 +535,8 @@ class RestoreConfig:
 class EndpointConfig:
     """``--api-socket``, ``--event-monitor``, ``--gdb``: a path, or an inherited descriptor."""
 
-    path: Optional[str] = field(None)
-    fd: Optional[int] = field(None, kind="i32")
+    path: str | None = field(None)
+    fd: int | None = field(None, kind="i32")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -544,7 +544,7 @@ class ProfileConfig:
     """``--profile`` (a vmsh addition): sample the guest's instruction pointers."""
 
     #: where the report goes when the VM stops (None: the log)
-    path: Optional[str] = field(None)
+    path: str | None = field(None)
     hz: int = field(200, kind="u32")
     #: the guest kernel's System.map, to report by symbol
-    system_map: Optional[str] = field(None)
+    system_map: str | None = field(None)

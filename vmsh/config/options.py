@@ -252,7 +252,8 @@ def string_list(value: str) -> list[str]:
     return [dequote(item.strip()) for item in split_commas(_strip_brackets(value))]
 
 
-def tuple_list(key_conv: Callable[[str], Any], value_conv: Callable[[str], Any]) -> Callable[[str], list[tuple[Any, Any]]]:
+def tuple_list(key_conv: Callable[[str], Any],
+               value_conv: Callable[[str], Any]) -> Callable[[str], list[tuple[Any, Any]]]:
     """``[k1@v1,k2@v2,...]``; the outer brackets are required, ``@`` splits each pair."""
 
     def convert(value: str) -> list[tuple[Any, Any]]:

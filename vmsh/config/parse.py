@@ -31,7 +31,8 @@ T = TypeVar("T")
 
 _u8, _u16, _u32, _u64, _usize, _i32 = (integer(k) for k in ("u8", "u16", "u32", "u64", "usize", "i32"))
 
-RATE_LIMIT_KEYS = ("bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst", "ops_refill_time")
+RATE_LIMIT_KEYS = ("bw_size", "bw_one_time_burst", "bw_refill_time",
+                   "ops_size", "ops_one_time_burst", "ops_refill_time")
 RATE_LIMIT_SYNTAX = (
     "bw_size=<bytes>,bw_one_time_burst=<bytes>,bw_refill_time=<ms>,"
     "ops_size=<io_ops>,ops_one_time_burst=<io_ops>,ops_refill_time=<ms>"
@@ -384,13 +385,13 @@ def _console_mode(p: OptionParser, path_keys: dict[str, str]) -> tuple[m.Console
     """
     for word in _CONSOLE_MODES:
         if p.is_set(word):
-            return m.ConsoleOutputMode.from_word(word), {}  # type: ignore[return-value]
+            return m.ConsoleOutputMode.from_word(word), {}
     for key, missing in path_keys.items():
         if p.is_set(key):
             path = p.get(key)
             if path is None:
                 raise OptionParseError(missing)
-            return m.ConsoleOutputMode.from_word(key), {key: path}  # type: ignore[return-value]
+            return m.ConsoleOutputMode.from_word(key), {key: path}
     raise OptionParseError("invalid console mode given")
 
 

@@ -56,6 +56,11 @@ def _fmt(pairs: list[tuple[str, Any]]) -> str:
     return ",".join(parts)
 
 
+def _attrs(obj: Any, *names: str) -> str:
+    """``_fmt`` of the named attributes of ``obj``, each under its own name."""
+    return _fmt([(name, getattr(obj, name)) for name in names])
+
+
 def _rate_limiter(limiter: m.RateLimiterConfig | None) -> list[tuple[str, Any]]:
     pairs: list[tuple[str, Any]] = []
     if limiter is None:
@@ -155,7 +160,8 @@ def _numa(n: m.NumaConfig) -> str:
     return _fmt([
         ("guest_numa_id", n.guest_numa_id),
         ("cpus", _Raw(_ints(n.cpus)) if n.cpus is not None else None),
-        ("distances", _Raw("[" + ",".join(f"{d.destination}@{d.distance}" for d in n.distances) + "]") if n.distances is not None else None),
+        ("distances", _Raw("[" + ",".join(f"{d.destination}@{d.distance}" for d in n.distances) + "]")
+         if n.distances is not None else None),
         ("memory_zones", _Raw(_strings(n.memory_zones)) if n.memory_zones is not None else None),
         ("sgx_epc_sections", _Raw(_strings(n.sgx_epc_sections)) if n.sgx_epc_sections is not None else None),
         ("pci_segments", _Raw(_ints(n.pci_segments)) if n.pci_segments is not None else None),
@@ -177,30 +183,31 @@ def to_argv(cfg: m.VmConfig) -> list[str]:
             value = getattr(cfg.payload, key)
             if value is not None:
                 argv.extend([f"--{key}", value])
-    many("--rate-limit-group", cfg.rate_limit_groups, lambda g: _fmt([("id", g.id)] + _rate_limiter(g.rate_limiter_config)))
+    many("--rate-limit-group", cfg.rate_limit_groups,
+         lambda g: _fmt([("id", g.id), *_rate_limiter(g.rate_limiter_config)]))
     many("--disk", cfg.disks, _disk)
     many("--net", cfg.net, _net)
     argv.extend(["--rng", _fmt([("src", cfg.rng.src), ("iommu", cfg.rng.iommu)])])
     if cfg.balloon is not None:
-        b = cfg.balloon
-        argv.extend(["--balloon", _fmt([("size", b.size), ("deflate_on_oom", b.deflate_on_oom), ("free_page_reporting", b.free_page_reporting)])])
-    many("--fs", cfg.fs, lambda f: _fmt([("tag", f.tag), ("socket", f.socket), ("num_queues", f.num_queues), ("queue_size", f.queue_size), ("id", f.id), ("pci_segment", f.pci_segment)]))
-    many("--pmem", cfg.pmem, lambda p: _fmt([("file", p.file), ("size", p.size), ("iommu", p.iommu), ("discard_writes", p.discard_writes), ("id", p.id), ("pci_segment", p.pci_segment)]))
+        argv.extend(["--balloon", _attrs(cfg.balloon, "size", "deflate_on_oom", "free_page_reporting")])
+    many("--fs", cfg.fs, lambda f: _attrs(f, "tag", "socket", "num_queues", "queue_size", "id", "pci_segment"))
+    many("--pmem", cfg.pmem, lambda p: _attrs(p, "file", "size", "iommu", "discard_writes", "id", "pci_segment"))
     argv.extend(["--serial", _console(cfg.serial), "--console", _console(cfg.console)])
     argv.extend(["--debug-console", _debug_console(cfg.debug_console)])
-    many("--device", cfg.devices, lambda d: _fmt([("path", d.path), ("iommu", d.iommu), ("id", d.id), ("pci_segment", d.pci_segment), ("x_nv_gpudirect_clique", d.x_nv_gpudirect_clique)]))
-    many("--user-device", cfg.user_devices, lambda u: _fmt([("socket", u.socket), ("id", u.id), ("pci_segment", u.pci_segment)]))
-    many("--vdpa", cfg.vdpa, lambda v: _fmt([("path", v.path), ("num_queues", v.num_queues), ("iommu", v.iommu), ("id", v.id), ("pci_segment", v.pci_segment)]))
+    many("--device", cfg.devices,
+         lambda d: _attrs(d, "path", "iommu", "id", "pci_segment", "x_nv_gpudirect_clique"))
+    many("--user-device", cfg.user_devices, lambda u: _attrs(u, "socket", "id", "pci_segment"))
+    many("--vdpa", cfg.vdpa, lambda v: _attrs(v, "path", "num_queues", "iommu", "id", "pci_segment"))
     if cfg.vsock is not None:
-        v = cfg.vsock
-        argv.extend(["--vsock", _fmt([("cid", v.cid), ("socket", v.socket), ("iommu", v.iommu), ("id", v.id), ("pci_segment", v.pci_segment)])])
+        argv.extend(["--vsock", _attrs(cfg.vsock, "cid", "socket", "iommu", "id", "pci_segment")])
     if cfg.pvpanic:
         argv.append("--pvpanic")
     many("--sgx-epc", cfg.sgx_epc, lambda e: _fmt([("id", e.id), ("size", e.size), ("prefault", e.prefault)]))
     many("--numa", cfg.numa, _numa)
     if cfg.watchdog:
         argv.append("--watchdog")
-    many("--pci-segment", cfg.pci_segments, lambda s: _fmt([("pci_segment", s.pci_segment), ("mmio32_aperture_weight", s.mmio32_aperture_weight), ("mmio64_aperture_weight", s.mmio64_aperture_weight)]))
+    many("--pci-segment", cfg.pci_segments,
+         lambda s: _attrs(s, "pci_segment", "mmio32_aperture_weight", "mmio64_aperture_weight"))
     if cfg.platform is not None:
         argv.extend(["--platform", _platform(cfg.platform)])
     if cfg.tpm is not None:

@@ -14,13 +14,16 @@ import functools
 import ipaddress
 import types
 import typing
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vmsh.config import options
 from vmsh.config.model import JsonEnum
 from vmsh.errors import OptionParseError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class JsonValueError(OptionParseError):
@@ -73,7 +76,7 @@ def _decode(tp: Any, value: Any, kind: str | None, path: str) -> Any:
             raise _fail(path, f"invalid type: {_describe(value)}, expected a sequence")
         (elem,) = typing.get_args(tp)
         return [_decode(elem, item, kind, f"{path}[{i}]") for i, item in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_json_value(tp, value, path)
     if isinstance(tp, type) and issubclass(tp, JsonEnum):
         if not isinstance(value, str):
@@ -139,7 +142,7 @@ def from_json_value(cls: type[T], value: Any, path: str = "") -> T:
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     known: set[str] = set()
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         name = f.metadata.get("json") or f.name
         names = (name, *f.metadata.get("aliases", ()))
         known.update(names)
@@ -154,7 +157,7 @@ def from_json_value(cls: type[T], value: Any, path: str = "") -> T:
     if getattr(cls, "DENY_UNKNOWN_FIELDS", False):
         for key in value:
             if key not in known:
-                expected = ", ".join(f"`{f.name}`" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+                expected = ", ".join(f"`{f.name}`" for f in dataclasses.fields(cls))
                 raise _fail(path, f"unknown field `{key}`, expected one of {expected}")
     return cls(**kwargs)
 

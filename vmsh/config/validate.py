@@ -145,7 +145,8 @@ def _disks(c: _Checker) -> None:
             raise ValidationError("Invalid rate-limiter group")
         if disk.serial is not None and len(disk.serial.encode()) > MAX_SERIAL_LEN:
             raise ValidationError(
-                f"Block device serial length ({len(disk.serial.encode())}) exceeds maximum allowed length ({MAX_SERIAL_LEN})"
+                f"Block device serial length ({len(disk.serial.encode())}) exceeds maximum allowed length "
+                f"({MAX_SERIAL_LEN})"
             )
         c.pci_segment(disk.pci_segment, disk.iommu)
         c.cfg.iommu |= disk.iommu
@@ -163,7 +164,8 @@ def _nets(c: _Checker) -> None:
         if net.fds is not None:
             if len(net.fds) * 2 != net.num_queues:
                 raise ValidationError(
-                    f"Number of queues ({net.num_queues}) to virtio_net does not match the number of FDs ({len(net.fds)})"
+                    f"Number of queues ({net.num_queues}) to virtio_net does not match the number of FDs "
+                    f"({len(net.fds)})"
                 )
             for fd in net.fds:
                 if fd <= 2:
@@ -224,21 +226,20 @@ def _other_devices(c: _Checker) -> None:
         c.pci_segment(vdpa.pci_segment, vdpa.iommu)
         cfg.iommu |= vdpa.iommu
         c.identifier(vdpa.id)
-    if cfg.vsock is not None:
-        if cfg.vsock.cid in SPECIAL_VSOCK_CIDS:
-            raise ValidationError(f"{cfg.vsock.cid} is a special VSOCK CID")
+    if cfg.vsock is not None and cfg.vsock.cid in SPECIAL_VSOCK_CIDS:
+        raise ValidationError(f"{cfg.vsock.cid} is a special VSOCK CID")
     if cfg.balloon is not None:
         total = cfg.memory.total_size()
         if cfg.balloon.size >= total:
             raise ValidationError(f"Balloon size ({cfg.balloon.size}) greater than RAM ({total})")
     paths: set[str] = set()
-    for dev in cfg.devices or []:
-        if dev.path in paths:
-            raise DuplicateError(f"Duplicated device path: {dev.path}")
-        paths.add(dev.path)
-        c.pci_segment(dev.pci_segment, dev.iommu)
-        cfg.iommu |= dev.iommu
-        c.identifier(dev.id)
+    for device in cfg.devices or []:
+        if device.path in paths:
+            raise DuplicateError(f"Duplicated device path: {device.path}")
+        paths.add(device.path)
+        c.pci_segment(device.pci_segment, device.iommu)
+        cfg.iommu |= device.iommu
+        c.identifier(device.id)
     if cfg.vsock is not None:
         c.pci_segment(cfg.vsock.pci_segment, cfg.vsock.iommu)
         cfg.iommu |= cfg.vsock.iommu
@@ -264,7 +265,8 @@ def _numa(c: _Checker) -> None:
                 raise ValidationError(f"Default PCI segment assigned to non-zero NUMA node {node.guest_numa_id}")
             if segment in segment_nodes:
                 raise ValidationError(
-                    f"PCI segment: {segment} belongs to multiple NUMA nodes {segment_nodes[segment]} and {node.guest_numa_id}"
+                    f"PCI segment: {segment} belongs to multiple NUMA nodes {segment_nodes[segment]} "
+                    f"and {node.guest_numa_id}"
                 )
             segment_nodes[segment] = node.guest_numa_id
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.devices.base import Trigger
+from vmsh.devices.state import U8, U32, check_length, check_range, expect_state
 
 LOG = logging.getLogger(__name__)
 
@@ -40,7 +41,10 @@ GED_POWER_BUTTON = 0x8
 
 
 class AcpiShutdown:
-    """Sleep-control and reset register (one byte at offset 0)."""
+    """Sleep-control and reset register (one byte at offset 0).
+
+    Stateless: a write acts at once and nothing is latched, so there is nothing to snapshot.
+    """
 
     def __init__(self, poweroff: Trigger, reset: Trigger) -> None:
         self.poweroff = poweroff
@@ -61,14 +65,18 @@ class AcpiShutdown:
 
 
 class AcpiPmTimer:
-    """A free-running 32-bit counter at 3.579545 MHz (reads only)."""
+    """A free-running 32-bit counter at 3.579545 MHz (reads only).
 
-    def __init__(self, clock=time.monotonic_ns) -> None:
+    Not snapshotted: the count is derived from the host clock and the guest cannot set it; a
+    restored timer counts on from wherever it starts (a guest uses it only for intervals).
+    """
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._clock = clock
         self._start = clock()
 
     def read(self, offset: int, size: int) -> bytes:
-        ticks = (self._clock() - self._start) * PM_TIMER_HZ // 1_000_000_000
+        ticks: int = (self._clock() - self._start) * PM_TIMER_HZ // 1_000_000_000
         value = (ticks & 0xFFFF_FFFF).to_bytes(4, "little")
         return value[offset : offset + size].ljust(size, b"\0")
 
@@ -76,8 +84,17 @@ class AcpiPmTimer:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class GedState:
+    """The GED's event bits not yet read by the guest (plain form ``{"pending": n}``)."""
+
+    pending: U8 = 0
+
+
 class Ged:
     """The GED's event register: :meth:`notify` sets bits and interrupts; a read clears."""
+
+    state_type = GedState
 
     def __init__(self, irq: Trigger) -> None:
         self.irq = irq
@@ -101,16 +118,32 @@ class Ged:
     def pending(self) -> int:
         return self._pending
 
+    def state(self) -> GedState:
+        with self._lock:
+            return GedState(self._pending)
 
-@dataclass
+    def restore(self, state: GedState) -> None:
+        """Load ``state`` (untrusted); events still pending interrupt the guest again.
+
+        :raises DeviceStateError: for another state class or a value over 8 bits.
+        """
+        s = expect_state(state, GedState)
+        with self._lock:
+            self._pending = s.pending
+        if s.pending:
+            self.irq.trigger()
+
+
+@dataclass(frozen=True, slots=True)
 class PciHotplugState:
     """Slots that came up or are to go, per segment, the selected segment, and the slots the
-    guest's ACPI tables declare hotpluggable (per segment; None: all of them)."""
+    guest's ACPI tables declare hotpluggable (per segment; None, in snapshots older than
+    declared slots: all of them)."""
 
-    up: list[int]
-    down: list[int]
+    up: tuple[U32, ...]
+    down: tuple[U32, ...]
     selected: int
-    declared: list[list[int]] | None = None
+    declared: tuple[tuple[int, ...], ...] | None = None
 
 
 class PciHotplugController:
@@ -123,6 +156,7 @@ class PciHotplugController:
     """
 
     thread_safe = True
+    state_type = PciHotplugState
 
     def __init__(self, segments: int, on_eject: Callable[[int, int], None]) -> None:
         self.segments = segments
@@ -174,16 +208,26 @@ class PciHotplugController:
 
     def state(self) -> PciHotplugState:
         with self._lock:
-            return PciHotplugState(list(self.up), list(self.down), self.selected, [list(d) for d in self.declared])
+            return PciHotplugState(tuple(self.up), tuple(self.down), self.selected,
+                                   tuple(tuple(d) for d in self.declared))
 
     def restore(self, state: PciHotplugState) -> None:
-        if len(state.up) != self.segments or len(state.down) != self.segments or not 0 <= state.selected < self.segments:
-            raise ValueError("PCI hotplug state does not fit this VM's segments")
-        declared = state.declared if state.declared is not None else self.declared
-        if len(declared) != self.segments or any(not 0 < s < 32 for seg in declared for s in seg):
-            raise ValueError("PCI hotplug state declares slots this VM cannot have")
+        """Load ``state`` (untrusted).
+
+        :raises DeviceStateError: for another state class, another number of segments, a
+            selected segment that does not exist or a declared slot outside 1..31.
+        """
+        s = expect_state(state, PciHotplugState)
+        check_length("up", s.up, self.segments)
+        check_length("down", s.down, self.segments)
+        check_range("selected", s.selected, 0, self.segments - 1)
+        declared = s.declared if s.declared is not None else self.declared
+        check_length("declared", declared, self.segments)
+        for i, seg in enumerate(declared):
+            for j, slot in enumerate(seg):
+                check_range(f"declared[{i}][{j}]", slot, 1, 31)
         with self._lock:
             self.declared = [sorted(set(seg)) for seg in declared]
-            self.up = [v & 0xFFFF_FFFF for v in state.up]
-            self.down = [v & 0xFFFF_FFFF for v in state.down]
-            self.selected = state.selected
+            self.up = list(s.up)
+            self.down = list(s.down)
+            self.selected = s.selected

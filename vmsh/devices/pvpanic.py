@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.devices.pci.config_space import BAR0, COMMAND, PciConfigSpace, PciConfigState
+from vmsh.devices.state import U32, U64, check_bits, expect_state, within
 
 LOG = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ class PvPanicState:
 
     config: PciConfigState
     events: int = SUPPORTED_EVENTS
-    bar_address: int = 0
-    reported: int = 0
+    bar_address: U32 = 0
+    reported: U64 = 0
 
 
 class _PvPanicConfig(PciConfigSpace):
@@ -96,6 +97,7 @@ class PvPanicDevice:
     """
 
     BAR_SIZE = BAR_SIZE
+    state_type = PvPanicState
     #: BAR 0 is a 32-bit memory BAR (cloud-hypervisor allocates it from the 32-bit window)
     bar64 = False
 
@@ -185,11 +187,13 @@ class PvPanicDevice:
     def restore(self, state: PvPanicState) -> None:
         """Load ``state`` (untrusted).
 
-        :raises ValueError: for values out of range.
+        :raises DeviceStateError: for another state class, events the device does not
+            support, or a configuration space that is not this function's.
         """
-        if not 0 <= state.events <= 0xFF:
-            raise ValueError("pvpanic state: events out of range")
-        self.config.restore(state.config)
+        state = expect_state(state, PvPanicState)
+        check_bits("events", state.events, SUPPORTED_EVENTS)
+        with within("config"):
+            self.config.restore(state.config)
         # The register file is the truth for the BAR, but its layout is ours: re-declare BAR 0
         # (flags and write mask) so a doctored snapshot cannot turn it into something else.
         addr = self.config.get(BAR0, 4) & ~(BAR_SIZE - 1)
@@ -199,7 +203,7 @@ class PvPanicDevice:
         if state.bar_address != self._bar_address:
             LOG.debug("pvpanic state: BAR %#x in config, %#x saved", self._bar_address, state.bar_address)
         self.events = state.events
-        self.reported = max(0, state.reported)
+        self.reported = state.reported
 
     def counters(self) -> dict[str, int]:
         return {"events": self.reported}

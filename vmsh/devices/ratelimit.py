@@ -18,6 +18,10 @@ Devices stop taking chains from a queue when ``consume`` fails (the chain goes b
 ring) and let a ``ThrottleTimer`` re-run the queue after ``delay``: the timer is a timerfd
 watched by the engine's I/O loop, so it fires on the device thread and is quiet while the VM
 is paused.
+
+Limiters have no snapshot state (no ``state``/``restore``): their buckets are the host's budget,
+not something the guest can observe or change, and a group is shared by several devices. A
+restored device starts with full buckets, as a freshly built one does.
 """
 
 from __future__ import annotations

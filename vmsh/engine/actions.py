@@ -42,9 +42,8 @@ class Rule:
        one (``VM is already created``).
     2. ``booted``: True needs a built VM (``VM is not booted``, 404); False refuses one with
        ``refusal`` (a :attr:`refusal_error`).
-    3. With a built VM: ``to`` is a state the VM must be allowed to move to
-       (``Invalid transition from A to B``); ``states`` are the VM states accepted, else
-       ``refusal``.
+    3. With a built VM: ``states`` are the VM states accepted, else ``refusal``; ``to`` is a
+       state the VM must be allowed to move to (``Invalid transition from A to B``).
 
     ``refusal`` may name ``{endpoint}`` (``vm.boot``), ``{action}`` (``boot``) and ``{state}``
     (the VM's state).
@@ -68,12 +67,11 @@ class Rule:
             if self.booted is True:
                 raise NotFoundError("VM is not created" if vmm.config is None else "VM is not booted")
             return
-        if self.booted is False:
-            raise self.refusal_error(self.refusal.format(endpoint=action.endpoint, action=action.name, state=vm.state.value))
+        if self.booted is False or (self.states is not None and vm.state not in self.states):
+            raise self.refusal_error(self.refusal.format(endpoint=action.endpoint, action=action.name,
+                                                         state=vm.state.value))
         if self.to is not None:
             check_transition(vm.state, self.to)
-        if self.states is not None and vm.state not in self.states:
-            raise self.refusal_error(self.refusal.format(endpoint=action.endpoint, action=action.name, state=vm.state.value))
 
 
 _ANY = Rule()
@@ -220,7 +218,8 @@ ACTIONS: tuple[Action, ...] = (
     Action("info", "GET", None, rule=_CREATED),
     Action("counters", "GET", None, rule=_BOOTED),
     Action("describe", "GET", None,
-           rule=Rule(created=True, booted=False, refusal="vm.describe needs a created VM that is not booted (it is {state})"),
+           rule=Rule(created=True, booted=False,
+                     refusal="vm.describe needs a created VM that is not booted (it is {state})"),
            extension="the machine a created (not booted) VM gives its guest, as `vmsh launch --describe` prints it"),
     Action("resize", "PUT", ResizeRequest, rule=_BOOTED),
     Action("resize-zone", "PUT", ResizeZoneRequest, rule=_BOOTED),
@@ -234,7 +233,8 @@ ACTIONS: tuple[Action, ...] = (
     _add("add-user-device", m.UserDeviceConfig),
     Action("remove-device", "PUT", RemoveDeviceRequest, rule=_CREATED),
     Action("snapshot", "PUT", SnapshotRequest,
-           rule=Rule(booted=True, states=frozenset({VmState.PAUSED}), refusal="Trying to snapshot while VM is running")),
+           rule=Rule(booted=True, states=frozenset({VmState.PAUSED}),
+                     refusal="Trying to snapshot while VM is running")),
     Action("restore", "PUT", m.RestoreConfig, rule=Rule(created=False, booted=False, refusal="VM is already created")),
     Action("registers", "PUT", RegistersRequest,
            rule=Rule(booted=True, states=frozenset({VmState.PAUSED}),

@@ -23,6 +23,7 @@ import termios
 import threading
 import tty
 from collections.abc import Callable
+from typing import Any
 
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.errors import DeviceError
@@ -81,7 +82,8 @@ def _pump(fd: int, sink: InputSink, stop: threading.Event, name: str) -> None:
 class FdBackend(ConsoleBackend):
     """Output to a file descriptor (and optionally input from another)."""
 
-    def __init__(self, out_fd: int, in_fd: int | None = None, *, owns: bool = False, drop_when_full: bool = False) -> None:
+    def __init__(self, out_fd: int, in_fd: int | None = None, *, owns: bool = False,
+                 drop_when_full: bool = False) -> None:
         self.out_fd = out_fd
         self.in_fd = in_fd
         self._owns = owns
@@ -115,9 +117,9 @@ class FdBackend(ConsoleBackend):
     def close(self) -> None:
         self._stop.set()
         if self._owns:
-            for fd in {self.out_fd, self.in_fd} - {None}:
+            for fd in {self.out_fd} if self.in_fd is None else {self.out_fd, self.in_fd}:
                 try:
-                    os.close(fd)  # type: ignore[arg-type]
+                    os.close(fd)
                 except OSError:
                     pass
 
@@ -127,7 +129,7 @@ class TtyBackend(FdBackend):
 
     def __init__(self, with_input: bool = True) -> None:
         super().__init__(1, 0 if with_input else None)
-        self._saved: list | None = None
+        self._saved: list[Any] | None = None  # termios attributes: ints and a list of control chars
         if with_input and os.isatty(0):
             self._saved = termios.tcgetattr(0)
             tty.setraw(0, termios.TCSANOW)  # keep what was typed before the VMM started
@@ -168,7 +170,7 @@ class SocketBackend(ConsoleBackend):
     """A listening unix socket; the connected client gets the output and sends input."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path: str = path
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,10 +1,10 @@
 """The CPUID a vCPU sees: KVM's supported set, patched for vmsh's topology and host.
 
-Starting point is ``KVM_GET_SUPPORTED_CPUID``; then (reference/cloud-hypervisor.md §6.4):
-the hypervisor bit, TSC-deadline, the APIC id of each vCPU in leaf 1 EBX, leaves 0xb/0x1f
-(x2APIC topology) and AMD's 0x8000_001e, the logical-processor counts, and the physical
-address width in 0x8000_0008. On a PVM host CX16 is cleared: CMPXCHG16B is not emulated there
-and clearing CX16 is the one CPUID mask PVM keeps (reference/pvm-host.md).
+Starting point is ``KVM_GET_SUPPORTED_CPUID``; then, as cloud-hypervisor's
+``arch/src/x86_64/mod.rs`` does: the hypervisor bit, TSC-deadline, the APIC id of each vCPU in
+leaf 1 EBX, leaves 0xb/0x1f (x2APIC topology) and AMD's 0x8000_001e, the logical-processor
+counts, and the physical address width in 0x8000_0008. On a PVM host CX16 is cleared: CMPXCHG16B is not emulated there
+and clearing CX16 is the one CPUID mask PVM keeps (tests/engine/test_boot.py).
 
 Bit positions: Intel SDM vol. 2A, CPUID, Tables 3-10/3-11 (leaf 1), leaf 0BH; AMD APM vol. 3
 Appendix E (0x8000_0008, 0x8000_001E).

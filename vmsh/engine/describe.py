@@ -1,9 +1,9 @@
 """A description of the machine a guest would see, taken from a built VM before it runs.
 
 :func:`describe` reads a :class:`vmsh.engine.vm.Vm` that
-:func:`~vmsh.engine.builder.build_for_boot` made and that has not been booted, the way a guest would find it, and returns canonical
-JSON-able data (dicts with string keys, lists, ints, strings; :func:`canonical_text` gives
-the text ``vmsh launch --describe`` prints and ``vmsh remote describe`` shows):
+:func:`~vmsh.engine.builder.build_for_boot` made and that has not been booted, the way a guest
+would find it, and returns canonical JSON-able data (dicts with string keys, lists, ints,
+strings; :func:`canonical_text` gives the text ``vmsh launch --describe`` prints and ``vmsh remote describe`` shows):
 
 - ``acpi``: every table reached from the RSDP the boot protocol hands the kernel
   (RSDP -> XSDT -> each entry, and the FADT's X_DSDT/DSDT and FACS), each with its
@@ -255,7 +255,8 @@ def describe_boot(read: Reader) -> dict[str, Any]:
     ramdisk_size = struct.unpack_from("<I", page, 0x21C)[0] | struct.unpack_from("<I", page, 0xC4)[0] << 32
     initrd = None
     if ramdisk_size:
-        initrd = {"addr": ramdisk, "size": ramdisk_size, "sha256": hashlib.sha256(read(ramdisk, ramdisk_size)).hexdigest()}
+        digest = hashlib.sha256(read(ramdisk, ramdisk_size)).hexdigest()
+        initrd = {"addr": ramdisk, "size": ramdisk_size, "sha256": digest}
     return {"protocol": "bzimage", "zero_page": _blob(page), "e820": parse_e820(page),
             "rsdp": struct.unpack_from("<Q", page, BP_ACPI_RSDP_ADDR)[0], "initrd": initrd,
             "cmdline": read_cmdline(read, cmdline_ptr) if cmdline_ptr else ""}
@@ -440,7 +441,8 @@ def describe(vm: Any) -> dict[str, Any]:
             if function is None:
                 continue
             dev_id = ids.get((bus.segment, slot))
-            pci.append({"bdf": f"{bus.segment:04x}:00:{slot:02x}.0", "id": dev_id, **describe_function(function.config)})
+            bdf = f"{bus.segment:04x}:00:{slot:02x}.0"
+            pci.append({"bdf": bdf, "id": dev_id, **describe_function(function.config)})
             device = getattr(function, "device", None)
             if dev_id is not None and device is not None:
                 virtio[dev_id] = describe_virtio(device)

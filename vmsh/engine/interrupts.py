@@ -2,7 +2,7 @@
 
 ``IrqFdTrigger`` raises a GSI on the in-kernel irqchip by writing an eventfd registered with
 ``KVM_IRQFD``: the interrupt goes in without an ioctl from the device's thread and without a
-vCPU exit (DESIGN.md, performance design). An irqfd injects an edge (assert then deassert),
+vCPU exit (README.md, "PCI and virtio"). An irqfd injects an edge (assert then deassert),
 which is what ISA devices such as the 16550 on IRQ 4 use.
 """
 
@@ -13,16 +13,18 @@ import os
 import threading
 from collections.abc import Callable
 
+from vmsh.engine.kvm import VmFd
+
 LOG = logging.getLogger(__name__)
 
 
 class IrqFdTrigger:
     """Raise ``gsi`` on ``vm`` (a ``VmFd``) through an irqfd."""
 
-    def __init__(self, vm: object, gsi: int) -> None:
+    def __init__(self, vm: VmFd, gsi: int) -> None:
         self.gsi = gsi
         self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        vm.irqfd(self.fd, gsi)  # type: ignore[attr-defined]
+        vm.irqfd(self.fd, gsi)
         self._vm = vm
 
     def trigger(self) -> None:
@@ -36,7 +38,7 @@ class IrqFdTrigger:
         """Deassign the irqfd and close the eventfd."""
         if self.fd >= 0:
             try:
-                self._vm.irqfd(self.fd, self.gsi, deassign=True)  # type: ignore[attr-defined]
+                self._vm.irqfd(self.fd, self.gsi, deassign=True)
             except OSError:
                 pass
             os.close(self.fd)

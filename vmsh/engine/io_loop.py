@@ -2,7 +2,7 @@
 
 Virtqueue kicks arrive as ioeventfds (the guest's write to a notify address signals an
 eventfd inside KVM, no exit to user space), host-side input (a tap, a socket) as readable
-fds. Both are served here, off the vCPU threads (DESIGN.md, performance design).
+fds. Both are served here, off the vCPU threads (README.md, "PCI and virtio").
 
 The loop can be paused: ``pause`` returns once no callback is running and none will start
 until ``resume``, which is how a paused VM's devices are quiesced for a snapshot. Events

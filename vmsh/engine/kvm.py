@@ -123,12 +123,8 @@ class Regs:
     rflags: int = 0x2
 
 
-#: kvm_regs field order, which is also the x86 register number order (rax=0 ... r15=15)
-#: except for rsp/rbp/rsi/rdi; see GPR_NAMES for the encoding order.
+#: kvm_regs field order (not the x86 encoding order: see ``vmsh.engine.x86.emulate.GPR_NAMES``)
 REG_FIELDS = tuple(f.name for f in dataclasses.fields(Regs))
-#: register names in x86 encoding order (ModRM reg/rm values 0..15)
-GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 
 
 @dataclass(slots=True)
@@ -365,11 +361,6 @@ class VmFd:
         """KVM_CREATE_PIT2: in-kernel i8254."""
         cfg = ffi.new("struct kvm_pit_config *", {"flags": flags})
         _check(lib.vmsh_ioctl(self.fd, lib.KVM_CREATE_PIT2, cfg), "KVM_CREATE_PIT2")
-
-    def irq_line(self, irq: int, level: int) -> None:
-        """KVM_IRQ_LINE: set a GSI's level on the in-kernel irqchip."""
-        lvl = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
-        _check(lib.vmsh_ioctl(self.fd, lib.KVM_IRQ_LINE, lvl), "KVM_IRQ_LINE")
 
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
         """KVM_IRQFD: a write to eventfd ``fd`` raises ``gsi`` without a trip through user space."""

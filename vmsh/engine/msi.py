@@ -108,7 +108,7 @@ class KvmMsiRouter:
 
     def close(self) -> None:
         """Deassign the irqfds and close them."""
-        for fd, gsi in zip(self.fds, self.gsis):
+        for fd, gsi in zip(self.fds, self.gsis, strict=True):
             try:
                 self._vm.irqfd(fd, gsi, deassign=True)
             except (KvmError, OSError):

@@ -4,7 +4,7 @@ The PVM instruction handler (``pvm.py``) must read and write memory operands of 
 KVM could not emulate; those are guest virtual addresses under the guest's CR3. Supported
 modes: paging off (identity), 4-level and 5-level long-mode paging (Intel SDM vol. 3A §4.5).
 Legacy 32-bit and PAE paging are not: a PVM host refuses 32-bit paging anyway
-(reference/pvm-host.md), and Linux x86_64 runs in long mode.
+(see ``pvm.py``), and Linux x86_64 runs in long mode.
 
 The walker only reads memory through a ``read_u64(gpa)`` callable, so it is unit-tested on a
 fake memory.

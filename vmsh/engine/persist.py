@@ -11,7 +11,11 @@ A snapshot directory holds cloud-hypervisor's three files:
 
 :func:`to_plain` and :func:`from_plain` convert the frozen state dataclasses (ints, bools,
 strings, bytes as base64, tuples, nested dataclasses) to JSON values and back. A snapshot is
-untrusted input: every value is type-checked and every failure names its path.
+untrusted input: every value is type-checked, an integer field declared with a register width
+(``vmsh.devices.state.U8`` ... ``U64``) is range-checked, and every failure names its path. A
+state class with ``fresh_when_null = True`` decodes JSON ``null`` (what an older release wrote
+for a device without state) as its default state. The devices check the rest of their
+restore rules themselves (``vmsh.devices.state``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,15 @@ import json
 import os
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmsh.errors import VmshError
+from vmsh.devices.state import IntRange
+from vmsh.errors import SnapshotError
+
+__all__ = ["SnapshotError", "from_plain", "to_plain", "node", "node_data", "node_children",
+           "write_snapshot", "read_snapshot", "CONFIG_FILE", "STATE_FILE", "MEMORY_FILE", "FORMAT_VERSION"]
 
 T = TypeVar("T")
 
@@ -36,10 +45,6 @@ STATE_FILE = "state.json"
 MEMORY_FILE = "memory-ranges"
 #: bumped whenever the meaning of a saved state changes
 FORMAT_VERSION = 1
-
-
-class SnapshotError(VmshError):
-    """A snapshot that cannot be written, or read back."""
 
 
 def to_plain(obj: Any) -> Any:
@@ -66,7 +71,7 @@ def from_plain(cls: type[T], value: Any, path: str = "") -> T:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     """A state class's field types (evaluating its string annotations is what costs: once)."""
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 @functools.cache
@@ -80,32 +85,42 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
         # decodes it once it knows the type.
         return value
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *extras = typing.get_args(tp)
+        decoded = _decode(base, value, path)
+        for extra in extras:
+            if isinstance(extra, IntRange) and not extra.lo <= decoded <= extra.hi:
+                raise SnapshotError(f"{path}: {decoded} is out of range {extra.lo}..{extra.hi}")
+        return decoded
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
         return _decode(args[0], value, path)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        cls: type = tp
+        if value is None and getattr(cls, "fresh_when_null", False):
+            return cls()  # every field of such a class has a default
         if not isinstance(value, dict):
             raise SnapshotError(f"{path}: expected an object")
-        hints = _hints(tp)
+        hints = _hints(cls)
         kwargs = {}
-        for f in _fields(tp):
+        for f in _fields(cls):
             if f.name not in value:
                 if f.default is not dataclasses.MISSING:  # a field newer than the snapshot
                     continue
                 raise SnapshotError(f"{path}: missing {f.name}")
             kwargs[f.name] = _decode(hints[f.name], value[f.name], f"{path}.{f.name}")
-        return tp(**kwargs)
+        return cls(**kwargs)
     if origin is tuple:
-        args = typing.get_args(tp)
+        items = typing.get_args(tp)
         if not isinstance(value, list):
             raise SnapshotError(f"{path}: expected a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
-        if len(value) != len(args):
-            raise SnapshotError(f"{path}: expected {len(args)} items")
-        return tuple(_decode(a, item, f"{path}[{i}]") for i, (a, item) in enumerate(zip(args, value)))
+        if len(items) == 2 and items[1] is Ellipsis:
+            return tuple(_decode(items[0], item, f"{path}[{i}]") for i, item in enumerate(value))
+        if len(value) != len(items):
+            raise SnapshotError(f"{path}: expected {len(items)} items")
+        return tuple(_decode(a, item, f"{path}[{i}]") for i, (a, item) in enumerate(zip(items, value)))
     if origin is list:
         (elem,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -198,11 +213,12 @@ def write_snapshot(directory: str, config_json: str, tree: dict[str, Any],
     done: list[Path] = []
     temps: list[Path] = []
     try:
-        for name, writer in (
+        writers: tuple[tuple[str, Callable[[int], None]], ...] = (
             (MEMORY_FILE, lambda fd: _write_ranges(fd, ranges)),
             (STATE_FILE, lambda fd: _write_all(fd, json.dumps(tree, indent=1).encode())),
             (CONFIG_FILE, lambda fd: _write_all(fd, config_json.encode())),
-        ):
+        )
+        for name, writer in writers:
             temp = target / f".{name}.tmp-{os.getpid()}"
             temps.append(temp)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

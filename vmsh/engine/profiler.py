@@ -34,10 +34,16 @@ import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from vmsh.engine.paging import PageFault, PagingMode, read_virt
 from vmsh.errors import GuestMemoryError
+from vmsh.guest_memory import GuestMemory
+
+if TYPE_CHECKING:
+    from vmsh.engine.kvm import VcpuFd
+    from vmsh.engine.vcpu import Vcpu
 
 LOG = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ KERNEL_STACK_SIZE = 0x4000
 _PT_REGS_BP, _PT_REGS_IP = 4, 16
 
 
-def _frame_chain(words: array, base: int, rbp: int) -> tuple[int, ...] | None:
+def _frame_chain(words: array[int], base: int, rbp: int) -> tuple[int, ...] | None:
     """The return addresses along the frame-pointer chain from ``rbp`` in a stack read from
     ``base`` as ``words``, innermost first; None unless it is a whole chain: 8-byte aligned
     frames inside the stack, each saved rbp above the last and each return address in kernel
@@ -96,7 +102,7 @@ class Symbolizer:
         pairs = sorted(symbols)
         self._addrs = [a for a, _ in pairs]
         self._names = [n for _, n in pairs]
-        where = dict(zip(self._names, self._addrs))
+        where = dict(zip(self._names, self._addrs, strict=True))
         #: kernel text and init text (boot-time functions and initcalls run from the latter)
         self._code: list[tuple[int, int]] = []
         if "_etext" in where:
@@ -136,7 +142,7 @@ class RipSampler:
     #: symbols shown per timeline slice
     slice_top: int = 4
 
-    def __init__(self, vcpus: list[object], hz: float = 200.0, memory: object | None = None) -> None:
+    def __init__(self, vcpus: Sequence[Vcpu], hz: float = 200.0, memory: GuestMemory | None = None) -> None:
         """``memory`` (the guest's ``GuestMemory``): also scan kernel stacks (see the module)."""
         self.vcpus = vcpus
         self.period = 1.0 / hz
@@ -154,9 +160,9 @@ class RipSampler:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def _take(self, vcpu: object) -> None:
+    def _take(self, vcpu: Vcpu) -> None:
         """In the vCPU thread: the rip, and the raw kernel stack (parsed later, off this thread)."""
-        fd = vcpu.fd  # type: ignore[attr-defined]
+        fd = vcpu.fd
         regs = fd.get_regs()
         t = time.monotonic() - self._t0
         stack = self._read_stack(fd, regs.rsp) if self.memory is not None else None
@@ -166,17 +172,19 @@ class RipSampler:
             if stack is not None:
                 self._raw.append((regs.rip, regs.rbp, regs.rsp & ~7, stack))
 
-    def _read_stack(self, fd: object, rsp: int) -> bytes | None:
+    def _read_stack(self, fd: VcpuFd, rsp: int) -> bytes | None:
         """The bytes from ``rsp`` to the top of its kernel stack; None outside 64-bit kernel mode
         or when the stack is not mapped."""
-        sregs = fd.get_sregs()  # type: ignore[attr-defined]
+        memory = self.memory
+        if memory is None:
+            return None
+        sregs = fd.get_sregs()
         if sregs.cs.dpl != 0 or not sregs.cs.l or rsp < KERNEL_SPACE_LOW:
             return None
         top = (rsp | (KERNEL_STACK_SIZE - 1)) + 1
         mode = PagingMode(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer)
         try:
-            return read_virt(mode, rsp & ~7, top - (rsp & ~7), self.memory.read_u64,  # type: ignore[union-attr]
-                             self.memory.read)  # type: ignore[union-attr]
+            return read_virt(mode, rsp & ~7, top - (rsp & ~7), memory.read_u64, memory.read)
         except (PageFault, GuestMemoryError):
             return None
 
@@ -197,7 +205,7 @@ class RipSampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.period):
             for v in self.vcpus:
-                v.run_on_vcpu(self._take)  # type: ignore[attr-defined]
+                v.run_on_vcpu(self._take)
             self._parse_stacks()
 
     def start(self) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import uuid as uuidlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 #: anchor of the SMBIOS 3.0 64-bit entry point (§5.2.2)
 SM3_ANCHOR = b"_SM3_"
@@ -70,8 +70,8 @@ class SmbiosSpec:
     manufacturer: str = "Cloud Hypervisor"
     product_name: str = "cloud-hypervisor"
     version: str = ""
-    serial_number: Optional[str] = None
-    uuid: Optional[str] = None
+    serial_number: str | None = None
+    uuid: str | None = None
     sku_number: str = ""
     family: str = ""
     oem_strings: tuple[str, ...] = ()
@@ -116,7 +116,7 @@ class SmbiosSpec:
             raise ValueError(f"SMBIOS uuid {self.uuid!r} is not a valid UUID") from err
 
     @classmethod
-    def from_platform(cls, platform: Any, **overrides: Any) -> "SmbiosSpec":
+    def from_platform(cls, platform: Any, **overrides: Any) -> SmbiosSpec:
         """Build a spec from a ``PlatformConfig`` (or ``None``): serial_number, uuid, oem_strings."""
         values: dict[str, Any] = {}
         if platform is not None:
@@ -127,7 +127,7 @@ class SmbiosSpec:
         return cls(**values)
 
 
-def _check_string(name: str, text: Optional[str]) -> None:
+def _check_string(name: str, text: str | None) -> None:
     if text is None:
         return
     if not isinstance(text, str):
@@ -146,7 +146,7 @@ class _Strings:
     def __init__(self) -> None:
         self._items: list[bytes] = []
 
-    def add(self, text: Optional[str]) -> int:
+    def add(self, text: str | None) -> int:
         if not text:
             return 0
         if len(self._items) >= MAX_STRINGS:
@@ -201,7 +201,8 @@ def _system_information(spec: SmbiosSpec, handle: int) -> bytes:
     uuid_raw = spec.uuid_bytes()
     sku = strings.add(spec.sku_number)
     family = strings.add(spec.family)
-    formatted = struct.pack("<BBBB16sBBB", manufacturer, product, version, serial, uuid_raw, WAKEUP_POWER_SWITCH, sku, family)
+    formatted = struct.pack("<BBBB16sBBB", manufacturer, product, version, serial, uuid_raw, WAKEUP_POWER_SWITCH,
+                            sku, family)
     assert 4 + len(formatted) == TYPE1_LENGTH
     return _structure(TYPE_SYSTEM_INFORMATION, handle, formatted, strings)
 

@@ -5,7 +5,7 @@ size in u64s, offset, bucket size, name) and a data block; descriptors are read 
 data block re-read with ``pread`` on every sample (Linux Documentation/virt/kvm/api.rst,
 "KVM_GET_STATS_FD"). On this project's PVM hosts the interesting ones are ``exits``,
 ``insn_emulation``, ``insn_emulation_fail``, ``io_exits``, ``mmio_exits``, ``halt_exits`` and
-``mmu_pte_write`` (reference/pvm-host.md).
+``mmu_pte_write`` (every guest instruction there is emulated, see ``pvm.py``).
 
 Example::
 

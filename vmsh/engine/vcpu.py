@@ -71,8 +71,8 @@ class VcpuStop(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class InternalError:
-    """A ``KVM_EXIT_INTERNAL_ERROR`` as read from the run page."""
+class InternalErrorExit:
+    """The report of a ``KVM_EXIT_INTERNAL_ERROR`` exit, as read from the run page (a record, not an exception)."""
 
     suberror: int
     #: instruction bytes KVM reported (emulation failures with the INSTRUCTION_BYTES flag)
@@ -81,7 +81,7 @@ class InternalError:
 
 
 #: an internal-error handler returns True when it fixed the vCPU state so KVM_RUN can go on
-InternalErrorHandler = Callable[["Vcpu", InternalError], bool]
+InternalErrorHandler = Callable[["Vcpu", InternalErrorExit], bool]
 
 
 def install_kick_handler() -> None:
@@ -233,7 +233,7 @@ class Vcpu:
             raise KvmError(f"vcpu{self.index}: KVM_RUN entry failed (hardware reason {hw:#x})")
         raise KvmError(f"vcpu{self.index}: unexpected exit {EXIT_NAMES.get(reason, reason)}")
 
-    def internal_error(self) -> InternalError:
+    def internal_error(self) -> InternalErrorExit:
         """Decode the ``internal`` / ``emulation_failure`` union of the run page."""
         page = self.fd.run_mmap
         suberror, ndata = struct.unpack_from("<II", page, lib.VMSH_RUN_INTERNAL_SUBERROR)
@@ -245,9 +245,9 @@ class Vcpu:
             if flags & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                 n = min(page[lib.VMSH_RUN_EMUL_INSN_SIZE], 15)
                 insn = bytes(page[lib.VMSH_RUN_EMUL_INSN_BYTES:lib.VMSH_RUN_EMUL_INSN_BYTES + n])
-        return InternalError(suberror, insn, tuple(data))
+        return InternalErrorExit(suberror, insn, tuple(data))
 
-    def describe_internal_error(self, err: InternalError) -> str:
+    def describe_internal_error(self, err: InternalErrorExit) -> str:
         """A one-line message naming the failure, the rip and the instruction bytes."""
         try:
             rip = f"{self.fd.get_regs().rip:#x}"

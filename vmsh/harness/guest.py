@@ -214,7 +214,9 @@ class Guest:
             except pexpect.TIMEOUT:
                 pass
         self.child.wait() if self.child.isalive() else None
-        return self.exit_status()
+        status = self.exit_status()
+        assert status is not None  # the loop above ran until the child was gone
+        return status
 
     def exit_status(self) -> int | None:
         if self.child is None or self.child.isalive():

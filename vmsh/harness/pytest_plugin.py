@@ -146,7 +146,8 @@ class GuestFactory:
 
 
 @pytest.fixture
-def vmsh_guest(request: pytest.FixtureRequest, tmp_path: Path, vmsh_image: Callable[[str], str]) -> Iterator[GuestFactory]:
+def vmsh_guest(request: pytest.FixtureRequest, tmp_path: Path,
+               vmsh_image: Callable[[str], str]) -> Iterator[GuestFactory]:
     factory = GuestFactory(request, tmp_path, vmsh_image)
     yield factory
     factory.close()

@@ -1,7 +1,7 @@
 """Booting the guest images under QEMU with TCG: the check of the images that does not
 depend on vmsh, shared by ``tests/images`` and ``ci/bench/kernel.py``.
 
-QEMU's KVM mode does not work on this project's hosts (see pvm-host.md), so this is
+QEMU's KVM mode does not work on this project's hosts (they are PVM hosts, see ``vmsh/engine/pvm.py``), so this is
 pure emulation (``-accel tcg``). The serial console is QEMU's stdio, driven through
 pipes with pexpect. The ELF ``vmlinux`` kernels boot through their PVH note on
 ``-M microvm``; bzImages boot through SeaBIOS on ``-M pc``.
@@ -15,9 +15,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from vmsh.errors import ImageError
+
+if TYPE_CHECKING:
+    from pexpect.popen_spawn import PopenSpawn
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class QemuGuest:
         if shutil.which(QEMU) is None:
             raise ImageError(f"{QEMU} not found: apt-get install qemu-system-x86")
         self.spec = spec
-        self.proc = None
+        self.proc: PopenSpawn | None = None
         self.started = 0.0
 
     def __enter__(self) -> Self:
@@ -89,6 +92,12 @@ class QemuGuest:
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
+    @property
+    def _running(self) -> PopenSpawn:
+        if self.proc is None:
+            raise ImageError("QEMU is not running (use QemuGuest as a context manager)")
+        return self.proc
+
     def expect(self, pattern: str, timeout: float) -> str:
         """Wait for a regex on the console; return the matched text.
 
@@ -97,12 +106,12 @@ class QemuGuest:
         import pexpect
 
         try:
-            self.proc.expect(pattern, timeout=timeout)
+            self._running.expect(pattern, timeout=timeout)
         except (pexpect.TIMEOUT, pexpect.EOF) as err:
             what = "timeout" if isinstance(err, pexpect.TIMEOUT) else "QEMU exited"
-            tail = "\n".join(str(self.proc.before).splitlines()[-25:])
+            tail = "\n".join(str(self._running.before).splitlines()[-25:])
             raise ImageError(f"{what} waiting for {pattern!r}; console tail:\n{tail}") from None
-        return self.proc.after
+        return self._running.after
 
     def wait_ready(self, timeout: float = 60) -> float:
         """Wait for /init's ready marker; return seconds since QEMU started."""
@@ -117,24 +126,24 @@ class QemuGuest:
         """Type a shell command; return its output (between unique markers)."""
         tag = f"VMSH-{int(time.monotonic() * 1e6) % 10**8}"
         # the marker is split in the command so the echoed input does not match it
-        self.proc.send(f"{command}; echo {tag[:5]}''{tag[5:]}-END\n")
+        self._running.send(f"{command}; echo {tag[:5]}''{tag[5:]}-END\n")
         self.expect(rf"{tag}-END", timeout)
         # what follows the terminal's echo of the command (which ends in the split tag)
-        out = str(self.proc.before).rsplit(f"''{tag[5:]}-END", 1)[-1]
+        out = str(self._running.before).rsplit(f"''{tag[5:]}-END", 1)[-1]
         return out.replace("\r\n", "\n").strip("\r\n")
 
     def send(self, text: str) -> None:
-        self.proc.send(text)
+        self._running.send(text)
 
     def wait_exit(self, timeout: float = 30) -> int:
         """Wait for QEMU to exit (after a poweroff); return its exit status."""
         import pexpect
 
         try:
-            self.proc.expect(pexpect.EOF, timeout=timeout)
+            self._running.expect(pexpect.EOF, timeout=timeout)
         except pexpect.TIMEOUT:
             raise ImageError(f"QEMU still running {timeout:.0f} s after poweroff") from None
-        return self.proc.wait()
+        return self._running.wait()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.proc.poll() is None:

@@ -41,8 +41,11 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, syntax: str, summary: str, group: str) -> Callable[[Callable[[Session, list[str]], None]], Callable[[Session, list[str]], None]]:
-    def register(func: Callable[[Session, list[str]], None]) -> Callable[[Session, list[str]], None]:
+CommandFunc = Callable[[Session, list[str]], None]
+
+
+def command(name: str, syntax: str, summary: str, group: str) -> Callable[[CommandFunc], CommandFunc]:
+    def register(func: CommandFunc) -> CommandFunc:
         COMMANDS[name] = Command(name, syntax, summary, func, group)
         return func
 
@@ -87,7 +90,8 @@ def _show(session: Session, value: Any) -> None:
 # --- lifecycle --------------------------------------------------------------------------------------
 
 
-@command("create", "create <launcher flags>", "create a VM from cloud-hypervisor launcher flags (--kernel ... --disk ...)", "lifecycle")
+@command("create", "create <launcher flags>",
+         "create a VM from cloud-hypervisor launcher flags (--kernel ... --disk ...)", "lifecycle")
 def _create(session: Session, args: list[str]) -> None:
     from vmsh.config import parse_argv, to_json_value, vm_config_from_args
 
@@ -120,7 +124,8 @@ for _name, _endpoint, _summary in (
     _simple(_name, _endpoint, _summary)
 
 
-@command("snapshot", "snapshot DIR", "write a snapshot of the paused VM into DIR (created if missing; must hold no snapshot)", "lifecycle")
+@command("snapshot", "snapshot DIR",
+         "write a snapshot of the paused VM into DIR (created if missing; must hold no snapshot)", "lifecycle")
 def _snapshot(session: Session, args: list[str]) -> None:
     if len(args) != 1:
         raise UsageError("snapshot takes one argument: the directory")
@@ -132,7 +137,8 @@ def _snapshot(session: Session, args: list[str]) -> None:
     session.target.call("vm.snapshot", {"destination_url": _file_url(args[0])})
 
 
-@command("restore", "restore DIR [resume=on] [prefault=on]", "rebuild the VM saved in DIR (paused unless resume=on)", "lifecycle")
+@command("restore", "restore DIR [resume=on] [prefault=on]",
+         "rebuild the VM saved in DIR (paused unless resume=on)", "lifecycle")
 def _restore(session: Session, args: list[str]) -> None:
     positional, opts = _options(args, ("resume", "prefault"))
     if len(positional) != 1:
@@ -173,7 +179,8 @@ def _resize(session: Session, args: list[str]) -> None:
 # --- inspection -------------------------------------------------------------------------------------
 
 
-@command("info", "info [SECTION]", "show the VM's state and config (SECTION: a dotted path, e.g. config.cpus)", "inspection")
+@command("info", "info [SECTION]",
+         "show the VM's state and config (SECTION: a dotted path, e.g. config.cpus)", "inspection")
 def _info(session: Session, args: list[str]) -> None:
     info = session.target.call("vm.info")
     for part in (args[0].split(".") if args else []):
@@ -244,7 +251,8 @@ def _x(session: Session, args: list[str]) -> None:
     session.out("\n".join(lines))
 
 
-@command("profile", "profile start [hz=N] | stop [system_map=PATH] | report", "sample the guest's instruction pointers", "inspection")
+@command("profile", "profile start [hz=N] | stop [system_map=PATH] | report",
+         "sample the guest's instruction pointers", "inspection")
 def _profile(session: Session, args: list[str]) -> None:
     positional, opts = _options(args, ("hz", "system_map"))
     if len(positional) != 1 or positional[0] not in ("start", "stop", "report"):
@@ -274,7 +282,8 @@ def _profile(session: Session, args: list[str]) -> None:
         session.out(session.variables["profile"])
 
 
-@command("wait", "wait STATE [timeout=DUR]", "wait until the VM is in STATE (Running, Paused, Created, ...)", "inspection")
+@command("wait", "wait STATE [timeout=DUR]",
+         "wait until the VM is in STATE (Running, Paused, Created, ...)", "inspection")
 def _wait(session: Session, args: list[str]) -> None:
     positional, opts = _options(args, ("timeout",))
     if len(positional) != 1:
@@ -380,7 +389,8 @@ def _source(session: Session, args: list[str]) -> None:
     session.run_file(args[0])
 
 
-@command("image", "image NAME [VAR]", "set $VAR (default: $NAME) to the path of a built guest image (vmlinux, initramfs, ...)", "flow")
+@command("image", "image NAME [VAR]",
+         "set $VAR (default: $NAME) to the path of a built guest image (vmlinux, initramfs, ...)", "flow")
 def _image(session: Session, args: list[str]) -> None:
     from vmsh.images import image_path
 

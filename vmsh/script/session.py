@@ -250,7 +250,8 @@ def run_script(path: str, *, out: Callable[[str], None] | None = None, err: Call
     return _run(lambda s: s.run_file(path), out, err)
 
 
-def run_commands(text: str, *, out: Callable[[str], None] | None = None, err: Callable[[str], None] | None = None) -> int:
+def run_commands(text: str, *, out: Callable[[str], None] | None = None,
+                 err: Callable[[str], None] | None = None) -> int:
     """``vmsh -c "cmd; cmd"``."""
     return _run(lambda s: s.execute(text, Location("-c", 0)), out, err)
 

@@ -31,7 +31,8 @@ def parity_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def render_case(vmsh_image: Callable[[str], str], parity_files: Path) -> Callable[[Case], tuple[list[str], dict[str, Any]]]:
+def render_case(vmsh_image: Callable[[str], str],
+                parity_files: Path) -> Callable[[Case], tuple[list[str], dict[str, Any]]]:
     """``render_case(case)``: its complete launcher flags and JSON VmConfig for this worker."""
 
     def render_one(case: Case) -> tuple[list[str], dict[str, Any]]:
@@ -47,7 +48,7 @@ class ApiVmm:
 
     def __init__(self, workdir: Path) -> None:
         self.socket = workdir / "api.sock"
-        self.log = open(workdir / "vmm.log", "wb")
+        self.log = open(workdir / "vmm.log", "wb")  # noqa: SIM115 - the VMM writes it until close()
         self.proc = subprocess.Popen(launch_argv(["--api-socket", str(self.socket)]), stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

@@ -98,7 +98,7 @@ def check_agrees_with_config(out: str, config: dict[str, Any], files: Path) -> N
     disks = config.get("disks", [])
     assert len(blk) == len(disks), blk
     sizes = {str(files / "disk0.img"): DISK0_SIZE, str(files / "disk1.img"): DISK1_SIZE}
-    for dev, disk in zip(blk, disks):  # vda, vdb, ... in the order the disks were given
+    for dev, disk in zip(blk, disks, strict=True):  # vda, vdb, ... in the order the disks were given
         assert int(dev["size"]) * 512 == sizes[disk["path"]], (dev, disk)
         assert dev["ro"] == ("1" if disk.get("readonly") else "0"), (dev, disk)
         if "serial" in disk:
@@ -106,7 +106,7 @@ def check_agrees_with_config(out: str, config: dict[str, Any], files: Path) -> N
         assert int(dev["mq"]) == disk.get("num_queues", 1), (dev, disk)
     nets = [line.split()[2:] for line in lines if line.startswith("net ")]
     assert len(nets) == len(config.get("net", [])), nets
-    for (mac, mtu, queues), net in zip(nets, config.get("net", [])):
+    for (mac, mtu, queues), net in zip(nets, config.get("net", []), strict=True):
         assert mac == net["mac"]
         assert int(mtu) == net.get("mtu", 1500)
         # rx and tx queues per pair: num_queues (default 2) in all

@@ -38,7 +38,7 @@ def differences(a: Any, b: Any, path: str = "$") -> list[str]:
         return out
     if isinstance(a, list):
         out = [f"{path}: length {len(a)} != {len(b)}"] if len(a) != len(b) else []
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             out += differences(x, y, f"{path}[{i}]")
         return out
     return [] if a == b else [f"{path}: {str(a)[:80]!r} != {str(b)[:80]!r}"]
@@ -97,16 +97,15 @@ def check_agrees_with_config(desc: dict[str, Any], config: dict[str, Any]) -> No
     segments = {p["bdf"][:4] for p in desc["pci"]}
     assert len(segments) == platform.get("num_pci_segments", 1)
     ids = {p["id"] for p in desc["pci"] if p["id"]}
-    expected = {"__rng"} | {d.get("id") for d in config.get("disks", []) + config.get("net", []) + config.get("pmem", [])
-                            if d.get("id")}
+    pci_devices = config.get("disks", []) + config.get("net", []) + config.get("pmem", [])
+    expected = {"__rng"} | {d.get("id") for d in pci_devices if d.get("id")}
     expected |= {"__pvpanic"} if config.get("pvpanic") else set()
     expected |= {"__balloon"} if "balloon" in config else set()
     expected |= {"__watchdog"} if config.get("watchdog") else set()
     expected |= {"__console"} if config["console"]["mode"] != "Off" else set()
     assert expected <= ids
     n_devices = (len(config.get("disks", [])) + len(config.get("net", [])) + len(config.get("pmem", []))
-                 + ("vsock" in config) + len(expected - {d.get("id") for d in config.get("disks", []) + config.get("net", [])
-                                                           + config.get("pmem", [])}))
+                 + ("vsock" in config) + len(expected - {d.get("id") for d in pci_devices}))
     assert len(ids) == n_devices, (sorted(ids), n_devices)
     for net in config.get("net", []):
         dev = next(v for k, v in desc["virtio"].items() if v["device_type"] == 1

@@ -24,7 +24,7 @@ def two_segment_spec(**changes: object) -> AcpiSpec:
         interrupt_overrides=(InterruptOverride(4, 4),),
     )
     values.update(changes)
-    return AcpiSpec(**values)  # type: ignore[arg-type]
+    return AcpiSpec(**values)  # type: ignore[arg-type]  # keyword overrides of mixed types, checked by AcpiSpec
 
 
 @pytest.fixture

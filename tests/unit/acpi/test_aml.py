@@ -289,7 +289,7 @@ def test_calls_and_fields() -> None:
 
 def test_term_type_checked() -> None:
     with pytest.raises(TypeError):
-        Return("PCI0")  # type: ignore[arg-type]
+        Return("PCI0")  # type: ignore[arg-type]  # the wrong type on purpose
 
 
 # --- resource descriptors (§6.4) ------------------------------------------------------------------
@@ -311,14 +311,16 @@ def test_extended_interrupt() -> None:
     # consumer (bit 0) | edge (bit 1)
     assert Interrupt([9]).hex() == "890600" + "03" + "01" + "09000000"
     # consumer, level, active low (bit 2), shared (bit 3)
-    assert Interrupt([5, 6], edge=False, active_low=True, shared=True).hex() == "890a00" + "0d" + "02" + "05000000" + "06000000"
+    interrupt = Interrupt([5, 6], edge=False, active_low=True, shared=True)
+    assert interrupt.hex() == "890a00" + "0d" + "02" + "05000000" + "06000000"
 
 
 def test_address_space_descriptors() -> None:
     # general flags 0x0c: MaxFixed | MinFixed, producer, positive decode
     assert WordBusNumber(0, 0).hex() == "880d00" + "02" + "0c" + "00" + "0000" + "0000" + "0000" + "0000" + "0100"
     assert WordIO(0, 0xCF7).hex() == "880d00" + "01" + "0c" + "03" + "0000" + "0000" + "f70c" + "0000" + "f80c"
-    assert DWordIO(0xD00, 0xFFFF).hex() == "871700" + "01" + "0c" + "03" + "00000000" + "000d0000" + "ffff0000" + "00000000" + "00f30000"
+    assert DWordIO(0xD00, 0xFFFF).hex() == ("871700" + "01" + "0c" + "03" + "00000000" + "000d0000" + "ffff0000"
+                                            + "00000000" + "00f30000")
     assert DWordMemory(0xC0000000, 0xE7FFFFFF).hex() == (
         "871700" + "00" + "0c" + "01" + "00000000" + "000000c0" + "ffffffe7" + "00000000" + "00000028"
     )

@@ -49,7 +49,7 @@ def disassemble(table: bytes, name: str, tmp_path: Path) -> str:
     """``iasl -d`` ``table``; fail on any complaint; return the .dsl text."""
     src = tmp_path / f"{name.lower()}.dat"
     src.write_bytes(table)
-    out = _run([IASL, "-d", src.name], tmp_path)  # type: ignore[list-item]
+    out = _run([IASL, "-d", src.name], tmp_path)  # type: ignore[list-item]  # IASL is None only when the test is skipped
     dsl = (tmp_path / f"{name.lower()}.dsl").read_text()
     # the header comment block of a DSDT disassembly holds the checksum verdict, so check it too
     for text in (out, dsl):
@@ -119,7 +119,7 @@ def test_dsdt_content(tmp_path: Path) -> None:
 def test_dsdt_recompiles_cleanly(tmp_path: Path) -> None:
     spec = two_segment_spec(pci_segments=two_segment_spec().pci_segments)
     disassemble(build_acpi(spec).table("DSDT"), "DSDT", tmp_path)
-    out = _run([IASL, "-p", "recompiled", "dsdt.dsl"], tmp_path)  # type: ignore[list-item]
+    out = _run([IASL, "-p", "recompiled", "dsdt.dsl"], tmp_path)  # type: ignore[list-item]  # IASL is None only when the test is skipped
     assert re.search(r"Compilation successful\. 0 Errors, 0 Warnings, 0 Remarks", out), out
 
 
@@ -135,7 +135,8 @@ def test_fadt_disassembly(tmp_path: Path) -> None:
     assert "Reset Register : [Generic Address Structure] [074h 0116 1] Space ID : 01 [SystemIO]" in dsl
     assert "Address : 0000000000000600 [080h 0128 1] Value to cause reset : 01" in dsl
     assert "Sleep Control Register : [Generic Address Structure] [0F4h 0244 1] Space ID : 01 [SystemIO]" in dsl
-    assert "PM Timer Block : [Generic Address Structure] [0D0h 0208 1] Space ID : 01 [SystemIO] [0D1h 0209 1] Bit Width : 20" in dsl
+    assert ("PM Timer Block : [Generic Address Structure] [0D0h 0208 1] Space ID : 01 [SystemIO] "
+            "[0D1h 0209 1] Bit Width : 20") in dsl
     assert "Address : 0000000000000608" in dsl
     assert "Hypervisor ID : 50594844554F4C43" in dsl  # "CLOUDHYP" read as a little-endian u64
 
@@ -175,7 +176,8 @@ def test_big_machine_disassembles(tmp_path: Path) -> None:
     from vmsh.engine.acpi import PciSegment
 
     segs = tuple(
-        PciSegment(i, 0xE8000000 + (i << 20), mmio32=(0xC0000000 + (i << 24), 1 << 24), mmio64=((i + 4) << 32, 1 << 32), intx_irqs=(5, 6, 7, 8))
+        PciSegment(i, 0xE8000000 + (i << 20), mmio32=(0xC0000000 + (i << 24), 1 << 24),
+                   mmio64=((i + 4) << 32, 1 << 32), intx_irqs=(5, 6, 7, 8))
         for i in range(16)
     )
     spec = two_segment_spec(boot_vcpus=8, max_vcpus=300, pci_segments=segs)
@@ -184,7 +186,7 @@ def test_big_machine_disassembles(tmp_path: Path) -> None:
     dsl = _squash(disassemble(dsdt, "DSDT", tmp_path))
     assert "Device (C12B)" in dsl and "Device (PC0F)" in dsl
     assert "Name (_PRT, Package (0x80)" in dsl
-    out = _run([IASL, "-p", "recompiled", "dsdt.dsl"], tmp_path)  # type: ignore[list-item]
+    out = _run([IASL, "-p", "recompiled", "dsdt.dsl"], tmp_path)  # type: ignore[list-item]  # IASL is None only when the test is skipped
     assert "0 Errors, 0 Warnings" in out, out
 
 
@@ -265,13 +267,14 @@ def test_acpiexec_objects(tmp_path: Path) -> None:
         "\\_SB.PCI0._HID",
         "\\_SB.COM1._UID",
     ]
-    out = acpiexec(dsdt, [f"evaluate {p}" for p in paths + ["\\_S5_", "\\_SB.PCI0._CRS", "\\_SB.GED._CRS"]], tmp_path)
+    out = acpiexec(dsdt, [f"evaluate {p}" for p in [*paths, "\\_S5_", "\\_SB.PCI0._CRS", "\\_SB.GED._CRS"]], tmp_path)
     assert [_integer_result(out, p) for p in paths[:4]] == [0xF, 0xF, 0, 0]
     assert _integer_result(out, "\\_SB.CPUS.C003._UID") == 3
     assert _integer_result(out, "\\_SB.PC01._SEG") == 1
     assert _integer_result(out, "\\_SB.PCI0._HID") == 0x080AD041
     m = re.search(r"Evaluation of \\_S5_ returned.*?\[Package\] Contains 4 Elements:(.*?)Evaluat", out, re.S)
-    assert m and re.findall(r"\[Integer\] = ([0-9A-F]+)", m.group(1)) == ["0000000000000005", "0000000000000005", "0000000000000000", "0000000000000000"]
+    assert m and re.findall(r"\[Integer\] = ([0-9A-F]+)", m.group(1)) == ["0000000000000005", "0000000000000005",
+                                                                          "0000000000000000", "0000000000000000"]
     assert "Evaluation of \\_SB.PCI0._CRS returned" in out
 
 
@@ -281,7 +284,8 @@ def test_acpiexec_namespace(tmp_path: Path) -> None:
     out = acpiexec(dsdt, ["namespace"], tmp_path)
     rows = re.findall(r"^\s*(\d+)\s+(\S{4}) (\w+)", out, re.M)
     devices = {(int(depth), name) for depth, name, kind in rows if kind == "Device"}
-    for expected in [(1, "PCI0"), (1, "PC01"), (1, "MBRD"), (1, "COM1"), (1, "PWRB"), (1, "GEC_"), (1, "GED_"), (1, "CPUS")]:
+    for expected in [(1, "PCI0"), (1, "PC01"), (1, "MBRD"), (1, "COM1"), (1, "PWRB"), (1, "GEC_"), (1, "GED_"),
+                     (1, "CPUS")]:
         assert expected in devices, (expected, sorted(devices))
     assert {(2, f"C00{i}") for i in range(4)} <= devices
     assert ("0", "_S5_", "Package") in set(rows)

@@ -31,11 +31,12 @@ class Structure:
 
 
 def parse_entry_point(blob: bytes) -> dict[str, int]:
-    anchor, csum, length, major, minor, docrev, eprev, reserved, max_size, address = struct.unpack_from(
+    anchor, _csum, length, major, minor, docrev, eprev, reserved, max_size, address = struct.unpack_from(
         "<5sBBBBBBBIQ", blob
     )
     assert anchor == b"_SM3_"
-    return dict(length=length, major=major, minor=minor, docrev=docrev, revision=eprev, reserved=reserved, max_size=max_size, address=address)
+    return dict(length=length, major=major, minor=minor, docrev=docrev, revision=eprev, reserved=reserved,
+                max_size=max_size, address=address)
 
 
 def parse_structures(table: bytes) -> list[Structure]:
@@ -67,7 +68,8 @@ def test_entry_point() -> None:
     blob = build_smbios(SmbiosSpec())
     assert sum(blob[:0x18]) % 256 == 0
     ep, structs = parse(blob)
-    assert ep == dict(length=0x18, major=3, minor=2, docrev=0, revision=1, reserved=0, max_size=len(blob) - 0x18, address=0xF0018)
+    assert ep == dict(length=0x18, major=3, minor=2, docrev=0, revision=1, reserved=0, max_size=len(blob) - 0x18,
+                      address=0xF0018)
     assert [s.kind for s in structs] == [0, 1, 127]
     assert [s.handle for s in structs] == [0, 1, 2]
 

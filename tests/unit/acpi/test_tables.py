@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
 
-from vmsh.engine.acpi import AcpiSpec, GedSpec, InterruptOverride, OemInfo, PciSegment, build_acpi
-from vmsh.engine.acpi import tables
+from vmsh.engine.acpi import AcpiSpec, GedSpec, InterruptOverride, OemInfo, PciSegment, build_acpi, tables
 from vmsh.engine.acpi.dsdt import processor_name
 
 from .conftest import madt_entries, sdt_header, two_segment_spec
@@ -101,7 +101,7 @@ def test_madt_boot_and_max_vcpus(spec: AcpiSpec) -> None:
     cpus = [e for k, e in entries if k == 0]
     assert len(cpus) == 4
     for index, entry in enumerate(cpus):
-        kind, length, uid, apic_id, cpu_flags = struct.unpack("<BBBBI", entry)
+        _kind, length, uid, apic_id, cpu_flags = struct.unpack("<BBBBI", entry)
         assert (length, uid, apic_id) == (8, index, index)
         assert cpu_flags == (1 if index < 2 else 2)  # ENABLED for boot vCPUs, else ONLINE_CAPABLE
     ioapics = [e for k, e in entries if k == 1]
@@ -129,7 +129,7 @@ def test_madt_x2apic_for_large_ids() -> None:
     assert len(lapics) == 255 and len(x2apics) == 45
     assert struct.unpack("<BBBBI", lapics[-1])[2:] == (254, 254, 1)
     for n, entry in enumerate(x2apics):
-        kind, length, _, apic_id, flags, uid = struct.unpack("<BBHIII", entry)
+        _kind, length, _, apic_id, flags, uid = struct.unpack("<BBHIII", entry)
         index = 255 + n
         assert (length, apic_id, uid) == (16, index, index)
         assert flags == (1 if index < 256 else 2)
@@ -156,7 +156,7 @@ def test_layout(spec: AcpiSpec) -> None:
     addrs = [built.address(n) for n in order]
     assert addrs == sorted(addrs)
     assert built.address("RSDP") == 0xA0000
-    for prev, cur in zip(order, order[1:]):
+    for prev, cur in itertools.pairwise(order):
         end = built.address(prev) + len(built.table(prev))
         assert built.address(cur) >= end
         assert built.address(cur) - end < 8

@@ -50,7 +50,7 @@ def test_ping(api) -> None:
 
 
 def test_lifecycle_and_events(api) -> None:
-    client, _, events_path, _ = api
+    client, _vmm, events_path, _ = api
     assert client.put("vm.create", BODY) is None
     assert client.get("vm.info")["state"] == "Created"
     client.put("vm.boot")
@@ -104,7 +104,8 @@ def test_cold_add_and_remove(api) -> None:
     assert (status, messages[-1]) == (400, "Queue count (4) must not exceed boot vCPUs (1)")
     client.put("vm.remove-device", {"id": "d1"})
     assert [d.id for d in vmm.config.disks] == ["d0"]
-    assert status_of(lambda: client.put("vm.remove-device", {"id": "nope"})) == (404, ["Error from API", "No device with id nope"])
+    assert status_of(lambda: client.put("vm.remove-device", {"id": "nope"})) == (
+        404, ["Error from API", "No device with id nope"])
 
 
 @pytest.mark.parametrize(

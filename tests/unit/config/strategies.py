@@ -24,7 +24,8 @@ def opt(strategy: st.SearchStrategy) -> st.SearchStrategy:
 @st.composite
 def bucket(draw: st.DrawFn) -> m.TokenBucketConfig:
     return m.TokenBucketConfig(
-        size=draw(st.integers(1, 1 << 40)), one_time_burst=draw(st.integers(0, 1 << 30)), refill_time=draw(st.integers(1, 10**6))
+        size=draw(st.integers(1, 1 << 40)), one_time_burst=draw(st.integers(0, 1 << 30)),
+        refill_time=draw(st.integers(1, 10**6))
     )
 
 
@@ -43,14 +44,18 @@ def vm_configs(draw: st.DrawFn) -> m.VmConfig:
     topology = None
     if draw(BOOL):
         threads = draw(st.sampled_from([t for t in (1, 2) if max_vcpus % t == 0]))
-        topology = m.CpuTopology(threads_per_core=threads, cores_per_die=max_vcpus // threads, dies_per_package=1, packages=1)
+        topology = m.CpuTopology(threads_per_core=threads, cores_per_die=max_vcpus // threads, dies_per_package=1,
+                                 packages=1)
     cpus = m.CpusConfig(
         boot_vcpus=boot,
         max_vcpus=max_vcpus,
         topology=topology,
         kvm_hyperv=draw(BOOL),
         max_phys_bits=draw(st.integers(32, 52)),
-        affinity=draw(opt(st.lists(st.builds(m.CpuAffinity, vcpu=st.integers(0, 7), host_cpus=st.lists(st.integers(0, 63), min_size=1, max_size=4)), min_size=1, max_size=3))),
+        affinity=draw(opt(st.lists(
+            st.builds(m.CpuAffinity, vcpu=st.integers(0, 7),
+                      host_cpus=st.lists(st.integers(0, 63), min_size=1, max_size=4)),
+            min_size=1, max_size=3))),
         features=m.CpuFeatures(amx=draw(BOOL)),
     )
     shared = draw(BOOL)
@@ -76,7 +81,8 @@ def vm_configs(draw: st.DrawFn) -> m.VmConfig:
         initramfs=draw(opt(PATH)),
     )
     groups = draw(opt(st.lists(limiter(), min_size=1, max_size=2)))
-    rate_limit_groups = [m.RateLimiterGroupConfig(id=f"group{i}", rate_limiter_config=r) for i, r in enumerate(groups or [])] or None
+    rate_limit_groups = [m.RateLimiterGroupConfig(id=f"group{i}", rate_limiter_config=r)
+                         for i, r in enumerate(groups or [])] or None
     disks = []
     for i in range(draw(st.integers(0, 3))):
         use_group = rate_limit_groups is not None and draw(BOOL)
@@ -86,7 +92,10 @@ def vm_configs(draw: st.DrawFn) -> m.VmConfig:
             rate_limit_group="group0" if use_group else None,
             rate_limiter_config=None if use_group else draw(opt(limiter())),
             id=draw(st.sampled_from([None, f"disk{i}"])), serial=draw(opt(TEXT)),
-            queue_affinity=draw(opt(st.lists(st.builds(m.VirtQueueAffinity, queue_index=st.integers(0, 3), host_cpus=st.lists(st.integers(0, 7), min_size=1, max_size=3)), min_size=1, max_size=2))),
+            queue_affinity=draw(opt(st.lists(
+                st.builds(m.VirtQueueAffinity, queue_index=st.integers(0, 3),
+                          host_cpus=st.lists(st.integers(0, 7), min_size=1, max_size=3)),
+                min_size=1, max_size=2))),
         ))
     nets = []
     for i in range(draw(st.integers(0, 2))):
@@ -110,7 +119,8 @@ def vm_configs(draw: st.DrawFn) -> m.VmConfig:
             iommu=draw(BOOL),
         )
 
-    dbg_mode = draw(st.sampled_from([m.ConsoleOutputMode.OFF, m.ConsoleOutputMode.PTY, m.ConsoleOutputMode.TTY, m.ConsoleOutputMode.FILE, m.ConsoleOutputMode.NULL]))
+    dbg_mode = draw(st.sampled_from([m.ConsoleOutputMode.OFF, m.ConsoleOutputMode.PTY, m.ConsoleOutputMode.TTY,
+                                     m.ConsoleOutputMode.FILE, m.ConsoleOutputMode.NULL]))
     return m.VmConfig(
         cpus=cpus,
         memory=memory,
@@ -119,26 +129,40 @@ def vm_configs(draw: st.DrawFn) -> m.VmConfig:
         disks=disks or None,
         net=nets or None,
         rng=m.RngConfig(src=draw(PATH), iommu=draw(BOOL)),
-        balloon=draw(opt(st.builds(m.BalloonConfig, size=st.integers(0, (1 << 20) - 1), deflate_on_oom=BOOL, free_page_reporting=BOOL))),  # below the smallest RAM
+        # below the smallest RAM: a balloon as large as RAM is refused
+        balloon=draw(opt(st.builds(m.BalloonConfig, size=st.integers(0, (1 << 20) - 1), deflate_on_oom=BOOL,
+                                   free_page_reporting=BOOL))),
         fs=None,
-        pmem=draw(opt(st.lists(st.builds(m.PmemConfig, file=PATH, size=opt(SIZE), iommu=BOOL, discard_writes=BOOL), min_size=1, max_size=2))),
+        pmem=draw(opt(st.lists(st.builds(m.PmemConfig, file=PATH, size=opt(SIZE), iommu=BOOL, discard_writes=BOOL),
+                               min_size=1, max_size=2))),
         serial=console(m.ConsoleOutputMode.NULL),
         console=console(m.ConsoleOutputMode.TTY),
         debug_console=m.DebugConsoleConfig(
             mode=dbg_mode, file=draw(PATH) if dbg_mode is m.ConsoleOutputMode.FILE else None,
             iobase=draw(opt(st.integers(0, 0xFFFF))),
         ),
-        devices=draw(opt(st.lists(st.builds(m.DeviceConfig, path=PATH, iommu=BOOL, x_nv_gpudirect_clique=opt(st.integers(0, 255))), min_size=1, max_size=2, unique_by=lambda d: d.path))),
-        vdpa=draw(opt(st.lists(st.builds(m.VdpaConfig, path=PATH, num_queues=st.integers(1, 4), iommu=BOOL), min_size=1, max_size=2))),
+        devices=draw(opt(st.lists(
+            st.builds(m.DeviceConfig, path=PATH, iommu=BOOL, x_nv_gpudirect_clique=opt(st.integers(0, 255))),
+            min_size=1, max_size=2, unique_by=lambda d: d.path))),
+        vdpa=draw(opt(st.lists(st.builds(m.VdpaConfig, path=PATH, num_queues=st.integers(1, 4), iommu=BOOL),
+                               min_size=1, max_size=2))),
         vsock=draw(opt(st.builds(m.VsockConfig, cid=st.integers(3, 1 << 31), socket=PATH, iommu=BOOL))),
         pvpanic=draw(BOOL),
-        sgx_epc=draw(opt(st.lists(st.builds(m.SgxEpcConfig, id=st.just("epc0"), size=SIZE, prefault=BOOL), min_size=1, max_size=1))),
+        sgx_epc=draw(opt(st.lists(st.builds(m.SgxEpcConfig, id=st.just("epc0"), size=SIZE, prefault=BOOL),
+                                  min_size=1, max_size=1))),
         numa=draw(opt(st.lists(st.builds(
-            m.NumaConfig, guest_numa_id=st.integers(0, 3), cpus=opt(st.lists(st.integers(0, 15), min_size=1, max_size=4)),
-            distances=opt(st.lists(st.builds(m.NumaDistance, destination=st.integers(0, 3), distance=st.integers(10, 255)), min_size=1, max_size=2)),
+            m.NumaConfig, guest_numa_id=st.integers(0, 3),
+            cpus=opt(st.lists(st.integers(0, 15), min_size=1, max_size=4)),
+            distances=opt(st.lists(
+                st.builds(m.NumaDistance, destination=st.integers(0, 3), distance=st.integers(10, 255)),
+                min_size=1, max_size=2)),
         ), min_size=1, max_size=2))),
         watchdog=draw(BOOL),
-        pci_segments=draw(opt(st.lists(st.builds(m.PciSegmentConfig, pci_segment=st.just(0), mmio32_aperture_weight=st.integers(1, 8), mmio64_aperture_weight=st.integers(1, 8)), min_size=1, max_size=1))),
-        platform=draw(opt(st.builds(m.PlatformConfig, num_pci_segments=st.integers(1, 4), serial_number=opt(TEXT), uuid=opt(TEXT), oem_strings=opt(st.lists(TEXT, min_size=1, max_size=3))))),
+        pci_segments=draw(opt(st.lists(
+            st.builds(m.PciSegmentConfig, pci_segment=st.just(0), mmio32_aperture_weight=st.integers(1, 8),
+                      mmio64_aperture_weight=st.integers(1, 8)),
+            min_size=1, max_size=1))),
+        platform=draw(opt(st.builds(m.PlatformConfig, num_pci_segments=st.integers(1, 4), serial_number=opt(TEXT),
+                                    uuid=opt(TEXT), oem_strings=opt(st.lists(TEXT, min_size=1, max_size=3))))),
         tpm=draw(opt(st.builds(m.TpmConfig, socket=PATH))),
     )

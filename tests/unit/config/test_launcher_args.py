@@ -13,8 +13,8 @@ K = ["--kernel", "/k"]
 
 
 def test_multi_value_options_append_alike() -> None:
-    a = vm_config_from_argv(K + ["--disk", "path=/a", "path=/b", "--net", "tap=t0"])
-    b = vm_config_from_argv(K + ["--disk", "path=/a", "--net", "tap=t0", "--disk", "path=/b"])
+    a = vm_config_from_argv([*K, "--disk", "path=/a", "path=/b", "--net", "tap=t0"])
+    b = vm_config_from_argv([*K, "--disk", "path=/a", "--net", "tap=t0", "--disk", "path=/b"])
     assert a == b
     assert [d.path for d in a.disks or []] == ["/a", "/b"]
 
@@ -36,7 +36,7 @@ def test_verbosity_counts() -> None:
 
 
 def test_cmdline_with_commas_is_one_value() -> None:
-    cfg = vm_config_from_argv(K + ["--cmdline", "console=ttyS0,115200 root=/dev/vda"])
+    cfg = vm_config_from_argv([*K, "--cmdline", "console=ttyS0,115200 root=/dev/vda"])
     assert cfg.payload is not None and cfg.payload.cmdline == "console=ttyS0,115200 root=/dev/vda"
 
 

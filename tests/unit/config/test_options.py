@@ -70,12 +70,12 @@ def test_parser_empty_input_sets_nothing() -> None:
 
 
 def test_parser_unknown_key() -> None:
-    with pytest.raises(OptionParseError, match="^Unknown option: foo$"):
+    with pytest.raises(OptionParseError, match=r"^Unknown option: foo$"):
         OptionParser("a").parse("a=1,foo=2")
 
 
 def test_parser_value_key_without_value_is_invalid_syntax() -> None:
-    with pytest.raises(OptionParseError, match="^Invalid syntax: a$"):
+    with pytest.raises(OptionParseError, match=r"^Invalid syntax: a$"):
         OptionParser("a").parse("a")
 
 
@@ -90,7 +90,7 @@ def test_parser_unbalanced_input_is_invalid_syntax() -> None:
 
 
 def test_convert_failure_names_value_and_key() -> None:
-    with pytest.raises(OptionParseError, match="^Unable to convert x for n$"):
+    with pytest.raises(OptionParseError, match=r"^Unable to convert x for n$"):
         OptionParser("n").parse("n=x").convert("n", integer("u8"))
 
 
@@ -118,7 +118,8 @@ def test_byte_sized_rejects(text: str) -> None:
         byte_sized(text)
 
 
-@pytest.mark.parametrize("kind, text", [("u8", "256"), ("u8", "-1"), ("u16", "65536"), ("u32", "0x10"), ("u8", " 1"), ("u8", "1_0")])
+@pytest.mark.parametrize("kind, text", [("u8", "256"), ("u8", "-1"), ("u16", "65536"), ("u32", "0x10"), ("u8", " 1"),
+                                        ("u8", "1_0")])
 def test_integer_range_and_syntax(kind: str, text: str) -> None:
     with pytest.raises(ValueError):
         integer(kind)(text)

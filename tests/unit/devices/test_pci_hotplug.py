@@ -75,7 +75,8 @@ def test_dsdt_with_hotplug_disassembles(tmp_path) -> None:
     segs = tuple(PciSegment(id=i, ecam_base=0xE800_0000 + (i << 20), mmio32=(0xC000_0000 + (i << 24), 1 << 24),
                             mmio64=((1 << 32) + (i << 30), 1 << 30)) for i in range(2))
     acpi = build_acpi(AcpiSpec(boot_vcpus=1, pci_segments=segs, ged=GedSpec(address=0xFEB0_0000, irq=5),
-                               pci_rescan_method=RESCAN_METHOD, extra_aml=hotplug_aml(0xFEB0_1000, [list(range(1, 32))] * 2)))
+                               pci_rescan_method=RESCAN_METHOD,
+                               extra_aml=hotplug_aml(0xFEB0_1000, [list(range(1, 32))] * 2)))
     (tmp_path / "dsdt.dat").write_bytes(acpi.table("DSDT"))
     out = subprocess.run(["iasl", "-d", "dsdt.dat"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -104,7 +104,7 @@ def test_pvpanic_restore_hostile_state() -> None:
     # A BAR register claiming 64 bits with a misaligned address is re-declared as ours.
     data = bytearray(good.config.data)
     data[BAR0:BAR0 + 4] = struct.pack("<I", 0xC000_0124)
-    bad = PvPanicState(config=type(good.config)(data=bytes(data), write_mask=b"\xff" * 8), events=3)
+    bad = PvPanicState(config=type(good.config)(data=bytes(data), write_mask=b"\xff" * len(data)), events=3)
     dev.restore(bad)
     assert dev.bar_address() == 0xC000_0120
     assert not dev.config.is_64bit_bar(0)

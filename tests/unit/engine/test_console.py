@@ -57,7 +57,7 @@ def test_file_gets_output(tmp_path: Path) -> None:
 
 
 def test_file_error_names_path(tmp_path: Path) -> None:
-    with pytest.raises(DeviceError, match="nodir/serial.log"):
+    with pytest.raises(DeviceError, match=r"nodir/serial\.log"):
         open_backend(Mode.FILE, file=str(tmp_path / "nodir" / "serial.log"))
 
 

@@ -46,10 +46,10 @@ def run_shell(tmp_path: Path):
         with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
             pipe.send_text(text)
             shell = Shell(history=FileHistory(str(history)), input=pipe, output=DummyOutput())
-            shell.print = printed.append  # type: ignore[method-assign]
+            shell.print = printed.append  # type: ignore[method-assign]  # capture what the shell prints
             shell.session.out = printed.append
             errors: list[str] = []
-            shell.error = errors.append  # type: ignore[method-assign]
+            shell.error = errors.append  # type: ignore[method-assign]  # capture what the shell prints
             try:
                 status = shell.loop()
             finally:

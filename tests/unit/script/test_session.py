@@ -91,7 +91,8 @@ def test_vm_commands_without_a_vm_fail_clearly(session) -> None:
 
 
 def vmsh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmsh", *args], capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run([sys.executable, "-m", "vmsh", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 def test_vmsh_c_and_run(tmp_path: Path) -> None:

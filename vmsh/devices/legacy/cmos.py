@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from vmsh.devices.base import Trigger
+from vmsh.devices.state import S64, check_length, check_range, expect_state
 
 LOG = logging.getLogger(__name__)
 
@@ -43,13 +44,17 @@ REG_D_VRT = 0x80  # valid RAM and time
 TIME_REGS = (SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR, CENTURY)
 
 
-@dataclasses.dataclass
+#: bytes of register file and NVRAM
+NVRAM_SIZE = 128
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class CmosState:
     """Everything the guest can change: the selected index, NVRAM, the clock offset."""
 
     index: int
     nvram: bytes
-    offset_seconds: int
+    offset_seconds: S64
 
 
 def _bcd(value: int) -> int:
@@ -68,11 +73,13 @@ class Cmos:
     :param reset: triggered by the BIOS shutdown-status reset convention (0 to index 0x0f).
     """
 
+    state_type = CmosState
+
     def __init__(self, mem_below_4g: int, mem_above_4g: int, reset: Trigger | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.index = 0
         self.raw_index = 0
-        self.nvram = bytearray(128)
+        self.nvram = bytearray(NVRAM_SIZE)
         self.offset_seconds = 0
         self.reset = reset
         self._clock = clock
@@ -90,12 +97,29 @@ class Cmos:
     def state(self) -> CmosState:
         return CmosState(index=self.index, nvram=bytes(self.nvram), offset_seconds=self.offset_seconds)
 
+    def restore(self, state: CmosState) -> None:
+        """Load ``state`` (untrusted) in place; the saved NVRAM, memory-size bytes included, wins.
+
+        :raises DeviceStateError: for another state class, an index over 0x7f, NVRAM that is not
+            128 bytes or a clock offset beyond 64 bits.
+        """
+        s = expect_state(state, CmosState)
+        check_range("index", s.index, 0, INDEX_MASK)
+        check_length("nvram", s.nvram, NVRAM_SIZE)
+        self.index = self.raw_index = s.index
+        self.nvram[:] = s.nvram
+        self.offset_seconds = s.offset_seconds
+
     @classmethod
     def from_state(cls, state: CmosState, *, reset: Trigger | None = None) -> Cmos:
+        """A CMOS built empty and then :meth:`restore` d from ``state``.
+
+        Deprecated, kept for one release while the engine moves to ``restore``.
+
+        :raises DeviceStateError: as ``restore`` does.
+        """
         dev = cls(0, 0, reset)
-        dev.index = state.index & INDEX_MASK
-        dev.nvram[:] = state.nvram[:128].ljust(128, b"\0")
-        dev.offset_seconds = state.offset_seconds
+        dev.restore(state)
         return dev
 
     def _encode(self, value: int) -> int:

@@ -21,6 +21,8 @@ DETECT_VALUE = 0xE9
 class DebugConsole:
     """Write-only byte console.
 
+    Stateless: bytes leave at once and reads return a constant, so there is nothing to snapshot.
+
     :param out: called with the written bytes.
     """
 

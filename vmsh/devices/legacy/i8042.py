@@ -24,6 +24,9 @@ CMD_RESET_CPU = 0xFE
 class I8042:
     """Reset-only i8042.
 
+    Stateless: no register keeps a value (reads are 0, the reset command acts at once), so there
+    is nothing to snapshot.
+
     :param reset: triggered when the guest writes 0xFE to the command port.
     """
 

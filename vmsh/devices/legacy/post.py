@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmsh.devices.state import U8, U64, expect_state
 
 LOG = logging.getLogger(__name__)
 
@@ -26,11 +29,24 @@ def code_range(code: int) -> str:
     return "Custom"
 
 
+@dataclass(frozen=True, slots=True)
+class PostState:
+    """The last code written (what a read returns; None before any) and how many were written."""
+
+    last_code: U8 | None = None
+    count: U64 = 0
+
+
 class PostPort:
     """POST code sink.
 
+    Its one guest-visible register is the last code written (reads return it): that and the
+    write count are its state; the elapsed time it logs restarts with the process.
+
     :param clock: monotonic time source (seconds); injectable for tests.
     """
+
+    state_type = PostState
 
     def __init__(self, verbose: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.verbose = verbose
@@ -55,3 +71,14 @@ class PostPort:
         LOG.log(logging.WARNING if self.verbose else logging.DEBUG,
                 "[Debug I/O port: %s code 0x%x] %d.%06d seconds", code_range(code), code,
                 int(elapsed), int((elapsed % 1) * 1_000_000))
+
+    def state(self) -> PostState:
+        return PostState(self.last_code, self.count)
+
+    def restore(self, state: PostState) -> None:
+        """Load ``state`` (untrusted).
+
+        :raises DeviceStateError: for another state class or a code over 8 bits.
+        """
+        s = expect_state(state, PostState)
+        self.last_code, self.count = s.last_code, s.count

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.devices.base import Trigger
+from vmsh.devices.state import U8, check_bits, check_max_length, expect_state
 
 LOG = logging.getLogger(__name__)
 
@@ -84,18 +85,18 @@ FIFO_SIZE = 64
 
 @dataclass(frozen=True, slots=True)
 class SerialState:
-    """Plain-data state of a ``Serial16550`` (for snapshots; validated by ``from_state``)."""
+    """Plain-data state of a ``Serial16550`` (for snapshots; checked by ``restore``)."""
 
-    baud_divisor_low: int = DEFAULT_BAUD_DIVISOR
-    baud_divisor_high: int = 0
-    interrupt_enable: int = 0
+    baud_divisor_low: U8 = DEFAULT_BAUD_DIVISOR
+    baud_divisor_high: U8 = 0
+    interrupt_enable: U8 = 0
     thr_empty_pending: bool = False
-    fifo_control: int = 0
-    line_control: int = 0x03  # 8N1
-    line_status: int = DEFAULT_LINE_STATUS
-    modem_control: int = MCR_OUT2_BIT
-    modem_status: int = DEFAULT_MODEM_STATUS
-    scratch: int = 0
+    fifo_control: U8 = 0
+    line_control: U8 = 0x03  # 8N1
+    line_status: U8 = DEFAULT_LINE_STATUS
+    modem_control: U8 = MCR_OUT2_BIT
+    modem_status: U8 = DEFAULT_MODEM_STATUS
+    scratch: U8 = 0
     in_buffer: bytes = b""
 
 
@@ -111,9 +112,10 @@ class Serial16550:
         uart.write(DATA_OFFSET, b"A")   # -> out(b"A")
     """
 
-    def __init__(self, trigger: Trigger, out: Callable[[bytes], object] | None = None,
-                 state: SerialState | None = None) -> None:
-        s = state or SerialState()
+    state_type = SerialState
+
+    def __init__(self, trigger: Trigger, out: Callable[[bytes], object] | None = None) -> None:
+        s = SerialState()  # the power-on registers
         self.trigger = trigger
         self.out = out
         self.dll = s.baud_divisor_low
@@ -138,26 +140,38 @@ class Serial16550:
         return SerialState(self.dll, self.dlm, self.ier, self.thr_empty_pending, self.fcr, self.lcr,
                            self.lsr, self.mcr, self.msr, self.scr, bytes(self.rx))
 
+    def restore(self, state: SerialState) -> None:
+        """Load ``state`` (untrusted) in place, re-raising any interrupt it leaves pending.
+
+        :raises DeviceStateError: for another state class, a register wider than its bits or
+            a receive FIFO over ``FIFO_SIZE`` bytes; the UART is then unchanged.
+        """
+        s = expect_state(state, SerialState)
+        check_bits("interrupt_enable", s.interrupt_enable, IER_MASK)
+        check_bits("modem_control", s.modem_control, MCR_MASK)
+        check_max_length("in_buffer", s.in_buffer, FIFO_SIZE)
+        self.dll, self.dlm = s.baud_divisor_low, s.baud_divisor_high
+        self.ier = s.interrupt_enable
+        self.thr_empty_pending = s.thr_empty_pending
+        self.fcr, self.lcr, self.lsr = s.fifo_control, s.line_control, s.line_status
+        self.mcr, self.msr, self.scr = s.modem_control, s.modem_status, s.scratch
+        self.rx = deque(s.in_buffer)
+        if self.rx:
+            self.lsr |= LSR_DATA_READY_BIT
+        if self._pending_iir() != IIR_NONE_BIT:
+            self.trigger.trigger()
+
     @classmethod
     def from_state(cls, state: SerialState, *, trigger: Trigger,
                    out: Callable[[bytes], object] | None = None) -> Serial16550:
-        """Rebuild a UART from ``state`` (untrusted), re-raising any pending interrupt.
+        """A UART built fresh and then :meth:`restore` d from ``state``.
 
-        :raises ValueError: if the state is out of range (e.g. an oversized FIFO).
+        Deprecated, kept for one release while the engine moves to ``restore``.
+
+        :raises DeviceStateError: as ``restore`` does.
         """
-        if len(state.in_buffer) > FIFO_SIZE:
-            raise ValueError(f"serial state: FIFO holds {len(state.in_buffer)} bytes, max {FIFO_SIZE}")
-        for name in ("baud_divisor_low", "baud_divisor_high", "interrupt_enable", "fifo_control",
-                     "line_control", "line_status", "modem_control", "modem_status", "scratch"):
-            if not 0 <= getattr(state, name) <= 0xFF:
-                raise ValueError(f"serial state: {name} out of range")
-        dev = cls(trigger, out, state)
-        dev.ier &= IER_MASK
-        dev.mcr &= MCR_MASK
-        if dev.rx:
-            dev.lsr |= LSR_DATA_READY_BIT
-        if dev._pending_iir() != IIR_NONE_BIT:
-            dev.trigger.trigger()
+        dev = cls(trigger, out)
+        dev.restore(state)
         return dev
 
     # -- host side -------------------------------------------------------------------------

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from vmsh.devices.state import check_length, expect_state
+from vmsh.errors import DeviceStateError
+
 CONFIG_SIZE = 0x1000
 
 VENDOR_ID = 0x00
@@ -44,7 +47,7 @@ BAR_MEM_ADDRESS_MASK = 0xFFFF_FFF0
 COMMAND_WRITABLE = 0x0407
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, slots=True)
 class PciConfigState:
     """The registers and which bits of them are writable."""
 
@@ -54,6 +57,8 @@ class PciConfigState:
 
 class PciConfigSpace:
     """Registers of one function."""
+
+    state_type = PciConfigState
 
     def __init__(self, vendor: int, device: int, class_code: int, *, revision: int = 0,
                  subsystem_vendor: int = 0, subsystem: int = 0, header_type: int = 0) -> None:
@@ -181,5 +186,18 @@ class PciConfigSpace:
         return PciConfigState(data=bytes(self.data), write_mask=bytes(self.write_mask))
 
     def restore(self, state: PciConfigState) -> None:
-        self.data[:] = state.data[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\0")
-        self.write_mask[:] = state.write_mask[:CONFIG_SIZE].ljust(CONFIG_SIZE, b"\0")
+        """Load ``state`` (untrusted): it must be a full space of the same function.
+
+        :raises DeviceStateError: for another state class, a space that is not 4 KiB, or
+            another vendor, device or class than this function's (a snapshot of another device).
+        """
+        s = expect_state(state, PciConfigState)
+        check_length("data", s.data, CONFIG_SIZE)
+        check_length("write_mask", s.write_mask, CONFIG_SIZE)
+        for name, offset, size in (("vendor_id", VENDOR_ID, 2), ("device_id", DEVICE_ID, 2),
+                                   ("class_code", CLASS_CODE, 3)):
+            saved, own = int.from_bytes(s.data[offset:offset + size], "little"), self.get(offset, size)
+            if saved != own:
+                raise DeviceStateError(f"data.{name}", f"{saved:#x} is not this function's {own:#x}")
+        self.data[:] = s.data
+        self.write_mask[:] = s.write_mask

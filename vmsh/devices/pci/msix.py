@@ -19,6 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from vmsh.devices.state import U32, U64, check_length, expect_state
+
 LOG = logging.getLogger(__name__)
 
 #: capability ID of MSI-X (PCI 3.0 Appendix H)
@@ -61,8 +63,8 @@ class MsiRouter(Protocol):
 class MsixEntry:
     """One table entry."""
 
-    address: int = 0
-    data: int = 0
+    address: U64 = 0
+    data: U32 = 0
     masked: bool = True  # entries reset masked (§6.8.2.9)
 
 
@@ -89,6 +91,8 @@ class MsixTable:
         msix.table_write(0, struct.pack("<IIII", 0xFEE00000, 0, 0x41, 0))  # unmask vector 0
         msix.signal(0)                                                       # -> router.trigger(0)
     """
+
+    state_type = MsixState
 
     def __init__(self, num_vectors: int, router: MsiRouter) -> None:
         if not 1 <= num_vectors <= MSIX_MAX_VECTORS:
@@ -223,14 +227,14 @@ class MsixTable:
     def restore(self, state: MsixState) -> None:
         """Load ``state`` (untrusted) and tell the router about every vector.
 
-        :raises ValueError: if the state does not fit this table.
+        :raises DeviceStateError: for another state class, another number of vectors (entries
+            or pending bits), or an address or data wider than its register.
         """
-        if len(state.entries) != self.num_vectors or len(state.pending) != self.num_vectors:
-            raise ValueError(f"MSI-X state has {len(state.entries)} vectors, expected {self.num_vectors}")
+        state = expect_state(state, MsixState)
+        check_length("entries", state.entries, self.num_vectors)
+        check_length("pending", state.pending, self.num_vectors)
         table = bytearray(len(self.table))
         for v, e in enumerate(state.entries):
-            if not 0 <= e.address < 1 << 64 or not 0 <= e.data < 1 << 32:
-                raise ValueError(f"MSI-X state: entry {v} out of range")
             struct.pack_into("<QII", table, v * MSIX_TABLE_ENTRY_SIZE, e.address, e.data,
                              MSIX_ENTRY_MASK_BIT if e.masked else 0)
         with self._lock:

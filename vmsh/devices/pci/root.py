@@ -10,9 +10,11 @@ all ones (a master abort), which is how the guest learns that nothing is there.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from vmsh.devices.pci.config_space import PciConfigSpace
+from vmsh.devices.state import U32, check_bits, expect_state
 
 NUM_SLOTS = 32
 #: the host bridge cloud-hypervisor presents at 00:00.0
@@ -21,6 +23,8 @@ HOST_BRIDGE_DEVICE = 0x0D57
 HOST_BRIDGE_CLASS = 0x060000  # bridge, host bridge
 
 CONFIG_ADDRESS_ENABLE = 0x8000_0000
+#: the CONFIG_ADDRESS bits that hold something: enable, bus, device, function, dword register
+CONFIG_ADDRESS_MASK = 0x80FF_FFFC
 
 
 class PciFunction(Protocol):
@@ -73,8 +77,21 @@ class PciBus:
             target.config.write(register, data)
 
 
+@dataclass(frozen=True, slots=True)
+class PciConfigIoState:
+    """The CONFIG_ADDRESS latch (a guest may be snapshotted between 0xcf8 and 0xcfc)."""
+
+    address: U32 = 0
+
+
 class PciConfigIo:
-    """Configuration mechanism #1 on I/O ports 0xcf8-0xcff (mapped with length 8)."""
+    """Configuration mechanism #1 on I/O ports 0xcf8-0xcff (mapped with length 8).
+
+    The functions' configuration spaces belong to their devices' states; this holds only
+    the CONFIG_ADDRESS latch. The ECAM window (:class:`PciEcam`) and the bus are stateless.
+    """
+
+    state_type = PciConfigIoState
 
     def __init__(self, bus: PciBus) -> None:
         self.bus = bus
@@ -99,12 +116,24 @@ class PciConfigIo:
     def write(self, offset: int, data: bytes) -> None:
         if offset < 4:
             if offset == 0 and len(data) == 4:
-                self.address = int.from_bytes(data, "little") & 0x80FF_FFFC
+                self.address = int.from_bytes(data, "little") & CONFIG_ADDRESS_MASK
             return
         target = self._target()
         if target is not None:
             bus, device, function, register = target
             self.bus.config_write(bus, device, function, register + offset - 4, data)
+
+    def state(self) -> PciConfigIoState:
+        return PciConfigIoState(self.address)
+
+    def restore(self, state: PciConfigIoState) -> None:
+        """Load ``state`` (untrusted).
+
+        :raises DeviceStateError: for another state class or address bits the latch does not hold.
+        """
+        s = expect_state(state, PciConfigIoState)
+        check_bits("address", s.address, CONFIG_ADDRESS_MASK)
+        self.address = s.address
 
 
 class PciEcam:

@@ -32,6 +32,7 @@ import struct
 from dataclasses import dataclass
 
 from vmsh.config.model import BalloonConfig
+from vmsh.devices.state import U16, U32, U64, check_max_length, check_range, expect_state
 from vmsh.devices.virtio.device import COMMON_FEATURES, VirtioDevice, has_feature
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
 from vmsh.errors import DeviceError, GuestMemoryError, VirtQueueError
@@ -79,16 +80,16 @@ STAT_NAMES = {
 class VirtioBalloonState:
     """Plain-data state of a ``VirtioBalloon``."""
 
-    num_pages: int = 0
-    actual: int = 0
-    inflated_pages: int = 0
-    deflated_pages: int = 0
-    reported_pages: int = 0
-    bad_pfns: int = 0
+    num_pages: U32 = 0
+    actual: U32 = 0
+    inflated_pages: U64 = 0
+    deflated_pages: U64 = 0
+    reported_pages: U64 = 0
+    bad_pfns: U64 = 0
     #: head of the statistics buffer the device holds (None: none held)
     stats_head: int | None = None
-    #: last statistics, as (tag, value) pairs
-    stats: tuple[tuple[int, int], ...] = ()
+    #: last statistics, as (tag, value) pairs (struct virtio_balloon_stat: le16 tag, le64 val)
+    stats: tuple[tuple[U16, U64], ...] = ()
 
 
 class VirtioBalloon(VirtioDevice):
@@ -105,6 +106,8 @@ class VirtioBalloon(VirtioDevice):
         balloon = VirtioBalloon.from_config(BalloonConfig(size=256 << 20, deflate_on_oom=True))
         balloon.resize(512 << 20)   # vm.resize desired_balloon: the guest inflates to 512 MiB
     """
+
+    state_type = VirtioBalloonState
 
     device_type = VIRTIO_ID_BALLOON
 
@@ -298,24 +301,21 @@ class VirtioBalloon(VirtioDevice):
         return VirtioBalloonState(num_pages=self.num_pages, actual=self.actual, stats_head=self._stats_head,
                                   stats=tuple(sorted(self.stats.items())), **self._counts)
 
-    def restore(self, state: object) -> None:
+    def restore(self, state: VirtioBalloonState) -> None:
         """Load ``state`` (untrusted).
 
-        :raises ValueError: for values out of range.
+        :raises DeviceStateError: for another state class, a page count beyond 32 bits, a held
+            statistics buffer outside the queue, or too many statistics.
         """
-        if not isinstance(state, VirtioBalloonState):
-            return
-        if not (0 <= state.num_pages <= _U32_MAX and 0 <= state.actual <= _U32_MAX):
-            raise ValueError("virtio-balloon state: page counts out of range")
-        if state.stats_head is not None and not 0 <= state.stats_head < max(self.queue_max_sizes):
-            raise ValueError("virtio-balloon state: stats buffer out of range")
-        if len(state.stats) > MAX_STATS:
-            raise ValueError("virtio-balloon state: too many statistics")
-        self.num_pages, self.actual = state.num_pages, state.actual
+        s = expect_state(state, VirtioBalloonState)
+        if s.stats_head is not None:
+            check_range("stats_head", s.stats_head, 0, max(self.queue_max_sizes) - 1)
+        check_max_length("stats", s.stats, MAX_STATS)
+        self.num_pages, self.actual = s.num_pages, s.actual
         for key in self._counts:
-            self._counts[key] = max(0, int(getattr(state, key)))
-        self.stats = {int(tag) & 0xFFFF: int(value) & (1 << 64) - 1 for tag, value in state.stats}
-        self._stats_head = state.stats_head
+            self._counts[key] = getattr(s, key)
+        self.stats = dict(s.stats)
+        self._stats_head = s.stats_head
 
     def counters(self) -> dict[str, int]:
         return {**self._counts, "num_pages": self.num_pages, "actual_pages": self.actual}

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from vmsh.config.model import DiskConfig
 from vmsh.devices.ratelimit import FdWatcher, RateLimiter, ThrottleTimer
+from vmsh.devices.state import U64, expect_state
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from vmsh.devices.virtio.queue import (
     DescriptorChain,
@@ -38,7 +39,7 @@ from vmsh.devices.virtio.queue import (
     advance_views,
     window_views,
 )
-from vmsh.errors import DeviceError
+from vmsh.errors import DeviceError, DeviceStateError
 
 LOG = logging.getLogger(__name__)
 
@@ -120,15 +121,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class VirtioBlockState:
     """Plain-data state of a ``VirtioBlock``: the counters (requests are synchronous)."""
 
-    capacity: int = 0
-    read_bytes: int = 0
-    write_bytes: int = 0
-    read_ops: int = 0
-    write_ops: int = 0
-    flush_ops: int = 0
-    discard_ops: int = 0
-    write_zeroes_ops: int = 0
-    errors: int = 0
+    capacity: U64 = 0
+    read_bytes: U64 = 0
+    write_bytes: U64 = 0
+    read_ops: U64 = 0
+    write_ops: U64 = 0
+    flush_ops: U64 = 0
+    discard_ops: U64 = 0
+    write_zeroes_ops: U64 = 0
+    errors: U64 = 0
 
 
 class _BadRequest(Exception):
@@ -158,6 +159,8 @@ class VirtioBlock(VirtioDevice):
         disk = VirtioBlock("/var/lib/disk.raw", num_queues=2)
         disk = VirtioBlock.from_config(DiskConfig(path="disk.raw", readonly=True))
     """
+
+    state_type = VirtioBlockState
 
     device_type = VIRTIO_ID_BLOCK
 
@@ -510,17 +513,17 @@ class VirtioBlock(VirtioDevice):
     def state(self) -> VirtioBlockState:
         return VirtioBlockState(capacity=self.capacity, **self._counts)
 
-    def restore(self, state: object) -> None:
+    def restore(self, state: VirtioBlockState) -> None:
         """Load counters; a snapshot of a disk of another size is refused.
 
-        :raises ValueError: if the capacity changed.
+        :raises DeviceStateError: for another state class, another capacity than the image's,
+            or a counter beyond 64 bits.
         """
-        if not isinstance(state, VirtioBlockState):
-            return
-        if state.capacity != self.capacity:
-            raise ValueError(f"disk {self.path}: snapshot capacity {state.capacity}, image has {self.capacity}")
+        s = expect_state(state, VirtioBlockState)
+        if s.capacity != self.capacity:
+            raise DeviceStateError("capacity", f"{s.capacity} sectors, the image {self.path} has {self.capacity}")
         for key in self._counts:
-            self._counts[key] = max(0, int(getattr(state, key)))
+            self._counts[key] = getattr(s, key)
 
     def counters(self) -> dict[str, int]:
         counts = dict(self._counts)

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmsh.devices.state import U16, U64, check_max_length, expect_state
 from vmsh.devices.virtio.device import (
     COMMON_FEATURES,
     VIRTIO_ID_CONSOLE,
@@ -49,11 +50,11 @@ CONFIG_SIZE = 12
 class VirtioConsoleState:
     """Plain-data state of a ``VirtioConsole``."""
 
-    cols: int = 0
-    rows: int = 0
+    cols: U16 = 0
+    rows: U16 = 0
     pending_input: bytes = b""
-    out_bytes: int = 0
-    in_bytes: int = 0
+    out_bytes: U64 = 0
+    in_bytes: U64 = 0
 
 
 class VirtioConsole(VirtioDevice):
@@ -66,6 +67,8 @@ class VirtioConsole(VirtioDevice):
         con = VirtioConsole(out=sys.stdout.buffer.write)
         con.enqueue_input(b"ls\\n")   # typed into hvc0
     """
+
+    state_type = VirtioConsoleState
 
     device_type = VIRTIO_ID_CONSOLE
 
@@ -153,18 +156,17 @@ class VirtioConsole(VirtioDevice):
     def state(self) -> VirtioConsoleState:
         return VirtioConsoleState(self.cols, self.rows, bytes(self.pending), self.out_bytes, self.in_bytes)
 
-    def restore(self, state: object) -> None:
+    def restore(self, state: VirtioConsoleState) -> None:
         """Load ``state`` (untrusted).
 
-        :raises ValueError: for an oversized input buffer or out-of-range size.
+        :raises DeviceStateError: for another state class, an oversized input buffer or a
+            size or counter wider than its field.
         """
-        if not isinstance(state, VirtioConsoleState):
-            return
-        if len(state.pending_input) > MAX_PENDING_INPUT or not (0 <= state.cols <= 0xFFFF and 0 <= state.rows <= 0xFFFF):
-            raise ValueError("virtio-console state out of range")
-        self.cols, self.rows = state.cols, state.rows
-        self.pending = bytearray(state.pending_input)
-        self.out_bytes, self.in_bytes = max(0, state.out_bytes), max(0, state.in_bytes)
+        s = expect_state(state, VirtioConsoleState)
+        check_max_length("pending_input", s.pending_input, MAX_PENDING_INPUT)
+        self.cols, self.rows = s.cols, s.rows
+        self.pending = bytearray(s.pending_input)
+        self.out_bytes, self.in_bytes = s.out_bytes, s.in_bytes
 
     def counters(self) -> dict[str, int]:
         return {"out_bytes": self.out_bytes, "in_bytes": self.in_bytes}

@@ -19,8 +19,8 @@ import threading
 from typing import Any, Protocol
 
 from vmsh.devices.virtio.queue import VirtQueue
-from vmsh.guest_memory import GuestMemory
 from vmsh.errors import GuestMemoryError, VirtQueueError
+from vmsh.guest_memory import GuestMemory
 
 LOG = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ class VirtioDevice:
     Subclasses set ``device_type``, ``queue_max_sizes`` and ``avail_features``, implement
     ``config_bytes`` (or ``read_config``/``write_config``) and ``process_queue``, and extend
     ``on_activate``/``on_reset``/``close``/``state``/``restore``/``counters`` as needed.
+
+    Every device follows the state protocol of :mod:`vmsh.devices.state`: it sets
+    ``state_type`` and implements ``state``/``restore`` (the queues belong to the transport's
+    state).
 
     ``queue_notify`` may run on an I/O thread while the transport calls ``reset`` on a vCPU
     thread; each queue has a lock, and ``reset`` takes them all, so it waits for a request in
@@ -198,12 +202,19 @@ class VirtioDevice:
 
     # -- snapshot and counters ---------------------------------------------------------------
 
+    #: the device's frozen plain-data state class (set by every subclass)
+    state_type: type[Any]
+
     def state(self) -> Any:
         """Device-specific plain-data state (the queues belong to the transport's state)."""
-        return None
+        raise NotImplementedError
 
     def restore(self, state: Any) -> None:
-        """Load device-specific state (untrusted), before the transport re-activates."""
+        """Load device-specific state (untrusted) in place, before the transport re-activates.
+
+        :raises DeviceStateError: for a state of another class or a field that does not fit.
+        """
+        raise NotImplementedError
 
     def counters(self) -> dict[str, int]:
         """Per-device counters (e.g. read_bytes, write_ops)."""

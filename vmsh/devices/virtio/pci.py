@@ -36,6 +36,7 @@ from vmsh.devices.pci.config_space import (
     PciConfigState,
 )
 from vmsh.devices.pci.msix import PCI_CAP_ID_MSIX, MsiRouter, MsixState, MsixTable
+from vmsh.devices.state import U8, U16, U32, U64, check_bits, check_length, check_range, expect_state, within
 from vmsh.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -48,9 +49,9 @@ from vmsh.devices.virtio.device import (
     VirtioDevice,
     has_feature,
 )
-from vmsh.devices.virtio.queue import VirtQueue, VirtQueueState
+from vmsh.devices.virtio.queue import VirtQueue, VirtQueueState, check_live_layout
+from vmsh.errors import DeviceStateError, VmshError
 from vmsh.guest_memory import GuestMemory
-from vmsh.errors import VmshError
 
 LOG = logging.getLogger(__name__)
 
@@ -149,23 +150,28 @@ def _virtio_cap(cfg_type: int, offset: int, length: int, extra: bytes = b"") -> 
 
 @dataclass(frozen=True, slots=True)
 class VirtioPciState:
-    """Plain-data state of a ``VirtioPciDevice`` and its device."""
+    """Plain-data state of a ``VirtioPciDevice`` and its device.
+
+    ``device`` is the device's own state (its class is the device's ``state_type``: the
+    decoder needs the device to know it).
+    """
 
     config: PciConfigState
     msix: MsixState
     queues: tuple[VirtQueueState, ...]
-    queue_msix_vectors: tuple[int, ...]
-    device_feature_select: int = 0
-    driver_feature_select: int = 0
+    queue_msix_vectors: tuple[U16, ...]
+    device_feature_select: U32 = 0
+    driver_feature_select: U32 = 0
+    #: features 0..127 can be written (four 32-bit selects), so wider than the other registers
     driver_features: int = 0
-    device_status: int = 0
-    config_generation: int = 0
-    config_msix_vector: int = VIRTIO_MSI_NO_VECTOR
-    queue_select: int = 0
-    isr: int = 0
+    device_status: U8 = 0
+    config_generation: U8 = 0
+    config_msix_vector: U16 = VIRTIO_MSI_NO_VECTOR
+    queue_select: U16 = 0
+    isr: U8 = 0
     activated: bool = False
     needs_reset: bool = False
-    bar_address: int = 0
+    bar_address: U64 = 0
     device: Any = None
 
 
@@ -247,6 +253,7 @@ class VirtioPciDevice:
     """
 
     BAR_SIZE = BAR_SIZE
+    state_type = VirtioPciState
 
     def __init__(self, device: VirtioDevice, memory: GuestMemory, router: MsiRouter, *, bar64: bool = True) -> None:
         num_queues = len(device.queue_max_sizes)
@@ -453,6 +460,10 @@ class VirtioPciDevice:
         else:
             self._queue_field(field, value)
 
+    def _check_vector(self, field: str, vector: int) -> None:
+        if vector != VIRTIO_MSI_NO_VECTOR and vector >= self.msix.num_vectors:
+            raise DeviceStateError(field, f"vector {vector} is beyond the MSI-X table of {self.msix.num_vectors}")
+
     def _vector(self, value: int) -> int:
         # An unknown vector is refused by reading back NO_VECTOR (§4.1.5.1.2.1).
         return value if value < self.msix.num_vectors else VIRTIO_MSI_NO_VECTOR
@@ -562,42 +573,67 @@ class VirtioPciDevice:
                 needs_reset=self.needs_reset or self.device.needs_reset, bar_address=self._bar_address,
                 device=self.device.state())
 
-    def restore(self, s: VirtioPciState) -> None:
-        """Load ``s`` (untrusted) and re-activate the device if it was running.
+    def restore(self, state: VirtioPciState) -> None:
+        """Load ``state`` (untrusted) and re-activate the device if it was running.
 
         After a restore the engine should ``notify`` every queue once (after interrupts are
         wired) so that requests the driver queued before the snapshot are not left waiting.
 
-        :raises ValueError: if the state does not fit this device.
+        :raises DeviceStateError: for another state class, another number of queues, an
+            MSI-X vector beyond the table, a register wider than it is, a queue of a running
+            device with a layout the spec forbids, or a nested state (``config``, ``msix``,
+            ``queues[i]``, ``device``) that its part refuses. The transport's own fields are
+            checked before anything changes; if a nested part refuses its state, the transport
+            is put back into the state it had (its own, so it fits) before the error is raised.
         """
-        if len(s.queues) != len(self.queues) or len(s.queue_msix_vectors) != len(self.queues):
-            raise ValueError(f"virtio-pci state has {len(s.queues)} queues, expected {len(self.queues)}")
-        for name in ("device_feature_select", "driver_feature_select", "queue_select"):
-            if not 0 <= getattr(s, name) <= 0xFFFF_FFFF:
-                raise ValueError(f"virtio-pci state: {name} out of range")
-        if not 0 <= s.driver_features < 1 << 128 or not 0 <= s.device_status <= 0xFF:
-            raise ValueError("virtio-pci state: features or status out of range")
+        s = expect_state(state, VirtioPciState)
+        check_length("queues", s.queues, len(self.queues))
+        check_length("queue_msix_vectors", s.queue_msix_vectors, len(self.queues))
+        check_range("driver_features", s.driver_features, 0, (1 << 128) - 1)
+        check_bits("isr", s.isr, VIRTIO_PCI_ISR_QUEUE | VIRTIO_PCI_ISR_CONFIG)
+        for i, vector in enumerate(s.queue_msix_vectors):
+            self._check_vector(f"queue_msix_vectors[{i}]", vector)
+        self._check_vector("config_msix_vector", s.config_msix_vector)
+        if s.activated and not s.needs_reset:
+            # A running device validated its ready queues at DRIVER_OK (validate()).
+            for i, qs in enumerate(s.queues):
+                if qs.ready:
+                    with within(f"queues[{i}]"):
+                        check_live_layout(qs)
         with self._lock:
-            self.device.reset()
+            before = self.state()
+            try:
+                self._load(s)
+            except DeviceStateError:
+                self._load(before)
+                raise
+
+    def _load(self, s: VirtioPciState) -> None:
+        """Apply a checked state (with the lock held); nested parts check theirs as they load."""
+        self.device.reset()
+        with within("config"):
             self.config.restore(s.config)
+        with within("msix"):
             self.msix.restore(s.msix)
-            for q, qs in zip(self.queues, s.queues, strict=True):
+        for i, (q, qs) in enumerate(zip(self.queues, s.queues, strict=True)):
+            with within(f"queues[{i}]"):
                 q.restore(qs)
-            self.queue_msix_vectors = [self._vector(v) for v in s.queue_msix_vectors]
-            self.device_feature_select = s.device_feature_select
-            self.driver_feature_select = s.driver_feature_select
-            self.driver_features = s.driver_features
-            self.device_status = s.device_status & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET
-            self.config_generation = s.config_generation & 0xFF
-            self.config_msix_vector = self._vector(s.config_msix_vector)
-            self.queue_select = s.queue_select
-            self.isr = s.isr & (VIRTIO_PCI_ISR_QUEUE | VIRTIO_PCI_ISR_CONFIG)
-            self._bar_address = self.config.bar_address(0)
-            self._bar_pending = False
-            self.activated = False
-            self.needs_reset = False
+        self.queue_msix_vectors = list(s.queue_msix_vectors)
+        self.device_feature_select = s.device_feature_select
+        self.driver_feature_select = s.driver_feature_select
+        self.driver_features = s.driver_features
+        self.device_status = s.device_status & ~VIRTIO_STATUS_DEVICE_NEEDS_RESET
+        self.config_generation = s.config_generation
+        self.config_msix_vector = s.config_msix_vector
+        self.queue_select = s.queue_select
+        self.isr = s.isr
+        self._bar_address = self.config.bar_address(0)
+        self._bar_pending = False
+        self.activated = False
+        self.needs_reset = False
+        with within("device"):
             self.device.restore(s.device)
-            if s.activated:
-                self._activate()
-            if s.needs_reset:
-                self.needs_reset = True
+        if s.activated:
+            self._activate()
+        if s.needs_reset:
+            self.needs_reset = True

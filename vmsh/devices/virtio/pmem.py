@@ -22,9 +22,10 @@ import struct
 from dataclasses import dataclass
 
 from vmsh.config.model import PmemConfig
+from vmsh.devices.state import U64, expect_state
 from vmsh.devices.virtio.device import VirtioDevice
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
-from vmsh.errors import DeviceError
+from vmsh.errors import DeviceError, DeviceStateError
 
 LOG = logging.getLogger(__name__)
 
@@ -43,10 +44,10 @@ REGION_ALIGN = 4096
 class VirtioPmemState:
     """Plain-data state of a ``VirtioPmem``: the region (a cross-check) and counters."""
 
-    start: int = 0
-    size: int = 0
-    flush_ops: int = 0
-    errors: int = 0
+    start: U64 = 0
+    size: U64 = 0
+    flush_ops: U64 = 0
+    errors: U64 = 0
 
 
 class VirtioPmem(VirtioDevice):
@@ -62,6 +63,8 @@ class VirtioPmem(VirtioDevice):
 
         pmem = VirtioPmem.from_config(PmemConfig(file="pmem.img"), start=0x1_4000_0000)
     """
+
+    state_type = VirtioPmemState
 
     device_type = VIRTIO_ID_PMEM
 
@@ -147,17 +150,18 @@ class VirtioPmem(VirtioDevice):
     def state(self) -> VirtioPmemState:
         return VirtioPmemState(self.start, self.size, self.flush_ops, self.errors)
 
-    def restore(self, state: object) -> None:
+    def restore(self, state: VirtioPmemState) -> None:
         """Load counters; a snapshot of a region elsewhere or of another size is refused.
 
-        :raises ValueError: if the region differs.
+        :raises DeviceStateError: for another state class, a region that differs, or a
+            counter beyond 64 bits.
         """
-        if not isinstance(state, VirtioPmemState):
-            return
-        if (state.start, state.size) != (self.start, self.size):
-            raise ValueError(f"pmem {self.path}: snapshot region {state.start:#x}+{state.size:#x}, "
-                             f"device has {self.start:#x}+{self.size:#x}")
-        self.flush_ops, self.errors = max(0, state.flush_ops), max(0, state.errors)
+        s = expect_state(state, VirtioPmemState)
+        if s.start != self.start:
+            raise DeviceStateError("start", f"{s.start:#x} is not where {self.path} is mapped ({self.start:#x})")
+        if s.size != self.size:
+            raise DeviceStateError("size", f"{s.size:#x} is not the size of {self.path} ({self.size:#x})")
+        self.flush_ops, self.errors = s.flush_ops, s.errors
 
     def counters(self) -> dict[str, int]:
         return {"flush_ops": self.flush_ops, "errors": self.errors}

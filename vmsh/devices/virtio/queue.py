@@ -26,8 +26,9 @@ import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from vmsh.devices.state import U16, U64, expect_state
+from vmsh.errors import DeviceStateError, GuestMemoryError, VirtQueueError
 from vmsh.guest_memory import GuestMemory
-from vmsh.errors import GuestMemoryError, VirtQueueError
 
 LOG = logging.getLogger(__name__)
 
@@ -269,20 +270,40 @@ class DescriptorChain:
 
 @dataclass(frozen=True, slots=True)
 class VirtQueueState:
-    """Plain-data state of a ``VirtQueue``."""
+    """Plain-data state of a ``VirtQueue``.
+
+    ``size`` and the ring addresses are what the driver wrote; until DRIVER_OK they may be
+    anything the registers hold (the transport validates them at activation), so only a queue
+    of an activated device must have a valid layout (:func:`check_live_layout`).
+    """
 
     max_size: int
-    size: int
+    size: U16
     ready: bool = False
-    desc_table: int = 0
-    avail_ring: int = 0
-    used_ring: int = 0
-    next_avail: int = 0
-    next_used: int = 0
+    desc_table: U64 = 0
+    avail_ring: U64 = 0
+    used_ring: U64 = 0
+    next_avail: U16 = 0
+    next_used: U16 = 0
     #: used idx at the last interrupt, or None before the first (EVENT_IDX bookkeeping)
-    signalled_used: int | None = None
+    signalled_used: U16 | None = None
     event_idx: bool = False
     indirect: bool = False
+
+
+def check_live_layout(s: VirtQueueState) -> None:
+    """Check the layout of a queue that a running device uses (§2.7: a power-of-two size up
+    to the maximum; descriptor table 16-, available ring 2-, used ring 4-byte aligned).
+
+    :raises DeviceStateError: naming the field that breaks the rule.
+    """
+    if not is_power_of_two(s.size) or s.size > s.max_size:
+        raise DeviceStateError("size", f"{s.size} is not a power of two <= {s.max_size}")
+    for name, align in (("desc_table", DESC_TABLE_ALIGN), ("avail_ring", AVAIL_RING_ALIGN),
+                        ("used_ring", USED_RING_ALIGN)):
+        addr = getattr(s, name)
+        if addr % align:
+            raise DeviceStateError(name, f"{addr:#x} is not {align}-byte aligned")
 
 
 class VirtQueue:
@@ -295,6 +316,8 @@ class VirtQueue:
     :param memory: guest RAM.
     :param max_size: the largest size the device supports (a power of two <= 32768).
     """
+
+    state_type = VirtQueueState
 
     def __init__(self, memory: GuestMemory, max_size: int) -> None:
         if not is_power_of_two(max_size) or max_size > MAX_QUEUE_SIZE:
@@ -609,23 +632,17 @@ class VirtQueue:
                               self.used_ring, self.next_avail, self.next_used, self.signalled_used,
                               self.event_idx, self.indirect)
 
-    def restore(self, s: VirtQueueState) -> None:
-        """Load ``s`` (untrusted).
+    def restore(self, state: VirtQueueState) -> None:
+        """Load ``state`` (untrusted).
 
-        :raises ValueError: if it does not fit this queue.
+        :raises DeviceStateError: for another state class, another maximum size, or a
+            register wider than it is.
         """
-        if s.max_size != self.max_size or not 0 < s.size <= MAX_QUEUE_SIZE:
-            raise ValueError(f"virtqueue state: size {s.size}/{s.max_size} does not fit {self.max_size}")
-        for name in ("desc_table", "avail_ring", "used_ring"):
-            if not 0 <= getattr(s, name) < 1 << 64:
-                raise ValueError(f"virtqueue state: {name} out of range")
-        for name in ("next_avail", "next_used"):
-            if not 0 <= getattr(s, name) <= 0xFFFF:
-                raise ValueError(f"virtqueue state: {name} out of range")
-        if s.signalled_used is not None and not 0 <= s.signalled_used <= 0xFFFF:
-            raise ValueError("virtqueue state: signalled_used out of range")
-        self.size, self.ready = s.size, bool(s.ready)
+        s = expect_state(state, VirtQueueState)
+        if s.max_size != self.max_size:
+            raise DeviceStateError("max_size", f"{s.max_size} is not this queue's {self.max_size}")
+        self.size, self.ready = s.size, s.ready
         self.desc_table, self.avail_ring, self.used_ring = s.desc_table, s.avail_ring, s.used_ring
         self.next_avail, self.next_used, self.signalled_used = s.next_avail, s.next_used, s.signalled_used
         self._shadow_avail = s.next_avail
-        self.event_idx, self.indirect = bool(s.event_idx), bool(s.indirect)
+        self.event_idx, self.indirect = s.event_idx, s.indirect

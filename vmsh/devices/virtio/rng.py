@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from vmsh.devices.state import U64, expect_state
 from vmsh.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
 from vmsh.devices.virtio.queue import VirtQueue, advance_views
 from vmsh.errors import DeviceError
@@ -28,8 +29,8 @@ DEFAULT_SOURCE = "/dev/urandom"
 class VirtioRngState:
     """Plain-data state of a ``VirtioRng`` (only its counters)."""
 
-    read_bytes: int = 0
-    read_ops: int = 0
+    read_bytes: U64 = 0
+    read_ops: U64 = 0
 
 
 class VirtioRng(VirtioDevice):
@@ -41,6 +42,8 @@ class VirtioRng(VirtioDevice):
 
         rng = VirtioRng("/dev/urandom")
     """
+
+    state_type = VirtioRngState
 
     device_type = VIRTIO_ID_RNG
 
@@ -85,9 +88,13 @@ class VirtioRng(VirtioDevice):
     def state(self) -> VirtioRngState:
         return VirtioRngState(self.read_bytes, self.read_ops)
 
-    def restore(self, state: object) -> None:
-        if isinstance(state, VirtioRngState):
-            self.read_bytes, self.read_ops = max(0, state.read_bytes), max(0, state.read_ops)
+    def restore(self, state: VirtioRngState) -> None:
+        """Load the counters.
+
+        :raises DeviceStateError: for another state class or a counter beyond 64 bits.
+        """
+        s = expect_state(state, VirtioRngState)
+        self.read_bytes, self.read_ops = s.read_bytes, s.read_ops
 
     def counters(self) -> dict[str, int]:
         return {"read_bytes": self.read_bytes, "read_ops": self.read_ops}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.devices.base import Trigger
+from vmsh.devices.state import U64, expect_state
 from vmsh.devices.virtio.device import VirtioDevice
 from vmsh.devices.virtio.queue import VirtQueue
 
@@ -42,8 +43,8 @@ class VirtioWatchdogState:
 
     #: a ping was seen: the watchdog is armed
     enabled: bool = False
-    pings: int = 0
-    resets: int = 0
+    pings: U64 = 0
+    resets: U64 = 0
 
 
 class VirtioWatchdog(VirtioDevice):
@@ -58,6 +59,8 @@ class VirtioWatchdog(VirtioDevice):
 
         watchdog = VirtioWatchdog(reset=vm_reset_trigger)
     """
+
+    state_type = VirtioWatchdogState
 
     device_type = VIRTIO_ID_WATCHDOG
 
@@ -168,13 +171,15 @@ class VirtioWatchdog(VirtioDevice):
         with self._lock:
             return VirtioWatchdogState(self.last_ping is not None, self.pings, self.resets)
 
-    def restore(self, state: object) -> None:
-        """Load ``state``; an armed watchdog restarts its clock now (the time offline does not count)."""
-        if not isinstance(state, VirtioWatchdogState):
-            return
+    def restore(self, state: VirtioWatchdogState) -> None:
+        """Load ``state``; an armed watchdog restarts its clock now (the time offline does not count).
+
+        :raises DeviceStateError: for another state class or a counter beyond 64 bits.
+        """
+        s = expect_state(state, VirtioWatchdogState)
         with self._lock:
-            self.last_ping = self.clock() if state.enabled else None
-            self.pings, self.resets = max(0, state.pings), max(0, state.resets)
+            self.last_ping = self.clock() if s.enabled else None
+            self.pings, self.resets = s.pings, s.resets
 
     def counters(self) -> dict[str, int]:
         return {"pings": self.pings, "resets": self.resets}

@@ -25,10 +25,9 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable, Sequence
-from typing import Union
 
 #: an operand: a ready AML encoding or an integer to encode as a constant
-Term = Union[bytes, int]
+Term = bytes | int
 
 # --- opcodes (ACPI 6.4 §20.3, "AML Byte Stream Byte Values") ------------------------------------
 ZERO_OP = 0x00
@@ -274,11 +273,6 @@ def Package(elements: Sequence[Term]) -> bytes:
     return _package(bytes([PACKAGE_OP]), bytes([len(elements)]) + _terms(elements))
 
 
-def VarPackage(elements: Sequence[Term]) -> bytes:
-    """A package whose element count is a TermArg (§20.2.5.4 DefVarPackage)."""
-    return _package(bytes([VAR_PACKAGE_OP]), Integer(len(elements)) + _terms(elements))
-
-
 # ==================================================================================================
 # Namespace modifiers and named objects
 # ==================================================================================================
@@ -376,11 +370,6 @@ def CreateDWordField(source: Term, byte_index: Term, name: str) -> bytes:
     return _create_field(CREATE_DWORD_FIELD_OP, source, byte_index, name)
 
 
-def CreateQWordField(source: Term, byte_index: Term, name: str) -> bytes:
-    """``CreateQWordField(source, index, name)`` (§20.2.5.2 DefCreateQWordField)."""
-    return _create_field(CREATE_QWORD_FIELD_OP, source, byte_index, name)
-
-
 # ==================================================================================================
 # Statements and expressions (§20.2.5.3, §20.2.5.4)
 # ==================================================================================================
@@ -420,28 +409,18 @@ def While(predicate: Term, body: Iterable[bytes]) -> bytes:
     return _package(bytes([WHILE_OP]), _t(predicate) + b"".join(body))
 
 
-def Break() -> bytes:
-    """``Break`` (§20.2.5.3 DefBreak)."""
-    return bytes([BREAK_OP])
-
-
 def Return(value: Term) -> bytes:
     """``Return(value)`` (§20.2.5.3 DefReturn)."""
     return bytes([RETURN_OP]) + _t(value)
 
 
-def Notify(target: Term, value: Term) -> bytes:
+def Notify(target: Term | str, value: Term) -> bytes:
     """``Notify(object, value)`` (§20.2.5.3 DefNotify); ``target`` is a path string or bytes."""
     obj = Path(target) if isinstance(target, str) else _t(target)
     return bytes([NOTIFY_OP]) + obj + _t(value)
 
 
-def Sleep(ms: Term) -> bytes:
-    """``Sleep(ms)`` (§20.2.5.3 DefSleep)."""
-    return bytes([EXT_OP_PREFIX, SLEEP_OP]) + _t(ms)
-
-
-def _target(target: Term | None) -> bytes:
+def _target(target: Term | str | None) -> bytes:
     """A Target operand: a SuperName or NullName when the result is not stored."""
     if target is None:
         return bytes([NULL_NAME])
@@ -484,19 +463,9 @@ def ShiftLeft(a: Term, b: Term, target: Term | str | None = None) -> bytes:
     return _binary(SHIFT_LEFT_OP, a, b, target)
 
 
-def ShiftRight(a: Term, b: Term, target: Term | str | None = None) -> bytes:
-    """``ShiftRight(a, count, target)`` (§20.2.5.4 DefShiftRight)."""
-    return _binary(SHIFT_RIGHT_OP, a, b, target)
-
-
 def Increment(target: Term | str) -> bytes:
     """``Increment(target)`` (§20.2.5.4 DefIncrement)."""
     return bytes([INCREMENT_OP]) + _target(target)
-
-
-def Decrement(target: Term | str) -> bytes:
-    """``Decrement(target)`` (§20.2.5.4 DefDecrement)."""
-    return bytes([DECREMENT_OP]) + _target(target)
 
 
 def LEqual(a: Term, b: Term) -> bytes:
@@ -509,24 +478,9 @@ def LLess(a: Term, b: Term) -> bytes:
     return bytes([LLESS_OP]) + _t(a) + _t(b)
 
 
-def LGreater(a: Term, b: Term) -> bytes:
-    """``LGreater(a, b)`` (§20.2.5.4 DefLGreater)."""
-    return bytes([LGREATER_OP]) + _t(a) + _t(b)
-
-
 def LNot(a: Term) -> bytes:
     """``LNot(a)`` (§20.2.5.4 DefLNot)."""
     return bytes([LNOT_OP]) + _t(a)
-
-
-def LAnd(a: Term, b: Term) -> bytes:
-    """``LAnd(a, b)`` (§20.2.5.4 DefLAnd)."""
-    return bytes([LAND_OP]) + _t(a) + _t(b)
-
-
-def LOr(a: Term, b: Term) -> bytes:
-    """``LOr(a, b)`` (§20.2.5.4 DefLOr)."""
-    return bytes([LOR_OP]) + _t(a) + _t(b)
 
 
 # ==================================================================================================

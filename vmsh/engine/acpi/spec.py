@@ -8,7 +8,6 @@ fails with a ``ValueError`` naming the field before any table is written.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from vmsh.engine.acpi import aml
 
@@ -20,7 +19,7 @@ PCI_CONFIG_IO_PORT = 0xCF8
 PCI_CONFIG_IO_SIZE = 8
 
 DEFAULT_RSDP_ADDRESS = 0xA0000
-#: the ACPI area ends where SMBIOS starts (reference/cloud-hypervisor.md §6.1)
+#: the ACPI area ends where SMBIOS starts (cloud-hypervisor's ``arch/src/x86_64/layout.rs``)
 DEFAULT_ACPI_LIMIT = 0xF0000
 DEFAULT_SHUTDOWN_PORT = 0x600
 DEFAULT_PM_TIMER_PORT = 0x608
@@ -39,7 +38,7 @@ def _check_ascii(name: str, value: str, max_len: int) -> None:
         raise ValueError(f"{name} {value!r} contains NUL")
 
 
-def _check_range(name: str, value: int, lo: int, hi: int) -> None:
+def _check_range(name: str, value: object, lo: int, hi: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ValueError(f"{name} {value!r} out of range ({lo:#x}..{hi:#x})")
 
@@ -86,7 +85,7 @@ class PciSegment:
     mmio64: tuple[int, int] = (0, 0)
     bus_start: int = 0
     bus_end: int = 0
-    legacy_io: Optional[bool] = None
+    legacy_io: bool | None = None
     intx_irqs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -180,15 +179,15 @@ class AcpiSpec:
     """
 
     boot_vcpus: int
-    max_vcpus: Optional[int] = None
-    apic_ids: Optional[tuple[int, ...]] = None
+    max_vcpus: int | None = None
+    apic_ids: tuple[int, ...] | None = None
     serial: bool = True
     pci_segments: tuple[PciSegment, ...] = ()
-    ged: Optional[GedSpec] = None
+    ged: GedSpec | None = None
     power_button: bool = True
-    cpu_scan_method: Optional[str] = None
-    memory_scan_method: Optional[str] = None
-    pci_rescan_method: Optional[str] = None
+    cpu_scan_method: str | None = None
+    memory_scan_method: str | None = None
+    pci_rescan_method: str | None = None
     extra_aml: tuple[bytes, ...] = ()
     shutdown_port: int = DEFAULT_SHUTDOWN_PORT
     pm_timer_port: int = DEFAULT_PM_TIMER_PORT
@@ -202,11 +201,11 @@ class AcpiSpec:
 
     def __post_init__(self) -> None:
         _check_range("boot_vcpus", self.boot_vcpus, 1, 0xFFFF_FFFF)
-        if self.max_vcpus is None:
-            object.__setattr__(self, "max_vcpus", self.boot_vcpus)
-        _check_range("max_vcpus", self.max_vcpus, self.boot_vcpus, MAX_VCPUS)
+        max_vcpus = self.boot_vcpus if self.max_vcpus is None else self.max_vcpus
+        object.__setattr__(self, "max_vcpus", max_vcpus)
+        _check_range("max_vcpus", max_vcpus, self.boot_vcpus, MAX_VCPUS)
         if self.apic_ids is None:
-            object.__setattr__(self, "apic_ids", tuple(range(self.max_vcpus)))
+            object.__setattr__(self, "apic_ids", tuple(range(max_vcpus)))
         else:
             object.__setattr__(self, "apic_ids", tuple(self.apic_ids))
             if len(self.apic_ids) != self.max_vcpus:

@@ -7,7 +7,7 @@
   initramfs, and an ``hvm_memmap_table_entry`` array (Xen
   include/public/arch-x86/hvm/start_info.h).
 
-Both describe the same RAM map (reference/cloud-hypervisor.md §6.3).
+Both describe the same RAM map (cloud-hypervisor's ``arch/src/x86_64/mod.rs``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Put a loaded kernel and a fresh vCPU into the state Linux expects at its 32-bit entry.
 
-``configure_vcpu`` applies the per-vCPU setup of reference/cloud-hypervisor.md §6.4 (CPUID,
+``configure_vcpu`` applies the per-vCPU setup of cloud-hypervisor's ``arch/src/x86_64/`` (CPUID,
 boot MSRs, FPU, LAPIC LINT pins, registers and segments); ``write_boot_tables`` writes the
 command line and either the zero page (bzImage) or hvm_start_info (PVH).
 """

@@ -1,4 +1,4 @@
-"""x86_64 guest physical memory map used by vmsh (reference/cloud-hypervisor.md §6.1).
+"""x86_64 guest physical memory map used by vmsh (cloud-hypervisor's ``arch/src/x86_64/layout.rs``).
 
 Everything the boot path writes below 1 MiB has a fixed address here; the kernel goes at
 1 MiB and up, the initramfs at the top of the RAM below 3 GiB.

@@ -1,7 +1,7 @@
 """Kernel loaders: ELF ``vmlinux`` through its PVH entry, and bzImage through the 32-bit boot protocol.
 
 ``load_kernel`` tries ELF first and falls back to bzImage, like cloud-hypervisor
-(reference/cloud-hypervisor.md §6.2); a file that is neither gives a ``LoaderError``.
+(``vmm/src/vm.rs``, ``load_kernel``); a file that is neither gives a ``LoaderError``.
 
 - ELF: every ``PT_LOAD`` segment is copied to its ``p_paddr`` (its bss zeroed), and the
   ``PT_NOTE`` segments are searched for the Xen note ``XEN_ELFNOTE_PHYS32_ENTRY`` (type 18,
@@ -122,10 +122,10 @@ def is_bzimage(data: bytes | mmap.mmap) -> bool:
 
 def find_pvh_entry(data: bytes | mmap.mmap) -> int | None:
     """The PVH entry from the ELF's PT_NOTE segments, or None."""
-    ident, _type, _machine, _version, _entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_ = \
+    _ident, _type, _machine, _version, _entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_ = \
         _EHDR.unpack_from(data, 0)
     for i in range(phnum):
-        p_type, _f, p_offset, _va, _pa, p_filesz, _memsz, p_align = _PHDR.unpack_from(data, phoff + i * phentsize)
+        p_type, _f, p_offset, _va, _pa, p_filesz, _memsz, _align = _PHDR.unpack_from(data, phoff + i * phentsize)
         if p_type != PT_NOTE:
             continue
         pos, end = p_offset, min(p_offset + p_filesz, len(data))
@@ -150,7 +150,7 @@ def load_elf(mem: GuestMemoryMmap, data: bytes | mmap.mmap) -> KernelImage:
     """
     if len(data) < _EHDR.size:
         raise LoaderError("ELF kernel is truncated")
-    ident, e_type, machine, _v, e_entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_ = \
+    ident, _e_type, machine, _v, _e_entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_ = \
         _EHDR.unpack_from(data, 0)
     if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB or machine != EM_X86_64:
         raise LoaderError("ELF kernel is not a little-endian x86_64 ELF64")
@@ -223,7 +223,8 @@ def load_bzimage(mem: GuestMemoryMmap, data: bytes | mmap.mmap) -> KernelImage:
                        version, initrd_addr_max, min(cmdline_max, layout.CMDLINE_MAX_SIZE - 1))
 
 
-def load_initramfs(mem: GuestMemoryMmap, source: bytes | str | os.PathLike[str], kernel: KernelImage) -> tuple[int, int]:
+def load_initramfs(mem: GuestMemoryMmap, source: bytes | str | os.PathLike[str],
+                   kernel: KernelImage) -> tuple[int, int]:
     """Place the initramfs at the top of the RAM below 3 GiB, page-aligned (§6.2).
 
     :returns: ``(guest address, size)``.

@@ -1,10 +1,10 @@
 """Initial vCPU state for the boot paths: the boot GDT, segment registers, control registers.
 
 Both Linux entry points vmsh uses start in flat 32-bit protected mode with paging off
-(reference/cloud-hypervisor.md §6.4): the bzImage 32-bit entry (boot.rst "32-bit BOOT
+(cloud-hypervisor's ``arch/src/x86_64/regs.rs``): the bzImage 32-bit entry (boot.rst "32-bit BOOT
 PROTOCOL": CS/DS/ES/SS flat 4 GiB, ``%esi`` = boot_params) and the PVH entry (pvh.pandoc:
 ``%ebx`` = hvm_start_info, CR0.PE set, CR0.PG clear). On a PVM host that 32-bit code is
-emulated instruction by instruction (reference/pvm-host.md), which is acceptable because it
+emulated instruction by instruction (see ``vmsh/engine/pvm.py``), which is acceptable because it
 switches to long mode after a few hundred instructions; 32-bit *paging* is refused there, and
 neither entry uses it.
 

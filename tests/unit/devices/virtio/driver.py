@@ -125,7 +125,8 @@ class Ring:
         q.event_idx, q.indirect = event_idx, indirect
         return q
 
-    def write_desc(self, index: int, addr: int, length: int, flags: int = 0, nxt: int = 0, table: int | None = None) -> None:
+    def write_desc(self, index: int, addr: int, length: int, flags: int = 0, nxt: int = 0,
+                   table: int | None = None) -> None:
         base = self.desc if table is None else table
         self.mem.write(base + 16 * index, struct.pack("<QIHH", addr, length, flags, nxt))
 
@@ -288,7 +289,7 @@ class PciDriver:
             self.set_common(reg + 4, addr >> 32, 4)
         self.set_common(COMMON_QUEUE_MSIX_VECTOR, index + 1 if vector is None else vector, 2)
         assert self.common(COMMON_QUEUE_MSIX_VECTOR, 2) != VIRTIO_MSI_NO_VECTOR or vector == VIRTIO_MSI_NO_VECTOR
-        ring.notify_off = self.common(COMMON_QUEUE_NOTIFY_OFF, 2)  # type: ignore[attr-defined]
+        ring.notify_off = self.common(COMMON_QUEUE_NOTIFY_OFF, 2)  # type: ignore[attr-defined]  # the driver's own note on a Ring
         return ring
 
     def probe(self, features: int | None = None, sizes: dict[int, int] | None = None,
@@ -308,7 +309,7 @@ class PciDriver:
 
     def kick(self, index: int) -> None:
         notify_bar_off, mult = self.caps[2][1], self.cfg_read(self.caps[2][0] + 16, 4)
-        self.write(notify_bar_off + mult * self.rings[index].notify_off, index, 2)  # type: ignore[attr-defined]
+        self.write(notify_bar_off + mult * self.rings[index].notify_off, index, 2)  # type: ignore[attr-defined]  # the driver's own note on a Ring
 
     def device_config(self, offset: int, size: int) -> int:
         return self.read(self.caps[4][1] + offset, size)

@@ -32,7 +32,8 @@ from vmsh.errors import DeviceError
 PAGE = 4096
 
 
-def activate(dev: VirtioBalloon, mem: GuestMemoryMmap, alloc: Allocator, features: int) -> tuple[list[Ring], FakeInterrupt]:
+def activate(dev: VirtioBalloon, mem: GuestMemoryMmap, alloc: Allocator,
+             features: int) -> tuple[list[Ring], FakeInterrupt]:
     rings = [Ring.create(mem, alloc, 16) for _ in dev.queue_max_sizes]
     queues = [r.attach(VirtQueue(mem, size)) for r, size in zip(rings, dev.queue_max_sizes, strict=True)]
     irq = FakeInterrupt()

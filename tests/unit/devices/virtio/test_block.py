@@ -53,11 +53,12 @@ def image(tmp_path: Path) -> Path:
 class Disk:
     """A probed disk: the driver, its ring, and a request helper."""
 
-    def __init__(self, blk: VirtioBlock, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, **probe: object) -> None:
+    def __init__(self, blk: VirtioBlock, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter,
+                 **probe: object) -> None:
         self.blk, self.mem, self.alloc = blk, mem, alloc
         self.pci = VirtioPciDevice(blk, mem, router)
         self.driver = PciDriver(self.pci, mem, alloc)
-        self.rings = self.driver.probe(**probe)  # type: ignore[arg-type]
+        self.rings = self.driver.probe(**probe)  # type: ignore[arg-type]  # probe options of mixed types
 
     def request(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0, *, queue: int = 0,
                 indirect: bool = False, split: int = 0) -> tuple[int, bytes, int]:

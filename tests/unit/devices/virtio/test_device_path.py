@@ -150,9 +150,9 @@ def test_avail_idx_is_read_again_once_used_up(mem: GuestMemoryMmap, alloc: Alloc
     q, ring = make(mem, alloc)
     buf = alloc.alloc(8)
     heads = [ring.add([(buf, 8, True)]) for _ in range(2)]
-    assert q.pop().head == heads[0]  # type: ignore[union-attr]
+    assert q.pop().head == heads[0]  # type: ignore[union-attr]  # the queue holds a chain here
     heads.append(ring.add([(buf, 8, True)]))
-    assert [q.pop().head for _ in range(2)] == heads[1:]  # type: ignore[union-attr]
+    assert [q.pop().head for _ in range(2)] == heads[1:]  # type: ignore[union-attr]  # the queue holds a chain here
     assert q.pop() is None
 
 
@@ -192,7 +192,7 @@ class Disk:
     def request(self, rtype: int, sector: int, pages: list[int], status_len: int = 1) -> tuple[int, int]:
         hdr = self.alloc.alloc(16 + status_len)
         self.mem.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
-        bufs = [(hdr, 16, False)] + [(p, 4096, rtype == VIRTIO_BLK_T_IN) for p in pages] + [(hdr + 16, status_len, True)]
+        bufs = [(hdr, 16, False), *[(p, 4096, rtype == VIRTIO_BLK_T_IN) for p in pages], (hdr + 16, status_len, True)]
         self.ring.add(bufs, alloc=self.alloc, indirect=True)
         self.driver.kick(0)
         ((_, used),) = self.ring.take_used()
@@ -272,7 +272,7 @@ class Net:
             self.bufs[self.rx.add([(addr, size, True)])] = (addr, size)
 
     def readable(self) -> None:
-        self.watcher.fds[self.tap.fds[0]]()  # type: ignore[operator]
+        self.watcher.fds[self.tap.fds[0]]()  # type: ignore[operator]  # the fake watcher stores callables
 
     def received(self) -> list[bytes]:
         """Frames put together from the used buffers (the header's num_buffers says how many)."""
@@ -303,7 +303,8 @@ def frame(n: int, fill: int = 0x5A) -> bytes:
     return bytes(VNET_HDR_SIZE) + bytes([fill]) * n
 
 
-def test_net_rx_frame_in_one_buffer_and_across_buffers(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
+def test_net_rx_frame_in_one_buffer_and_across_buffers(mem: GuestMemoryMmap, alloc: Allocator,
+                                                       router: FakeRouter) -> None:
     with Net(mem, alloc, router) as net:
         net.post(8)
         net.driver.kick(0)
@@ -318,7 +319,8 @@ def test_net_rx_frame_in_one_buffer_and_across_buffers(mem: GuestMemoryMmap, all
         assert net.net.counters()["rx_frames"] == 2
 
 
-def test_net_rx_ring_dry_mid_frame_gives_buffers_back(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
+def test_net_rx_ring_dry_mid_frame_gives_buffers_back(mem: GuestMemoryMmap, alloc: Allocator,
+                                                      router: FakeRouter) -> None:
     with Net(mem, alloc, router) as net:
         net.post(2)
         net.driver.kick(0)
@@ -414,7 +416,8 @@ def test_indirect_table_linear_and_shuffled_agree(mem: GuestMemoryMmap, alloc: A
     _publish_table(q, ring, _table(mem, alloc, entries), 3)
     chain = q.pop()
     assert chain is not None
-    assert [(d.addr, d.length, d.write_only) for d in chain.descriptors] == [(a, 64, False), (b, 100, True), (c, 1, True)]
+    got = [(d.addr, d.length, d.write_only) for d in chain.descriptors]
+    assert got == [(a, 64, False), (b, 100, True), (c, 1, True)]
     assert (chain.readable_len, chain.writable_len) == (64, 101)
 
 
@@ -455,7 +458,8 @@ def test_memory_slices_of_across_regions_and_outside_ram() -> None:
         mem.close()
 
 
-def test_net_rx_chain_of_more_pieces_than_readv_takes(mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
+def test_net_rx_chain_of_more_pieces_than_readv_takes(mem: GuestMemoryMmap, alloc: Allocator,
+                                                      router: FakeRouter) -> None:
     dev_end, host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     dev_end.setblocking(False)
     host.setblocking(False)
@@ -471,7 +475,7 @@ def test_net_rx_chain_of_more_pieces_than_readv_takes(mem: GuestMemoryMmap, allo
         driver.kick(0)
         sent = frame(300, 9)
         host.send(sent)
-        watcher.fds[tap.fds[0]]()  # type: ignore[operator]
+        watcher.fds[tap.fds[0]]()  # type: ignore[operator]  # the fake watcher stores callables
         assert rx.take_used() == [(head, len(sent))]
         assert mem.read(buf + VNET_HDR_SIZE, 300) == sent[VNET_HDR_SIZE:]
         assert not net.needs_reset
@@ -505,7 +509,7 @@ def test_net_rx_frame_waiting_for_buffers_is_charged_once(mem: GuestMemoryMmap, 
         rx.add([(alloc.alloc(1024), 1024, True)])
         driver.kick(0)
         host.send(frame(3000))  # needs three buffers: read, charged, then waits
-        watcher.fds[tap.fds[0]]()  # type: ignore[operator]
+        watcher.fds[tap.fds[0]]()  # type: ignore[operator]  # the fake watcher stores callables
         ops = limiters[0].ops
         assert ops is not None and ops.available() == 99
         for _ in range(2):

@@ -135,7 +135,8 @@ def test_pci_driver_ok_without_features_ok_needs_reset(driver: PciDriver, rng_de
     assert not rng_dev.activated and driver.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
 
 
-def test_pci_rng_request_and_msix(driver: PciDriver, router: FakeRouter, mem: GuestMemoryMmap, alloc: Allocator) -> None:
+def test_pci_rng_request_and_msix(driver: PciDriver, router: FakeRouter, mem: GuestMemoryMmap,
+                                  alloc: Allocator) -> None:
     (ring,) = driver.probe()
     buf = alloc.alloc(64)
     head = ring.add([(buf, 64, True)])

@@ -253,7 +253,8 @@ def test_queue_hostile_readable_after_writable(mem: GuestMemoryMmap, alloc: Allo
     assert "readable" in str(hostile(q))
 
 
-@pytest.mark.parametrize("addr,length", [(16 << 20, 8), ((16 << 20) - 4, 8), (1 << 63, 1), (0xFFFF_FFFF_FFFF_FFF0, 0xFFFF_FFFF)])
+@pytest.mark.parametrize("addr,length", [(16 << 20, 8), ((16 << 20) - 4, 8), (1 << 63, 1),
+                                         (0xFFFF_FFFF_FFFF_FFF0, 0xFFFF_FFFF)])
 def test_queue_hostile_buffer_outside_ram(mem: GuestMemoryMmap, alloc: Allocator, addr: int, length: int) -> None:
     q, ring = make(mem, alloc)
     ring.write_desc(0, addr, length, VIRTQ_DESC_F_WRITE)

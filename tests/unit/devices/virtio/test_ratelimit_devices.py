@@ -92,7 +92,7 @@ def make_disk(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeR
 def fire(watcher: FakeWatcher) -> None:
     """What the I/O loop does when the resume timer's fd is readable."""
     (callback,) = watcher.fds.values()
-    callback()  # type: ignore[operator]
+    callback()  # type: ignore[operator]  # the fake watcher stores callables
 
 
 def test_block_bandwidth_limit_holds_requests_in_the_ring(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
@@ -268,7 +268,7 @@ def test_net_tx_ops_limit(wire: tuple[FakeTap, socket.socket], mem: GuestMemoryM
         timer_fds = [fd for fd in watcher.fds if fd not in tap.fds]
         assert len(timer_fds) == 1
         clock.advance_ms(500)
-        watcher.fds[timer_fds[0]]()  # type: ignore[operator]
+        watcher.fds[timer_fds[0]]()  # type: ignore[operator]  # the fake watcher stores callables
         assert [h for h, _ in dev.tx.take_used()] == heads[2:]
         assert [f[:6] for f in recv_all(host)] == [b"frame2"]
         assert dev.net.counters()["tx_frames"] == 3
@@ -296,7 +296,7 @@ def test_net_rx_bandwidth_limit(wire: tuple[FakeTap, socket.socket], mem: GuestM
         assert dev.net.counters()["rx_throttled"] == 1
         clock.advance_ms(500)
         (timer,) = watcher.fds.values()
-        timer()  # type: ignore[operator]
+        timer()  # type: ignore[operator]  # the fake watcher stores callables
         assert len(dev.rx.take_used()) == 1
         assert tap_fd in watcher.fds  # watching the tap again
         assert dev.net.counters()["rx_frames"] == 3

@@ -116,7 +116,8 @@ class Guest:
         return out
 
     def send(self, op: int, src_port: int, dst_port: int, data: bytes = b"", *, flags: int = 0,
-             buf_alloc: int = 1 << 20, fwd_cnt: int = 0, length: int | None = None, ptype: int = VIRTIO_VSOCK_TYPE_STREAM,
+             buf_alloc: int = 1 << 20, fwd_cnt: int = 0, length: int | None = None,
+             ptype: int = VIRTIO_VSOCK_TYPE_STREAM,
              src_cid: int = CID, dst_cid: int = 2) -> None:
         hdr = HDR.pack(src_cid, dst_cid, src_port, dst_port, len(data) if length is None else length, ptype, op,
                        flags, buf_alloc, fwd_cnt)
@@ -225,7 +226,8 @@ def test_vsock_guest_to_host(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMem
     srv.close()
 
 
-def test_vsock_guest_connect_refused(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap, alloc: Allocator) -> None:
+def test_vsock_guest_connect_refused(env: tuple[VirtioVsock, FakeWatcher], mem: GuestMemoryMmap,
+                                     alloc: Allocator) -> None:
     dev, _ = env
     guest = Guest(dev, mem, alloc)
     guest.send(VIRTIO_VSOCK_OP_REQUEST, 5000, 4321)  # nobody listens on <socket>_4321
@@ -341,7 +343,7 @@ def test_vsock_buffered_writes_flush(env: tuple[VirtioVsock, FakeWatcher], mem: 
     guest.recv()
     chunk = bytes(range(256)) * 256  # 64 KiB
     sent = b""
-    while not any(c.txbuf for c in dev._conns.values()):  # until the host stream is full
+    while not any(c.txbuf for c in dev.mux.conns.values()):  # until the host stream is full
         guest.send(VIRTIO_VSOCK_OP_RW, 6002, 82, chunk)
         sent += chunk
         assert len(sent) < 64 << 20
@@ -352,7 +354,7 @@ def test_vsock_buffered_writes_flush(env: tuple[VirtioVsock, FakeWatcher], mem: 
         got += host.recv(1 << 20)
         watcher.pump()
     assert got == sent
-    assert not any(c.txbuf for c in dev._conns.values()) and len(watcher.fds) == 2  # listener + stream
+    assert not any(c.txbuf for c in dev.mux.conns.values()) and len(watcher.fds) == 2  # listener + stream
     host.close()
     srv.close()
 

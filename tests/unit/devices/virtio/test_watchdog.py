@@ -42,7 +42,8 @@ def activate(dev: VirtioWatchdog, mem: GuestMemoryMmap, alloc: Allocator) -> Rin
     return ring
 
 
-def ping(dev: VirtioWatchdog, ring: Ring, mem: GuestMemoryMmap, alloc: Allocator, writable: bool = True) -> list[tuple[int, int]]:
+def ping(dev: VirtioWatchdog, ring: Ring, mem: GuestMemoryMmap, alloc: Allocator,
+         writable: bool = True) -> list[tuple[int, int]]:
     buf = alloc.alloc(1)
     mem.write_u8(buf, 0)
     ring.add([(buf, 1, writable)])
