@@ -70,13 +70,12 @@ class SnapshotError(VmshError):
     """A snapshot that cannot be written, or read back."""
 
 
-class DeviceStateError(VmshError, ValueError):
+class DeviceStateError(VmshError):
     """A saved device state that the device refuses: a wrong state class or a field out of range.
 
     ``field`` is the dotted path of the offending value inside the state (``ier``,
     ``queues[1].size``, ``device.cols``); ``str()`` reads ``"<field>: <message>"``. The engine
-    wraps it in a :class:`SnapshotError` that adds the device id. It is also a ``ValueError``:
-    callers that caught the ``ValueError`` devices raised before this class existed still catch it.
+    wraps it in a :class:`SnapshotError` that adds the device id.
     """
 
     def __init__(self, field: str, message: str) -> None:
@@ -123,12 +122,3 @@ def error_chain(err: BaseException) -> list[str]:
             chain.append(text)
         cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     return chain
-
-
-class DeviceStateError(VmshError):
-    """A saved device state that does not fit its device: ``field`` is the dotted path of the
-    value inside the state."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field

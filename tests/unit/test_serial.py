@@ -146,10 +146,3 @@ def test_serial_restore_rejects_an_oversized_fifo() -> None:
 def test_serial_restore_rejects_out_of_range_registers() -> None:
     with pytest.raises(DeviceStateError, match="line_control: 256 is out of range 0..255"):
         Serial16550(FakeTrigger()).restore(SerialState(line_control=0x100))
-
-
-def test_serial_from_state_still_builds_a_restored_uart() -> None:
-    # the one-release wrapper the engine still calls
-    trig = FakeTrigger()
-    uart = Serial16550.from_state(SerialState(scratch=7), trigger=trig)
-    assert uart.read(s.SCR_OFFSET, 1) == b"\x07"

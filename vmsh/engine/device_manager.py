@@ -47,8 +47,8 @@ from vmsh.engine.io_loop import IoLoop
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.msi import GsiRoutes, KvmMsiRouter
 from vmsh.engine.pci_device import BarAllocator, LockedPciFunction, PciDevice, PciFunctionModel
-from vmsh.engine.persist import SnapshotError, from_plain, to_plain
-from vmsh.errors import DeviceError, DeviceStateError, KvmError
+from vmsh.engine.persist import from_plain, to_plain
+from vmsh.errors import DeviceError, DeviceStateError, KvmError, SnapshotError
 
 LOG = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ _REGION_ALIGN = 2 << 20
 NOTIFY_WIDTH = 2
 
 
+#: platform devices whose state snapshots of format 1 did not have: restored fresh when missing
+_NEWER_THAN_FORMAT_1 = frozenset({"__pci_config_io", "__post"})
 #: runs a piece of work on the VMM's control loop and returns when it is done
 Handoff = Callable[[Callable[[], None]], None]
 
@@ -89,7 +91,7 @@ class DeviceManager:
         self._alloc64 = {seg.id: BarAllocator(*seg.mmio64) for seg in segments}
         for seg, bus in zip(segments, self.buses, strict=True):
             if seg.id == 0:
-                self.pio.insert(PciConfigIo(bus), PCI_CONFIG_PORT, 8, name="pci-config-io")
+                self.add_legacy("__pci_config_io", PciConfigIo(bus), self.pio, PCI_CONFIG_PORT, 8, name="pci-config-io")
             self.mmio.insert(PciEcam(bus), seg.ecam_base, PciEcam.SIZE, name=f"pci-ecam{seg.id}")
 
     # --- plugging -------------------------------------------------------------------------------
@@ -97,7 +99,7 @@ class DeviceManager:
     def add_legacy(self, dev_id: str, device: Any, bus: Bus, base: int, length: int, *, name: str) -> BusRange:
         """Put a platform device on ``bus``; a stateful one is saved and restored as ``dev_id``."""
         entry = bus.insert(device, base, length, name=name)
-        if callable(getattr(device, "state", None)):
+        if getattr(device, "state_type", None) is not None:
             self.legacy[dev_id] = device
         return entry
 
@@ -292,12 +294,13 @@ class DeviceManager:
         """
         ids = set(self.legacy) | set(self.devices)
         extra = sorted(set(saved) - ids)
-        missing = sorted(ids - set(saved))
+        missing = sorted(ids - set(saved) - _NEWER_THAN_FORMAT_1)
         if missing or extra:
             raise SnapshotError(f"The snapshot's devices do not match its config "
                                 f"(missing {missing or 'none'}, unknown {extra or 'none'})")
         for dev_id, device in self.legacy.items():
-            _restore_state(dev_id, device, from_plain(type(device).state_type, saved[dev_id], dev_id))
+            if dev_id in saved:
+                _restore_state(dev_id, device, from_plain(device.state_type, saved[dev_id], dev_id))
         for dev_id, entry in self.devices.items():
             raw = saved[dev_id]
             if not isinstance(raw, dict):
@@ -326,13 +329,11 @@ class DeviceManager:
     def _decode_state(entry: PciDevice, raw: dict[str, Any]) -> Any:
         transport = entry.transport
         if not isinstance(transport, VirtioPciDevice):
-            return from_plain(type(transport).state_type, raw, entry.id)
+            return from_plain(transport.state_type, raw, entry.id)
+        # the transport's state holds its device's, whose class only the device knows
         state = from_plain(VirtioPciState, {**raw, "device": None}, entry.id)
-        device_type = getattr(type(transport.device), "state_type", None)
-        device_state = None
-        if device_type is not None and raw.get("device") is not None:
-            device_state = from_plain(device_type, raw.get("device"), f"{entry.id}.device")
-        return dataclasses.replace(state, device=device_state)
+        device = from_plain(transport.device.state_type, raw.get("device"), f"{entry.id}.device")
+        return dataclasses.replace(state, device=device)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -392,10 +393,11 @@ class DeviceManager:
 
 
 def _restore_state(dev_id: str, device: Any, state: Any) -> None:
-    """``device.restore(state)``, its complaint turned into a snapshot error naming the device."""
+    """``device.restore(state)``, its complaint turned into a snapshot error naming the device
+    and the field."""
     try:
         device.restore(state)
     except DeviceStateError as err:
-        raise SnapshotError(f"{dev_id}.{err}") from err
-    except (ValueError, DeviceError) as err:
-        raise SnapshotError(f"{dev_id}: the saved state does not fit the device") from err
+        raise SnapshotError(f"{dev_id}.{err.field}: {err.message}" if err.field else f"{dev_id}: {err.message}") from err
+    except ValueError as err:  # a check the device's model makes below its restore
+        raise SnapshotError(f"{dev_id}: the saved state does not fit the device: {err}") from err

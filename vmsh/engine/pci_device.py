@@ -27,6 +27,7 @@ class PciFunctionModel(Protocol):
 
     config: Any
     BAR_SIZE: int
+    state_type: type[Any]
     on_bar_change: Callable[[int, int], None] | None
 
     def bar_read(self, offset: int, size: int) -> bytes: ...

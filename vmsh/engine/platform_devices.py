@@ -82,7 +82,7 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
         _create_debug_console(cfg, devices, platform)
         pio.insert(I8042(reset), I8042_PORT, 5, name="i8042")
         devices.add_legacy("__cmos", platform.cmos, pio, CMOS_PORT, 2, name="cmos")
-        pio.insert(PostPort(), POST_PORT, 1, name="post")
+        devices.add_legacy("__post", PostPort(), pio, POST_PORT, 1, name="post")
         pio.insert(AcpiShutdown(poweroff, reset), SHUTDOWN_PORT, 8, name="acpi-shutdown")
         pio.insert(AcpiPmTimer(), PM_TIMER_PORT, 4, name="acpi-pm-timer")
         devices.add_legacy("__ged", platform.ged, mmio, GED_ADDRESS, 1, name="ged")

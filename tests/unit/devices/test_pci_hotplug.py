@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from vmsh.errors import DeviceStateError
 from vmsh.devices.acpi import PciHotplugController, PciHotplugState
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.pci_hotplug import RESCAN_METHOD, hotplug_aml
@@ -49,7 +50,7 @@ def test_state_round_trip_and_checks() -> None:
     other.restore(ctl.state())
     other.write(0xC, u32(1))
     assert other.read(0x0, 4) == u32(1 << 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         PciHotplugController(1, lambda s, t: None).restore(ctl.state())
 
 
@@ -66,7 +67,7 @@ def test_declared_slots_survive_a_snapshot_and_older_snapshots_declare_all() -> 
     older.restore(from_plain(PciHotplugState, plain))
     assert older.declared == [list(range(1, 32))]
     for bad in ([[0]], [[32]], [[1], [2]]):
-        with pytest.raises(ValueError):
+        with pytest.raises(DeviceStateError):
             other.restore(from_plain(PciHotplugState, {**plain, "declared": bad}))
 
 

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from vmsh.errors import DeviceStateError
 from vmsh.devices.pci.config_space import (
     BAR0,
     COMMAND,
@@ -99,7 +100,7 @@ def test_pvpanic_state_round_trip() -> None:
 def test_pvpanic_restore_hostile_state() -> None:
     dev = PvPanicDevice()
     good = dev.state()
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         dev.restore(PvPanicState(config=good.config, events=0x1FF))
     # A BAR register claiming 64 bits with a misaligned address is re-declared as ours.
     data = bytearray(good.config.data)

@@ -110,18 +110,6 @@ class Cmos:
         self.nvram[:] = s.nvram
         self.offset_seconds = s.offset_seconds
 
-    @classmethod
-    def from_state(cls, state: CmosState, *, reset: Trigger | None = None) -> Cmos:
-        """A CMOS built empty and then :meth:`restore` d from ``state``.
-
-        Deprecated, kept for one release while the engine moves to ``restore``.
-
-        :raises DeviceStateError: as ``restore`` does.
-        """
-        dev = cls(0, 0, reset)
-        dev.restore(state)
-        return dev
-
     def _encode(self, value: int) -> int:
         return value if self.nvram[REG_B] & REG_B_BINARY else _bcd(value)
 

@@ -161,19 +161,6 @@ class Serial16550:
         if self._pending_iir() != IIR_NONE_BIT:
             self.trigger.trigger()
 
-    @classmethod
-    def from_state(cls, state: SerialState, *, trigger: Trigger,
-                   out: Callable[[bytes], object] | None = None) -> Serial16550:
-        """A UART built fresh and then :meth:`restore` d from ``state``.
-
-        Deprecated, kept for one release while the engine moves to ``restore``.
-
-        :raises DeviceStateError: as ``restore`` does.
-        """
-        dev = cls(trigger, out)
-        dev.restore(state)
-        return dev
-
     # -- host side -------------------------------------------------------------------------
 
     def enqueue_raw_bytes(self, data: bytes) -> int:

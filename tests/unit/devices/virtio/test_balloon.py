@@ -14,6 +14,7 @@ from tests.unit.devices.virtio.driver import (
     PciDriver,
     Ring,
 )
+from vmsh.errors import DeviceStateError
 from vmsh.config.model import BalloonConfig
 from vmsh.devices.virtio.balloon import (
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -183,8 +184,8 @@ def test_balloon_state_round_trip(mem: GuestMemoryMmap, alloc: Allocator, router
     assert clone_dev.counters() == dev.counters()
     assert clone_dev.request_stats()
     assert rings[2].take_used() == [(head, 0)]
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtioBalloon(0).restore(VirtioBalloonState(num_pages=1 << 33))
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtioBalloon(0).restore(VirtioBalloonState(stats_head=1 << 20))
     assert not pci.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
+from vmsh.errors import DeviceStateError
 from vmsh.config.model import DiskConfig
 from vmsh.devices.virtio.block import (
     VIRTIO_BLK_F_DISCARD,
@@ -274,5 +275,5 @@ def test_block_state_round_trip(disk: Disk, image: Path, mem: GuestMemoryMmap) -
     assert clone.counters()["read_ops"] == 1 and clone.counters()["write_ops"] == 1
     clone.close()
     image.write_bytes(b"\0" * 512)  # the image shrank: a snapshot of the old one no longer fits
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtioPciDevice(VirtioBlock(str(image)), mem, router2).restore(state)

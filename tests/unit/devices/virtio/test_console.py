@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver
+from vmsh.errors import DeviceStateError
 from vmsh.devices.virtio.console import (
     MAX_PENDING_INPUT,
     VirtioConsole,
@@ -115,5 +116,5 @@ def test_console_state(con: Console, mem: GuestMemoryMmap, router: FakeRouter) -
     clone.notify(0)
     assert con.rx.take_used() == [(head, 7)] and mem.read(buf, 7) == b"pending"
     clone.close()
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtioConsole().restore(VirtioConsoleState(pending_input=b"x" * (MAX_PENDING_INPUT + 1)))

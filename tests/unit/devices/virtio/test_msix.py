@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from tests.unit.devices.virtio.driver import FakeRouter
+from vmsh.errors import DeviceStateError
 from vmsh.devices.pci.msix import (
     MSIX_CONTROL_ENABLE_BIT,
     MSIX_CONTROL_FUNCTION_MASK_BIT,
@@ -92,7 +93,7 @@ def test_msix_state_round_trip(router: FakeRouter) -> None:
     assert other_router.routes[1] == (0xFEE0_0000, 0x41, True)
     again.table_write(16 + 12, b"\0\0\0\0")
     assert other_router.fired == [1]
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         MsixTable(2, router).restore(state)
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         again.restore(MsixState(entries=(MsixEntry(address=-1),) * 3, pending=(False,) * 3))

@@ -16,6 +16,7 @@ from tests.unit.devices.virtio.driver import (
     PciDriver,
     bar_sizing,
 )
+from vmsh.errors import DeviceStateError
 from vmsh.devices.pci.config_space import BAR0, COMMAND, STATUS
 from vmsh.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
@@ -314,7 +315,7 @@ def test_pci_state_restore_rejects_mismatch(rng_dev: VirtioPciDevice, mem: Guest
     with tempfile.NamedTemporaryFile() as f:
         f.truncate(1 << 20)
         blk = VirtioPciDevice(VirtioBlock(f.name, num_queues=2), mem, router)
-        with pytest.raises(ValueError):
+        with pytest.raises(DeviceStateError):
             blk.restore(state)
         blk.close()
 

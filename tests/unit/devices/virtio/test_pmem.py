@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver
+from vmsh.errors import DeviceStateError
 from vmsh.config.model import PmemConfig
 from vmsh.devices.virtio.pci import VirtioPciDevice
 from vmsh.devices.virtio.pmem import (
@@ -117,7 +118,7 @@ def test_pmem_state(backing: Path) -> None:
     other = VirtioPmem(str(backing), START, SIZE)
     other.restore(state)
     assert other.state() == dev.state()
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtioPmem(str(backing), START + SIZE, SIZE).restore(state)
     dev.close()
     other.close()

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, Ring
+from vmsh.errors import DeviceStateError
 from vmsh.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -152,9 +153,9 @@ def test_queue_state_round_trip(mem: GuestMemoryMmap, alloc: Allocator) -> None:
     again.restore(state)
     assert again.state() == state
     assert again.pop() is not None and again.pop() is not None and again.pop() is None
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         VirtQueue(mem, 16).restore(state)
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         again.restore(VirtQueueState(max_size=8, size=8, next_avail=1 << 16))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeInterrupt, Ring
+from vmsh.errors import DeviceStateError
 from vmsh.config.model import VsockConfig
 from vmsh.devices.virtio.device import COMMON_FEATURES
 from vmsh.devices.virtio.queue import VirtQueue
@@ -476,5 +477,5 @@ def test_vsock_state_round_trip_and_transport_reset(env: tuple[VirtioVsock, Fake
     dev.reset()
     guest3 = Guest(dev, mem, alloc)
     assert guest3.rings[2].take_used() == []
-    with pytest.raises(ValueError):
+    with pytest.raises(DeviceStateError):
         dev.restore(VirtioVsockState(cid=99))
