@@ -129,3 +129,14 @@ def test_remote_vm_through_the_api_and_serial_socket(session, tmp_path: Path) ->
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_local_snapshot_and_restore_keep_the_console_in_the_session(session, tmp_path: Path) -> None:
+    k = kernel(tmp_path, tiny_kernel.letters())
+    snap = tmp_path / "snap"
+    session.execute(f"create --kernel {k} --serial tty --console off; boot; expect c timeout=20; pause")
+    session.execute(f"snapshot {snap}; delete; restore {snap} resume=on")
+    session.execute("info state")
+    assert session.captured[-1] == '"Running"'
+    # the restored guest's --serial tty is the session's console, as the booted one's was
+    session.execute("expect '[a-z]' timeout=20")
