@@ -20,8 +20,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("vmsh.script.cli", "run a script of shell commands (FILE.vmsh)"),
 }
 
-USAGE = "usage: vmsh                    the interactive shell\n       vmsh -c 'CMD; CMD'      run shell commands\n       vmsh <command> [args...]\n\ncommands:\n" + "".join(
-    f"  {name:<8} {summary}\n" for name, (_, summary) in SUBCOMMANDS.items()
+USAGE = (
+    "usage: vmsh                    the interactive shell\n"
+    "       vmsh -c 'CMD; CMD'      run shell commands\n"
+    "       vmsh <command> [args...]\n\ncommands:\n"
+    + "".join(f"  {name:<8} {summary}\n" for name, (_, summary) in SUBCOMMANDS.items())
 )
 
 

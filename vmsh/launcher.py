@@ -9,23 +9,29 @@ the error and its causes joined by ``: ``), 2 on a malformed command line.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import queue
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmsh import __version__
+from vmsh.engine.events import GuestEvent
 from vmsh.errors import UsageError, VmshError, error_chain
 
 if TYPE_CHECKING:
     from vmsh.config.launcher_args import LauncherArgs, VmmOptions
-    from vmsh.config.model import VmConfig
+    from vmsh.config.model import ProfileConfig, RestoreConfig, VmConfig
+    from vmsh.engine.console import ConsoleBackend
     from vmsh.engine.events import EventMonitor
-
-from vmsh.engine.vmm import GuestEvent  # noqa: E402 - light module, needed at signal time
+    from vmsh.engine.vmm import (
+        GuestEventSink,
+        Post,
+        RestoreFactory,
+        VmFactory,
+        VmLike,
+        Vmm,
+    )
 
 LOG = logging.getLogger(__name__)
 
@@ -105,22 +111,56 @@ def _open_events(opts: VmmOptions) -> EventMonitor:
         raise VmshError("Error doing event monitor I/O") from err
 
 
-def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
-    """Run the VMM: create and boot ``cfg`` (or restore), serve the API, and wait.
+def vm_factories(profile: ProfileConfig | None = None,
+                 tty: ConsoleBackend | None = None) -> tuple[VmFactory, RestoreFactory]:
+    """The engine's VM builders (:mod:`vmsh.engine.builder`) in the shape
+    :class:`~vmsh.engine.vmm.Vmm` calls them: ``build(config, events, on_guest_event, post)``
+    and ``restore(directory, restore, events, on_guest_event, post)``; ``tty`` is the backend of
+    ``--serial tty``/``--console tty`` (the shell's captured console), None the terminal."""
+    from vmsh.engine.builder import build_for_boot, build_from_snapshot
+
+    def build(config: VmConfig, events: EventMonitor, on_guest_event: GuestEventSink, post: Post) -> VmLike:
+        return build_for_boot(config, events, on_guest_event, post, profile=profile, tty=tty)
+
+    def restore(directory: str, request: RestoreConfig, events: EventMonitor, on_guest_event: GuestEventSink,
+                post: Post) -> VmLike:
+        return build_from_snapshot(directory, request, events, on_guest_event, post, profile=profile, tty=tty)
+
+    return build, restore
+
+
+def _describe_config(cfg: VmConfig) -> dict[str, Any]:
+    from vmsh.engine.describe import describe_config
+
+    return describe_config(cfg)
+
+
+def make_vmm(events: EventMonitor, *, profile: ProfileConfig | None = None, tty: ConsoleBackend | None = None,
+             exit_on_poweroff: bool = True, factories: tuple[VmFactory, RestoreFactory] | None = None) -> Vmm:
+    """A :class:`~vmsh.engine.vmm.Vmm` wired to the engine: it builds, restores and describes VMs
+    (``factories``, for tests, replaces :func:`vm_factories`)."""
+    from vmsh.engine.vmm import Vmm
+
+    build, restore = factories if factories is not None else vm_factories(profile, tty)
+    return Vmm(events, vm_factory=build, restore_factory=restore, describer=_describe_config,
+               exit_on_poweroff=exit_on_poweroff)
+
+
+def run(opts: VmmOptions, cfg: VmConfig | None, *,
+        factories: tuple[VmFactory, RestoreFactory] | None = None) -> int:
+    """Run the VMM: create and boot ``cfg`` (or restore), serve the API, and run the VMM's
+    control loop on this (the main) thread until the VMM exits.
 
     Returns 0 when the guest powers off or the VMM is shut down (API or SIGTERM/SIGINT);
-    raises :class:`VmshError` when the VM cannot be built or booted.
+    raises :class:`VmshError` when the VM cannot be built or booted, or fails while it runs.
+    ``factories`` (tests) replaces the engine's VM builders (:func:`vm_factories`).
     """
     from vmsh.engine.vcpu import install_kick_handler
-    from vmsh.engine.builder import build_for_boot, build_from_snapshot
-    from vmsh.engine.vmm import Vmm
 
     install_kick_handler()  # VMs may be built on the API thread, where signals cannot be set up
     events = _open_events(opts)
     events.emit("vmm", "starting")
-    build = functools.partial(build_for_boot, post=lambda work: work(), profile=opts.profile)  # INTERIM
-    restore = functools.partial(build_from_snapshot, post=lambda work: work(), profile=opts.profile)  # INTERIM
-    vmm = Vmm(events, vm_factory=build, restore_factory=restore)
+    vmm = make_vmm(events, profile=opts.profile, factories=factories)
     server = None
     stop_signals = []
 
@@ -140,28 +180,21 @@ def run(opts: VmmOptions, cfg: VmConfig | None) -> int:
             server = ApiServer(vmm, path=opts.api_socket.path, fd=opts.api_socket.fd).start()
         if cfg is not None:
             with vmm.lock:
-                vmm.create(cfg)
-                vmm.boot()
+                vmm.do("vm.create", cfg)
+                vmm.do("vm.boot")
         elif opts.restore is not None:
-            with vmm.lock:
-                vmm.restore(opts.restore)
-        while not vmm.exited.is_set():
-            if received:
-                vmm.handle_guest_event(GuestEvent.STOP, f"signal {signal.Signals(received[0]).name}")
-                break
-            try:
-                kind, detail = vmm.guest_events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if vmm.handle_guest_event(kind, detail):
-                if kind == GuestEvent.FATAL:
-                    raise VmshError(f"The VM stopped: {detail}")
-                break
+            vmm.do("vm.restore", opts.restore)
+        vmm.run_control_loop(until=lambda: bool(received))
+        if not vmm.exited.is_set():  # a signal: stop after what is already queued
+            vmm.guest_event(GuestEvent.STOP, f"signal {signal.Signals(received[0]).name}")
+            vmm.run_control_loop()
+        ended = vmm.exit_event
+        if ended is not None and ended[0] == GuestEvent.FATAL:
+            raise VmshError(f"The VM stopped: {ended[1]}")
         return 0
     finally:
         if not vmm.exited.is_set():
-            with vmm.lock:
-                vmm.vmm_shutdown()
+            vmm.vmm_shutdown()
         if server is not None:
             server.close()
         events.close()

@@ -30,6 +30,11 @@ subcommands:
   resize-zone --id <zone> --size <size>
   snapshot <destination_url>                      e.g. file:///tmp/snap (the VM must be paused)
   restore <source_url=...,prefault=on|off,...>
+
+vmsh extensions:
+  registers [<cpu_id>]                            a vCPU's registers (the VM must be paused)
+  read-memory <address> [<length>]                guest RAM at a guest physical address, in hex
+  profile-start [<hz>] | profile-stop [<system_map>]   sample the guest's instruction pointers
 """
 
 _SIMPLE = {
@@ -45,6 +50,30 @@ _ADD = {
     "add-vdpa": "vdpa", "add-device": "device", "add-user-device": "user-device",
 }
 _UNSUPPORTED = {"coredump", "send-migration", "receive-migration", "add-generic-vhost-user", "resize-disk"}
+
+
+#: the vmsh extension subcommands -> their optional positional arguments (body keys), numbers or not
+_INSPECT: dict[str, tuple[tuple[str, bool], ...]] = {
+    "registers": (("cpu_id", True),),
+    "read-memory": (("address", True), ("length", True)),
+    "profile-start": (("hz", True),),
+    "profile-stop": (("system_map", False),),
+}
+
+
+def _inspect_body(command: str, args: list[str]) -> dict[str, Any]:
+    keys = _INSPECT[command]
+    required = 1 if command == "read-memory" else 0
+    if not required <= len(args) <= len(keys):
+        names = " ".join(f"<{k}>" if i < required else f"[<{k}>]" for i, (k, _) in enumerate(keys))
+        raise UsageError(f"{command} takes {names}")
+    body: dict[str, Any] = {}
+    for (key, number), value in zip(keys, args, strict=False):
+        try:
+            body[key] = int(value, 0) if number else value
+        except ValueError:
+            raise UsageError(f"{command}: {key} is a number (0x... for hex), not {value}") from None
+    return body
 
 
 def build_request(command: str, args: list[str]) -> tuple[str, str, Any, list[int]]:
@@ -76,7 +105,11 @@ def build_request(command: str, args: list[str]) -> tuple[str, str, Any, list[in
             raise UsageError("create takes at most one argument: a JSON file, or - for stdin")
         source = args[0] if args else "-"
         try:
-            text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()
+            if source == "-":
+                text = sys.stdin.read()
+            else:
+                with open(source, encoding="utf-8") as file:
+                    text = file.read()
         except OSError as err:
             raise VmshError(f"Cannot read {source}") from err
         try:
@@ -101,7 +134,7 @@ def build_request(command: str, args: list[str]) -> tuple[str, str, Any, list[in
             entry.fds = None
         return "PUT", "vm.restore", to_json_value(restore), fds
     if command in ("resize", "resize-zone"):
-        flags = dict(zip(args[::2], args[1::2]))
+        flags = dict(zip(args[::2], args[1::2], strict=False))  # an odd count is refused below
         if len(args) % 2 or not flags:
             raise UsageError(f"{command} takes flags with values")
         allowed = {"--cpus", "--memory", "--balloon"} if command == "resize" else {"--id", "--size"}
@@ -123,6 +156,8 @@ def build_request(command: str, args: list[str]) -> tuple[str, str, Any, list[in
             return "PUT", "vm.resize-zone", {"id": flags["--id"], "desired_ram": byte_sized(flags["--size"])}, []
         except ValueError as err:
             raise OptionParseError(f"Invalid value for {command}: {err}") from None
+    if command in _INSPECT:
+        return "PUT", f"vm.{command}", _inspect_body(command, args), []
     if command in _UNSUPPORTED:
         raise VmshError(f"{command} is not supported by vmsh")
     raise UsageError(f"unknown subcommand '{command}'")
@@ -168,6 +203,8 @@ def main(argv: list[str]) -> int:
         from vmsh.engine.describe import canonical_text
 
         sys.stdout.write(canonical_text(result))  # the same text as `vmsh launch --describe`
+    elif result is not None and args[0] == "profile-stop":
+        sys.stdout.write(result["report"] + "\n")
     elif result is not None:
         print(json.dumps(result))
     return 0

@@ -30,7 +30,7 @@ from prompt_toolkit.shortcuts import print_formatted_text
 from vmsh.config.launcher_args import FLAGS
 from vmsh.errors import VmshError
 from vmsh.script.commands import COMMANDS
-from vmsh.script.session import QuitRequest, ScriptError, Session
+from vmsh.script.session import QuitRequest, RemoteTarget, ScriptError, Session
 
 #: Ctrl-]: leaves ``console``, as telnet and virsh do
 DETACH = b"\x1d"
@@ -81,9 +81,9 @@ class VmshCompleter(Completer):
                 if current.startswith("-"):
                     return
             previous = words[-1] if not current else (words[-2] if len(words) > 1 else "")
-            flag = self.flags.get(previous)
-            if flag is not None:
-                yield from self._keys(flag.help, current)
+            option = self.flags.get(previous)
+            if option is not None:
+                yield from self._keys(option.help, current)
             return
         if cmd in _OPTION_COMMANDS:
             from vmsh.config.parse import OPTION_PARSERS
@@ -92,7 +92,7 @@ class VmshCompleter(Completer):
 
     @staticmethod
     def _keys(syntax: str, current: str) -> Iterable[Completion]:
-        head, _, last = current.rpartition(",")
+        _, _, last = current.rpartition(",")
         keys = option_keys(syntax)
         if "=" in last:
             key, _, value = last.partition("=")
@@ -113,7 +113,7 @@ class Shell:
         self.session = session or Session(out=self.print)
         self.session.out = self.print
         self._state = ("none", 0.0)
-        self.prompt = PromptSession(
+        self.prompt: PromptSession[str] = PromptSession(
             history=history or _default_history(), completer=VmshCompleter(), complete_while_typing=False,
             bottom_toolbar=self.toolbar, input=input, output=output,
         )
@@ -131,7 +131,8 @@ class Shell:
         if time.monotonic() - at > 0.5:
             state = self.session.state()
             self._state = (state, time.monotonic())
-        where = "remote " + self.session._target.path if hasattr(self.session._target, "path") else "local"
+        target = self.session._target
+        where = "remote " + target.path if isinstance(target, RemoteTarget) else "local"
         return f" VM: {state}   ({where})   help: commands, console: attach (Ctrl-] detaches)"
 
     def loop(self) -> int:

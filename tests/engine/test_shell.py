@@ -3,6 +3,7 @@ through a remote ``vmsh launch --api-socket``."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine import tiny_kernel
+from vmsh.api.client import ApiClient, ApiError
 from vmsh.harness.waiting import wait_until
 from vmsh.script.session import ScriptError
 
@@ -45,16 +47,26 @@ def test_local_errors_keep_the_session(session, tmp_path: Path) -> None:
     session.execute(f"create --kernel {k} --serial tty --console off")
     with pytest.raises(ScriptError, match="Error parsing --disk"):
         session.execute("add-disk path=/a,bogus=1")
-    with pytest.raises(ScriptError, match=r"regs needs a paused VM|There is no VM"):
+    with pytest.raises(ScriptError, match="VM is not booted"):
         session.execute("regs")
+    with pytest.raises(ScriptError, match="VM is not booted"):
+        session.execute("x 0x1000000")
     session.execute("boot")
     with pytest.raises(ScriptError, match="Invalid transition from Running to Running"):
         session.execute("resume")
+    with pytest.raises(ScriptError, match=r"vm.registers needs a paused VM \(it is Running\): pause first"):
+        session.execute("regs")
     with pytest.raises(ScriptError, match=r"timeout after 0\.2s"):
         session.execute("expect never-printed timeout=200ms")
     session.execute("pause")
-    with pytest.raises(ScriptError, match="is not RAM"):
+    with pytest.raises(ScriptError, match=r"No vCPU 1 \(the VM has 1\)"):
+        session.execute("regs 1")
+    with pytest.raises(ScriptError, match=r"Cannot read 16 bytes at 0xffffffff0000: .*is not RAM"):
         session.execute("x 0xffffffff0000 16")
+    with pytest.raises(ScriptError, match="between 1 and 1 MiB"):
+        session.execute("x 0x1000000 0x100001")
+    with pytest.raises(ScriptError, match="The profiler is not running"):
+        session.execute("profile stop")
     session.execute("delete")
 
 
@@ -77,10 +89,42 @@ def test_remote_vm_through_the_api_and_serial_socket(session, tmp_path: Path) ->
         session.execute(f"create --kernel {k} --serial socket={serial} --console off; boot")
         session.execute("info state")
         assert session.captured[-1] == '"Running"'
-        with pytest.raises(ScriptError, match="needs the VM in this shell"):
-            session.execute("pause; regs")
+        session.execute("profile start hz=500; sleep 200ms; profile stop")
+        assert "samples" in session.captured[-1]
+        with pytest.raises(ScriptError, match=r"vm.registers needs a paused VM \(it is Running\)"):
+            session.execute("regs")
+        # the inspection commands read the remote VM as they read a local one
+        session.execute("pause; regs 0")
+        assert "rip" in session.captured[-1] and "cr0" in session.captured[-1]
+        assert int(session.variables["rip"], 16) >= tiny_kernel.LOAD_ADDR
+        session.execute("x 0x1000000 16")
+        assert session.captured[-1].startswith("0000000001000000  ba f8 03 00 00")  # mov edx, 0x3f8
+        with pytest.raises(ScriptError, match=r"status 400: Error from API: No vCPU 3 \(the VM has 1\)"):
+            session.execute("regs 3")
+        with pytest.raises(ScriptError, match=r"status 400: .*Cannot read 16 bytes at 0xffffffff0000: .*is not RAM"):
+            session.execute("x 0xffffffff0000 16")
+        with ApiClient(str(api)) as client:  # the action's own bound, past the shell's
+            with pytest.raises(ApiError) as err:
+                client.put("vm.read-memory", {"address": tiny_kernel.LOAD_ADDR, "length": (1 << 20) + 1})
+            assert err.value.status == 400 and "between 1 and 1048576 bytes" in str(err.value)
+            reply = client.put("vm.read-memory", {"address": tiny_kernel.LOAD_ADDR, "length": 5})
+            assert reply == {"address": tiny_kernel.LOAD_ADDR, "data": "baf8030000"}
+        remote = subprocess.run([sys.executable, "-m", "vmsh", "remote", "--api-socket", str(api), "registers", "0"],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert remote.returncode == 0 and json.loads(remote.stdout)["regs"]["rip"] == int(session.variables["rip"], 16)
         session.execute("resume; send w; expect 'w\\r?\\n' timeout=20")
         assert proc.wait(30) == 0  # the guest powered off, so the launched VMM ended
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_local_snapshot_and_restore_keep_the_console_in_the_session(session, tmp_path: Path) -> None:
+    k = kernel(tmp_path, tiny_kernel.letters())
+    snap = tmp_path / "snap"
+    session.execute(f"create --kernel {k} --serial tty --console off; boot; expect c timeout=20; pause")
+    session.execute(f"snapshot {snap}; delete; restore {snap} resume=on")
+    session.execute("info state")
+    assert session.captured[-1] == '"Running"'
+    # the restored guest's --serial tty is the session's console, as the booted one's was
+    session.execute("expect '[a-z]' timeout=20")

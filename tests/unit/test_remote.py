@@ -70,6 +70,12 @@ def test_remote_errors(server) -> None:
         (["resize", "--cpus", "2", "--memory", "1G"], ("PUT", "vm.resize", {"desired_vcpus": 2, "desired_ram": 1 << 30})),
         (["resize-zone", "--id", "z", "--size", "512M"], ("PUT", "vm.resize-zone", {"id": "z", "desired_ram": 512 << 20})),
         (["restore", "source_url=file:///s,resume=on"], ("PUT", "vm.restore", {"source_url": "file:///s", "prefault": False, "net_fds": None, "resume": True})),
+        (["registers"], ("PUT", "vm.registers", {})),
+        (["registers", "1"], ("PUT", "vm.registers", {"cpu_id": 1})),
+        (["read-memory", "0x1000", "16"], ("PUT", "vm.read-memory", {"address": 0x1000, "length": 16})),
+        (["profile-start", "500"], ("PUT", "vm.profile-start", {"hz": 500})),
+        (["profile-stop", "/boot/System.map"], ("PUT", "vm.profile-stop", {"system_map": "/boot/System.map"})),
+        (["profile-stop"], ("PUT", "vm.profile-stop", {})),
     ],
 )
 def test_build_request(argv: list[str], expected: tuple) -> None:
@@ -88,7 +94,8 @@ def test_restore_net_fds_travel_as_scm_rights() -> None:
     assert [(n["id"], n["num_fds"], n.get("fds")) for n in body["net_fds"]] == [("net0", 2, None), ("net1", 1, None)]
 
 
-@pytest.mark.parametrize("argv", [["boot", "x"], ["snapshot"], ["resize", "--vcpus", "2"], ["resize-zone", "--id", "z"]])
+@pytest.mark.parametrize("argv", [["boot", "x"], ["snapshot"], ["resize", "--vcpus", "2"], ["resize-zone", "--id", "z"],
+                                  ["read-memory"], ["read-memory", "x"], ["registers", "0", "1"]])
 def test_build_request_usage(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         build_request(argv[0], argv[1:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import array
 import json
 import socket
-from typing import Any
+from typing import Any, Self
 
 from vmsh.errors import VmshError
 
@@ -40,7 +40,7 @@ class ApiClient:
             raise VmshError(f"Cannot connect to the API socket {path}") from err
         self._buf = b""
 
-    def __enter__(self) -> ApiClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -60,7 +60,8 @@ class ApiClient:
 
         :raises ApiError: for an error status, with the server's error chain.
         """
-        status, payload = self.raw(method, f"/api/v1/{endpoint}", None if body is None else json.dumps(body).encode(), fds)
+        data = None if body is None else json.dumps(body).encode()
+        status, payload = self.raw(method, f"/api/v1/{endpoint}", data, fds)
         decoded = json.loads(payload) if payload else None
         if status >= 400:
             messages = decoded if isinstance(decoded, list) else [str(decoded or "")]

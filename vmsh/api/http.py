@@ -21,7 +21,8 @@ import threading
 from typing import Any
 
 from vmsh.config.serde import JsonValueError, from_json_value
-from vmsh.engine.vmm import ACTIONS_BY_PATH, Action, Vmm
+from vmsh.engine.actions import ACTIONS_BY_PATH, Action
+from vmsh.engine.vmm import Vmm
 from vmsh.errors import (
     BusyError,
     ConfigError,

@@ -19,7 +19,7 @@ from typing import Any
 from vmsh import __version__
 from vmsh.config import model as m
 from vmsh.config.options import INT_RANGES
-from vmsh.engine.vmm import ACTIONS
+from vmsh.engine.actions import ACTIONS
 
 SPEC_PATH = Path(__file__).with_name("openapi.json")
 
@@ -61,6 +61,32 @@ _RESPONSES: dict[str, dict[str, Any]] = {
             "buses": {"type": "object"},
         },
     },
+    "vm.registers": {
+        "type": "object",
+        "description": "vmsh extension: one vCPU's registers as KVM reports them (struct kvm_regs, "
+                       "struct kvm_sregs), every value an integer.",
+        "required": ["cpu_id", "regs", "sregs"],
+        "properties": {
+            "cpu_id": {"type": "integer"},
+            "regs": {"type": "object", "additionalProperties": {"type": "integer", "format": "int64"}},
+            "sregs": {"type": "object"},
+        },
+    },
+    "vm.read-memory": {
+        "type": "object",
+        "description": "vmsh extension: guest RAM at a guest physical address.",
+        "required": ["address", "data"],
+        "properties": {
+            "address": {"type": "integer", "format": "int64"},
+            "data": {"type": "string", "description": "the bytes in hex, two digits each"},
+        },
+    },
+    "vm.profile-stop": {
+        "type": "object",
+        "description": "vmsh extension: the profiler's report.",
+        "required": ["report"],
+        "properties": {"report": {"type": "string"}},
+    },
     "vm.counters": {
         "type": "object",
         "additionalProperties": {"type": "object", "additionalProperties": {"type": "integer", "format": "int64"}},
@@ -71,12 +97,12 @@ _RESPONSES: dict[str, dict[str, Any]] = {
 def _type_schema(tp: Any, kind: str | None, schemas: dict[str, Any]) -> dict[str, Any]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
         return {**_type_schema(inner, kind, schemas), "nullable": True}
     if origin is list:
         (elem,) = typing.get_args(tp)
         return {"type": "array", "items": _type_schema(elem, kind, schemas)}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         _add_schema(tp, schemas)
         return {"$ref": f"#/components/schemas/{tp.__name__}"}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -129,7 +155,8 @@ def build_openapi() -> dict[str, Any]:
                              "description": "The error and its causes, outermost first."}
     paths: dict[str, Any] = {}
     errors = {
-        str(code): {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorChain"}}}}
+        str(code): {"description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorChain"}}}}
         for code, text in (
             (400, "Malformed request or invalid configuration"), (404, "No such endpoint, VM or device"),
             (409, "Duplicate device id or path"), (413, "Request body over 4 MiB"), (429, "Busy"),
@@ -137,8 +164,10 @@ def build_openapi() -> dict[str, Any]:
         )
     }
     for action in ACTIONS:
-        endpoint = f"{action.scope}.{action.name}"
+        endpoint = action.endpoint
         op: dict[str, Any] = {"operationId": endpoint.replace(".", "_").replace("-", "_"), "responses": dict(errors)}
+        if action.extension:
+            op["description"] = f"vmsh extension (not in cloud-hypervisor): {action.extension}."
         if action.body is not None:
             _add_schema(action.body, schemas)
             op["requestBody"] = {
@@ -177,7 +206,8 @@ def render() -> str:
 
 def load() -> dict[str, Any]:
     """The shipped document."""
-    return json.loads(SPEC_PATH.read_text())
+    document: dict[str, Any] = json.loads(SPEC_PATH.read_text())
+    return document
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """A description of the machine a guest would see, taken from a built VM before it runs.
 
-:func:`describe` reads a :class:`vmsh.engine.vm.Vm` that :meth:`~vmsh.engine.vm.Vm.build`
-made and that has not been booted, the way a guest would find it, and returns canonical
-JSON-able data (dicts with string keys, lists, ints, strings; :func:`canonical_text` gives
-the text ``vmsh launch --describe`` prints and ``vmsh remote describe`` shows):
+:func:`describe` reads a :class:`vmsh.engine.vm.Vm` that
+:func:`~vmsh.engine.builder.build_for_boot` made and that has not been booted, the way a guest
+would find it, and returns canonical JSON-able data (dicts with string keys, lists, ints,
+strings; :func:`canonical_text` gives the text ``vmsh launch --describe`` prints and ``vmsh remote describe`` shows):
 
 - ``acpi``: every table reached from the RSDP the boot protocol hands the kernel
   (RSDP -> XSDT -> each entry, and the FADT's X_DSDT/DSDT and FACS), each with its
@@ -469,9 +469,9 @@ def describe_config(cfg: Any) -> dict[str, Any]:
 
     ``tty`` consoles get a null backend: describing never touches the terminal.
     """
+    from vmsh.engine.builder import build_for_boot
     from vmsh.engine.console import ConsoleBackend
     from vmsh.engine.events import EventMonitor
-    from vmsh.engine.builder import build_for_boot
 
     events = EventMonitor()
     vm = build_for_boot(cfg, events, lambda kind, detail: None, lambda work: work(), tty=ConsoleBackend())

@@ -15,6 +15,9 @@ A record is pretty-printed JSON (two-space indent) followed by a blank line::
 The timestamp is the time since the monitor was opened. Writes never block the VMM: the
 file is non-blocking, and a record that does not fit is logged and dropped. Every event is
 also logged at info level.
+
+:class:`GuestEvent` names what a running guest (or the host, for ``STOP``) asks of its VMM;
+the machine layer reports them and the control layer (:mod:`vmsh.engine.vmm`) acts on them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ import threading
 import time
 
 LOG = logging.getLogger(__name__)
+
+
+class GuestEvent:
+    """What a running guest can ask of its VMM (delivered from vCPU or device threads)."""
+
+    POWEROFF = "poweroff"
+    RESET = "reset"
+    #: the VM cannot go on (a vCPU failed)
+    FATAL = "fatal"
+    #: the VMM was asked to stop (SIGTERM, SIGINT)
+    STOP = "stop"
 
 
 def format_record(elapsed_ns: int, source: str, event: str, properties: dict[str, str] | None) -> str:
@@ -83,13 +97,3 @@ class EventMonitor:
                 os.close(self._fd)
                 self._fd = None
 
-
-class GuestEvent:
-    """What a running guest can ask of its VMM (delivered from vCPU or device threads)."""
-
-    POWEROFF = "poweroff"
-    RESET = "reset"
-    #: the VM cannot go on (a vCPU failed); the VMM exits with an error
-    FATAL = "fatal"
-    #: the VMM was asked to stop (SIGTERM, SIGINT)
-    STOP = "stop"

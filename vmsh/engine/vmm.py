@@ -1,17 +1,25 @@
-"""The VMM control layer: one action registry that every front-end calls.
+"""The VMM control layer: one action registry that every front-end calls, and one control loop.
 
 :class:`Vmm` holds at most one VM config and one running VM, as cloud-hypervisor's VMM
 does. Its actions (``create``, ``boot``, ``pause``, ``info``, ``add-disk``, ``snapshot``,
-...) are listed in :data:`ACTIONS` with the HTTP method and request body type the API uses,
-so the HTTP server, ``vmsh remote``, the shell and the launcher all reach the same code.
-Actions are serialized by one lock; guest-initiated events (poweroff, reset) arrive from
-vCPU threads through :meth:`Vmm.guest_event` and are handled on the caller's control loop.
+...) are listed in :data:`~vmsh.engine.actions.ACTIONS` with the HTTP method and request body
+type the API uses and the states each accepts (:class:`~vmsh.engine.actions.Rule`), so the HTTP
+server, ``vmsh remote``, the shell and the launcher all reach the same code. Each action has one
+handler (:data:`HANDLERS`).
+
+Serialization: every action and every item of the control queue runs holding
+:attr:`Vmm.lock`, so actions (from API connections or the shell), guest events and callables
+given to :meth:`Vmm.post` never run at the same time. Guest events (poweroff, reset, fatal)
+and posted callables arrive from vCPU or device threads; they only go into the control
+queue, and :meth:`Vmm.run_control_loop` (the launcher's main thread, the shell's control
+thread) runs them in the order they came, as cloud-hypervisor's VMM thread does with its
+channel and eventfd.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -22,11 +30,34 @@ from typing import Any, Protocol
 from vmsh import __version__
 from vmsh.config import model as m
 from vmsh.config import normalize, to_json_value
+from vmsh.engine import inspect
+from vmsh.engine.actions import (
+    ACTIONS,
+    ACTIONS_BY_ENDPOINT,
+    ACTIONS_BY_PATH,
+    ADD_TARGETS,
+    HOTPLUG_KINDS,
+    Action,
+    ProfileStartRequest,
+    ProfileStopRequest,
+    ReadMemoryRequest,
+    RegistersRequest,
+    RemoveDeviceRequest,
+    ResizeRequest,
+    ResizeZoneRequest,
+    Rule,
+    SnapshotRequest,
+)
 from vmsh.engine.events import EventMonitor, GuestEvent
-from vmsh.engine.state import VmState, check_transition
-from vmsh.errors import NotFoundError, StateError, ValidationError, VmshError
+from vmsh.engine.state import VmState
+from vmsh.errors import NotFoundError, ValidationError, VmshError
 
 LOG = logging.getLogger(__name__)
+
+__all__ = [
+    "ACTIONS", "ACTIONS_BY_ENDPOINT", "ACTIONS_BY_PATH", "HANDLERS", "HOTPLUG_KINDS", "Action", "Describer",
+    "GuestEvent", "Post", "RestoreFactory", "Rule", "VmFactory", "VmLike", "Vmm",
+]
 
 
 class VmLike(Protocol):
@@ -45,114 +76,33 @@ class VmLike(Protocol):
     def snapshot(self, directory: str) -> None: ...
 
 
-#: Builds a VM from a normalized config: ``factory(config, events, on_guest_event)``.
-VmFactory = Callable[[m.VmConfig, EventMonitor, Callable[[str, str], None]], VmLike]
-#: Rebuilds a VM from a snapshot directory: ``factory(directory, restore, events, on_guest_event)``.
-RestoreFactory = Callable[[str, m.RestoreConfig, EventMonitor, Callable[[str, str], None]], VmLike]
+#: Queues a callable for the control loop (thread-safe; see :meth:`Vmm.post`).
+Post = Callable[[Callable[[], None]], None]
+#: Where a VM reports guest events: ``on_guest_event(kind, detail)`` (thread-safe).
+GuestEventSink = Callable[[str, str], None]
+#: Builds a VM from a normalized config: ``factory(config, events, on_guest_event, post)``.
+VmFactory = Callable[[m.VmConfig, EventMonitor, GuestEventSink, Post], VmLike]
+#: Rebuilds a VM from a snapshot: ``factory(directory, restore, events, on_guest_event, post)``.
+RestoreFactory = Callable[[str, m.RestoreConfig, EventMonitor, GuestEventSink, Post], VmLike]
+#: Describes the machine a normalized config gives its guest (``vm.describe``; see
+#: :func:`vmsh.engine.describe.describe_config`).
+Describer = Callable[[m.VmConfig], dict[str, Any]]
+
+#: an item of the control queue: a guest event ``(kind, detail)`` or a posted callable
+_ControlItem = tuple[str, str] | Callable[[], None]
 
 
-@dataclasses.dataclass(frozen=True)
-class Action:
-    """One entry of the registry: the API endpoint and what its body is."""
-
-    name: str
-    #: "GET" or "PUT"
-    http_method: str
-    #: the config dataclass of the body, ``dict`` for a free-form JSON object, None for no body
-    body: type | None
-    #: endpoint prefix: "vm" or "vmm"
-    scope: str = "vm"
-
-    @property
-    def path(self) -> str:
-        return f"/api/v1/{self.scope}.{self.name}"
-
-    @property
-    def method_name(self) -> str:
-        return self.name.replace("-", "_")
-
-
-@dataclasses.dataclass(kw_only=True)
-class SnapshotRequest:
-    """``vm.snapshot`` body."""
-
-    destination_url: str = m.field()
-
-
-@dataclasses.dataclass(kw_only=True)
-class RemoveDeviceRequest:
-    """``vm.remove-device`` body."""
-
-    id: str = m.field()
-
-
-@dataclasses.dataclass(kw_only=True)
-class ResizeRequest:
-    """``vm.resize`` body."""
-
-    desired_vcpus: int | None = m.field(None, kind="u8")
-    desired_ram: int | None = m.field(None, kind="u64")
-    desired_balloon: int | None = m.field(None, kind="u64")
-
-
-@dataclasses.dataclass(kw_only=True)
-class ResizeZoneRequest:
-    """``vm.resize-zone`` body."""
-
-    id: str = m.field()
-    desired_ram: int = m.field(kind="u64")
-
-
-ACTIONS: tuple[Action, ...] = (
-    Action("ping", "GET", None, scope="vmm"),
-    Action("shutdown", "PUT", None, scope="vmm"),
-    Action("create", "PUT", m.VmConfig),
-    Action("boot", "PUT", None),
-    Action("shutdown", "PUT", None),
-    Action("reboot", "PUT", None),
-    Action("power-button", "PUT", None),
-    Action("pause", "PUT", None),
-    Action("resume", "PUT", None),
-    Action("nmi", "PUT", None),
-    Action("delete", "PUT", None),
-    Action("info", "GET", None),
-    Action("counters", "GET", None),
-    Action("describe", "GET", None),
-    Action("resize", "PUT", ResizeRequest),
-    Action("resize-zone", "PUT", ResizeZoneRequest),
-    Action("add-device", "PUT", m.DeviceConfig),
-    Action("add-disk", "PUT", m.DiskConfig),
-    Action("add-fs", "PUT", m.FsConfig),
-    Action("add-pmem", "PUT", m.PmemConfig),
-    Action("add-net", "PUT", m.NetConfig),
-    Action("add-vsock", "PUT", m.VsockConfig),
-    Action("add-vdpa", "PUT", m.VdpaConfig),
-    Action("add-user-device", "PUT", m.UserDeviceConfig),
-    Action("remove-device", "PUT", RemoveDeviceRequest),
-    Action("snapshot", "PUT", SnapshotRequest),
-    Action("restore", "PUT", m.RestoreConfig),
-)
-
-ACTIONS_BY_PATH = {a.path: a for a in ACTIONS}
-
-#: add-* action -> (VmConfig list attribute, or the single-device attribute for vsock)
-#: config lists whose devices can be plugged into a running VM
-HOTPLUG_KINDS = frozenset({"disks", "net", "pmem", "vsock"})
-
-_ADD_TARGETS = {
-    "add-device": "devices",
-    "add-disk": "disks",
-    "add-fs": "fs",
-    "add-pmem": "pmem",
-    "add-net": "net",
-    "add-vsock": "vsock",
-    "add-vdpa": "vdpa",
-    "add-user-device": "user_devices",
-}
+def _nothing() -> None:
+    """Posted to wake the control loop up (it then sees that the VMM has exited)."""
 
 
 class Vmm:
-    """The VMM: one VM config, at most one VM, and the actions on them."""
+    """The VMM: one VM config, at most one VM, the actions on them, and the control queue.
+
+    ``vm_factory`` and ``restore_factory`` build VMs (see :data:`VmFactory`); ``describer``
+    serves ``vm.describe``. Front-ends wire them (:func:`vmsh.launcher.vm_factories`), so this
+    layer does not import the machine it controls.
+    """
 
     def __init__(
         self,
@@ -160,167 +110,232 @@ class Vmm:
         vm_factory: VmFactory | None = None,
         restore_factory: RestoreFactory | None = None,
         *,
+        describer: Describer | None = None,
         exit_on_poweroff: bool = True,
     ) -> None:
         self.events = events or EventMonitor()
-        #: False: a guest poweroff shuts the VM down but keeps the VMM (``--no-shutdown``)
+        #: False: a guest poweroff or a fatal error shuts the VM down but keeps the VMM and its
+        #: config (the shell; cloud-hypervisor's ``--no-shutdown`` for poweroff)
         self.exit_on_poweroff = exit_on_poweroff
         self.config: m.VmConfig | None = None
         self.vm: VmLike | None = None
         self._vm_factory = vm_factory
         self._restore_factory = restore_factory
-        #: serializes actions; front-ends hold it for multi-step sequences
+        self._describer = describer
+        #: serializes actions and control items; front-ends hold it for multi-step sequences
         self.lock = threading.RLock()
-        #: guest events waiting for the control loop
-        self.guest_events: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._control: queue.Queue[_ControlItem] = queue.Queue()
+        #: identifies the current VM for the callables it posts (None: no VM)
+        self._vm_token: object | None = None
         self.exited = threading.Event()
+        #: the guest event that made the VMM exit, if one did
+        self.exit_event: tuple[str, str] | None = None
 
     # --- dispatch ---------------------------------------------------------------------------
 
     def call(self, action: Action, body: Any = None) -> Any:
-        """Run ``action`` with its (already decoded) body; returns its JSON-able result."""
+        """Run ``action`` with its (already decoded) body; returns its JSON-able result.
+
+        :raises VmshError: when the VMM's state does not allow it (:class:`Rule`) or it fails.
+        """
         with self.lock:
-            if action.scope == "vmm":
-                return self.vmm_shutdown() if action.name == "shutdown" else self.ping()
-            if action.name in _ADD_TARGETS:
-                return self.add_device_config(action.name, body)
-            method = getattr(self, action.method_name)
-            return method(body) if action.body is not None else method()
+            action.rule.check(self, action)
+            return HANDLERS[action.endpoint](self, body)
+
+    def do(self, endpoint: str, body: Any = None) -> Any:
+        """:meth:`call` by endpoint name (``"vm.boot"``), for front-ends and internal steps."""
+        return self.call(ACTIONS_BY_ENDPOINT[endpoint], body)
+
+    # --- the control queue ----------------------------------------------------------------------
 
     def guest_event(self, kind: str, detail: str = "") -> None:
-        """Called from any thread when the guest powers off, resets or fails."""
-        self.guest_events.put((kind, detail))
+        """Called from any thread when the guest powers off, resets or fails (a
+        :class:`GuestEvent`); the control loop acts on it."""
+        self._control.put((kind, detail))
 
-    def handle_guest_event(self, kind: str, detail: str) -> bool:
-        """Act on one guest event; returns True when the VMM should exit."""
+    def post(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` for the control loop; thread-safe, never blocks.
+
+        The loop runs it holding :attr:`lock`, in order with guest events and other posted
+        callables, never concurrently with an action. vCPU threads use it to hand the
+        topology changes a guest asks for (ejecting a PCI slot, moving a BAR) to the control
+        loop. An exception from ``fn`` is logged; the loop goes on.
+        """
+        self._control.put(fn)
+
+    def _post_for_vm(self, token: object, fn: Callable[[], None]) -> None:
+        """The ``post`` a VM factory gets: ``fn`` is dropped when that VM is gone by the time
+        the loop reaches it (shut down, deleted, replaced by a reboot)."""
+
+        def run_if_current() -> None:
+            if self._vm_token is token:
+                fn()
+            else:
+                LOG.debug("dropped a callable posted by a VM that is gone: %r", fn)
+
+        self._control.put(run_if_current)
+
+    def process_control(self, timeout: float | None = None) -> tuple[str, str] | None:
+        """Run the next item of the control queue, waiting up to ``timeout`` seconds for one.
+
+        Returns the guest event it handled, or None (a posted callable, or nothing came).
+        """
+        try:
+            item = self._control.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if callable(item):
+            with self.lock:
+                try:
+                    item()
+                except Exception:  # a bug in one callable must not stop the control loop
+                    LOG.exception("a callable posted to the control loop failed")
+            return None
+        self._handle_guest_event(*item)
+        return item
+
+    def run_control_loop(self, until: Callable[[], bool] | None = None, poll: float = 0.2,
+                         on_event: Callable[[str, str], None] | None = None) -> tuple[str, str] | None:
+        """Run the control queue until the VMM exits or ``until()`` is true (checked at least
+        every ``poll`` seconds). ``on_event(kind, detail)`` is told of each guest event after
+        it was handled. Returns :attr:`exit_event`."""
+        while not self.exited.is_set() and not (until is not None and until()):
+            event = self.process_control(poll)
+            if event is not None and on_event is not None:
+                on_event(*event)
+        return self.exit_event
+
+    def _handle_guest_event(self, kind: str, detail: str) -> None:
+        """Act on one guest event (cloud-hypervisor's VMM thread on its reset/exit events)."""
         with self.lock:
             if kind == GuestEvent.RESET:
                 LOG.info("guest reset: rebooting")
                 try:
-                    self.reboot()
+                    self.do("vm.reboot")
                 except VmshError as err:
                     LOG.error("reboot failed: %s", err)
-                    self.vmm_shutdown()
-                    return True
-                return False
+                    self._exit((kind, detail))
+                return
             LOG.info("guest %s%s", kind, f": {detail}" if detail else "")
-            if kind == GuestEvent.POWEROFF and not self.exit_on_poweroff:
-                if self.vm is not None:
-                    self.shutdown()
-                return False
-            self.vmm_shutdown()
-            return True
+            if kind in (GuestEvent.POWEROFF, GuestEvent.FATAL) and not self.exit_on_poweroff:
+                self._drop_vm()
+                return
+            self._exit((kind, detail))
+
+    def _exit(self, event: tuple[str, str]) -> None:
+        self.exit_event = event
+        self.vmm_shutdown()
+
+    def _drop_pending_resets(self) -> None:
+        """A guest reset often comes twice (ACPI, then i8042): drop the resets already queued."""
+        pending: list[_ControlItem] = []
+        while True:
+            try:
+                item = self._control.get_nowait()
+            except queue.Empty:
+                break
+            if callable(item) or item[0] != GuestEvent.RESET:
+                pending.append(item)
+        for item in pending:
+            self._control.put(item)
 
     # --- VMM --------------------------------------------------------------------------------
 
-    def ping(self) -> dict[str, Any]:
+    def _ping(self, _body: None) -> dict[str, Any]:
         return {"build_version": __version__, "version": __version__, "pid": os.getpid(), "features": ["kvm"]}
 
-    def vmm_shutdown(self) -> None:
-        """Delete the VM and stop the VMM."""
-        self.delete()
-        self.events.emit("vmm", "shutdown")
-        self.exited.set()
+    def vmm_shutdown(self, _body: None = None) -> None:
+        """Delete the VM and stop the VMM (``vmm.shutdown``; also when the launcher ends)."""
+        with self.lock:
+            self._delete(None)
+            self.events.emit("vmm", "shutdown")
+            self.exited.set()
+        self._control.put(_nothing)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    def _require_vm(self) -> VmLike:
-        if self.vm is None:
-            raise NotFoundError("VM is not created" if self.config is None else "VM is not booted")
-        return self.vm
+    def _set_vm(self, vm: VmLike | None, token: object | None) -> None:
+        self.vm = vm
+        self._vm_token = token
 
-    def create(self, cfg: m.VmConfig) -> None:
+    def _drop_vm(self) -> None:
+        """Shut the VM down whatever its state (``vm shutdown``); its config stays."""
+        if self.vm is not None:
+            self.vm.shutdown()
+            self._set_vm(None, None)
+            self.events.emit("vm", "shutdown")
+
+    def _create(self, cfg: m.VmConfig) -> None:
         """Store a config; nothing is built until ``boot``."""
-        if self.config is not None:
-            raise StateError("VM is already created")
         self.config = cfg
 
-    def boot(self) -> None:
+    def _boot(self, _body: None) -> None:
         """Validate the config, build the VM and start it (a Paused VM is resumed)."""
         if self.vm is not None:
-            if self.vm.state is VmState.PAUSED:
-                self.resume()
-                return
-            raise StateError("VM is already created")
-        if self.config is None:
-            raise NotFoundError("VM is not created")
+            self.do("vm.resume")
+            return
         if self._vm_factory is None:
             raise VmshError("This VMM cannot build VMs")
+        assert self.config is not None  # the rule
         cfg = normalize(self.config)
         self.events.emit("vm", "booting")
-        vm = self._vm_factory(cfg, self.events, self.guest_event)
+        token = object()
+        vm = self._vm_factory(cfg, self.events, self.guest_event, functools.partial(self._post_for_vm, token))
         try:
             vm.boot()
         except BaseException:
             vm.shutdown()
             raise
         self.config = cfg
-        self.vm = vm
+        self._set_vm(vm, token)
         self.events.emit("vm", "booted")
 
-    def shutdown(self) -> None:
+    def _shutdown(self, _body: None) -> None:
         """Stop the VM; its config stays, so it can be booted again."""
-        vm = self._require_vm()
-        check_transition(vm.state, VmState.SHUTDOWN)
-        vm.shutdown()
-        self.vm = None
-        self.events.emit("vm", "shutdown")
+        self._drop_vm()
 
-    def reboot(self) -> None:
+    def _reboot(self, _body: None) -> None:
         """Shut the VM down and boot a fresh one from the same config."""
-        vm = self._require_vm()
-        if vm.state not in (VmState.RUNNING, VmState.PAUSED):
-            raise StateError(f"Invalid transition from {vm.state.value} to {VmState.RUNNING.value}")
+        assert self.vm is not None  # the rule
         self.events.emit("vm", "rebooting")
-        vm.shutdown()
-        self.vm = None
-        # A guest reset often comes twice (ACPI, then i8042): drop the resets already queued.
-        pending = []
-        while not self.guest_events.empty():
-            event = self.guest_events.get_nowait()
-            if event[0] != GuestEvent.RESET:
-                pending.append(event)
-        for event in pending:
-            self.guest_events.put(event)
-        self.boot()
+        self.vm.shutdown()
+        self._set_vm(None, None)
+        self._drop_pending_resets()
+        self.do("vm.boot")
         self.events.emit("vm", "rebooted")
 
-    def pause(self) -> None:
-        vm = self._require_vm()
-        check_transition(vm.state, VmState.PAUSED)
+    def _pause(self, _body: None) -> None:
+        assert self.vm is not None
         self.events.emit("vm", "pausing")
-        vm.pause()
+        self.vm.pause()
         self.events.emit("vm", "paused")
 
-    def resume(self) -> None:
-        vm = self._require_vm()
-        check_transition(vm.state, VmState.RUNNING)
+    def _resume(self, _body: None) -> None:
+        assert self.vm is not None
         self.events.emit("vm", "resuming")
-        vm.resume()
+        self.vm.resume()
         self.events.emit("vm", "resumed")
 
-    def power_button(self) -> None:
-        self._require_vm().power_button()
+    def _power_button(self, _body: None) -> None:
+        assert self.vm is not None
+        self.vm.power_button()
 
-    def nmi(self) -> None:
-        self._require_vm().nmi()
+    def _nmi(self, _body: None) -> None:
+        assert self.vm is not None
+        self.vm.nmi()
 
-    def delete(self) -> None:
+    def _delete(self, _body: None) -> None:
         """Shut the VM down if it runs and forget its config; no error without a VM."""
-        if self.vm is not None:
-            self.vm.shutdown()
-            self.vm = None
-            self.events.emit("vm", "shutdown")
+        self._drop_vm()
         if self.config is not None:
             self.config = None
             self.events.emit("vm", "deleted")
 
     # --- inspection -------------------------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
+    def _info(self, _body: None) -> dict[str, Any]:
         """``vm.info``: the config, the state and the memory size."""
-        if self.config is None:
-            raise NotFoundError("VM is not created")
+        assert self.config is not None
         result: dict[str, Any] = {
             "config": to_json_value(self.config),
             "state": (self.vm.state if self.vm else VmState.CREATED).value,
@@ -330,33 +345,42 @@ class Vmm:
             result.update(self.vm.info())
         return result
 
-    def counters(self) -> dict[str, dict[str, int]]:
-        return self._require_vm().counters()
+    def _counters(self, _body: None) -> dict[str, dict[str, int]]:
+        assert self.vm is not None
+        return self.vm.counters()
 
-    def describe(self) -> dict[str, Any]:
-        """``vm.describe`` (a vmsh extra): the machine the created config gives its guest.
+    def _describe(self, _body: None) -> dict[str, Any]:
+        """``vm.describe`` (a vmsh extra): the machine the created config gives its guest,
+        described from a throwaway VM built from a normalized copy of the config."""
+        if self._describer is None:
+            raise VmshError("This VMM cannot describe VMs")
+        assert self.config is not None
+        return self._describer(normalize(copy.deepcopy(self.config)))
 
-        Builds a throwaway VM from a normalized copy of the config, describes it
-        (:mod:`vmsh.engine.describe`) and releases it; valid in the Created state only.
-        """
-        if self.config is None:
-            raise NotFoundError("VM is not created")
-        if self.vm is not None:
-            raise StateError(f"vm.describe needs a created VM that is not booted (it is {self.vm.state.value})")
-        from vmsh.engine.describe import describe_config
+    def _inspectable(self) -> Any:
+        """The VM for :mod:`vmsh.engine.inspect` (its rule made sure there is one)."""
+        assert self.vm is not None
+        return self.vm
 
-        return describe_config(normalize(copy.deepcopy(self.config)))
+    def _registers(self, request: RegistersRequest) -> dict[str, Any]:
+        return inspect.registers(self._inspectable(), request.cpu_id)
+
+    def _read_memory(self, request: ReadMemoryRequest) -> dict[str, Any]:
+        return inspect.read_memory(self._inspectable(), request.address, request.length)
+
+    def _profile_start(self, request: ProfileStartRequest) -> None:
+        inspect.start_profiler(self._inspectable(), request.hz)
+
+    def _profile_stop(self, request: ProfileStopRequest) -> dict[str, str]:
+        return inspect.stop_profiler(self._inspectable(), request.system_map, request.top)
 
     # --- devices ------------------------------------------------------------------------------
 
-    def add_device_config(self, action: str, device: Any) -> dict[str, str] | None:
+    def _add_device(self, action: str, device: Any) -> dict[str, str] | None:
         """Add a device: to the config of a VM not booted yet, or hotplugged into the running
         guest through ACPI PCI hotplug (then cloud-hypervisor's PciDeviceInfo is returned)."""
-        if self.config is None:
-            raise NotFoundError("VM is not created")
-        attr = _ADD_TARGETS[action]
-        if self.vm is not None and attr not in HOTPLUG_KINDS:
-            raise VmshError(f"{action}: these devices cannot be hotplugged into a running VM")
+        assert self.config is not None
+        attr = ADD_TARGETS[action]
         candidate = copy.deepcopy(self.config)
         if attr == "vsock":
             candidate.vsock = device
@@ -367,23 +391,24 @@ class Vmm:
         if self.vm is None:
             self.config = candidate
             return None
+        vm: Any = self.vm
         added = candidate.vsock if attr == "vsock" else getattr(candidate, attr)[-1]
-        info = self.vm.hotplug_device(attr, added)
+        info: dict[str, str] | None = vm.hotplug_device(attr, added)
         # The VM's config object is the one vm.info shows: update it in place.
         if attr == "vsock":
-            self.vm.config.vsock = added
+            vm.config.vsock = added
         else:
-            setattr(self.vm.config, attr, (getattr(self.vm.config, attr) or []) + [added])
-        self.config = self.vm.config
+            setattr(vm.config, attr, (getattr(vm.config, attr) or []) + [added])
+        self.config = vm.config
         return info
 
-    def remove_device(self, request: RemoveDeviceRequest) -> None:
+    def _remove_device(self, request: RemoveDeviceRequest) -> None:
         """Remove a device: from the config of a VM not booted yet, or by asking the running
         guest to eject it (the ``device-removed`` event follows when it has)."""
-        if self.config is None:
-            raise NotFoundError("VM is not created")
+        assert self.config is not None
         if self.vm is not None:
-            if not self.vm.unplug_device(request.id):
+            vm: Any = self.vm
+            if not vm.unplug_device(request.id):
                 raise NotFoundError(f"No device with id {request.id}")
             return
         for attr in ("disks", "net", "fs", "pmem", "devices", "user_devices", "vdpa"):
@@ -397,8 +422,8 @@ class Vmm:
             return
         raise NotFoundError(f"No device with id {request.id}")
 
-    def resize(self, request: ResizeRequest) -> None:
-        vm = self._require_vm()
+    def _resize(self, request: ResizeRequest) -> None:
+        vm: Any = self.vm
         cfg = vm.config
         if request.desired_vcpus is not None and request.desired_vcpus != cfg.cpus.boot_vcpus:
             raise VmshError("resize: changing the vCPUs of a running VM is not supported yet")
@@ -407,34 +432,64 @@ class Vmm:
         if request.desired_balloon is not None:
             vm.resize_balloon(request.desired_balloon)
 
-    def resize_zone(self, request: ResizeZoneRequest) -> None:
-        self._require_vm()
+    def _resize_zone(self, _request: ResizeZoneRequest) -> None:
         raise VmshError("resize-zone: memory zones cannot be resized yet")
 
     # --- snapshot -------------------------------------------------------------------------------
 
-    def snapshot(self, request: SnapshotRequest) -> None:
-        vm = self._require_vm()
-        if vm.state is not VmState.PAUSED:
-            raise StateError("Trying to snapshot while VM is running")
+    def _snapshot(self, request: SnapshotRequest) -> None:
+        assert self.vm is not None
         directory = _file_url_path(request.destination_url)
         self.events.emit("vm", "snapshotting")
-        vm.snapshot(directory)
+        self.vm.snapshot(directory)
         self.events.emit("vm", "snapshotted")
 
-    def restore(self, request: m.RestoreConfig) -> None:
-        if self.config is not None or self.vm is not None:
-            raise StateError("VM is already created")
+    def _restore(self, request: m.RestoreConfig) -> None:
         if self._restore_factory is None:
             raise VmshError("This VMM cannot restore VMs")
         directory = _file_url_path(request.source_url)
         self.events.emit("vm", "restoring")
-        vm = self._restore_factory(directory, request, self.events, self.guest_event)
-        self.vm = vm
+        token = object()
+        vm = self._restore_factory(directory, request, self.events, self.guest_event,
+                                   functools.partial(self._post_for_vm, token))
+        self._set_vm(vm, token)
         self.config = getattr(vm, "config", None)
         self.events.emit("vm", "restored")
         if request.resume:
-            self.resume()
+            self.do("vm.resume")
+
+
+def _adder(action: str) -> Callable[[Vmm, Any], Any]:
+    return lambda vmm, device: vmm._add_device(action, device)
+
+
+#: endpoint -> handler, called by :meth:`Vmm.call` with the lock held after the action's rule
+HANDLERS: dict[str, Callable[[Vmm, Any], Any]] = {
+    "vmm.ping": Vmm._ping,
+    "vmm.shutdown": Vmm.vmm_shutdown,
+    "vm.create": Vmm._create,
+    "vm.boot": Vmm._boot,
+    "vm.shutdown": Vmm._shutdown,
+    "vm.reboot": Vmm._reboot,
+    "vm.power-button": Vmm._power_button,
+    "vm.pause": Vmm._pause,
+    "vm.resume": Vmm._resume,
+    "vm.nmi": Vmm._nmi,
+    "vm.delete": Vmm._delete,
+    "vm.info": Vmm._info,
+    "vm.counters": Vmm._counters,
+    "vm.describe": Vmm._describe,
+    "vm.resize": Vmm._resize,
+    "vm.resize-zone": Vmm._resize_zone,
+    **{f"vm.{name}": _adder(name) for name in ADD_TARGETS},
+    "vm.remove-device": Vmm._remove_device,
+    "vm.snapshot": Vmm._snapshot,
+    "vm.restore": Vmm._restore,
+    "vm.registers": Vmm._registers,
+    "vm.read-memory": Vmm._read_memory,
+    "vm.profile-start": Vmm._profile_start,
+    "vm.profile-stop": Vmm._profile_stop,
+}
 
 
 def _file_url_path(url: str) -> str:

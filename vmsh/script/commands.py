@@ -3,7 +3,10 @@
 Lifecycle and device commands go through the session's target (the VMM's action registry);
 device and resize arguments use the launcher's option syntax, parsed by the config layer
 (the same code as ``vmsh remote``). Inspection commands that read the VM's insides (``regs``,
-``x``, ``profile``) need the VM in this process.
+``x``, ``profile``) use vmsh's extension actions (``vm.registers``, ``vm.read-memory``,
+``vm.profile-start``, ``vm.profile-stop``), so they work the same after ``connect``.
+
+A command sees the session only through :class:`~vmsh.script.interface.SessionApi`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vmsh.errors import UsageError, VmshError
+from vmsh.script.interface import QuitRequest
+from vmsh.script.interface import SessionApi as Session
 from vmsh.script.lexer import unescape
-
-if TYPE_CHECKING:
-    from vmsh.script.session import Session
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,11 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, syntax: str, summary: str, group: str) -> Callable[[Callable[[Session, list[str]], None]], Callable[[Session, list[str]], None]]:
-    def register(func: Callable[[Session, list[str]], None]) -> Callable[[Session, list[str]], None]:
+CommandFunc = Callable[[Session, list[str]], None]
+
+
+def command(name: str, syntax: str, summary: str, group: str) -> Callable[[CommandFunc], CommandFunc]:
+    def register(func: CommandFunc) -> CommandFunc:
         COMMANDS[name] = Command(name, syntax, summary, func, group)
         return func
 
@@ -85,7 +90,8 @@ def _show(session: Session, value: Any) -> None:
 # --- lifecycle --------------------------------------------------------------------------------------
 
 
-@command("create", "create <launcher flags>", "create a VM from cloud-hypervisor launcher flags (--kernel ... --disk ...)", "lifecycle")
+@command("create", "create <launcher flags>",
+         "create a VM from cloud-hypervisor launcher flags (--kernel ... --disk ...)", "lifecycle")
 def _create(session: Session, args: list[str]) -> None:
     from vmsh.config import parse_argv, to_json_value, vm_config_from_args
 
@@ -118,7 +124,8 @@ for _name, _endpoint, _summary in (
     _simple(_name, _endpoint, _summary)
 
 
-@command("snapshot", "snapshot DIR", "write a snapshot of the paused VM into DIR (created if missing; must hold no snapshot)", "lifecycle")
+@command("snapshot", "snapshot DIR",
+         "write a snapshot of the paused VM into DIR (created if missing; must hold no snapshot)", "lifecycle")
 def _snapshot(session: Session, args: list[str]) -> None:
     if len(args) != 1:
         raise UsageError("snapshot takes one argument: the directory")
@@ -130,7 +137,8 @@ def _snapshot(session: Session, args: list[str]) -> None:
     session.target.call("vm.snapshot", {"destination_url": _file_url(args[0])})
 
 
-@command("restore", "restore DIR [resume=on] [prefault=on]", "rebuild the VM saved in DIR (paused unless resume=on)", "lifecycle")
+@command("restore", "restore DIR [resume=on] [prefault=on]",
+         "rebuild the VM saved in DIR (paused unless resume=on)", "lifecycle")
 def _restore(session: Session, args: list[str]) -> None:
     positional, opts = _options(args, ("resume", "prefault"))
     if len(positional) != 1:
@@ -171,7 +179,8 @@ def _resize(session: Session, args: list[str]) -> None:
 # --- inspection -------------------------------------------------------------------------------------
 
 
-@command("info", "info [SECTION]", "show the VM's state and config (SECTION: a dotted path, e.g. config.cpus)", "inspection")
+@command("info", "info [SECTION]",
+         "show the VM's state and config (SECTION: a dotted path, e.g. config.cpus)", "inspection")
 def _info(session: Session, args: list[str]) -> None:
     info = session.target.call("vm.info")
     for part in (args[0].split(".") if args else []):
@@ -193,35 +202,31 @@ def _ping(session: Session, args: list[str]) -> None:
     _show(session, session.target.call("vmm.ping"))
 
 
-def _paused_vm(session: Session) -> Any:
-    vm = session.target.vm
-    if vm is None:
-        raise VmshError("There is no VM")
-    return vm
+_GENERAL_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+                 "r14", "r15", "rip", "rflags")
+_CONTROL_REGS = ("cr0", "cr2", "cr3", "cr4", "efer", "apic_base")
 
 
 @command("regs", "regs [VCPU]", "the registers of a vCPU of the paused VM", "inspection")
 def _regs(session: Session, args: list[str]) -> None:
-    from vmsh.engine.state import VmState
-
-    vm = _paused_vm(session)
-    if vm.state is not VmState.PAUSED:
-        raise VmshError(f"regs needs a paused VM (it is {vm.state.value}): pause first")
-    index = int(args[0]) if args else 0
-    if not 0 <= index < len(vm.vcpus):
-        raise VmshError(f"No vCPU {index} (the VM has {len(vm.vcpus)})")
-    fd = vm.vcpus[index].fd
-    regs, sregs = fd.get_regs(), fd.get_sregs()
-    names = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
-             "r14", "r15", "rip", "rflags")
-    lines = [f"{n:>6} {getattr(regs, n):#018x}" for n in names]
-    for n in ("cr0", "cr2", "cr3", "cr4", "efer", "apic_base"):
-        lines.append(f"{n:>6} {getattr(sregs, n):#018x}")
+    if len(args) > 1:
+        raise UsageError("regs takes an optional vCPU index")
+    try:
+        index = int(args[0]) if args else 0
+    except ValueError:
+        raise UsageError("regs: the vCPU index is a number") from None
+    if index < 0:
+        raise UsageError("regs: the vCPU index is 0 or more")
+    reply = session.target.call("vm.registers", {"cpu_id": index})
+    regs, sregs = reply["regs"], reply["sregs"]
+    lines = [f"{n:>6} {regs[n]:#018x}" for n in _GENERAL_REGS]
+    lines += [f"{n:>6} {sregs[n]:#018x}" for n in _CONTROL_REGS]
     for n in ("cs", "ds", "ss"):
-        seg = getattr(sregs, n)
-        lines.append(f"{n:>6} sel={seg.selector:#06x} base={seg.base:#x} limit={seg.limit:#x} l={seg.l} db={seg.db}")
+        seg = sregs[n]
+        lines.append(f"{n:>6} sel={seg['selector']:#06x} base={seg['base']:#x} limit={seg['limit']:#x} "
+                     f"l={seg['l']} db={seg['db']}")
     session.out("\n".join(lines))
-    session.variables["rip"] = f"{regs.rip:#x}"
+    session.variables["rip"] = f"{regs['rip']:#x}"
 
 
 @command("x", "x ADDR [LEN]", "hex dump of guest physical memory (LEN bytes, default 64)", "inspection")
@@ -232,10 +237,12 @@ def _x(session: Session, args: list[str]) -> None:
         addr, length = int(args[0], 0), int(args[1], 0) if len(args) > 1 else 64
     except ValueError:
         raise UsageError("x: the address and length are numbers (0x... for hex)") from None
+    if addr < 0:
+        raise UsageError("x: the address is 0 or more")
     if not 0 < length <= 1 << 20:
         raise UsageError("x: the length must be between 1 and 1 MiB")
-    vm = _paused_vm(session)
-    data = vm.memory.read(addr, length)
+    reply = session.target.call("vm.read-memory", {"address": addr, "length": length})
+    data = bytes.fromhex(reply["data"])
     lines = []
     for off in range(0, len(data), 16):
         chunk = data[off : off + 16]
@@ -244,15 +251,19 @@ def _x(session: Session, args: list[str]) -> None:
     session.out("\n".join(lines))
 
 
-@command("profile", "profile start [hz=N] | stop [system_map=PATH] | report", "sample the guest's instruction pointers", "inspection")
+@command("profile", "profile start [hz=N] | stop [system_map=PATH] | report",
+         "sample the guest's instruction pointers", "inspection")
 def _profile(session: Session, args: list[str]) -> None:
     positional, opts = _options(args, ("hz", "system_map"))
     if len(positional) != 1 or positional[0] not in ("start", "stop", "report"):
         raise UsageError("profile start [hz=N] | stop [system_map=PATH] | report")
-    vm = _paused_vm(session)
     action = positional[0]
     if action == "start":
-        vm.start_profiler(int(opts.get("hz", "200")))
+        try:
+            hz = int(opts.get("hz", "200"))
+        except ValueError:
+            raise UsageError("profile: hz is a number of samples per second") from None
+        session.target.call("vm.profile-start", {"hz": hz})
     elif action == "stop":
         system_map = opts.get("system_map")
         if system_map is None:
@@ -262,7 +273,8 @@ def _profile(session: Session, args: list[str]) -> None:
                 system_map = str(image_path("system-map"))
             except VmshError:
                 system_map = None
-        session.variables["profile"] = vm.stop_profiler(system_map)
+        reply = session.target.call("vm.profile-stop", {"system_map": system_map})
+        session.variables["profile"] = reply["report"]
         session.out(session.variables["profile"])
     else:
         if "profile" not in session.variables:
@@ -270,7 +282,8 @@ def _profile(session: Session, args: list[str]) -> None:
         session.out(session.variables["profile"])
 
 
-@command("wait", "wait STATE [timeout=DUR]", "wait until the VM is in STATE (Running, Paused, Created, ...)", "inspection")
+@command("wait", "wait STATE [timeout=DUR]",
+         "wait until the VM is in STATE (Running, Paused, Created, ...)", "inspection")
 def _wait(session: Session, args: list[str]) -> None:
     positional, opts = _options(args, ("timeout",))
     if len(positional) != 1:
@@ -376,7 +389,8 @@ def _source(session: Session, args: list[str]) -> None:
     session.run_file(args[0])
 
 
-@command("image", "image NAME [VAR]", "set $VAR (default: $NAME) to the path of a built guest image (vmlinux, initramfs, ...)", "flow")
+@command("image", "image NAME [VAR]",
+         "set $VAR (default: $NAME) to the path of a built guest image (vmlinux, initramfs, ...)", "flow")
 def _image(session: Session, args: list[str]) -> None:
     from vmsh.images import image_path
 
@@ -395,8 +409,6 @@ def _connect(session: Session, args: list[str]) -> None:
 
 @command("quit", "quit [STATUS]", "leave (a VM started here is shut down)", "flow")
 def _quit(session: Session, args: list[str]) -> None:
-    from vmsh.script.session import QuitRequest
-
     raise QuitRequest(int(args[0]) if args else 0)
 
 

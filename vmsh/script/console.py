@@ -157,6 +157,7 @@ class RemoteConsole:
     def __init__(self, stream: ConsoleStream, *, socket_path: str | None = None, pty_path: str | None = None) -> None:
         self.stream = stream
         self._stop = threading.Event()
+        self._sock: socket.socket | None = None
         if socket_path is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -165,15 +166,17 @@ class RemoteConsole:
                 raise VmshError(f"Cannot connect to the serial socket {socket_path}") from err
             self._fd = self._sock.fileno()
         elif pty_path is not None:
-            self._sock = None
             try:
                 self._fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY)
             except OSError as err:
                 raise VmshError(f"Cannot open the serial pty {pty_path}") from err
         else:
             raise VmshError("The remote VM's serial port is neither a socket nor a pty: its console cannot be reached")
-        stream.connect_input(lambda data: os.write(self._fd, data) and None)
+        stream.connect_input(self._write)
         threading.Thread(target=self._read, name="remote-console", daemon=True).start()
+
+    def _write(self, data: bytes) -> None:
+        os.write(self._fd, data)
 
     def _read(self) -> None:
         while not self._stop.is_set():

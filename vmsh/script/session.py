@@ -8,23 +8,37 @@ through the VMM's action registry, so a command means the same thing either way.
 
 from __future__ import annotations
 
-import functools
 import logging
-import queue
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmsh.config.serde import from_json_value
-from vmsh.engine.vmm import ACTIONS_BY_PATH, GuestEvent, Vmm
+from vmsh.engine.actions import ACTIONS_BY_ENDPOINT
+from vmsh.engine.events import EventMonitor, GuestEvent
 from vmsh.errors import VmshError, error_chain
+from vmsh.script.commands import COMMANDS
 from vmsh.script.console import CapturedConsole, ConsoleStream, RemoteConsole
+from vmsh.script.interface import QuitRequest
 from vmsh.script.lexer import iter_commands
 
+if TYPE_CHECKING:
+    from vmsh.engine.vmm import RestoreFactory, VmFactory
+
 LOG = logging.getLogger(__name__)
+
+__all__ = ["LocalTarget", "Location", "QuitRequest", "RemoteTarget", "ScriptError", "Session", "run_commands",
+           "run_script"]
+
+#: what the guest did, as the shell tells its user
+_NOTICES = {
+    GuestEvent.POWEROFF: "the guest powered off",
+    GuestEvent.RESET: "the guest rebooted",
+    GuestEvent.FATAL: "the VM stopped: {detail}",
+}
 
 
 class ScriptError(VmshError):
@@ -36,64 +50,58 @@ class ScriptError(VmshError):
         self.reason = message
 
 
-class QuitRequest(Exception):
-    """``quit``: leave the session (not an error)."""
+def _print(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _request(endpoint: str, body: Any, fds: list[int] | None) -> tuple[Any, Any]:
+    """The action of ``endpoint`` and its decoded body, as the HTTP server would decode them."""
+    action = ACTIONS_BY_ENDPOINT.get(endpoint)
+    if action is None:
+        raise VmshError(f"no such action: {endpoint}")
+    request: Any = None
+    if action.body is not None:
+        request = from_json_value(action.body, body if body is not None else {})
+        if fds and hasattr(request, "fds"):
+            request.fds = list(fds)
+    return action, request
 
 
 class LocalTarget:
-    """A VMM in this process; the guest's ``--serial tty`` console is the session's stream."""
+    """A VMM in this process; the guest's ``--serial tty`` console is the session's stream.
+
+    Its control loop (guest poweroff, reset, fatal errors and callables the VM posts) runs on a
+    thread of its own; a guest that powers off or fails leaves the config, as
+    cloud-hypervisor's ``--no-shutdown`` does, and the session is told.
+    """
 
     local = True
 
-    def __init__(self, stream: ConsoleStream, notify: Callable[[str], None]) -> None:
-        from vmsh.engine.builder import build_for_boot, build_from_snapshot
+    def __init__(self, stream: ConsoleStream, notify: Callable[[str], None], *, events: EventMonitor | None = None,
+                 factories: tuple[VmFactory, RestoreFactory] | None = None) -> None:
+        from vmsh.launcher import make_vmm
 
         self.console = CapturedConsole(stream)
-        self.vmm = Vmm(vm_factory=functools.partial(build_for_boot, post=lambda work: work(), tty=self.console),  # INTERIM
-                       restore_factory=functools.partial(build_from_snapshot, post=lambda work: work()),
-                       exit_on_poweroff=False)
+        self.vmm = make_vmm(events or EventMonitor(), tty=self.console, exit_on_poweroff=False, factories=factories)
         self._notify = notify
         self._stop = threading.Event()
-        threading.Thread(target=self._guest_events, name="guest-events", daemon=True).start()
+        self._loop = threading.Thread(target=self.vmm.run_control_loop, name="vmm-control", daemon=True,
+                                      kwargs={"until": self._stop.is_set, "on_event": self._on_event})
+        self._loop.start()
 
-    def _guest_events(self) -> None:
-        while not self._stop.is_set():
-            try:
-                kind, detail = self.vmm.guest_events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if kind == GuestEvent.FATAL:
-                self._notify(f"the VM stopped: {detail}")
-                with self.vmm.lock:
-                    if self.vmm.vm is not None:
-                        self.vmm.vm.shutdown()
-                        self.vmm.vm = None
-                continue
-            self.vmm.handle_guest_event(kind, detail)
-            if kind == GuestEvent.POWEROFF:
-                self._notify("the guest powered off")
-            elif kind == GuestEvent.RESET:
-                self._notify("the guest rebooted")
+    def _on_event(self, kind: str, detail: str) -> None:
+        notice = _NOTICES.get(kind)
+        if notice is not None:
+            self._notify(notice.format(detail=detail))
 
     def call(self, endpoint: str, body: Any = None, fds: list[int] | None = None) -> Any:
-        action = ACTIONS_BY_PATH.get(f"/api/v1/{endpoint}")
-        if action is None:
-            raise VmshError(f"no such action: {endpoint}")
-        request = None
-        if action.body is not None:
-            request = from_json_value(action.body, body if body is not None else {})
-            if fds and hasattr(request, "fds"):
-                request.fds = list(fds)
+        action, request = _request(endpoint, body, fds)
         return self.vmm.call(action, request)
-
-    @property
-    def vm(self) -> Any:
-        return self.vmm.vm
 
     def close(self) -> None:
         self._stop.set()
-        with self.vmm.lock:
-            self.vmm.delete()
+        self.vmm.do("vm.delete")
+        self._loop.join(5)
 
 
 class RemoteTarget:
@@ -109,12 +117,12 @@ class RemoteTarget:
         self.client.get("vmm.ping")
 
     def call(self, endpoint: str, body: Any = None, fds: list[int] | None = None) -> Any:
-        method = "GET" if endpoint in ("vm.info", "vm.counters", "vmm.ping") else "PUT"
-        return self.client.request(method, endpoint, body, fds)
-
-    @property
-    def vm(self) -> Any:
-        raise VmshError(f"This command needs the VM in this shell, not the remote one at {self.path}")
+        action = ACTIONS_BY_ENDPOINT.get(endpoint)
+        if action is None:
+            raise VmshError(f"no such action: {endpoint}")
+        if action.body is not None and body is None:
+            body = {}
+        return self.client.request(action.http_method, endpoint, body, fds)
 
     def close(self) -> None:
         self.client.close()
@@ -134,12 +142,17 @@ class Location:
 class Session:
     """Runs command lines against a target; keeps variables and the console stream."""
 
-    def __init__(self, out: Callable[[str], None] | None = None) -> None:
+    def __init__(self, out: Callable[[str], None] | None = None, *, events: EventMonitor | None = None,
+                 factories: tuple[VmFactory, RestoreFactory] | None = None) -> None:
+        """``events`` and ``factories`` (tests) replace the local VMM's event monitor and the
+        engine's VM builders."""
         self.variables: dict[str, str] = {"status": "0", "output": ""}
         self.stream = ConsoleStream()
-        self.out = out or (lambda text: sys.stdout.write(text + "\n"))
+        self.out: Callable[[str], None] = out or _print
         self.messages: list[str] = []
         self._target: LocalTarget | RemoteTarget | None = None
+        self._local_events = events
+        self._local_factories = factories
         self._remote_console: RemoteConsole | None = None
         self.source_depth = 0
 
@@ -152,7 +165,8 @@ class Session:
     @property
     def target(self) -> LocalTarget | RemoteTarget:
         if self._target is None:
-            self._target = LocalTarget(self.stream, self._notify)
+            self._target = LocalTarget(self.stream, self._notify, events=self._local_events,
+                                       factories=self._local_factories)
         return self._target
 
     def connect(self, path: str) -> None:
@@ -197,8 +211,6 @@ class Session:
 
     def execute(self, line: str, where: Location | None = None) -> None:
         """Run every command of ``line``; the first failure raises :class:`ScriptError`."""
-        from vmsh.script.commands import COMMANDS
-
         location = where or Location("<input>", 0)
         try:
             for words in iter_commands(line, lambda: self.variables):
@@ -238,7 +250,8 @@ def run_script(path: str, *, out: Callable[[str], None] | None = None, err: Call
     return _run(lambda s: s.run_file(path), out, err)
 
 
-def run_commands(text: str, *, out: Callable[[str], None] | None = None, err: Callable[[str], None] | None = None) -> int:
+def run_commands(text: str, *, out: Callable[[str], None] | None = None,
+                 err: Callable[[str], None] | None = None) -> int:
     """``vmsh -c "cmd; cmd"``."""
     return _run(lambda s: s.execute(text, Location("-c", 0)), out, err)
 

@@ -8,8 +8,9 @@ from vmsh.engine.state import VmState, check_transition
 
 
 class FakeVm:
-    def __init__(self, config: Any, events: Any, on_guest_event: Any) -> None:
+    def __init__(self, config: Any, events: Any, on_guest_event: Any, post: Any = None) -> None:
         self.config = config
+        self.post = post
         self.state = VmState.CREATED
         self.calls: list[str] = []
         self.on_guest_event = on_guest_event

@@ -180,7 +180,7 @@ def test_vmm_shutdown(api) -> None:
 def test_restore_takes_net_fds_as_scm_rights(tmp_path: Path) -> None:
     seen = []
 
-    def restore_factory(directory, request, events, on_guest_event):
+    def restore_factory(directory, request, events, on_guest_event, post):
         seen.append([(e.id, e.fds) for e in request.net_fds])
         raise VmshError("stop here")
 
