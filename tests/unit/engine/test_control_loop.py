@@ -5,7 +5,6 @@ reports the guest event as soon as it boots)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from vmsh.config import model as m
 from vmsh.config.launcher_args import VmmOptions
 from vmsh.engine.events import EventMonitor, GuestEvent
 from vmsh.errors import VmshError
+from vmsh.harness.waiting import wait_until
 from vmsh.script.session import Session
 
 
@@ -55,10 +55,7 @@ def run_shell(tmp_path: Path, kind: str, detail: str) -> tuple[list[str], str, l
     session = Session(out.append, events=events, factories=(reporting(kind, detail), FakeVm))
     try:
         session.execute("create --kernel /k; boot")
-        deadline = time.monotonic() + 10
-        while not session.messages:
-            assert time.monotonic() < deadline, "the shell's control loop did not handle the guest event"
-            time.sleep(0.01)
+        wait_until(lambda: session.messages, 10, "the shell's control loop to handle the guest event", interval=0.01)
         session.execute("info state")
         return session.messages, out[-1], events_in(path)
     finally:
