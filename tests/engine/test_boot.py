@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 
 from tests.engine import tiny_kernel
-from tests.engine.conftest import run_now
-from tests.engine.conftest import Recorder
+from tests.engine.conftest import Recorder, run_now
 from tests.kernel_images import make_bzimage, make_elf
 from vmsh.config import normalize, vm_config_from_argv
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.configure import BOOT_MSRS, configure_vcpu, write_boot_tables
 from vmsh.engine.boot.loader import load_initramfs, load_kernel
+from vmsh.engine.builder import KVM_CAP_HYPERV_SYNIC, build_for_boot
 from vmsh.engine.bus import Bus
 from vmsh.engine.cpuid import CpuTopology
 from vmsh.engine.events import EventMonitor
@@ -25,7 +25,6 @@ from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop
-from vmsh.engine.builder import KVM_CAP_HYPERV_SYNIC, build_for_boot
 from vmsh.errors import VmshError
 
 STOP_PORT = 0xF4

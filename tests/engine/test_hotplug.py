@@ -14,10 +14,10 @@ from vmsh.config import model as m
 from vmsh.config import normalize, vm_config_from_argv
 from vmsh.devices.acpi import GED_PCI_CHANGE
 from vmsh.engine.acpi import pci_hotplug
-from vmsh.engine.events import EventMonitor
-from vmsh.engine.pvm import is_pvm_host
 from vmsh.engine.builder import build_for_boot
+from vmsh.engine.events import EventMonitor
 from vmsh.engine.platform_devices import GED_ADDRESS, PCI_HOTPLUG_ADDRESS
+from vmsh.engine.pvm import is_pvm_host
 from vmsh.errors import VmshError
 
 

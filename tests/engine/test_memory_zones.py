@@ -10,8 +10,8 @@ from pathlib import Path
 from tests.engine import tiny_kernel
 from tests.engine.conftest import run_now
 from vmsh.config import normalize, vm_config_from_argv
-from vmsh.engine.events import EventMonitor
 from vmsh.engine.builder import build_for_boot
+from vmsh.engine.events import EventMonitor
 
 LAUNCH = [sys.executable, "-m", "vmsh", "launch"]
 

@@ -7,12 +7,12 @@ import subprocess
 
 import pytest
 
-from vmsh.errors import DeviceStateError
 from vmsh.devices.acpi import PciHotplugController, PciHotplugState
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.pci_hotplug import RESCAN_METHOD, hotplug_aml
 from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
 from vmsh.engine.persist import from_plain, to_plain
+from vmsh.errors import DeviceStateError
 
 
 def u32(value: int) -> bytes:

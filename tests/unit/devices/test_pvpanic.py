@@ -6,7 +6,6 @@ import struct
 
 import pytest
 
-from vmsh.errors import DeviceStateError
 from vmsh.devices.pci.config_space import (
     BAR0,
     COMMAND,
@@ -23,6 +22,7 @@ from vmsh.devices.pvpanic import (
     event_name,
 )
 from vmsh.engine.persist import from_plain, to_plain
+from vmsh.errors import DeviceStateError
 
 
 def cfg(dev: PvPanicDevice, offset: int, size: int) -> int:

@@ -241,7 +241,7 @@ def test_nested_refusals_name_the_path(mem: GuestMemoryMmap) -> None:
         with pytest.raises(DeviceStateError, match=r"^queues\[0\]\.desc_table: 0x[0-9a-f]+ is not 16-byte aligned"):
             dev.restore(dataclasses.replace(good, queues=(queue,)))
         entry = dataclasses.replace(good.msix.entries[0], data=1 << 32)
-        msix = dataclasses.replace(good.msix, entries=(entry,) + good.msix.entries[1:])
+        msix = dataclasses.replace(good.msix, entries=(entry, *good.msix.entries[1:]))
         with pytest.raises(DeviceStateError, match=r"^msix\.entries\[0\]\.data: 4294967296 is out of range"):
             dev.restore(dataclasses.replace(good, msix=msix))
         # refusals found while the nested parts load: the transport is put back as it was

@@ -144,5 +144,5 @@ def test_serial_restore_rejects_an_oversized_fifo() -> None:
 
 
 def test_serial_restore_rejects_out_of_range_registers() -> None:
-    with pytest.raises(DeviceStateError, match="line_control: 256 is out of range 0..255"):
+    with pytest.raises(DeviceStateError, match=r"line_control: 256 is out of range 0\.\.255"):
         Serial16550(FakeTrigger()).restore(SerialState(line_control=0x100))

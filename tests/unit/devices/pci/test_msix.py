@@ -7,7 +7,6 @@ import struct
 import pytest
 
 from tests.unit.devices.virtio.driver import FakeRouter
-from vmsh.errors import DeviceStateError
 from vmsh.devices.pci.msix import (
     MSIX_CONTROL_ENABLE_BIT,
     MSIX_CONTROL_FUNCTION_MASK_BIT,
@@ -15,6 +14,7 @@ from vmsh.devices.pci.msix import (
     MsixState,
     MsixTable,
 )
+from vmsh.errors import DeviceStateError
 
 
 def program(msix: MsixTable, vector: int, masked: bool = False) -> None:

@@ -14,7 +14,6 @@ from tests.unit.devices.virtio.driver import (
     PciDriver,
     Ring,
 )
-from vmsh.errors import DeviceStateError
 from vmsh.config.model import BalloonConfig
 from vmsh.devices.virtio.balloon import (
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -28,7 +27,7 @@ from vmsh.devices.virtio.pci import DEVICE_CONFIG_OFFSET, VirtioPciDevice
 from vmsh.devices.virtio.queue import VirtQueue
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import from_plain, to_plain
-from vmsh.errors import DeviceError
+from vmsh.errors import DeviceError, DeviceStateError
 
 PAGE = 4096
 

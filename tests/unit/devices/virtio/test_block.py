@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
-from vmsh.errors import DeviceStateError
 from vmsh.config.model import DiskConfig
 from vmsh.devices.virtio.block import (
     VIRTIO_BLK_F_DISCARD,
@@ -35,7 +34,7 @@ from vmsh.devices.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
 from vmsh.devices.virtio.pci import VirtioPciDevice
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vmsh.engine.memory import GuestMemoryMmap
-from vmsh.errors import DeviceError
+from vmsh.errors import DeviceError, DeviceStateError
 
 DISK_SIZE = 1 << 20  # 2048 sectors
 

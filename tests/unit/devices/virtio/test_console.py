@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver
-from vmsh.errors import DeviceStateError
 from vmsh.devices.virtio.console import (
     MAX_PENDING_INPUT,
     VirtioConsole,
@@ -17,6 +16,7 @@ from vmsh.devices.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
 from vmsh.devices.virtio.pci import VirtioPciDevice
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from vmsh.engine.memory import GuestMemoryMmap
+from vmsh.errors import DeviceStateError
 
 
 class Console:

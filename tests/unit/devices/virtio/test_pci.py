@@ -16,7 +16,6 @@ from tests.unit.devices.virtio.driver import (
     PciDriver,
     bar_sizing,
 )
-from vmsh.errors import DeviceStateError
 from vmsh.devices.pci.config_space import BAR0, COMMAND, STATUS
 from vmsh.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
@@ -42,6 +41,7 @@ from vmsh.devices.virtio.pci import (
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from vmsh.devices.virtio.rng import VirtioRng
 from vmsh.engine.memory import GuestMemoryMmap
+from vmsh.errors import DeviceStateError
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver
-from vmsh.errors import DeviceStateError
 from vmsh.config.model import PmemConfig
 from vmsh.devices.virtio.pci import VirtioPciDevice
 from vmsh.devices.virtio.pmem import (
@@ -19,7 +18,7 @@ from vmsh.devices.virtio.pmem import (
 )
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import from_plain, to_plain
-from vmsh.errors import DeviceError
+from vmsh.errors import DeviceError, DeviceStateError
 
 START = 0x1_0000_0000
 SIZE = 2 << 20

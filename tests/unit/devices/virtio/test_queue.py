@@ -7,7 +7,6 @@ import time
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, Ring
-from vmsh.errors import DeviceStateError
 from vmsh.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -18,7 +17,7 @@ from vmsh.devices.virtio.queue import (
     VirtQueueState,
 )
 from vmsh.engine.memory import GuestMemoryMmap
-from vmsh.errors import DeviceError, VirtQueueError
+from vmsh.errors import DeviceError, DeviceStateError, VirtQueueError
 
 
 def make(mem: GuestMemoryMmap, alloc: Allocator, size: int = 8, **kw: bool) -> tuple[VirtQueue, Ring]:

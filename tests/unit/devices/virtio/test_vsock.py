@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.unit.devices.virtio.driver import Allocator, FakeInterrupt, Ring
-from vmsh.errors import DeviceStateError
 from vmsh.config.model import VsockConfig
 from vmsh.devices.virtio.device import COMMON_FEATURES
 from vmsh.devices.virtio.queue import VirtQueue
@@ -36,7 +35,7 @@ from vmsh.devices.virtio.vsock import (
 )
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import from_plain, to_plain
-from vmsh.errors import DeviceError
+from vmsh.errors import DeviceError, DeviceStateError
 
 CID = 3
 HDR = struct.Struct("<QQIIIHHIII")
