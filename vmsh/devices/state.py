@@ -139,7 +139,9 @@ def _check(tp: Any, value: Any, path: str) -> None:
             for i, item in enumerate(value):
                 _check(args[0], item, f"{path}[{i}]")
         else:
-            for i, (arg, item) in enumerate(zip(args, value)):
+            if len(value) != len(args):
+                raise DeviceStateError(path, f"expected {len(args)} items, got {len(value)}")
+            for i, (arg, item) in enumerate(zip(args, value, strict=True)):
                 _check(arg, item, f"{path}[{i}]")
 
 

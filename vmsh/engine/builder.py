@@ -317,7 +317,7 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
 
 
 def _create_vcpu(vm: Vm, index: int) -> VcpuFd:
-    fd = vm.vm_fd.create_vcpu(index)
+    fd: VcpuFd = vm.vm_fd.create_vcpu(index)
     _enable_hyperv(vm, fd)  # before a restore loads its SynIC MSRs
     vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio))
     return fd

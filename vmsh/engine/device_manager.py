@@ -398,6 +398,7 @@ def _restore_state(dev_id: str, device: Any, state: Any) -> None:
     try:
         device.restore(state)
     except DeviceStateError as err:
-        raise SnapshotError(f"{dev_id}.{err.field}: {err.message}" if err.field else f"{dev_id}: {err.message}") from err
+        where = f"{dev_id}.{err.field}" if err.field else dev_id
+        raise SnapshotError(f"{where}: {err.message}") from err
     except ValueError as err:  # a check the device's model makes below its restore
         raise SnapshotError(f"{dev_id}: the saved state does not fit the device: {err}") from err

@@ -14,7 +14,7 @@ import ctypes
 import logging
 import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmsh.config import model as m
@@ -35,7 +35,7 @@ class ZoneSpec:
     """One ``--memory-zone``: its size, how it is backed, and where."""
 
     size: int
-    options: MemoryOptions = MemoryOptions()
+    options: MemoryOptions = field(default_factory=MemoryOptions)
     #: back the zone with this file (MAP_SHARED when ``options.shared``, else private)
     file: str | None = None
     #: bind the zone's pages to this host NUMA node (mbind MPOL_BIND)

@@ -35,8 +35,20 @@ from typing import Any, TypeVar
 from vmsh.devices.state import IntRange
 from vmsh.errors import SnapshotError
 
-__all__ = ["SnapshotError", "from_plain", "to_plain", "node", "node_data", "node_children",
-           "write_snapshot", "read_snapshot", "CONFIG_FILE", "STATE_FILE", "MEMORY_FILE", "FORMAT_VERSION"]
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "MEMORY_FILE",
+    "STATE_FILE",
+    "SnapshotError",
+    "from_plain",
+    "node",
+    "node_children",
+    "node_data",
+    "read_snapshot",
+    "to_plain",
+    "write_snapshot",
+]
 
 T = TypeVar("T")
 
@@ -120,7 +132,7 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
             return tuple(_decode(items[0], item, f"{path}[{i}]") for i, item in enumerate(value))
         if len(value) != len(items):
             raise SnapshotError(f"{path}: expected {len(items)} items")
-        return tuple(_decode(a, item, f"{path}[{i}]") for i, (a, item) in enumerate(zip(items, value)))
+        return tuple(_decode(a, item, f"{path}[{i}]") for i, (a, item) in enumerate(zip(items, value, strict=True)))
     if origin is list:
         (elem,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -266,7 +266,7 @@ class Vcpu:
         for call in calls:
             try:
                 call(self)
-            except Exception:  # noqa: BLE001 - a failing observer must not kill the vCPU
+            except Exception:
                 self.log.exception("call on vcpu%d failed", self.index)
         if self._stop_requested:
             self._stop_requested = False
@@ -300,7 +300,7 @@ class Vcpu:
                     # pid 0 = the calling thread: sched_setaffinity is per thread on Linux.
                     os.sched_setaffinity(0, affinity)
                 self.stop_reason = self.run()
-            except BaseException as err:  # noqa: BLE001 - handed to the owner, not swallowed
+            except BaseException as err:
                 self.error = err
                 self.log.error("%s", err)
             finally:

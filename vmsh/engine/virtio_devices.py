@@ -30,7 +30,8 @@ from vmsh.devices.virtio.rng import VirtioRng
 from vmsh.devices.virtio.vsock import VirtioVsock
 from vmsh.devices.virtio.watchdog import VirtioWatchdog
 from vmsh.engine.console import ConsoleBackend
-from vmsh.engine.device_manager import DeviceManager, PciDevice
+from vmsh.engine.device_manager import DeviceManager
+from vmsh.engine.pci_device import PciDevice
 from vmsh.errors import DeviceError, VmshError
 
 LOG = logging.getLogger(__name__)

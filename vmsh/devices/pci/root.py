@@ -27,10 +27,20 @@ CONFIG_ADDRESS_ENABLE = 0x8000_0000
 CONFIG_ADDRESS_MASK = 0x80FF_FFFC
 
 
+class ConfigRegisters(Protocol):
+    """A configuration space as the bus reaches it (``PciConfigSpace``, or the engine's view of
+    one that takes its device's lock)."""
+
+    def read(self, register: int, size: int) -> bytes: ...
+
+    def write(self, register: int, data: bytes) -> None: ...
+
+
 class PciFunction(Protocol):
     """What the bus needs of a device: access to its configuration space."""
 
-    config: PciConfigSpace
+    @property
+    def config(self) -> ConfigRegisters: ...
 
 
 class HostBridge:

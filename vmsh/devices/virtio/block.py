@@ -201,8 +201,8 @@ class VirtioBlock(VirtioDevice):
         if num_queues > 1:
             self.avail_features |= 1 << VIRTIO_BLK_F_MQ
         self._bounce: mmap.mmap | None = None
-        self._counts = {k: 0 for k in ("read_bytes", "write_bytes", "read_ops", "write_ops", "flush_ops",
-                                       "discard_ops", "write_zeroes_ops", "errors")}
+        self._counts = dict.fromkeys(("read_bytes", "write_bytes", "read_ops", "write_ops", "flush_ops",
+                                      "discard_ops", "write_zeroes_ops", "errors"), 0)
         self.rate_limiter = rate_limiter
         self._throttle = ThrottleTimer(self.queue_notify, watcher) if rate_limiter is not None else None
         #: requests held back by the rate limiter (not part of the snapshot state)
@@ -367,7 +367,8 @@ class VirtioBlock(VirtioDevice):
     def _zero(self, offset: int, length: int, unmap: bool) -> None:
         if not length:
             return
-        modes = ([FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE] if unmap else []) + [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE]
+        zero = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+        modes = [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, zero] if unmap else [zero]
         for mode in modes:
             try:
                 fallocate(self.fd, mode, offset, length)

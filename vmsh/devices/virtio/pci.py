@@ -291,9 +291,11 @@ class VirtioPciDevice:
     def _build_config(self) -> None:
         c = self.config
         c.add_memory_bar(0, BAR_SIZE, is_64bit=self.bar64)
-        c.add_capability(PCI_CAP_ID_VNDR, _virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CONFIG_OFFSET, COMMON_CONFIG_SIZE))
+        c.add_capability(PCI_CAP_ID_VNDR,
+                         _virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CONFIG_OFFSET, COMMON_CONFIG_SIZE))
         c.add_capability(PCI_CAP_ID_VNDR, _virtio_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_CONFIG_OFFSET, ISR_CONFIG_SIZE))
-        c.add_capability(PCI_CAP_ID_VNDR, _virtio_cap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_CONFIG_OFFSET, DEVICE_CONFIG_SIZE))
+        c.add_capability(PCI_CAP_ID_VNDR,
+                         _virtio_cap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_CONFIG_OFFSET, DEVICE_CONFIG_SIZE))
         c.add_capability(PCI_CAP_ID_VNDR, _virtio_cap(VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFICATION_OFFSET, NOTIFICATION_SIZE,
                                                       struct.pack("<I", NOTIFY_OFF_MULTIPLIER)))
         # virtio_pci_cfg_cap (§4.1.4.9): the driver picks bar/offset/length, then accesses pci_cfg_data.
@@ -518,7 +520,7 @@ class VirtioPciDevice:
             self._fail("DRIVER_OK without FEATURES_OK")
             return
         try:
-            for i, q in enumerate(self.queues):
+            for q in self.queues:
                 q.event_idx = has_feature(self.driver_features, VIRTIO_F_EVENT_IDX)
                 q.indirect = has_feature(self.driver_features, VIRTIO_F_INDIRECT_DESC)
                 if q.ready:

@@ -97,7 +97,8 @@ class VirtioVsock(VirtioDevice):
     def __init__(self, cid: int, socket_path: str, watcher: FdWatcher, *, max_connections: int = MAX_CONNECTIONS,
                  queue_size: int = VSOCK_QUEUE_SIZE) -> None:
         if not 2 < cid < U32_MASK or max_connections < 1:
-            raise DeviceError(f"{cid} is a special VSOCK CID" if max_connections >= 1 else "no vsock connections allowed")
+            raise DeviceError(f"{cid} is a special VSOCK CID" if max_connections >= 1
+                              else "no vsock connections allowed")
         self.queue_max_sizes = (queue_size, queue_size, queue_size)
         super().__init__()
         self.cid = cid
