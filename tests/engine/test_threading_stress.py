@@ -82,7 +82,7 @@ def run_rounds(tmp_path: Path) -> tuple[int, list[BaseException]]:
             def run() -> None:
                 try:
                     body()
-                except BaseException as err:  # noqa: BLE001 - reported by the test
+                except BaseException as err:  # reported by the test
                     errors.append(err)
                     stop.set()
             return threading.Thread(target=run)
@@ -136,4 +136,5 @@ def test_hotplug_bar_moves_and_readers_side_by_side(tmp_path: Path) -> None:
     assert not errors, errors
     assert moves > ROUNDS, f"the guest moved its BAR only {moves} times"
     leaked = open_fds() - before
-    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked
+                        if os.path.exists(f"/proc/self/fd/{fd}")}
