@@ -77,7 +77,7 @@ def from_plain(cls: type[T], value: Any, path: str = "") -> T:
 
     :raises SnapshotError: naming the path of the first value that does not fit.
     """
-    return _decode(cls, value, path or cls.__name__)  # type: ignore[no-any-return]
+    return _decode(cls, value, path or cls.__name__)  # type: ignore[no-any-return]  # _decode builds a cls
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 """The POST diagnostic port 0x80: logs each code with the time since the VM was created.
 
 Firmware, boot loaders and Linux (``io_delay`` and the boot progress codes) write here. The
-code ranges follow cloud-hypervisor's debug port (reference/cloud-hypervisor.md §8.1):
+code ranges follow cloud-hypervisor's debug port (its ``docs/debug-port.md``):
 0x00-0x1f firmware, 0x20-0x3f boot loader, 0x40-0x5f kernel, 0x60-0x7f user space, rest custom.
 Linux's ``native_io_delay`` also writes port 0x80 and must stay cheap, so codes are logged at
 WARNING only when ``verbose`` is set, and at DEBUG otherwise.

@@ -150,7 +150,7 @@ class VirtioWatchdog(VirtioDevice):
             written = 0
             first = chain.descriptors[0] if chain.descriptors else None
             if first is not None and first.write_only and first.length > 0:
-                self.memory.write_u8(first.addr, 1)  # type: ignore[union-attr]
+                self.memory.write_u8(first.addr, 1)  # type: ignore[union-attr]  # queues only run once activated with RAM
                 written = first.length
                 with self._lock:
                     if self.last_ping is None:
