@@ -3,7 +3,7 @@
 A device is a register model addressed relative to its own base; the bus that routes an access
 to it, and whatever a ``Trigger`` really does (raise an IRQ line, write an eventfd, reset the
 VM), are decided by the engine. That keeps each device testable with a fake trigger and a
-buffer (style-anchors §13.1).
+buffer (rust-vmm's ``vm-device`` ``BusDevice`` is the same shape).
 """
 
 from __future__ import annotations

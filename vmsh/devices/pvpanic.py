@@ -47,7 +47,8 @@ _INITIAL_COMMAND = 0x0003
 
 
 def event_name(events: int) -> str:
-    """The ``event`` property of the ``guest panic`` event for a written value (reference §4).
+    """The ``event`` property of the ``guest panic`` event for a written value (cloud-hypervisor's
+    ``docs/api.md`` event monitor: ``panic`` or ``crash_loaded``).
 
     >>> event_name(1), event_name(2), event_name(3)
     ('panic', 'crash_loaded', 'unknown_event')

@@ -6,8 +6,8 @@ from its base, under that device's lock (vCPU threads and the event loop may tou
 concurrently). Accesses that hit no device behave like an empty bus: reads return all-ones,
 writes are dropped, and both are logged at debug level once per address.
 
-The lookup is on every vCPU exit, so it is cached per address (style-anchors §13.7 for the
-split between buses and allocators).
+The lookup is on every vCPU exit, so it is cached per address (rust-vmm's ``vm-device`` keeps the
+same split between buses and address allocators).
 """
 
 from __future__ import annotations

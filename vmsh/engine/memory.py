@@ -30,9 +30,9 @@ from vmsh.guest_memory import GuestAddress
 LOG = logging.getLogger(__name__)
 
 
-#: start of the 32-bit MMIO hole: RAM below it is [0, 3 GiB) (§6.1 MEM_32BIT_RESERVED_START)
+#: start of the 32-bit MMIO hole: RAM below it is [0, 3 GiB) (``layout.rs`` MEM_32BIT_RESERVED_START)
 MEM_32BIT_RESERVED_START = 0xC000_0000
-#: RAM above the hole continues here (§6.1 RAM_64BIT_START)
+#: RAM above the hole continues here (``layout.rs`` RAM_64BIT_START)
 RAM_64BIT_START = 0x1_0000_0000
 
 # Linux mmap flags the mmap module does not export on every Python version.

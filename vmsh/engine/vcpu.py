@@ -1,6 +1,6 @@
 """A vCPU: the thread that calls ``KVM_RUN`` and dispatches its exits.
 
-The loop does nothing but run and dispatch (style-anchors §13.8): a port-I/O exit goes to the
+The loop does nothing but run and dispatch (as rust-vmm's vCPU loops do): a port-I/O exit goes to the
 PIO bus, an MMIO exit to the MMIO bus, an emulation failure to the internal-error handler (the
 PVM instruction handler on PVM hosts, see ``pvm.py``), and anything else (HLT, shutdown, a
 system event, a kick) ends the loop with a ``VcpuStop`` that the owner acts on.

@@ -1,7 +1,8 @@
 """The modern virtio-pci transport (virtio 1.2 §4.1), with cloud-hypervisor's BAR layout.
 
 One PCI function per device: vendor 0x1af4, device 0x1040 + virtio type, revision 1
-(§4.1.2), and one 512 KiB memory BAR holding every structure (reference §8.2)::
+(§4.1.2), and one 512 KiB memory BAR holding every structure (cloud-hypervisor's
+``virtio-devices/src/transport/pci_device.rs``)::
 
     0x00000  common configuration (56 bytes, §4.1.4.3)
     0x02000  ISR status (1 byte, §4.1.4.5; reading clears it)
@@ -59,7 +60,7 @@ VIRTIO_PCI_VENDOR_ID = 0x1AF4
 #: modern device IDs are 0x1040 + the virtio device type (§4.1.2.1)
 VIRTIO_PCI_DEVICE_ID_BASE = 0x1040
 VIRTIO_PCI_REVISION = 1
-#: class codes as cloud-hypervisor sets them (reference §8.2)
+#: class codes as cloud-hypervisor sets them (its ``pci_device.rs``)
 PCI_CLASS_NETWORK_ETHERNET = 0x020000
 PCI_CLASS_MASS_STORAGE_OTHER = 0x018000
 PCI_CLASS_OTHER = 0xFFFF00
@@ -76,7 +77,7 @@ VIRTIO_PCI_CAP_LEN = 16
 #: notify and pci_cfg capabilities append one le32 (notify_off_multiplier / pci_cfg_data)
 VIRTIO_PCI_CAP_EXT_LEN = 20
 
-# BAR 0 layout (cloud-hypervisor virtio_pci_device.rs; reference §8.2)
+# BAR 0 layout (cloud-hypervisor's ``pci_device.rs``)
 BAR_SIZE = 0x80000
 COMMON_CONFIG_OFFSET = 0x0000
 COMMON_CONFIG_SIZE = 56

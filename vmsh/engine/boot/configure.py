@@ -36,7 +36,7 @@ MISC_ENABLE_FAST_STRING = 1 << 0
 #: MTRRdefType: E (bit 11) | default type write-back (6)
 MTRR_DEF_TYPE_ENABLE_WB = (1 << 11) | 6
 
-#: the boot MSR values (§6.4 boot_msr_entries)
+#: the boot MSR values (cloud-hypervisor's ``arch/src/x86_64/regs.rs`` ``boot_msr_entries``)
 BOOT_MSRS = {
     MSR_IA32_SYSENTER_CS: 0,
     MSR_IA32_SYSENTER_ESP: 0,

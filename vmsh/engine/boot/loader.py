@@ -225,7 +225,8 @@ def load_bzimage(mem: GuestMemoryMmap, data: bytes | mmap.mmap) -> KernelImage:
 
 def load_initramfs(mem: GuestMemoryMmap, source: bytes | str | os.PathLike[str],
                    kernel: KernelImage) -> tuple[int, int]:
-    """Place the initramfs at the top of the RAM below 3 GiB, page-aligned (§6.2).
+    """Place the initramfs at the top of the RAM below 3 GiB, page-aligned (as cloud-hypervisor's
+    ``vmm/src/vm.rs`` ``load_initramfs`` does).
 
     :returns: ``(guest address, size)``.
     :raises LoaderError: if it cannot be read or does not fit above the kernel.

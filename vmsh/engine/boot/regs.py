@@ -121,7 +121,7 @@ def protected_mode_sregs(sregs: Sregs, mem: GuestMemoryMmap) -> Sregs:
     """Flat 32-bit protected mode, paging off (both Linux 32-bit entry paths).
 
     Writes the boot GDT/IDT into ``mem`` and returns ``sregs`` updated (EFER untouched, as
-    KVM_GET_SREGS read it; §6.4).
+    KVM_GET_SREGS read it; cloud-hypervisor's ``arch/src/x86_64/regs.rs``).
     """
     write_gdt_idt(mem, BOOT_GDT_32)
     _apply_gdt(sregs, BOOT_GDT_32)
@@ -158,12 +158,12 @@ def long_mode_sregs(sregs: Sregs, mem: GuestMemoryMmap) -> Sregs:
 
 
 def pvh_regs(entry: int) -> Regs:
-    """General registers at the PVH entry: rip = entry, rbx = hvm_start_info (§6.4)."""
+    """General registers at the PVH entry: rip = entry, rbx = hvm_start_info (pvh.pandoc)."""
     return Regs(rip=entry, rbx=layout.PVH_INFO_START, rflags=RFLAGS_RESERVED)
 
 
 def bzimage_regs(entry: int) -> Regs:
-    """General registers at the bzImage 32-bit entry: rsi = boot_params, a boot stack (§6.4)."""
+    """General registers at the bzImage 32-bit entry: rsi = boot_params, a boot stack (boot.rst)."""
     return Regs(rip=entry, rsp=layout.BOOT_STACK_POINTER, rbp=layout.BOOT_STACK_POINTER,
                 rsi=layout.ZERO_PAGE_START, rflags=RFLAGS_RESERVED)
 
