@@ -135,7 +135,8 @@ class _LockFreeSink(_Sink):
 def run_python(n: int, runs: int, lock_free: bool = False) -> list[float]:
     """Drive the same guest through ``Vcpu.run``; per-exit seconds for each run."""
     from vmsh.engine.bus import Bus
-    from vmsh.engine.kvm import EXIT_IO, Kvm
+    from vmsh.engine.kvm import Kvm
+    from vmsh.engine.kvm_vcpu import EXIT_IO
     from vmsh.engine.memory import GuestMemoryMmap
     from vmsh.engine.vcpu import Vcpu, VcpuStop
 

@@ -13,7 +13,8 @@ import pytest
 
 from vmsh.engine.boot import regs as bootregs
 from vmsh.engine.bus import Bus
-from vmsh.engine.kvm import Kvm, VcpuFd, VmFd
+from vmsh.engine.kvm import Kvm, VmFd
+from vmsh.engine.kvm_vcpu import VcpuFd
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.vcpu import Vcpu
 from vmsh.harness.requirements import KVM_REASON, kvm_available, require

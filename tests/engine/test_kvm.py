@@ -8,7 +8,9 @@ import time
 import pytest
 
 from tests.engine.conftest import CODE_ADDR, Recorder, TinyVm
-from vmsh.engine.kvm import EXIT_IO, EXIT_MMIO, Kvm, Regs
+from vmsh.engine.kvm import Kvm
+from vmsh.engine.kvm_types import Regs
+from vmsh.engine.kvm_vcpu import EXIT_IO, EXIT_MMIO
 from vmsh.engine.vcpu import VcpuStop, install_kick_handler
 from vmsh.errors import KvmError
 

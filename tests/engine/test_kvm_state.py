@@ -6,8 +6,9 @@ from tests.engine.conftest import CODE_ADDR, Recorder
 from vmsh.engine.boot import layout
 from vmsh.engine.boot import regs as bootregs
 from vmsh.engine.bus import Bus
-from vmsh.engine.kvm import Kvm, VcpuFd, VmFd
+from vmsh.engine.kvm import Kvm, VmFd
 from vmsh.engine.kvm_state import restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
+from vmsh.engine.kvm_vcpu import VcpuFd
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.vcpu import Vcpu, VcpuStop
 

@@ -184,6 +184,63 @@ def test_corrupt_vcpu_state_is_refused(snapshot) -> None:
     assert result.returncode == 1 and b"vcpu0.regs.rip" in result.stderr
 
 
+@pytest.mark.parametrize(("group", "key", "value", "field"), [
+    ("regs", "rip", 2**64, "vcpu0.regs.rip"),
+    ("sregs", "cs", -1, "vcpu0.sregs.cs.selector"),
+])
+def test_out_of_range_vcpu_register_is_refused(snapshot, group: str, key: str, value: int, field: str) -> None:
+    """A register that does not fit its <linux/kvm.h> width is a snapshot error naming it, not
+    an OverflowError from cffi."""
+    snap, _ = snapshot
+    tree = json.loads((snap / "state.json").read_text())
+    vcpu = tree["snapshots"]["cpu-manager"]["snapshots"]["0"]
+    state = json.loads(vcpu["snapshot_data"]["state"])
+    if key == "cs":
+        state[group][key]["selector"] = value
+    else:
+        state[group][key] = value
+    vcpu["snapshot_data"]["state"] = json.dumps(state)
+    (snap / "state.json").write_text(json.dumps(tree))
+    result = subprocess.run([*LAUNCH, "--restore", f"source_url=file://{snap}"], capture_output=True, timeout=60,
+                            check=False)
+    assert result.returncode == 1, result.stderr
+    assert field.encode() + b": " in result.stderr, result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_vcpu_state_decoder_checks_every_kvm_width() -> None:
+    from vmsh.engine.kvm_state import VcpuState, VmKvmState
+    from vmsh.engine.kvm_types import CpuidEntry, Regs, Sregs, VcpuEvents
+    from vmsh.engine.persist import from_plain, to_plain
+
+    good = VcpuState(vcpu_id=0, cpuid=(CpuidEntry(1, eax=0x806F8),), mp_state=0, regs=Regs(rip=(1 << 64) - 1),
+                     sregs=Sregs(), xsave=bytes(16), xcrs=((0, 7),), debugregs=b"", lapic=b"",
+                     msrs=((0x10, (1 << 64) - 1),), events=VcpuEvents(), tsc_khz=2_000_000)
+    plain = json.loads(json.dumps(to_plain(good)))
+    assert from_plain(VcpuState, plain, "vcpu0") == good  # the largest values still fit
+    cases = [
+        (lambda p: p["regs"].__setitem__("rip", 1 << 64), "vcpu0.regs.rip: expected a 64-bit integer"),
+        (lambda p: p["regs"].__setitem__("rip", -1), "vcpu0.regs.rip: -1 is out of range 0..18446744073709551615"),
+        (lambda p: p["sregs"]["cs"].__setitem__("selector", -1), "vcpu0.sregs.cs.selector: -1 is out of range"),
+        (lambda p: p["sregs"]["cs"].__setitem__("type", 256), "vcpu0.sregs.cs.type: 256"),
+        (lambda p: p["sregs"]["gdt"].__setitem__("limit", 0x10000), "vcpu0.sregs.gdt.limit: 65536"),
+        (lambda p: p["sregs"]["interrupt_bitmap"].__setitem__(3, -2), "vcpu0.sregs.interrupt_bitmap[3]: -2"),
+        (lambda p: p["cpuid"][0].__setitem__("eax", 1 << 32), "vcpu0.cpuid[0].eax: 4294967296"),
+        (lambda p: p["msrs"][0].__setitem__(0, 1 << 32), "vcpu0.msrs[0][0]: 4294967296"),
+        (lambda p: p["events"].__setitem__("nmi_pending", 256), "vcpu0.events.nmi_pending: 256"),
+        (lambda p: p.__setitem__("tsc_khz", -1), "vcpu0.tsc_khz: -1"),
+    ]
+    for corrupt, message in cases:
+        bad = json.loads(json.dumps(plain))
+        corrupt(bad)
+        with pytest.raises(SnapshotError) as err:
+            from_plain(VcpuState, bad, "vcpu0")
+        assert str(err.value).startswith(message), (message, str(err.value))
+    vm = {"pic_master": "", "pic_slave": "", "ioapic": "", "pit": "", "clock": -1}
+    with pytest.raises(SnapshotError, match=r"^vm\.kvm\.clock: -1 is out of range"):
+        from_plain(VmKvmState, vm, "vm.kvm")
+
+
 def test_restored_fd_backed_nets_need_new_fds() -> None:
     from vmsh.engine.builder import apply_restored_net_fds
 

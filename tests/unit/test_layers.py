@@ -1,15 +1,15 @@
 """The import layers of the design, checked on the source: imports point downward, and no cycles.
 
-Layers, bottom up (README.md "Layout", DESIGN): ``vmsh/errors.py`` and ``vmsh/guest_memory.py``;
-``vmsh/config`` (pure); ``vmsh/devices`` (register models); the machine (``vmsh/engine/*``); the
-control loop (``vmsh/engine/vmm.py``); the front-ends (cli, launcher, repl, script, api, harness,
-remote, and the tools beside them: config_cli, images, logsetup). Every ``import`` counts, at
-module level, inside functions and under ``if TYPE_CHECKING:``; an import made only for type
-checking is left out of the cycle check (it never runs) but not out of the layer rules (it still
-couples the layers). Imports by name at run time (``importlib``) are not seen.
+Layers, bottom up (README.md "Layout", DESIGN): ``vmsh/errors.py``, ``vmsh/guest_memory.py`` and
+``vmsh/state_types.py``; ``vmsh/config`` (pure); ``vmsh/devices`` (register models); the machine
+(``vmsh/engine/*``); the control loop (``vmsh/engine/vmm.py``); the front-ends (cli, launcher,
+repl, script, api, harness, remote, and the tools beside them: config_cli, images, logsetup).
+Every ``import`` counts, at module level, inside functions and under ``if TYPE_CHECKING:``; an
+import made only for type checking is left out of the cycle check (it never runs) but not out of
+the layer rules (it still couples the layers). Imports by name at run time (``importlib``) are not seen.
 
 An import names the module it loads: ``from vmsh.engine import kvm`` is an edge to
-``vmsh.engine.kvm``, ``from vmsh.engine.kvm import Regs`` one to ``vmsh.engine.kvm``. The parent
+``vmsh.engine.kvm``, ``from vmsh.engine.kvm import Kvm`` one to ``vmsh.engine.kvm``. The parent
 packages Python initialises on the way are not edges of their own.
 """
 
@@ -29,6 +29,8 @@ FRONT_ENDS = ("vmsh.api", "vmsh.script", "vmsh.repl", "vmsh.cli", "vmsh.launcher
               # the tools beside them: the config and images commands, the entry point, logging setup
               "vmsh.config_cli", "vmsh.images", "vmsh.__main__", "vmsh.logsetup")
 CONTROL = "vmsh.engine.vmm"
+#: the bottom layer: modules that import no other vmsh module
+BOTTOM = ("vmsh.guest_memory", "vmsh.errors", "vmsh.state_types")
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def layer_violations(edges: Iterable[Edge]) -> list[str]:
             out.append(f"config is pure (only vmsh.config and vmsh.errors): {e}")
         if _within(src, "vmsh.devices") and _within(dst, "vmsh.engine", "vmsh._native", *FRONT_ENDS):
             out.append(f"devices never import KVM, the engine or above: {e}")
-        if src in ("vmsh.guest_memory", "vmsh.errors"):
+        if src in BOTTOM:
             out.append(f"{src} is the bottom layer and imports no other vmsh module: {e}")
         if _within(src, "vmsh.engine") and _within(dst, *FRONT_ENDS):
             out.append(f"the engine never imports a front-end: {e}")

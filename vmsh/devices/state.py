@@ -15,8 +15,9 @@ The protocol (:class:`Stateful`)::
   tuples, ``X | None`` and nested state dataclasses (the engine's ``to_plain``/``from_plain``
   turn it into JSON and back). A field added later has a default, so that older snapshots
   still decode. Integer fields that have a register width say so with :data:`U8`,
-  :data:`U16`, :data:`U32` or :data:`U64` (``typing.Annotated`` with an :class:`IntRange`):
-  :func:`expect_state` checks them, and the snapshot decoder rejects them too.
+  :data:`U16`, :data:`U32` or :data:`U64` (``typing.Annotated`` with an :class:`IntRange`,
+  defined in ``vmsh.state_types`` and re-exported here): :func:`expect_state` checks them, and
+  the snapshot decoder rejects them too.
 - ``restore`` works **in place**, on a device already built from the VM's config with its host
   resources (fds, sockets, triggers, backends): the state holds only what the guest changed.
   It first checks everything - the state's class (:func:`expect_state`), every register
@@ -48,6 +49,15 @@ from typing import Annotated, Any, Protocol, TypeVar
 
 from vmsh.errors import DeviceStateError
 
+# The width types belong to this protocol, so device states import them from here ("X as X"
+# marks the re-export); they are defined in the bottom layer, which the KVM mirrors use too.
+from vmsh.state_types import S64 as S64
+from vmsh.state_types import U8 as U8
+from vmsh.state_types import U16 as U16
+from vmsh.state_types import U32 as U32
+from vmsh.state_types import U64 as U64
+from vmsh.state_types import IntRange
+
 S = TypeVar("S")
 
 
@@ -70,22 +80,6 @@ class Stateful(Protocol[S]):
             the device is then left unchanged.
         """
         ...
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class IntRange:
-    """``typing.Annotated`` metadata: an integer field holds ``lo..hi`` (inclusive)."""
-
-    lo: int
-    hi: int
-
-
-U8 = Annotated[int, IntRange(0, 0xFF)]
-U16 = Annotated[int, IntRange(0, 0xFFFF)]
-U32 = Annotated[int, IntRange(0, 0xFFFF_FFFF)]
-U64 = Annotated[int, IntRange(0, (1 << 64) - 1)]
-#: a signed 64-bit value (a clock offset)
-S64 = Annotated[int, IntRange(-(1 << 63), (1 << 63) - 1)]
 
 
 def expect_state(state: object, cls: type[S]) -> S:

@@ -40,8 +40,9 @@ from vmsh.engine.device_manager import DeviceManager
 from vmsh.engine.events import EventMonitor, GuestEvent
 from vmsh.engine.hotplug import PciHotplug, declare_slots
 from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
-from vmsh.engine.kvm import Kvm, VcpuFd
+from vmsh.engine.kvm import Kvm
 from vmsh.engine.kvm_state import restore_vcpu, restore_vm
+from vmsh.engine.kvm_vcpu import VcpuFd
 from vmsh.engine.memory_manager import check_host_memory, create_memory, map_snapshot_memory
 from vmsh.engine.pci_windows import pci_segments
 from vmsh.engine.persist import SnapshotError
@@ -202,7 +203,9 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
             for vcpu, state in zip(vm.vcpus, saved.vcpus, strict=True):
                 restore_vcpu(vcpu.fd, state)
             restore_vm(vm.vm_fd, saved.kvm)
-        except (KvmError, ValueError) as err:
+        except (KvmError, ValueError, OverflowError, TypeError) as err:
+            # cffi raises OverflowError/TypeError for a value its C field cannot hold; the
+            # decoder's width checks should have caught it, this keeps it a snapshot error
             raise SnapshotError("KVM refused the snapshot's vCPU or irqchip state") from err
         assert vm.devices is not None
         # after the irqchip: a device whose state raises an interrupt (the GED) must not lose it

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from vmsh.engine.kvm import CpuidEntry
+from vmsh.engine.kvm_types import CpuidEntry
 
 LOG = logging.getLogger(__name__)
 

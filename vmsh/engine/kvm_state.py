@@ -10,7 +10,8 @@ Restore order follows what KVM needs (Firecracker ``vstate/vcpu``, QEMU
 ``kvm_arch_put_registers``): CPUID first (it shapes which MSRs and XSAVE features are
 valid), then the MP state, registers, segments, XSAVE, XCRs, debug registers, the LAPIC, MSRs,
 and the events last (they may refer to the LAPIC state). Every state object is frozen data of
-ints, bytes and tuples, and is validated (sizes) by the setters it is fed to.
+ints, bytes and tuples; the snapshot decoder checks every int against its C width (the
+``vmsh.state_types`` annotations) and the setters check the sizes of the raw structs.
 """
 
 from __future__ import annotations
@@ -19,27 +20,35 @@ import logging
 from dataclasses import dataclass
 
 from vmsh._native import lib
-from vmsh.engine.kvm import CpuidEntry, Kvm, KvmIoctlError, Regs, Sregs, VcpuEvents, VcpuFd, VmFd
+from vmsh.engine.kvm import Kvm, VmFd
+from vmsh.engine.kvm_ioctl import KvmIoctlError
+from vmsh.engine.kvm_types import CpuidEntry, Regs, Sregs, VcpuEvents
+from vmsh.engine.kvm_vcpu import VcpuFd
+from vmsh.state_types import U32, U64
 
 LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class VcpuState:
-    """One vCPU, as KVM holds it."""
+    """One vCPU, as KVM holds it; every integer has the width of its ``<linux/kvm.h>`` field."""
 
-    vcpu_id: int
+    vcpu_id: U32
     cpuid: tuple[CpuidEntry, ...]
-    mp_state: int
+    #: ``struct kvm_mp_state``
+    mp_state: U32
     regs: Regs
     sregs: Sregs
     xsave: bytes
-    xcrs: tuple[tuple[int, int], ...]
+    #: ``struct kvm_xcr`` (xcr, value) pairs
+    xcrs: tuple[tuple[U32, U64], ...]
     debugregs: bytes
     lapic: bytes
-    msrs: tuple[tuple[int, int], ...]
+    #: ``struct kvm_msr_entry`` (index, data) pairs
+    msrs: tuple[tuple[U32, U64], ...]
     events: VcpuEvents
-    tsc_khz: int
+    #: KVM_SET_TSC_KHZ's argument, a u32 in the kernel
+    tsc_khz: U32
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +59,8 @@ class VmKvmState:
     pic_slave: bytes
     ioapic: bytes
     pit: bytes
-    clock: int
+    #: ``struct kvm_clock_data`` clock, in ns
+    clock: U64
 
 
 def saveable_msrs(kvm: Kvm, fd: VcpuFd) -> list[int]:

@@ -12,7 +12,7 @@ A snapshot directory holds cloud-hypervisor's three files:
 :func:`to_plain` and :func:`from_plain` convert the frozen state dataclasses (ints, bools,
 strings, bytes as base64, tuples, nested dataclasses) to JSON values and back. A snapshot is
 untrusted input: every value is type-checked, an integer field declared with a register width
-(``vmsh.devices.state.U8`` ... ``U64``) is range-checked, and every failure names its path. A
+(``vmsh.state_types.U8`` ... ``U64``) is range-checked, and every failure names its path. A
 state class with ``fresh_when_null = True`` decodes JSON ``null`` (what an older release wrote
 for a device without state) as its default state. The devices check the rest of their
 restore rules themselves (``vmsh.devices.state``).
@@ -32,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmsh.devices.state import IntRange
 from vmsh.errors import SnapshotError
+from vmsh.state_types import IntRange
 
 __all__ = [
     "CONFIG_FILE",

@@ -42,7 +42,7 @@ from vmsh.errors import GuestMemoryError
 from vmsh.guest_memory import GuestMemory
 
 if TYPE_CHECKING:
-    from vmsh.engine.kvm import VcpuFd
+    from vmsh.engine.kvm_vcpu import VcpuFd
     from vmsh.engine.vcpu import Vcpu
 
 LOG = logging.getLogger(__name__)

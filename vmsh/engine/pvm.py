@@ -35,7 +35,8 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from vmsh._native import lib
-from vmsh.engine.kvm import Fpu, Regs, Sregs, VcpuEvents, VcpuFd
+from vmsh.engine.kvm_types import Fpu, Regs, Sregs, VcpuEvents
+from vmsh.engine.kvm_vcpu import VcpuFd
 from vmsh.engine.paging import PageFault, PagingMode, read_virt, write_virt
 from vmsh.engine.x86.decode import MODE_64, Insn, UnknownInstruction, cpu_mode, decode
 from vmsh.engine.x86.emulate import Emulator, GuestAccess, X87State

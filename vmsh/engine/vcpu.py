@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from vmsh._native import ffi, lib
 from vmsh.engine.bus import Bus
-from vmsh.engine.kvm import (
+from vmsh.engine.kvm_ioctl import KvmIoctlError
+from vmsh.engine.kvm_vcpu import (
     EXIT_FAIL_ENTRY,
     EXIT_HLT,
     EXIT_INTERNAL_ERROR,
@@ -36,7 +37,6 @@ from vmsh.engine.kvm import (
     EXIT_NAMES,
     EXIT_SHUTDOWN,
     EXIT_SYSTEM_EVENT,
-    KvmIoctlError,
     VcpuFd,
 )
 from vmsh.errors import KvmError

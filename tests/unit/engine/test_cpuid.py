@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vmsh.engine.cpuid import CPUID_1_ECX_CX16, CPUID_1_ECX_HYPERVISOR, CpuTopology, build_cpuid
-from vmsh.engine.kvm import CpuidEntry
+from vmsh.engine.kvm_types import CpuidEntry
 
 SUPPORTED = [
     CpuidEntry(0, eax=0x10),
@@ -51,7 +51,7 @@ def test_cpuid_input_is_not_modified() -> None:
 
 def test_pvm_hides_the_pv_ipi_feature() -> None:
     from vmsh.engine.cpuid import KVM_CPUID_FEATURES, KVM_FEATURE_PV_SEND_IPI, CpuTopology, build_cpuid
-    from vmsh.engine.kvm import CpuidEntry
+    from vmsh.engine.kvm_types import CpuidEntry
 
     leaf = CpuidEntry(function=KVM_CPUID_FEATURES, eax=0xFFFF)
     on_pvm = build_cpuid([leaf], 0, CpuTopology.flat(2), pvm=True)[0]

@@ -11,7 +11,7 @@ from tests.unit.api.fake_vm import FakeVm
 from vmsh.api.client import ApiClient, ApiError
 from vmsh.api.http import ApiServer
 from vmsh.engine import inspect
-from vmsh.engine.kvm import Regs, Segment, Sregs
+from vmsh.engine.kvm_types import Regs, Segment, Sregs
 from vmsh.engine.vmm import Vmm
 from vmsh.errors import GuestMemoryError, ValidationError, VmshError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.fakes import FakePhysMemory
-from vmsh.engine.kvm import Fpu, Regs
+from vmsh.engine.kvm_types import Fpu, Regs
 from vmsh.engine.paging import PTE_P, PTE_PS, PTE_RW, PageFault, PagingMode, read_virt, translate
 from vmsh.engine.x86.decode import MODE_32, MODE_64, UnknownInstruction, decode
 from vmsh.engine.x86.emulate import RFLAGS_AC, RFLAGS_CF, RFLAGS_SF, RFLAGS_ZF, Emulator

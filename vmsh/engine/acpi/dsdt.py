@@ -21,26 +21,32 @@ memory and PCI hotplug can add their controllers and methods later.
 from __future__ import annotations
 
 from vmsh.engine.acpi import aml
-from vmsh.engine.acpi.aml import (
-    And,
-    Call,
+from vmsh.engine.acpi.aml import EisaId, Package, String
+from vmsh.engine.acpi.aml_named import (
+    BYTE_ACC,
+    SYSTEM_MEMORY,
+    WRITE_AS_ZEROS,
     Device,
-    EisaId,
     Field,
-    If,
-    Local,
-    Memory32Fixed,
     Method,
     Name,
     Named,
-    Notify,
     OperationRegion,
-    Package,
-    ResourceTemplate,
-    Return,
     Scope,
-    Store,
-    String,
+)
+from vmsh.engine.acpi.aml_ops import And, Call, If, Local, Notify, Return, Store
+from vmsh.engine.acpi.aml_resources import (
+    IO,
+    MEM_CACHEABLE,
+    MEM_NON_CACHEABLE,
+    DWordMemory,
+    Interrupt,
+    IRQNoFlags,
+    Memory32Fixed,
+    QWordMemory,
+    ResourceTemplate,
+    WordBusNumber,
+    WordIO,
 )
 from vmsh.engine.acpi.spec import (
     GED_CPU_CHANGE,
@@ -87,26 +93,26 @@ def _mmio_descriptor(base: int, size: int, producer: bool, cacheable: int) -> by
     # a DWord descriptor when the range ends below 4 GiB (what most firmware emits), else QWord
     end = base + size - 1
     if end <= 0xFFFF_FFFF:
-        return aml.DWordMemory(base, end, producer=producer, cacheable=cacheable)
-    return aml.QWordMemory(base, end, producer=producer, cacheable=cacheable)
+        return DWordMemory(base, end, producer=producer, cacheable=cacheable)
+    return QWordMemory(base, end, producer=producer, cacheable=cacheable)
 
 
 def pci_root_bridge(seg: PciSegment) -> bytes:
     """One host bridge (PCI Firmware Specification 3.2 §4.1.3; ACPI 6.4 §6.1.5 _HID, §6.5.5 _BBN,
     §6.5.6 _SEG). ``_CRS`` lists what the bridge decodes for its children, as producer ranges."""
-    crs = [aml.WordBusNumber(seg.bus_start, seg.bus_end)]
+    crs = [WordBusNumber(seg.bus_start, seg.bus_end)]
     if seg.legacy_io:
         # the configuration mechanism #1 ports are consumed by the bridge itself;
         # the rest of the 64 KiB I/O space is forwarded
-        crs.append(aml.IO(PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT, 1, PCI_CONFIG_IO_SIZE))
-        crs.append(aml.WordIO(0x0000, PCI_CONFIG_IO_PORT - 1))
-        crs.append(aml.WordIO(PCI_IO_HIGH_START, 0xFFFF))
+        crs.append(IO(PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT, 1, PCI_CONFIG_IO_SIZE))
+        crs.append(WordIO(0x0000, PCI_CONFIG_IO_PORT - 1))
+        crs.append(WordIO(PCI_IO_HIGH_START, 0xFFFF))
     base, size = seg.mmio32
     if size:
-        crs.append(_mmio_descriptor(base, size, True, aml.MEM_NON_CACHEABLE))
+        crs.append(_mmio_descriptor(base, size, True, MEM_NON_CACHEABLE))
     base, size = seg.mmio64
     if size:
-        crs.append(aml.QWordMemory(base, base + size - 1, cacheable=aml.MEM_CACHEABLE))
+        crs.append(QWordMemory(base, base + size - 1, cacheable=MEM_CACHEABLE))
     body = [
         Name("_HID", EisaId("PNP0A08")),
         Name("_CID", EisaId("PNP0A03")),
@@ -154,7 +160,7 @@ def com1() -> bytes:
             Name("_UID", 1),
             Name(
                 "_CRS",
-                ResourceTemplate([aml.IO(COM1_PORT, COM1_PORT, 1, 8), aml.IRQNoFlags([COM1_IRQ])]),
+                ResourceTemplate([IO(COM1_PORT, COM1_PORT, 1, 8), IRQNoFlags([COM1_IRQ])]),
             ),
         ],
     )
@@ -171,7 +177,7 @@ def cmos_rtc() -> bytes:
         "RTC_",
         [
             Name("_HID", EisaId("PNP0B00")),
-            Name("_CRS", ResourceTemplate([aml.IO(CMOS_PORT, CMOS_PORT, 1, 2)])),
+            Name("_CRS", ResourceTemplate([IO(CMOS_PORT, CMOS_PORT, 1, 2)])),
         ],
     )
 
@@ -191,9 +197,9 @@ def ged_register(spec: AcpiSpec) -> bytes:
             # a generic container (PNP0A06) that claims its MMIO byte so nothing else is put there
             Name("_HID", EisaId("PNP0A06")),
             Name("_UID", String("GED register")),
-            Name("_CRS", ResourceTemplate([_mmio_descriptor(addr, GED_REGISTER_SIZE, False, aml.MEM_NON_CACHEABLE)])),
-            OperationRegion("GDST", aml.SYSTEM_MEMORY, addr, GED_REGISTER_SIZE),
-            Field("GDST", [Named("GDAT", 8)], access=aml.BYTE_ACC, update=aml.WRITE_AS_ZEROS),
+            Name("_CRS", ResourceTemplate([_mmio_descriptor(addr, GED_REGISTER_SIZE, False, MEM_NON_CACHEABLE)])),
+            OperationRegion("GDST", SYSTEM_MEMORY, addr, GED_REGISTER_SIZE),
+            Field("GDST", [Named("GDAT", 8)], access=BYTE_ACC, update=WRITE_AS_ZEROS),
         ],
     )
 
@@ -223,7 +229,7 @@ def ged(spec: AcpiSpec) -> bytes:
         [
             Name("_HID", String("ACPI0013")),
             Name("_UID", 0),
-            Name("_CRS", ResourceTemplate([aml.Interrupt([spec.ged.irq], edge=True)])),
+            Name("_CRS", ResourceTemplate([Interrupt([spec.ged.irq], edge=True)])),
             evt,
         ],
     )

@@ -31,29 +31,10 @@ Names: ACPI 6.4 §6.3.3 ``_EJx``, §6.1.12 ``_SUN``, §6.1.1 ``_ADR`` (device <<
 from __future__ import annotations
 
 from vmsh.engine.acpi import aml
-from vmsh.engine.acpi.aml import (
-    Acquire,
-    And,
-    Arg,
-    Call,
-    Device,
-    EisaId,
-    Field,
-    If,
-    Memory32Fixed,
-    Method,
-    Mutex,
-    Name,
-    Named,
-    Notify,
-    OperationRegion,
-    Release,
-    ResourceTemplate,
-    Return,
-    Scope,
-    ShiftLeft,
-    Store,
-)
+from vmsh.engine.acpi.aml import EisaId
+from vmsh.engine.acpi.aml_named import Device, Field, Method, Mutex, Name, Named, OperationRegion, Scope
+from vmsh.engine.acpi.aml_ops import Acquire, And, Arg, Call, If, Notify, Release, Return, ShiftLeft, Store
+from vmsh.engine.acpi.aml_resources import Memory32Fixed, ResourceTemplate
 from vmsh.engine.acpi.dsdt import pci_root_name
 
 #: register offsets of the controller (each 32 bits)

@@ -169,8 +169,9 @@ class AcpiSpec:
     - ``cpu_scan_method``, ``memory_scan_method``, ``pci_rescan_method``: full paths of the
       methods the GED's ``_EVT`` calls on a CPU, memory or PCI change event (left out when
       ``None``); the hotplug controllers that define them add their AML through ``extra_aml``.
-    - ``extra_aml``: AML terms (built with :mod:`vmsh.engine.acpi.aml`) appended to the DSDT
-      after the generated namespace, e.g. ``Scope("\\_SB_", [Device("PHPR", [...])])``.
+    - ``extra_aml``: AML terms (built with the AML encoder, :mod:`vmsh.engine.acpi.aml` and its
+      ``aml_*`` siblings) appended to the DSDT after the generated namespace, e.g.
+      ``Scope("\\_SB_", [Device("PHPR", [...])])``.
     - ``shutdown_port``: FADT reset and sleep control/status register (I/O, 1 byte);
       ``pm_timer_port``: the 32-bit ACPI PM timer.
     - ``interrupt_overrides``: MADT Interrupt Source Overrides.

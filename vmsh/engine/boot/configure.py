@@ -14,7 +14,8 @@ from vmsh.engine.boot import layout, regs
 from vmsh.engine.boot.bootparams import e820_map, write_boot_params, write_pvh_start_info
 from vmsh.engine.boot.loader import KernelImage, load_cmdline
 from vmsh.engine.cpuid import CpuTopology, build_cpuid
-from vmsh.engine.kvm import CpuidEntry, VcpuFd
+from vmsh.engine.kvm_types import CpuidEntry
+from vmsh.engine.kvm_vcpu import VcpuFd
 from vmsh.engine.memory import GuestMemoryMmap
 
 LOG = logging.getLogger(__name__)

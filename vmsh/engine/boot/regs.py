@@ -19,7 +19,7 @@ import logging
 import struct
 
 from vmsh.engine.boot import layout
-from vmsh.engine.kvm import DTable, Fpu, Regs, Segment, Sregs
+from vmsh.engine.kvm_types import DTable, Fpu, Regs, Segment, Sregs
 from vmsh.engine.memory import GuestMemoryMmap
 
 LOG = logging.getLogger(__name__)

@@ -5,52 +5,57 @@ from __future__ import annotations
 import pytest
 
 from vmsh.engine.acpi import aml
-from vmsh.engine.acpi.aml import (
-    IO,
+from vmsh.engine.acpi.aml import Buffer, EisaId, Integer, NameSeg, Package, Path, String, pkg_length
+from vmsh.engine.acpi.aml_named import (
+    BYTE_ACC,
+    DWORD_ACC,
+    LOCK,
+    SYSTEM_IO,
+    SYSTEM_MEMORY,
+    WRITE_AS_ZEROS,
+    CreateDWordField,
+    Device,
+    Field,
+    Method,
+    Name,
+    Named,
+    OperationRegion,
+    Reserved,
+    Scope,
+)
+from vmsh.engine.acpi.aml_ops import (
     Add,
     And,
     Arg,
-    Buffer,
     Call,
-    CreateDWordField,
-    Device,
-    DWordIO,
-    DWordMemory,
-    EisaId,
     Else,
-    Field,
     If,
     Increment,
-    Integer,
-    Interrupt,
-    IRQNoFlags,
     LEqual,
     LLess,
     LNot,
     Local,
-    Memory32Fixed,
-    Method,
-    Name,
-    Named,
-    NameSeg,
     Notify,
-    OperationRegion,
     Or,
-    Package,
-    Path,
-    QWordMemory,
-    Reserved,
-    ResourceTemplate,
     Return,
-    Scope,
     ShiftLeft,
     Store,
-    String,
     Subtract,
     While,
+)
+from vmsh.engine.acpi.aml_resources import (
+    IO,
+    MEM_CACHEABLE,
+    MEM_PREFETCHABLE,
+    DWordIO,
+    DWordMemory,
+    Interrupt,
+    IRQNoFlags,
+    Memory32Fixed,
+    QWordMemory,
+    ResourceTemplate,
     WordBusNumber,
     WordIO,
-    pkg_length,
 )
 
 # --- PkgLength (§20.2.4) --------------------------------------------------------------------------
@@ -273,16 +278,16 @@ def test_calls_and_fields() -> None:
     assert Call("\\_SB_.PHPR.PSCN") == b"\\\x2f\x03_SB_PHPRPSCN"
     assert Call("MTHD", 1, Local(0)) == b"MTHD\x01\x60"
     assert CreateDWordField(Arg(0), 4, "CDW2") == b"\x8a\x68\x0a\x04CDW2"
-    assert OperationRegion("GDST", aml.SYSTEM_MEMORY, 0xFFF00000, 1) == b"\x5b\x80GDST\x00\x0c\x00\x00\xf0\xff\x01"
-    assert OperationRegion("PRST", aml.SYSTEM_IO, 0x600, 8) == b"\x5b\x80PRST\x01\x0b\x00\x06\x0a\x08"
+    assert OperationRegion("GDST", SYSTEM_MEMORY, 0xFFF00000, 1) == b"\x5b\x80GDST\x00\x0c\x00\x00\xf0\xff\x01"
+    assert OperationRegion("PRST", SYSTEM_IO, 0x600, 8) == b"\x5b\x80PRST\x01\x0b\x00\x06\x0a\x08"
     # ByteAcc (1) | WriteAsZeros (2 << 5) = 0x41
     assert (
-        Field("GDST", [Named("GDAT", 8)], access=aml.BYTE_ACC, update=aml.WRITE_AS_ZEROS)
+        Field("GDST", [Named("GDAT", 8)], access=BYTE_ACC, update=WRITE_AS_ZEROS)
         == b"\x5b\x81\x0bGDST\x41GDAT\x08"
     )
     # DWordAcc (3) | Lock (1 << 4) = 0x13
     assert (
-        Field("PRST", [Reserved(32), Named("CPEN", 1)], access=aml.DWORD_ACC, lock=aml.LOCK)
+        Field("PRST", [Reserved(32), Named("CPEN", 1)], access=DWORD_ACC, lock=LOCK)
         == b"\x5b\x81\x0dPRST\x13\x00\x20CPEN\x01"
     )
 
@@ -325,8 +330,8 @@ def test_address_space_descriptors() -> None:
         "871700" + "00" + "0c" + "01" + "00000000" + "000000c0" + "ffffffe7" + "00000000" + "00000028"
     )
     # consumer (bit 0 of general flags), cacheable (_MEM = 1 in bits 2-1) and read-write
-    assert DWordMemory(0x1000, 0x1FFF, producer=False, cacheable=aml.MEM_CACHEABLE)[3:6].hex() == "000d03"
-    q = QWordMemory(0x2_0000_0000, 0x2_FFFF_FFFF, cacheable=aml.MEM_PREFETCHABLE)
+    assert DWordMemory(0x1000, 0x1FFF, producer=False, cacheable=MEM_CACHEABLE)[3:6].hex() == "000d03"
+    q = QWordMemory(0x2_0000_0000, 0x2_FFFF_FFFF, cacheable=MEM_PREFETCHABLE)
     assert q[:6].hex() == "8a2b00000c07"
     assert q[6:].hex() == "00" * 8 + "0000000002000000" + "ffffffff02000000" + "00" * 8 + "0000000001000000"
     with pytest.raises(ValueError, match="below min"):

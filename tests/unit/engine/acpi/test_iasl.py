@@ -234,14 +234,14 @@ def test_acpiexec_power_button_event(tmp_path: Path) -> None:
 def test_acpiexec_hotplug_scans_called(tmp_path: Path) -> None:
     """Each GDAT bit calls its scan method; the methods come from ``extra_aml`` (stand-ins here
     that notify a device with a distinct value, so the output shows which ran)."""
-    from vmsh.engine.acpi import aml
+    from vmsh.engine.acpi import aml_named, aml_ops
 
-    stubs = aml.Scope(
+    stubs = aml_named.Scope(
         "\\_SB_",
         [
-            aml.Method("CSCN", 0, [aml.Notify("\\_SB_.CPUS", 0x01)]),
-            aml.Method("MSCN", 0, [aml.Notify("\\_SB_.MBRD", 0x02)]),
-            aml.Method("PSCN", 0, [aml.Notify("\\_SB_.PCI0", 0x03)]),
+            aml_named.Method("CSCN", 0, [aml_ops.Notify("\\_SB_.CPUS", 0x01)]),
+            aml_named.Method("MSCN", 0, [aml_ops.Notify("\\_SB_.MBRD", 0x02)]),
+            aml_named.Method("PSCN", 0, [aml_ops.Notify("\\_SB_.PCI0", 0x03)]),
         ],
     )
     spec = two_segment_spec(
