@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.devices.base import Trigger
-from vmsh.devices.state import U8, U32, check_length, check_range, expect_state
+from vmsh.devices.state import check_length, check_range, expect_state
+from vmsh.state_types import U8, U32
 
 LOG = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.devices.pci.config_space import BAR0, COMMAND, PciConfigSpace, PciConfigState
-from vmsh.devices.state import U32, U64, check_bits, expect_state, within
+from vmsh.devices.state import check_bits, expect_state, within
+from vmsh.state_types import U32, U64
 
 LOG = logging.getLogger(__name__)
 

@@ -51,11 +51,6 @@ from vmsh.errors import DeviceStateError
 
 # The width types belong to this protocol, so device states import them from here ("X as X"
 # marks the re-export); they are defined in the bottom layer, which the KVM mirrors use too.
-from vmsh.state_types import S64 as S64
-from vmsh.state_types import U8 as U8
-from vmsh.state_types import U16 as U16
-from vmsh.state_types import U32 as U32
-from vmsh.state_types import U64 as U64
 from vmsh.state_types import IntRange
 
 S = TypeVar("S")

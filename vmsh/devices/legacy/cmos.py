@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 
 from vmsh.devices.base import Trigger
-from vmsh.devices.state import S64, check_length, check_range, expect_state
+from vmsh.devices.state import check_length, check_range, expect_state
+from vmsh.state_types import S64
 
 LOG = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmsh.devices.state import U8, U64, expect_state
+from vmsh.devices.state import expect_state
+from vmsh.state_types import U8, U64
 
 LOG = logging.getLogger(__name__)
 

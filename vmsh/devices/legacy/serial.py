@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.devices.base import Trigger
-from vmsh.devices.state import U8, check_bits, check_max_length, expect_state
+from vmsh.devices.state import check_bits, check_max_length, expect_state
+from vmsh.state_types import U8
 
 LOG = logging.getLogger(__name__)
 

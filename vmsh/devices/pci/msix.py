@@ -19,7 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from vmsh.devices.state import U32, U64, check_length, expect_state
+from vmsh.devices.state import check_length, expect_state
+from vmsh.state_types import U32, U64
 
 LOG = logging.getLogger(__name__)
 

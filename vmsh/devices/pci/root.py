@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vmsh.devices.pci.config_space import PciConfigSpace
-from vmsh.devices.state import U32, check_bits, expect_state
+from vmsh.devices.state import check_bits, expect_state
+from vmsh.state_types import U32
 
 NUM_SLOTS = 32
 #: the host bridge cloud-hypervisor presents at 00:00.0

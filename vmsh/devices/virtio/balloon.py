@@ -32,10 +32,11 @@ import struct
 from dataclasses import dataclass
 
 from vmsh.config.model import BalloonConfig
-from vmsh.devices.state import U16, U32, U64, check_max_length, check_range, expect_state
+from vmsh.devices.state import check_max_length, check_range, expect_state
 from vmsh.devices.virtio.device import COMMON_FEATURES, VirtioDevice, has_feature
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
 from vmsh.errors import DeviceError, GuestMemoryError, VirtQueueError
+from vmsh.state_types import U16, U32, U64
 
 LOG = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from vmsh.config.model import DiskConfig
 from vmsh.devices.ratelimit import FdWatcher, RateLimiter, ThrottleTimer
-from vmsh.devices.state import U64, expect_state
+from vmsh.devices.state import expect_state
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from vmsh.devices.virtio.queue import (
     DescriptorChain,
@@ -40,6 +40,7 @@ from vmsh.devices.virtio.queue import (
     window_views,
 )
 from vmsh.errors import DeviceError, DeviceStateError
+from vmsh.state_types import U64
 
 LOG = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmsh.devices.state import U16, U64, check_max_length, expect_state
+from vmsh.devices.state import check_max_length, expect_state
 from vmsh.devices.virtio.device import (
     COMMON_FEATURES,
     VIRTIO_ID_CONSOLE,
@@ -22,6 +22,7 @@ from vmsh.devices.virtio.device import (
 )
 from vmsh.devices.virtio.queue import VirtQueue
 from vmsh.errors import GuestMemoryError, VirtQueueError
+from vmsh.state_types import U16, U64
 
 LOG = logging.getLogger(__name__)
 

@@ -49,10 +49,11 @@ from vmsh.devices.backends.tap import (
     Tap,
 )
 from vmsh.devices.ratelimit import RateLimiter, ThrottleTimer
-from vmsh.devices.state import U64, expect_state
+from vmsh.devices.state import expect_state
 from vmsh.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice, has_feature
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue, window_views
 from vmsh.errors import DeviceError, VirtQueueError
+from vmsh.state_types import U64
 
 LOG = logging.getLogger(__name__)
 

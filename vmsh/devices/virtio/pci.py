@@ -37,7 +37,7 @@ from vmsh.devices.pci.config_space import (
     PciConfigState,
 )
 from vmsh.devices.pci.msix import PCI_CAP_ID_MSIX, MsiRouter, MsixState, MsixTable
-from vmsh.devices.state import U8, U16, U32, U64, check_bits, check_length, check_range, expect_state, within
+from vmsh.devices.state import check_bits, check_length, check_range, expect_state, within
 from vmsh.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
@@ -53,6 +53,7 @@ from vmsh.devices.virtio.device import (
 from vmsh.devices.virtio.queue import VirtQueue, VirtQueueState, check_live_layout
 from vmsh.errors import DeviceStateError, VmshError
 from vmsh.guest_memory import GuestMemory
+from vmsh.state_types import U8, U16, U32, U64
 
 LOG = logging.getLogger(__name__)
 

@@ -22,10 +22,11 @@ import struct
 from dataclasses import dataclass
 
 from vmsh.config.model import PmemConfig
-from vmsh.devices.state import U64, expect_state
+from vmsh.devices.state import expect_state
 from vmsh.devices.virtio.device import VirtioDevice
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
 from vmsh.errors import DeviceError, DeviceStateError
+from vmsh.state_types import U64
 
 LOG = logging.getLogger(__name__)
 

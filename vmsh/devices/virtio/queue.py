@@ -26,9 +26,10 @@ import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from vmsh.devices.state import U16, U64, expect_state
+from vmsh.devices.state import expect_state
 from vmsh.errors import DeviceStateError, GuestMemoryError, VirtQueueError
 from vmsh.guest_memory import GuestMemory
+from vmsh.state_types import U16, U64
 
 LOG = logging.getLogger(__name__)
 

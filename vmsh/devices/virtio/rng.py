@@ -11,10 +11,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-from vmsh.devices.state import U64, expect_state
+from vmsh.devices.state import expect_state
 from vmsh.devices.virtio.device import VIRTIO_ID_RNG, VirtioDevice
 from vmsh.devices.virtio.queue import VirtQueue, advance_views
 from vmsh.errors import DeviceError
+from vmsh.state_types import U64
 
 LOG = logging.getLogger(__name__)
 

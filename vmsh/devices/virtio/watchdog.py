@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.devices.base import Trigger
-from vmsh.devices.state import U64, expect_state
+from vmsh.devices.state import expect_state
 from vmsh.devices.virtio.device import VirtioDevice
 from vmsh.devices.virtio.queue import VirtQueue
+from vmsh.state_types import U64
 
 LOG = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh.config.model import VsockConfig
-from vmsh.devices.state import U64, expect_state
+from vmsh.devices.state import expect_state
 from vmsh.devices.virtio.device import VirtioDevice
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
 from vmsh.devices.virtio.vsock.connection import ESTABLISHED, U32_MASK
@@ -47,6 +47,7 @@ from vmsh.devices.virtio.vsock.packet import (
     PacketHeader,
 )
 from vmsh.errors import DeviceError, DeviceStateError, GuestMemoryError, VirtQueueError
+from vmsh.state_types import U64
 
 LOG = logging.getLogger(__name__)
 
