@@ -18,6 +18,7 @@ bzImage 32-bit entry, ACPI at 0xa0000 (hardware-reduced FADT, MADT, MCFG, DSDT),
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -268,7 +269,8 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
 
     def on_eject(segment: int, slot: int) -> None:
         # a vCPU thread's write to B0EJ: the removal runs on the control loop
-        vm.requests.run(lambda: vm.hotplug.ejected(segment, slot) if vm.hotplug is not None else None)
+        assert vm.hotplug is not None, "made below, before any vCPU runs"
+        vm.requests.run(functools.partial(vm.hotplug.ejected, segment, slot))
 
     reset = EventTrigger(lambda: vm.on_guest_event(GuestEvent.RESET, "guest reset"))
     poweroff = EventTrigger(lambda: vm.on_guest_event(GuestEvent.POWEROFF, "guest poweroff"))
