@@ -94,7 +94,7 @@ def check_ranges(state: object) -> None:
 
     :raises DeviceStateError: naming the first field out of range.
     """
-    _check(type(state), state, "")
+    _check(type(state), state)
 
 
 @functools.cache
@@ -102,36 +102,60 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
-def _check(tp: Any, value: Any, path: str) -> None:
+@functools.cache
+def _has_ranges(tp: Any) -> bool:
+    """Whether a value of type ``tp`` holds any width-annotated integer (checked once a type)."""
+    if typing.get_origin(tp) is Annotated:
+        base, *extras = typing.get_args(tp)
+        return any(isinstance(e, IntRange) for e in extras) or _has_ranges(base)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return any(_has_ranges(hint) for hint in _hints(tp).values())
+    return any(_has_ranges(arg) for arg in typing.get_args(tp) if arg is not Ellipsis and arg is not type(None))
+
+
+@functools.cache
+def _checked_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    """A state class's fields that hold width-annotated integers, with their types."""
+    hints = _hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if _has_ranges(hints[f.name]))
+
+
+def _check(tp: Any, value: Any) -> None:
+    # A restore checks every saved value, so this walks only the fields that can be out of
+    # range, and builds a field's path only when it is (``DeviceStateError.within``).
     if typing.get_origin(tp) is Annotated:
         base, *extras = typing.get_args(tp)
         for extra in extras:
             if isinstance(extra, IntRange) and isinstance(value, int) and not isinstance(value, bool):
-                check_range(path, value, extra.lo, extra.hi)
-        _check(base, value, path)
+                check_range("", value, extra.lo, extra.hi)
+        _check(base, value)
         return
     if dataclasses.is_dataclass(tp) and dataclasses.is_dataclass(value) and not isinstance(value, type):
-        cls: type = type(value)
-        hints = _hints(cls)
-        for f in dataclasses.fields(value):
-            _check(hints[f.name], getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+        for name, hint in _checked_fields(type(value)):
+            try:
+                _check(hint, getattr(value, name))
+            except DeviceStateError as err:
+                raise err.within(name) from None
         return
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType) and value is not None:
         for arg in typing.get_args(tp):
             if arg is not type(None):
-                _check(arg, value, path)
+                _check(arg, value)
         return
     if origin is tuple and isinstance(value, tuple):
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            for i, item in enumerate(value):
-                _check(args[0], item, f"{path}[{i}]")
-        else:
-            if len(value) != len(args):
-                raise DeviceStateError(path, f"expected {len(args)} items, got {len(value)}")
-            for i, (arg, item) in enumerate(zip(args, value, strict=True)):
-                _check(arg, item, f"{path}[{i}]")
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
+            raise DeviceStateError("", f"expected {len(args)} items, got {len(value)}")
+        if not _has_ranges(tp):
+            return
+        for i, (arg, item) in enumerate(zip(args, value, strict=True)):
+            try:
+                _check(arg, item)
+            except DeviceStateError as err:
+                raise err.within(f"[{i}]") from None
 
 
 def check_range(field: str, value: int, lo: int, hi: int) -> None:
