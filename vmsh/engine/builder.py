@@ -60,7 +60,7 @@ from vmsh.engine.snapshot import read_saved_vm
 from vmsh.engine.state import VmState
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, install_kick_handler
-from vmsh.engine.virtio_devices import PlatformHooks, add_config_devices
+from vmsh.engine.virtio_devices import PlatformHooks, add_config_devices, unsupported_item
 from vmsh.engine.vm import GuestEventSink, Vm
 from vmsh.errors import KvmError, VmshError
 
@@ -70,13 +70,41 @@ LOG = logging.getLogger(__name__)
 KVM_CAP_HYPERV_SYNIC = 123
 
 
+def config_errors(cfg: m.VmConfig) -> list[str]:
+    """Configs that validate but that cloud-hypervisor refuses when it builds the VM, in its words
+    (``vmm/src/memory_manager.rs`` and ``vmm/src/device_manager.rs``)."""
+    errors = []
+    if cfg.memory.hotplugged_size is not None and cfg.memory.hotplug_size is None:
+        errors.append("Invalid to define 'hotplugged_size' when there is no 'hotplug_size'")
+    for zone in cfg.memory.zones or []:
+        if zone.hotplugged_size is not None and zone.hotplug_size is None:
+            errors.append(f"Invalid to define 'hotplugged_size' when there is no 'hotplug_size' "
+                          f"for memory zone {zone.id}")
+    if cfg.console.mode is ConsoleOutputMode.SOCKET:
+        errors.append("No socket option support for console device")
+    return errors
+
+
+@functools.cache
+def host_has_amx() -> bool:
+    """Whether this host's CPUs have AMX tiles (the ``amx_tile`` flag of /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
 def unsupported_options(cfg: m.VmConfig) -> list[str]:
-    """Options that parse and validate but that this VMM cannot provide, each with why."""
+    """Options that parse and validate but that this VMM cannot provide, each with why.
+
+    Nothing is accepted and then ignored: an option vmsh does not act on is refused here (and a
+    hot-added device's by :func:`~vmsh.engine.virtio_devices.unsupported_item`).
+    """
     missing = []
+    no_iommu = "(vmsh has no virtio-iommu)"
     for name, present in (
         # These need host pieces vmsh does not have: a vhost-user backend, VFIO, vDPA, SGX.
-        ("--disk vhost_user=on (needs a vhost-user backend)", any(d.vhost_user for d in cfg.disks or [])),
-        ("--net vhost_user=on (needs a vhost-user backend)", any(n.vhost_user for n in cfg.net or [])),
         ("--fs (virtio-fs needs a vhost-user backend)", cfg.fs),
         ("--vdpa (needs /dev/vhost-vdpa-*)", cfg.vdpa),
         ("--device (VFIO passthrough needs /dev/vfio)", cfg.devices),
@@ -85,13 +113,39 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
         # Not implemented yet.
         ("--tpm", cfg.tpm), ("--numa", cfg.numa),
         ("--memory hotplug_size", cfg.memory.hotplug_size),
-        ("--platform iommu_segments", cfg.platform and cfg.platform.iommu_segments),
+        ("--memory-zone hotplug_size", any(z.hotplug_size is not None for z in cfg.memory.zones or [])),
+        (f"--platform iommu_segments {no_iommu}", cfg.platform and cfg.platform.iommu_segments),
+        (f"--rng iommu=on {no_iommu}", cfg.rng is not None and cfg.rng.iommu),
+        (f"--console iommu=on {no_iommu}", cfg.console.iommu),
+        (f"--serial iommu=on {no_iommu}", cfg.serial.iommu),
+        ("--cpus features=[amx] (not implemented in vmsh"
+         + (", though this host has AMX)" if host_has_amx() else "; this host has no AMX either)"),
+         cfg.cpus.features.amx),
     ):
         if present:
             missing.append(name)
+    for kind in ("disks", "net", "pmem"):
+        for item in getattr(cfg, kind) or []:
+            missing.extend(n for n in unsupported_item(kind, item) if n not in missing)
+    if cfg.vsock is not None:
+        missing.extend(unsupported_item("vsock", cfg.vsock))
     if cfg.memory.size == 0 and not cfg.memory.zones:
         missing.append("--memory size=0 without --memory-zone")
     return missing
+
+
+def refuse_unbuildable(cfg: m.VmConfig) -> None:
+    """Raise for a config this VMM must not build: cloud-hypervisor's errors first, then what
+    vmsh does not support.
+
+    :raises VmshError: naming every option at fault and why.
+    """
+    errors = config_errors(cfg)
+    if errors:
+        raise VmshError("; ".join(errors))
+    missing = unsupported_options(cfg)
+    if missing:
+        raise VmshError("Not supported by vmsh: " + ", ".join(missing))
 
 
 def apply_restored_net_fds(config: m.VmConfig, net_fds: list[m.RestoredNetConfig] | None) -> None:
@@ -126,9 +180,7 @@ def build_for_boot(config: m.VmConfig, events: EventMonitor, on_guest_event: Gue
 
     :raises VmshError: naming what could not be created; nothing is left behind.
     """
-    missing = unsupported_options(config)
-    if missing:
-        raise VmshError("Not supported by vmsh: " + ", ".join(missing))
+    refuse_unbuildable(config)
     vm = Vm(config, events, on_guest_event, ControlRequests(post), profile)
     try:
         _open_kvm(vm)
@@ -189,6 +241,9 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
     saved = read_saved_vm(directory)
     config = saved.config
     apply_restored_net_fds(config, restore.net_fds)
+    errors = config_errors(config)
+    if errors:
+        raise SnapshotError("The snapshot's config is refused: " + "; ".join(errors))
     missing = unsupported_options(config)
     if missing:
         raise SnapshotError("The snapshot needs what vmsh does not support: " + ", ".join(missing))

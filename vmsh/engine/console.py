@@ -286,11 +286,14 @@ def open_backend(mode: ConsoleOutputMode, file: str | None = None, socket_path: 
         except OSError as err:
             raise DeviceError("Cannot open a pseudo-terminal for the console") from err
     if mode is ConsoleOutputMode.FILE:
-        assert file is not None
+        if file is None:
+            raise DeviceError("Path missing when using file console mode")
         try:
             fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise DeviceError(f"Cannot open console file {file}") from err
         return FdBackend(fd, owns=True)
-    assert socket_path is not None
+    if socket_path is None:
+        # virtio-console has no socket mode (the builder refuses it, as cloud-hypervisor does)
+        raise DeviceError("No socket option support for console device")
     return SocketBackend(socket_path)

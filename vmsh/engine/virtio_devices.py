@@ -100,11 +100,36 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
             raise VmshError(f"--pvpanic: cannot create {PVPANIC_ID}") from err
 
 
+#: the option of each config list a device can be added from
+_OPTIONS = {"disks": "--disk", "net": "--net", "pmem": "--pmem", "vsock": "--vsock"}
+
+
+def unsupported_item(kind: str, item: Any) -> list[str]:
+    """The keys of one ``disks``/``net``/``pmem``/``vsock`` item that vmsh cannot act on, each
+    with why (the builder refuses them cold, :func:`add_item` when hot-added)."""
+    option = _OPTIONS.get(kind, kind)
+    missing = []
+    if getattr(item, "vhost_user", False):
+        # a tap would be created instead: the guest would reach the host, not the backend
+        missing.append(f"{option} vhost_user=on (needs a vhost-user backend)")
+    if getattr(item, "iommu", False):
+        missing.append(f"{option} iommu=on (vmsh has no virtio-iommu)")
+    if kind == "disks" and item.queue_affinity:
+        missing.append("--disk queue_affinity (vmsh serves every queue of every disk on its one I/O thread)")
+    return missing
+
+
 def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = False,
              slot: int | None = None) -> PciDevice:
     """Create and plug one ``disks``/``net``/``pmem``/``vsock`` item of a config, in ``slot`` or
     the first free one (cold, or into a running VM: then a disk's BAR is 64-bit like every
-    hotplugged device's)."""
+    hotplugged device's).
+
+    :raises VmshError: for an item with a key vmsh cannot act on (:func:`unsupported_item`).
+    """
+    missing = unsupported_item(kind, item)
+    if missing:
+        raise VmshError("Not supported by vmsh: " + ", ".join(missing))
     where = {"segment": item.pci_segment, "slot": slot}
     if kind == "disks":
         return _add(manager, item.id, "--disk", lambda: _block(manager, item),

@@ -141,6 +141,39 @@ class _BadRequest(Exception):
         self.status = status
 
 
+#: qcow2 header magic at offset 0 ("QFI\xfb", QEMU docs/interop/qcow2.txt)
+QCOW2_MAGIC = b"QFI\xfb"
+#: VHDX file type identifier at offset 0 (MS-VHDX §2.2.1)
+VHDX_SIGNATURE = b"vhdxfile"
+#: VHD footer cookie, in the last 512 bytes of a fixed VHD (Microsoft's VHD format spec)
+VHD_COOKIE = b"conectix"
+VHD_FOOTER_SIZE = 512
+
+
+def detect_image_format(path: str, size: int) -> str | None:
+    """The name of the non-raw format ``path`` is in ("qcow2", "VHD", "VHDX"), or None for raw.
+
+    The checks are cloud-hypervisor's (``block/src/lib.rs``, ``detect_image_type``): the qcow2
+    magic at 0, a VHD footer in the last 512 bytes, the VHDX signature at 0. It reads through its
+    own buffered descriptor, so an image opened with O_DIRECT needs no aligned buffer here.
+
+    :raises OSError: if the image cannot be read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = os.pread(fd, 8, 0)
+        tail = os.pread(fd, len(VHD_COOKIE), size - VHD_FOOTER_SIZE) if size >= VHD_FOOTER_SIZE else b""
+    finally:
+        os.close(fd)
+    if head[:4] == QCOW2_MAGIC:
+        return "qcow2"
+    if tail == VHD_COOKIE:
+        return "VHD"
+    if head == VHDX_SIGNATURE:
+        return "VHDX"
+    return None
+
+
 class VirtioBlock(VirtioDevice):
     """A block device on a raw image.
 
@@ -153,7 +186,8 @@ class VirtioBlock(VirtioDevice):
     :param rate_limiter: bandwidth/ops limit (possibly shared with other disks of a group):
         while it refuses, requests stay in the ring and the queue is re-run after its delay.
     :param watcher: the engine's I/O loop, which runs that retry timer (a thread timer without).
-    :raises DeviceError: if the image cannot be opened.
+    :raises DeviceError: if the image cannot be opened, or is in a format other than raw
+        (:func:`detect_image_format`).
 
     Example::
 
@@ -184,6 +218,15 @@ class VirtioBlock(VirtioDevice):
             size = os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
         except OSError as err:
             raise DeviceError(f"cannot open disk image {path}") from err
+        try:
+            image_format = detect_image_format(path, size)
+        except OSError as err:
+            os.close(self.fd)
+            raise DeviceError(f"cannot read disk image {path}") from err
+        if image_format is not None:
+            os.close(self.fd)
+            raise DeviceError(f"disk image {path} is in {image_format} format: vmsh serves raw images only "
+                              "(exposed as raw, the guest's writes would destroy its metadata)")
         #: disk size in 512-byte sectors (a partial last sector is not visible)
         self.capacity = size >> SECTOR_SHIFT
         if serial is None:

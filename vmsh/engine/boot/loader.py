@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -87,27 +88,48 @@ class KernelImage:
     cmdline_max: int = layout.CMDLINE_MAX_SIZE
 
 
-def _read(source: bytes | str | os.PathLike[str]) -> bytes | mmap.mmap:
-    """The kernel file, mapped rather than read: an ELF vmlinux with its symbols is three times
-    the size of what is loaded from it. The mapping goes when its last reference does."""
-    if isinstance(source, bytes):
-        return source
+def map_payload(path: str | os.PathLike[str], limit: int) -> bytes | mmap.mmap:
+    """A kernel, firmware or initramfs file, mapped read-only rather than read.
+
+    Only a regular file is taken, and only one no larger than ``limit`` (the guest's RAM): a FIFO
+    would block the caller (and with it the VMM's control loop) until a writer comes, and a
+    character device such as ``/dev/zero`` has no end. The file is opened non-blocking and
+    checked with ``fstat`` on the open descriptor, before a byte is read. The mapping goes when
+    its last reference does (an ELF vmlinux with its symbols is three times what is loaded).
+
+    :raises LoaderError: "not a regular file", "larger than the guest's RAM", or the OS error.
+    """
     try:
-        with open(source, "rb") as f:
-            try:
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):  # an empty file or one that cannot be mapped
-                return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as err:
-        raise LoaderError(f"cannot read kernel {os.fspath(source)!r}") from err
+        raise LoaderError(err.strerror or str(err)) from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LoaderError("not a regular file")
+        if st.st_size > limit:
+            raise LoaderError(f"it is {st.st_size} bytes, larger than the guest's {limit} bytes of RAM")
+        if st.st_size == 0:
+            return b""
+        try:
+            return mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as err:
+            raise LoaderError("cannot map it") from err
+    finally:
+        os.close(fd)
+
+
+def _read(mem: GuestMemoryMmap, source: bytes | str | os.PathLike[str]) -> bytes | mmap.mmap:
+    return source if isinstance(source, bytes) else map_payload(source, mem.size)
 
 
 def load_kernel(mem: GuestMemoryMmap, source: bytes | str | os.PathLike[str]) -> KernelImage:
     """Load an ELF vmlinux (PVH) or a bzImage into ``mem``.
 
-    :raises LoaderError: if the image is neither, or does not fit in RAM.
+    :raises LoaderError: if the image is neither, or does not fit in RAM, or ``source`` is not a
+        regular file no larger than the guest's RAM (:func:`map_payload`).
     """
-    data = _read(source)
+    data = _read(mem, source)
     if data[:4] == ELF_MAGIC:
         return load_elf(mem, data)
     if is_bzimage(data):
@@ -231,21 +253,14 @@ def load_initramfs(mem: GuestMemoryMmap, source: bytes | str | os.PathLike[str],
     :returns: ``(guest address, size)``.
     :raises LoaderError: if it cannot be read or does not fit above the kernel.
     """
-    if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            with open(source, "rb") as f:
-                data = f.read()
-        except OSError as err:
-            raise LoaderError(f"cannot read initramfs {os.fspath(source)!r}") from err
+    data = _read(mem, source)
     low_end = mem.regions[0].end
     top = min(low_end, kernel.initrd_addr_max + 1)
     addr = (top - len(data)) & ~0xFFF
     if addr < kernel.load_end:
         raise LoaderError(f"initramfs of {len(data)} bytes does not fit between the kernel and "
                           f"{top:#x}; give the guest more memory")
-    mem.write(addr, data)
+    mem.write(addr, memoryview(data))
     return addr, len(data)
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
+import os
+import signal
 import struct
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +24,7 @@ from vmsh.engine.boot.bootparams import (
     write_pvh_start_info,
 )
 from vmsh.engine.boot.configure import write_boot_tables
-from vmsh.engine.boot.loader import LoaderError, load_cmdline, load_initramfs, load_kernel
+from vmsh.engine.boot.loader import LoaderError, load_cmdline, load_initramfs, load_kernel, map_payload
 from vmsh.engine.memory import GuestMemoryMmap
 
 MEM = 64 << 20
@@ -86,8 +91,73 @@ def test_garbage_is_neither_elf_nor_bzimage(mem: GuestMemoryMmap) -> None:
 
 
 def test_missing_kernel_file(mem: GuestMemoryMmap, tmp_path: object) -> None:
-    with pytest.raises(LoaderError, match="cannot read kernel"):
+    with pytest.raises(LoaderError, match="^No such file or directory$"):
         load_kernel(mem, "/nonexistent/vmlinux")
+
+
+def _payload(kind: str, tmp_path: Path) -> str:
+    """A path that is not a loadable payload: a FIFO (opening it would block), a character
+    device without end, a directory, a sparse file larger than the 64 MiB of RAM."""
+    if kind == "fifo":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+        return str(path)
+    if kind == "big":
+        path = tmp_path / "big"
+        with open(path, "wb") as f:
+            f.truncate(MEM + 1)
+        return str(path)
+    return {"zero": "/dev/zero", "dir": str(tmp_path)}[kind]
+
+
+NOT_LOADABLE = [("fifo", "^not a regular file$"), ("zero", "^not a regular file$"),
+                ("dir", "^not a regular file$"),
+                ("big", f"^it is {MEM + 1} bytes, larger than the guest's {MEM} bytes of RAM$")]
+
+
+@pytest.fixture
+def deadline() -> Iterator[None]:
+    """Fail a test that blocks (as opening a FIFO for reading does) instead of hanging the run."""
+
+    def expired(_signum: int, _frame: object) -> None:
+        raise TimeoutError("the loader blocked")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(5)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.usefixtures("deadline")
+@pytest.mark.parametrize("kind, message", NOT_LOADABLE)
+def test_kernel_that_is_not_a_regular_file_within_ram_is_refused_at_once(
+        mem: GuestMemoryMmap, tmp_path: Path, kind: str, message: str) -> None:
+    with pytest.raises(LoaderError, match=message):
+        load_kernel(mem, _payload(kind, tmp_path))
+
+
+@pytest.mark.usefixtures("deadline")
+@pytest.mark.parametrize("kind, message", NOT_LOADABLE)
+def test_initramfs_that_is_not_a_regular_file_within_ram_is_refused_at_once(
+        mem: GuestMemoryMmap, tmp_path: Path, kind: str, message: str) -> None:
+    k = load_kernel(mem, make_elf())
+    with pytest.raises(LoaderError, match=message):
+        load_initramfs(mem, _payload(kind, tmp_path), k)
+
+
+def test_payload_files_are_mapped_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "initrd"
+    path.write_bytes(b"070701" + bytes(5000))
+    data = map_payload(str(path), MEM)
+    assert isinstance(data, mmap.mmap) and data[:6] == b"070701"
+
+
+def test_initramfs_file_is_loaded(mem: GuestMemoryMmap, tmp_path: Path) -> None:
+    path = tmp_path / "initrd"
+    path.write_bytes(b"070701" + bytes(5000))
+    addr, size = load_initramfs(mem, str(path), load_kernel(mem, make_elf()))
+    assert size == 5006 and mem.read(addr, 6) == b"070701"
 
 
 def test_initramfs_goes_page_aligned_to_the_top_of_low_ram(mem: GuestMemoryMmap) -> None:
