@@ -1,0 +1,63 @@
+"""virtio-blk serves raw images only: an image in qcow2, fixed VHD or VHDX format is refused when
+it is opened (exposed as raw, the guest's writes would destroy the format's metadata)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmsh.devices.virtio.block import VirtioBlock, detect_image_format
+from vmsh.errors import DeviceError
+
+SIZE = 1 << 20
+
+
+def _image(path: Path, head: bytes = b"", tail: bytes = b"") -> Path:
+    """A 1 MiB image with ``head`` at offset 0 and ``tail`` at the start of its last 512 bytes."""
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        f.write(head)
+        f.seek(SIZE - 512)
+        f.write(tail)
+    return path
+
+
+# The VHD footer: cookie, features, version 1.0, data offset all ones (fixed), ... (MS VHD spec)
+VHD_FOOTER = b"conectix" + bytes(4) + b"\x00\x01\x00\x00" + b"\xff" * 8
+FORMATS = [
+    ("qcow2", {"head": b"QFI\xfb\x00\x00\x00\x03"}),
+    ("VHD", {"tail": VHD_FOOTER}),
+    ("VHDX", {"head": b"vhdxfile"}),
+]
+
+
+@pytest.mark.parametrize("name, layout", FORMATS)
+@pytest.mark.parametrize("direct", [False, True])
+def test_non_raw_image_is_refused_naming_its_format(tmp_path: Path, name: str, layout: dict[str, bytes],
+                                                    direct: bool) -> None:
+    path = _image(tmp_path / "disk.img", **layout)
+    assert detect_image_format(str(path), SIZE) == name
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(DeviceError, match=f"^disk image {path} is in {name} format: vmsh serves raw images only"):
+        VirtioBlock(str(path), direct=direct)
+    assert len(os.listdir("/proc/self/fd")) == fds, "the image's descriptors are closed"
+
+
+@pytest.mark.parametrize("layout", [{}, {"head": b"QFI"}, {"head": b"vhdxfil"}, {"tail": b"conecti"},
+                                    {"head": b"conectix"}])
+def test_raw_images_are_served(tmp_path: Path, layout: dict[str, bytes]) -> None:
+    path = _image(tmp_path / "disk.img", **layout)
+    assert detect_image_format(str(path), SIZE) is None
+    disk = VirtioBlock(str(path))
+    try:
+        assert disk.capacity == SIZE >> 9
+    finally:
+        disk.close()
+
+
+def test_tiny_raw_image(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.img"
+    path.write_bytes(b"QF")
+    assert detect_image_format(str(path), 2) is None
