@@ -59,15 +59,15 @@ class Moot:
 Check = Describe | Refused | Elsewhere | Nested | Moot
 
 
-def D(base: list[str | None], variant: list[str | None]) -> Describe:  # noqa: N802 - table shorthand
+def D(base: list[str | None], variant: list[str | None]) -> Describe:
     return Describe(tuple(base), tuple(variant))
 
 
-def R(args: list[str | None], needle: str) -> Refused:  # noqa: N802 - table shorthand
+def R(args: list[str | None], needle: str) -> Refused:
     return Refused(tuple(args), needle)
 
 
-def E(test: str) -> Elsewhere:  # noqa: N802 - table shorthand
+def E(test: str) -> Elsewhere:
     return Elsewhere(test)
 
 
@@ -85,7 +85,10 @@ PMEM = "file={pmem}"
 VSOCK = "cid=3,socket={dir}/vsock.sock"
 TAP_TEST = "tests/unit/devices/backends/test_tap.py::test_host_side_is_configured"
 MEMORY_TEST = "tests/unit/engine/test_memory_bus.py::test_memory_prefault_and_mergeable_options_map"
-ZONE_FILE_TEST = "tests/engine/test_memory_zones.py::test_zones_are_laid_out_in_order_and_a_shared_file_zone_is_the_file"
+ZONE_FILE_TEST = ("tests/engine/test_memory_zones.py::"
+                  "test_zones_are_laid_out_in_order_and_a_shared_file_zone_is_the_file")
+HUGE_ZONE = ["--memory", "size=0", "--memory-zone", "id=z0,size=64M,hugepages=on,hugepage_size=1G"]
+PCI_SEG1 = "pci_segment=1,mmio32_aperture_weight=2"
 RATE_TEST = "tests/unit/devices/virtio/test_ratelimit_devices.py::test_block_bandwidth_limit_holds_requests_in_the_ring"
 GROUP_TEST = "tests/unit/devices/virtio/test_ratelimit_devices.py::test_block_group_shared_by_two_disks"
 AFFINITY_TEST = "tests/engine/test_launcher.py::test_affinity_pins_and_bad_host_cpu_is_refused"
@@ -123,7 +126,8 @@ TABLE: dict[str, Check] = {
     "MemoryConfig.hotplugged_size": R(["--memory", "size=64M,hotplugged_size=64M"],
                                       "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'"),
     "MemoryConfig.shared": E("tests/unit/engine/test_memory_bus.py::test_memory_create_shared_memfd_region"),
-    "MemoryConfig.hugepages": E("tests/unit/engine/test_memory_bus.py::test_memory_hugepages_unavailable_is_a_clean_error"),
+    "MemoryConfig.hugepages": E(
+        "tests/unit/engine/test_memory_bus.py::test_memory_hugepages_unavailable_is_a_clean_error"),
     # acted on: this host has no 1 GiB huge pages, so mapping the RAM fails
     "MemoryConfig.hugepage_size": R(["--memory", "size=64M,hugepages=on,hugepage_size=1G"], "cannot map"),
     "MemoryConfig.prefault": E(MEMORY_TEST),
@@ -135,10 +139,8 @@ TABLE: dict[str, Check] = {
                                ["--memory", "size=0", "--memory-zone", "id=z0,size=128M"]),
     "MemoryZoneConfig.file": E(ZONE_FILE_TEST),
     "MemoryZoneConfig.shared": E(ZONE_FILE_TEST),
-    "MemoryZoneConfig.hugepages": R(["--memory", "size=0", "--memory-zone", "id=z0,size=64M,hugepages=on,hugepage_size=1G"],
-                                    "cannot map"),
-    "MemoryZoneConfig.hugepage_size": R(["--memory", "size=0",
-                                         "--memory-zone", "id=z0,size=64M,hugepages=on,hugepage_size=1G"], "cannot map"),
+    "MemoryZoneConfig.hugepages": R(HUGE_ZONE, "cannot map"),
+    "MemoryZoneConfig.hugepage_size": R(HUGE_ZONE, "cannot map"),
     "MemoryZoneConfig.host_numa_node": R(["--memory", "size=0", "--memory-zone", "id=z0,size=64M,host_numa_node=99"],
                                          "node 99"),
     "MemoryZoneConfig.hotplug_size": R(["--memory", "size=0", "--memory-zone", "id=z0,size=64M,hotplug_size=64M"],
@@ -158,11 +160,13 @@ TABLE: dict[str, Check] = {
     "RateLimiterGroupConfig.id": E(GROUP_TEST),
     "RateLimiterGroupConfig.rate_limiter_config": E(GROUP_TEST),
     "RateLimiterConfig.bandwidth": E(RATE_TEST),
-    "RateLimiterConfig.ops": E("tests/unit/devices/virtio/test_ratelimit_devices.py::test_block_ops_limit_counts_every_request"),
+    "RateLimiterConfig.ops": E(
+        "tests/unit/devices/virtio/test_ratelimit_devices.py::test_block_ops_limit_counts_every_request"),
     "TokenBucketConfig.size": E(RATE_TEST),
     "TokenBucketConfig.one_time_burst": E(
         "tests/unit/devices/test_ratelimit.py::test_bucket_one_time_burst_spent_first_and_not_refilled"),
-    "TokenBucketConfig.refill_time": E("tests/unit/devices/test_ratelimit.py::test_bucket_starts_full_and_refills_at_its_rate"),
+    "TokenBucketConfig.refill_time": E(
+        "tests/unit/devices/test_ratelimit.py::test_bucket_starts_full_and_refills_at_its_rate"),
     # --- disks
     "VmConfig.disks": D([], DISK),
     "DiskConfig.path": D(DISK, ["--disk", "path={disk2}"]),
@@ -267,7 +271,8 @@ TABLE: dict[str, Check] = {
     "VsockConfig.pci_segment": D([*SEG2, "--vsock", VSOCK], [*SEG2, "--vsock", VSOCK + ",pci_segment=1"]),
     # --- the rest
     "VmConfig.pvpanic": D([], ["--pvpanic"]),
-    "VmConfig.iommu": R(["--platform", "num_pci_segments=2,iommu_segments=[1]"], f"--platform iommu_segments ({NO_IOMMU})"),
+    "VmConfig.iommu": R(["--platform", "num_pci_segments=2,iommu_segments=[1]"],
+                        f"--platform iommu_segments ({NO_IOMMU})"),
     "VmConfig.sgx_epc": R(["--sgx-epc", "id=e0,size=64M"], "--sgx-epc"),
     "SgxEpcConfig.id": R(["--sgx-epc", "id=e0,size=64M"], "--sgx-epc"),
     "SgxEpcConfig.size": R(["--sgx-epc", "id=e0,size=64M"], "--sgx-epc"),
@@ -279,15 +284,16 @@ TABLE: dict[str, Check] = {
     "NumaDistance.destination": R(NUMA, "--numa"),
     "NumaDistance.distance": R(NUMA, "--numa"),
     "NumaConfig.memory_zones": R(NUMA, "--numa"),
-    "NumaConfig.sgx_epc_sections": R(["--numa", "guest_numa_id=0,sgx_epc_sections=[e0]", "--sgx-epc", "id=e0,size=64M"],
-                                     "--numa"),
+    "NumaConfig.sgx_epc_sections": R(["--numa", "guest_numa_id=0,sgx_epc_sections=[e0]",
+                                      "--sgx-epc", "id=e0,size=64M"], "--numa"),
     "NumaConfig.pci_segments": R(["--numa", "guest_numa_id=0,pci_segments=[0]"], "--numa"),
     "VmConfig.watchdog": D([], ["--watchdog"]),
-    "VmConfig.pci_segments": D(SEG2, [*SEG2, "--pci-segment", "pci_segment=1,mmio32_aperture_weight=2"]),
+    "VmConfig.pci_segments": D(SEG2, [*SEG2, "--pci-segment", PCI_SEG1]),
     "PciSegmentConfig.pci_segment": D([*SEG2, "--pci-segment", "pci_segment=0,mmio32_aperture_weight=2"],
-                                      [*SEG2, "--pci-segment", "pci_segment=1,mmio32_aperture_weight=2"]),
-    "PciSegmentConfig.mmio32_aperture_weight": D(SEG2, [*SEG2, "--pci-segment", "pci_segment=1,mmio32_aperture_weight=2"]),
-    "PciSegmentConfig.mmio64_aperture_weight": D(SEG2, [*SEG2, "--pci-segment", "pci_segment=1,mmio64_aperture_weight=2"]),
+                                      [*SEG2, "--pci-segment", PCI_SEG1]),
+    "PciSegmentConfig.mmio32_aperture_weight": D(SEG2, [*SEG2, "--pci-segment", PCI_SEG1]),
+    "PciSegmentConfig.mmio64_aperture_weight": D(SEG2, [*SEG2, "--pci-segment",
+                                                        "pci_segment=1,mmio64_aperture_weight=2"]),
     "VmConfig.platform": N,
     "PlatformConfig.num_pci_segments": D([], SEG2),
     "PlatformConfig.iommu_segments": R(["--platform", "num_pci_segments=2,iommu_segments=[1]"],

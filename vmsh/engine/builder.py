@@ -115,7 +115,7 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
         ("--memory hotplug_size", cfg.memory.hotplug_size),
         ("--memory-zone hotplug_size", any(z.hotplug_size is not None for z in cfg.memory.zones or [])),
         (f"--platform iommu_segments {no_iommu}", cfg.platform and cfg.platform.iommu_segments),
-        (f"--rng iommu=on {no_iommu}", cfg.rng is not None and cfg.rng.iommu),
+        (f"--rng iommu=on {no_iommu}", cfg.rng.iommu),
         (f"--console iommu=on {no_iommu}", cfg.console.iommu),
         (f"--serial iommu=on {no_iommu}", cfg.serial.iommu),
         ("--cpus features=[amx] (not implemented in vmsh"

@@ -91,7 +91,7 @@ def test_garbage_is_neither_elf_nor_bzimage(mem: GuestMemoryMmap) -> None:
 
 
 def test_missing_kernel_file(mem: GuestMemoryMmap, tmp_path: object) -> None:
-    with pytest.raises(LoaderError, match="^No such file or directory$"):
+    with pytest.raises(LoaderError, match=r"^No such file or directory$"):
         load_kernel(mem, "/nonexistent/vmlinux")
 
 
