@@ -164,3 +164,35 @@ def test_hot_added_disk_image_in_another_format_is_refused(vm: Vm, tmp_path: Pat
         vm.hotplug_device("disks", m.DiskConfig(path=path, id="hot0"))
     assert f"disk image {path} is in {fmt} format" in ": ".join(error_chain(info.value))
     assert vm.devices is not None and "hot0" not in vm.devices.devices
+
+
+@pytest.mark.parametrize("case", ["fifo", "zero", "console-socket"])
+def test_api_boot_answers_with_the_error_and_keeps_serving(kernel: str, tmp_path: Path, case: str) -> None:
+    """Over the API: ``vm.boot`` answers at once with the error (no 500 traceback, no hang on a
+    FIFO, no gigabytes read from /dev/zero) and the API goes on answering."""
+    from vmsh.api.client import ApiClient, ApiError
+    from vmsh.harness.waiting import wait_until
+
+    api = tmp_path / "api.sock"
+    config: dict[str, object] = {"payload": {"kernel": kernel}, "memory": {"size": RAM},
+                                 "serial": {"mode": "Null"}, "console": {"mode": "Off"}}
+    if case == "console-socket":
+        config["console"] = {"mode": "Socket", "socket": str(tmp_path / "console.sock")}
+        expected = "No socket option support for console device"
+    else:
+        path = _not_loadable(case, tmp_path)
+        config["payload"] = {"kernel": path}
+        expected = f"Cannot load the kernel {path}: not a regular file"
+    proc = subprocess.Popen([*LAUNCH, "--api-socket", str(api)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(api.exists, 30, f"the VMM's API socket {api}", process=proc)
+        with ApiClient(str(api), timeout=20) as client:
+            client.put("vm.create", config)
+            with pytest.raises(ApiError) as info:
+                client.put("vm.boot")
+            assert info.value.messages == ["Error from API", *expected.split(": ")]
+            assert not any("Traceback" in m or "AssertionError" in m for m in info.value.messages)
+            assert client.get("vmm.ping")["version"]
+    finally:
+        proc.kill()
+        proc.wait()
