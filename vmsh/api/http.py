@@ -62,6 +62,10 @@ SERVER_NAME = "Cloud Hypervisor API"
 _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_FIRST = 0.01
 _BACKOFF_MAX = 1.0
+# After an error reply: how long and how much of the rest of the request is read and dropped
+_LINGER_SECONDS = 2.0
+_LINGER_QUIET = 0.2
+_LINGER_BYTES = 2 * MAX_BODY
 # The end of a request head, with CRLF or bare-LF line ends (as h11 accepts them).
 _HEAD_END = re.compile(rb"\n\r?\n")
 
@@ -265,6 +269,17 @@ class ApiServer:
         try:
             conn.settimeout(1.0)
             conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+            conn.shutdown(socket.SHUT_WR)
+            # Closing with unread bytes would reset the connection and could discard the reply
+            # before the client reads it: read what the client still sends, for a short while.
+            deadline = time.monotonic() + _LINGER_SECONDS
+            conn.settimeout(_LINGER_QUIET)
+            drained = 0
+            while time.monotonic() < deadline and drained < _LINGER_BYTES:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
         except OSError:
             pass
 
