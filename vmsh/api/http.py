@@ -536,7 +536,6 @@ class _Reader:
         """Send the reply to ``request``; False when the connection must close after it."""
         framer = request.framer
         assert framer is not None
-        keep_alive = framer.their_state is h11.DONE and framer.our_state is h11.SEND_RESPONSE
         headers = [("Server", SERVER_NAME), ("Connection", "keep-alive")]
         if payload is not None:
             headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
@@ -549,4 +548,6 @@ class _Reader:
         data += framer.send(h11.EndOfMessage()) or b""
         self.conn.settimeout(self.server.body_timeout)
         self.conn.sendall(data or b"")
-        return keep_alive and framer.our_state is h11.DONE
+        # h11 has decided: DONE keeps the connection (HTTP/1.1 without "Connection: close"),
+        # MUST_CLOSE ends it
+        return framer.our_state is h11.DONE

@@ -3,12 +3,12 @@ resource exhaustion, deadlines, the connection bound and the listen queue."""
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import logging
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -117,8 +117,8 @@ def test_fds_of_rejected_requests_are_closed(served) -> None:
                     client.put("vm.add-net", {"num_queues": 4}, fds=[r, w])
             # a request the framing refuses
             with connect(sock) as raw:
-                import array
-                raw.sendmsg([b"\x00garbage\r\n\r\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
+                rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))
+                raw.sendmsg([b"\x00garbage\r\n\r\n"], [rights])
                 assert read_all(raw).startswith(b"HTTP/1.1 400 ")
         assert wait_for(lambda: open_fds() <= before), f"{open_fds() - before} descriptors leaked"
     finally:
@@ -404,4 +404,3 @@ def test_closed_server_stops_its_accept_loop(tmp_path: Path) -> None:
     server.close()
     server._thread.join(timeout=5)
     assert not server._thread.is_alive()
-    assert threading.active_count() >= 1
