@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -310,8 +311,6 @@ class ApiServer:
             return err.status, _error_body(err.messages)
         except VmshError as err:
             return status_of(err), _error_body(["Error from API", *error_chain(err)])
-        except RecursionError:  # a value nested deeper than the decoder can walk
-            return 400, _error_body(["Error from API", "The request body is nested too deeply"])
         except Exception as err:  # a bug must not take the VMM down with it
             LOG.exception("API request %s %s failed", method, path)
             return 500, _error_body(["Error from API", f"internal error: {err!r}"])
@@ -373,7 +372,11 @@ def _decode_body(action: Action, body: bytes | None) -> Any:
     except RecursionError:
         raise HttpError(400, "Error from API", "Malformed JSON body: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as err:
-        # JSONDecodeError, and ValueError for an integer over Python's digit limit
+        if not isinstance(err, json.JSONDecodeError | UnicodeDecodeError):
+            # an integer over Python's digit limit for str -> int
+            limit = sys.get_int_max_str_digits()
+            raise HttpError(400, "Error from API", f"Malformed JSON body: a number has more than {limit} digits") \
+                from None
         raise HttpError(400, "Error from API", f"Malformed JSON body: {err}") from None
     try:
         return from_json_value(action.body, value)
