@@ -419,10 +419,10 @@ class _Reader:
     """Reads HTTP/1.1 requests (and SCM_RIGHTS descriptors) from one connection, and writes the
     replies.
 
-    Each request gets a fresh h11 connection. Its head is gathered here first, for two checks
-    h11 does differently from cloud-hypervisor's server: h11 merges repeated identical
-    Content-Length headers (refused here, as request smuggling needs them), and h11 requires a
-    Host header of HTTP/1.1 requests (cloud-hypervisor does not; one is supplied).
+    Each request gets a fresh h11 connection. Its head is gathered here first, for what h11 does
+    differently: h11 merges repeated identical Content-Length headers and takes Content-Length
+    with Transfer-Encoding (both refused here: request smuggling needs them), and h11 requires
+    a Host header of HTTP/1.1 requests (cloud-hypervisor's server does not; one is supplied).
     """
 
     def __init__(self, conn: socket.socket, server: ApiServer) -> None:
@@ -486,6 +486,9 @@ class _Reader:
         names = [line.split(b":", 1)[0].strip().lower() for line in lines[1:] if b":" in line]
         if names.count(b"content-length") > 1:
             raise HttpError(400, "Duplicate Content-Length header")
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # RFC 9112 section 6.3: a sign of request smuggling, which a server may refuse
+            raise HttpError(400, "Content-Length and Transfer-Encoding in one request")
         if b"host" not in names and lines[0].rstrip(b"\r").endswith(b" HTTP/1.1"):
             head = lines[0] + b"\nHost: localhost\r\n" + b"\n".join(lines[1:])
         return head

@@ -272,6 +272,13 @@ def test_bad_content_length_is_400(served, lengths: tuple[bytes, ...]) -> None:
     assert status == 400 and isinstance(json.loads(payload), list)
 
 
+def test_length_and_transfer_coding_together_are_400(served) -> None:
+    _server, sock = served
+    data = exchange(sock, b"PUT /api/v1/vm.snapshot HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + PING)
+    assert [status for status, _ in responses(data)] == [400]
+
+
 def test_head_gets_no_body(served) -> None:
     _server, sock = served
     data = exchange(sock, b"HEAD /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n"
