@@ -499,8 +499,9 @@ class _Reader:
             return None
         framer = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
         framer.receive_data(self._check_head(head))
-        framer.receive_data(self.buf)
-        self.buf = b""
+        if self.buf:  # (receive_data(b"") would tell h11 the client hung up)
+            framer.receive_data(self.buf)
+            self.buf = b""
         deadline = time.monotonic() + self.server.header_timeout
         late = _Timeout(408, "The request body did not arrive in time")
         request: _Request | None = None

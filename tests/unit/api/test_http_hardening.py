@@ -238,6 +238,25 @@ def test_chunked_body_is_read_and_the_connection_stays_in_step(served) -> None:
     assert json.loads(payload)["config"]["disks"][0]["id"] == "d0"
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_body_sent_after_the_head_in_pieces(served, chunked: bool) -> None:
+    _server, sock = served
+    body = json.dumps(BODY).encode()
+    if chunked:
+        head = b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        pieces = [b"%x\r\n%s\r\n" % (len(body), body), b"0\r\n\r\n"]
+    else:
+        head = b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        pieces = [body[:5], body[5:]]
+    with connect(sock) as raw:
+        for data in (head, *pieces):
+            raw.sendall(data)
+            time.sleep(0.1)  # each its own read on the server's side
+        raw.sendall(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        (created, _), (info, _) = responses(read_all(raw))
+    assert (created, info) == (204, 200)
+
+
 def test_chunked_body_over_the_limit_is_413(served) -> None:
     _server, sock = served
     chunk = b"x" * (1 << 20)
