@@ -41,7 +41,7 @@ _RESPONSES: dict[str, dict[str, Any]] = {
             "config": {"$ref": "#/components/schemas/VmConfig"},
             "state": {"type": "string", "enum": ["Created", "Running", "Shutdown", "Paused", "BreakPoint"]},
             "memory_actual_size": {"type": "integer", "format": "int64"},
-            "device_tree": {"type": "object"},
+            "device_tree": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/DeviceNode"}},
         },
     },
     "vm.describe": {
@@ -94,6 +94,32 @@ _RESPONSES: dict[str, dict[str, Any]] = {
 }
 
 
+#: schemas the replies refer to (cloud-hypervisor's names)
+_SHARED: dict[str, dict[str, Any]] = {
+    "DeviceNode": {
+        "type": "object",
+        "description": "One node of vm.info's device tree, keyed by its id: a device, or the PCI "
+                       "transport that carries it (parent and children link them).",
+        "properties": {
+            "id": {"type": "string"},
+            "resources": {"type": "array", "items": {"type": "object"}},
+            "parent": {"type": "string", "nullable": True},
+            "children": {"type": "array", "items": {"type": "string"}},
+            "pci_bdf": {"type": "string", "nullable": True},
+        },
+    },
+    "PciDeviceInfo": {
+        "type": "object",
+        "description": "The PCI address a device hot-added to a running VM got.",
+        "required": ["id", "bdf"],
+        "properties": {"id": {"type": "string"}, "bdf": {"type": "string"}},
+    },
+}
+
+#: the add-* actions: 200 with a PciDeviceInfo on a running VM (hotplug), 204 before boot
+_HOTPLUG_PREFIX = "add-"
+
+
 def _type_schema(tp: Any, kind: str | None, schemas: dict[str, Any]) -> dict[str, Any]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -113,10 +139,13 @@ def _type_schema(tp: Any, kind: str | None, schemas: dict[str, Any]) -> dict[str
         if kind == "fd":
             return {"type": "integer", "format": "int32"}
         low, high = INT_RANGES[kind or "u64"]
-        schema: dict[str, Any] = {"type": "integer", "minimum": low}
-        if high < 1 << 63:
-            schema["maximum"] = high
-        schema["format"] = "int32" if high <= 0x7FFF_FFFF else "int64"
+        schema: dict[str, Any] = {"type": "integer", "minimum": low, "maximum": high}
+        if high <= 0x7FFF_FFFF:
+            schema["format"] = "int32"
+        elif high < 1 << 63:
+            schema["format"] = "int64"
+        else:
+            schema["format"] = "uint64"  # OpenAPI's int64 would say 2^63 - 1 is the largest
         return schema
     if tp is str:
         if kind == "ipv4":
@@ -150,7 +179,7 @@ def _add_schema(cls: type, schemas: dict[str, Any]) -> None:
 
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI document of the API."""
-    schemas: dict[str, Any] = {}
+    schemas: dict[str, Any] = dict(_SHARED)
     schemas["ErrorChain"] = {"type": "array", "items": {"type": "string"},
                              "description": "The error and its causes, outermost first."}
     paths: dict[str, Any] = {}
@@ -181,6 +210,12 @@ def build_openapi() -> dict[str, Any]:
                 "description": "OK",
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
             }
+        elif action.name.startswith(_HOTPLUG_PREFIX):
+            op["responses"]["200"] = {
+                "description": "The device was hot-added to the running VM",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PciDeviceInfo"}}},
+            }
+            op["responses"]["204"] = {"description": "The device was added to the VM's config (not booted yet)"}
         elif endpoint == "vmm.shutdown":
             op["responses"]["204"] = {"description": "The VMM shuts down"}
         else:

@@ -310,7 +310,17 @@ class Vm:
         return result
 
     def info(self) -> dict[str, Any]:
-        return {}
+        """What ``vm.info`` adds to the config and state: cloud-hypervisor's ``device_tree``
+        (each node with id, resources, parent, children and pci_bdf, as its DeviceNode has)."""
+        if self.devices is None:
+            return {}
+        tree = self.devices.device_tree()
+        for node in tree.values():
+            node.setdefault("resources", [])
+            node.setdefault("parent", None)
+            node.setdefault("children", [])
+            node.setdefault("pci_bdf", None)
+        return {"device_tree": tree}
 
     #: the KVM statistics worth a line at exit with ``-v``
     SUMMARY_STATS = ("exits", "io_exits", "mmio_exits", "halt_exits", "insn_emulation", "insn_emulation_fail",

@@ -88,3 +88,51 @@ def test_schema_rejects_what_the_server_rejects(client) -> None:
     with pytest.raises(ApiError) as info:
         client.put("vm.create", bad)
     assert info.value.status == 400
+
+
+def test_hot_add_replies_are_documented_as_pci_device_info() -> None:
+    from vmsh.engine.hotplug import bdf
+
+    adds = [a for a in ACTIONS if a.name.startswith("add-")]
+    assert adds
+    for action in adds:
+        responses = SPEC["paths"][f"/{action.endpoint}"]["put"]["responses"]
+        schema = responses["200"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/PciDeviceInfo"}
+        assert "204" in responses
+    # what HotplugManager.add returns fits it
+    jsonschema.validate({"id": "_disk1", "bdf": bdf(0, 5)}, schema_for(schema))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"id": "_disk1"}, schema_for(schema))
+
+
+def test_u64_fields_document_their_maximum(client) -> None:
+    size = SPEC["components"]["schemas"]["MemoryConfig"]["properties"]["size"]
+    assert (size["minimum"], size["maximum"], size["format"]) == (0, (1 << 64) - 1, "uint64")
+    too_big = {"payload": {"kernel": "/k"}, "memory": {"size": 1 << 64}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(too_big, schema_for({"$ref": "#/components/schemas/VmConfig"}))
+    with pytest.raises(ApiError) as info:
+        client.put("vm.create", too_big)
+    assert info.value.status == 400
+
+
+def test_vm_info_device_tree_has_cloud_hypervisors_node_shape() -> None:
+    from types import SimpleNamespace
+
+    from vmsh.engine.device_manager import DeviceManager
+    from vmsh.engine.vm import Vm
+
+    devices = DeviceManager.__new__(DeviceManager)
+    devices.devices = {"_disk0": SimpleNamespace(segment=0, slot=3)}  # type: ignore[dict-item]  # only placement
+    vm = Vm.__new__(Vm)
+    vm.devices = devices
+    info = vm.info()
+    tree = info["device_tree"]
+    assert set(tree) == {"_disk0", "_virtio-pci-_disk0"}
+    for node_id, node in tree.items():
+        assert set(node) == {"id", "resources", "parent", "children", "pci_bdf"} and node["id"] == node_id
+    assert tree["_disk0"]["parent"] == "_virtio-pci-_disk0"
+    assert tree["_virtio-pci-_disk0"]["children"] == ["_disk0"]
+    assert tree["_virtio-pci-_disk0"]["pci_bdf"] == "0000:00:03.0"
+    validate_response("vm.info", {"config": {"payload": {"kernel": "/k"}}, "state": "Running", **info})
