@@ -130,7 +130,7 @@ class DeviceManager:
 
     def _plug(self, dev_id: str, function: PciFunctionModel, segment: int, slot: int | None, bar64: bool,
               router: KvmMsiRouter | None, queues: int) -> PciDevice:
-        entry = PciDevice(dev_id, segment, -1, function, router, queues=queues)
+        entry = PciDevice(dev_id, segment, -1, function, router, queues=queues, bar64=bar64)
         try:
             entry.slot = self.buses[segment].add(LockedPciFunction(entry, self._bar_written), slot)
         except ValueError as err:
@@ -383,12 +383,17 @@ class DeviceManager:
         return {dev_id: dict(entry.transport.counters()) for dev_id, entry in self.devices.items()}
 
     def device_tree(self) -> dict[str, dict[str, Any]]:
-        """Each device's id, its ``_virtio-pci-<id>`` transport and its PCI address."""
+        """cloud-hypervisor's ``device_tree`` of ``vm.info``: each PCI device's node, the child of
+        its ``_virtio-pci-<id>`` transport node, which has the PCI address and BAR 0 (a
+        ``PciBar`` resource, as its ``vm-device`` crate serializes one)."""
         tree: dict[str, dict[str, Any]] = {}
         for dev_id, entry in self.devices.items():
-            bdf = f"{entry.segment:04x}:00:{entry.slot:02x}.0"
-            tree[dev_id] = {"id": dev_id, "parent": f"_virtio-pci-{dev_id}", "pci_bdf": bdf}
-            tree[f"_virtio-pci-{dev_id}"] = {"id": f"_virtio-pci-{dev_id}", "children": [dev_id], "pci_bdf": bdf}
+            transport = f"_virtio-pci-{dev_id}"
+            bar = {"index": 0, "base": entry.transport.bar_address(), "size": entry.transport.BAR_SIZE,
+                   "type_": "Mmio64" if entry.bar64 else "Mmio32", "prefetchable": False}
+            tree[dev_id] = {"id": dev_id, "resources": [], "parent": transport, "children": [], "pci_bdf": None}
+            tree[transport] = {"id": transport, "resources": [{"PciBar": bar}], "parent": None,
+                               "children": [dev_id], "pci_bdf": f"{entry.segment:04x}:00:{entry.slot:02x}.0"}
         return tree
 
 

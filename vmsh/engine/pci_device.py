@@ -96,6 +96,8 @@ class PciDevice:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: virtqueues served through ioeventfds (0 for a device without queues)
     queues: int = 0
+    #: BAR 0 is a 64-bit memory BAR
+    bar64: bool = False
     mapped: BusRange | None = None
     notify_fds: list[tuple[int, int]] = field(default_factory=list)  # (fd, guest address)
     #: where the guest has moved BAR 0 and the manager has not followed yet (under ``lock``)

@@ -314,13 +314,7 @@ class Vm:
         (each node with id, resources, parent, children and pci_bdf, as its DeviceNode has)."""
         if self.devices is None:
             return {}
-        tree = self.devices.device_tree()
-        for node in tree.values():
-            node.setdefault("resources", [])
-            node.setdefault("parent", None)
-            node.setdefault("children", [])
-            node.setdefault("pci_bdf", None)
-        return {"device_tree": tree}
+        return {"device_tree": self.devices.device_tree()}
 
     #: the KVM statistics worth a line at exit with ``-v``
     SUMMARY_STATS = ("exits", "io_exits", "mmio_exits", "halt_exits", "insn_emulation", "insn_emulation_fail",

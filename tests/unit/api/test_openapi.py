@@ -124,7 +124,9 @@ def test_vm_info_device_tree_has_cloud_hypervisors_node_shape() -> None:
     from vmsh.engine.vm import Vm
 
     devices = DeviceManager.__new__(DeviceManager)
-    devices.devices = {"_disk0": SimpleNamespace(segment=0, slot=3)}  # type: ignore[dict-item]  # only placement
+    transport = SimpleNamespace(bar_address=lambda: 0xC000_0000, BAR_SIZE=0x80000)
+    # only what the tree shows: placement and BAR 0
+    devices.devices = {"_disk0": SimpleNamespace(segment=0, slot=3, transport=transport, bar64=False)}  # type: ignore[dict-item]
     vm = Vm.__new__(Vm)
     vm.devices = devices
     info = vm.info()
@@ -134,5 +136,7 @@ def test_vm_info_device_tree_has_cloud_hypervisors_node_shape() -> None:
         assert set(node) == {"id", "resources", "parent", "children", "pci_bdf"} and node["id"] == node_id
     assert tree["_disk0"]["parent"] == "_virtio-pci-_disk0"
     assert tree["_virtio-pci-_disk0"]["children"] == ["_disk0"]
-    assert tree["_virtio-pci-_disk0"]["pci_bdf"] == "0000:00:03.0"
+    assert tree["_virtio-pci-_disk0"]["pci_bdf"] == "0000:00:03.0" and tree["_disk0"]["pci_bdf"] is None
+    assert tree["_virtio-pci-_disk0"]["resources"] == [
+        {"PciBar": {"index": 0, "base": 0xC000_0000, "size": 0x80000, "type_": "Mmio32", "prefetchable": False}}]
     validate_response("vm.info", {"config": {"payload": {"kernel": "/k"}}, "state": "Running", **info})
