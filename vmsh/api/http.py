@@ -21,6 +21,7 @@ import threading
 from typing import Any
 
 from vmsh.config.serde import JsonValueError, from_json_value
+from vmsh.engine import seccomp
 from vmsh.engine.actions import ACTIONS_BY_PATH, Action
 from vmsh.engine.vmm import Vmm
 from vmsh.errors import (
@@ -102,7 +103,8 @@ class ApiServer:
         else:
             raise ValueError("ApiServer needs a path or a descriptor")
         self.sock.listen(16)
-        self._thread = threading.Thread(target=self._accept_loop, name="http-server", daemon=True)
+        self._thread = threading.Thread(target=seccomp.confined(seccomp.ThreadKind.API_SERVER, self._accept_loop),
+                                        name="http-server", daemon=True)
 
     def start(self) -> ApiServer:
         self._thread.start()
@@ -139,7 +141,8 @@ class ApiServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="http-conn", daemon=True).start()
+            threading.Thread(target=seccomp.confined(seccomp.ThreadKind.API_CONNECTION, self._serve), args=(conn,),
+                             name="http-conn", daemon=True).start()
 
     # --- one connection -------------------------------------------------------------------------
 
