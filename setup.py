@@ -1,4 +1,5 @@
-"""Build hook: compiles the cffi modules (``vmsh._native``: KVM; ``vmsh._seccomp``: libseccomp); metadata lives in pyproject.toml."""
+"""Build hook: compiles the cffi modules (``vmsh._native``: KVM; ``vmsh._seccomp``: libseccomp);
+metadata lives in pyproject.toml."""
 
 from setuptools import setup
 

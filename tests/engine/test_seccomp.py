@@ -107,8 +107,9 @@ def _kernel_log() -> str:
 
 
 def test_forbidden_call_under_log_is_logged_and_the_vmm_goes_on(tmp_path: Path) -> None:
-    proc = subprocess.Popen([*LAUNCH, "--kernel", _kernel(tmp_path, tiny_kernel.hello_poweroff()), "--serial", "tty",
-                             "--console", "off", "--seccomp", "log"], env=dict(os.environ, **{FORBIDDEN_CALL_ENV: "vcpu0"}),
+    k = _kernel(tmp_path, tiny_kernel.hello_poweroff())
+    proc = subprocess.Popen([*LAUNCH, "--kernel", k, "--serial", "tty", "--console", "off", "--seccomp", "log"],
+                            env=dict(os.environ, **{FORBIDDEN_CALL_ENV: "vcpu0"}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
