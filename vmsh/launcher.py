@@ -81,6 +81,9 @@ def main(argv: list[str]) -> int:
         if not has_payload(args) and vmm.restore is None and vmm.api_socket is None:
             raise VmshError("Nothing to run: give --kernel or --firmware, --restore, or --api-socket")
         cfg = normalize(vm_config_from_args(args)) if has_payload(args) else None
+        from vmsh.engine import seccomp
+
+        seccomp.configure(vmm.seccomp)  # each thread installs its filter once its setup is done
         return run(vmm, cfg)
     except VmshError as err:
         print_error(err)
@@ -184,6 +187,11 @@ def run(opts: VmmOptions, cfg: VmConfig | None, *,
                 vmm.do("vm.boot")
         elif opts.restore is not None:
             vmm.do("vm.restore", opts.restore)
+        from vmsh.engine import seccomp
+
+        # Setup is done: the main thread only runs the control loop from here (a no-op unless
+        # main() configured --seccomp).
+        seccomp.apply(seccomp.ThreadKind.VMM, "vmm")
         vmm.run_control_loop(until=lambda: bool(received))
         if not vmm.exited.is_set():  # a signal: stop after what is already queued
             vmm.guest_event(GuestEvent.STOP, f"signal {signal.Signals(received[0]).name}")

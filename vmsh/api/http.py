@@ -34,6 +34,7 @@ from typing import Any
 import h11
 
 from vmsh.config.serde import JsonValueError, from_json_value
+from vmsh.engine import seccomp
 from vmsh.engine.actions import ACTIONS_BY_PATH, Action
 from vmsh.engine.vmm import Vmm
 from vmsh.errors import (
@@ -152,7 +153,8 @@ class ApiServer:
             raise ValueError("ApiServer needs a path or a descriptor")
         self.sock.listen(LISTEN_BACKLOG)
         self._slots: threading.BoundedSemaphore | None = None
-        self._thread = threading.Thread(target=self._accept_loop, name="http-server", daemon=True)
+        self._thread = threading.Thread(target=seccomp.confined(seccomp.ThreadKind.API_SERVER, self._accept_loop),
+                                        name="http-server", daemon=True)
 
     def start(self) -> ApiServer:
         self._slots = threading.BoundedSemaphore(self.max_connections)
@@ -193,7 +195,8 @@ class ApiServer:
 
     def _spawn(self, conn: socket.socket) -> None:
         """Start the thread that serves ``conn`` (a seam for tests that make it fail)."""
-        threading.Thread(target=self._serve, args=(conn,), name="http-conn", daemon=True).start()
+        threading.Thread(target=seccomp.confined(seccomp.ThreadKind.API_CONNECTION, self._serve), args=(conn,),
+                         name="http-conn", daemon=True).start()
 
     def _accept_loop(self) -> None:
         assert self._slots is not None, "start() made the slots"

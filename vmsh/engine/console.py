@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmsh.config.model import ConsoleOutputMode
+from vmsh.engine import seccomp
 from vmsh.errors import DeviceError
 
 LOG = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _pump(fd: int, sink: InputSink, stop: threading.Event, name: str) -> None:
                 if data:
                     stop.wait(0.005)
 
-    threading.Thread(target=body, name=name, daemon=True).start()
+    threading.Thread(target=seccomp.confined(seccomp.ThreadKind.CONSOLE, body), name=name, daemon=True).start()
 
 
 class FdBackend(ConsoleBackend):
@@ -194,7 +195,8 @@ class SocketBackend(ConsoleBackend):
         self._stop = threading.Event()
         self._sink: InputSink | None = None
         self._input_started = threading.Event()
-        threading.Thread(target=self._accept, name="console-socket", daemon=True).start()
+        threading.Thread(target=seccomp.confined(seccomp.ThreadKind.CONSOLE, self._accept), name="console-socket",
+                         daemon=True).start()
 
     def _accept(self) -> None:
         while not self._stop.is_set():

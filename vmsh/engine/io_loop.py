@@ -17,6 +17,8 @@ import select
 import threading
 from collections.abc import Callable
 
+from vmsh.engine import seccomp
+
 LOG = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
@@ -69,7 +71,8 @@ class IoLoop:
         """Start the thread (once)."""
         if self._thread is None:
             self._paused.clear()
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread = threading.Thread(target=seccomp.confined(seccomp.ThreadKind.IO, self._run), name=self.name,
+                                            daemon=True)
             self._thread.start()
 
     def pause(self) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmsh._native import ffi, lib
+from vmsh.engine import seccomp
 from vmsh.engine.bus import Bus
 from vmsh.engine.kvm_ioctl import KvmIoctlError
 from vmsh.engine.kvm_vcpu import (
@@ -299,6 +300,7 @@ class Vcpu:
                 if affinity:
                     # pid 0 = the calling thread: sched_setaffinity is per thread on Linux.
                     os.sched_setaffinity(0, affinity)
+                seccomp.apply(seccomp.ThreadKind.VCPU)  # setup done: only the loop's calls from here
                 self.stop_reason = self.run()
             except BaseException as err:
                 self.error = err
