@@ -12,6 +12,7 @@ Every front-end goes through these functions:
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from vmsh.config.launcher_args import LauncherArgs, parse_argv, vm_config_from_args
@@ -48,6 +49,15 @@ def _load(text: str | bytes | Any, what: str) -> Any:
     except json.JSONDecodeError as err:
         raise OptionParseError(f"Error parsing JSON {what}") from OptionParseError(
             f"{err.msg} at line {err.lineno} column {err.colno}"
+        )
+    except RecursionError:
+        raise OptionParseError(f"Error parsing JSON {what}") from OptionParseError("nested too deeply")
+    except UnicodeDecodeError as err:
+        raise OptionParseError(f"Error parsing JSON {what}") from OptionParseError(f"not UTF-8: {err.reason}")
+    except ValueError:
+        # the one other ValueError of json.loads: an integer over Python's digit limit for str -> int
+        raise OptionParseError(f"Error parsing JSON {what}") from OptionParseError(
+            f"a number has more than {sys.get_int_max_str_digits()} digits"
         )
 
 
