@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -189,6 +190,15 @@ def node_data(tree: dict[str, Any], path: str) -> Any:
         return json.loads(data["state"])
     except json.JSONDecodeError as err:
         raise SnapshotError(f"state.json: node {path or 'root'} has malformed state: {err}") from None
+    except (RecursionError, ValueError) as err:
+        raise SnapshotError(f"state.json: node {path or 'root'} has malformed state: {_json_limit(err)}") from None
+
+
+def _json_limit(err: RecursionError | ValueError) -> str:
+    """What ``json.loads`` hit besides a syntax error: its nesting or Python's digit limit."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return f"a number has more than {sys.get_int_max_str_digits()} digits"
 
 
 def node_children(tree: dict[str, Any], path: str) -> list[str]:
@@ -283,6 +293,8 @@ def read_snapshot(directory: str) -> tuple[str, dict[str, Any], Path]:
         raise SnapshotError(f"Cannot read the snapshot in {directory}") from err
     except json.JSONDecodeError as err:
         raise SnapshotError(f"{base / STATE_FILE} is not JSON: {err}") from None
+    except (RecursionError, ValueError) as err:
+        raise SnapshotError(f"{base / STATE_FILE} is not JSON: {_json_limit(err)}") from None
     if not isinstance(tree, dict):
         raise SnapshotError(f"{base / STATE_FILE} is not a snapshot tree")
     memory = base / MEMORY_FILE
