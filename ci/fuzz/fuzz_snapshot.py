@@ -180,7 +180,7 @@ def snapshot_input(draw: st.DrawFn) -> SnapshotInput:
         elif what == 1:
             try:
                 config = json.dumps(_mutate_value(rnd, json.loads(config), rnd.randint(1, 3))).encode()
-            except ValueError:
+            except (ValueError, RecursionError):
                 config = fuzzlib.mutate(config, rnd, 1)
         elif what in (2, 3):
             tree = _mutate_value(rnd, tree, rnd.randint(1, 3))
@@ -191,7 +191,7 @@ def snapshot_input(draw: st.DrawFn) -> SnapshotInput:
                 text = _get(tree, path)
                 try:
                     decoded = json.loads(text)
-                except ValueError:
+                except (ValueError, RecursionError):  # an earlier step made it malformed
                     decoded = None
                 if rnd.randrange(12) == 0:  # nesting deeper than the decoder's recursion, or too many digits
                     new = rnd.choice(("[" * 100_000 + "]" * 100_000, "9" * 5000, '{"index": ' + "9" * 4301 + "}"))

@@ -246,7 +246,7 @@ class _Harness:
         for name, make in makers.items():
             try:
                 self.devices[name] = make()
-            except OSError as err:  # no tap without root and /dev/net/tun
+            except (OSError, VmshError) as err:  # no tap without root and /dev/net/tun
                 self.skipped[name] = str(err)
 
     def teardown(self) -> None:

@@ -143,7 +143,10 @@ def is_bzimage(data: bytes | mmap.mmap) -> bool:
 
 
 def find_pvh_entry(data: bytes | mmap.mmap) -> int | None:
-    """The PVH entry from the ELF's PT_NOTE segments, or None."""
+    """The PVH entry from the ELF's PT_NOTE segments, or None.
+
+    :raises LoaderError: when the entry note is cut off by the end of its segment or the file.
+    """
     _ident, _type, _machine, _version, _entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum, *_ = \
         _EHDR.unpack_from(data, 0)
     for i in range(phnum):
@@ -160,6 +163,8 @@ def find_pvh_entry(data: bytes | mmap.mmap) -> int | None:
             desc_at = name_at + ((namesz + align - 1) & ~(align - 1))
             name = data[name_at:name_at + namesz]
             if ntype == XEN_ELFNOTE_PHYS32_ENTRY and name == b"Xen\x00" and descsz >= 4:
+                if desc_at + 4 > end:
+                    raise LoaderError("ELF kernel's PVH entry note runs past its PT_NOTE segment")
                 return int(struct.unpack_from("<I", data, desc_at)[0])
             pos = desc_at + ((descsz + align - 1) & ~(align - 1))
     return None
