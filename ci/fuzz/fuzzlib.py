@@ -38,6 +38,8 @@ from hypothesis import strategies as st
 
 #: findings kept in full (input and traceback); the rest are only counted
 KEEP_FINDINGS = 5
+#: inputs per Hypothesis run (a campaign is a series of runs with derived seeds)
+BATCH = 2000
 
 
 class Hang(BaseException):
@@ -123,9 +125,6 @@ def run(campaign: Campaign, inputs: int, seed: int = 0) -> Result:
             result.findings.append(Finding(kind, text[:400] + ("..." if len(text) > 400 else ""), repr(err),
                                            "".join(traceback.format_exception(err))))
 
-    @settings(max_examples=inputs, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-    @given(campaign.strategy)
     def body(value: Any) -> None:
         result.inputs += 1
         try:
@@ -142,7 +141,21 @@ def run(campaign: Campaign, inputs: int, seed: int = 0) -> Result:
             record("exception", value, err)
 
     try:
-        hypothesis_seed(seed)(body)()
+        # In batches: Hypothesis remembers every input of a run (to avoid repeats), which would
+        # make the peak RSS grow with the number of inputs instead of measuring the target.
+        done = 0
+        batch = 0
+        while done < inputs:
+            size = min(BATCH, inputs - done)
+            before = result.inputs
+            runner = settings(max_examples=size, database=None, deadline=None, phases=[Phase.generate],
+                              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)(
+                given(campaign.strategy)(body))
+            hypothesis_seed(seed * 1_000_003 + batch)(runner)()
+            batch += 1
+            done += size
+            if result.inputs == before:
+                break  # the strategy has no new inputs left
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
