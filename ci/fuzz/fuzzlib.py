@@ -13,13 +13,14 @@ not stop at the first one) and reports:
   which interrupts the target in the main thread);
 * peak RSS of the process (``getrusage``) and the wall time.
 
-Each ``fuzz_*.py`` script calls :func:`main` with its campaign; the smoke tests call
-:func:`run` with a few hundred inputs.
+Each ``fuzz_*.py`` script calls :func:`main` with its campaign; the smoke tests (``test_fuzz_smoke.py`` in
+the unit test folder of each target) call :func:`smoke` with a few hundred inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import random
 import resource
@@ -203,6 +204,18 @@ def mutated(seeds: list[bytes], max_rounds: int = 8) -> st.SearchStrategy[bytes]
     """A seed, mutated 0..``max_rounds`` times."""
     return st.builds(lambda s, r, n: mutate(s, r, n), st.sampled_from(seeds), st.randoms(use_true_random=False),
                      st.integers(0, max_rounds))
+
+
+def smoke(module: str, inputs: int, seed: int = 1) -> Result:
+    """A short run of the campaign of ``ci.fuzz.<module>``, for the unit tests: fails (AssertionError
+    with the findings) on any uncaught exception or hang."""
+    campaign: Campaign = importlib.import_module(f"ci.fuzz.{module}").CAMPAIGN
+    result = run(campaign, inputs, seed)
+    details = "\n".join(f"{f.kind}: {f.error}\ninput: {f.input}\n{f.traceback}" for f in result.findings)
+    assert result.ok, f"{result.summary()}\n{details}"
+    # Hypothesis stops early only when it runs out of distinct inputs, which these strategies do not
+    assert result.inputs >= inputs * 0.9, result.summary()
+    return result
 
 
 # --- the command line ----------------------------------------------------------------------------
