@@ -23,6 +23,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,24 +33,33 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ci.fuzz import fuzzlib
+from ci.fuzz.fuzz_virtio import NoWatcher
+from tests.unit.devices.virtio.driver import FakeRouter
+from tests.unit.fakes import FakeTrigger
 from vmsh.devices.acpi import GedState, PciHotplugState
+from vmsh.devices.backends.tap import Tap
 from vmsh.devices.legacy.cmos import CmosState
 from vmsh.devices.legacy.serial import SerialState
 from vmsh.devices.pvpanic import PvPanicState
-from vmsh.devices.virtio.balloon import VirtioBalloonState
-from vmsh.devices.virtio.block import VirtioBlockState
-from vmsh.devices.virtio.console import VirtioConsoleState
-from vmsh.devices.virtio.net import NetState
-from vmsh.devices.virtio.pci import VirtioPciState
-from vmsh.devices.virtio.pmem import VirtioPmemState
-from vmsh.devices.virtio.rng import VirtioRngState
-from vmsh.devices.virtio.vsock.device import VirtioVsockState
-from vmsh.devices.virtio.watchdog import VirtioWatchdogState
+from vmsh.devices.virtio.balloon import VirtioBalloon, VirtioBalloonState
+from vmsh.devices.virtio.block import VirtioBlock, VirtioBlockState
+from vmsh.devices.virtio.console import VirtioConsole, VirtioConsoleState
+from vmsh.devices.virtio.device import VirtioDevice
+from vmsh.devices.virtio.net import NetState, VirtioNet
+from vmsh.devices.virtio.pci import VirtioPciDevice, VirtioPciState
+from vmsh.devices.virtio.pmem import VirtioPmem, VirtioPmemState
+from vmsh.devices.virtio.rng import VirtioRng, VirtioRngState
+from vmsh.devices.virtio.vsock.device import VirtioVsock, VirtioVsockState
+from vmsh.devices.virtio.watchdog import VirtioWatchdog, VirtioWatchdogState
+from vmsh.engine.device_manager import _restore_state
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.persist import CONFIG_FILE, MEMORY_FILE, STATE_FILE, from_plain
 from vmsh.engine.snapshot import read_saved_vm
-from vmsh.errors import SnapshotError
+from vmsh.errors import SnapshotError, VmshError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "tests/engine/fixtures/snapshot-v1.tar.gz"
+#: where the fixture's pmem device is mapped (its saved state names the address)
+PMEM_START, PMEM_SIZE = 0x1_0020_0000, 2 << 20
 
 #: device id in the fixture -> (state class of the device, or of a virtio device behind virtio-pci)
 LEGACY_STATES: dict[str, type[Any]] = {
@@ -213,13 +223,43 @@ def snapshot_input(draw: st.DrawFn) -> SnapshotInput:
 
 
 class _Harness:
-    tmp: tempfile.TemporaryDirectory[str] | None = None
+    def __init__(self) -> None:
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.mem: GuestMemoryMmap | None = None
+        #: the fixture's virtio devices, built as its config says, for the restore step
+        self.devices: dict[str, VirtioDevice] = {}
 
     def setup(self) -> None:
-        _seed()
+        seed = _seed()
         self.tmp = tempfile.TemporaryDirectory(prefix="vmsh-fuzz-snapshot-")
+        d = self.tmp.name
+        with open(f"{d}/disk.img", "wb") as f:
+            f.truncate(1 << 20)
+        with open(f"{d}/pmem.img", "wb") as f:
+            f.truncate(PMEM_SIZE)
+        self.mem = GuestMemoryMmap.create(seed.memory_size)
+        makers: dict[str, Callable[[], VirtioDevice]] = {
+            "_disk0": lambda: VirtioBlock(f"{d}/disk.img"),
+            "_net1": lambda: VirtioNet(Tap.open(None, 1), b"\x52\x54\0\x12\x34\x56", NoWatcher()),
+            "__console": lambda: VirtioConsole(out=lambda data: None),
+            "__rng": lambda: VirtioRng(),
+            "_pmem2": lambda: VirtioPmem(f"{d}/pmem.img", PMEM_START, PMEM_SIZE),
+            "_vsock3": lambda: VirtioVsock(3, f"{d}/vsock.sock", NoWatcher()),
+            "__balloon": lambda: VirtioBalloon(0),
+            "__watchdog": lambda: VirtioWatchdog(FakeTrigger(), interval=3600),
+        }
+        for dev_id, make in makers.items():
+            try:
+                self.devices[dev_id] = make()
+            except (OSError, VmshError):  # no tap without root and /dev/net/tun: decode only
+                pass
 
     def teardown(self) -> None:
+        for dev in self.devices.values():
+            dev.close()
+        self.devices.clear()
+        if self.mem is not None:
+            self.mem.close()
         if self.tmp is not None:
             self.tmp.cleanup()
 
@@ -235,11 +275,20 @@ class _Harness:
             with open(d / MEMORY_FILE, "wb") as f:
                 f.truncate(inp.memory_size)  # sparse: no 32 MiB written per input
         saved = read_saved_vm(str(d))
-        decode_devices(saved.devices)
+        states = decode_devices(saved.devices)
+        # then restore each virtio device as DeviceManager.restore does, into the device reset
+        # (as built) behind a fresh transport
+        assert self.mem is not None
+        for dev_id, state in states.items():
+            dev = self.devices.get(dev_id)
+            if dev is not None:
+                dev.reset()
+                _restore_state(dev_id, VirtioPciDevice(dev, self.mem, FakeRouter()), state)
 
 
-def decode_devices(devices: dict[str, Any]) -> None:
-    """Decode each device's saved state as ``DeviceManager.restore`` does."""
+def decode_devices(devices: dict[str, Any]) -> dict[str, VirtioPciState]:
+    """Decode each device's saved state as ``DeviceManager.restore`` does; the virtio ones' states."""
+    states = {}
     for dev_id, raw in devices.items():
         if dev_id in LEGACY_STATES:
             from_plain(LEGACY_STATES[dev_id], raw, dev_id)
@@ -253,8 +302,9 @@ def decode_devices(devices: dict[str, Any]) -> None:
         elif dev_id in VIRTIO_STATES:
             state = from_plain(VirtioPciState, {**raw, "device": None}, dev_id)
             device = from_plain(VIRTIO_STATES[dev_id], raw.get("device"), f"{dev_id}.device")
-            dataclasses.replace(state, device=device)
+            states[dev_id] = dataclasses.replace(state, device=device)
         # an id the fixture does not have: the device manager refuses it (devices do not match)
+    return states
 
 
 HARNESS = _Harness()
