@@ -183,9 +183,6 @@ def apply(kind: ThreadKind, name: str | None = None) -> bool:
     from vmsh._seccomp import ffi, lib
 
     thread_name = name or threading.current_thread().name
-    # The main thread's kernel name is the process's (ps, pgrep): only other threads are renamed.
-    is_main = threading.current_thread() is threading.main_thread()
-    lib.vmsh_seccomp_set_thread_name(thread_name.encode()[:15], 0 if is_main else 1)
     default = lib.SCMP_ACT_TRAP if _mode is SeccompMode.TRUE else lib.SCMP_ACT_LOG
     ctx = lib.seccomp_init(default)
     if ctx == ffi.NULL:
@@ -204,6 +201,10 @@ def apply(kind: ThreadKind, name: str | None = None) -> bool:
             raise SeccompError(f"Cannot install the {kind.value} seccomp filter: {os.strerror(-rc)}")
     finally:
         lib.seccomp_release(ctx)
+    # Named once the filter is on (prctl is allowed): a thread that shows its name has its filter.
+    # The main thread's kernel name is the process's (ps, pgrep): only other threads are renamed.
+    is_main = threading.current_thread() is threading.main_thread()
+    lib.vmsh_seccomp_set_thread_name(thread_name.encode()[:15], 0 if is_main else 1)
     LOG.debug("seccomp: %s filter (%s) installed on %s", kind.value, _mode.value, thread_name)
     if kind is ThreadKind.VCPU and os.environ.get(FORBIDDEN_CALL_ENV) == thread_name:
         LOG.warning("seccomp: %s makes a forbidden system call (%s)", thread_name, FORBIDDEN_CALL_ENV)
