@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from hypothesis import strategies as st
 
@@ -52,34 +51,15 @@ _JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.di
                      max_leaves=12)
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            out += _paths(item, (*prefix, i))
-    return out
-
-
-def _replace(value: Any, path: tuple[Any, ...], new: Any) -> Any:
-    if not path:
-        return new
-    copy = dict(value) if isinstance(value, dict) else list(value)
-    copy[path[0]] = _replace(value[path[0]], path[1:], new)
-    return copy
-
-
 @st.composite
 def _structural(draw: st.DrawFn) -> bytes:
     value = draw(st.sampled_from(SEEDS))
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(_paths(value)))
+        path = draw(st.sampled_from(fuzzlib.json_paths(value)))
         new = draw(_JSON)
         if isinstance(new, dict) and draw(st.booleans()) and isinstance(value, dict):
             new = {**draw(st.sampled_from(SEEDS)), **new}  # an extra key among valid ones
-        value = _replace(value, path, new)
+        value = fuzzlib.json_replace(value, path, new)
     return json.dumps(value).encode()
 
 

@@ -108,25 +108,6 @@ class SnapshotInput:
     memory_size: int | None  # None: no memory file
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            out += _paths(item, (*prefix, i))
-    return out
-
-
-def _replace(value: Any, path: tuple[Any, ...], new: Any) -> Any:
-    if not path:
-        return new
-    copy = dict(value) if isinstance(value, dict) else list(value)
-    copy[path[0]] = _replace(value[path[0]], path[1:], new)
-    return copy
-
-
 def _random_value(rnd: random.Random) -> Any:
     pick = rnd.randrange(6)
     if pick < 3:
@@ -140,18 +121,18 @@ def _random_value(rnd: random.Random) -> Any:
 
 def _mutate_value(rnd: random.Random, value: Any, rounds: int) -> Any:
     for _ in range(rounds):
-        paths = _paths(value)
+        paths = fuzzlib.json_paths(value)
         path = rnd.choice(paths)
         op = rnd.randrange(4)
         if op == 0 and path:  # delete a key or an item
             parent = _get(value, path[:-1])
             copy = dict(parent) if isinstance(parent, dict) else list(parent)
             del copy[path[-1]]
-            value = _replace(value, path[:-1], copy)
+            value = fuzzlib.json_replace(value, path[:-1], copy)
         elif op == 1:  # copy another part of the tree here
-            value = _replace(value, path, _get(value, rnd.choice(paths)))
+            value = fuzzlib.json_replace(value, path, _get(value, rnd.choice(paths)))
         else:
-            value = _replace(value, path, _random_value(rnd))
+            value = fuzzlib.json_replace(value, path, _random_value(rnd))
     return value
 
 
@@ -209,7 +190,7 @@ def snapshot_input(draw: st.DrawFn) -> SnapshotInput:
                     new = json.dumps(_mutate_value(rnd, decoded, rnd.randint(1, 4)), separators=(",", ":"))
                 else:
                     new = fuzzlib.mutate(text.encode(), rnd, rnd.randint(1, 4)).decode("utf-8", "replace")
-                tree = _replace(tree, path, new)
+                tree = fuzzlib.json_replace(tree, path, new)
         elif what == 8:
             state = fuzzlib.mutate(json.dumps(tree).encode(), rnd, rnd.randint(1, 8))
             if rnd.randrange(8) == 0:

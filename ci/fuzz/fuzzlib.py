@@ -206,6 +206,27 @@ def mutated(seeds: list[bytes], max_rounds: int = 8) -> st.SearchStrategy[bytes]
                      st.integers(0, max_rounds))
 
 
+def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON value (the keys and indexes that lead to it), the root first."""
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out += json_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            out += json_paths(item, (*prefix, i))
+    return out
+
+
+def json_replace(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    """A copy of a JSON value with the place at ``path`` replaced by ``new``."""
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = json_replace(value[path[0]], path[1:], new)
+    return copy
+
+
 def smoke(module: str, inputs: int, seed: int = 1) -> Result:
     """A short run of the campaign of ``ci.fuzz.<module>``, for the unit tests: fails (AssertionError
     with the findings) on any uncaught exception or hang."""
