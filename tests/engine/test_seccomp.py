@@ -53,7 +53,16 @@ def _threads_of_running_vmm(tmp_path: Path, *flags: str) -> dict[str, list[tuple
         wait_until(api.exists, 30, f"the VMM's API socket {api}", process=proc)
         with ApiClient(str(api)) as client:
             pty_path = client.get("vm.info")["config"]["serial"]["file"]
-            threads = _threads(proc.pid)  # the connection's thread answered: its filter is on
+            # the connection's thread answered: its filter is on; the others name themselves once
+            # theirs is (the I/O thread may still be starting)
+            expected = {"vcpu0", "vmsh-io", "http-server", "http-conn", "pty-in"}
+            seccomp_on = "false" not in flags
+
+            def settled() -> dict[str, list[tuple[int, int]]] | None:
+                found = _threads(proc.pid)
+                return found if not seccomp_on or expected <= set(found) else None
+
+            threads = wait_until(settled, 10, "every thread of the VMM to have its filter", process=proc)
         fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY)
         try:
             os.write(fd, b"q")
