@@ -21,7 +21,6 @@ MAX_QUEUE_SIZE = 32768
 MAX_NUM_PCI_SEGMENTS = 96
 MAX_SERIAL_LEN = 20
 MIN_MTU = 1280
-MAX_THREADS_PER_CORE = 2
 #: VSOCK CIDs with a fixed meaning (any, hypervisor, local, host) and the wildcard.
 SPECIAL_VSOCK_CIDS = (0, 1, 2, 0xFFFF_FFFF)
 MAX_VFIO_BAR = 5
@@ -108,10 +107,10 @@ def _cpus(cfg: m.VmConfig) -> None:
         parts = (topo.threads_per_core, topo.cores_per_die, topo.dies_per_package, topo.packages)
         if 0 in parts:
             raise ValidationError("No part of the CPU topology can be zero")
-        if topo.threads_per_core > MAX_THREADS_PER_CORE:
-            raise ValidationError(f"CPU topology supports at most {MAX_THREADS_PER_CORE} threads per core")
+        # v40 has no limit on threads per core (the "at most 2" rule came in a later release);
+        # its message says "vCPUs" (vmm/src/config.rs, ValidationError::CpuTopologyCount).
         if parts[0] * parts[1] * parts[2] * parts[3] != cpus.max_vcpus:
-            raise ValidationError("Product of CPU topology parts does not match maximum vCPU")
+            raise ValidationError("Product of CPU topology parts does not match maximum vCPUs")
 
 
 def _rate_limit_groups(c: _Checker) -> None:

@@ -65,8 +65,8 @@ VALIDATION_ERRORS = [
     (["--firmware", "/f"], "Payload configuration is not bootable: Specifying a kernel is not supported when a firmware is provided"),
     (["--cpus", "boot=4,max=2"], "Max CPUs (2) lower than boot CPUs (4)"),
     (["--cpus", "boot=2,topology=1:0:1:2"], "No part of the CPU topology can be zero"),
-    (["--cpus", "boot=4,topology=4:1:1:1"], "CPU topology supports at most 2 threads per core"),
-    (["--cpus", "boot=4,topology=1:2:1:1"], "Product of CPU topology parts does not match maximum vCPU"),
+    (["--cpus", "boot=4,topology=1:2:1:1"], "Product of CPU topology parts does not match maximum vCPUs"),
+    (["--cpus", "boot=8,topology=4:1:1:1"], "Product of CPU topology parts does not match maximum vCPUs"),
     (["--memory", "hugepage_size=2M"], "Huge page size specified but huge pages not enabled"),
     (["--memory", "hugepages=on,hugepage_size=3M"], f"Huge page size is not power of 2: {3 << 20}"),
     (["--memory", "shared=on,mergeable=on"], "Invalid to set both 'mergeable' and 'shared' for memory"),
@@ -134,3 +134,14 @@ def test_validation_error_message(argv: list[str], message: str) -> None:
     if argv[:1] == ["--firmware"]:
         argv = argv + K
     assert _message(payload + argv) == message
+
+
+@pytest.mark.parametrize("cpus", ["boot=8,topology=4:2:1:1", "boot=8,topology=8:1:1:1", "boot=8,topology=1:2:2:2",
+                                  "boot=6,topology=3:1:1:2"])
+def test_topologies_v40_accepts(cpus: str) -> None:
+    """v40 checks only for zero parts and the product (no "at most 2 threads per core", which a
+    later release added): these are valid machines."""
+    topology = vm_config_from_argv(K + ["--cpus", cpus]).cpus.topology
+    assert topology is not None
+    parts = [int(p) for p in cpus.split("topology=")[1].split(":")]
+    assert [topology.threads_per_core, topology.cores_per_die, topology.dies_per_package, topology.packages] == parts
