@@ -22,6 +22,39 @@ def test_nproc_matches_boot_vcpus(vmsh_guest, cpus: int) -> None:
     assert guest.check_output("grep -c ^processor /proc/cpuinfo") == str(cpus)
 
 
+def _cpu_list(cpus: list[int]) -> str:
+    """Linux's cpulist format for consecutive cpus ("4-5", or "4")."""
+    return f"{cpus[0]}-{cpus[-1]}" if len(cpus) > 1 else f"{cpus[0]}"
+
+
+@pytest.mark.parametrize("topology", ["2:2:1:1", "1:4:1:2"])
+def test_guest_sees_the_configured_cpu_topology(vmsh_guest, topology: str) -> None:
+    """``--cpus topology=threads:cores:dies:packages`` reaches the guest's view of its CPUs, on
+    hosts whose KVM does not describe a topology itself (vmsh writes CPUID's topology leaves)."""
+    threads, cores, dies, packages = (int(p) for p in topology.split(":"))
+    count = threads * cores * dies * packages
+    guest = vmsh_guest("--cpus", f"boot={count},topology={topology}")
+    script = ("for c in /sys/devices/system/cpu/cpu[0-9]*; do t=$c/topology; echo ${c##*cpu}"
+              " $(cat $t/physical_package_id $t/die_id $t/core_id $t/thread_siblings_list); done")
+    seen = {}
+    for line in guest.check_output(script, timeout=60).splitlines():
+        cpu, package, die, core, siblings = line.split()
+        seen[int(cpu)] = (int(package), int(die), int(core), siblings)
+    core_bits = (cores - 1).bit_length()
+    expected = {}
+    for cpu in range(count):
+        core, die = cpu // threads % cores, cpu // (threads * cores) % dies
+        first = cpu - cpu % threads
+        expected[cpu] = (cpu // (threads * cores * dies), die, core | die << core_bits,
+                         _cpu_list(list(range(first, first + threads))))
+    assert seen == expected
+    # /proc/cpuinfo per processor: physical id, siblings (logical per package), core id, cpu cores
+    fields = guest.check_output("awk -F': ' '/^(physical id|siblings|core id|cpu cores)/ {print $2}' /proc/cpuinfo")
+    numbers = [int(n) for n in fields.split()]
+    rows = [tuple(numbers[i:i + 4]) for i in range(0, len(numbers), 4)]
+    assert rows == [(expected[cpu][0], threads * cores * dies, expected[cpu][2], cores * dies) for cpu in range(count)]
+
+
 def test_memtotal_matches_memory(vmsh_guest) -> None:
     guest = vmsh_guest("--memory", "size=192M")
     kib = int(guest.check_output("awk '/MemTotal/ {print $2}' /proc/meminfo"))
