@@ -13,10 +13,10 @@ resolution) and adds what Python cannot do itself:
   re-raises ``SIGSYS`` with its default action, so the VMM dies of ``SIGSYS`` as cloud-hypervisor's
   does. The syscall names are resolved here, before any filter exists, into a static table,
   because libseccomp's resolver allocates and so cannot be called in a signal handler.
-- ``vmsh_seccomp_set_thread_name``: records the thread's name for the handler (thread-local) and
-  sets it as the kernel's thread name (``PR_SET_NAME``; not on the main thread, whose name is
-  the process's), so ``/proc/PID/task/*/comm`` and the
-  kernel's audit lines (``--seccomp log``) name the thread too.
+- ``vmsh_seccomp_set_thread_name``: records the thread's name for the handler (thread-local) and,
+  when asked, sets it as the kernel's thread name (``PR_SET_NAME``). vmsh's threads name
+  themselves when they start (``vmsh/thread_names.py``), so ``/proc/PID/task/*/comm`` and the
+  kernel's audit lines (``--seccomp log``) name the thread with or without a filter.
 - ``vmsh_seccomp_forbidden_call``: a test hook that makes one system call no filter allows
   (``ptrace(PTRACE_CONT, 0, ...)``, which fails with ``ESRCH`` when it is let through).
 

@@ -18,6 +18,8 @@ from vmsh.engine.seccomp import FORBIDDEN_CALL_ENV
 from vmsh.harness.waiting import wait_until
 
 LAUNCH = [sys.executable, "-m", "vmsh", "launch"]
+#: the named threads of a VMM with a vCPU, a pty serial port and an API connection
+THREADS = ("vcpu0", "vmsh-io", "http-server", "http-conn", "serial-manager")
 
 
 def _kernel(tmp_path: Path, image: bytes) -> str:
@@ -53,16 +55,20 @@ def _threads_of_running_vmm(tmp_path: Path, *flags: str) -> dict[str, list[tuple
         wait_until(api.exists, 30, f"the VMM's API socket {api}", process=proc)
         with ApiClient(str(api)) as client:
             pty_path = client.get("vm.info")["config"]["serial"]["file"]
-            # the connection's thread answered: its filter is on; the others name themselves once
-            # theirs is (the I/O thread may still be starting)
-            expected = {"vcpu0", "vmsh-io", "http-server", "http-conn", "pty-in"}
-            seccomp_on = "false" not in flags
+            # Threads name themselves when they start and install their filter just after (the
+            # I/O thread may still be starting): wait until each named thread is there and, with
+            # seccomp, has its filter; a thread that never gets one makes this time out.
+            filtered = "false" not in flags
 
             def settled() -> dict[str, list[tuple[int, int]]] | None:
                 found = _threads(proc.pid)
-                return found if not seccomp_on or expected <= set(found) else None
+                if not set(THREADS) <= set(found):
+                    return None
+                on = all(mode == 2 and filters >= 1 for name in THREADS for mode, filters in found[name])
+                return found if on or not filtered else None
 
-            threads = wait_until(settled, 10, "every thread of the VMM to have its filter", process=proc)
+            threads = wait_until(settled, 10, "every thread of the VMM to be named and have its filter",
+                                 process=proc)
         fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY)
         try:
             os.write(fd, b"q")
@@ -77,7 +83,7 @@ def _threads_of_running_vmm(tmp_path: Path, *flags: str) -> dict[str, list[tuple
 
 def test_every_thread_has_its_filter(tmp_path: Path) -> None:
     threads = _threads_of_running_vmm(tmp_path)
-    for name in ("vcpu0", "vmsh-io", "http-server", "http-conn", "pty-in"):
+    for name in THREADS:
         assert name in threads, sorted(threads)
         for mode, filters in threads[name]:
             assert mode == 2 and filters >= 1, (name, mode, filters)
@@ -90,7 +96,7 @@ def test_every_thread_has_its_filter(tmp_path: Path) -> None:
 
 def test_false_installs_nothing(tmp_path: Path) -> None:
     threads = _threads_of_running_vmm(tmp_path, "--seccomp", "false")
-    assert "vcpu0" not in threads  # not even renamed: nothing of seccomp runs
+    assert set(THREADS) <= set(threads)  # named all the same
     assert all(mode == 0 and filters == 0 for states in threads.values() for mode, filters in states), threads
 
 

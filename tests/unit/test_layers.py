@@ -1,9 +1,10 @@
 """The import layers of the design, checked on the source: imports point downward, and no cycles.
 
-Layers, bottom up (README.md "Layout", DESIGN): ``vmsh/errors.py``, ``vmsh/guest_memory.py`` and
-``vmsh/state_types.py``; ``vmsh/config`` (pure); ``vmsh/devices`` (register models); the machine
-(``vmsh/engine/*``); the control loop (``vmsh/engine/vmm.py``); the front-ends (cli, launcher,
-repl, script, api, harness, remote, and the tools beside them: config_cli, images, logsetup).
+Layers, bottom up (README.md "Layout", DESIGN): ``vmsh/errors.py``, ``vmsh/guest_memory.py``,
+``vmsh/state_types.py`` and ``vmsh/thread_names.py``; ``vmsh/config`` (pure); ``vmsh/devices``
+(register models); the machine (``vmsh/engine/*``); the control loop (``vmsh/engine/vmm.py``);
+the front-ends (cli, launcher, repl, script, api, harness, remote, and the tools beside them:
+config_cli, images, logsetup).
 Every ``import`` counts, at module level, inside functions and under ``if TYPE_CHECKING:``; an
 import made only for type checking is left out of the cycle check (it never runs) but not out of
 the layer rules (it still couples the layers). Imports by name at run time (``importlib``) are not seen.
@@ -30,7 +31,7 @@ FRONT_ENDS = ("vmsh.api", "vmsh.script", "vmsh.repl", "vmsh.cli", "vmsh.launcher
               "vmsh.config_cli", "vmsh.images", "vmsh.__main__", "vmsh.logsetup")
 CONTROL = "vmsh.engine.vmm"
 #: the bottom layer: modules that import no other vmsh module
-BOTTOM = ("vmsh.guest_memory", "vmsh.errors", "vmsh.state_types")
+BOTTOM = ("vmsh.guest_memory", "vmsh.errors", "vmsh.state_types", "vmsh.thread_names")
 
 
 @dataclass(frozen=True)

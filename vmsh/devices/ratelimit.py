@@ -40,6 +40,7 @@ from vmsh.config.model import (
     RateLimiterGroupConfig,
     TokenBucketConfig,
 )
+from vmsh.thread_names import NamedTimer
 
 LOG = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ class ThrottleTimer:
 
     ``wait(index, seconds)`` remembers the queue and arms the timer; when it fires (on the I/O
     loop's thread) ``rerun(index)`` is called for every remembered queue. Without a watcher
-    (unit tests of a bare device, or no I/O loop) a ``threading.Timer`` does the same.
+    (unit tests of a bare device, or no I/O loop) a timer thread (``rate-limit``) does the same.
     """
 
     def __init__(self, rerun: Callable[[int], None], watcher: FdWatcher | None) -> None:
@@ -313,7 +314,7 @@ class ThrottleTimer:
         self._queues: set[int] = set()
         self._deadline: float | None = None
         self._timerfd: TimerFd | None = None
-        self._thread_timer: threading.Timer | None = None
+        self._thread_timer: NamedTimer | None = None
         self._closed = False
 
     @property
@@ -341,7 +342,8 @@ class ThrottleTimer:
             else:
                 if self._thread_timer is not None:
                     self._thread_timer.cancel()
-                self._thread_timer = threading.Timer(seconds, self.fire)
+                self._thread_timer = NamedTimer(seconds, self.fire)
+                self._thread_timer.name = "rate-limit"
                 self._thread_timer.daemon = True
                 self._thread_timer.start()
 

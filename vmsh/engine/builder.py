@@ -339,7 +339,8 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
         if cfg.console.mode is ConsoleOutputMode.TTY and tty is not None:
             hooks.console = tty
         else:
-            hooks.console = open_backend(cfg.console.mode, cfg.console.file, None)
+            # cloud-hypervisor reads the virtio console's host side on the device's thread, named by its id
+            hooks.console = open_backend(cfg.console.mode, cfg.console.file, None, input_thread="__console")
             if hooks.console is not None:
                 vm.backends.append(hooks.console)
                 if hooks.console.path and cfg.console.mode is ConsoleOutputMode.PTY:

@@ -40,6 +40,8 @@ class ConsoleBackend:
 
     #: what ``vm.info`` shows as the console's file (the pty path for ``pty``)
     path: str | None = None
+    #: the name of the thread that reads the host side (``open_backend``'s ``input_thread``)
+    input_thread: str = "console-in"
 
     def write(self, data: bytes) -> None:
         """Guest output."""
@@ -113,7 +115,7 @@ class FdBackend(ConsoleBackend):
 
     def start_input(self, sink: InputSink) -> None:
         if self.in_fd is not None:
-            _pump(self.in_fd, sink, self._stop, "console-in")
+            _pump(self.in_fd, sink, self._stop, self.input_thread)
 
     def close(self) -> None:
         self._stop.set()
@@ -157,7 +159,7 @@ class PtyBackend(FdBackend):
         LOG.info("PTY path: %s", self.path)
 
     def start_input(self, sink: InputSink) -> None:
-        _pump(self.out_fd, sink, self._stop, "pty-in")
+        _pump(self.out_fd, sink, self._stop, self.input_thread)
 
     def close(self) -> None:
         super().close()
@@ -170,8 +172,9 @@ class PtyBackend(FdBackend):
 class SocketBackend(ConsoleBackend):
     """A listening unix socket; the connected client gets the output and sends input."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, input_thread: str = ConsoleBackend.input_thread) -> None:
         self.path: str = path
+        self.input_thread = input_thread
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -195,7 +198,7 @@ class SocketBackend(ConsoleBackend):
         self._stop = threading.Event()
         self._sink: InputSink | None = None
         self._input_started = threading.Event()
-        threading.Thread(target=seccomp.confined(seccomp.ThreadKind.CONSOLE, self._accept), name="console-socket",
+        threading.Thread(target=seccomp.confined(seccomp.ThreadKind.CONSOLE, self._accept), name=input_thread,
                          daemon=True).start()
 
     def _accept(self) -> None:
@@ -271,11 +274,21 @@ class SocketBackend(ConsoleBackend):
 
 
 def open_backend(mode: ConsoleOutputMode, file: str | None = None, socket_path: str | None = None,
-                 *, with_input: bool = True) -> ConsoleBackend | None:
+                 *, with_input: bool = True, input_thread: str = ConsoleBackend.input_thread) -> ConsoleBackend | None:
     """The backend of a console mode; None for ``off`` (no device).
 
+    :param input_thread: the name of the thread that reads the host side (cloud-hypervisor's
+        names: ``serial-manager`` for the serial port, ``__console`` for the virtio console).
     :raises DeviceError: when the file, pty or socket cannot be had, naming it.
     """
+    backend = _open_backend(mode, file, socket_path, with_input, input_thread)
+    if backend is not None:
+        backend.input_thread = input_thread
+    return backend
+
+
+def _open_backend(mode: ConsoleOutputMode, file: str | None, socket_path: str | None, with_input: bool,
+                  input_thread: str) -> ConsoleBackend | None:
     if mode is ConsoleOutputMode.OFF:
         return None
     if mode is ConsoleOutputMode.NULL:
@@ -298,4 +311,4 @@ def open_backend(mode: ConsoleOutputMode, file: str | None = None, socket_path: 
     if socket_path is None:
         # virtio-console has no socket mode (the builder refuses it, as cloud-hypervisor does)
         raise DeviceError("No socket option support for console device")
-    return SocketBackend(socket_path)
+    return SocketBackend(socket_path, input_thread)

@@ -100,7 +100,8 @@ def _create_serial(cfg: m.VmConfig, devices: DeviceManager, irq: Callable[[int],
     if cfg.serial.mode is ConsoleOutputMode.TTY and tty is not None:
         backend: ConsoleBackend | None = tty
     else:
-        backend = open_backend(cfg.serial.mode, cfg.serial.file, cfg.serial.socket)
+        # cloud-hypervisor's serial-manager thread reads the serial port's host side
+        backend = open_backend(cfg.serial.mode, cfg.serial.file, cfg.serial.socket, input_thread="serial-manager")
         if backend is not None:
             platform.backends.append(backend)
     if backend is None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from vmsh.engine.paging import PageFault, PagingMode, read_virt
 from vmsh.errors import GuestMemoryError
 from vmsh.guest_memory import GuestMemory
+from vmsh.thread_names import NamedThread
 
 if TYPE_CHECKING:
     from vmsh.engine.kvm_vcpu import VcpuFd
@@ -211,7 +212,7 @@ class RipSampler:
     def start(self) -> None:
         """Begin sampling."""
         self._t0 = time.monotonic()
-        self._thread = threading.Thread(target=self._loop, name="rip-sampler", daemon=True)
+        self._thread = NamedThread(target=self._loop, name="rip-sampler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -41,6 +41,7 @@ from enum import Enum
 from typing import Any
 
 from vmsh.errors import VmshError
+from vmsh.thread_names import kernel_name, name_current_thread
 
 LOG = logging.getLogger(__name__)
 
@@ -173,8 +174,8 @@ def mode() -> SeccompMode:
 def apply(kind: ThreadKind, name: str | None = None) -> bool:
     """Install ``kind``'s filter on the calling thread (nothing under ``--seccomp false``).
 
-    :param name: the thread's name for the violation message and the kernel (defaults to the
-        Python thread's name).
+    :param name: the thread's name for the violation message (defaults to the Python thread's
+        name).
     :returns: True if a filter was installed.
     :raises SeccompError: when libseccomp refuses the filter.
     """
@@ -201,10 +202,9 @@ def apply(kind: ThreadKind, name: str | None = None) -> bool:
             raise SeccompError(f"Cannot install the {kind.value} seccomp filter: {os.strerror(-rc)}")
     finally:
         lib.seccomp_release(ctx)
-    # Named once the filter is on (prctl is allowed): a thread that shows its name has its filter.
-    # The main thread's kernel name is the process's (ps, pgrep): only other threads are renamed.
-    is_main = threading.current_thread() is threading.main_thread()
-    lib.vmsh_seccomp_set_thread_name(thread_name.encode()[:15], 0 if is_main else 1)
+    # The name the SIGSYS report gives; the kernel's name (audit lines, /proc) the thread gave
+    # itself when it started (vmsh.thread_names), whatever the mode.
+    lib.vmsh_seccomp_set_thread_name(kernel_name(thread_name), 0)
     LOG.debug("seccomp: %s filter (%s) installed on %s", kind.value, _mode.value, thread_name)
     if kind is ThreadKind.VCPU and os.environ.get(FORBIDDEN_CALL_ENV) == thread_name:
         LOG.warning("seccomp: %s makes a forbidden system call (%s)", thread_name, FORBIDDEN_CALL_ENV)
@@ -222,12 +222,14 @@ def _lib() -> Any:
 
 
 def confined(kind: ThreadKind, body: Callable[..., None]) -> Callable[..., None]:
-    """``body`` as a thread target that first installs ``kind``'s filter on its thread.
+    """``body`` as a thread target that first names its thread for the kernel (its Python name)
+    and installs ``kind``'s filter on it.
 
     A thread whose filter cannot be installed does not run ``body`` (an unfiltered thread would
     silently weaken ``--seccomp``): the error is logged.
     """
     def run(*args: Any) -> None:
+        name_current_thread()
         try:
             apply(kind)
         except SeccompError as err:

@@ -41,6 +41,7 @@ from vmsh.engine.kvm_vcpu import (
     VcpuFd,
 )
 from vmsh.errors import KvmError
+from vmsh.thread_names import NamedThread
 
 LOG = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ class Vcpu:
                 if on_stop is not None:
                     on_stop(self)
 
-        self._thread = threading.Thread(target=body, name=f"vcpu{self.index}", daemon=True)
+        self._thread = NamedThread(target=body, name=f"vcpu{self.index}", daemon=True)
         self._thread.start()
         return self._thread
 

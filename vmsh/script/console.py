@@ -21,6 +21,7 @@ from collections.abc import Callable
 from vmsh.engine.console import ConsoleBackend, InputSink
 from vmsh.errors import VmshError
 from vmsh.harness.shellproto import clean, command_line, setup_line
+from vmsh.thread_names import NamedThread
 
 #: how much guest output is kept
 KEEP = 1 << 20
@@ -173,7 +174,7 @@ class RemoteConsole:
         else:
             raise VmshError("The remote VM's serial port is neither a socket nor a pty: its console cannot be reached")
         stream.connect_input(self._write)
-        threading.Thread(target=self._read, name="remote-console", daemon=True).start()
+        NamedThread(target=self._read, name="remote-console", daemon=True).start()
 
     def _write(self, data: bytes) -> None:
         os.write(self._fd, data)

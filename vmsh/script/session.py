@@ -24,6 +24,7 @@ from vmsh.script.commands import COMMANDS
 from vmsh.script.console import CapturedConsole, ConsoleStream, RemoteConsole
 from vmsh.script.interface import QuitRequest
 from vmsh.script.lexer import iter_commands
+from vmsh.thread_names import NamedThread
 
 if TYPE_CHECKING:
     from vmsh.engine.vmm import RestoreFactory, VmFactory
@@ -85,8 +86,9 @@ class LocalTarget:
         self.vmm = make_vmm(events or EventMonitor(), tty=self.console, exit_on_poweroff=False, factories=factories)
         self._notify = notify
         self._stop = threading.Event()
-        self._loop = threading.Thread(target=self.vmm.run_control_loop, name="vmm-control", daemon=True,
-                                      kwargs={"until": self._stop.is_set, "on_event": self._on_event})
+        # "vmm": cloud-hypervisor's name for the thread that runs its control loop
+        self._loop = NamedThread(target=self.vmm.run_control_loop, name="vmm", daemon=True,
+                                 kwargs={"until": self._stop.is_set, "on_event": self._on_event})
         self._loop.start()
 
     def _on_event(self, kind: str, detail: str) -> None:

@@ -141,7 +141,7 @@ def test_validation_error_message(argv: list[str], message: str) -> None:
 def test_topologies_v40_accepts(cpus: str) -> None:
     """v40 checks only for zero parts and the product (no "at most 2 threads per core", which a
     later release added): these are valid machines."""
-    topology = vm_config_from_argv(K + ["--cpus", cpus]).cpus.topology
+    topology = vm_config_from_argv([*K, "--cpus", cpus]).cpus.topology
     assert topology is not None
     parts = [int(p) for p in cpus.split("topology=")[1].split(":")]
     assert [topology.threads_per_core, topology.cores_per_die, topology.dies_per_package, topology.packages] == parts

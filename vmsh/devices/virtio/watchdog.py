@@ -26,6 +26,7 @@ from vmsh.devices.state import expect_state
 from vmsh.devices.virtio.device import VirtioDevice
 from vmsh.devices.virtio.queue import VirtQueue
 from vmsh.state_types import U64
+from vmsh.thread_names import NamedThread
 
 LOG = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class VirtioWatchdog(VirtioDevice):
         if self._thread is not None:
             return
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="vmsh-watchdog", daemon=True)
+        # named as cloud-hypervisor's watchdog thread (its device id)
+        self._thread = NamedThread(target=self._run, args=(self._stop,), name="__watchdog", daemon=True)
         self._thread.start()
 
     def _stop_timer(self) -> None:
