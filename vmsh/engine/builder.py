@@ -209,14 +209,9 @@ def build_for_boot(config: m.VmConfig, events: EventMonitor, on_guest_event: Gue
         declare_slots(vm.platform.hotplug, vm.devices, config.num_pci_segments(), spare)
         rsdp = _write_firmware_tables(vm, segments)
         write_boot_tables(vm.memory, kernel, payload.cmdline or "", initrd, rsdp=rsdp)
-        topo = config.cpus.topology
-        topology = (
-            CpuTopology(threads_per_core=topo.threads_per_core, cores_per_die=topo.cores_per_die,
-                        dies_per_package=topo.dies_per_package, packages=topo.packages)
-            if topo is not None else CpuTopology.flat(config.cpus.max_vcpus)
-        )
+        topology = cpu_topology(config)
         for index in range(config.cpus.boot_vcpus):
-            fd = _create_vcpu(vm, index)
+            fd = _create_vcpu(vm, index, topology.apic_id(index))
             configure_vcpu(fd, vm.memory, kernel, supported, topology, pvm=is_pvm_host(), phys_bits=phys_bits,
                            hyperv=config.cpus.kvm_hyperv)
         _finish(vm)
@@ -253,8 +248,12 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
         vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault)
         vm.memory.register(vm.vm_fd)
         _create_devices(vm, tty, _phys_bits(vm))
-        for state in saved.vcpus:
-            _create_vcpu(vm, state.vcpu_id)
+        topology = cpu_topology(config)
+        for index, state in enumerate(saved.vcpus):
+            if state.vcpu_id != topology.apic_id(index):
+                raise SnapshotError(f"The snapshot's vcpu{index} has KVM id {state.vcpu_id}, its topology gives "
+                                    f"{topology.apic_id(index)}")
+            _create_vcpu(vm, index, state.vcpu_id)
         try:
             for vcpu, state in zip(vm.vcpus, saved.vcpus, strict=True):
                 restore_vcpu(vcpu.fd, state)
@@ -358,9 +357,11 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
     cfg = vm.config
     assert vm.memory is not None and vm.platform is not None
     try:
+        topology = cpu_topology(cfg)
         acpi = build_acpi(AcpiSpec(
             boot_vcpus=cfg.cpus.boot_vcpus,
             max_vcpus=cfg.cpus.max_vcpus,
+            apic_ids=tuple(topology.apic_id(i) for i in range(cfg.cpus.max_vcpus)),
             serial=cfg.serial.mode is not ConsoleOutputMode.OFF,
             pci_segments=segments,
             pci_rescan_method=pci_hotplug.RESCAN_METHOD,
@@ -377,10 +378,21 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
     return acpi.rsdp_address
 
 
-def _create_vcpu(vm: Vm, index: int) -> VcpuFd:
-    fd: VcpuFd = vm.vm_fd.create_vcpu(index)
+def cpu_topology(config: m.VmConfig) -> CpuTopology:
+    """``--cpus topology``, or one package of ``max`` single-threaded cores."""
+    topo = config.cpus.topology
+    if topo is None:
+        return CpuTopology.flat(config.cpus.max_vcpus)
+    return CpuTopology(threads_per_core=topo.threads_per_core, cores_per_die=topo.cores_per_die,
+                       dies_per_package=topo.dies_per_package, packages=topo.packages)
+
+
+def _create_vcpu(vm: Vm, index: int, apic_id: int) -> VcpuFd:
+    # KVM gives a vCPU its id as initial APIC id: the id is the x2APIC id the topology packs
+    # (the MADT and CPUID say the same), as cloud-hypervisor creates its vCPUs
+    fd: VcpuFd = vm.vm_fd.create_vcpu(apic_id)
     _enable_hyperv(vm, fd)  # before a restore loads its SynIC MSRs
-    vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio))
+    vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, index=index))
     return fd
 
 

@@ -71,15 +71,22 @@ class CpuTopology:
 
     @property
     def shifts(self) -> tuple[int, int, int]:
-        """How far an x2APIC id shifts right to give its core, die and package id.
-
-        The id is the thread, core, die and package numbers packed in fields as wide as their
-        counts need (the layout cloud-hypervisor's ``get_x2apic_id`` uses); a vCPU's id is its
-        index, which is that packing when every count but the packages' is a power of two.
-        """
+        """How far an x2APIC id shifts right to give its core, die and package id."""
         smt = _width(self.threads_per_core)
         die = smt + _width(self.cores_per_die)
         return smt, die, die + _width(self.dies_per_package)
+
+    def apic_id(self, index: int) -> int:
+        """The x2APIC id of vCPU ``index``: its thread, core, die and package numbers packed in
+        fields as wide as their counts need, as a guest decodes it with :meth:`shifts` (the
+        layout of cloud-hypervisor's ``get_x2apic_id``). It is the index itself when every count
+        but the packages' is a power of two (and for :meth:`flat`); otherwise ids are sparse
+        (``topology=3:1:1:2``: 0, 1, 2, 4, 5, 6)."""
+        t = self
+        smt, die, package = self.shifts
+        thread, core = index % t.threads_per_core, index // t.threads_per_core % t.cores_per_die
+        die_index = index // (t.threads_per_core * t.cores_per_die) % t.dies_per_package
+        return thread | core << smt | die_index << die | (index // t.per_package) << package
 
 
 #: KVM's paravirtual feature leaf and the PV IPI bit in its EAX (Documentation/virt/kvm/x86/cpuid.rst)
@@ -199,7 +206,8 @@ def _amd_topology(e: CpuidEntry, topology: CpuTopology, apic_id: int) -> None:
 
 def build_cpuid(supported: list[CpuidEntry], vcpu_id: int, topology: CpuTopology, *,
                 pvm: bool = False, phys_bits: int | None = None, hyperv: bool = False) -> list[CpuidEntry]:
-    """The CPUID table for vCPU ``vcpu_id`` (its APIC id is its index).
+    """The CPUID table for the vCPU whose KVM id and x2APIC id is ``vcpu_id``
+    (``topology.apic_id(index)``).
 
     The topology leaves are written from ``topology`` whether or not KVM offers them (a PVM
     host returns leaf 0xB at level 0 only, all zeros, and no 0x1F), as cloud-hypervisor's

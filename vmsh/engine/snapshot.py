@@ -48,11 +48,14 @@ class SavedVm:
 
 
 def build_tree(kvm: VmKvmState, vcpus: list[VcpuState], ram_size: int, devices: dict[str, Any]) -> dict[str, Any]:
-    """The state tree of a paused VM (``devices``: the device manager's ``states()``)."""
+    """The state tree of a paused VM (``vcpus`` in vCPU order; ``devices``: the device manager's
+    ``states()``)."""
     return node(
         {"version": FORMAT_VERSION, "kvm": to_plain(kvm)},
         {
-            "cpu-manager": node(children={str(v.vcpu_id): node(to_plain(v)) for v in vcpus}),
+            # keyed by the vCPU's number, as cloud-hypervisor's cpu-manager (its APIC id, the
+            # KVM id, may be sparse: VcpuState.vcpu_id)
+            "cpu-manager": node(children={str(index): node(to_plain(v)) for index, v in enumerate(vcpus)}),
             "memory-manager": node({"ranges": [list(r) for r in ram_ranges(ram_size)]}),
             "device-manager": node(children={dev_id: node(state) for dev_id, state in devices.items()}),
         },

@@ -102,12 +102,15 @@ class Vcpu:
     :param pio: the port-I/O bus.
     :param mmio: the MMIO bus.
     :param on_internal_error: handler for emulation failures (None: every one is fatal).
+    :param index: the vCPU's number (default: its KVM id).
     """
 
     def __init__(self, fd: VcpuFd, pio: Bus, mmio: Bus,
-                 on_internal_error: InternalErrorHandler | None = None) -> None:
+                 on_internal_error: InternalErrorHandler | None = None, *, index: int | None = None) -> None:
         self.fd = fd
-        self.index = fd.vcpu_id
+        #: the vCPU's number (vcpuN, affinity, counters); KVM's id is its APIC id, which a
+        #: sparse topology makes differ
+        self.index = fd.vcpu_id if index is None else index
         self.pio = pio
         self.mmio = mmio
         self.on_internal_error = on_internal_error

@@ -104,7 +104,21 @@ def linux_view(entries: list[CpuidEntry]) -> tuple[int, int, int, int, int, int]
 
 
 TOPOLOGIES = [(1, 1, 1, 1), (2, 2, 1, 1), (1, 4, 1, 2), (2, 2, 2, 2), (4, 2, 1, 1), (1, 8, 1, 1), (2, 1, 1, 4),
-              (1, 2, 4, 1)]
+              (1, 2, 4, 1), (3, 1, 1, 2), (1, 3, 1, 2), (2, 3, 3, 1), (1, 5, 1, 1)]
+
+
+@pytest.mark.parametrize("topology, ids", [
+    (CpuTopology.flat(6), [0, 1, 2, 3, 4, 5]),
+    (CpuTopology(2, 2, 1, 2), [0, 1, 2, 3, 4, 5, 6, 7]),
+    (CpuTopology(3, 1, 1, 2), [0, 1, 2, 4, 5, 6]),
+    (CpuTopology(1, 3, 1, 2), [0, 1, 2, 4, 5, 6]),
+    (CpuTopology(1, 3, 2, 1), [0, 1, 2, 4, 5, 6]),
+    (CpuTopology(2, 3, 1, 1), [0, 1, 2, 3, 4, 5]),
+    (CpuTopology(3, 2, 1, 1), [0, 1, 2, 4, 5, 6]),
+])
+def test_apic_ids_pack_thread_core_die_and_package(topology: CpuTopology, ids: list[int]) -> None:
+    count = topology.per_package * topology.packages
+    assert [topology.apic_id(i) for i in range(count)] == ids
 
 
 @pytest.mark.parametrize("host", [PVM_AMD_HOST, INTEL_HOST], ids=["pvm-amd", "intel"])
@@ -113,13 +127,14 @@ def test_every_vcpu_sees_the_configured_topology(host: list[CpuidEntry], threads
                                                  packages: int) -> None:
     topology = CpuTopology(threads, cores, dies, packages)
     for index in range(threads * cores * dies * packages):
-        out = build_cpuid(host, index, topology)
+        apic_id = topology.apic_id(index)
+        out = build_cpuid(host, apic_id, topology)
         core = index // threads % cores
         die, package = index // (threads * cores) % dies, index // (threads * cores * dies)
         core_bits = (cores - 1).bit_length()
         assert linux_view(out) == (package, die, core | die << core_bits, threads, cores, dies), index
         one = leaf(out, 1)
-        assert one.ebx >> 24 == index and (one.ebx >> 16) & 0xFF == threads * cores * dies
+        assert one.ebx >> 24 == apic_id and (one.ebx >> 16) & 0xFF == threads * cores * dies
         assert bool(one.edx & CPUID_1_EDX_HTT) == (threads * cores * dies > 1)
         assert leaf(out, 0).eax >= 0x1F  # the guest reads 0x1F, which has the die level
 
@@ -128,9 +143,11 @@ def test_every_vcpu_sees_the_configured_topology(host: list[CpuidEntry], threads
 def test_amd_topology_leaves(threads: int, cores: int, dies: int, packages: int) -> None:
     topology = CpuTopology(threads, cores, dies, packages)
     per_package = threads * cores * dies
-    package_bits = (per_package - 1).bit_length()
+    package_bits = sum((n - 1).bit_length() for n in (threads, cores, dies))
+    die_bits = (dies - 1).bit_length()
     for index in range(per_package * packages):
-        out = build_cpuid(PVM_AMD_HOST, index, topology)
+        apic_id = topology.apic_id(index)
+        out = build_cpuid(PVM_AMD_HOST, apic_id, topology)
         ext = leaf(out, 0x8000_0001)
         assert ext.ecx & CPUID_80000001_ECX_TOPOEXT
         assert bool(ext.ecx & CPUID_80000001_ECX_CMP_LEGACY) == (per_package > 1)
@@ -139,10 +156,11 @@ def test_amd_topology_leaves(threads: int, cores: int, dies: int, packages: int)
         assert (sizes.ecx & 0xFF, (sizes.ecx >> 12) & 0xF) == (per_package - 1, package_bits)
         assert sizes.eax == 0x3030
         topo = leaf(out, 0x8000_001E)
-        assert topo.eax == index
+        assert topo.eax == apic_id
         assert (topo.ebx >> 8) & 0xFF == threads - 1
-        assert topo.ebx & 0xFF == (index % per_package) // threads  # the core in its package
-        assert topo.ecx & 0xFF == index // (threads * cores)  # the node (die) id
+        core, die, package = index // threads % cores, index // (threads * cores) % dies, index // per_package
+        assert topo.ebx & 0xFF == core | die << (cores - 1).bit_length()  # the core in its package
+        assert topo.ecx & 0xFF == die | package << die_bits  # the node (die) in the system
         assert (topo.ecx >> 8) & 0x7 == dies - 1
     assert len([e for e in out if e.function == 0x8000_001E]) == 1
 
