@@ -12,14 +12,13 @@ lifecycle test boots its own.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from tests.guest.eventlog import activated, by_id, events_of, resets, vm, wait_for_event, wait_for_events
 from vmsh.api.client import ApiClient
 from vmsh.harness.snapshots import restore_guest
-from vmsh.harness.waiting import WaitTimeout, wait_until
 
 
 @pytest.fixture
@@ -34,39 +33,6 @@ def clone(vmsh_clone, tmp_path: Path):
         return guest
 
     return make
-
-
-def events_of(path: Path) -> list[tuple[str, str, dict]]:
-    """The (source, event, properties) of every record in an event-monitor file so far."""
-    decoder, text, out, pos = json.JSONDecoder(), path.read_text(), [], 0
-    while (pos := _skip_space(text, pos)) < len(text):
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # a record still being written
-        out.append((record["source"], record["event"], record.get("properties") or {}))
-    return out
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos
-
-
-def wait_for_event(path: Path, source: str, event: str, timeout: float = 60.0) -> dict:
-    """The properties of the first ``source event`` record in ``path``, once it is there."""
-
-    def found() -> tuple[dict] | None:
-        for src, ev, props in events_of(path):
-            if (src, ev) == (source, event):
-                return (props,)  # a tuple: true even when the record has no properties
-        return None
-
-    try:
-        return wait_until(found, timeout, f"a {source} {event} event in {path}", interval=0.2)[0]
-    except WaitTimeout as err:
-        raise WaitTimeout(f"{err}; the events so far: {events_of(path)}") from None
 
 
 def wait_in_guest(guest, condition: str, tries: int = 300) -> None:
@@ -136,32 +102,6 @@ def test_guest_panic_becomes_the_panic_event(clone) -> None:
     props = wait_for_event(guest.events, "guest", "panic", timeout=120)
     assert props == {"event": "panic"}
     guest.expect("Kernel panic - not syncing: sysrq triggered crash", timeout=30)
-
-
-def wait_for_events(path: Path, count: int, what: str, timeout: float = 60.0) -> list[tuple[str, str, dict]]:
-    """The records of ``path`` once there are at least ``count``."""
-    try:
-        return wait_until(lambda: (len(e := events_of(path)) >= count) and e, timeout, what, interval=0.2)
-    except WaitTimeout as err:
-        raise WaitTimeout(f"{err}; the events so far: {events_of(path)}") from None
-
-
-def activated(ids: list[str]) -> list[tuple[str, str, dict]]:
-    return [("virtio-device", "activated", {"id": i}) for i in ids]
-
-
-def resets(ids: list[str]) -> list[tuple[str, str, dict]]:
-    return [("virtio-device", "reset", {"id": i}) for i in ids]
-
-
-def vm(*names: str) -> list[tuple[str, str, dict]]:
-    return [("vm", n, {}) for n in names]
-
-
-def by_id(records: list[tuple[str, str, dict]]) -> list[tuple[str, str, dict]]:
-    """``records`` in id order: the guest's drivers start (and stop) its devices in an order of
-    their own (driver init order, not slot order)."""
-    return sorted(records, key=lambda r: r[2].get("id", ""))
 
 
 def test_the_whole_life_of_a_vm_in_cloud_hypervisor_s_events(vmsh_guest, vmsh_image, tmp_path: Path) -> None:
