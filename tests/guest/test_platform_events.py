@@ -159,3 +159,18 @@ def test_the_whole_life_of_a_vm_in_cloud_hypervisor_s_events(vmsh_guest, vmsh_im
     end = events_of(events)[mark:]
     assert by_id(end[:len(devices)]) == resets(devices)
     assert end[len(devices):] == [*vm("shutdown", "deleted"), ("vmm", "shutdown", {})]
+
+
+def test_api_shutdown_then_vmm_shutdown(clone) -> None:
+    """``vm.shutdown`` stops the VM without the guest's part (no virtio resets) and says only
+    ``vm shutdown``; ``vmm.shutdown`` then deletes the config and ends the VMM (cloud-hypervisor's
+    ``vm_shutdown``, ``vm_delete``, ``vmm_shutdown``)."""
+    guest = clone()
+    mark = len(events_of(guest.events))
+    with ApiClient(guest.api) as api:
+        api.put("vm.shutdown")
+        assert api.get("vm.info")["state"] == "Created"
+        assert events_of(guest.events)[mark:] == vm("shutdown")
+        api.put("vmm.shutdown")
+    assert guest.wait_exit(timeout=60) == 0
+    assert events_of(guest.events)[mark:] == [*vm("shutdown", "deleted"), ("vmm", "shutdown", {})]
