@@ -3,8 +3,11 @@ DMI/SMBIOS, poweroff and reboot."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from tests.guest.eventlog import events_of
 from vmsh.harness.pytest_plugin import DEFAULT_CMDLINE
 from vmsh.harness.waiting import wait_until
 
@@ -111,3 +114,28 @@ def test_debian_cloud_kernel_starts_and_keeps_running(vmsh_guest) -> None:
     guest.expect(r"ACPI: RSDP 0x00000000000A0000", timeout=120)
     guest.expect(r"ACPI: Using ACPI \(MADT\) for SMP configuration information", timeout=180)
     assert guest.exit_status() is None
+
+
+@pytest.mark.parametrize("console", ["serial", "virtio"])
+def test_the_guest_s_last_output_reaches_the_console(vmsh_clone, tmp_path, console: str) -> None:
+    """What the guest wrote before it powered off is on the console when the VMM has exited, on
+    the serial port and on the virtio console (hvc0) alike.
+
+    The kernel's own last line ("reboot: Power down") can only come on the serial port: Linux's
+    device_shutdown resets every virtio device first (drivers/virtio/virtio.c
+    virtio_dev_shutdown, which breaks its virtqueues), so it never reaches hvc0 under any VMM;
+    the event monitor shows that reset of ``__console`` before the VM stops.
+    """
+    events = tmp_path / "events.json"
+    kw = {} if console == "serial" else {"serial": "off", "console": "tty", "cmdline": "console=hvc0 quiet"}
+    guest = vmsh_clone(restore_flags=["--event-monitor", f"path={events}"], **kw)
+    guest.send("echo LAST-LINE-1; echo LAST-LINE-2; poweroff -f\n")
+    assert guest.wait_exit(timeout=120) == 0
+    tail = guest.console_tail()
+    assert re.search(r"LAST-LINE-1\r?\n+LAST-LINE-2\r?\n", tail), tail  # lines, not the command's echo
+    records = events_of(events)
+    stop = records.index(("vm", "shutdown", {}))
+    if console == "serial":
+        assert tail.rstrip().endswith("reboot: Power down"), tail
+    else:
+        assert ("virtio-device", "reset", {"id": "__console"}) in records[:stop]

@@ -145,6 +145,18 @@ def test_balloon_inflates_and_guest_memory_drops(guest) -> None:
     assert before - after >= 63 * 1024, (before, after)
     with ApiClient(guest.api) as api:
         assert api.get("vm.counters")["__balloon"]["inflated_pages"] >= 16384
+        # vm.info's memory_actual_size is the RAM less the balloon (cloud-hypervisor's vm_info),
+        # once the driver has said how much it holds (``actual``)
+        wait_until(lambda: api.get("vm.counters")["__balloon"]["actual_pages"] == 16384, 60,
+                   "the driver to report the inflated balloon")
+        info = api.get("vm.info")
+        assert info["memory_actual_size"] == info["config"]["memory"]["size"] - (64 << 20)
+        # and it grows back as the guest deflates
+        api.put("vm.resize", {"desired_balloon": 0})
+        wait_until(lambda: api.get("vm.counters")["__balloon"]["actual_pages"] == 0, 120,
+                   "the driver to deflate the balloon")
+        info = api.get("vm.info")
+        assert info["memory_actual_size"] == info["config"]["memory"]["size"]
 
 
 def test_pmem_is_mapped_and_its_data_reaches_the_file(guest, device_setup) -> None:

@@ -1,20 +1,24 @@
 """What the guest's own kernel does with vmsh's platform events: ACPI PCI hotplug (add-disk,
 add-net and remove-device on a running guest, through acpiphp), the ACPI power button (the
 tiny power-button driver signals /init, which powers off) and pvpanic (a panic the guest
-triggers itself becomes cloud-hypervisor's ``guest panic`` event).
+triggers itself becomes cloud-hypervisor's ``guest panic`` event); and the event monitor's
+whole record of a VM's life, checked against the records cloud-hypervisor v40 writes and their
+order (its ``event!`` sites in ``vmm/src/lib.rs``, ``vmm/src/vm.rs``,
+``vmm/src/device_manager.rs`` and ``virtio-devices/src/*.rs``).
 
-Every test restores a clone of one booted guest with its own API socket and event file.
+Most tests restore a clone of one booted guest with its own API socket and event file; the
+lifecycle test boots its own.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from tests.guest.eventlog import activated, by_id, events_of, resets, vm, wait_for_event, wait_for_events
 from vmsh.api.client import ApiClient
-from vmsh.harness.waiting import WaitTimeout, wait_until
+from vmsh.harness.snapshots import restore_guest
 
 
 @pytest.fixture
@@ -29,39 +33,6 @@ def clone(vmsh_clone, tmp_path: Path):
         return guest
 
     return make
-
-
-def events_of(path: Path) -> list[tuple[str, str, dict]]:
-    """The (source, event, properties) of every record in an event-monitor file so far."""
-    decoder, text, out, pos = json.JSONDecoder(), path.read_text(), [], 0
-    while (pos := _skip_space(text, pos)) < len(text):
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # a record still being written
-        out.append((record["source"], record["event"], record.get("properties") or {}))
-    return out
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos
-
-
-def wait_for_event(path: Path, source: str, event: str, timeout: float = 60.0) -> dict:
-    """The properties of the first ``source event`` record in ``path``, once it is there."""
-
-    def found() -> tuple[dict] | None:
-        for src, ev, props in events_of(path):
-            if (src, ev) == (source, event):
-                return (props,)  # a tuple: true even when the record has no properties
-        return None
-
-    try:
-        return wait_until(found, timeout, f"a {source} {event} event in {path}", interval=0.2)[0]
-    except WaitTimeout as err:
-        raise WaitTimeout(f"{err}; the events so far: {events_of(path)}") from None
 
 
 def wait_in_guest(guest, condition: str, tries: int = 300) -> None:
@@ -88,10 +59,15 @@ def test_hotplugged_disk_appears_in_the_guest_and_ejects(clone, tmp_path: Path) 
     slot = info["bdf"].rsplit(":", 1)[1]
     assert guest.check_output("readlink -f /sys/block/vda/device").split("/")[-2] == f"0000:00:{slot}"
 
+    # virtio-blk bound to it: cloud-hypervisor's device activation event
+    assert ("virtio-device", "activated", {"id": "hot0"}) in events_of(guest.events)
     with ApiClient(guest.api) as api:
         api.put("vm.remove-device", {"id": "hot0"})
     props = wait_for_event(guest.events, "vm", "device-removed")
     assert props == {"id": "hot0", "bdf": info["bdf"]}
+    # the driver let go of the device (a reset) before the guest ejected the slot
+    assert events_of(guest.events)[-2:] == [("virtio-device", "reset", {"id": "hot0"}),
+                                            ("vm", "device-removed", {"id": "hot0", "bdf": info["bdf"]})]
     wait_in_guest(guest, "[ ! -e /sys/block/vda ]")
     with ApiClient(guest.api) as api:
         assert not api.get("vm.info")["config"].get("disks")
@@ -126,3 +102,75 @@ def test_guest_panic_becomes_the_panic_event(clone) -> None:
     props = wait_for_event(guest.events, "guest", "panic", timeout=120)
     assert props == {"event": "panic"}
     guest.expect("Kernel panic - not syncing: sysrq triggered crash", timeout=30)
+
+
+def test_the_whole_life_of_a_vm_in_cloud_hypervisor_s_events(vmsh_guest, vmsh_image, tmp_path: Path) -> None:
+    """Boot, pause, resume, snapshot, a restore of that snapshot, a guest reboot and a guest
+    poweroff: every record and its place, as cloud-hypervisor v40 writes them."""
+    api, events = tmp_path / "api.sock", tmp_path / "events.json"
+    devices = ["__console", "__rng", "_disk0"]  # by id (see by_id)
+    guest = vmsh_guest("--rng", "src=/dev/urandom", "--disk", f"path={vmsh_image('raw-disk')},readonly=on",
+                       "--api-socket", f"path={api}", "--event-monitor", f"path={events}",
+                       console=f"file={tmp_path / 'hvc0.log'}")
+    # The drivers have started their devices before /init prints its ready marker.
+    boot = events_of(events)
+    assert boot[:3] == [("vmm", "starting", {}), *vm("booting", "booted")]
+    # booted comes as soon as the vCPUs run, long before the guest's drivers start the devices
+    assert by_id(boot[3:]) == activated(devices)
+
+    (tmp_path / "snap").mkdir()
+    with ApiClient(str(api)) as client:
+        client.put("vm.pause")
+        client.put("vm.resume")
+        client.put("vm.pause")
+        client.put("vm.snapshot", {"destination_url": f"file://{tmp_path / 'snap'}"})
+        client.put("vm.resume")
+    assert events_of(events)[len(boot):] == vm("pausing", "paused", "resuming", "resumed", "pausing", "paused",
+                                                "snapshotting", "snapshotted", "resuming", "resumed")
+
+    # A restore brings the running devices back (activated) before it says restoring.
+    clone_events = tmp_path / "clone-events.json"
+    clone = restore_guest(tmp_path / "snap", tmp_path / "clone",
+                          extra_flags=["--event-monitor", f"path={clone_events}"], timeout=120)
+    try:
+        restored = events_of(clone_events)
+        assert restored[0] == ("vmm", "starting", {})
+        # the devices in the order they are created (console, disks, rng), as cloud-hypervisor's
+        assert restored[1:] == [*activated(["__console", "_disk0", "__rng"]),
+                                *vm("restoring", "restored", "resuming", "resumed")]
+    finally:
+        clone.close()
+
+    # A guest reboot: Linux's device_shutdown resets every virtio device (virtio_dev_shutdown),
+    # then the VMM rebuilds the VM (no booting/booted) and the new guest starts the devices.
+    mark = len(events_of(events))
+    guest.send("reboot -f\n")
+    guest.wait_ready()
+    rebooted = wait_for_events(events, mark + 2 * len(devices) + 2, "the reboot's events")[mark:]
+    assert by_id(rebooted[:len(devices)]) == resets(devices)
+    assert rebooted[len(devices):len(devices) + 2] == vm("rebooting", "rebooted")
+    assert by_id(rebooted[len(devices) + 2:]) == activated(devices)
+
+    # A guest poweroff: the resets, then what cloud-hypervisor's exit event does (vmm_shutdown ->
+    # vm_delete -> vm_shutdown): vm shutdown, vm deleted, vmm shutdown.
+    mark = len(events_of(events))
+    guest.send("poweroff -f\n")
+    assert guest.wait_exit(timeout=120) == 0
+    end = events_of(events)[mark:]
+    assert by_id(end[:len(devices)]) == resets(devices)
+    assert end[len(devices):] == [*vm("shutdown", "deleted"), ("vmm", "shutdown", {})]
+
+
+def test_api_shutdown_then_vmm_shutdown(clone) -> None:
+    """``vm.shutdown`` stops the VM without the guest's part (no virtio resets) and says only
+    ``vm shutdown``; ``vmm.shutdown`` then deletes the config and ends the VMM (cloud-hypervisor's
+    ``vm_shutdown``, ``vm_delete``, ``vmm_shutdown``)."""
+    guest = clone()
+    mark = len(events_of(guest.events))
+    with ApiClient(guest.api) as api:
+        api.put("vm.shutdown")
+        assert api.get("vm.info")["state"] == "Created"
+        assert events_of(guest.events)[mark:] == vm("shutdown")
+        api.put("vmm.shutdown")
+    assert guest.wait_exit(timeout=60) == 0
+    assert events_of(guest.events)[mark:] == [*vm("shutdown", "deleted"), ("vmm", "shutdown", {})]

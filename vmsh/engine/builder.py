@@ -328,7 +328,9 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
 
     reset = EventTrigger(lambda: vm.on_guest_event(GuestEvent.RESET, "guest reset"))
     poweroff = EventTrigger(lambda: vm.on_guest_event(GuestEvent.POWEROFF, "guest poweroff"))
-    vm.devices = DeviceManager(vm.vm_fd, vm.memory, vm.pio, vm.mmio, segments, handoff=vm.requests.run)
+    vm.devices = DeviceManager(vm.vm_fd, vm.memory, vm.pio, vm.mmio, segments, handoff=vm.requests.run,
+                               on_device_event=lambda dev_id, event: vm.events.emit("virtio-device", event,
+                                                                                    {"id": dev_id}))
     vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject)
     vm.backends.extend(vm.platform.backends)
     hooks = PlatformHooks(on_panic=lambda events: vm.events.emit("guest", "panic",

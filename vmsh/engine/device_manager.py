@@ -64,13 +64,16 @@ NOTIFY_WIDTH = 2
 _NEWER_THAN_FORMAT_1 = frozenset({"__pci_config_io", "__post"})
 #: runs a piece of work on the VMM's control loop and returns when it is done
 Handoff = Callable[[Callable[[], None]], None]
+#: told ``(device id, event)`` when a virtio device is activated or reset by its driver
+DeviceEventSink = Callable[[str, str], None]
 
 
 class DeviceManager:
     """The platform devices, the PCI segments and the devices on them."""
 
     def __init__(self, vm_fd: Any, memory: GuestMemoryMmap, pio: Bus, mmio: Bus,
-                 segments: tuple[PciSegment, ...], handoff: Handoff) -> None:
+                 segments: tuple[PciSegment, ...], handoff: Handoff,
+                 on_device_event: DeviceEventSink | None = None) -> None:
         self.vm_fd = vm_fd
         self.memory = memory
         self.pio = pio
@@ -78,6 +81,8 @@ class DeviceManager:
         self.segments = segments
         #: runs a BAR move on the control loop (from the vCPU thread that wrote the BAR)
         self.handoff = handoff
+        #: the virtio devices' lifecycle events (from vCPU threads, the device's lock held)
+        self.on_device_event = on_device_event
         self.buses = [PciBus(seg.id) for seg in segments]
         self.routes = GsiRoutes(vm_fd)
         self.loop = IoLoop()
@@ -113,6 +118,8 @@ class DeviceManager:
         router = KvmMsiRouter(self.vm_fd, self.routes, len(device.queue_max_sizes) + 1)
         try:
             transport = VirtioPciDevice(device, self.memory, router, bar64=bar64)
+            if self.on_device_event is not None:
+                transport.on_lifecycle = functools.partial(self.on_device_event, dev_id)
             return self._plug(dev_id, transport, segment, slot, bar64, router, len(device.queue_max_sizes))
         except BaseException:
             router.close()

@@ -20,6 +20,7 @@ from typing import Any
 from vmsh.config import canonical_json
 from vmsh.config import model as m
 from vmsh.devices.acpi import GED_POWER_BUTTON
+from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.engine import snapshot as snapshot_tree
 from vmsh.engine.bus import Bus
 from vmsh.engine.console import ConsoleBackend
@@ -310,11 +311,24 @@ class Vm:
         return result
 
     def info(self) -> dict[str, Any]:
-        """What ``vm.info`` adds to the config and state: cloud-hypervisor's ``device_tree``
-        (each node with id, resources, parent, children and pci_bdf, as its DeviceNode has)."""
+        """What ``vm.info`` adds to the config and state: ``memory_actual_size`` without what the
+        balloon holds, and cloud-hypervisor's ``device_tree`` (each node with id, resources,
+        parent, children and pci_bdf, as its DeviceNode has)."""
         if self.devices is None:
             return {}
-        return {"device_tree": self.devices.device_tree()}
+        # (max: a guest can claim a balloon larger than its RAM; the size stays a size)
+        return {"memory_actual_size": max(0, self.config.memory.total_size() - self.balloon_size()),
+                "device_tree": self.devices.device_tree()}
+
+    def balloon_size(self) -> int:
+        """Bytes the guest has put into the balloon (its ``actual``: up on inflate, down on
+        deflate, including the guest's own deflate on OOM); cloud-hypervisor's
+        ``Vm::balloon_size``, which its ``vm_info`` subtracts from the RAM."""
+        entry = self.devices.devices.get(BALLOON_ID) if self.devices is not None else None
+        if entry is None:
+            return 0
+        balloon: VirtioBalloon = entry.transport.device  # type: ignore[attr-defined]  # the balloon's transport
+        return balloon.actual_bytes
 
     #: the KVM statistics worth a line at exit with ``-v``
     SUMMARY_STATS = ("exits", "io_exits", "mmio_exits", "halt_exits", "insn_emulation", "insn_emulation_fail",

@@ -270,15 +270,25 @@ class Vmm:
         self.config = cfg
 
     def _boot(self, _body: None) -> None:
-        """Validate the config, build the VM and start it (a Paused VM is resumed)."""
+        """Validate the config, build the VM and start it (a Paused VM is resumed).
+
+        Events as cloud-hypervisor's ``Vmm::vm_boot``: ``booting``, then ``booted`` once it
+        runs (a Paused VM's ``resuming``/``resumed`` come between)."""
         if self.vm is not None:
+            self.events.emit("vm", "booting")
             self.do("vm.resume")
+            self.events.emit("vm", "booted")
             return
         if self._vm_factory is None:
             raise VmshError("This VMM cannot build VMs")
-        assert self.config is not None  # the rule
-        cfg = normalize(self.config)
         self.events.emit("vm", "booting")
+        self._build_and_boot()
+        self.events.emit("vm", "booted")
+
+    def _build_and_boot(self) -> None:
+        """Build a VM from the config and start it (``vm.boot``, and the second half of a reboot)."""
+        assert self._vm_factory is not None and self.config is not None  # the rule
+        cfg = normalize(self.config)
         token = object()
         vm = self._vm_factory(cfg, self.events, self.guest_event, functools.partial(self._post_for_vm, token))
         try:
@@ -288,20 +298,22 @@ class Vmm:
             raise
         self.config = cfg
         self._set_vm(vm, token)
-        self.events.emit("vm", "booted")
 
     def _shutdown(self, _body: None) -> None:
         """Stop the VM; its config stays, so it can be booted again."""
         self._drop_vm()
 
     def _reboot(self, _body: None) -> None:
-        """Shut the VM down and boot a fresh one from the same config."""
+        """Shut the VM down and boot a fresh one from the same config (``rebooting``,
+        ``rebooted``: cloud-hypervisor's ``Vmm::vm_reboot`` boots without ``booting``/``booted``)."""
         assert self.vm is not None  # the rule
+        if self._vm_factory is None:
+            raise VmshError("This VMM cannot build VMs")
         self.events.emit("vm", "rebooting")
         self.vm.shutdown()
         self._set_vm(None, None)
         self._drop_pending_resets()
-        self.do("vm.boot")
+        self._build_and_boot()
         self.events.emit("vm", "rebooted")
 
     def _pause(self, _body: None) -> None:
@@ -423,6 +435,13 @@ class Vmm:
         raise NotFoundError(f"No device with id {request.id}")
 
     def _resize(self, request: ResizeRequest) -> None:
+        """``resizing``, the changes, then ``resized`` if they all worked (cloud-hypervisor's
+        ``Vm::resize``)."""
+        self.events.emit("vm", "resizing")
+        self._resize_vm(request)
+        self.events.emit("vm", "resized")
+
+    def _resize_vm(self, request: ResizeRequest) -> None:
         vm: Any = self.vm
         cfg = vm.config
         if request.desired_vcpus is not None and request.desired_vcpus != cfg.cpus.boot_vcpus:
@@ -448,10 +467,13 @@ class Vmm:
         if self._restore_factory is None:
             raise VmshError("This VMM cannot restore VMs")
         directory = _file_url_path(request.source_url)
-        self.events.emit("vm", "restoring")
         token = object()
         vm = self._restore_factory(directory, request, self.events, self.guest_event,
                                    functools.partial(self._post_for_vm, token))
+        # Only now, as cloud-hypervisor does: its Vm::new loads the snapshot's memory and devices
+        # (the running virtio devices' ``activated`` events come from there), then Vm::restore
+        # says ``restoring`` and ``restored``. A snapshot refused while building says neither.
+        self.events.emit("vm", "restoring")
         self._set_vm(vm, token)
         self.config = getattr(vm, "config", None)
         self.events.emit("vm", "restored")

@@ -120,6 +120,7 @@ def test_u64_fields_document_their_maximum(client) -> None:
 def test_vm_info_device_tree_has_cloud_hypervisors_node_shape() -> None:
     from types import SimpleNamespace
 
+    from vmsh.config.model import VmConfig
     from vmsh.engine.device_manager import DeviceManager
     from vmsh.engine.vm import Vm
 
@@ -129,6 +130,7 @@ def test_vm_info_device_tree_has_cloud_hypervisors_node_shape() -> None:
     devices.devices = {"_disk0": SimpleNamespace(segment=0, slot=3, transport=transport, bar64=False)}  # type: ignore[dict-item]
     vm = Vm.__new__(Vm)
     vm.devices = devices
+    vm.config = VmConfig()  # memory_actual_size comes from it
     info = vm.info()
     tree = info["device_tree"]
     assert set(tree) == {"_disk0", "_virtio-pci-_disk0"}

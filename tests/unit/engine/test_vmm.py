@@ -91,7 +91,44 @@ def test_boot_resumes_a_paused_vm() -> None:
     vmm = make_vmm("paused")
     vmm.do("vm.boot")
     assert vmm.vm is not None and vmm.vm.state is VmState.RUNNING
-    assert vmm.events.records[-2:] == [("vm", "resuming"), ("vm", "resumed")]  # type: ignore[attr-defined]
+    # cloud-hypervisor's Vmm::vm_boot around Vm::boot, which resumes a paused VM
+    assert vmm.events.records[-4:] == [  # type: ignore[attr-defined]
+        ("vm", "booting"), ("vm", "resuming"), ("vm", "resumed"), ("vm", "booted")]
+
+
+def test_reboot_events_are_cloud_hypervisor_s() -> None:
+    vmm = make_vmm("running")
+    before = len(vmm.events.records)  # type: ignore[attr-defined]
+    vmm.do("vm.reboot")
+    # Vmm::vm_reboot builds and boots the new VM itself: no booting/booted between
+    assert vmm.events.records[before:] == [("vm", "rebooting"), ("vm", "rebooted")]  # type: ignore[attr-defined]
+    assert vmm.vm is not None and vmm.vm.state is VmState.RUNNING
+
+
+def test_resize_says_resizing_and_resized_only_when_it_worked() -> None:
+    from vmsh.engine.actions import ResizeRequest
+
+    vmm = make_vmm("running")
+    before = len(vmm.events.records)  # type: ignore[attr-defined]
+    vmm.do("vm.resize", ResizeRequest(desired_vcpus=1))
+    assert vmm.events.records[before:] == [("vm", "resizing"), ("vm", "resized")]  # type: ignore[attr-defined]
+    with pytest.raises(VmshError):
+        vmm.do("vm.resize", ResizeRequest(desired_vcpus=4))
+    assert vmm.events.records[before + 2:] == [("vm", "resizing")]  # type: ignore[attr-defined]
+
+
+def test_restoring_follows_the_devices_the_restore_brought_back() -> None:
+    def restore(directory: str, request: Any, events: EventMonitor, on_guest_event: Any, post: Any) -> FakeVm:
+        # a running virtio device of the snapshot is activated while the VM is rebuilt
+        events.emit("virtio-device", "activated", {"id": "__console"})
+        vm = FakeVm(CONFIG, events, on_guest_event, post)
+        vm.state = VmState.PAUSED
+        return vm
+
+    vmm = Vmm(RecordingEvents(), vm_factory=FakeVm, restore_factory=restore)
+    vmm.do("vm.restore", m.RestoreConfig(source_url="file:///s"))
+    assert vmm.events.records == [  # type: ignore[attr-defined]
+        ("virtio-device", "activated"), ("vm", "restoring"), ("vm", "restored")]
 
 
 def test_describe_uses_the_describer_the_front_end_gave() -> None:

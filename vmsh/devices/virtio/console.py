@@ -1,9 +1,10 @@
 """virtio-console (virtio 1.2 §5.3) with one port and no multiport: the guest's ``hvc0``.
 
 Queue 0 (receiveq) carries host input to the guest, queue 1 (transmitq) guest output to the
-host. Output goes to a callback; input arrives through ``enqueue_input`` (from whatever thread
-reads the host side) and waits in a bounded buffer until the guest has posted receive buffers
-- its kick on queue 0 flushes it. Configuration (§5.3.4): cols, rows, max_nr_ports, emerg_wr.
+host. Output goes to a callback (what is still queued when the VM is torn down too); input
+arrives through ``enqueue_input`` (from whatever thread reads the host side) and waits in a
+bounded buffer until the guest has posted receive buffers - its kick on queue 0 flushes it.
+Configuration (§5.3.4): cols, rows, max_nr_ports, emerg_wr.
 """
 
 from __future__ import annotations
@@ -143,6 +144,14 @@ class VirtioConsole(VirtioDevice):
             used = True
         if used:
             self.signal_used(index)
+
+    def close(self) -> None:
+        """VM teardown, the vCPUs stopped: first hand on what the guest put on the transmit queue
+        and the I/O thread has not taken yet (its kick may still be pending, or another vCPU's
+        write raced the poweroff), so the guest's last output reaches the backend before the
+        VMM reports the VM gone; then reset."""
+        self.queue_notify(TRANSMITQ)
+        super().close()
 
     def _emit(self, data: bytes) -> None:
         self.out_bytes += len(data)

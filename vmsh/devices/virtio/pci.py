@@ -18,6 +18,11 @@ and MSI-X with one vector per queue plus one for configuration changes.
 address on its MMIO bus, follows ``on_bar_change`` when the guest moves the BAR, and calls
 ``notify`` when a queue's ioeventfd fires. Nothing a guest writes raises: bad values are
 ignored or, for a bad queue at DRIVER_OK, put the device into DEVICE_NEEDS_RESET.
+
+``on_lifecycle`` is told ``"activated"`` when the device starts (the driver set DRIVER_OK, or
+a restore brought a running device back) and ``"reset"`` when the driver resets a started
+device: cloud-hypervisor's ``virtio-device`` events (its ``virtio-devices/src/*.rs``
+``activate``/``reset``, and ``transport/pci_device.rs``, which resets only an activated device).
 """
 
 from __future__ import annotations
@@ -135,6 +140,9 @@ VIRTIO_PCI_ISR_QUEUE = 0x1  # a used buffer notification
 VIRTIO_PCI_ISR_CONFIG = 0x2  # a configuration change notification
 #: driver_feature_select values that mean something (features 0..127)
 _MAX_FEATURE_SELECT = 4
+#: what ``on_lifecycle`` is told
+ACTIVATED = "activated"
+RESET = "reset"
 
 
 def _class_code(device_type: int) -> int:
@@ -280,6 +288,8 @@ class VirtioPciDevice:
         self.needs_reset = False
         #: called with (old, new) when the guest moves BAR 0
         self.on_bar_change: Callable[[int, int], None] | None = None
+        #: called with ACTIVATED or RESET (with the device's lock held: it must not block)
+        self.on_lifecycle: Callable[[str], None] | None = None
         self.interrupt = _Interrupt(self)
         self._bar_address = 0
         self._bar_pending = False
@@ -532,6 +542,11 @@ class VirtioPciDevice:
             self._fail(f"activation failed: {err}")
             return
         self.activated = True
+        self._tell(ACTIVATED)
+
+    def _tell(self, event: str) -> None:
+        if self.on_lifecycle is not None:
+            self.on_lifecycle(event)
 
     def _fail(self, reason: str) -> None:
         LOG.warning("virtio-pci %#x: %s", self.config.get(0x02, 2), reason)
@@ -540,6 +555,7 @@ class VirtioPciDevice:
 
     def _reset(self) -> None:
         """Device reset (§2.4 / §4.1.4.3.1): back to the initial state; MSI-X stays (it is PCI's)."""
+        was_activated = self.activated
         self.device.reset()
         for q in self.queues:
             q.reset()
@@ -553,6 +569,8 @@ class VirtioPciDevice:
         self.needs_reset = False
         with self._isr_lock:
             self.isr = 0
+        if was_activated:
+            self._tell(RESET)
 
     def close(self) -> None:
         """VM teardown: stop and close the device."""

@@ -57,6 +57,29 @@ def test_console_output(con: Console) -> None:
     assert con.dev.counters()["out_bytes"] == 12
 
 
+def test_console_hands_on_queued_output_when_the_vm_is_torn_down(con: Console) -> None:
+    """Output the guest queued but the I/O thread had not taken (no kick served yet) reaches the
+    backend when the VM is torn down, before the device is reset."""
+    con.probe()
+    buf = con.alloc.alloc(16)
+    con.mem.write(buf, b"System halted.\n")
+    head = con.tx.add([(buf, 15, False)])
+    assert con.output == []
+    con.pci.close()
+    assert con.output == [b"System halted.\n"]
+    assert con.tx.take_used() == [(head, 0)]
+
+
+def test_console_torn_down_after_the_driver_reset_it_sends_nothing(con: Console) -> None:
+    con.probe()
+    buf = con.alloc.alloc(4)
+    con.mem.write(buf, b"gone")
+    con.tx.add([(buf, 4, False)])
+    con.driver.set_common(0x14, 0, 1)  # Linux's virtio_dev_shutdown resets the device at poweroff
+    con.pci.close()
+    assert con.output == []
+
+
 def test_console_input_waits_for_buffers(con: Console, router: FakeRouter) -> None:
     con.probe()
     assert con.dev.enqueue_input(b"ls -l\n") == 6  # no receive buffers yet

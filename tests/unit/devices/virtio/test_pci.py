@@ -345,3 +345,35 @@ def test_pci_kicks_from_a_thread_race_resets(driver: PciDriver, rng_dev: VirtioP
     head = ring.add([(alloc.alloc(8), 8, True)])
     driver.kick(0)
     assert ring.take_used() == [(head, 8)]
+
+
+def test_pci_lifecycle_events_as_cloud_hypervisor_s(driver: PciDriver, rng_dev: VirtioPciDevice,
+                                                     mem: GuestMemoryMmap) -> None:
+    """``activated`` at DRIVER_OK, ``reset`` only when a started device is reset (the probe's own
+    reset of a fresh device, and a failed activation, say nothing), ``activated`` again when a
+    restore brings a running device back."""
+    told: list[str] = []
+    rng_dev.on_lifecycle = told.append
+    driver.set_common(0x14, 0, 1)  # Linux's probe resets first: the device never started
+    assert told == []
+    driver.probe()
+    assert told == ["activated"]
+    state = rng_dev.state()
+    driver.set_common(0x14, 0, 1)
+    driver.set_common(0x14, 0, 1)
+    assert told == ["activated", "reset"]
+    driver.cfg_write(COMMAND, 6, 2)
+    driver.enable_msix()
+    assert driver.negotiate()
+    driver.setup_queue(0, size=100)  # not a power of two: activation fails
+    driver.set_common(COMMON_QUEUE_ENABLE, 1, 2)
+    driver.add_status(VIRTIO_STATUS_DRIVER_OK)
+    driver.set_common(0x14, 0, 1)
+    assert told == ["activated", "reset"]
+    clone = VirtioPciDevice(VirtioRng(), mem, FakeRouter())
+    clone_told: list[str] = []
+    clone.on_lifecycle = clone_told.append
+    clone.restore(state)
+    assert clone_told == ["activated"]
+    clone.close()
+    assert clone_told == ["activated"]  # teardown is not the driver's reset
