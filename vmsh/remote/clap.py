@@ -23,6 +23,8 @@ from vmsh.errors import UsageError
 
 TAB = "  "
 NEXT_LINE_INDENT = " " * 8
+#: where a help text starts when it goes on the line after its argument
+NEXT_LINE_COLUMN = len(TAB + NEXT_LINE_INDENT)
 #: clap's width when the output is not a terminal and COLUMNS is unset
 DEFAULT_WIDTH = 100
 
@@ -192,7 +194,7 @@ def usage(cmd: Command, bin_name: str, used: Sequence[Arg] = ()) -> str:
         picked = [a for a in cmd.args if a.required and not a.positional]
         picked += [a for a in used if not a.positional and a not in picked]
         parts += [a.shown(True) for a in picked]
-        parts += [a.shown(True if (a.required or a in used) else False) for a in cmd.positionals()]
+        parts += [a.shown(a.required or a in used) for a in cmd.positionals()]
     if cmd.subcommands:
         parts.append("<COMMAND>")
     return " ".join(parts)
@@ -279,7 +281,7 @@ def _arg_lines(args: Sequence[Arg], width: int) -> list[str]:
             head += f"--{a.long}" if a.long else ""
             head += f" <{a.id}>" if a.takes_value else ""
         if next_line:
-            lines.append(f"{TAB}{head}\n{TAB}{NEXT_LINE_INDENT}" + _help_block(about(a), len(TAB + NEXT_LINE_INDENT), width))
+            lines.append(f"{TAB}{head}\n{TAB}{NEXT_LINE_INDENT}" + _help_block(about(a), NEXT_LINE_COLUMN, width))
             continue
         pad = longest + len(TAB) - _display_width(a.shown()) + (0 if a.positional or a.long else 4)
         lines.append(f"{TAB}{head}{' ' * pad}" + _help_block(about(a), taken, width))
@@ -294,7 +296,7 @@ def _command_lines(cmd: Command, width: int) -> list[str]:
     lines = []
     for c in subs:
         if next_line:
-            lines.append(f"{TAB}{c.name}\n{TAB}{NEXT_LINE_INDENT}" + _help_block(c.about, len(TAB + NEXT_LINE_INDENT), width))
+            lines.append(f"{TAB}{c.name}\n{TAB}{NEXT_LINE_INDENT}" + _help_block(c.about, NEXT_LINE_COLUMN, width))
         else:
             # clap indents an about's wrapped lines 4 columns deeper than its first line
             pad = " " * (longest + len(TAB) - _display_width(c.name))
@@ -336,14 +338,11 @@ def _similar(kind: str, names: Sequence[str]) -> str:
 
 
 def missing_required(cmd: Command, bin_name: str, missing: Sequence[Arg], used: Sequence[Arg]) -> ClapExit:
-    """clap's "the following required arguments were not provided" for ``missing``."""
-    needed = [dataclasses.replace(a, required=True) for a in missing]
-    shown = [a for a in cmd.args if a in used or a in missing]
-    names = "".join(f"\n{TAB}{a.shown()}" for a in needed)
-    model = dataclasses.replace(cmd, args=tuple(dataclasses.replace(a, required=True) if a in missing else a
-                                                for a in cmd.args))
-    used_now = [dataclasses.replace(a, required=True) if a in missing else a for a in shown]
-    return error("the following required arguments were not provided:", usage(model, bin_name, used_now), extra=names)
+    """clap's "the following required arguments were not provided" (``cmd`` has its required arguments marked)."""
+    ordered = [a for a in missing if not a.positional] + [a for a in missing if a.positional]
+    names = "".join(f"\n{TAB}{a.shown(True)}" for a in ordered)
+    return error("the following required arguments were not provided:", usage(cmd, bin_name, [*used, *missing]),
+                 extra=names)
 
 
 # -- parsing ---------------------------------------------------------------------------------------

@@ -169,10 +169,13 @@ def check_needed(command: str, matches: Matches) -> None:
     """:raises vmsh.remote.clap.ClapExit: when an argument the subcommand needs is missing."""
     sub = REMOTE.subcommand(command)
     assert sub is not None
-    missing = [a for a in sub.args if a.id in NEEDED.get(command, ()) and a.id not in matches.values]
+    needed = NEEDED.get(command, ())
+    model = dataclasses.replace(sub, args=tuple(dataclasses.replace(a, required=True) if a.id in needed else a
+                                                for a in sub.args))
+    missing = [a for a in model.args if a.id in needed and a.id not in matches.values]
     if missing:
-        used = [a for a in sub.args if a.id in matches.values]
-        raise missing_required(sub, f"{BIN_NAME} {command}", missing, used)
+        used = [a for a in model.args if a.id in matches.values]
+        raise missing_required(model, f"{BIN_NAME} {command}", missing, used)
 
 
 def build_request(command: str, args: list[str]) -> tuple[str, str, Any, list[int]]:
@@ -279,7 +282,8 @@ def request_for(command: str, matches: Matches) -> tuple[str, str, Any, list[int
             body["desired_balloon"] = _byte_sized("balloon", value("balloon") or "")
         return "PUT", "vm.resize", body, []
     if command == "resize-zone":
-        return "PUT", "vm.resize-zone", {"id": value("id"), "desired_ram": _byte_sized("memory", value("size") or "")}, []
+        body = {"id": value("id"), "desired_ram": _byte_sized("memory", value("size") or "")}
+        return "PUT", "vm.resize-zone", body, []
     return "PUT", f"vm.{command}", _inspect_body(command, matches), []
 
 

@@ -73,7 +73,8 @@ def exchange(sock: socket.socket, method: str, endpoint: str, body: bytes | None
         what = "Error sending file descriptors" if fds else "Error writing to or reading from HTTP socket"
         raise TransportError(f"{what}: {os_error_text(err)}") from None
     try:
-        sock.sendall(data[sent:])
+        if sent < len(data):  # even an empty send fails once the server has answered and closed
+            sock.sendall(data[sent:])
         return _read(sock)
     except OSError as err:
         raise TransportError(f"Error writing to or reading from HTTP socket: {os_error_text(err)}") from None
