@@ -428,9 +428,11 @@ def _react(state: _State, arg: Arg, value: str | None) -> None:
     """A flag was given (``value`` is the ``=...`` part): show help or version, store, or wait for the value."""
     _resolve_pending(state)
     if arg.kind == "help":
-        raise ClapExit(help_text(state.cmd, state.bin_name), 0, "help")
+        text = help_text(state.cmd, state.bin_name)
+        raise ClapExit(text, 0, text.rstrip())
     if arg.kind == "version":
-        raise ClapExit(f"{state.cmd.name} {state.cmd.version}\n", 0, "version")
+        text = f"{state.cmd.name} {state.cmd.version}\n"
+        raise ClapExit(text, 0, text.rstrip())
     if arg.kind == "switch":
         _store(state, arg, True)
     elif value is None:
@@ -517,4 +519,5 @@ def _help_subcommand(cmd: Command, bin_name: str, names: Sequence[str]) -> ClapE
         if sub is None:
             return error(f"unrecognized subcommand '{name}'", usage(cmd, bin_name))
         cmd, bin_name = sub, f"{bin_name} {sub.name}"
-    return ClapExit(help_text(cmd, bin_name), 0, "help")
+    text = help_text(cmd, bin_name)
+    return ClapExit(text, 0, text.rstrip())
