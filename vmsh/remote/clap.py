@@ -137,15 +137,15 @@ class ClapExit(UsageError):
 
 
 def terminal_width() -> int:
-    """clap's help width: the terminal's, else ``COLUMNS``, else 100."""
+    """clap's help width: the terminal's (when it has a size), else ``COLUMNS``, else 100."""
     try:
-        return os.get_terminal_size(sys.stdout.fileno()).columns
+        size = os.get_terminal_size(sys.stdout.fileno())
+        if size.columns > 0 and size.lines > 0:
+            return size.columns
     except (OSError, ValueError, AttributeError):
         pass
-    try:
-        return int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        return DEFAULT_WIDTH
+    columns = os.environ.get("COLUMNS", "").removeprefix("+")
+    return int(columns) if columns.isascii() and columns.isdigit() else DEFAULT_WIDTH
 
 
 # -- suggestions -----------------------------------------------------------------------------------
@@ -321,15 +321,19 @@ def help_text(cmd: Command, bin_name: str, width: int | None = None) -> str:
 # -- errors ----------------------------------------------------------------------------------------
 
 
-def error(message: str, usage_line: str | None = None, tips: Sequence[str] = (), extra: str = "") -> ClapExit:
-    """A clap error: ``error: ...``, its tips, the usage line, and the pointer to ``--help``; status 2."""
+def error(message: str, usage_line: str | None = None, tips: Sequence[str] = (), extra: str = "",
+          summary: str = "") -> ClapExit:
+    """A clap error: ``error: ...``, its tips, the usage line, and the pointer to ``--help``; status 2.
+
+    ``summary`` is the one-line message (default: ``message``).
+    """
     text = f"error: {message}{extra}"
     if tips:
         text += "\n\n" + "\n".join(f"{TAB}tip: {tip}" for tip in tips)
     if usage_line is not None:
         text += f"\n\nUsage: {usage_line}"
     text += "\n\nFor more information, try '--help'.\n"
-    return ClapExit(text, 2, message)
+    return ClapExit(text, 2, summary or message)
 
 
 def _similar(kind: str, names: Sequence[str]) -> str:
@@ -342,7 +346,7 @@ def missing_required(cmd: Command, bin_name: str, missing: Sequence[Arg], used: 
     ordered = [a for a in missing if not a.positional] + [a for a in missing if a.positional]
     names = "".join(f"\n{TAB}{a.shown(True)}" for a in ordered)
     return error("the following required arguments were not provided:", usage(cmd, bin_name, [*used, *missing]),
-                 extra=names)
+                 extra=names, summary="missing " + ", ".join(a.shown(True) for a in ordered))
 
 
 # -- parsing ---------------------------------------------------------------------------------------
