@@ -5,6 +5,10 @@ What decides ch-remote's output is here: a body is printed only when the respons
 other than 100, 200 and 204 is an error named after the status (``NotFound``,
 ``InternalServerError``, ``Unknown`` for the codes ch-remote does not name). Descriptors go
 with the request head as SCM_RIGHTS.
+
+Unlike ch-remote v40, header names are matched in any case and the status line may carry a
+reason phrase (``HTTP/1.1 200 OK``): ch-remote expects its server's (micro_http's) exact
+``Content-Length: `` and ``HTTP/1.1 200 `` without one.
 """
 
 from __future__ import annotations
