@@ -169,7 +169,8 @@ def _type_schema(tp: Any, kind: str | None, schemas: dict[str, Any]) -> dict[str
         return {"type": "boolean"}
     if tp is int:
         if kind == "fd":
-            return {"type": "integer", "format": "int32"}
+            low, high = INT_RANGES["i32"]
+            return {"type": "integer", "format": "int32", "minimum": low, "maximum": high}
         low, high = INT_RANGES[kind or "u64"]
         schema: dict[str, Any] = {"type": "integer", "minimum": low, "maximum": high}
         if high <= 0x7FFF_FFFF:
