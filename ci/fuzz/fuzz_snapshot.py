@@ -221,10 +221,13 @@ def snapshot_input(draw: st.DrawFn) -> SnapshotInput:
             if rnd.randrange(4):
                 plain = _mutate_value(rnd, plain, rnd.randint(1, 3))
             node = {"snapshots": {}, "snapshot_data": {"state": json.dumps(plain, separators=(",", ":"))}}
+            where = ("snapshots", "device-manager", "snapshots")
             try:
-                tree = fuzzlib.json_replace(tree, ("snapshots", "device-manager", "snapshots", dev_id), node)
+                children = _get(tree, where)
             except (KeyError, IndexError, TypeError):  # an earlier step removed the device manager
-                pass
+                children = None
+            if isinstance(children, dict):
+                tree = fuzzlib.json_replace(tree, where, {**children, dev_id: node})
         else:
             memory_size = rnd.choice((None, 0, 1, seed.memory_size - 1, seed.memory_size + 1, seed.memory_size // 2,
                                       seed.memory_size * 2))
