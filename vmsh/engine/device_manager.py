@@ -84,9 +84,9 @@ class DeviceManager:
         self.devices: dict[str, PciDevice] = {}
         #: stateful platform devices by snapshot id (``__serial``, ``__cmos``, ...)
         self.legacy: dict[str, Any] = {}
-        #: the platform devices ``vm.info``'s device tree shows, with their resources, in the
-        #: order they were created (cloud-hypervisor's ``__ioapic``, ``__serial``, ...)
-        self.platform_nodes: dict[str, list[dict[str, Any]]] = {}
+        #: the platform devices ``vm.info``'s device tree shows, in the order they were created
+        #: (cloud-hypervisor's ``__ioapic``, ``__serial``, ``__debug_console``)
+        self.platform_nodes: list[str] = []
         self._kick_after_restore = False
         #: host mappings in guest physical memory, by device id: (KVM slot, guest address, mapping)
         self._regions: dict[str, tuple[int, int, mmap.mmap]] = {}
@@ -106,10 +106,12 @@ class DeviceManager:
             self.legacy[dev_id] = device
         return entry
 
-    def add_node(self, dev_id: str, resources: list[dict[str, Any]] | None = None) -> None:
+    def add_node(self, dev_id: str) -> None:
         """Show a platform device in ``vm.info``'s device tree, as cloud-hypervisor's device
-        manager does for the ones it names (the IOAPIC, the serial port, the debug console)."""
-        self.platform_nodes[dev_id] = list(resources or [])
+        manager does for the ones it names (the IOAPIC, the serial port, the debug console:
+        nodes without resources)."""
+        if dev_id not in self.platform_nodes:
+            self.platform_nodes.append(dev_id)
 
     def add_virtio(self, dev_id: str, device: VirtioDevice, *, segment: int = 0, slot: int | None = None,
                    bar64: bool = True) -> PciDevice:
@@ -401,8 +403,7 @@ class DeviceManager:
           one); a pmem device has its region as an ``MmioAddressRange``;
         - a plain PCI device (pvpanic): one node with its BAR and PCI address, no parent.
         """
-        tree: dict[str, dict[str, Any]] = {
-            dev_id: _node(dev_id, resources) for dev_id, resources in self.platform_nodes.items()}
+        tree: dict[str, dict[str, Any]] = {dev_id: _node(dev_id, []) for dev_id in self.platform_nodes}
         for dev_id, entry in self.devices.items():
             transport = entry.transport
             bar = {"index": 0, "base": transport.bar_address(), "size": transport.BAR_SIZE,
