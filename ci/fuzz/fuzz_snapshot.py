@@ -8,7 +8,12 @@ file (``memory-ranges``: truncated, extended or removed). The directory is then 
 ``vm.restore`` reads it: :func:`vmsh.engine.snapshot.read_saved_vm`, then every device's saved
 state decoded with :func:`vmsh.engine.persist.from_plain` into its state class as the device
 manager does (``DeviceManager._decode_state``: a virtio-pci transport's state, then its
-device's). Only :class:`vmsh.errors.SnapshotError` may come out.
+device's), and restored into a real device model through the device manager's
+``_restore_state``: the platform devices (serial, CMOS, GED, PCI hotplug registers, and the
+PCI configuration ports and POST port that snapshots of format 1 lack, which some inputs add)
+and pvpanic built fresh for each input as the builder builds them from the snapshot's config,
+the virtio devices reset behind a fresh virtio-pci transport. Only
+:class:`vmsh.errors.SnapshotError` may come out.
 
 Usage: ``python3 ci/fuzz/fuzz_snapshot.py --inputs 100000``
 """
@@ -36,11 +41,13 @@ from ci.fuzz import fuzzlib
 from ci.fuzz.fuzz_virtio import NoWatcher
 from tests.unit.devices.virtio.driver import FakeRouter
 from tests.unit.fakes import FakeTrigger
-from vmsh.devices.acpi import GedState, PciHotplugState
+from vmsh.devices.acpi import Ged, PciHotplugController
 from vmsh.devices.backends.tap import Tap
-from vmsh.devices.legacy.cmos import CmosState
-from vmsh.devices.legacy.serial import SerialState
-from vmsh.devices.pvpanic import PvPanicState
+from vmsh.devices.legacy.cmos import Cmos
+from vmsh.devices.legacy.post import PostPort
+from vmsh.devices.legacy.serial import Serial16550
+from vmsh.devices.pci.root import PciBus, PciConfigIo
+from vmsh.devices.pvpanic import PvPanicDevice
 from vmsh.devices.virtio.balloon import VirtioBalloon, VirtioBalloonState
 from vmsh.devices.virtio.block import VirtioBlock, VirtioBlockState
 from vmsh.devices.virtio.console import VirtioConsole, VirtioConsoleState
@@ -53,19 +60,31 @@ from vmsh.devices.virtio.vsock.device import VirtioVsock, VirtioVsockState
 from vmsh.devices.virtio.watchdog import VirtioWatchdog, VirtioWatchdogState
 from vmsh.engine.device_manager import _restore_state
 from vmsh.engine.memory import GuestMemoryMmap
-from vmsh.engine.persist import CONFIG_FILE, MEMORY_FILE, STATE_FILE, from_plain
-from vmsh.engine.snapshot import read_saved_vm
+from vmsh.engine.pci_windows import MMIO32_START
+from vmsh.engine.persist import CONFIG_FILE, MEMORY_FILE, STATE_FILE, from_plain, to_plain
+from vmsh.engine.snapshot import SavedVm, read_saved_vm
 from vmsh.errors import SnapshotError, VmshError
 
 FIXTURE = Path(__file__).resolve().parents[2] / "tests/engine/fixtures/snapshot-v1.tar.gz"
 #: where the fixture's pmem device is mapped (its saved state names the address)
 PMEM_START, PMEM_SIZE = 0x1_0020_0000, 2 << 20
 
-#: device id in the fixture -> (state class of the device, or of a virtio device behind virtio-pci)
-LEGACY_STATES: dict[str, type[Any]] = {
-    "__serial": SerialState, "__cmos": CmosState, "__ged": GedState, "__pci_hotplug": PciHotplugState,
+#: the platform devices by snapshot id, each made as ``create_platform_devices`` (and the device
+#: manager, for the configuration ports) makes it from the snapshot's config
+LEGACY_DEVICES: dict[str, Callable[[SavedVm], Any]] = {
+    "__pci_config_io": lambda saved: PciConfigIo(PciBus(0)),
+    "__serial": lambda saved: Serial16550(FakeTrigger(), lambda data: None),
+    "__cmos": lambda saved: Cmos(min(saved.config.memory.size, MMIO32_START),
+                                 max(0, saved.config.memory.size - MMIO32_START), FakeTrigger()),
+    "__post": lambda saved: PostPort(),
+    "__ged": lambda saved: Ged(FakeTrigger()),
+    "__pci_hotplug": lambda saved: PciHotplugController(saved.config.num_pci_segments(), lambda seg, slot: None),
 }
-PCI_STATES: dict[str, type[Any]] = {"__pvpanic": PvPanicState}
+#: platform devices whose state snapshots of format 1 do not have: some inputs add one
+NEWER_LEGACY = ("__pci_config_io", "__post")
+#: plain PCI devices (no virtio transport) by snapshot id
+PCI_DEVICES: dict[str, Callable[[], Any]] = {"__pvpanic": lambda: PvPanicDevice(lambda events: None)}
+#: device id in the fixture -> state class of the virtio device behind virtio-pci
 VIRTIO_STATES: dict[str, type[Any]] = {
     "_disk0": VirtioBlockState, "_net1": NetState, "__console": VirtioConsoleState, "__rng": VirtioRngState,
     "_pmem2": VirtioPmemState, "_vsock3": VirtioVsockState, "__balloon": VirtioBalloonState,
@@ -165,7 +184,7 @@ def snapshot_input(draw: st.DrawFn) -> SnapshotInput:
     state: bytes | None = None
     memory_size: int | None = seed.memory_size
     for _ in range(rnd.choice((1, 1, 1, 2, 3))):
-        what = rnd.randrange(10)
+        what = rnd.randrange(11)
         if what == 0:
             config = fuzzlib.mutate(config, rnd, rnd.randint(1, 8))
         elif what == 1:
@@ -195,6 +214,20 @@ def snapshot_input(draw: st.DrawFn) -> SnapshotInput:
             state = fuzzlib.mutate(json.dumps(tree).encode(), rnd, rnd.randint(1, 8))
             if rnd.randrange(8) == 0:
                 state = rnd.choice((b"[" * 100_000, b'{"a": ' + b"9" * 5000 + b"}", b"\xff\xfe", b"null"))
+        elif what == 9:  # a state format 1 did not have: a fresh device's, mutated
+            dev_id = rnd.choice(NEWER_LEGACY)
+            fresh = PciConfigIo(PciBus(0)) if dev_id == "__pci_config_io" else PostPort()
+            plain = to_plain(fresh.state())
+            if rnd.randrange(4):
+                plain = _mutate_value(rnd, plain, rnd.randint(1, 3))
+            node = {"snapshots": {}, "snapshot_data": {"state": json.dumps(plain, separators=(",", ":"))}}
+            where = ("snapshots", "device-manager", "snapshots")
+            try:
+                children = _get(tree, where)
+            except (KeyError, IndexError, TypeError):  # an earlier step removed the device manager
+                children = None
+            if isinstance(children, dict):
+                tree = fuzzlib.json_replace(tree, where, {**children, dev_id: node})
         else:
             memory_size = rnd.choice((None, 0, 1, seed.memory_size - 1, seed.memory_size + 1, seed.memory_size // 2,
                                       seed.memory_size * 2))
@@ -256,6 +289,7 @@ class _Harness:
             with open(d / MEMORY_FILE, "wb") as f:
                 f.truncate(inp.memory_size)  # sparse: no 32 MiB written per input
         saved = read_saved_vm(str(d))
+        restore_platform(saved)
         states = decode_devices(saved.devices)
         # then restore each virtio device as DeviceManager.restore does, into the device reset
         # (as built) behind a fresh transport
@@ -267,20 +301,34 @@ class _Harness:
                 _restore_state(dev_id, VirtioPciDevice(dev, self.mem, FakeRouter()), state)
 
 
+def restore_platform(saved: SavedVm) -> None:
+    """Restore the saved platform devices and pvpanic into fresh device models, as
+    ``DeviceManager.restore`` does (a PCI device's ``pci_slot`` taken off its state first)."""
+    for dev_id, make in LEGACY_DEVICES.items():
+        if dev_id in saved.devices:
+            device = make(saved)
+            _restore_state(dev_id, device, from_plain(device.state_type, saved.devices[dev_id], dev_id))
+    for dev_id, make_pci in PCI_DEVICES.items():
+        if dev_id in saved.devices:
+            raw = saved.devices[dev_id]
+            if not isinstance(raw, dict):
+                raise SnapshotError(f"{dev_id}: expected an object")
+            raw = {key: value for key, value in raw.items() if key != "pci_slot"}
+            device = make_pci()
+            _restore_state(dev_id, device, from_plain(device.state_type, raw, dev_id))
+
+
 def decode_devices(devices: dict[str, Any]) -> dict[str, VirtioPciState]:
-    """Decode each device's saved state as ``DeviceManager.restore`` does; the virtio ones' states."""
+    """Decode each virtio device's saved state as ``DeviceManager.restore`` does."""
     states = {}
     for dev_id, raw in devices.items():
-        if dev_id in LEGACY_STATES:
-            from_plain(LEGACY_STATES[dev_id], raw, dev_id)
-            continue
+        if dev_id in LEGACY_DEVICES or dev_id in PCI_DEVICES:
+            continue  # restore_platform's
         if not isinstance(raw, dict):
             raise SnapshotError(f"{dev_id}: expected an object")
         raw = dict(raw)
         raw.pop("pci_slot", None)
-        if dev_id in PCI_STATES:
-            from_plain(PCI_STATES[dev_id], raw, dev_id)
-        elif dev_id in VIRTIO_STATES:
+        if dev_id in VIRTIO_STATES:
             state = from_plain(VirtioPciState, {**raw, "device": None}, dev_id)
             device = from_plain(VIRTIO_STATES[dev_id], raw.get("device"), f"{dev_id}.device")
             states[dev_id] = dataclasses.replace(state, device=device)

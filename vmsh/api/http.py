@@ -68,6 +68,8 @@ _BACKOFF_MAX = 1.0
 _LINGER_SECONDS = 2.0
 _LINGER_QUIET = 0.2
 _LINGER_BYTES = 2 * MAX_BODY
+#: seconds close() waits for the requests being answered (vmm.shutdown's own reply among them)
+_CLOSE_GRACE = 2.0
 # The end of a request head, with CRLF or bare-LF line ends (as h11 accepts them).
 _HEAD_END = re.compile(rb"\n\r?\n")
 
@@ -153,6 +155,9 @@ class ApiServer:
             raise ValueError("ApiServer needs a path or a descriptor")
         self.sock.listen(LISTEN_BACKLOG)
         self._slots: threading.BoundedSemaphore | None = None
+        #: requests being answered; close() lets them finish
+        self._answering = 0
+        self._answered = threading.Condition()
         self._thread = threading.Thread(target=seccomp.confined(seccomp.ThreadKind.API_SERVER, self._accept_loop),
                                         name="http-server", daemon=True)
 
@@ -172,13 +177,17 @@ class ApiServer:
                     pass
 
     def close(self) -> None:
-        """Stop accepting, remove the socket file and the lock."""
+        """Stop accepting, let the requests being answered finish (``_CLOSE_GRACE`` at most: the
+        process may exit next, and a ``vmm.shutdown`` is owed its reply), remove the socket
+        file and the lock."""
         self._closing.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+        with self._answered:
+            self._answered.wait_for(lambda: self._answering == 0, timeout=_CLOSE_GRACE)
         if self.path:
             try:
                 os.unlink(self.path)
@@ -252,12 +261,19 @@ class ApiServer:
                     return
                 if request is None:
                     return
+                with self._answered:
+                    self._answering += 1
                 try:
-                    status, payload = self.handle(request.method, request.target, request.body, request.fds)
+                    try:
+                        status, payload = self.handle(request.method, request.target, request.body, request.fds)
+                    finally:
+                        _close_fds(request.fds)  # the ones the request did not take
+                    if not reader.respond(request, status, payload):
+                        return
                 finally:
-                    _close_fds(request.fds)  # the ones the request did not take
-                if not reader.respond(request, status, payload):
-                    return
+                    with self._answered:
+                        self._answering -= 1
+                        self._answered.notify_all()
         except OSError as err:
             LOG.debug("API connection closed: %s", err)
         finally:

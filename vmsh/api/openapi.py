@@ -98,14 +98,46 @@ _RESPONSES: dict[str, dict[str, Any]] = {
 _SHARED: dict[str, dict[str, Any]] = {
     "DeviceNode": {
         "type": "object",
-        "description": "One node of vm.info's device tree, keyed by its id: a device, or the PCI "
-                       "transport that carries it (parent and children link them).",
+        "description": "One node of vm.info's device tree, keyed by its id: a platform device "
+                       "(__ioapic, __serial, __debug_console), a virtio device, the virtio-pci "
+                       "transport that carries it (_virtio-pci-<id>; parent and children link them), "
+                       "or a plain PCI device (__pvpanic).",
+        "required": ["id", "resources", "parent", "children", "pci_bdf"],
         "properties": {
             "id": {"type": "string"},
-            "resources": {"type": "array", "items": {"type": "object"}},
+            "resources": {"type": "array", "items": {"$ref": "#/components/schemas/DeviceResource"}},
             "parent": {"type": "string", "nullable": True},
             "children": {"type": "array", "items": {"type": "string"}},
-            "pci_bdf": {"type": "string", "nullable": True},
+            "pci_bdf": {"type": "string", "nullable": True,
+                        "description": "segment:bus:device.function in hex, e.g. 0000:00:03.0"},
+        },
+    },
+    "DeviceResource": {
+        "type": "object",
+        "description": "One resource of a device, tagged with its kind as cloud-hypervisor's "
+                       "vm-device Resource enum is serialized: a PCI BAR or a guest physical "
+                       "address range (a pmem region).",
+        "minProperties": 1,
+        "maxProperties": 1,
+        "additionalProperties": False,
+        "properties": {
+            "PciBar": {
+                "type": "object",
+                "required": ["index", "base", "size", "type_", "prefetchable"],
+                "properties": {
+                    "index": {"type": "integer"},
+                    "base": {"type": "integer", "format": "int64"},
+                    "size": {"type": "integer", "format": "int64"},
+                    "type_": {"type": "string", "enum": ["Io", "Mmio32", "Mmio64"]},
+                    "prefetchable": {"type": "boolean"},
+                },
+            },
+            "MmioAddressRange": {
+                "type": "object",
+                "required": ["base", "size"],
+                "properties": {"base": {"type": "integer", "format": "int64"},
+                               "size": {"type": "integer", "format": "int64"}},
+            },
         },
     },
     "PciDeviceInfo": {
@@ -137,7 +169,8 @@ def _type_schema(tp: Any, kind: str | None, schemas: dict[str, Any]) -> dict[str
         return {"type": "boolean"}
     if tp is int:
         if kind == "fd":
-            return {"type": "integer", "format": "int32"}
+            low, high = INT_RANGES["i32"]
+            return {"type": "integer", "format": "int32", "minimum": low, "maximum": high}
         low, high = INT_RANGES[kind or "u64"]
         schema: dict[str, Any] = {"type": "integer", "minimum": low, "maximum": high}
         if high <= 0x7FFF_FFFF:

@@ -96,6 +96,9 @@ def _decode(tp: Any, value: Any, kind: str | None, path: str) -> Any:
             # socket, so a number here is a placeholder for "a descriptor was here".
             if isinstance(value, bool) or not isinstance(value, int):
                 raise _fail(path, f"invalid type: {_describe(value)}, expected i32")
+            low, high = options.INT_RANGES["i32"]
+            if not low <= value <= high:  # cloud-hypervisor's fds are i32s: serde refuses the rest
+                raise _fail(path, f"invalid value: integer `{value}`, expected i32")
             return -1
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail(path, f"invalid type: {_describe(value)}, expected {kind}")

@@ -89,6 +89,9 @@ class DeviceManager:
         self.devices: dict[str, PciDevice] = {}
         #: stateful platform devices by snapshot id (``__serial``, ``__cmos``, ...)
         self.legacy: dict[str, Any] = {}
+        #: the platform devices ``vm.info``'s device tree shows, in the order they were created
+        #: (cloud-hypervisor's ``__ioapic``, ``__serial``, ``__debug_console``)
+        self.platform_nodes: list[str] = []
         self._kick_after_restore = False
         #: host mappings in guest physical memory, by device id: (KVM slot, guest address, mapping)
         self._regions: dict[str, tuple[int, int, mmap.mmap]] = {}
@@ -107,6 +110,13 @@ class DeviceManager:
         if getattr(device, "state_type", None) is not None:
             self.legacy[dev_id] = device
         return entry
+
+    def add_node(self, dev_id: str) -> None:
+        """Show a platform device in ``vm.info``'s device tree, as cloud-hypervisor's device
+        manager does for the ones it names (the IOAPIC, the serial port, the debug console:
+        nodes without resources)."""
+        if dev_id not in self.platform_nodes:
+            self.platform_nodes.append(dev_id)
 
     def add_virtio(self, dev_id: str, device: VirtioDevice, *, segment: int = 0, slot: int | None = None,
                    bar64: bool = True) -> PciDevice:
@@ -390,18 +400,36 @@ class DeviceManager:
         return {dev_id: dict(entry.transport.counters()) for dev_id, entry in self.devices.items()}
 
     def device_tree(self) -> dict[str, dict[str, Any]]:
-        """cloud-hypervisor's ``device_tree`` of ``vm.info``: each PCI device's node, the child of
-        its ``_virtio-pci-<id>`` transport node, which has the PCI address and BAR 0 (a
-        ``PciBar`` resource, as its ``vm-device`` crate serializes one)."""
-        tree: dict[str, dict[str, Any]] = {}
+        """cloud-hypervisor's ``device_tree`` of ``vm.info`` (its ``vmm/src/device_tree.rs``
+        ``DeviceNode``: id, resources, parent, children, pci_bdf), built as its device manager
+        builds it on x86_64:
+
+        - the platform devices it names (:meth:`add_node`), without resources;
+        - each virtio device, the child of its ``_virtio-pci-<id>`` transport node, which has the
+          PCI address and BAR 0 (a ``PciBar`` resource, as its ``vm-device`` crate serializes
+          one); a pmem device has its region as an ``MmioAddressRange``;
+        - a plain PCI device (pvpanic): one node with its BAR and PCI address, no parent.
+        """
+        tree: dict[str, dict[str, Any]] = {dev_id: _node(dev_id, []) for dev_id in self.platform_nodes}
         for dev_id, entry in self.devices.items():
-            transport = f"_virtio-pci-{dev_id}"
-            bar = {"index": 0, "base": entry.transport.bar_address(), "size": entry.transport.BAR_SIZE,
+            transport = entry.transport
+            bar = {"index": 0, "base": transport.bar_address(), "size": transport.BAR_SIZE,
                    "type_": "Mmio64" if entry.bar64 else "Mmio32", "prefetchable": False}
-            tree[dev_id] = {"id": dev_id, "resources": [], "parent": transport, "children": [], "pci_bdf": None}
-            tree[transport] = {"id": transport, "resources": [{"PciBar": bar}], "parent": None,
-                               "children": [dev_id], "pci_bdf": f"{entry.segment:04x}:00:{entry.slot:02x}.0"}
+            bdf = f"{entry.segment:04x}:00:{entry.slot:02x}.0"
+            if not isinstance(transport, VirtioPciDevice):
+                tree[dev_id] = _node(dev_id, [{"PciBar": bar}], pci_bdf=bdf)
+                continue
+            region = self._regions.get(dev_id)
+            resources = [] if region is None else [{"MmioAddressRange": {"base": region[1], "size": len(region[2])}}]
+            tree[dev_id] = _node(dev_id, resources, parent=f"_virtio-pci-{dev_id}")
+            tree[f"_virtio-pci-{dev_id}"] = _node(f"_virtio-pci-{dev_id}", [{"PciBar": bar}], children=[dev_id],
+                                                  pci_bdf=bdf)
         return tree
+
+
+def _node(dev_id: str, resources: list[dict[str, Any]], *, parent: str | None = None,
+          children: list[str] | None = None, pci_bdf: str | None = None) -> dict[str, Any]:
+    return {"id": dev_id, "resources": resources, "parent": parent, "children": children or [], "pci_bdf": pci_bdf}
 
 
 def _restore_state(dev_id: str, device: Any, state: Any) -> None:

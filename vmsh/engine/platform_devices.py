@@ -42,6 +42,8 @@ SHUTDOWN_PORT, PM_TIMER_PORT = 0x600, 0x608
 GED_ADDRESS, GED_IRQ = 0xFEB0_0000, 5
 #: the ACPI PCI hotplug registers, in the same free space
 PCI_HOTPLUG_ADDRESS = 0xFEB0_1000
+#: the in-kernel IOAPIC's id in vm.info's device tree (cloud-hypervisor's name for its IOAPIC)
+IOAPIC_ID = "__ioapic"
 
 
 @dataclass
@@ -77,6 +79,9 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
         # RAM fills 0..3 GiB first, the rest goes above 4 GiB.
         cmos=Cmos(below_4g, devices.memory.size - below_4g, reset),
     )
+    # the IOAPIC is KVM's (the builder creates the in-kernel irqchip); it has its node first,
+    # as cloud-hypervisor's interrupt controller has
+    devices.add_node(IOAPIC_ID)
     try:
         _create_serial(cfg, devices, irq, tty, platform)
         _create_debug_console(cfg, devices, platform)
@@ -110,6 +115,7 @@ def _create_serial(cfg: m.VmConfig, devices: DeviceManager, irq: Callable[[int],
         cfg.serial.file = backend.path
     serial = platform.serial = Serial16550(irq(SERIAL_IRQ), backend.write)
     entry = devices.add_legacy("__serial", serial, devices.pio, SERIAL_PORT, 8, name="__serial")
+    devices.add_node("__serial")
 
     def feed(data: bytes) -> int:
         # host input takes the serial port's bus lock, as the vCPUs' register accesses do
@@ -134,3 +140,4 @@ def _create_debug_console(cfg: m.VmConfig, devices: DeviceManager, platform: Pla
         devices.pio.insert(DebugConsole(backend.write), port, 1, name="__debug_console")
     except BusError as err:
         raise DeviceError(f"The debug console port {port:#x} collides with another device") from err
+    devices.add_node("__debug_console")

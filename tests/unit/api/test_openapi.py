@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
+from tests.unit.engine.device_machine import Machines
 from vmsh.api.client import ApiClient, ApiError
 from vmsh.api.http import ApiServer
 from vmsh.api.openapi import load, render
@@ -117,28 +118,37 @@ def test_u64_fields_document_their_maximum(client) -> None:
     assert info.value.status == 400
 
 
-def test_vm_info_device_tree_has_cloud_hypervisors_node_shape() -> None:
-    from types import SimpleNamespace
+@pytest.fixture
+def machine():
+    machines = Machines()
+    yield machines
+    machines.close()
 
+
+def test_vm_info_device_tree_has_cloud_hypervisors_node_shape(machine, tmp_path) -> None:
     from vmsh.config.model import VmConfig
-    from vmsh.engine.device_manager import DeviceManager
     from vmsh.engine.vm import Vm
 
-    devices = DeviceManager.__new__(DeviceManager)
-    transport = SimpleNamespace(bar_address=lambda: 0xC000_0000, BAR_SIZE=0x80000)
-    # only what the tree shows: placement and BAR 0
-    devices.devices = {"_disk0": SimpleNamespace(segment=0, slot=3, transport=transport, bar64=False)}  # type: ignore[dict-item]
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
     vm = Vm.__new__(Vm)
-    vm.devices = devices
+    vm.devices = machine({"disks": [{"path": str(disk)}], "pvpanic": True})
     vm.config = VmConfig()  # memory_actual_size comes from it
     info = vm.info()
     tree = info["device_tree"]
-    assert set(tree) == {"_disk0", "_virtio-pci-_disk0"}
-    for node_id, node in tree.items():
-        assert set(node) == {"id", "resources", "parent", "children", "pci_bdf"} and node["id"] == node_id
+    assert set(tree) == {"__ioapic", "__serial", "_disk0", "_virtio-pci-_disk0", "__rng", "_virtio-pci-__rng",
+                         "__pvpanic"}
     assert tree["_disk0"]["parent"] == "_virtio-pci-_disk0"
     assert tree["_virtio-pci-_disk0"]["children"] == ["_disk0"]
-    assert tree["_virtio-pci-_disk0"]["pci_bdf"] == "0000:00:03.0" and tree["_disk0"]["pci_bdf"] is None
-    assert tree["_virtio-pci-_disk0"]["resources"] == [
-        {"PciBar": {"index": 0, "base": 0xC000_0000, "size": 0x80000, "type_": "Mmio32", "prefetchable": False}}]
+    bar = tree["_virtio-pci-_disk0"]["resources"][0]["PciBar"]
+    assert (bar["size"], bar["type_"]) == (0x80000, "Mmio32")
     validate_response("vm.info", {"config": {"payload": {"kernel": "/k"}}, "state": "Running", **info})
+    # the schema holds the node's shape: a node without pci_bdf, or an untagged resource, is refused
+    node = dict(tree["_disk0"])
+    del node["pci_bdf"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_response("vm.info", {"config": {"payload": {"kernel": "/k"}}, "state": "Running",
+                                      "device_tree": {"_disk0": node}})
+    with pytest.raises(jsonschema.ValidationError):
+        validate_response("vm.info", {"config": {"payload": {"kernel": "/k"}}, "state": "Running",
+                                      "device_tree": {"_disk0": {**tree["_disk0"], "resources": [{"base": 1}]}}})
