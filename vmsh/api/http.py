@@ -284,7 +284,7 @@ class ApiServer:
     @staticmethod
     def _send_raw(conn: socket.socket, status: int, payload: bytes) -> None:
         """An error reply outside h11's request cycle (the request was not framed); then close."""
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, '')}", f"Server: {SERVER_NAME}", "Connection: close",
+        head = [f"HTTP/1.1 {status} ", f"Server: {SERVER_NAME}", "Connection: close",
                 "Content-Type: application/json", f"Content-Length: {len(payload)}"]
         try:
             conn.settimeout(1.0)
@@ -325,7 +325,7 @@ class ApiServer:
             taken = []  # the engine owns them now
             if result is None:
                 return 204, None
-            return 200, json.dumps(result).encode()
+            return 200, _compact_json(result)
         except HttpError as err:
             return err.status, _error_body(err.messages)
         except VmshError as err:
@@ -338,8 +338,14 @@ class ApiServer:
                 entry.close_if_unchanged()
 
 
+def _compact_json(value: object) -> bytes:
+    """JSON without spaces, as serde_json's ``to_string`` writes cloud-hypervisor's bodies (scripts
+    match ``vmsh remote``'s output, which is the body as sent)."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def _error_body(messages: list[str]) -> bytes:
-    return json.dumps(messages).encode()
+    return _compact_json(messages)
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -563,11 +569,12 @@ class _Reader:
         framer = request.framer
         assert framer is not None
         headers = [("Server", SERVER_NAME), ("Connection", "keep-alive")]
-        if payload is not None:
-            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
-        elif status != 204:
-            headers.append(("Content-Length", "0"))
-        data = framer.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, "")))
+        # micro_http's head: every status but 204 has a type and a length, even when empty
+        if status != 204:
+            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload or b"")))]
+        # no reason phrase ("HTTP/1.1 200 "), as micro_http writes it: ch-remote v40 parses
+        # everything after the version as the status code
+        data = framer.send(h11.Response(status_code=status, headers=headers, reason=b""))
         # HEAD: the head as a GET would get it, no body (h11 would refuse one)
         if payload and request.method != "HEAD":
             data += framer.send(h11.Data(data=payload)) or b""
