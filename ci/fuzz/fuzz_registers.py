@@ -221,6 +221,8 @@ class VmmProcess:
         self.mem: mmap.mmap | None = None
         self.log_pos = 0
         self.peak_rss_kib = 0
+        self.max_fds = 0
+        self.max_threads = 0
         self.boot = 0
 
     # -- mailbox --
@@ -239,20 +241,27 @@ class VmmProcess:
         return self.proc.poll() is None
 
     def sample_rss(self) -> None:
+        """Note the process's peak RSS, open fds and threads (bounded resources)."""
         try:
             text = Path(f"/proc/{self.proc.pid}/status").read_text()
+            fds = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
         except OSError:
             return
         m = re.search(r"VmHWM:\s+(\d+) kB", text)
         if m:
             self.peak_rss_kib = max(self.peak_rss_kib, int(m.group(1)))
+        m = re.search(r"Threads:\s+(\d+)", text)
+        if m:
+            self.max_threads = max(self.max_threads, int(m.group(1)))
+        self.max_fds = max(self.max_fds, fds)
 
     def info(self, timeout: float = 10.0) -> dict[str, Any]:
         """``vm.info``; raises VmmGone when the VMM does not answer."""
         try:
             if self.api is None:
                 self.api = ApiClient(str(self.api_path), timeout=timeout)
-            return self.api.get("vm.info")  # type: ignore[no-any-return]
+            info: dict[str, Any] = self.api.get("vm.info")
+            return info
         except ApiError:
             raise  # it answered: an error status is a finding of its own
         except (VmshError, OSError, ValueError) as err:
@@ -472,7 +481,8 @@ class Generator:
         segment, slot = self._slot()
         register = self._register(0, slot) if segment == 0 else self.rnd.randrange(0x100)
         if self.rnd.random() < 0.9:
-            address = 0x8000_0000 | slot << 11 | (register & 0xFC) | (self.rnd.randrange(8) << 8 if self.rnd.random() < 0.1 else 0)
+            function = self.rnd.randrange(8) if self.rnd.random() < 0.1 else 0
+            address = 0x8000_0000 | slot << 11 | function << 8 | (register & 0xFC)
         else:
             address = self.rnd.getrandbits(32)
         size = self.size((1, 2, 4))
@@ -531,6 +541,9 @@ class Generator:
             return [access]
         if r < 0.96:
             return [self._rw(d.base + MSIX_PBA + self.rnd.randrange(0x800), size)]
+        if self.rnd.random() < 0.5:  # across the BAR's ends (the bus must not hand it to the device)
+            return [self._rw(d.base + self.rnd.choice((d.size - self.rnd.randrange(1, 8), -self.rnd.randrange(1, 8))),
+                             size)]
         return [self._rw(d.base + self.rnd.randrange(d.size - 8), size)]
 
     def _virtio_activate(self) -> list[Access]:
@@ -592,7 +605,8 @@ class Generator:
                 buf += struct.pack("<QIHH", addr, length, flags, nxt % (1 << 16))
             i += chain
         self.mem[desc:desc + len(buf)] = bytes(buf)
-        ring = [self.rnd.randrange(qsize) if self.rnd.random() < 0.9 else self.rnd.getrandbits(16) for _ in range(qsize)]
+        ring = [self.rnd.randrange(qsize) if self.rnd.random() < 0.9 else self.rnd.getrandbits(16)
+                for _ in range(qsize)]
         idx = self.rnd.choice((1, qsize, self.rnd.getrandbits(16)))
         self.mem[avail:avail + 4 + 2 * qsize] = struct.pack(f"<HH{qsize}H", 0, idx, *ring)
         self.mem[used:used + 4] = bytes(4)
@@ -697,6 +711,8 @@ class Report:
     needs_reset: int = 0
     needs_reset_seen: set[str] = dataclasses.field(default_factory=set)
     peak_rss_mib: float = 0.0
+    max_fds: int = 0
+    max_threads: int = 0
     seconds: float = 0.0
     interrupts: int = 0
     log_counts: Counter[str] = dataclasses.field(default_factory=Counter)
@@ -714,12 +730,13 @@ class Report:
                 f"{self.hangs} hangs, {self.guest_restarts} guest restarts ({self.poweroffs} power-offs), "
                 f"{self.vmm_lives} VMM processes, devices in their error state {self.needs_reset} times "
                 f"({', '.join(sorted(self.needs_reset_seen)) or 'none'}), guest faults {self.guest_faults}, "
-                f"peak RSS of the VMM {self.peak_rss_mib:.0f} MiB, {self.seconds:.1f} s")
+                f"peak RSS of the VMM {self.peak_rss_mib:.0f} MiB (at most {self.max_fds} open fds, "
+                f"{self.max_threads} threads), {self.seconds:.1f} s")
 
 
 def default_tap() -> str | None:
     """A tap name when this process may create one (root), else None (net is left out)."""
-    return "vmshfz%d" % (os.getpid() % 10000) if os.geteuid() == 0 else None
+    return f"vmshfz{os.getpid() % 10000}" if os.geteuid() == 0 else None
 
 
 class Campaign:
@@ -766,7 +783,13 @@ class Campaign:
         self.probe(vmm)
         return vmm
 
-    def add_counters(self, counters: dict[str, dict[str, int]]) -> None:
+    def note_resources(self, vmm: VmmProcess) -> None:
+        r = self.report
+        r.peak_rss_mib = max(r.peak_rss_mib, vmm.peak_rss_kib / 1024)
+        r.max_fds = max(r.max_fds, vmm.max_fds)
+        r.max_threads = max(r.max_threads, vmm.max_threads)
+
+    def add_counters(self, counters: dict[str, dict[str, Any]]) -> None:
         """Sum the devices' counters (requests served: proof that activations on laid-out rings
         reach the devices' queue code)."""
         for dev_id, values in counters.items():
@@ -785,7 +808,7 @@ class Campaign:
                 pass
         self.scan_log(vmm)
         vmm.sample_rss()
-        self.report.peak_rss_mib = max(self.report.peak_rss_mib, vmm.peak_rss_kib / 1024)
+        self.note_resources(vmm)
         status = vmm.close()
         self.scan_log(vmm)
         self.say(f"VMM life {self.report.vmm_lives} ended ({why}), status {status}")
@@ -830,10 +853,11 @@ class Campaign:
         if results is None:
             return
         vendors = [v for (op, _s, _a, _v), v in zip(accesses, results, strict=True) if op in (OP_READ, OP_IN)]
-        for d, got in zip([d for d in devices for _ in range(2 if d.segment == 0 else 1)], vendors, strict=True):
+        probed = [d for d in devices for _ in range(2 if d.segment == 0 else 1)]
+        for dev, got in zip(probed, vendors, strict=True):
             if got == 0xFFFF or got == 0:
                 self.report.probe_failures += 1
-                self.finding(f"probe: {d.id} at {d.segment:04x}:00:{d.slot:02x}.0 reads vendor {got:#x}")
+                self.finding(f"probe: {dev.id} at {dev.segment:04x}:00:{dev.slot:02x}.0 reads vendor {got:#x}")
         # the features each virtio device offers (device_feature_select 0 and 1)
         virtio = [d for d in devices if d.virtio and self.gen.mapped(d.base, d.size)]
         reads = []
@@ -916,12 +940,23 @@ class Campaign:
             elif vmm.api is not None:
                 vmm.api.get("vm.counters")
         except ApiError as err:
-            self.report.crashes += 1
-            self.finding(f"the API answered {err.status} while the guest ran: {err}")
+            if not self.exiting_cleanly(vmm):
+                self.report.crashes += 1
+                self.finding(f"the API answered {err.status} while the guest ran: {err}")
         except (VmmGone, VmshError, OSError):
             if vmm.alive():
                 return True  # judged by the chunk's own checks (a hang if it does not go on)
         return True
+
+    @staticmethod
+    def exiting_cleanly(vmm: VmmProcess) -> bool:
+        """After an error status: whether the VMM is on its way out after a guest power-off (the
+        VM is deleted a moment before the process ends, and the API says so meanwhile)."""
+        try:
+            vmm.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return False
+        return vmm.proc.returncode == 0
 
     def in_flight(self, vmm: VmmProcess, accesses: list[Access]) -> str:
         cursor = vmm.u64(MB_CURSOR)
@@ -1014,9 +1049,12 @@ class Campaign:
                 try:
                     devices = read_layout(vmm.info())
                 except ApiError as err:
-                    self.report.crashes += 1
-                    self.finding(f"vm.info answered {err.status}: {err}")
-                    self.end_vmm("API error")
+                    if self.exiting_cleanly(vmm):
+                        self.vmm_exited(vmm, [])  # a power-off: the VM was gone before the process
+                    else:
+                        self.report.crashes += 1
+                        self.finding(f"vm.info answered {err.status}: {err}")
+                        self.end_vmm("API error")
                     continue
                 except VmmGone as err:
                     if vmm.alive():
@@ -1038,9 +1076,10 @@ class Campaign:
                 if self.vmm is not None:
                     self.scan_log(self.vmm)
                     self.vmm.sample_rss()
-                    self.report.peak_rss_mib = max(self.report.peak_rss_mib, self.vmm.peak_rss_kib / 1024)
+                    self.note_resources(self.vmm)
                     self.report.interrupts = max(self.report.interrupts, self.vmm.u64(MB_IRQS))
                 if self.report.chunks % 20 == 0:
+                    self.report.seconds = time.monotonic() - start
                     self.say(self.report.summary())
             if self.vmm is not None and self.vmm.api is not None:
                 try:
@@ -1078,6 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, disks)")
     parser.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that the VMM of the moment is shut down with the campaign
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     tap = None if args.no_net else default_tap()
     if tap is None:
         print("not root (or --no-net): virtio-net is left out", file=sys.stderr)
