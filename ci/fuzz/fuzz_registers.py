@@ -120,7 +120,12 @@ COMMON = [(0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 4), (0x10, 2), (0x12, 2), (0x1
           (0x34, 4)]
 ISR, DEVICE_CFG, NOTIFY, MSIX_TABLE, MSIX_PBA = 0x2000, 0x4000, 0x6000, 0x8000, 0x48000
 STATUS_ACK, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
-PCI_CAP_MSIX = 0x11
+VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE = 1, 2
+VIRTIO_STATUS_NEEDS_RESET = 0x40
+#: where the recovery check lays out its rings: RAM the fuzzed queues are never pointed at
+CHECK_AREA = 60 << 20
+#: how long a device may take to serve the recovery check's request
+CHECK_SECONDS = 10.0
 
 #: log lines worth counting: (kind, pattern)
 LOG_PATTERNS = [
@@ -365,7 +370,7 @@ class Generator:
         self.devices: list[Device] = []
         self.original: dict[str, int] = {}
         self.regions: list[int] = []
-        #: capabilities found by walking each device's list: bdf -> {cap id: offset}
+        #: capabilities found by walking each device's list: (segment, slot) -> {offset: cap id}
         self.caps: dict[tuple[int, int], dict[int, int]] = {}
         #: the features each virtio device offers (read by the probe), by device id
         self.features: dict[str, int] = {}
@@ -472,7 +477,7 @@ class Generator:
         if r < 0.25:
             return self.rnd.choice((0x04, 0x06, 0x0C, 0x10, 0x14, 0x18, 0x30, 0x3C, 0x3D))
         if r < 0.65 and caps:
-            return caps[self.rnd.choice(list(caps))] + self.rnd.randrange(0, 20)
+            return self.rnd.choice(list(caps)) + self.rnd.randrange(0, 20)
         if r < 0.95:
             return self.rnd.randrange(0x100)
         return self.rnd.randrange(0x1000)
@@ -496,10 +501,7 @@ class Generator:
         function = self.rnd.randrange(8) if self.rnd.random() < 0.05 else 0
         bus = self.rnd.randrange(256) if self.rnd.random() < 0.03 else 0
         address = self.ecam(segment, slot, register & 0xFFF, function, bus)
-        access = self._rw(address, size)
-        if access[0] == OP_WRITE and (segment, slot) in self.caps and PCI_CAP_MSIX in self.caps[(segment, slot)]:
-            pass  # the MSI-X capability's control word (enable, mask) takes any value
-        return [access]
+        return [self._rw(address, size)]
 
     def _bar_device(self) -> Device | None:
         live = [d for d in self.devices if d.base and self.mapped(d.base, d.size)]
@@ -541,9 +543,9 @@ class Generator:
             return [access]
         if r < 0.96:
             return [self._rw(d.base + MSIX_PBA + self.rnd.randrange(0x800), size)]
-        if self.rnd.random() < 0.5:  # across the BAR's ends (the bus must not hand it to the device)
-            return [self._rw(d.base + self.rnd.choice((d.size - self.rnd.randrange(1, 8), -self.rnd.randrange(1, 8))),
-                             size)]
+        edge = d.base + self.rnd.choice((d.size - self.rnd.randrange(1, 8), -self.rnd.randrange(1, 8)))
+        if self.rnd.random() < 0.5 and self.mapped(edge, size):  # across the BAR's ends
+            return [self._rw(edge, size)]
         return [self._rw(d.base + self.rnd.randrange(d.size - 8), size)]
 
     def _virtio_activate(self) -> list[Access]:
@@ -642,16 +644,20 @@ class Generator:
         out.append((OP_WRITE, 2, self.ecam(d.segment, d.slot, 0x04), 0x6))  # memory space, bus master
         return out
 
-    def restore_bars(self) -> list[Access]:
+    def restore_bars(self, everyone: bool = False) -> list[Access]:
         """Put every moved BAR back where the VMM placed it (the campaign does this now and then,
-        so that the devices stay reachable)."""
+        so that the devices stay reachable). With ``everyone``, every BAR is first parked at a
+        free place and then brought home: a BAR left unmapped because it was moved onto another
+        device's is mapped again only when its value changes."""
         out: list[Access] = []
-        for d in self.devices:
-            home = self.original.get(d.id, d.base)
-            if d.base != home:
-                out += [(OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x10), home & 0xFFFF_FFF0)]
+        moved = [d for d in self.devices if everyone or d.base != self.original.get(d.id, d.base)]
+        for phase in ("park", "home"):
+            for n, d in enumerate(moved):
+                home = self.original.get(d.id, d.base)
+                target = home + (0x1000_0000 + n * d.size if phase == "park" else 0)
+                out.append((OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x10), target & 0xFFFF_FFF0))
                 if d.bar64:
-                    out.append((OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x14), home >> 32))
+                    out.append((OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x14), target >> 32))
                 out.append((OP_WRITE, 2, self.ecam(d.segment, d.slot, 0x04), 0x6))
         return out
 
@@ -720,16 +726,21 @@ class Report:
     device_counters: Counter[str] = dataclasses.field(default_factory=Counter)
     findings: list[str] = dataclasses.field(default_factory=list)
     probe_failures: int = 0
+    #: recovery checks passed, and failed (a device that did not serve a well-formed request after
+    #: a reset)
+    recoveries: int = 0
+    recovery_failures: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.crashes == 0 and self.hangs == 0 and self.probe_failures == 0
+        return self.crashes == 0 and self.hangs == 0 and self.probe_failures == 0 and self.recovery_failures == 0
 
     def summary(self) -> str:
         return (f"registers: {self.accesses} accesses in {self.chunks} chunks, {self.crashes} crashes, "
                 f"{self.hangs} hangs, {self.guest_restarts} guest restarts ({self.poweroffs} power-offs), "
                 f"{self.vmm_lives} VMM processes, devices in their error state {self.needs_reset} times "
                 f"({', '.join(sorted(self.needs_reset_seen)) or 'none'}), guest faults {self.guest_faults}, "
+                f"recovery checks {self.recoveries} passed, {self.recovery_failures} failed, "
                 f"peak RSS of the VMM {self.peak_rss_mib:.0f} MiB (at most {self.max_fds} open fds, "
                 f"{self.max_threads} threads), {self.seconds:.1f} s")
 
@@ -889,11 +900,68 @@ class Campaign:
                 if todo[key] == 0x34:
                     pointer = value & 0xFC
                 else:
-                    self.gen.caps[key][value & 0xFF] = todo[key]
+                    self.gen.caps[key][todo[key]] = value & 0xFF
                     pointer = (value >> 8) & 0xFC
-                if pointer and pointer not in self.gen.caps[key].values():
+                if pointer and pointer not in self.gen.caps[key]:
                     nxt[key] = pointer
             todo = nxt
+
+    def check_recovery(self, vmm: VmmProcess) -> None:
+        """The oracle beyond "it did not crash": after all the garbage, the rng and the disks,
+        reset and driven as a driver does (virtio 1.2 §3.1.1), serve one well-formed request
+        through the ioeventfd path: 64 random bytes, a read of sector 0 with status OK; and
+        their status shows no NEEDS_RESET. Every BAR is brought home first."""
+        assert vmm.mem is not None
+        accesses = self.gen.restore_bars(everyone=True)
+        plans: list[tuple[Device, str, int, int]] = []
+        for n, d in enumerate(self.gen.devices):
+            kind = d.id.removeprefix("_virtio-pci-").rstrip("0123456789").strip("_")
+            home = self.gen.original.get(d.id, d.base)
+            if kind not in ("rng", "disk") or not d.virtio or not self.gen.mapped(home, d.size):
+                continue
+            area = CHECK_AREA + n * 0x10000
+            desc, avail, used, buf = area, area + 0x1000, area + 0x2000, area + 0x3000
+            vmm.mem[area:area + 0x10000] = bytes(0x10000)
+            if kind == "rng":
+                chain = [(buf, 64, VIRTQ_DESC_F_WRITE, 0)]
+            else:
+                vmm.mem[buf:buf + 16] = struct.pack("<IIQ", 0, 0, 0)  # VIRTIO_BLK_T_IN, sector 0
+                vmm.mem[buf + 0x400] = 0xFF
+                chain = [(buf, 16, VIRTQ_DESC_F_NEXT, 1), (buf + 0x100, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2),
+                         (buf + 0x400, 1, VIRTQ_DESC_F_WRITE, 0)]
+            table = b"".join(struct.pack("<QIHH", *c) for c in chain)
+            vmm.mem[desc:desc + len(table)] = table
+            vmm.mem[avail:avail + 6] = struct.pack("<HHH", 0, 1, 0)  # flags, idx 1, ring[0] = head 0
+            b = home
+            accesses += [
+                (OP_WRITE, 1, b + 0x14, 0), (OP_WRITE, 1, b + 0x14, STATUS_ACK | STATUS_DRIVER),
+                (OP_WRITE, 4, b + 0x08, 1), (OP_WRITE, 4, b + 0x0C, 1), (OP_WRITE, 4, b + 0x08, 0),
+                (OP_WRITE, 4, b + 0x0C, 0), (OP_WRITE, 1, b + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK),
+                (OP_WRITE, 2, b + 0x16, 0), (OP_WRITE, 2, b + 0x18, 8), (OP_WRITE, 2, b + 0x1A, 0xFFFF),
+                (OP_WRITE, 4, b + 0x20, desc), (OP_WRITE, 4, b + 0x24, 0), (OP_WRITE, 4, b + 0x28, avail),
+                (OP_WRITE, 4, b + 0x2C, 0), (OP_WRITE, 4, b + 0x30, used), (OP_WRITE, 4, b + 0x34, 0),
+                (OP_WRITE, 2, b + 0x1C, 1),
+                (OP_WRITE, 1, b + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+                (OP_WRITE, 2, b + NOTIFY, 0), (OP_READ, 1, b + 0x14, 0)]
+            plans.append((d, kind, used, buf))
+        if not plans:
+            return
+        results = self.run_chunk(vmm, accesses, count=False)
+        if results is None:
+            return  # the guest rebooted or the VMM went away meanwhile: counted there
+        status = [v for (op, _s, a, _v), v in zip(accesses, results, strict=True) if op == OP_READ]
+        deadline = time.monotonic() + CHECK_SECONDS
+        for (d, kind, used, buf), st in zip(plans, status[-len(plans):], strict=True):
+            while int.from_bytes(vmm.mem[used + 2:used + 4], "little") != 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            done = int.from_bytes(vmm.mem[used + 2:used + 4], "little") == 1
+            ok = done and not st & VIRTIO_STATUS_NEEDS_RESET and (kind != "disk" or vmm.mem[buf + 0x400] == 0)
+            if ok:
+                self.report.recoveries += 1
+            elif any(x.id == d.id for x in read_layout(vmm.info())):  # not ejected meanwhile
+                self.report.recovery_failures += 1
+                self.finding(f"recovery: {d.id} did not serve a well-formed request after a reset (used idx "
+                             f"{'1' if done else 'still 0'}, status {st:#x}, request status {vmm.mem[buf + 0x400]:#x})")
 
     def run_chunk(self, vmm: VmmProcess, accesses: list[Access], count: bool = True) -> list[int] | None:
         """Run ``accesses`` in the guest; the values reads returned, or None when the chunk did
@@ -988,7 +1056,10 @@ class Campaign:
         self.report.accesses += max(0, min(vmm.u64(MB_CURSOR), len(accesses)))
         if not self.image_intact(vmm):
             self.report.guest_corrupted += 1
-            self.say("the guest's image was overwritten (a device DMA the fuzz pointed there): a fresh VMM")
+            assert vmm.mem is not None
+            changed = [hex(LOAD + i) for i in range(IMAGE_CHECKED[1] - LOAD) if vmm.mem[LOAD + i] != self.flat[i]]
+            self.say(f"the guest's image was overwritten (a device DMA the fuzz pointed there: {changed[:8]}), "
+                     f"exception {fault - 1} during {self.in_flight(vmm, accesses)}: a fresh VMM")
         else:
             self.report.guest_faults += 1
             self.finding(f"the guest took exception {fault - 1} (stack word {vmm.u64(MB_FAULT_RIP):#x}) "
@@ -1073,6 +1144,8 @@ class Campaign:
                 if self.report.chunks % 8 == 7:
                     chunk = self.gen.restore_bars() + chunk
                 self.run_chunk(vmm, chunk[:MAX_CHUNK])
+                if self.vmm is not None and self.report.chunks % 16 == 15:
+                    self.check_recovery(self.vmm)
                 if self.vmm is not None:
                     self.scan_log(self.vmm)
                     self.vmm.sample_rss()
@@ -1081,6 +1154,12 @@ class Campaign:
                 if self.report.chunks % 20 == 0:
                     self.report.seconds = time.monotonic() - start
                     self.say(self.report.summary())
+            if self.vmm is not None:
+                try:
+                    self.check_recovery(self.vmm)
+                except VmmGone as err:
+                    self.report.crashes += 1
+                    self.finding(f"the VMM stopped answering during the last recovery check: {err}")
             if self.vmm is not None and self.vmm.api is not None:
                 try:
                     self.add_counters(self.vmm.api.get("vm.counters"))

@@ -369,8 +369,8 @@ fault_common:
     .balign 16
 gdt:
     .quad 0
-    .quad 0x00AF9A000000FFFF             /* 0x08: 64-bit code */
-    .quad 0x00CF92000000FFFF             /* 0x10: data */
+    .quad 0x00AF9B000000FFFF             /* 0x08: 64-bit code (accessed already: the CPU */
+    .quad 0x00CF93000000FFFF             /* 0x10: data            never writes this page) */
 gdt_end:
 gdt_desc:
     .word gdt_end - gdt - 1
