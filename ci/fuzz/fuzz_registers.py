@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import mmap
 import os
 import random
@@ -372,8 +373,9 @@ class Generator:
         self.regions: list[int] = []
         #: capabilities found by walking each device's list: (segment, slot) -> {offset: cap id}
         self.caps: dict[tuple[int, int], dict[int, int]] = {}
-        #: the features each virtio device offers (read by the probe), by device id
+        #: the features each virtio device offers and its number of queues (read by the probe)
         self.features: dict[str, int] = {}
+        self.num_queues: dict[str, int] = {}
         self.classes: Counter[str] = Counter()
 
     # -- values --
@@ -730,10 +732,14 @@ class Report:
     #: a reset)
     recoveries: int = 0
     recovery_failures: int = 0
+    #: BARs at a free place of their window that answered there, and that did not
+    decode_checks: int = 0
+    decode_failures: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.crashes == 0 and self.hangs == 0 and self.probe_failures == 0 and self.recovery_failures == 0
+        return (self.crashes == 0 and self.hangs == 0 and self.probe_failures == 0 and self.recovery_failures == 0
+                and self.decode_failures == 0)
 
     def summary(self) -> str:
         return (f"registers: {self.accesses} accesses in {self.chunks} chunks, {self.crashes} crashes, "
@@ -741,6 +747,7 @@ class Report:
                 f"{self.vmm_lives} VMM processes, devices in their error state {self.needs_reset} times "
                 f"({', '.join(sorted(self.needs_reset_seen)) or 'none'}), guest faults {self.guest_faults}, "
                 f"recovery checks {self.recoveries} passed, {self.recovery_failures} failed, "
+                f"decode checks {self.decode_checks} passed, {self.decode_failures} failed, "
                 f"peak RSS of the VMM {self.peak_rss_mib:.0f} MiB (at most {self.max_fds} open fds, "
                 f"{self.max_threads} threads), {self.seconds:.1f} s")
 
@@ -874,12 +881,13 @@ class Campaign:
         reads = []
         for d in virtio:
             reads += [(OP_WRITE, 4, d.base, 0), (OP_READ, 4, d.base + 4, 0),
-                      (OP_WRITE, 4, d.base, 1), (OP_READ, 4, d.base + 4, 0)]
+                      (OP_WRITE, 4, d.base, 1), (OP_READ, 4, d.base + 4, 0), (OP_READ, 2, d.base + 0x12, 0)]
         results = self.run_chunk(vmm, reads, count=False)
         if results is None:
             return
         for i, d in enumerate(virtio):
-            self.gen.features[d.id] = results[4 * i + 1] | results[4 * i + 3] << 32
+            self.gen.features[d.id] = results[5 * i + 1] | results[5 * i + 3] << 32
+            self.gen.num_queues[d.id] = results[5 * i + 4]
             if not self.gen.features[d.id] >> 32 & 1:
                 self.report.probe_failures += 1
                 self.finding(f"probe: {d.id} does not offer VIRTIO_F_VERSION_1 (features {self.gen.features[d.id]:#x})")
@@ -905,6 +913,40 @@ class Campaign:
                 if pointer and pointer not in self.gen.caps[key]:
                     nxt[key] = pointer
             todo = nxt
+
+    def decodable(self, d: Device) -> bool:
+        """Whether ``d``'s BAR, where ``vm.info`` says it is, must decode: inside its segment's
+        window (the 32-bit one split in two halves, the mapped GiB of the 64-bit one), clear of
+        every other device's BAR and of the holes between the BARs' first places (the pmem
+        region, a memory slot)."""
+        lo, hi = d.base, d.base + d.size
+        half = (MMIO32[1] - 0x1800_0000 - MMIO32[0]) // 2 & ~((1 << 20) - 1)  # 640 MiB from 3 GiB, split
+        win32 = (MMIO32[0] + d.segment * half, MMIO32[0] + (d.segment + 1) * half)
+        homes = sorted((self.gen.original.get(x.id, x.base), x) for x in self.gen.devices)
+        seg_regions = sorted({(h >> 30) << 30 for h, x in homes if x.segment == d.segment and h >= 1 << 32})
+        in64 = any(b <= lo and hi <= b + (1 << 30) for b in seg_regions)
+        if not (win32[0] <= lo and hi <= win32[1]) and not in64:
+            return False
+        if any(x.id != d.id and x.base < hi and lo < x.base + x.size for x in self.gen.devices):
+            return False
+        ends = [(h + x.size, nxt[0]) for (h, x), nxt in itertools.pairwise(homes) if h + x.size < nxt[0]]
+        return not any(a < hi and lo < b for a, b in ends)
+
+    def check_decode(self, vmm: VmmProcess) -> None:
+        """Every virtio BAR that sits at a free place of its window answers there: its
+        num_queues reads back (a BAR the VMM left unmapped would read all ones)."""
+        targets = [d for d in self.gen.devices if d.virtio and d.id in self.gen.num_queues and self.decodable(d)]
+        reads = [(OP_READ, 2, d.base + 0x12, 0) for d in targets]
+        results = self.run_chunk(vmm, reads, count=False) if reads else None
+        if results is None:
+            return
+        for d, got in zip(targets, results, strict=True):
+            if got == self.gen.num_queues[d.id]:
+                self.report.decode_checks += 1
+            elif any(x.id == d.id and x.base == d.base for x in read_layout(vmm.info())):
+                self.report.decode_failures += 1
+                self.finding(f"decode: {d.id}'s BAR is at {d.base:#x}, a free place of its window, but "
+                             f"num_queues there reads {got:#x} (expected {self.gen.num_queues[d.id]})")
 
     def check_recovery(self, vmm: VmmProcess) -> None:
         """The oracle beyond "it did not crash": after all the garbage, the rng and the disks,
@@ -1144,6 +1186,12 @@ class Campaign:
                 if self.report.chunks % 8 == 7:
                     chunk = self.gen.restore_bars() + chunk
                 self.run_chunk(vmm, chunk[:MAX_CHUNK])
+                if self.vmm is not None and self.report.chunks % 2 == 1:
+                    try:
+                        self.gen.set_layout(read_layout(self.vmm.info()))
+                    except (VmmGone, ApiError):
+                        continue  # judged at the top of the loop
+                    self.check_decode(self.vmm)
                 if self.vmm is not None and self.report.chunks % 16 == 15:
                     self.check_recovery(self.vmm)
                 if self.vmm is not None:
