@@ -88,7 +88,7 @@ MAILBOX = 0x110_0000
 MB_MAGIC, MB_BOOTS, MB_MAP_ACK, MB_READY = 0x00, 0x08, 0x10, 0x18
 MB_GO, MB_DONE, MB_COUNT, MB_CURSOR = 0x20, 0x28, 0x30, 0x38
 MB_FAULT, MB_FAULT_RIP, MB_MAP_COUNT, MB_IRQS, MB_MAPPED = 0x40, 0x48, 0x50, 0x58, 0x60
-MB_MAP_LIST, MB_ENTRIES = 0x80, 0x1000
+MB_MAP_LIST, MB_VECTORS, MB_ENTRIES = 0x80, 0x400, 0x1000
 MAGIC = 0x5A5A464745524D56
 MAP_MAX = 16
 ENTRY = struct.Struct("<QQBBH4x")
@@ -121,6 +121,7 @@ COMMON = [(0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 4), (0x10, 2), (0x12, 2), (0x1
           (0x34, 4)]
 ISR, DEVICE_CFG, NOTIFY, MSIX_TABLE, MSIX_PBA = 0x2000, 0x4000, 0x6000, 0x8000, 0x48000
 STATUS_ACK, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
+PCI_CAP_MSIX = 0x11
 VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE = 1, 2
 VIRTIO_STATUS_NEEDS_RESET = 0x40
 #: where the recovery check lays out its rings: RAM the fuzzed queues are never pointed at
@@ -240,6 +241,12 @@ class VmmProcess:
     def set_u64(self, off: int, value: int) -> None:
         assert self.mem is not None
         self.mem[MAILBOX + off:MAILBOX + off + 8] = (value & (1 << 64) - 1).to_bytes(8, "little")
+
+    def interrupts(self, vector: int) -> int:
+        """How many times the guest took ``vector``."""
+        assert self.mem is not None
+        at = MAILBOX + MB_VECTORS + 4 * vector
+        return int.from_bytes(self.mem[at:at + 4], "little")
 
     # -- process --
 
@@ -891,6 +898,12 @@ class Campaign:
             if not self.gen.features[d.id] >> 32 & 1:
                 self.report.probe_failures += 1
                 self.finding(f"probe: {d.id} does not offer VIRTIO_F_VERSION_1 (features {self.gen.features[d.id]:#x})")
+        others = [d for d in devices if not d.virtio and self.gen.mapped(d.base, d.size)]
+        results = self.run_chunk(vmm, [(OP_READ, 1, d.base, 0) for d in others], count=False) if others else []
+        if results is None:
+            return
+        for d, value in zip(others, results, strict=True):
+            self.gen.num_queues[d.id] = value  # pvpanic: its one register (the events it supports)
         # capability walk
         todo = {(d.segment, d.slot): 0x34 for d in devices if (d.segment, d.slot) not in self.gen.caps}
         for key in todo:
@@ -933,14 +946,29 @@ class Campaign:
         return not any(a < hi and lo < b for a, b in ends)
 
     def check_decode(self, vmm: VmmProcess) -> None:
-        """Every virtio BAR that sits at a free place of its window answers there: its
-        num_queues reads back (a BAR the VMM left unmapped would read all ones)."""
-        targets = [d for d in self.gen.devices if d.virtio and d.id in self.gen.num_queues and self.decodable(d)]
-        reads = [(OP_READ, 2, d.base + 0x12, 0) for d in targets]
-        results = self.run_chunk(vmm, reads, count=False) if reads else None
+        """Every BAR that sits at a free place of its window answers there: a virtio device's
+        num_queues or pvpanic's register reads back (a BAR the VMM left unmapped would read
+        all ones); and configuration space agrees with the device tree: each slot of each
+        segment answers (a vendor ID) if and only if ``vm.info`` lists a device there (an ejected
+        device is gone from both), slot 0 being the host bridge."""
+        targets = [d for d in self.gen.devices if d.id in self.gen.num_queues and self.decodable(d)]
+        reads = [(OP_READ, 2 if d.virtio else 1, d.base + (0x12 if d.virtio else 0), 0) for d in targets]
+        slots = [(seg, slot) for seg in range(2) for slot in range(32)]
+        reads += [(OP_READ, 2, self.gen.ecam(seg, slot, 0), 0) for seg, slot in slots]
+        results = self.run_chunk(vmm, reads, count=False)
         if results is None:
             return
-        for d, got in zip(targets, results, strict=True):
+        vendors = results[len(targets):]
+        try:
+            listed = {(d.segment, d.slot) for d in read_layout(vmm.info())}
+        except (VmmGone, ApiError):
+            return  # judged at the top of the campaign's loop
+        for (seg, slot), vendor in zip(slots, vendors, strict=True):
+            if (vendor != 0xFFFF) != (slot == 0 or (seg, slot) in listed):
+                self.report.decode_failures += 1
+                self.finding(f"config space: slot {seg:04x}:00:{slot:02x}.0 reads vendor {vendor:#x} but the device "
+                             f"tree {'lists' if (seg, slot) in listed else 'does not list'} a device there")
+        for d, got in zip(targets, results, strict=False):
             if got == self.gen.num_queues[d.id]:
                 self.report.decode_checks += 1
             elif any(x.id == d.id and x.base == d.base for x in read_layout(vmm.info())):
@@ -955,7 +983,7 @@ class Campaign:
         their status shows no NEEDS_RESET. Every BAR is brought home first."""
         assert vmm.mem is not None
         accesses = self.gen.restore_bars(everyone=True)
-        plans: list[tuple[Device, str, int, int]] = []
+        plans: list[tuple[Device, str, int, int, int, int]] = []
         for n, d in enumerate(self.gen.devices):
             kind = d.id.removeprefix("_virtio-pci-").rstrip("0123456789").strip("_")
             home = self.gen.original.get(d.id, d.base)
@@ -975,17 +1003,26 @@ class Campaign:
             vmm.mem[desc:desc + len(table)] = table
             vmm.mem[avail:avail + 6] = struct.pack("<HHH", 0, 1, 0)  # flags, idx 1, ring[0] = head 0
             b = home
+            msix = next((off for off, cap in self.gen.caps.get((d.segment, d.slot), {}).items() if cap == PCI_CAP_MSIX),
+                        None)
+            vector = 0x40 + n  # the queue's MSI-X entry 1 sends this vector to the guest's local APIC
+            if msix is not None:
+                accesses += [(OP_WRITE, 2, self.gen.ecam(d.segment, d.slot, msix + 2), 0x8000),  # enable, unmask
+                             (OP_WRITE, 4, b + MSIX_TABLE + 16, 0xFEE0_0000), (OP_WRITE, 4, b + MSIX_TABLE + 20, 0),
+                             (OP_WRITE, 4, b + MSIX_TABLE + 24, vector), (OP_WRITE, 4, b + MSIX_TABLE + 28, 0)]
             accesses += [
                 (OP_WRITE, 1, b + 0x14, 0), (OP_WRITE, 1, b + 0x14, STATUS_ACK | STATUS_DRIVER),
                 (OP_WRITE, 4, b + 0x08, 1), (OP_WRITE, 4, b + 0x0C, 1), (OP_WRITE, 4, b + 0x08, 0),
                 (OP_WRITE, 4, b + 0x0C, 0), (OP_WRITE, 1, b + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK),
-                (OP_WRITE, 2, b + 0x16, 0), (OP_WRITE, 2, b + 0x18, 8), (OP_WRITE, 2, b + 0x1A, 0xFFFF),
+                (OP_WRITE, 2, b + 0x16, 0), (OP_WRITE, 2, b + 0x18, 8),
+                (OP_WRITE, 2, b + 0x1A, 1 if msix is not None else 0xFFFF),
                 (OP_WRITE, 4, b + 0x20, desc), (OP_WRITE, 4, b + 0x24, 0), (OP_WRITE, 4, b + 0x28, avail),
                 (OP_WRITE, 4, b + 0x2C, 0), (OP_WRITE, 4, b + 0x30, used), (OP_WRITE, 4, b + 0x34, 0),
                 (OP_WRITE, 2, b + 0x1C, 1),
                 (OP_WRITE, 1, b + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK),
                 (OP_WRITE, 2, b + NOTIFY, 0), (OP_READ, 1, b + 0x14, 0)]
-            plans.append((d, kind, used, buf))
+            before = vmm.interrupts(vector)
+            plans.append((d, kind, used, buf, vector if msix is not None else -1, before))
         if not plans:
             return
         results = self.run_chunk(vmm, accesses, count=False)
@@ -993,17 +1030,24 @@ class Campaign:
             return  # the guest rebooted or the VMM went away meanwhile: counted there
         status = [v for (op, _s, a, _v), v in zip(accesses, results, strict=True) if op == OP_READ]
         deadline = time.monotonic() + CHECK_SECONDS
-        for (d, kind, used, buf), st in zip(plans, status[-len(plans):], strict=True):
-            while int.from_bytes(vmm.mem[used + 2:used + 4], "little") != 1 and time.monotonic() < deadline:
+        for (d, kind, used, buf, vector, before), st in zip(plans, status[-len(plans):], strict=True):
+            def served() -> bool:
+                return (int.from_bytes(vmm.mem[used + 2:used + 4], "little") == 1  # noqa: B023 (called at once)
+                        and (vector < 0 or vmm.interrupts(vector) != before))  # noqa: B023
+            while not served() and time.monotonic() < deadline:
                 time.sleep(0.005)
             done = int.from_bytes(vmm.mem[used + 2:used + 4], "little") == 1
-            ok = done and not st & VIRTIO_STATUS_NEEDS_RESET and (kind != "disk" or vmm.mem[buf + 0x400] == 0)
+            irq = vector < 0 or vmm.interrupts(vector) != before
+            ok = done and irq and not st & VIRTIO_STATUS_NEEDS_RESET and (kind != "disk" or vmm.mem[buf + 0x400] == 0)
             if ok:
                 self.report.recoveries += 1
-            elif any(x.id == d.id for x in read_layout(vmm.info())):  # not ejected meanwhile
+            elif vmm.u64(MB_BOOTS) == vmm.boot and any(x.id == d.id for x in read_layout(vmm.info())):
+                # (neither rebooted nor ejected meanwhile)
                 self.report.recovery_failures += 1
                 self.finding(f"recovery: {d.id} did not serve a well-formed request after a reset (used idx "
-                             f"{'1' if done else 'still 0'}, status {st:#x}, request status {vmm.mem[buf + 0x400]:#x})")
+                             f"{'1' if done else 'still 0'}, MSI-X vector {vector:#x} "
+                             f"{'taken' if irq else 'not taken'}, status {st:#x}, "
+                             f"request status {vmm.mem[buf + 0x400]:#x})")
 
     def run_chunk(self, vmm: VmmProcess, accesses: list[Access], count: bool = True) -> list[int] | None:
         """Run ``accesses`` in the guest; the values reads returned, or None when the chunk did

@@ -20,7 +20,8 @@
  *      24 bytes (u64 address, u64 value, u8 op, u8 size, u16 count), writing each one's index to
  *      `cursor` before doing it and storing what a read returned over `value`; set
  *      `done` = `go`.
- * Interrupts the fuzzed devices raise (any MSI vector 16..255) are acknowledged and counted;
+ * Interrupts the fuzzed devices raise (any MSI vector 16..255) are acknowledged and counted
+ * (in total and per vector, at MB_VECTORS);
  * an exception (vectors 0..15 but NMI) is recorded in `fault` and stops the guest.
  */
 
@@ -40,12 +41,14 @@
     .set MB_IRQS,     MAILBOX + 0x58
     .set MB_MAPPED,   MAILBOX + 0x60
     .set MB_MAP_LIST, MAILBOX + 0x80
+    .set MB_VECTORS,  MAILBOX + 0x400        /* u32 per vector: interrupts taken */
     .set MB_ENTRIES,  MAILBOX + 0x1000
     .set MAP_MAX,     16
     .set POOL_PAGES,  2 * MAP_MAX
     .set APIC,        0xFEE00000
     .set TIMER_VECTOR, 0x30
     .set FAULT_STUB,  32                 /* bytes per fault stub */
+    .set IRQ_STUB,    16                 /* bytes per interrupt stub */
 
     .text
     .code32
@@ -84,6 +87,10 @@ long_mode:
     movq $0, MB_FAULT
     movq $0, MB_IRQS
     movq $0, MB_MAPPED
+    mov $MB_VECTORS, %rdi
+    xor %eax, %eax
+    mov $256, %ecx
+    rep stosl
     mov MB_BOOTS, %rax
     inc %rax
     mov %rax, MB_BOOTS
@@ -143,10 +150,12 @@ map_done:
     mov %cr3, %rax
     mov %rax, %cr3                       /* flush */
 
-    /* IDT: 0..15 faults (2, NMI, returns), 16..255 acknowledge and return */
+    /* IDT: 0..15 faults (2, NMI, returns), 16..255 count, acknowledge and return */
     xor %ecx, %ecx
 idt_fill:
-    mov $irq_entry, %rax
+    lea -16(%rcx), %eax
+    shl $4, %eax                          /* IRQ_STUB * (vector - 16) */
+    add $irq_stubs, %eax
     cmp $16, %ecx
     jae 4f
     mov $nmi_entry, %rax
@@ -337,12 +346,25 @@ chunk_done:
     mov %r12, MB_DONE
     jmp idle
 
-irq_entry:
+    /* one stub per vector 16..255: push the vector, count it, EOI */
+    .balign IRQ_STUB
+irq_stubs:
+    .set vec, 16
+    .rept 240
+    .balign IRQ_STUB
+    pushq $vec
+    jmp irq_common
+    .set vec, vec + 1
+    .endr
+irq_common:
     push %rax
+    mov 8(%rsp), %rax
+    incl MB_VECTORS(,%rax,4)
     incq MB_IRQS
     mov $APIC, %eax
     movl $0, 0xB0(%rax)                  /* EOI */
     pop %rax
+    add $8, %rsp                         /* the vector */
     iretq
 
 nmi_entry:
