@@ -121,7 +121,7 @@ COMMON = [(0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 4), (0x10, 2), (0x12, 2), (0x1
           (0x34, 4)]
 ISR, DEVICE_CFG, NOTIFY, MSIX_TABLE, MSIX_PBA = 0x2000, 0x4000, 0x6000, 0x8000, 0x48000
 STATUS_ACK, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
-PCI_CAP_MSIX = 0x11
+PCI_CAP_MSIX, PCI_CAP_VNDR, VIRTIO_PCI_CAP_PCI_CFG = 0x11, 0x09, 5
 VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE = 1, 2
 VIRTIO_STATUS_NEEDS_RESET = 0x40
 #: where the recovery check lays out its rings: RAM the fuzzed queues are never pointed at
@@ -380,6 +380,8 @@ class Generator:
         self.regions: list[int] = []
         #: capabilities found by walking each device's list: (segment, slot) -> {offset: cap id}
         self.caps: dict[tuple[int, int], dict[int, int]] = {}
+        #: where each virtio function's PCI_CFG capability is (virtio 1.2 §4.1.4.9)
+        self.pci_cfg: dict[tuple[int, int], int] = {}
         #: the features each virtio device offers and its number of queues (read by the probe)
         self.features: dict[str, int] = {}
         self.num_queues: dict[str, int] = {}
@@ -428,8 +430,8 @@ class Generator:
     def chunk(self, count: int) -> list[Access]:
         out: list[Access] = []
         kinds = ("port", "cf8", "ecam", "bar", "virtio-activate", "bar-move", "platform-mmio", "random-mmio",
-                 "random-port", "reset")
-        weights = (18, 8, 18, 30, 1.5, 2, 4, 8, 8, 0.03)
+                 "random-port", "reset", "pci-cfg-window")
+        weights = (18, 8, 18, 30, 1.5, 2, 4, 8, 8, 0.03, 3)
         while len(out) < count:
             kind = self.rnd.choices(kinds, weights)[0]
             made = getattr(self, "_" + kind.replace("-", "_"))()
@@ -556,6 +558,39 @@ class Generator:
         if self.rnd.random() < 0.5 and self.mapped(edge, size):  # across the BAR's ends
             return [self._rw(edge, size)]
         return [self._rw(d.base + self.rnd.randrange(d.size - 8), size)]
+
+    def _pci_cfg_window(self) -> list[Access]:
+        """BAR 0 through the PCI_CFG capability's window (bar, offset, length, then data): the
+        registers again, reached from a configuration write instead of an MMIO exit."""
+        if not self.pci_cfg:
+            return self._ecam()
+        (segment, slot), cap = self.rnd.choice(sorted(self.pci_cfg.items()))
+        r = self.rnd.random()
+        if r < 0.5:
+            offset = self.rnd.choice(COMMON)[0]
+        elif r < 0.65:
+            offset = NOTIFY + 4 * self.rnd.randrange(4)
+        elif r < 0.8:
+            offset = MSIX_TABLE + self.rnd.randrange(16 * 12)
+        elif r < 0.9:
+            offset = DEVICE_CFG + self.rnd.randrange(0x40)
+        else:
+            offset = self.rnd.getrandbits(32 if self.rnd.random() < 0.3 else 19)
+        length = self.rnd.choice((1, 2, 4, 4, 0, 3, 8, self.rnd.getrandbits(32)))
+        out: list[Access] = [
+            (OP_WRITE, 1, self.ecam(segment, slot, cap + 4), 0 if self.rnd.random() < 0.9 else self.rnd.randrange(256)),
+            (OP_WRITE, 4, self.ecam(segment, slot, cap + 8), offset),
+            (OP_WRITE, 4, self.ecam(segment, slot, cap + 12), length)]
+        size = self.size((1, 2, 4, 4))
+        data = self.ecam(segment, slot, cap + 16)
+        if self.rnd.random() < 0.6:
+            value = self.value(size)
+            if MSIX_TABLE <= offset < MSIX_TABLE + 0x40000:
+                value = _fixed_delivery(offset - MSIX_TABLE, size, value)
+            out.append((OP_WRITE, size, data, value))
+        else:
+            out.append((OP_READ, size, data, 0))
+        return out
 
     def _virtio_activate(self) -> list[Access]:
         """Reset a device and drive it to DRIVER_OK with random or laid-out queues, then kick."""
@@ -912,7 +947,7 @@ class Campaign:
             if not todo:
                 break
             keys = list(todo)
-            reads = [(OP_READ, 2, self.gen.ecam(s, sl, todo[(s, sl)]), 0) for s, sl in keys]
+            reads = [(OP_READ, 4, self.gen.ecam(s, sl, todo[(s, sl)]), 0) for s, sl in keys]
             results = self.run_chunk(vmm, reads, count=False)
             if results is None:
                 return
@@ -922,6 +957,8 @@ class Campaign:
                     pointer = value & 0xFC
                 else:
                     self.gen.caps[key][todo[key]] = value & 0xFF
+                    if value & 0xFF == PCI_CAP_VNDR and value >> 24 == VIRTIO_PCI_CAP_PCI_CFG:
+                        self.gen.pci_cfg[key] = todo[key]
                     pointer = (value >> 8) & 0xFC
                 if pointer and pointer not in self.gen.caps[key]:
                     nxt[key] = pointer
