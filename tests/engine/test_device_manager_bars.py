@@ -13,8 +13,8 @@ from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.pci import BAR_SIZE, COMMON_NUM_QUEUES
 from vmsh.devices.virtio.rng import VirtioRng
 from vmsh.engine.acpi.spec import PciSegment
-from vmsh.engine.device_manager import DeviceManager
 from vmsh.engine.bus import Bus
+from vmsh.engine.device_manager import DeviceManager
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.memory import GuestMemoryMmap
 

@@ -267,7 +267,7 @@ class DeviceManager:
         left unmapped, and decodes at its address once that device has moved away or gone,
         as a PCI function decodes wherever its BAR is programmed."""
         for entry in list(self.devices.values()):
-            if entry.segment != segment or entry.mapped is not None:
+            if entry.segment != segment:
                 continue
             with entry.lock:
                 address = entry.transport.bar_address()
