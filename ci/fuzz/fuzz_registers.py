@@ -832,7 +832,15 @@ class Campaign:
         vmm = VmmProcess(self.workdir, self.kernel, self.tap, self.report.vmm_lives)
         self.vmm = vmm
         vmm.wait_started(60)
-        info = vmm.info(30)
+        deadline = time.monotonic() + 60
+        while True:  # the API socket is up a moment before the VM is created
+            try:
+                info = vmm.info(30)
+                break
+            except ApiError as err:
+                if err.status != 404 or time.monotonic() > deadline or not vmm.alive():
+                    raise VmmGone(f"vm.info answered {err.status} after the start: {err}") from err
+                time.sleep(0.02)
         devices = read_layout(info)
         self.gen.original = {}
         self.gen.set_layout(devices)
