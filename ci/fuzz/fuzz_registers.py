@@ -814,7 +814,7 @@ def default_tap() -> str | None:
 
 class Campaign:
     def __init__(self, seed: int, chunk: int, time_limit: float, workdir: Path, tap: str | None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, keep: bool = False) -> None:
         self.rnd = random.Random(seed)
         self.gen = Generator(self.rnd)
         self.chunk_size = min(chunk, MAX_CHUNK)
@@ -825,6 +825,8 @@ class Campaign:
         self.flat = (workdir / "guest.bin").read_bytes()
         self.tap = tap
         self.verbose = verbose
+        #: keep each VMM's directory (its log, disks and RAM file) instead of removing it when it ends
+        self.keep = keep
         self.report = Report()
         self.vmm: VmmProcess | None = None
         self.initial_devices = 0
@@ -894,6 +896,8 @@ class Campaign:
         self.scan_log(vmm)
         self.say(f"VMM life {self.report.vmm_lives} ended ({why}), status {status}")
         self.vmm = None
+        if not self.keep:
+            shutil.rmtree(vmm.dir, ignore_errors=True)
 
     def scan_log(self, vmm: VmmProcess) -> None:
         text = vmm.new_log()
@@ -1330,7 +1334,7 @@ def run(accesses: int, seed: int = 0, chunk: int = 500, time_limit: float = 30.0
     """Run the campaign; returns its report."""
     workdir = Path(tempfile.mkdtemp(prefix="vmsh-regfuzz-"))
     try:
-        return Campaign(seed, chunk, time_limit, workdir, tap, verbose).run(accesses)
+        return Campaign(seed, chunk, time_limit, workdir, tap, verbose, keep).run(accesses)
     finally:
         if keep:
             print(f"kept {workdir}", file=sys.stderr)
