@@ -25,9 +25,11 @@ def test_register_fuzz_smoke() -> None:
     assert set(report.classes) >= {"port", "cf8", "ecam", "bar", "virtio-activate", "bar-move", "platform-mmio",
                                    "random-mmio", "random-port"}, report.classes
     # the guest got through to the devices: garbage activations put virtio devices into their
-    # error state (the transport's NEEDS_RESET or the device's own), and the VMM took the exits
+    # error state (the transport's NEEDS_RESET or the device's own); BARs answered where the
+    # device tree puts them; reset and driven properly, the rng and the disks served a request
+    # and interrupted the guest
     assert report.needs_reset > 0, _details(report)
-    assert report.device_counters["__vcpu.mmio_exits"] > 1000, report.device_counters
+    assert report.decode_checks > 50 and report.recoveries >= 3, _details(report)
     assert report.peak_rss_mib < 300, _details(report)
 
 
