@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import mmap
 import os
 import random
 import re
@@ -85,58 +84,50 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.kernel_images import make_elf  # noqa: E402
-from vmsh.api.client import ApiClient, ApiError  # noqa: E402
-from vmsh.errors import VmshError  # noqa: E402
+from ci.fuzz.register_accesses import Access, Generator
+from ci.fuzz.register_machine import (
+    ENTRY,
+    IMAGE_CHECKED,
+    LOAD,
+    MAILBOX,
+    MAX_CHUNK,
+    MB_BOOTS,
+    MB_COUNT,
+    MB_CURSOR,
+    MB_DONE,
+    MB_ENTRIES,
+    MB_FAULT,
+    MB_FAULT_RIP,
+    MB_GO,
+    MB_IRQS,
+    MMIO32,
+    MSIX_TABLE,
+    NOTIFY,
+    OP_IN,
+    OP_OUT,
+    OP_READ,
+    OP_WRITE,
+    PCI_CAP_MSIX,
+    PCI_CAP_VNDR,
+    STATUS_ACK,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FEATURES_OK,
+    VIRTIO_PCI_CAP_PCI_CFG,
+    VIRTIO_STATUS_NEEDS_RESET,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    Device,
+    VmmGone,
+    VmmProcess,
+    build_guest,
+    read_layout,
+)
+from vmsh.api.client import ApiError
+from vmsh.errors import VmshError
 
-GUEST_SOURCE = Path(__file__).with_name("register_guest.S")
-
-# --- the guest's memory map and mailbox (register_guest.S) ---------------------------------------
-LOAD = 0x100_0000
-MAILBOX = 0x110_0000
-MB_MAGIC, MB_BOOTS, MB_MAP_ACK, MB_READY = 0x00, 0x08, 0x10, 0x18
-MB_GO, MB_DONE, MB_COUNT, MB_CURSOR = 0x20, 0x28, 0x30, 0x38
-MB_FAULT, MB_FAULT_RIP, MB_MAP_COUNT, MB_IRQS, MB_MAPPED = 0x40, 0x48, 0x50, 0x58, 0x60
-MB_MAP_LIST, MB_VECTORS, MB_ENTRIES = 0x80, 0x400, 0x1000
-MAGIC = 0x5A5A464745524D56
-MAP_MAX = 16
-ENTRY = struct.Struct("<QQBBH4x")
-#: entries one chunk may hold (the mailbox area is 1 MiB)
-MAX_CHUNK = (0x10_0000 - MB_ENTRIES) // ENTRY.size
-OP_OUT, OP_IN, OP_WRITE, OP_READ, OP_OUTS, OP_INS = 0, 1, 2, 3, 4, 5
-RAM_SIZE = 256 << 20
-#: guest RAM the guest does not use: queues and buffers the fuzzer lays out live here
-ARENA = (64 << 20, RAM_SIZE)
-#: the guest's own image (code, GDT, IDT, page tables, stack): checked when the guest stops
-IMAGE_CHECKED = (LOAD, LOAD + 0x1000)
-
-# --- the machine (vmsh/engine/platform_devices.py, boot/layout.py, devices/virtio/pci.py) --------
-LEGACY_PORTS = {  # name: (base, length)
-    "serial": (0x3F8, 8), "i8042": (0x60, 5), "cmos": (0x70, 2), "post": (0x80, 1), "debugcon": (0xE9, 1),
-    "acpi-sleep": (0x600, 8), "acpi-pm-timer": (0x608, 4), "pci-config": (0xCF8, 8),
-}
-#: ports KVM serves in the kernel (8259s, PIT, port B, ELCR): left alone
-KVM_PORTS = {0x20, 0x21, 0xA0, 0xA1, 0x40, 0x41, 0x42, 0x43, 0x61, 0x4D0, 0x4D1}
-GED = 0xFEB0_0000
-PCI_HOTPLUG = 0xFEB0_1000
-ECAM = 0xE800_0000
-MMIO32 = (0xC000_0000, 0x1_0000_0000)
-#: KVM's IOAPIC and local APIC, and its TSS/identity-map pages: left alone
-KVM_MMIO = ((0xFEC0_0000, 0xFED0_0000), (0xFEE0_0000, 0xFEF0_0000), (0xF800_0000, 0xF810_0000))
-VIRTIO_VENDOR = 0x1AF4
-BAR_SIZE_VIRTIO = 0x80000
-COMMON = [(0x00, 4), (0x04, 4), (0x08, 4), (0x0C, 4), (0x10, 2), (0x12, 2), (0x14, 1), (0x15, 1), (0x16, 2),
-          (0x18, 2), (0x1A, 2), (0x1C, 2), (0x1E, 2), (0x20, 4), (0x24, 4), (0x28, 4), (0x2C, 4), (0x30, 4),
-          (0x34, 4)]
-ISR, DEVICE_CFG, NOTIFY, MSIX_TABLE, MSIX_PBA = 0x2000, 0x4000, 0x6000, 0x8000, 0x48000
-STATUS_ACK, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK = 1, 2, 4, 8
-PCI_CAP_MSIX, PCI_CAP_VNDR, VIRTIO_PCI_CAP_PCI_CFG = 0x11, 0x09, 5
-VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE = 1, 2
-VIRTIO_STATUS_NEEDS_RESET = 0x40
 #: where the recovery check lays out its rings: RAM the fuzzed queues are never pointed at
 CHECK_AREA = 60 << 20
 #: how long a device may take to serve the recovery check's request
@@ -152,610 +143,6 @@ LOG_PATTERNS = [
     ("panic", re.compile(r"pvpanic: guest reported")),
 ]
 
-
-# --- the guest ------------------------------------------------------------------------------------
-
-def build_guest(workdir: Path) -> Path:
-    """Assemble ``register_guest.S`` (binutils) into a PVH ELF in ``workdir``; returns its path."""
-    obj, elf, flat = workdir / "guest.o", workdir / "guest.elf", workdir / "guest.bin"
-    for cmd in (["as", "--64", "-o", str(obj), str(GUEST_SOURCE)],
-                ["ld", "-m", "elf_x86_64", f"-Ttext={LOAD:#x}", "-e", "_start", "-o", str(elf), str(obj)],
-                ["objcopy", "-O", "binary", str(elf), str(flat)]):
-        subprocess.run(cmd, check=True, capture_output=True)
-    kernel = workdir / "guest.pvh"
-    kernel.write_bytes(make_elf(entry_note=LOAD, paddr=LOAD, code=flat.read_bytes(), bss=0))
-    return kernel
-
-
-# --- the layout the API shows ---------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Device:
-    id: str
-    segment: int
-    slot: int
-    base: int
-    size: int
-    bar64: bool
-
-    @property
-    def virtio(self) -> bool:
-        return self.size == BAR_SIZE_VIRTIO
-
-
-def read_layout(info: dict[str, Any]) -> list[Device]:
-    """Every PCI device of ``vm.info``'s device tree with its BAR 0 (cloud-hypervisor's shape:
-    a ``_virtio-pci-<id>`` node or the device's own node holds ``pci_bdf`` and the ``PciBar``)."""
-    out = []
-    for node in (info.get("device_tree") or {}).values():
-        bdf = node.get("pci_bdf")
-        bars = [r["PciBar"] for r in node.get("resources") or [] if isinstance(r, dict) and "PciBar" in r]
-        if not bdf or not bars:
-            continue
-        seg, _bus, devfn = bdf.split(":")
-        out.append(Device(node["id"], int(seg, 16), int(devfn.split(".")[0], 16), int(bars[0]["base"]),
-                          int(bars[0]["size"]), bars[0].get("type_") == "Mmio64"))
-    return sorted(out, key=lambda d: (d.segment, d.slot))
-
-
-# --- the VMM process ------------------------------------------------------------------------------
-
-class VmmGone(Exception):
-    """The VMM process ended or its API stopped answering."""
-
-
-class VmmProcess:
-    """One ``vmsh launch`` of the fuzzed machine, its API and its guest's mailbox."""
-
-    def __init__(self, workdir: Path, kernel: Path, tap: str | None, life: int) -> None:
-        self.dir = workdir / f"life{life}"
-        self.dir.mkdir()
-        self.api_path = self.dir / "api.sock"
-        self.log_path = self.dir / "vmm.log"
-        self.zone = self.dir / "ram"
-        with open(self.zone, "wb") as f:
-            f.truncate(RAM_SIZE)
-        for name, size in (("disk0", 8 << 20), ("disk1", 1 << 20), ("pmem", 2 << 20)):
-            with open(self.dir / name, "wb") as f:
-                f.truncate(size)
-        args = [
-            sys.executable, "-m", "vmsh", "launch", "-v", "--log-file", str(self.log_path),
-            "--api-socket", f"path={self.api_path}", "--event-monitor", f"path={self.dir / 'events'}",
-            "--seccomp", "true", "--kernel", str(kernel), "--cpus", "boot=1",
-            "--memory", "size=0", "--memory-zone", f"id=z0,size={RAM_SIZE >> 20}M,file={self.zone},shared=on",
-            "--platform", "num_pci_segments=2",
-            "--serial", f"file={self.dir / 'serial'}", "--console", f"file={self.dir / 'console'}",
-            "--debug-console", f"file={self.dir / 'debugcon'}",
-            "--disk", f"path={self.dir / 'disk0'}", f"path={self.dir / 'disk1'},pci_segment=1",
-            "--rng", "src=/dev/urandom", "--pmem", f"file={self.dir / 'pmem'},size=2M",
-            "--vsock", f"cid=3,socket={self.dir / 'vsock'}", "--balloon", "size=0",
-            "--watchdog", "--pvpanic",
-        ]
-        if tap is not None:
-            args += ["--net", f"tap={tap}"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.stderr = open(self.dir / "stderr", "wb")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                     env=env, cwd=ROOT)
-        self.api: ApiClient | None = None
-        self.mem: mmap.mmap | None = None
-        self.log_pos = 0
-        self.peak_rss_kib = 0
-        self.max_fds = 0
-        self.max_threads = 0
-        self.boot = 0
-
-    # -- mailbox --
-
-    def u64(self, off: int) -> int:
-        assert self.mem is not None
-        return int.from_bytes(self.mem[MAILBOX + off:MAILBOX + off + 8], "little")
-
-    def set_u64(self, off: int, value: int) -> None:
-        assert self.mem is not None
-        self.mem[MAILBOX + off:MAILBOX + off + 8] = (value & (1 << 64) - 1).to_bytes(8, "little")
-
-    def interrupts(self, vector: int) -> int:
-        """How many times the guest took ``vector``."""
-        assert self.mem is not None
-        at = MAILBOX + MB_VECTORS + 4 * vector
-        return int.from_bytes(self.mem[at:at + 4], "little")
-
-    # -- process --
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def sample_rss(self) -> None:
-        """Note the process's peak RSS, open fds and threads (bounded resources)."""
-        try:
-            text = Path(f"/proc/{self.proc.pid}/status").read_text()
-            fds = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-        except OSError:
-            return
-        m = re.search(r"VmHWM:\s+(\d+) kB", text)
-        if m:
-            self.peak_rss_kib = max(self.peak_rss_kib, int(m.group(1)))
-        m = re.search(r"Threads:\s+(\d+)", text)
-        if m:
-            self.max_threads = max(self.max_threads, int(m.group(1)))
-        self.max_fds = max(self.max_fds, fds)
-
-    def info(self, timeout: float = 10.0) -> dict[str, Any]:
-        """``vm.info``; raises VmmGone when the VMM does not answer."""
-        try:
-            if self.api is None:
-                self.api = ApiClient(str(self.api_path), timeout=timeout)
-            info: dict[str, Any] = self.api.get("vm.info")
-            return info
-        except ApiError:
-            raise  # it answered: an error status is a finding of its own
-        except (VmshError, OSError, ValueError) as err:
-            if self.api is not None:
-                self.api.close()
-                self.api = None
-            raise VmmGone(f"the API did not answer vm.info: {err}") from err
-
-    def wait_started(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.api_path.exists() or self.zone.stat().st_size < RAM_SIZE:
-            if not self.alive():
-                raise VmmGone(f"the VMM exited with status {self.proc.returncode} while starting")
-            if time.monotonic() > deadline:
-                raise VmmGone("the VMM did not open its API socket")
-            time.sleep(0.05)
-        fd = os.open(self.zone, os.O_RDWR)
-        try:
-            self.mem = mmap.mmap(fd, RAM_SIZE, mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
-
-    def handshake(self, regions: list[int], timeout: float) -> None:
-        """Wait for the guest's next boot, give it ``regions`` to map, wait until it is ready."""
-        deadline = time.monotonic() + timeout
-        while not (self.u64(MB_MAGIC) == MAGIC and self.u64(MB_BOOTS) > self.boot):
-            self._check_deadline(deadline, "the guest to boot")
-        boots = self.u64(MB_BOOTS)
-        self.set_u64(MB_GO, 0)
-        self.set_u64(MB_COUNT, 0)
-        for i, base in enumerate(regions[:MAP_MAX]):
-            self.set_u64(MB_MAP_LIST + 8 * i, base)
-        self.set_u64(MB_MAP_COUNT, min(len(regions), MAP_MAX))
-        self.set_u64(MB_MAP_ACK, boots)
-        while self.u64(MB_READY) != boots:
-            if self.u64(MB_BOOTS) != boots:
-                boots = self.u64(MB_BOOTS)  # it rebooted meanwhile (a watchdog left running): again
-                self.set_u64(MB_MAP_ACK, boots)
-            self._check_deadline(deadline, "the guest to map its regions")
-        self.boot = boots
-
-    def _check_deadline(self, deadline: float, what: str) -> None:
-        if not self.alive():
-            raise VmmGone(f"the VMM exited with status {self.proc.returncode} waiting for {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-    def new_log(self) -> str:
-        """Log text written since the last call."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(self.log_pos)
-                data = f.read()
-        except OSError:
-            return ""
-        cut = data.rfind(b"\n") + 1
-        self.log_pos += cut
-        return data[:cut].decode(errors="replace")
-
-    def close(self) -> int | None:
-        """Shut the VMM down (API, then SIGTERM, then SIGKILL); returns its exit status."""
-        if self.alive():
-            try:
-                if self.api is None:
-                    self.api = ApiClient(str(self.api_path), timeout=5)
-                self.api.put("vmm.shutdown")
-            except (VmshError, OSError, ValueError):
-                pass
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-        if self.api is not None:
-            self.api.close()
-            self.api = None
-        if self.mem is not None:
-            self.mem.close()
-            self.mem = None
-        self.stderr.close()
-        return self.proc.returncode
-
-
-# --- the generator --------------------------------------------------------------------------------
-
-#: (op, size, address, value); for rep outs/ins the op carries the count in bits 8-23 and the value
-#: is the guest address of the buffer
-Access = tuple[int, int, int, int]
-
-
-class Generator:
-    """Chunks of accesses from one seeded ``random.Random`` and what is known of the layout."""
-
-    def __init__(self, rnd: random.Random) -> None:
-        self.rnd = rnd
-        self.devices: list[Device] = []
-        self.original: dict[str, int] = {}
-        self.regions: list[int] = []
-        #: capabilities found by walking each device's list: (segment, slot) -> {offset: cap id}
-        self.caps: dict[tuple[int, int], dict[int, int]] = {}
-        #: where each virtio function's PCI_CFG capability is (virtio 1.2 §4.1.4.9)
-        self.pci_cfg: dict[tuple[int, int], int] = {}
-        #: the features each virtio device offers and its number of queues (read by the probe)
-        self.features: dict[str, int] = {}
-        self.num_queues: dict[str, int] = {}
-        self.classes: Counter[str] = Counter()
-
-    # -- values --
-
-    def value(self, size: int) -> int:
-        r = self.rnd.random()
-        mask = (1 << 8 * size) - 1
-        if r < 0.35:
-            return self.rnd.getrandbits(8 * size)
-        if r < 0.55:
-            return self.rnd.choice((0, 1, 2, 3, 4, 7, 8, 0xF, 0x10, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF,
-                                    0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 1 << 63, mask)) & mask
-        if r < 0.75:
-            return self.rnd.randrange(0, 64)
-        if r < 0.9:
-            return self.arena_address() & mask
-        return (self.rnd.choice(self.regions) + self.rnd.randrange(0, 1 << 30)) & mask if self.regions else 0
-
-    def arena_address(self, align: int = 16) -> int:
-        return self.rnd.randrange(ARENA[0], ARENA[1] - 0x10000) & ~(align - 1)
-
-    def size(self, allowed: tuple[int, ...] = (1, 2, 4, 8)) -> int:
-        return self.rnd.choice(allowed)
-
-    # -- layout --
-
-    def set_layout(self, devices: list[Device]) -> None:
-        self.devices = devices
-        for d in devices:
-            self.original.setdefault(d.id, d.base)
-
-    def mapped(self, address: int, size: int) -> bool:
-        if address + size <= 1 << 32:
-            return True
-        return any(b <= address and address + size <= b + (1 << 30) for b in self.regions)
-
-    def ecam(self, segment: int, slot: int, register: int, function: int = 0, bus: int = 0) -> int:
-        return ECAM + (segment << 20) + (bus << 20 if segment == 0 and bus else 0) \
-            + (slot << 15) + (function << 12) + register
-
-    # -- accesses --
-
-    def chunk(self, count: int) -> list[Access]:
-        out: list[Access] = []
-        kinds = ("port", "cf8", "ecam", "bar", "virtio-activate", "bar-move", "platform-mmio", "random-mmio",
-                 "random-port", "reset", "pci-cfg-window")
-        weights = (18, 8, 18, 30, 1.5, 2, 4, 8, 8, 0.03, 3)
-        while len(out) < count:
-            kind = self.rnd.choices(kinds, weights)[0]
-            made = getattr(self, "_" + kind.replace("-", "_"))()
-            self.classes[kind] += len(made)
-            out.extend(made)
-        return out[:count]
-
-    def _rw(self, address: int, size: int, port: bool = False, write: bool | None = None) -> Access:
-        if write is None:
-            write = self.rnd.random() < 0.6
-        if port:
-            return (OP_OUT if write else OP_IN, size, address, self.value(size) if write else 0)
-        return (OP_WRITE if write else OP_READ, size, address, self.value(size) if write else 0)
-
-    def _port(self) -> list[Access]:
-        base, length = self.rnd.choice(list(LEGACY_PORTS.values()))
-        port = base + self.rnd.randrange(length)
-        if self.rnd.random() < 0.05:  # rep outs / rep ins (the vCPU's string I/O path)
-            count = self.rnd.choice((1, 2, 16, 64, 255))
-            buf = self.arena_address(8)
-            op = OP_OUTS if self.rnd.random() < 0.6 else OP_INS
-            if op == OP_OUTS and port in (0x600, 0x64, 0x70, 0x71):
-                op = OP_INS  # a buffer of arena bytes would reset the VM too often
-            return [(op | count << 8, self.size((1, 2, 4)), port, buf)]
-        return [self._rw(port, self.size((1, 2, 4)), port=True)]
-
-    def _reset(self) -> list[Access]:
-        """Ask for a reset the ways a guest can (the VMM reboots the VM in its process), or,
-        rarely, power off (the process ends and the campaign starts a fresh one)."""
-        r = self.rnd.random()
-        if r < 0.1:
-            return [(OP_OUT, 1, 0x600, 0x34)]
-        if r < 0.4:
-            return [(OP_OUT, 1, 0x600, 0x01)]
-        if r < 0.7:
-            return [(OP_OUT, 1, 0x64, 0xFE)]
-        return [(OP_OUT, 1, 0x70, 0x0F), (OP_OUT, 1, 0x71, 0x00)]
-
-    def _random_port(self) -> list[Access]:
-        port = self.rnd.randrange(0x10000)
-        while port in KVM_PORTS:
-            port = self.rnd.randrange(0x10000)
-        return [self._rw(port, self.size((1, 2, 4)), port=True)]
-
-    def _slot(self) -> tuple[int, int]:
-        if self.devices and self.rnd.random() < 0.85:
-            d = self.rnd.choice(self.devices)
-            return d.segment, d.slot
-        return self.rnd.randrange(2), self.rnd.randrange(32)
-
-    def _register(self, segment: int, slot: int) -> int:
-        caps = self.caps.get((segment, slot), {})
-        r = self.rnd.random()
-        if r < 0.25:
-            return self.rnd.choice((0x04, 0x06, 0x0C, 0x10, 0x14, 0x18, 0x30, 0x3C, 0x3D))
-        if r < 0.65 and caps:
-            return self.rnd.choice(list(caps)) + self.rnd.randrange(0, 20)
-        if r < 0.95:
-            return self.rnd.randrange(0x100)
-        return self.rnd.randrange(0x1000)
-
-    def _cf8(self) -> list[Access]:
-        segment, slot = self._slot()
-        register = self._register(0, slot) if segment == 0 else self.rnd.randrange(0x100)
-        if self.rnd.random() < 0.9:
-            function = self.rnd.randrange(8) if self.rnd.random() < 0.1 else 0
-            address = 0x8000_0000 | slot << 11 | function << 8 | (register & 0xFC)
-        else:
-            address = self.rnd.getrandbits(32)
-        size = self.size((1, 2, 4))
-        offset = register & 3 if size == 1 else (register & 2 if size == 2 else 0)
-        return [(OP_OUT, 4, 0xCF8, address), self._rw(0xCFC + offset, size, port=True)]
-
-    def _ecam(self) -> list[Access]:
-        segment, slot = self._slot()
-        register = self._register(segment, slot)
-        size = self.size((1, 2, 4, 4, 8))
-        function = self.rnd.randrange(8) if self.rnd.random() < 0.05 else 0
-        bus = self.rnd.randrange(256) if self.rnd.random() < 0.03 else 0
-        address = self.ecam(segment, slot, register & 0xFFF, function, bus)
-        return [self._rw(address, size)]
-
-    def _bar_device(self) -> Device | None:
-        live = [d for d in self.devices if d.base and self.mapped(d.base, d.size)]
-        return self.rnd.choice(live) if live else None
-
-    def _bar(self) -> list[Access]:
-        d = self._bar_device()
-        if d is None:
-            return self._bar_move()
-        if not d.virtio:
-            off = self.rnd.randrange(min(d.size, 0x20)) if self.rnd.random() < 0.9 else self.rnd.randrange(d.size)
-            return [self._rw(d.base + off, self.size((1, 2, 4)))]
-        r = self.rnd.random()
-        size = self.size()
-        if r < 0.45:
-            off, natural = self.rnd.choice(COMMON)
-            size = natural if self.rnd.random() < 0.8 else size
-            access = self._rw(d.base + off, size)
-            if access[0] == OP_WRITE and off in (0x20, 0x28, 0x30) and self.rnd.random() < 0.7:
-                access = (OP_WRITE, 4, d.base + off, self.arena_address(64))
-            elif access[0] == OP_WRITE and off in (0x24, 0x2C, 0x34) and self.rnd.random() < 0.7:
-                access = (OP_WRITE, 4, d.base + off, 0)
-            elif access[0] == OP_WRITE and off == 0x14 and self.rnd.random() < 0.5:
-                access = (OP_WRITE, 1, d.base + off, self.rnd.choice((0, 1, 3, 0xB, 0xF, 0x8F, 0x4F, 0x7, 0xFF)))
-            return [access]
-        if r < 0.5:
-            return [self._rw(d.base + ISR, size, write=self.rnd.random() < 0.2)]
-        if r < 0.65:
-            return [self._rw(d.base + DEVICE_CFG + self.rnd.randrange(0x100 if self.rnd.random() < 0.9 else 0x1000),
-                             size)]
-        if r < 0.75:
-            return [(OP_WRITE, self.size((2, 2, 4, 1)), d.base + NOTIFY + 4 * self.rnd.randrange(8),
-                     self.rnd.randrange(8))]
-        if r < 0.92:
-            off = self.rnd.randrange(16 * 24) if self.rnd.random() < 0.9 else self.rnd.randrange(0x40000)
-            access = self._rw(d.base + MSIX_TABLE + off, size)
-            if access[0] == OP_WRITE:
-                access = (OP_WRITE, size, access[2], _fixed_delivery(off, size, access[3]))
-            return [access]
-        if r < 0.96:
-            return [self._rw(d.base + MSIX_PBA + self.rnd.randrange(0x800), size)]
-        edge = d.base + self.rnd.choice((d.size - self.rnd.randrange(1, 8), -self.rnd.randrange(1, 8)))
-        if self.rnd.random() < 0.5 and self.mapped(edge, size):  # across the BAR's ends
-            return [self._rw(edge, size)]
-        return [self._rw(d.base + self.rnd.randrange(d.size - 8), size)]
-
-    def _pci_cfg_window(self) -> list[Access]:
-        """BAR 0 through the PCI_CFG capability's window (bar, offset, length, then data): the
-        registers again, reached from a configuration write instead of an MMIO exit."""
-        if not self.pci_cfg:
-            return self._ecam()
-        (segment, slot), cap = self.rnd.choice(sorted(self.pci_cfg.items()))
-        r = self.rnd.random()
-        if r < 0.5:
-            offset = self.rnd.choice(COMMON)[0]
-        elif r < 0.65:
-            offset = NOTIFY + 4 * self.rnd.randrange(4)
-        elif r < 0.8:
-            offset = MSIX_TABLE + self.rnd.randrange(16 * 12)
-        elif r < 0.9:
-            offset = DEVICE_CFG + self.rnd.randrange(0x40)
-        else:
-            offset = self.rnd.getrandbits(32 if self.rnd.random() < 0.3 else 19)
-        length = self.rnd.choice((1, 2, 4, 4, 0, 3, 8, self.rnd.getrandbits(32)))
-        out: list[Access] = [
-            (OP_WRITE, 1, self.ecam(segment, slot, cap + 4), 0 if self.rnd.random() < 0.9 else self.rnd.randrange(256)),
-            (OP_WRITE, 4, self.ecam(segment, slot, cap + 8), offset),
-            (OP_WRITE, 4, self.ecam(segment, slot, cap + 12), length)]
-        size = self.size((1, 2, 4, 4))
-        data = self.ecam(segment, slot, cap + 16)
-        if self.rnd.random() < 0.6:
-            value = self.value(size)
-            if MSIX_TABLE <= offset < MSIX_TABLE + 0x40000:
-                value = _fixed_delivery(offset - MSIX_TABLE, size, value)
-            out.append((OP_WRITE, size, data, value))
-        else:
-            out.append((OP_READ, size, data, 0))
-        return out
-
-    def _virtio_activate(self) -> list[Access]:
-        """Reset a device and drive it to DRIVER_OK with random or laid-out queues, then kick."""
-        live = [d for d in self.devices if d.virtio and d.base and self.mapped(d.base, d.size)]
-        if not live:
-            return self._bar()
-        d = self.rnd.choice(live)
-        b = d.base
-        w: list[Access] = [(OP_WRITE, 1, b + 0x14, 0), (OP_WRITE, 1, b + 0x14, STATUS_ACK | STATUS_DRIVER)]
-        offered = self.features.get(d.id, 1 << 32)
-        r = self.rnd.random()
-        if r < 0.7:  # what a driver does: a subset of the offer, with VERSION_1
-            features = (offered & self.rnd.getrandbits(64)) | (offered & 1 << 32)
-        elif r < 0.85:
-            features = offered
-        else:
-            features = self.rnd.getrandbits(64)
-        w += [(OP_WRITE, 4, b + 0x08, 1), (OP_WRITE, 4, b + 0x0C, features >> 32), (OP_WRITE, 4, b + 0x08, 0),
-              (OP_WRITE, 4, b + 0x0C, features & 0xFFFF_FFFF),
-              (OP_WRITE, 1, b + 0x14, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK),
-              (OP_READ, 1, b + 0x14, 0)]
-        for q in range(self.rnd.randrange(1, 5)):
-            qsize = self.rnd.choice((1, 2, 4, 8, 16, 64, 256, 3, 0, 0xFFFF))
-            w += [(OP_WRITE, 2, b + 0x16, q), (OP_WRITE, 2, b + 0x18, qsize),
-                  (OP_WRITE, 2, b + 0x1A, self.rnd.choice((0, 1, 2, 0xFFFF, self.rnd.randrange(16))))]
-            if self.rnd.random() < 0.6:
-                desc, avail, used = self.lay_out_ring(max(1, min(qsize, 256)))
-            else:
-                desc, avail, used = (self.arena_address(16), self.arena_address(2), self.arena_address(4))
-            for off, addr in ((0x20, desc), (0x28, avail), (0x30, used)):
-                w += [(OP_WRITE, 4, b + off, addr & 0xFFFF_FFFF), (OP_WRITE, 4, b + off + 4, addr >> 32)]
-            w.append((OP_WRITE, 2, b + 0x1C, 1 if self.rnd.random() < 0.9 else self.rnd.randrange(4)))
-        w.append((OP_WRITE, 1, b + 0x14, self.rnd.choice((0xF, 0xF, 0xF, 0x7, 0x4F, 0x8F))))
-        for _ in range(self.rnd.randrange(1, 6)):
-            w.append((OP_WRITE, 2, b + NOTIFY + 4 * self.rnd.randrange(4), self.rnd.randrange(4)))
-        w.append((OP_READ, 1, b + 0x14, 0))
-        return w
-
-    def lay_out_ring(self, qsize: int) -> tuple[int, int, int]:
-        """Write a split ring into the arena (descriptors pointing into the arena, some chained,
-        some indirect, odd lengths and flags) and return its three addresses. Written by this
-        process before the chunk runs: guest RAM that the guest itself never touches."""
-        assert self.mem is not None
-        base = self.arena_address(4096)
-        desc, avail, used = base, base + 16 * qsize, (base + 16 * qsize + 6 + 2 * qsize + 4095) & ~4095
-        buf = bytearray()
-        i = 0
-        while i < qsize:  # chains of 1-3 as a driver builds them (readable, then writable), some broken
-            chain = min(self.rnd.randint(1, 3), qsize - i)
-            for j in range(chain):
-                addr = self.arena_address(8) if self.rnd.random() < 0.95 else self.rnd.getrandbits(64)
-                length = self.rnd.choice((16, 512, 4096, 1, 8, 65536, 0, self.rnd.getrandbits(32),
-                                          self.rnd.randrange(600)))
-                flags = (1 if j < chain - 1 else 0) | (2 if j > 0 or self.rnd.random() < 0.3 else 0)
-                if self.rnd.random() < 0.1:
-                    flags = self.rnd.choice((4, 6, self.rnd.getrandbits(16)))
-                nxt = i + j + 1 if self.rnd.random() < 0.95 else self.rnd.getrandbits(16)
-                buf += struct.pack("<QIHH", addr, length, flags, nxt % (1 << 16))
-            i += chain
-        self.mem[desc:desc + len(buf)] = bytes(buf)
-        ring = [self.rnd.randrange(qsize) if self.rnd.random() < 0.9 else self.rnd.getrandbits(16)
-                for _ in range(qsize)]
-        idx = self.rnd.choice((1, qsize, self.rnd.getrandbits(16)))
-        self.mem[avail:avail + 4 + 2 * qsize] = struct.pack(f"<HH{qsize}H", 0, idx, *ring)
-        self.mem[used:used + 4] = bytes(4)
-        # buffers: small integers (plausible request headers) and random bytes
-        for _ in range(4):
-            at = self.arena_address(8)
-            self.mem[at:at + 64] = bytes(self.rnd.choice((0, 1, 2, 4, 8, 0xFF, self.rnd.randrange(256)))
-                                         for _ in range(64))
-        return desc, avail, used
-
-    def _bar_move(self) -> list[Access]:
-        """Move a BAR: into its window (the device follows), somewhere random, or back home."""
-        if not self.devices:
-            return self._ecam()
-        d = self.rnd.choice(self.devices)
-        r = self.rnd.random()
-        home = self.original.get(d.id, d.base)
-        if r < 0.5:
-            target = home
-        elif r < 0.8:
-            target = home + self.rnd.randrange(1, 64) * d.size  # further into the same window
-        else:
-            target = self.rnd.getrandbits(64 if d.bar64 else 32) & ~0xF
-        out: list[Access] = []
-        if self.rnd.random() < 0.3:
-            out.append((OP_WRITE, 2, self.ecam(d.segment, d.slot, 0x04), 0))  # decoding off while moving
-        if self.rnd.random() < 0.2:  # size it first, as a driver does
-            out += [(OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x10), 0xFFFF_FFFF),
-                    (OP_READ, 4, self.ecam(d.segment, d.slot, 0x10), 0)]
-        out.append((OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x10), target & 0xFFFF_FFF0))
-        if d.bar64:
-            out.append((OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x14), target >> 32))
-        out.append((OP_WRITE, 2, self.ecam(d.segment, d.slot, 0x04), 0x6))  # memory space, bus master
-        return out
-
-    def restore_bars(self, everyone: bool = False) -> list[Access]:
-        """Put every moved BAR back where the VMM placed it (the campaign does this now and then,
-        so that the devices stay reachable). With ``everyone``, every BAR is first parked at a
-        free place and then brought home: a BAR left unmapped because it was moved onto another
-        device's is mapped again only when its value changes."""
-        out: list[Access] = []
-        moved = [d for d in self.devices if everyone or d.base != self.original.get(d.id, d.base)]
-        for phase in ("park", "home"):
-            for n, d in enumerate(moved):
-                home = self.original.get(d.id, d.base)
-                target = home + (0x1000_0000 + n * d.size if phase == "park" else 0)
-                out.append((OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x10), target & 0xFFFF_FFF0))
-                if d.bar64:
-                    out.append((OP_WRITE, 4, self.ecam(d.segment, d.slot, 0x14), target >> 32))
-                out.append((OP_WRITE, 2, self.ecam(d.segment, d.slot, 0x04), 0x6))
-        return out
-
-    def _platform_mmio(self) -> list[Access]:
-        r = self.rnd.random()
-        if r < 0.4:
-            return [self._rw(GED + self.rnd.randrange(4), self.size((1, 2, 4)))]
-        off = self.rnd.choice((0x0, 0x4, 0x8, 0xC, self.rnd.randrange(16)))
-        access = self._rw(PCI_HOTPLUG + off, self.size((4, 4, 1, 2, 8)))
-        if access[0] == OP_WRITE and off == 0x8:
-            # an eject removes devices for good: one slot at a time, and often none
-            value = 1 << self.rnd.randrange(32) if self.rnd.random() < 0.3 else 0
-            access = (OP_WRITE, 4 if self.rnd.random() < 0.9 else access[1], access[2], value)
-        return [access]
-
-    def _random_mmio(self) -> list[Access]:
-        size = self.size()
-        if self.regions and self.rnd.random() < 0.4:
-            address = self.rnd.choice(self.regions) + self.rnd.randrange(0, (1 << 30) - 8)
-        elif self.rnd.random() < 0.5:
-            address = ECAM + self.rnd.randrange(2 << 20)
-        else:
-            address = self.rnd.randrange(*MMIO32)
-            while any(lo <= address < hi for lo, hi in KVM_MMIO) or address + size > MMIO32[1]:
-                address = self.rnd.randrange(*MMIO32)
-        return [self._rw(address, size)]
-
-    mem: mmap.mmap | None = None
-
-
-def _fixed_delivery(offset: int, size: int, value: int) -> int:
-    """``value`` for a ``size``-byte write at ``offset`` of an MSI-X table with the delivery-mode
-    bits (message data bits 8-10, the second byte of each entry's data dword at entry offset 8)
-    cleared when they are written, so that only fixed, lowest-priority and NMI messages happen."""
-    for i in range(size):
-        if (offset + i) % 16 == 9:
-            byte = value >> 8 * i & 0xFF
-            mode = byte & 7
-            if mode not in (0, 1, 4):
-                value &= ~(7 << 8 * i)
-    return value
 
 
 # --- the campaign ---------------------------------------------------------------------------------
@@ -1094,11 +481,11 @@ class Campaign:
         deadline = time.monotonic() + CHECK_SECONDS
         for (d, kind, used, buf, vector, before), st in zip(plans, status[-len(plans):], strict=True):
             def served() -> bool:
-                return (int.from_bytes(vmm.mem[used + 2:used + 4], "little") == 1  # noqa: B023 (called at once)
+                return (vmm.u16_at(used + 2) == 1  # noqa: B023 (called at once)
                         and (vector < 0 or vmm.interrupts(vector) != before))  # noqa: B023
             while not served() and time.monotonic() < deadline:
                 time.sleep(0.005)
-            done = int.from_bytes(vmm.mem[used + 2:used + 4], "little") == 1
+            done = vmm.u16_at(used + 2) == 1
             irq = vector < 0 or vmm.interrupts(vector) != before
             ok = done and irq and not st & VIRTIO_STATUS_NEEDS_RESET and (kind != "disk" or vmm.mem[buf + 0x400] == 0)
             if ok:
