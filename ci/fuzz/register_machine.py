@@ -1,5 +1,6 @@
 """The register campaign's machine (``fuzz_registers.py``): its guest and the guest's mailbox,
-the layout ``vm.info`` shows, and one ``vmsh launch`` process of the fully populated machine.
+the machine's fixed places (ports, ECAM, the platform's MMIO, the virtio BAR layout), the
+layout ``vm.info`` shows, and one ``vmsh launch`` process of the fully populated machine.
 
 The guest is ``register_guest.S``, assembled with binutils and wrapped into a PVH ELF; its
 memory map and mailbox fields are the ``LOAD``, ``MAILBOX`` and ``MB_*`` constants here, which
