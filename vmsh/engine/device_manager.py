@@ -173,6 +173,7 @@ class DeviceManager:
             self._unmap(entry)
         self.buses[entry.segment].slots[entry.slot] = None
         self._release(entry)
+        self._map_waiting(entry.segment)
         return entry
 
     def _release(self, entry: PciDevice) -> None:
@@ -275,6 +276,24 @@ class DeviceManager:
             address, entry.pending_move = entry.pending_move, None
             if address is not None:
                 self._moved(entry, address)
+        self._map_waiting(entry.segment)
+
+    def _map_waiting(self, segment: int) -> None:
+        """Map the BARs of ``segment`` that point into its window but are not mapped (the
+        control loop, no device lock held): a BAR the guest moved onto another device's is
+        left unmapped, and decodes at its address once that device has moved away or gone,
+        as a PCI function decodes wherever its BAR is programmed."""
+        for entry in list(self.devices.values()):
+            if entry.segment != segment:
+                continue
+            with entry.lock:
+                address = entry.transport.bar_address()
+                if (entry.mapped is None and entry.pending_move is None and address
+                        and self._in_window(segment, address, entry.transport.BAR_SIZE)):
+                    try:
+                        self._map(entry, address)
+                    except DeviceError:
+                        pass  # still on another device's BAR: it waits
 
     def _moved(self, entry: PciDevice, address: int) -> None:
         """Follow BAR 0 to ``address`` if the new place is usable (``entry.lock`` held).
