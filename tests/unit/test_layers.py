@@ -31,7 +31,7 @@ FRONT_ENDS = ("vmsh.api", "vmsh.script", "vmsh.repl", "vmsh.cli", "vmsh.launcher
               "vmsh.config_cli", "vmsh.images", "vmsh.__main__", "vmsh.logsetup")
 CONTROL = "vmsh.engine.vmm"
 #: the bottom layer: modules that import no other vmsh module
-BOTTOM = ("vmsh.guest_memory", "vmsh.errors", "vmsh.state_types", "vmsh.thread_names")
+BOTTOM = ("vmsh.guest_memory", "vmsh.errors", "vmsh.state_types", "vmsh.thread_names", "vmsh.syscalls")
 
 
 @dataclass(frozen=True)

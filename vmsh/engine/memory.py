@@ -15,7 +15,6 @@ out as in cloud-hypervisor's x86_64 layout (its ``arch/src/x86_64/layout.rs``): 
 from __future__ import annotations
 
 import bisect
-import ctypes
 import logging
 import mmap
 import os
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from vmsh.engine import page_runs
 from vmsh.errors import GuestMemoryError
 from vmsh.guest_memory import GuestAddress
+from vmsh.syscalls import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 LOG = logging.getLogger(__name__)
 
@@ -43,9 +43,6 @@ _MAP_HUGE_SHIFT = 26
 
 #: the unit of ``GuestMemoryMmap.discard`` (the host's base page)
 PAGE_SIZE = mmap.PAGESIZE
-# fallocate(2) modes (include/uapi/linux/falloc.h)
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
 
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
@@ -210,7 +207,7 @@ class GuestRegion:
         """
         try:
             if self.fd is not None and self.shared:
-                _punch_hole(self.fd, offset, length)
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             else:
                 self.mmap.madvise(mmap.MADV_DONTNEED, offset, length)
         except (OSError, ValueError) as err:
@@ -237,23 +234,6 @@ class GuestRegion:
         if self.backing is not None:
             os.close(self.backing[0])
             self.backing = None
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """fallocate(PUNCH_HOLE | KEEP_SIZE), which the os module lacks.
-
-    :raises OSError: with the call's errno.
-    """
-    # INVARIANTS: plain integer arguments; off_t is 64-bit on the Linux targets vmsh supports.
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _madvise(mm: mmap.mmap, advice: int) -> None:

@@ -1,4 +1,4 @@
-"""virtio-blk (virtio 1.2 §5.2) over a raw image file.
+"""virtio-blk (virtio 1.2 §5.2) over a disk image (:mod:`vmsh.devices.storage`: any format).
 
 Each request is one descriptor chain (§5.2.6)::
 
@@ -8,37 +8,27 @@ Each request is one descriptor chain (§5.2.6)::
 
 The device does not rely on how the driver split that into descriptors (§2.6.4): it reads the
 header from the first 16 readable bytes and writes the status into the last writable byte.
-Data moves with ``os.preadv``/``os.pwritev`` directly between the image and ``memoryview`` s of
-guest RAM. With ``direct`` (O_DIRECT) a request whose buffers are not 512-byte aligned, or
-that the kernel refuses with EINVAL, goes through an aligned bounce buffer instead.
+Data moves between the image and ``memoryview`` s of guest RAM, through the image's
+:class:`~vmsh.devices.storage.DiskFile`.
 
-Request types: IN, OUT, FLUSH (fdatasync), GET_ID (the 20-byte serial), DISCARD (punch a hole)
-and WRITE_ZEROES (zero range, or punch a hole when unmap is allowed); anything else is
+Request types: IN, OUT, FLUSH, GET_ID (the 20-byte serial), DISCARD and WRITE_ZEROES (the image
+frees the range when unmap is allowed); anything else is
 VIRTIO_BLK_S_UNSUPP. Sectors beyond the capacity, and writes to a read-only disk, fail with
 VIRTIO_BLK_S_IOERR.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
-import mmap
-import os
-import stat
 import struct
 from dataclasses import dataclass
 
 from vmsh.config.model import DiskConfig
 from vmsh.devices.ratelimit import FdWatcher, RateLimiter, ThrottleTimer
 from vmsh.devices.state import expect_state
+from vmsh.devices.storage import open_disk
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
-from vmsh.devices.virtio.queue import (
-    DescriptorChain,
-    VirtQueue,
-    advance_views,
-    window_views,
-)
+from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
 from vmsh.errors import DeviceError, DeviceStateError
 from vmsh.state_types import U64
 
@@ -91,33 +81,6 @@ MAX_DWZ_SECTORS = 0xFFFF_FFFF
 CONFIG_SIZE = 60
 #: seg_max is the queue size minus header and status descriptors (cloud-hypervisor)
 MINIMUM_QUEUE_SIZE = 2
-#: O_DIRECT alignment used to choose the direct path (a logical block)
-DIRECT_ALIGN = 512
-BOUNCE_SIZE = 1 << 20
-IOV_MAX = 1024
-
-# fallocate(2) modes (include/uapi/linux/falloc.h)
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2), which the os module lacks.
-
-    :raises OSError: with the call's errno.
-    """
-    # INVARIANTS: plain integer arguments; off_t is 64-bit on the Linux targets vmsh supports.
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 @dataclass(frozen=True, slots=True)
 class VirtioBlockState:
     """Plain-data state of a ``VirtioBlock``: the counters (requests are synchronous)."""
@@ -141,43 +104,10 @@ class _BadRequest(Exception):
         self.status = status
 
 
-#: qcow2 header magic at offset 0 ("QFI\xfb", QEMU docs/interop/qcow2.txt)
-QCOW2_MAGIC = b"QFI\xfb"
-#: VHDX file type identifier at offset 0 (MS-VHDX §2.2.1)
-VHDX_SIGNATURE = b"vhdxfile"
-#: VHD footer cookie, in the last 512 bytes of a fixed VHD (Microsoft's VHD format spec)
-VHD_COOKIE = b"conectix"
-VHD_FOOTER_SIZE = 512
-
-
-def detect_image_format(path: str, size: int) -> str | None:
-    """The name of the non-raw format ``path`` is in ("qcow2", "VHD", "VHDX"), or None for raw.
-
-    The checks are cloud-hypervisor's (``block/src/lib.rs``, ``detect_image_type``): the qcow2
-    magic at 0, a VHD footer in the last 512 bytes, the VHDX signature at 0. It reads through its
-    own buffered descriptor, so an image opened with O_DIRECT needs no aligned buffer here.
-
-    :raises OSError: if the image cannot be read.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        head = os.pread(fd, 8, 0)
-        tail = os.pread(fd, len(VHD_COOKIE), size - VHD_FOOTER_SIZE) if size >= VHD_FOOTER_SIZE else b""
-    finally:
-        os.close(fd)
-    if head[:4] == QCOW2_MAGIC:
-        return "qcow2"
-    if tail == VHD_COOKIE:
-        return "VHD"
-    if head == VHDX_SIGNATURE:
-        return "VHDX"
-    return None
-
-
 class VirtioBlock(VirtioDevice):
-    """A block device on a raw image.
+    """A block device on a disk image.
 
-    :param path: image file or block device.
+    :param path: image file or block device, in any format :func:`~vmsh.devices.storage.open_disk` serves.
     :param readonly: offer VIRTIO_BLK_F_RO and refuse writes.
     :param direct: open with O_DIRECT.
     :param num_queues: request queues (VIRTIO_BLK_F_MQ when more than one).
@@ -186,8 +116,7 @@ class VirtioBlock(VirtioDevice):
     :param rate_limiter: bandwidth/ops limit (possibly shared with other disks of a group):
         while it refuses, requests stay in the ring and the queue is re-run after its delay.
     :param watcher: the engine's I/O loop, which runs that retry timer (a thread timer without).
-    :raises DeviceError: if the image cannot be opened, or is in a format other than raw
-        (:func:`detect_image_format`).
+    :raises DeviceError: if the image cannot be opened, or its format is not served.
 
     Example::
 
@@ -211,30 +140,15 @@ class VirtioBlock(VirtioDevice):
         self.direct = direct
         self.num_queues = num_queues
         self.queue_size = queue_size
-        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
-        try:
-            self.fd = os.open(path, flags)
-            st = os.fstat(self.fd)
-            size = os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
-        except OSError as err:
-            raise DeviceError(f"cannot open disk image {path}") from err
-        try:
-            image_format = detect_image_format(path, size)
-        except OSError as err:
-            os.close(self.fd)
-            raise DeviceError(f"cannot read disk image {path}") from err
-        if image_format is not None:
-            os.close(self.fd)
-            raise DeviceError(f"disk image {path} is in {image_format} format: vmsh serves raw images only "
-                              "(exposed as raw, the guest's writes would destroy its metadata)")
+        self.disk = open_disk(path, readonly=readonly, direct=direct)
         #: disk size in 512-byte sectors (a partial last sector is not visible)
-        self.capacity = size >> SECTOR_SHIFT
+        self.capacity = self.disk.size >> SECTOR_SHIFT
         if serial is None:
             # cloud-hypervisor's build_disk_image_id: device, rdev and inode numbers
-            serial = f"{st.st_dev}{st.st_rdev}{st.st_ino}"
+            serial = "".join(str(n) for n in self.disk.identity)
         self.serial = serial.encode()[:VIRTIO_BLK_ID_BYTES]
         self.physical_block_exp = 0
-        while self.physical_block_exp < 3 and SECTOR_SIZE << (self.physical_block_exp + 1) <= st.st_blksize:
+        while self.physical_block_exp < 3 and SECTOR_SIZE << (self.physical_block_exp + 1) <= self.disk.block_size:
             self.physical_block_exp += 1
         self.avail_features = (COMMON_FEATURES | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE
                                | 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_BLK_F_TOPOLOGY)
@@ -244,7 +158,6 @@ class VirtioBlock(VirtioDevice):
             self.avail_features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES
         if num_queues > 1:
             self.avail_features |= 1 << VIRTIO_BLK_F_MQ
-        self._bounce: mmap.mmap | None = None
         self._counts = dict.fromkeys(("read_bytes", "write_bytes", "read_ops", "write_ops", "flush_ops",
                                       "discard_ops", "write_zeroes_ops", "errors"), 0)
         self.rate_limiter = rate_limiter
@@ -358,7 +271,7 @@ class VirtioBlock(VirtioDevice):
             return 0
         if rtype == VIRTIO_BLK_T_FLUSH:
             if not self.readonly:
-                os.fdatasync(self.fd)
+                self.disk.flush()
             self._counts["flush_ops"] += 1
             return 0
         if rtype == VIRTIO_BLK_T_GET_ID:
@@ -390,153 +303,23 @@ class VirtioBlock(VirtioDevice):
                 # §5.2.6.2: unmap is reserved for discard, and other flags are unsupported.
                 if flags:
                     raise _BadRequest(VIRTIO_BLK_S_UNSUPP)
-                self._deallocate(offset, length)
+                self.disk.discard(offset, length)
                 self._counts["discard_ops"] += 1
             else:
                 if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP:
                     raise _BadRequest(VIRTIO_BLK_S_UNSUPP)
-                self._zero(offset, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+                self.disk.write_zeroes(offset, length, bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
                 self._counts["write_zeroes_ops"] += 1
-
-    def _deallocate(self, offset: int, length: int) -> None:
-        if not length:
-            return
-        try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as err:
-            # Discard is a hint: a file system without hole punching just keeps the data.
-            if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-
-    def _zero(self, offset: int, length: int, unmap: bool) -> None:
-        if not length:
-            return
-        zero = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-        modes = [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, zero] if unmap else [zero]
-        for mode in modes:
-            try:
-                fallocate(self.fd, mode, offset, length)
-                return
-            except OSError as err:
-                if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-        # No fallocate support: write zeros.
-        zeros = bytes(min(length, BOUNCE_SIZE))
-        pos = 0
-        while pos < length:
-            n = min(len(zeros), length - pos)
-            pos += self._pwrite_all([memoryview(zeros)[:n]], offset + pos)
 
     # -- data movement ---------------------------------------------------------------------
 
-    @staticmethod
-    def _aligned(ranges: list[tuple[int, int]]) -> bool:
-        # Guest RAM regions are page-aligned mmaps at page-aligned guest addresses, so a guest
-        # address's alignment is its host address's alignment.
-        return all(addr % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 for addr, n in ranges)
-
     def _read(self, chain: DescriptorChain, length: int, offset: int) -> None:
-        """``length`` bytes at ``offset`` into the writable part: one preadv into guest RAM."""
-        views = chain.writable_views(0, length)
-        if self.direct and not self._aligned(chain.writable_ranges(0, length)):
-            self._bounce_read(views, offset)
-            return
-        try:
-            self._pread_all(views, offset, length)
-        except OSError as err:
-            if not (self.direct and err.errno == errno.EINVAL):
-                raise
-            self._bounce_read(views, offset)
+        """``length`` bytes at ``offset`` into the writable part, straight into guest RAM."""
+        self.disk.read(chain.writable_views(0, length), offset)
 
     def _write(self, chain: DescriptorChain, length: int, offset: int) -> None:
-        """The readable part after the header to ``offset``: one pwritev from guest RAM."""
-        views = chain.readable_views(_REQ_HEADER.size, length)
-        if self.direct and not self._aligned(chain.readable_ranges(_REQ_HEADER.size, length)):
-            self._bounce_write(views, offset)
-            return
-        try:
-            self._pwrite_all(views, offset, length)
-        except OSError as err:
-            if not (self.direct and err.errno == errno.EINVAL):
-                raise
-            self._bounce_write(views, offset)
-
-    def _pread_all(self, views: list[memoryview], offset: int, length: int | None = None) -> int:
-        if length is not None and len(views) <= IOV_MAX:
-            n = os.preadv(self.fd, views, offset)
-            if n == length:
-                return n  # the usual case: the whole request in one call
-            if n <= 0:
-                self._zero_tail(views, 0)
-                return length
-            views = advance_views(views, n)
-            done = n
-        else:
-            done = 0
-        while views:
-            n = os.preadv(self.fd, views[:IOV_MAX], offset + done)
-            if n <= 0:
-                self._zero_tail(views, done)
-                break
-            done += n
-            views = advance_views(views, n)
-        return done
-
-    @staticmethod
-    def _zero_tail(views: list[memoryview], done: int) -> None:
-        # Past the end of a file that shrank under us: the rest reads as zeros.
-        for v in views:
-            v[:] = bytes(len(v))
-
-    def _pwrite_all(self, views: list[memoryview], offset: int, length: int | None = None) -> int:
-        done = 0
-        if length is not None and len(views) <= IOV_MAX:
-            n = os.pwritev(self.fd, views, offset)
-            if n == length:
-                return n  # the usual case: the whole request in one call
-            if n <= 0:
-                raise OSError(errno.EIO, "short write")
-            views = advance_views(views, n)
-            done = n
-        while views:
-            n = os.pwritev(self.fd, views[:IOV_MAX], offset + done)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write")
-            done += n
-            views = advance_views(views, n)
-        return done
-
-    def _bounce_buffer(self) -> memoryview:
-        if self._bounce is None:
-            # INVARIANTS: an anonymous mmap is page-aligned, as O_DIRECT needs; it lives as long as the device.
-            self._bounce = mmap.mmap(-1, BOUNCE_SIZE)
-        return memoryview(self._bounce)
-
-    def _bounce_read(self, views: list[memoryview], offset: int) -> None:
-        buf = self._bounce_buffer()
-        total = sum(len(v) for v in views)
-        pos = 0
-        while pos < total:
-            n = min(BOUNCE_SIZE, total - pos)
-            self._pread_all([buf[:n]], offset + pos)
-            src = 0
-            for v in window_views(views, pos, n):
-                v[:] = buf[src:src + len(v)]
-                src += len(v)
-            pos += n
-
-    def _bounce_write(self, views: list[memoryview], offset: int) -> None:
-        buf = self._bounce_buffer()
-        total = sum(len(v) for v in views)
-        pos = 0
-        while pos < total:
-            n = min(BOUNCE_SIZE, total - pos)
-            dst = 0
-            for v in window_views(views, pos, n):
-                buf[dst:dst + len(v)] = v
-                dst += len(v)
-            self._pwrite_all([buf[:n]], offset + pos)
-            pos += n
+        """The readable part after the header to ``offset``, straight from guest RAM."""
+        self.disk.write(chain.readable_views(_REQ_HEADER.size, length), offset)
 
     # -- lifecycle, snapshot, counters -------------------------------------------------------
 
@@ -548,12 +331,7 @@ class VirtioBlock(VirtioDevice):
         super().close()
         if self._throttle is not None:
             self._throttle.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
+        self.disk.close()
 
     def state(self) -> VirtioBlockState:
         return VirtioBlockState(capacity=self.capacity, **self._counts)

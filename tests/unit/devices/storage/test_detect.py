@@ -1,5 +1,5 @@
-"""virtio-blk serves raw images only: an image in qcow2, fixed VHD or VHDX format is refused when
-it is opened (exposed as raw, the guest's writes would destroy the format's metadata)."""
+"""Image formats are detected as cloud-hypervisor detects them; a format vmsh does not serve is
+refused when the disk is opened (exposed as raw, the guest's writes would destroy its metadata)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vmsh.devices.virtio.block import VirtioBlock, detect_image_format
+from vmsh.devices.storage import ImageFormat, detect_image_format
+from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.errors import DeviceError
 
 SIZE = 1 << 20
@@ -27,20 +28,20 @@ def _image(path: Path, head: bytes = b"", tail: bytes = b"") -> Path:
 # The VHD footer: cookie, features, version 1.0, data offset all ones (fixed), ... (MS VHD spec)
 VHD_FOOTER = b"conectix" + bytes(4) + b"\x00\x01\x00\x00" + b"\xff" * 8
 FORMATS = [
-    ("qcow2", {"head": b"QFI\xfb\x00\x00\x00\x03"}),
-    ("VHD", {"tail": VHD_FOOTER}),
-    ("VHDX", {"head": b"vhdxfile"}),
+    (ImageFormat.QCOW2, {"head": b"QFI\xfb\x00\x00\x00\x03"}),
+    (ImageFormat.VHD, {"tail": VHD_FOOTER}),
+    (ImageFormat.VHDX, {"head": b"vhdxfile"}),
 ]
 
 
 @pytest.mark.parametrize("name, layout", FORMATS)
 @pytest.mark.parametrize("direct", [False, True])
-def test_non_raw_image_is_refused_naming_its_format(tmp_path: Path, name: str, layout: dict[str, bytes],
+def test_non_raw_image_is_refused_naming_its_format(tmp_path: Path, name: ImageFormat, layout: dict[str, bytes],
                                                     direct: bool) -> None:
     path = _image(tmp_path / "disk.img", **layout)
-    assert detect_image_format(str(path), SIZE) == name
+    assert detect_image_format(str(path), SIZE) is name
     fds = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(DeviceError, match=f"^disk image {path} is in {name} format: vmsh serves raw images only"):
+    with pytest.raises(DeviceError, match=f"^disk image {path} is in {name.value} format: vmsh serves raw images only"):
         VirtioBlock(str(path), direct=direct)
     assert len(os.listdir("/proc/self/fd")) == fds, "the image's descriptors are closed"
 
@@ -49,7 +50,7 @@ def test_non_raw_image_is_refused_naming_its_format(tmp_path: Path, name: str, l
                                     {"head": b"conectix"}])
 def test_raw_images_are_served(tmp_path: Path, layout: dict[str, bytes]) -> None:
     path = _image(tmp_path / "disk.img", **layout)
-    assert detect_image_format(str(path), SIZE) is None
+    assert detect_image_format(str(path), SIZE) is ImageFormat.RAW
     disk = VirtioBlock(str(path))
     try:
         assert disk.capacity == SIZE >> 9
@@ -60,4 +61,4 @@ def test_raw_images_are_served(tmp_path: Path, layout: dict[str, bytes]) -> None
 def test_tiny_raw_image(tmp_path: Path) -> None:
     path = tmp_path / "tiny.img"
     path.write_bytes(b"QF")
-    assert detect_image_format(str(path), 2) is None
+    assert detect_image_format(str(path), 2) is ImageFormat.RAW
