@@ -1,8 +1,9 @@
 """The interface a block device sees of its image, whatever the image's format.
 
 Offsets and lengths are in bytes of the *virtual* disk (what the guest sees), whole 512-byte
-sectors (virtio-blk's unit), checked by the caller against :attr:`DiskFile.size`. Data moves between the image and ``memoryview`` s of guest
-RAM; a format translates virtual offsets to places in its file (or in a backing file).
+sectors (virtio-blk's unit), checked by the caller against :attr:`DiskFile.size`. Data moves
+between the image and ``memoryview`` s of guest RAM; a format translates virtual offsets to
+places in its file (or in a backing file).
 """
 
 from __future__ import annotations
