@@ -12,6 +12,8 @@ import os
 
 from vmsh.devices.storage.disk_file import DiskFile
 from vmsh.devices.storage.raw import RawFile, file_size
+from vmsh.devices.storage.vhd import open_fixed_vhd
+from vmsh.devices.storage.vhdx import VhdxFile
 from vmsh.errors import DeviceError
 
 #: qcow2 header magic at offset 0 ("QFI\xfb", QEMU docs/interop/qcow2.txt)
@@ -67,9 +69,16 @@ def open_disk(path: str, *, readonly: bool = False, direct: bool = False) -> Dis
         image_format = detect_image_format(path, file_size(fd))
         if image_format is ImageFormat.RAW:
             return RawFile(path, fd, readonly=readonly, direct=direct)
+        if image_format is ImageFormat.VHD:
+            return open_fixed_vhd(path, fd, readonly=readonly, direct=direct)
+        if image_format is ImageFormat.VHDX:
+            return VhdxFile(path, fd, readonly=readonly, direct=direct)
     except OSError as err:
         os.close(fd)
         raise DeviceError(f"cannot read disk image {path}") from err
+    except DeviceError:
+        os.close(fd)
+        raise
     os.close(fd)
     raise DeviceError(f"disk image {path} is in {image_format.value} format: vmsh serves raw images only "
                       "(exposed as raw, the guest's writes would destroy its metadata)")
