@@ -215,17 +215,17 @@ class VhdxFile:
             raise self._fail(f"its log (GUID {_guid(header.log_guid)}) may hold entries to replay, which vmsh "
                              "does not do: the image was not closed cleanly; replay it with "
                              "'qemu-img check -r all' (or Hyper-V) first")
-        if header.log_length:
-            if header.log_offset % MiB or header.log_length % MiB or header.log_offset < HEADER_SECTION \
-                    or header.log_offset + header.log_length > self._file_end:
-                raise self._fail(f"log at {header.log_offset} ({header.log_length} bytes) is misplaced")
+        if header.log_length and (header.log_offset % MiB or header.log_length % MiB
+                                  or header.log_offset < HEADER_SECTION
+                                  or header.log_offset + header.log_length > self._file_end):
+            raise self._fail(f"log at {header.log_offset} ({header.log_length} bytes) is misplaced")
         return header
 
     def _region_table(self) -> list[Region]:
         problems: list[str] = []
         for copy, offset in enumerate(REGION_TABLE_OFFSETS):
             raw = self._pread(REGION_TABLE_SIZE, offset)
-            sig, _, count, reserved = _REGION_HEADER.unpack_from(raw)
+            sig, _, count, _reserved = _REGION_HEADER.unpack_from(raw)
             stored, computed = _checksum_ok(raw)
             if sig != b"regi":
                 problems.append(f"region table {copy + 1} has no 'regi' signature")
@@ -258,7 +258,7 @@ class VhdxFile:
 
     def _read_metadata(self, meta: Region) -> None:
         table = self._pread(min(meta.length, 64 * 1024), meta.offset)
-        sig, reserved, count = _METADATA_HEADER.unpack_from(table)
+        sig, _reserved, count = _METADATA_HEADER.unpack_from(table)
         if sig != b"metadata":
             raise self._fail("no 'metadata' signature in the metadata region")
         if count > MAX_TABLE_ENTRIES:

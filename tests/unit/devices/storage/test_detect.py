@@ -1,5 +1,6 @@
 """Image formats are detected as cloud-hypervisor detects them; a format vmsh does not serve is
-refused when the disk is opened (exposed as raw, the guest's writes would destroy its metadata)."""
+refused when the disk is opened (exposed as raw, the guest's writes would destroy its metadata),
+and so is an image that carries a format's signature without its structures."""
 
 from __future__ import annotations
 
@@ -29,9 +30,25 @@ def _image(path: Path, head: bytes = b"", tail: bytes = b"") -> Path:
 VHD_FOOTER = b"conectix" + bytes(4) + b"\x00\x01\x00\x00" + b"\xff" * 8
 FORMATS = [
     (ImageFormat.QCOW2, {"head": b"QFI\xfb\x00\x00\x00\x03"}),
-    (ImageFormat.VHD, {"tail": VHD_FOOTER}),
-    (ImageFormat.VHDX, {"head": b"vhdxfile"}),
 ]
+# Only the signature: no valid footer checksum, no VHDX headers (test_vhd.py and test_vhdx.py
+# open real images).
+FAKES = [
+    (ImageFormat.VHD, {"tail": VHD_FOOTER}, "VHD image {path}: footer checksum"),
+    (ImageFormat.VHDX, {"head": b"vhdxfile"}, "VHDX image {path}: no valid header"),
+]
+
+
+@pytest.mark.parametrize("name, layout, message", FAKES)
+@pytest.mark.parametrize("direct", [False, True])
+def test_signature_without_structures_is_refused(tmp_path: Path, name: ImageFormat, layout: dict[str, bytes],
+                                                 message: str, direct: bool) -> None:
+    path = _image(tmp_path / "disk.img", **layout)
+    assert detect_image_format(str(path), SIZE) is name
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(DeviceError, match="^" + message.format(path=path)):
+        VirtioBlock(str(path), direct=direct)
+    assert len(os.listdir("/proc/self/fd")) == fds, "the image's descriptors are closed"
 
 
 @pytest.mark.parametrize("name, layout", FORMATS)

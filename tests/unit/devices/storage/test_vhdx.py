@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.devices.storage.qemu_img import (apply_to_raw, needs_qemu_img, qemu_ok, reference, scattered_writes,
-                                                  split_views, virtual_size)
+from tests.unit.devices.storage.qemu_img import (
+    apply_to_raw,
+    needs_qemu_img,
+    qemu_ok,
+    reference,
+    scattered_writes,
+    split_views,
+    virtual_size,
+)
 from vmsh.devices.storage import open_disk
 from vmsh.devices.storage.crc32c import crc32c
 from vmsh.devices.storage.vhdx import VhdxFile
@@ -55,7 +62,7 @@ def test_converted_image_reads_writes_and_qemu_agrees(tmp_path: Path, subformat:
         for offset, data in writes:
             disk.write(split_views(data), offset)
         disk.flush()
-        for offset, data in writes[-3:]:
+        for offset, data in writes[-1:]:  # the last: no later write overlaps it
             out = memoryview(bytearray(len(data)))
             disk.read([out[:512], out[512:]], offset)
             assert out == data
