@@ -9,6 +9,7 @@ Each test restores a clone of one booted guest with its own API socket and hot-a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -86,3 +87,46 @@ def test_guest_reads_and_writes_an_image_qemu_img_made(clone, tmp_path: Path, fm
         out = tmp_path / "out.raw"
         _qemu_img("convert", "-f", fmt, "-O", "raw", str(image), str(out))
         assert out.read_bytes()[:SIZE] == ref.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def format_disks(vmsh_snapshots) -> tuple[Path, Path, Path]:
+    """A raw reference and a fixed VHD and a dynamic VHDX of it, shared by every worker's snapshot."""
+    root = Path(vmsh_snapshots.root) / "disk-formats"
+    root.mkdir(exist_ok=True)
+    ref, vhd, vhdx = root / "ref.raw", root / "disk.vhd", root / "disk.vhdx"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not vhdx.exists():
+            with open(root / "ref.tmp", "wb") as f:
+                f.write(hashlib.sha256(b"vmsh disk formats").digest() * (DATA // 32))
+                f.truncate(SIZE)
+            _qemu_img("convert", "-O", "vpc", "-o", "subformat=fixed,force_size=on", str(root / "ref.tmp"), str(vhd))
+            _qemu_img("convert", "-O", "vhdx", "-o", "block_size=1M", str(root / "ref.tmp"), str(root / "vhdx.tmp"))
+            (root / "ref.tmp").rename(ref)
+            (root / "vhdx.tmp").rename(vhdx)
+    return ref, vhd, vhdx
+
+
+def test_restored_guest_uses_vhd_and_vhdx_disks(vmsh_clone, format_disks, tmp_path: Path) -> None:
+    # The guest booted with both disks and was snapshotted; this clone restored it onto private
+    # copies of the images (the snapshot holds no disk data: the formats reopen from the files).
+    ref_path, _, _ = format_disks
+    guest = vmsh_clone("--disk", f"path={format_disks[1]}", f"path={format_disks[2]}")
+    ref = ref_path.read_bytes()
+    for dev in ("vda", "vdb"):
+        assert guest.check_output(f"cat /sys/block/{dev}/size") == str(SIZE // 512)
+        got = guest.check_output(f"dd if=/dev/{dev} bs=64k count={DATA >> 16} 2>/dev/null | sha256sum").split()[0]
+        assert got == hashlib.sha256(ref[:DATA]).hexdigest(), dev
+        guest.check_output(f"dd if=/dev/{dev} of=/dev/{dev} bs=4096 skip=0 seek=1500 count=16 "
+                           "iflag=direct oflag=direct conv=notrunc,fsync 2>/dev/null")
+    guest.close()
+    expected = bytearray(ref)
+    expected[1500 * 4096:1516 * 4096] = ref[:16 * 4096]
+    vhd, vhdx = (guest.workdir / "snapshot" / f"disk-_disk{n}.img" for n in (0, 1))
+    out = tmp_path / "out.raw"
+    _qemu_img("convert", "-f", "vpc", "-O", "raw", str(vhd), str(out))
+    assert out.read_bytes()[:SIZE] == expected
+    assert "No errors were found" in _qemu_img("check", "-f", "vhdx", str(vhdx))
+    _qemu_img("convert", "-f", "vhdx", "-O", "raw", str(vhdx), str(out))
+    assert out.read_bytes() == expected
