@@ -258,3 +258,62 @@ def test_one_corrupt_header_or_region_table_is_survived(tmp_path: Path) -> None:
         assert _read_all(disk) == ref.read_bytes()
     finally:
         disk.close()
+
+
+@pytest.mark.parametrize("stop", ["after growing the file", "after writing the data"])
+def test_an_allocation_cut_short_leaves_a_consistent_image(tmp_path: Path, stop: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a VMM killed in the middle of an allocation leaves: the file as it was at that step.
+    ref = reference(tmp_path / "ref.raw", SIZE, seed=9)
+    img = tmp_path / "disk.vhdx"
+    qemu_ok("convert", "-O", "vhdx", "-o", "block_size=1M", str(ref), str(img))
+    disk = open_disk(str(img))
+    assert isinstance(disk, VhdxFile)
+    disk.write([memoryview(bytes(512))], 0)  # the first write's header update happens here
+    disk.write([memoryview(ref.read_bytes()[:512])], 0)
+    empty = next(b for b in range(SIZE // MiB) if disk._present(b + b // disk.chunk_ratio) is None)
+
+    def killed(*_: object) -> None:
+        raise OSError(5, "killed")
+
+    if stop == "after growing the file":
+        monkeypatch.setattr(disk._data, "write", killed)
+    else:
+        monkeypatch.setattr(disk, "_pwrite", killed)
+    with pytest.raises(OSError, match="killed"):
+        disk.write([memoryview(b"\x77" * 4096)], empty * MiB + 8192)
+    monkeypatch.undo()
+    disk.close()
+    assert "No errors were found" in qemu_ok("check", "-f", "vhdx", str(img))
+    qemu_ok("compare", "-f", "raw", "-F", "vhdx", str(ref), str(img))
+    again = open_disk(str(img))
+    try:
+        assert _read_all(again) == ref.read_bytes()
+    finally:
+        again.close()
+
+
+def test_write_zeroes_and_discard(tmp_path: Path) -> None:
+    ref = reference(tmp_path / "ref.raw", SIZE, seed=4)
+    img = tmp_path / "disk.vhdx"
+    qemu_ok("convert", "-O", "vhdx", "-o", "block_size=1M", str(ref), str(img))
+    data = ref.read_bytes()
+    present = next(o for o in range(0, SIZE, MiB) if any(data[o:o + MiB]))
+    empty = next(o for o in range(0, SIZE, MiB) if not any(data[o:o + MiB]))
+    size = img.stat().st_size
+    disk = open_disk(str(img))
+    try:
+        disk.write_zeroes(present + 4096, 8192, unmap=False)
+        disk.write_zeroes(present + 65536, 65536, unmap=True)
+        disk.write_zeroes(empty, MiB, unmap=False)
+        disk.discard(empty, MiB)
+        disk.flush()
+        out = bytearray(MiB)
+        disk.read([memoryview(out)], present)
+        assert out[4096:12288] == bytes(8192) and out[65536:131072] == bytes(65536)
+    finally:
+        disk.close()
+    assert img.stat().st_size == size, "zeroing blocks that read as zeros allocates nothing"
+    apply_to_raw(ref, [(present + 4096, bytes(8192)), (present + 65536, bytes(65536))])
+    assert "No errors were found" in qemu_ok("check", "-f", "vhdx", str(img))
+    qemu_ok("compare", "-f", "raw", "-F", "vhdx", str(ref), str(img))
