@@ -279,7 +279,8 @@ class VhdxFile:
                 if flags & METADATA_IS_REQUIRED:
                     raise self._fail(f"unknown required metadata item {item}")
                 continue
-            items[item] = self._pread(length, meta.offset + offset) if length else b""
+            # The known items are a few bytes long: a hostile length is not read whole.
+            items[item] = self._pread(min(length, 64), meta.offset + offset) if length else b""
         for item, need in ((FILE_PARAMETERS, 8), (VIRTUAL_DISK_SIZE, 8), (LOGICAL_SECTOR_SIZE, 4),
                            (PHYSICAL_SECTOR_SIZE, 4)):
             if len(items.get(item, b"")) < need:

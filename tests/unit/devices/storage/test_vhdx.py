@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import shutil
 import struct
 import subprocess
 import uuid
@@ -317,3 +319,39 @@ def test_write_zeroes_and_discard(tmp_path: Path) -> None:
     apply_to_raw(ref, [(present + 4096, bytes(8192)), (present + 65536, bytes(65536))])
     assert "No errors were found" in qemu_ok("check", "-f", "vhdx", str(img))
     qemu_ok("compare", "-f", "raw", "-F", "vhdx", str(ref), str(img))
+
+
+def test_random_damage_to_metadata_gives_clean_errors(tmp_path: Path) -> None:
+    # Bytes changed at random in the BAT and the metadata region (not covered by checksums):
+    # the image is refused with a DeviceError at open, or serves requests (an OSError at worst).
+    base = tmp_path / "base.vhdx"
+    qemu_ok("convert", "-O", "vhdx", "-o", "block_size=1M", str(reference(tmp_path / "ref.raw", SIZE, 2)), str(base))
+    targets = [_region(base, BAT), _region(base, "8B7CA206-4790-4B9A-B8FE-575F050F886E")]
+    rng = random.Random(1)
+    opened = refused = 0
+    for _ in range(60):
+        img = tmp_path / "fuzz.vhdx"
+        shutil.copyfile(base, img)
+        for _ in range(rng.randrange(1, 4)):
+            start, _length = rng.choice(targets)
+            spot = start + rng.choice([rng.randrange(0, 512), 65536 + rng.randrange(0, 64)])
+            _patch(img, spot, bytes([rng.randrange(256)]))
+        try:
+            disk = open_disk(str(img))
+        except DeviceError:
+            refused += 1
+            continue
+        opened += 1
+        meta_start, meta_length = targets[1]
+        before = img.read_bytes()
+        try:
+            _read_all(disk)
+            disk.write([memoryview(b"\x01" * 4096)], rng.randrange(0, disk.size - 4096) // 512 * 512)
+        except OSError:
+            pass
+        finally:
+            disk.close()
+        after = img.read_bytes()
+        for start, length in [(0, HEADER_AT[0]), (REGION_AT[0], 1 << 20), (meta_start, meta_length)]:
+            assert after[start:start + length] == before[start:start + length], "no write into metadata"
+    assert opened and refused
