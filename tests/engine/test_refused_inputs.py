@@ -98,12 +98,21 @@ def _image(tmp_path: Path, fmt: str) -> str:
     return str(path)
 
 
+# What opening each image of _image says: qcow2 is not served; the VHD and VHDX images carry
+# only their format's signature, without a valid footer or headers.
+REFUSALS = {
+    "qcow2": "disk image {path} is in qcow2 format: vmsh serves raw images only "
+             "(exposed as raw, the guest's writes would destroy its metadata)",
+    "VHD": "VHD image {path}: footer checksum 0x00000000 does not match its contents",
+    "VHDX": "VHDX image {path}: no valid header",
+}
+
+
 @pytest.mark.parametrize("fmt", ["qcow2", "VHD", "VHDX"])
 def test_disk_image_in_another_format_is_refused_cold(kernel: str, tmp_path: Path, fmt: str) -> None:
     path = _image(tmp_path, fmt)
-    assert _refusal(["--kernel", kernel, *BASE, "--disk", f"path={path}"]) == (
-        f"--disk: cannot create _disk0: disk image {path} is in {fmt} format: vmsh serves raw images only "
-        "(exposed as raw, the guest's writes would destroy its metadata)")
+    assert _refusal(["--kernel", kernel, *BASE, "--disk", f"path={path}"]).startswith(
+        "--disk: cannot create _disk0: " + REFUSALS[fmt].format(path=path))
 
 
 def test_console_socket_is_refused_as_cloud_hypervisor_does(kernel: str, tmp_path: Path) -> None:
@@ -163,7 +172,7 @@ def test_hot_added_disk_image_in_another_format_is_refused(vm: Vm, tmp_path: Pat
     path = _image(tmp_path, fmt)
     with pytest.raises(VmshError) as info:
         vm.hotplug_device("disks", m.DiskConfig(path=path, id="hot0"))
-    assert f"disk image {path} is in {fmt} format" in ": ".join(error_chain(info.value))
+    assert REFUSALS[fmt].format(path=path) in ": ".join(error_chain(info.value))
     assert vm.devices is not None and "hot0" not in vm.devices.devices
 
 
