@@ -355,3 +355,28 @@ def test_random_damage_to_metadata_gives_clean_errors(tmp_path: Path) -> None:
         for start, length in [(0, HEADER_AT[0]), (REGION_AT[0], 1 << 20), (meta_start, meta_length)]:
             assert after[start:start + length] == before[start:start + length], "no write into metadata"
     assert opened and refused
+
+
+def test_4k_logical_sectors(tmp_path: Path) -> None:
+    # qemu-img makes (and opens) 512-byte-sector images only; within one chunk the BAT is laid
+    # out the same with 4 KiB sectors, so the image patched to say 4096 holds the same data.
+    ref = reference(tmp_path / "ref.raw", SIZE, seed=8)
+    img = tmp_path / "disk.vhdx"
+    qemu_ok("convert", "-O", "vhdx", "-o", "block_size=1M", str(ref), str(img))
+    _patch(img, _metadata_item(img, "8141BF1D-A96F-4709-BA47-F233A8FAAB5F"), (4096).to_bytes(4, "little"))
+    disk = open_disk(str(img))
+    try:
+        assert isinstance(disk, VhdxFile) and disk.logical_sector_size == 4096
+        assert disk.chunk_ratio == (1 << 23) * 4096 // MiB
+        assert _read_all(disk) == ref.read_bytes()
+        writes = scattered_writes(SIZE, seed=13)
+        for offset, data in writes:
+            disk.write(split_views(data), offset)
+    finally:
+        disk.close()
+    apply_to_raw(ref, writes)
+    again = open_disk(str(img))
+    try:
+        assert _read_all(again) == ref.read_bytes()
+    finally:
+        again.close()
