@@ -1,6 +1,7 @@
 """A raw image (or a host block device): the virtual disk is the file, byte for byte.
 
-Data moves with ``os.preadv``/``os.pwritev`` directly between the file and guest RAM. With
+Data moves with ``os.preadv``/``os.pwritev`` directly between the file and guest RAM, or through
+io_uring / Linux AIO (:meth:`RawFile.open_async`, :mod:`vmsh.devices.storage.async_io`). With
 ``direct`` (O_DIRECT) a request whose buffers are not 512-byte multiples, or that the kernel
 refuses with EINVAL (an unaligned buffer address), goes through an aligned bounce buffer.
 """
@@ -12,6 +13,7 @@ import mmap
 import os
 import stat
 
+from vmsh.devices.storage.async_io import AsyncDisk, open_kernel_queue
 from vmsh.devices.virtio.queue import advance_views, window_views
 from vmsh.syscalls import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
@@ -105,6 +107,13 @@ class RawFile:
         if self._bounce is not None:
             self._bounce.close()
             self._bounce = None
+
+    # -- asynchronous I/O (AsyncCapable) --------------------------------------------------
+
+    def open_async(self, depth: int, *, io_uring: bool = True, aio: bool = True) -> AsyncDisk | None:
+        """One queue's engine over this file (io_uring, else AIO), or None without either."""
+        kernel = open_kernel_queue(depth, io_uring=io_uring, aio=aio)
+        return AsyncDisk(self, kernel) if kernel is not None else None
 
     # -- plumbing ----------------------------------------------------------------------------
 
