@@ -10,6 +10,7 @@ caller syncs once the writes before it have completed.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -67,6 +68,8 @@ class LinuxAio:
             self._pointers = (ctypes.c_void_p * depth)()
             self._free = list(range(depth - 1, -1, -1))
             self._queued: list[int] = []
+            #: (token, -errno) of requests io_submit refused
+            self._failed: list[tuple[int, int]] = []
             #: slot of each token in flight
             self._slots: dict[int, int] = {}
         except BaseException:
@@ -101,19 +104,23 @@ class LinuxAio:
                                 ctypes.byref(self._pointers, done * ctypes.sizeof(ctypes.c_void_p)))
             except InterruptedError:
                 continue
-            except OSError:
-                # the rest never reached the kernel: they stay in the slots, reported failed
-                self._failed = [(_IOCB.unpack_from(self._iocbs or b"", s * _IOCB.size)[0], s) for s in queued[done:]]
-                raise
+            except OSError as err:
+                # io_submit fails for the first iocb it could not take (EBADF, EINVAL for an
+                # unsupported file): that request fails, the ones after it are tried again
+                assert self._iocbs is not None
+                token = _IOCB.unpack_from(self._iocbs, queued[done] * _IOCB.size)[0]
+                self._failed.append((token, -(err.errno or errno.EIO)))
+                done += 1
+        if self._failed:
+            os.eventfd_write(self.fd, 1)  # reported by the next reap
 
     def reap(self, wait: int = 0) -> list[tuple[int, int]]:
         assert self._events is not None
         out: list[tuple[int, int]] = []
-        for token, slot in getattr(self, "_failed", ()):
-            self._slots.pop(token, None)
-            self._free.append(slot)
-            out.append((token, -5))  # EIO
-        self._failed: list[tuple[int, int]] = []
+        failed, self._failed = self._failed, []
+        for token, res in failed:
+            self._free.append(self._slots.pop(token))
+            out.append((token, res))
         timeout = _Timespec(0, 0)
         while True:
             want = max(0, wait - len(out))
