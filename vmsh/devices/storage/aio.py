@@ -54,7 +54,7 @@ class LinuxAio:
         self.depth = depth
         self.fd = -1
         ctx = ctypes.c_ulong(0)
-        syscall(SYS_IO_SETUP, depth, ctypes.byref(ctx))
+        syscall(SYS_IO_SETUP, depth, ctypes.addressof(ctx))
         self._ctx = ctx.value
         self._iocbs: mmap.mmap | None = None
         self._events: mmap.mmap | None = None
@@ -101,7 +101,7 @@ class LinuxAio:
         while done < len(queued):
             try:
                 done += syscall(SYS_IO_SUBMIT, self._ctx, len(queued) - done,
-                                ctypes.byref(self._pointers, done * ctypes.sizeof(ctypes.c_void_p)))
+                                ctypes.addressof(self._pointers) + done * ctypes.sizeof(ctypes.c_void_p))
             except InterruptedError:
                 continue
             except OSError as err:
@@ -126,7 +126,7 @@ class LinuxAio:
             want = max(0, wait - len(out))
             try:
                 n = syscall(SYS_IO_GETEVENTS, self._ctx, want, self.depth, self._event_addr,
-                            None if want else ctypes.byref(timeout))
+                            0 if want else ctypes.addressof(timeout))
             except InterruptedError:
                 continue
             for i in range(n):

@@ -18,14 +18,16 @@ it synchronously; a short transfer or an O_DIRECT EINVAL is finished synchronous
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import mmap
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from vmsh.devices.storage.kernel_io import IOVEC, KernelQueue, buffer_address, view_address
+from vmsh.devices.storage.kernel_io import IOVEC, KernelQueue, buffer_address, pin_views
 from vmsh.devices.virtio.queue import advance_views
 
 LOG = logging.getLogger(__name__)
@@ -65,6 +67,12 @@ def open_kernel_queue(depth: int, *, io_uring: bool = True, aio: bool = True) ->
         except OSError as err:
             LOG.info("%s is not available (%s): trying the next block I/O back-end", name, err)
     return None
+
+
+@functools.lru_cache(maxsize=SLOT_IOVECS)
+def _iovecs(count: int) -> struct.Struct:
+    """``count`` struct iovec in a row."""
+    return struct.Struct("<" + "QQ" * count)
 
 
 @dataclass(slots=True)
@@ -119,27 +127,24 @@ class AsyncDisk:
         return self._queue(token, views, offset, write=True)
 
     def _queue(self, token: int, views: list[memoryview], offset: int, *, write: bool) -> bool:
-        if not self._free or len(views) > SLOT_IOVECS or (self.sync.direct and any(len(v) % 512 for v in views)):
+        count = len(views)
+        if not self._free or count > SLOT_IOVECS or (self.sync.direct and any(len(v) % 512 for v in views)):
             return False
-        slot = self._free[-1]
+        pinned = pin_views(views)
+        if pinned is None:
+            return False
+        addrs, pins = pinned
+        slot = self._free.pop()
         base = slot * SLOT_IOVECS * IOVEC.size
-        pins: list[object] = []
-        length = 0
-        for i, view in enumerate(views):
-            where = view_address(view)
-            if where is None:
-                return False
-            addr, pin = where
-            pins.append(pin)
-            IOVEC.pack_into(self._iov, base + i * IOVEC.size, addr, len(view))
-            length += len(view)
-        self._free.pop()
+        lengths = [len(v) for v in views]
+        flat = [x for pair in zip(addrs, lengths, strict=True) for x in pair]
+        _iovecs(count).pack_into(self._iov, base, *flat)
         iov = self._iov_addr + base
         if write:
-            self.kernel.writev(token, self.sync.fd, iov, len(views), offset)
+            self.kernel.writev(token, self.sync.fd, iov, count, offset)
         else:
-            self.kernel.readv(token, self.sync.fd, iov, len(views), offset)
-        self._flights[token] = _Request(write, views, offset, length, slot, pins)
+            self.kernel.readv(token, self.sync.fd, iov, count, offset)
+        self._flights[token] = _Request(write, views, offset, sum(lengths), slot, pins)
         return True
 
     def flush(self, token: int) -> None:

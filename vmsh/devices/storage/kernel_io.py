@@ -16,20 +16,21 @@ import struct
 from typing import Protocol
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+#: syscall(2) with six integer arguments (pointers passed as integers): a prototype with fixed
+#: argument types converts plain ints without building ctypes objects per call (the hot path)
+_syscall6 = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                             ctypes.c_long, ctypes.c_long, ctypes.c_long, use_errno=True)(("syscall", _libc))
 
 #: struct iovec (include/uapi/linux/uio.h): base, length
 IOVEC = struct.Struct("<QQ")
 
 
-def syscall(number: int, *args: int | ctypes.c_void_p | ctypes.Array[ctypes.c_char] | None) -> int:
-    """``syscall(number, args...)`` with integer and pointer arguments.
+def syscall(number: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0, e: int = 0, f: int = 0) -> int:
+    """``syscall(number, a, ..., f)`` with integer arguments (pointers as addresses).
 
     :raises OSError: with the call's errno when it returns -1.
     """
-    # INVARIANTS: every argument is an int that fits a long, a pointer or a ctypes buffer.
-    ret = int(_syscall(ctypes.c_long(number), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args)))
+    ret = int(_syscall6(number, a, b, c, d, e, f))
     if ret == -1:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -43,14 +44,14 @@ def buffer_address(buf: mmap.mmap | bytearray) -> tuple[int, ctypes.Array[ctypes
     return ctypes.addressof(pin), pin
 
 
-def view_address(view: memoryview) -> tuple[int, object] | None:
-    """The host address of a view of guest RAM and the object that pins it (the mapping cannot
-    be closed while it lives), or None for a view ctypes cannot address (read-only)."""
+def pin_views(views: list[memoryview]) -> tuple[list[int], list[object]] | None:
+    """The host addresses of views of guest RAM and the objects that pin them (the mapping
+    cannot be closed while they live), or None if ctypes cannot address one (read-only)."""
     try:
-        pin = ctypes.c_char.from_buffer(view)
+        pins = [ctypes.c_char.from_buffer(v) for v in views]
     except (TypeError, ValueError):
         return None
-    return ctypes.addressof(pin), pin
+    return [ctypes.addressof(p) for p in pins], pins  # type: ignore[misc]  # list of c_char is a list of object
 
 
 class KernelQueue(Protocol):

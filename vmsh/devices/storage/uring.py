@@ -64,7 +64,7 @@ class IoUring:
     def __init__(self, depth: int) -> None:
         params = ctypes.create_string_buffer(_PARAMS.size)
         self.fd = -1
-        self._ring_fd = syscall(SYS_IO_URING_SETUP, depth, params)
+        self._ring_fd = syscall(SYS_IO_URING_SETUP, depth, ctypes.addressof(params))
         self._maps: list[mmap.mmap] = []
         try:
             fields = _PARAMS.unpack(params.raw)
@@ -89,7 +89,7 @@ class IoUring:
             self._queued = 0
             self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             efd = ctypes.c_int32(self.fd)
-            syscall(SYS_IO_URING_REGISTER, self._ring_fd, IORING_REGISTER_EVENTFD, ctypes.byref(efd), 1)
+            syscall(SYS_IO_URING_REGISTER, self._ring_fd, IORING_REGISTER_EVENTFD, ctypes.addressof(efd), 1)
         except BaseException:
             self.close()
             raise
@@ -128,7 +128,7 @@ class IoUring:
         _U32.pack_into(self._sq, self._sq_tail, self._tail)
         while self._queued:
             try:
-                done = syscall(SYS_IO_URING_ENTER, self._ring_fd, self._queued, 0, 0, None, 0)
+                done = syscall(SYS_IO_URING_ENTER, self._ring_fd, self._queued, 0, 0, 0, 0)
             except InterruptedError:
                 continue
             self._queued -= done
@@ -148,7 +148,7 @@ class IoUring:
             if len(out) >= wait:
                 return out
             try:
-                syscall(SYS_IO_URING_ENTER, self._ring_fd, 0, wait - len(out), IORING_ENTER_GETEVENTS, None, 0)
+                syscall(SYS_IO_URING_ENTER, self._ring_fd, 0, wait - len(out), IORING_ENTER_GETEVENTS, 0, 0)
             except InterruptedError:
                 pass
 

@@ -7,12 +7,14 @@ import mmap
 import os
 import random
 import select
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from vmsh.devices.storage import aio, async_io, open_disk, uring
+from vmsh.devices.storage import raw as raw_module
 from vmsh.devices.storage.async_io import AsyncDisk, open_kernel_queue
 from vmsh.devices.storage.raw import RawFile
 
@@ -165,3 +167,21 @@ def test_open_kernel_queue_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     queue.close()
     monkeypatch.setattr(aio.LinuxAio, "__init__", refuse)
     assert open_kernel_queue(4) is None
+
+
+def test_a_file_in_memory_is_served_synchronously() -> None:
+    # tmpfs has no non-blocking reads: io_uring would hand every request to a worker thread
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this host")
+    fd, path = tempfile.mkstemp(dir="/dev/shm")
+    if not raw_module.memory_backed(fd):
+        os.close(fd)
+        os.unlink(path)
+        pytest.skip("/dev/shm is not tmpfs on this host")
+    try:
+        os.write(fd, bytes(4096))
+        disk = RawFile(path, fd, readonly=False, direct=False)
+        assert disk.open_async(4) is None
+        disk.close()
+    finally:
+        os.unlink(path)
