@@ -39,7 +39,6 @@ Usage: ``python ci/bench/io_device.py [--seconds 2] [--gap-ms 0] [--backends io_
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import select
 import socket

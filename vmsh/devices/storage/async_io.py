@@ -193,7 +193,7 @@ class AsyncDisk:
         return done
 
     def _drain(self) -> list[tuple[int, OSError | None]]:
-        out = []
+        out: list[tuple[int, OSError | None]] = []
         while self._flights:
             out.extend(self._finish(token, res) for token, res in self.kernel.reap(wait=len(self._flights)))
         return out

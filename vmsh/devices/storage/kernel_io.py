@@ -48,10 +48,10 @@ def pin_views(views: list[memoryview]) -> tuple[list[int], list[object]] | None:
     """The host addresses of views of guest RAM and the objects that pin them (the mapping
     cannot be closed while they live), or None if ctypes cannot address one (read-only)."""
     try:
-        pins = [ctypes.c_char.from_buffer(v) for v in views]
+        pins: list[object] = [ctypes.c_char.from_buffer(v) for v in views]
     except (TypeError, ValueError):
         return None
-    return [ctypes.addressof(p) for p in pins], pins  # type: ignore[misc]  # list of c_char is a list of object
+    return [ctypes.addressof(p) for p in pins], pins  # type: ignore[arg-type]  # each pin is a c_char
 
 
 class KernelQueue(Protocol):

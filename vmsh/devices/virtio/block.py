@@ -340,6 +340,8 @@ class VirtioBlock(VirtioDevice):
     def _on_completion(self, index: int) -> None:
         """The engine of queue ``index`` signalled completions (on the I/O loop's thread)."""
         with self._locks[index]:
+            if index >= len(self._engines):
+                return  # closed meanwhile (a hot-unplug on the control thread)
             done = self._engines[index].complete()
             if not self.activated or index >= len(self.queues):
                 self._flights[index].clear()  # nothing can be in flight without a queue (reset drains)
@@ -501,11 +503,13 @@ class VirtioBlock(VirtioDevice):
         super().close()
         if self._throttle is not None:
             self._throttle.close()
-        for engine in self._engines:
+        # a completion callback that already left the loop finds no engine once this is done
+        with self._all_locks():
+            engines, self._engines = self._engines, []
+        for engine in engines:
             if self._watcher is not None:
                 self._watcher.remove(engine.fd)
             engine.close()
-        self._engines = []
         self.disk.close()
 
     def state(self) -> VirtioBlockState:

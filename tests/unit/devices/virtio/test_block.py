@@ -15,6 +15,7 @@ import pytest
 from tests.unit.devices.storage.fakes import FakeKernel, LoopWatcher
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
 from vmsh.config.model import DiskConfig
+from vmsh.devices.storage import aio, raw, uring
 from vmsh.devices.virtio import block
 from vmsh.devices.virtio.block import (
     VIRTIO_BLK_F_DISCARD,
@@ -34,7 +35,6 @@ from vmsh.devices.virtio.block import (
     VirtioBlock,
 )
 from vmsh.devices.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
-from vmsh.devices.storage import aio, raw, uring
 from vmsh.devices.virtio.pci import COMMON_DEVICE_STATUS, VirtioPciDevice
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vmsh.engine.memory import GuestMemoryMmap
