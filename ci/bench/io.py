@@ -1,8 +1,10 @@
 """Benchmark: in-guest disk and network throughput, vmsh beside QEMU, in one run (issue #6).
 
 The default kernel and initramfs boot once under each VMM with one raw virtio-blk disk
-(a host file, filled with data first, on tmpfs; both VMMs go through the host's page
-cache: vmsh's ``direct=off``, QEMU's ``cache=writeback``) and one virtio-net device on a
+(a host file, filled with data first, on tmpfs or in ``--dir``; both VMMs go through the host's
+page cache: vmsh's ``direct=off``, QEMU's ``cache=writeback``; vmsh serves a file on tmpfs
+synchronously and one elsewhere through io_uring, or what ``--vmsh-disk-keys`` such as
+``,_disable_io_uring=on`` leave it) and one virtio-net device on a
 tap with a host address; QEMU gets ``virtio-blk-pci`` and ``virtio-net-pci`` on ``-M microvm,pcie=on``
 (KVM where QEMU can boot Linux, TCG on PVM hosts, detected as ``boot.py`` does). In each
 guest, for ``--seconds`` each:

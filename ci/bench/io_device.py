@@ -31,6 +31,10 @@ and ``sync`` (``_disable_io_uring=on,_disable_aio=on``: ``preadv``/``pwritev`` o
 read costs the guest about 9 ms of emulated instructions): the device's code and data are then
 no longer in the CPU's caches and TLB, which is what a real guest's requests cost the I/O
 thread (about 10x the back-to-back figure on this machine class: see README, Benchmarks).
+Measured here (load 2-3 on 2 cores), VMM CPU per request, synchronous / io_uring: 4 KiB random
+read 13 / 25 us back to back, 95 / 180 us with ``--gap-ms 5``, 74 / 81 us for a real guest
+(``io.py``); 1 MiB sequential read (two requests) 52 / 85 us per request back to back, 292 /
+349 us for a real guest.
 
 Usage: ``python ci/bench/io_device.py [--seconds 2] [--gap-ms 0] [--backends io_uring,aio,sync]``
 (no root, no KVM).
