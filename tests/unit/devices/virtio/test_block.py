@@ -220,12 +220,15 @@ def test_block_readonly(image: Path, mem: GuestMemoryMmap, alloc: Allocator, rou
     d.pci.close()
 
 
-def test_block_direct(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
+@pytest.mark.parametrize("backend", ["io_uring", "aio", "no-loop"])
+def test_block_direct(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, backend: str) -> None:
+    watcher = None if backend == "no-loop" else LoopWatcher()
     try:
-        blk = VirtioBlock(str(image), direct=True)
+        blk = VirtioBlock(str(image), direct=True, watcher=watcher, **BACKENDS.get(backend, {}))
     except DeviceError:
         pytest.skip("the file system of tmp_path has no O_DIRECT")
-    d = Disk(blk, mem, alloc, router)
+    assert blk.io_backend == ("sync" if backend == "no-loop" else backend)
+    d = Disk(blk, mem, alloc, router, watcher)
     payload = os.urandom(4096)
     assert d.request(VIRTIO_BLK_T_OUT, 16, out=payload)[0] == VIRTIO_BLK_S_OK  # aligned: direct
     assert d.request(VIRTIO_BLK_T_OUT, 24, out=payload, split=7)[0] == VIRTIO_BLK_S_OK  # misaligned: bounce
@@ -233,6 +236,9 @@ def test_block_direct(image: Path, mem: GuestMemoryMmap, alloc: Allocator, route
     assert content[16 * 512:16 * 512 + 4096] == payload and content[24 * 512:24 * 512 + 4096] == payload
     status, data, _ = d.request(VIRTIO_BLK_T_IN, 24, in_len=4096, split=3)
     assert status == VIRTIO_BLK_S_OK and data == payload
+    if backend != "no-loop":
+        # the aligned write went to the kernel queue; the split ones took the bounce path
+        assert d.blk.counters()[f"{backend}_ops"] == 1
     d.pci.close()
 
 
