@@ -210,11 +210,24 @@ class VirtioBlock(VirtioDevice):
         if watcher is None or open_async is None or not (io_uring or aio):
             return
         depth = min(self.queue_size, MAX_DEPTH)
-        for index in range(self.num_queues):
-            engine = open_async(depth, io_uring=io_uring, aio=aio)
-            if engine is None:
-                break
-            self._engines.append(engine)
+        engines: list[AsyncDisk] = []
+        try:
+            for _ in range(self.num_queues):
+                engine = open_async(depth, io_uring=io_uring, aio=aio)
+                if engine is None or (engines and engine.name != engines[0].name):
+                    # every queue the same way, or none (the host ran out of contexts)
+                    if engine is not None:
+                        engines.append(engine)
+                    for e in engines:
+                        e.close()
+                    return
+                engines.append(engine)
+        except BaseException:
+            for e in engines:
+                e.close()
+            raise
+        self._engines = engines
+        for index, engine in enumerate(engines):
             watcher.add(engine.fd, partial(self._on_completion, index))
 
     @classmethod

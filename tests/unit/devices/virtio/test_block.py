@@ -481,3 +481,21 @@ def test_block_async_backend_choice(image: Path, monkeypatch: pytest.MonkeyPatch
 
 def _refuse(self: object, depth: int) -> None:
     raise OSError(errno.ENOSYS, "not on this host")
+
+
+def test_block_async_all_queues_or_none(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the host gives the first queue a context and refuses the second (aio-max-nr reached):
+    # the disk serves both queues synchronously rather than one of them
+    made: list[FakeKernel] = []
+
+    def one_only(depth: int, **_: bool) -> FakeKernel | None:
+        if made:
+            return None
+        made.append(FakeKernel(depth))
+        return made[-1]
+
+    monkeypatch.setattr(raw, "open_kernel_queue", one_only)
+    watcher = LoopWatcher()
+    blk = VirtioBlock(str(image), num_queues=2, watcher=watcher)
+    assert blk.io_backend == "sync" and not watcher.callbacks and made[0].closed
+    blk.close()
