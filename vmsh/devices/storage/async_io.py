@@ -85,6 +85,7 @@ class _Request:
     length: int
     slot: int
     pins: list[object]
+    flush: bool = False
 
 
 class AsyncDisk:
@@ -102,7 +103,7 @@ class AsyncDisk:
         self._iov = mmap.mmap(-1, kernel.depth * SLOT_IOVECS * IOVEC.size)
         self._iov_addr, self._iov_pin = buffer_address(self._iov)
         self._free = list(range(kernel.depth - 1, -1, -1))
-        self._flights: dict[int, _Request | None] = {}
+        self._flights: dict[int, _Request] = {}
         #: completions found while waiting (a flush the kernel could not queue)
         self._done: list[tuple[int, OSError | None]] = []
 
@@ -148,9 +149,10 @@ class AsyncDisk:
         return True
 
     def flush(self, token: int) -> None:
-        """Queue a flush that covers every write queued before it."""
+        """Queue a flush that covers every write queued before it (not when :attr:`full`)."""
         if self.kernel.fdatasync(token, self.sync.fd):
-            self._flights[token] = None
+            # it takes a slot too: the submission ring holds ``depth`` entries
+            self._flights[token] = _Request(False, [], 0, 0, self._free.pop(), [], flush=True)
             return
         # The back-end cannot order it: wait for what is in flight, then sync here.
         self.submit()
@@ -203,9 +205,9 @@ class AsyncDisk:
             LOG.warning("%s: completion for unknown request %d", self.name, token)
             return token, OSError(errno.EIO, "unknown completion")
         req = self._flights.pop(token)
-        if req is None:  # a flush
-            return token, (OSError(-res, os.strerror(-res)) if res < 0 else None)
         self._free.append(req.slot)
+        if req.flush:
+            return token, (OSError(-res, os.strerror(-res)) if res < 0 else None)
         req.pins.clear()
         try:
             if res == -errno.EINVAL and self.sync.direct:

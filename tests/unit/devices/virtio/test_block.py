@@ -499,3 +499,19 @@ def test_block_async_all_queues_or_none(image: Path, monkeypatch: pytest.MonkeyP
     blk = VirtioBlock(str(image), num_queues=2, watcher=watcher)
     assert blk.io_backend == "sync" and not watcher.callbacks and made[0].closed
     blk.close()
+
+
+def test_block_async_flushes_count_against_the_depth(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
+                                                     router: FakeRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the submission ring holds ``depth`` entries, flushes included
+    monkeypatch.setattr(block, "MAX_DEPTH", 2)
+    d = AsyncDisk(image, mem, alloc, router, monkeypatch)
+    posted = [d.post(VIRTIO_BLK_T_FLUSH) for _ in range(3)]
+    d.driver.kick(0)
+    assert len(d.kernel.submitted) == 2
+    d.kernel.complete()
+    d.watcher.run()  # type: ignore[union-attr]
+    d.kernel.complete()
+    d.watcher.run()  # type: ignore[union-attr]
+    assert sorted(h for h, _ in d.rings[0].take_used()) == sorted(p[0] for p in posted)
+    d.pci.close()
