@@ -148,7 +148,9 @@ class IoUring:
             if len(out) >= wait:
                 return out
             try:
-                syscall(SYS_IO_URING_ENTER, self._ring_fd, 0, wait - len(out), IORING_ENTER_GETEVENTS, 0, 0)
+                # entries a refused submit left in the ring go along (else nothing would complete)
+                self._queued -= syscall(SYS_IO_URING_ENTER, self._ring_fd, self._queued, wait - len(out),
+                                        IORING_ENTER_GETEVENTS, 0, 0)
             except InterruptedError:
                 pass
 
