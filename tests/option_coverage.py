@@ -89,6 +89,7 @@ ZONE_FILE_TEST = ("tests/engine/test_memory_zones.py::"
                   "test_zones_are_laid_out_in_order_and_a_shared_file_zone_is_the_file")
 HUGE_ZONE = ["--memory", "size=0", "--memory-zone", "id=z0,size=64M,hugepages=on,hugepage_size=1G"]
 PCI_SEG1 = "pci_segment=1,mmio32_aperture_weight=2"
+ASYNC_TEST = "tests/guest/test_block_async.py::test_guest_data_goes_through_the_chosen_backend"
 RATE_TEST = "tests/unit/devices/virtio/test_ratelimit_devices.py::test_block_bandwidth_limit_holds_requests_in_the_ring"
 GROUP_TEST = "tests/unit/devices/virtio/test_ratelimit_devices.py::test_block_group_shared_by_two_disks"
 AFFINITY_TEST = "tests/engine/test_launcher.py::test_affinity_pins_and_bad_host_cpu_is_refused"
@@ -180,8 +181,8 @@ TABLE: dict[str, Check] = {
     "DiskConfig.rate_limit_group": E(GROUP_TEST),
     "DiskConfig.rate_limiter_config": E(RATE_TEST),
     "DiskConfig.id": D(DISK, ["--disk", "path={disk},id=mydisk"]),
-    "DiskConfig.disable_io_uring": Moot("vmsh never uses io_uring"),
-    "DiskConfig.disable_aio": Moot("vmsh never uses Linux AIO"),
+    "DiskConfig.disable_io_uring": E(ASYNC_TEST),
+    "DiskConfig.disable_aio": E(ASYNC_TEST),
     "DiskConfig.pci_segment": D([*SEG2, *DISK], [*SEG2, "--disk", "path={disk},pci_segment=1"]),
     "DiskConfig.serial": D(DISK, ["--disk", "path={disk},serial=vmsh-serial"]),
     "DiskConfig.queue_affinity": R(["--disk", "path={disk},queue_affinity=[0@[0]]"], "--disk queue_affinity"),

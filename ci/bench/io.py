@@ -1,8 +1,10 @@
 """Benchmark: in-guest disk and network throughput, vmsh beside QEMU, in one run (issue #6).
 
 The default kernel and initramfs boot once under each VMM with one raw virtio-blk disk
-(a host file, filled with data first, on tmpfs; both VMMs go through the host's page
-cache: vmsh's ``direct=off``, QEMU's ``cache=writeback``) and one virtio-net device on a
+(a host file, filled with data first, on tmpfs or in ``--dir``; both VMMs go through the host's
+page cache: vmsh's ``direct=off``, QEMU's ``cache=writeback``; vmsh serves a file on tmpfs
+synchronously and one elsewhere through io_uring, or what ``--vmsh-disk-keys`` such as
+``,_disable_io_uring=on`` leave it) and one virtio-net device on a
 tap with a host address; QEMU gets ``virtio-blk-pci`` and ``virtio-net-pci`` on ``-M microvm,pcie=on``
 (KVM where QEMU can boot Linux, TCG on PVM hosts, detected as ``boot.py`` does). In each
 guest, for ``--seconds`` each:
@@ -200,11 +202,11 @@ def fill_disk(path: Path, mib: int) -> None:
         f.writelines(chunk for _ in range(mib))
 
 
-def boot_vmsh(tmp: Path, disk: Path, memory: int) -> Vm:
+def boot_vmsh(tmp: Path, disk: Path, memory: int, disk_keys: str = "") -> Vm:
     host, guest_ip, api = "10.79.1.1", "10.79.1.2", str(tmp / "api.sock")
     argv = launch_argv(["--kernel", str(image_path("vmlinux")), "--initramfs", str(image_path("initramfs")),
                         "--cmdline", CMDLINE, "--memory", f"size={memory}M", "--serial", "tty", "--console", "off",
-                        "--disk", f"path={disk}", "--net", f"tap=vmshio0,ip={host},mask=255.255.255.0",
+                        "--disk", f"path={disk}{disk_keys}", "--net", f"tap=vmshio0,ip={host},mask=255.255.255.0",
                         "--api-socket", f"path={api}"])
     guest = Guest(argv, workdir=tmp / "vmsh", boot_timeout=600).start()
     guest.wait_ready()
@@ -406,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk-mib", type=int, default=64)
     parser.add_argument("--memory", type=int, default=128, help="guest RAM in MiB")
     parser.add_argument("--qemu-accel", choices=["kvm", "tcg"], default="tcg" if pvm_host() else "kvm")
+    parser.add_argument("--dir", help="where the disk image goes (default /dev/shm, tmpfs: vmsh serves "
+                        "files in memory synchronously; a disk file system's page cache gets io_uring)")
+    parser.add_argument("--vmsh-disk-keys", default="",
+                        help="more --disk keys for vmsh, e.g. ',_disable_io_uring=on,_disable_aio=on'")
     parser.add_argument("--device-seconds", type=float, default=2.0,
                         help="length of each device-capacity workload (io_device.py; 0: none)")
     args = parser.parse_args(argv)
@@ -413,11 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("io.py creates tap devices: run it as root")
 
     # tmpfs where there is one: the host side of the disk should not wait for a real disk
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    base = args.dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
     vms: list[Vm] = []
     with tempfile.TemporaryDirectory(prefix="vmsh-io-bench-", dir=base) as tmpdir:
         tmp = Path(tmpdir)
-        for boot in (lambda d: boot_vmsh(tmp, d, args.memory),
+        for boot in (lambda d: boot_vmsh(tmp, d, args.memory, args.vmsh_disk_keys),
                      lambda d: boot_qemu(tmp, d, args.memory, args.qemu_accel)):
             disk = tmp / "disk.raw"
             fill_disk(disk, args.disk_mib)
@@ -445,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                   for key, _, unit in METRICS if key in ("seq-write", "seq-read", "rand-read")}
         beside["net-tx-65536"] = (qemu.name + " TCP guest -> host", qemu.rows["tcp-out"].rate, "MiB/s")
         beside["net-rx-65536"] = (qemu.name + " TCP host -> guest", qemu.rows["tcp-in"].rate, "MiB/s")
-        io_device.report(io_device.measure(args.device_seconds), beside)
+        io_device.report(io_device.measure(args.device_seconds, base=args.dir), beside)
         print("(on hardware KVM the guest's own instructions run natively and this capacity bounds vmsh's "
               "rows; on a PVM host the guest kernel's emulated instructions do)")
     return 0

@@ -91,6 +91,7 @@ BASE: frozenset[str] = _names("""
 IO: frozenset[str] = BASE | _names("""
     accept accept4 setsockopt connect socket sendmmsg recvmmsg splice copy_file_range
     sync_file_range timerfd_create
+    io_uring_enter io_submit io_getevents
 """)
 
 #: vCPU threads: KVM_RUN and the exits' device accesses. A register write may do what the I/O
@@ -114,7 +115,7 @@ VMM: frozenset[str] = BASE | IO | _names("""
     mbind set_mempolicy get_mempolicy mlock mlock2 munlock mlockall munlockall
     getpriority setpriority sched_setscheduler sched_setparam
     wait4 waitid kill getpgid getsid setsid getgroups inotify_init1 inotify_add_watch
-    inotify_rm_watch io_setup io_destroy io_submit io_getevents
+    inotify_rm_watch io_setup io_destroy io_submit io_getevents io_uring_setup io_uring_register
     getxattr lgetxattr fgetxattr setxattr lsetxattr fsetxattr listxattr llistxattr flistxattr
 """)
 

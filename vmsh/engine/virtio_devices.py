@@ -168,7 +168,8 @@ def _block(manager: DeviceManager, disk: m.DiskConfig) -> VirtioBlock:
     else:
         limiter = RateLimiter.from_config(disk.rate_limiter_config)
     return VirtioBlock(disk.path, readonly=disk.readonly, direct=disk.direct, num_queues=disk.num_queues,
-                       queue_size=disk.queue_size, serial=disk.serial, rate_limiter=limiter, watcher=manager.loop)
+                       queue_size=disk.queue_size, serial=disk.serial, rate_limiter=limiter, watcher=manager.loop,
+                       disable_io_uring=disk.disable_io_uring, disable_aio=disk.disable_aio)
 
 
 def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:

@@ -4,6 +4,10 @@ Offsets and lengths are in bytes of the *virtual* disk (what the guest sees), wh
 sectors (virtio-blk's unit), checked by the caller against :attr:`DiskFile.size`. Data moves
 between the image and ``memoryview`` s of guest RAM; a format translates virtual offsets to
 places in its file (or in a backing file).
+
+A format whose data the kernel can move asynchronously also has ``open_async`` (the
+:class:`~vmsh.devices.storage.async_io.AsyncCapable` extension: raw images); the others are
+served synchronously, as cloud-hypervisor v40 serves qcow2 and VHDX.
 """
 
 from __future__ import annotations

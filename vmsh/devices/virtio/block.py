@@ -11,6 +11,17 @@ header from the first 16 readable bytes and writes the status into the last writ
 Data moves between the image and ``memoryview`` s of guest RAM, through the image's
 :class:`~vmsh.devices.storage.DiskFile`.
 
+Asynchronous I/O (as cloud-hypervisor v40): when the image offers it (raw images,
+:mod:`vmsh.devices.storage.async_io`) and the device has an I/O loop, each queue gets its own
+io_uring (or Linux AIO context, with ``_disable_io_uring``; neither with ``_disable_aio`` too):
+IN, OUT and FLUSH requests are handed to the kernel, up to ``min(queue size, MAX_DEPTH)`` per
+queue, and put in the used ring as they complete (in completion order, which §2.7.14 allows),
+one interrupt per batch. A FLUSH starts once the writes queued before it on its queue have
+completed (``IOSQE_IO_DRAIN``; with AIO the device waits for them). Reset, pause (a snapshot)
+and close wait for the requests in flight, so the kernel never writes guest RAM that the device
+has given back. Every other request, and one the kernel cannot take as it is, is served
+synchronously.
+
 Request types: IN, OUT, FLUSH, GET_ID (the 20-byte serial), DISCARD and WRITE_ZEROES (the image
 frees the range when unmap is allowed); anything else is
 VIRTIO_BLK_S_UNSUPP. Sectors beyond the capacity, and writes to a read-only disk, fail with
@@ -22,14 +33,16 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass
+from functools import partial
 
 from vmsh.config.model import DiskConfig
 from vmsh.devices.ratelimit import FdWatcher, RateLimiter, ThrottleTimer
 from vmsh.devices.state import expect_state
 from vmsh.devices.storage import open_disk
+from vmsh.devices.storage.async_io import AsyncDisk
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
-from vmsh.errors import DeviceError, DeviceStateError
+from vmsh.errors import DeviceError, DeviceStateError, GuestMemoryError, VirtQueueError
 from vmsh.state_types import U64
 
 LOG = logging.getLogger(__name__)
@@ -81,9 +94,14 @@ MAX_DWZ_SECTORS = 0xFFFF_FFFF
 CONFIG_SIZE = 60
 #: seg_max is the queue size minus header and status descriptors (cloud-hypervisor)
 MINIMUM_QUEUE_SIZE = 2
+#: most requests in flight per queue with asynchronous I/O
+MAX_DEPTH = 256
+
+
 @dataclass(frozen=True, slots=True)
 class VirtioBlockState:
-    """Plain-data state of a ``VirtioBlock``: the counters (requests are synchronous)."""
+    """Plain-data state of a ``VirtioBlock``: the counters (no request is in flight in a
+    snapshot: pause waits for them)."""
 
     capacity: U64 = 0
     read_bytes: U64 = 0
@@ -115,7 +133,10 @@ class VirtioBlock(VirtioDevice):
     :param serial: GET_ID answer (at most 20 bytes); default derived from the image's inode.
     :param rate_limiter: bandwidth/ops limit (possibly shared with other disks of a group):
         while it refuses, requests stay in the ring and the queue is re-run after its delay.
-    :param watcher: the engine's I/O loop, which runs that retry timer (a thread timer without).
+    :param watcher: the engine's I/O loop, which runs that retry timer (a thread timer without)
+        and watches the asynchronous I/O completions (without it requests are synchronous).
+    :param disable_io_uring: do not use io_uring (``--disk _disable_io_uring=on``).
+    :param disable_aio: do not use Linux AIO (``--disk _disable_aio=on``).
     :raises DeviceError: if the image cannot be opened, or its format is not served.
 
     Example::
@@ -130,7 +151,8 @@ class VirtioBlock(VirtioDevice):
 
     def __init__(self, path: str, *, readonly: bool = False, direct: bool = False, num_queues: int = 1,
                  queue_size: int = 128, serial: str | None = None, rate_limiter: RateLimiter | None = None,
-                 watcher: FdWatcher | None = None) -> None:
+                 watcher: FdWatcher | None = None, disable_io_uring: bool = False,
+                 disable_aio: bool = False) -> None:
         if num_queues < 1 or queue_size <= MINIMUM_QUEUE_SIZE:
             raise DeviceError(f"virtio-blk: bad queue layout {num_queues}x{queue_size}")
         self.queue_max_sizes = (queue_size,) * num_queues
@@ -164,6 +186,49 @@ class VirtioBlock(VirtioDevice):
         self._throttle = ThrottleTimer(self.queue_notify, watcher) if rate_limiter is not None else None
         #: requests held back by the rate limiter (not part of the snapshot state)
         self.throttled = 0
+        self._watcher = watcher
+        #: one asynchronous engine per queue, or none (synchronous I/O)
+        self._engines: list[AsyncDisk] = []
+        #: per queue: token -> (chain, request type, data bytes) of the requests in flight
+        self._flights: list[dict[int, tuple[DescriptorChain, int, int]]] = [{} for _ in range(num_queues)]
+        #: per queue: chains were left in the ring because the engine was full
+        self._stalled = [False] * num_queues
+        self._next_token = 0
+        #: requests served through the engines (not part of the snapshot state)
+        self.async_ops = 0
+        try:
+            self._open_engines(watcher, not disable_io_uring, not disable_aio)
+        except BaseException:
+            self.close()
+            raise
+        #: "io_uring", "aio" or "sync": how requests reach the image
+        self.io_backend = self._engines[0].name if self._engines else "sync"
+        LOG.info("virtio-blk %s: %s I/O", path, self.io_backend)
+
+    def _open_engines(self, watcher: FdWatcher | None, io_uring: bool, aio: bool) -> None:
+        open_async = getattr(self.disk, "open_async", None)
+        if watcher is None or open_async is None or not (io_uring or aio):
+            return
+        depth = min(self.queue_size, MAX_DEPTH)
+        engines: list[AsyncDisk] = []
+        try:
+            for _ in range(self.num_queues):
+                engine = open_async(depth, io_uring=io_uring, aio=aio)
+                if engine is None or (engines and engine.name != engines[0].name):
+                    # every queue the same way, or none (the host ran out of contexts)
+                    if engine is not None:
+                        engines.append(engine)
+                    for e in engines:
+                        e.close()
+                    return
+                engines.append(engine)
+        except BaseException:
+            for e in engines:
+                e.close()
+            raise
+        self._engines = engines
+        for index, engine in enumerate(engines):
+            watcher.add(engine.fd, partial(self._on_completion, index))
 
     @classmethod
     def from_config(cls, config: DiskConfig) -> VirtioBlock:
@@ -174,7 +239,8 @@ class VirtioBlock(VirtioDevice):
         if not config.path:
             raise DeviceError("virtio-blk needs a path")
         return cls(config.path, readonly=config.readonly, direct=config.direct, num_queues=config.num_queues,
-                   queue_size=config.queue_size, serial=config.serial)
+                   queue_size=config.queue_size, serial=config.serial, disable_io_uring=config.disable_io_uring,
+                   disable_aio=config.disable_aio)
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -195,10 +261,14 @@ class VirtioBlock(VirtioDevice):
     def process_queue(self, index: int, queue: VirtQueue) -> None:
         used = False
         limiter = self.rate_limiter
+        engine = self._engines[index] if self._engines else None
         while True:
             if limiter is not None and limiter.blocked():
                 # Leave the requests in the ring; the timer brings us back (no kick needed).
                 self._hold_back(index)
+                break
+            if engine is not None and engine.full:
+                self._stalled[index] = True  # the next completion brings us back
                 break
             chain = queue.pop()
             if chain is None:
@@ -207,10 +277,122 @@ class VirtioBlock(VirtioDevice):
                 queue.next_avail = (queue.next_avail - 1) & 0xFFFF  # give the chain back
                 self._hold_back(index)
                 break
+            if engine is not None and self._start(index, engine, chain):
+                continue
             queue.add_used(chain.head, self._request(chain))
             used = True
+        if engine is not None and self._flights[index]:
+            engine.submit()
+            # page-cache hits complete inside the submitting system call: no need to wait for
+            # the loop to see the eventfd
+            used = self._finish(index, queue, engine.complete()) or used
         if used:
             self.signal_used(index)
+
+    # -- asynchronous requests -------------------------------------------------------------
+
+    def _start(self, index: int, engine: AsyncDisk, chain: DescriptorChain) -> bool:
+        """Hand IN, OUT and FLUSH requests to the engine; False to serve ``chain`` synchronously
+        (another type, a malformed request, or one the engine cannot take)."""
+        if chain.writable_len < 1 or chain.readable_len < _REQ_HEADER.size:
+            return False
+        rtype, _, sector = _REQ_HEADER.unpack(chain.read(0, _REQ_HEADER.size))
+        token = self._next_token = (self._next_token + 1) & 0xFFFF_FFFF_FFFF_FFFF
+        if rtype == VIRTIO_BLK_T_IN:
+            length = chain.writable_len - 1
+            if not length or length % SECTOR_SIZE or sector + (length >> SECTOR_SHIFT) > self.capacity:
+                return False
+            if not engine.read(token, chain.writable_views(0, length), sector << SECTOR_SHIFT):
+                return False
+        elif rtype == VIRTIO_BLK_T_OUT:
+            length = chain.readable_len - _REQ_HEADER.size
+            if (self.readonly or not length or length % SECTOR_SIZE
+                    or sector + (length >> SECTOR_SHIFT) > self.capacity):
+                return False
+            if not engine.write(token, chain.readable_views(_REQ_HEADER.size, length), sector << SECTOR_SHIFT):
+                return False
+        elif rtype == VIRTIO_BLK_T_FLUSH and not self.readonly:
+            length = 0
+            engine.flush(token)
+        else:
+            return False
+        self._flights[index][token] = (chain, rtype, length)
+        return True
+
+    def _finish(self, index: int, queue: VirtQueue, done: list[tuple[int, OSError | None]]) -> bool:
+        """Complete the requests in ``done``: status, counters, used ring. True if any."""
+        flights = self._flights[index]
+        used = False
+        for token, err in done:
+            entry = flights.pop(token, None)
+            if entry is None:
+                continue
+            chain, rtype, length = entry
+            self.async_ops += 1
+            written = 0
+            if err is not None:
+                LOG.warning("virtio-blk %s: %s", self.path, err)
+                self._counts["errors"] += 1
+                status = VIRTIO_BLK_S_IOERR
+            else:
+                status = VIRTIO_BLK_S_OK
+                if rtype == VIRTIO_BLK_T_IN:
+                    self._counts["read_ops"] += 1
+                    self._counts["read_bytes"] += length
+                    written = length
+                elif rtype == VIRTIO_BLK_T_OUT:
+                    self._counts["write_ops"] += 1
+                    self._counts["write_bytes"] += length
+                else:
+                    self._counts["flush_ops"] += 1
+            chain.write_tail(_STATUS[status])
+            queue.add_used(chain.head, written + 1)
+            used = True
+        return used
+
+    def _on_completion(self, index: int) -> None:
+        """The engine of queue ``index`` signalled completions (on the I/O loop's thread)."""
+        with self._locks[index]:
+            if index >= len(self._engines):
+                return  # closed meanwhile (a hot-unplug on the control thread)
+            done = self._engines[index].complete()
+            if not self.activated or index >= len(self.queues):
+                self._flights[index].clear()  # nothing can be in flight without a queue (reset drains)
+                return
+            queue = self.queues[index]
+            try:
+                if self._finish(index, queue, done):
+                    self.signal_used(index)
+                if self._stalled[index] and not self.needs_reset:
+                    self._stalled[index] = False
+                    self.process_queue(index, queue)
+            except (VirtQueueError, GuestMemoryError) as err:
+                self.fail(err)
+
+    def _drain(self, index: int, complete: bool) -> None:
+        """Wait for queue ``index``'s requests in flight (its lock held); ``complete`` puts them
+        in the used ring, else they are dropped (a reset: the queue is gone)."""
+        if not self._engines:
+            return
+        done = self._engines[index].drain()
+        if complete and self.activated and index < len(self.queues) and done:
+            try:
+                if self._finish(index, self.queues[index], done):
+                    self.signal_used(index)
+            except (VirtQueueError, GuestMemoryError) as err:
+                self.fail(err)
+        self._flights[index].clear()
+        self._stalled[index] = False
+
+    def pause(self) -> None:
+        """The VM pauses (its I/O loop already is): complete every request in flight, so a
+        snapshot holds none and the kernel stops writing guest RAM."""
+        for index, lock in enumerate(self._locks):
+            with lock:
+                self._drain(index, complete=True)
+
+    def resume(self) -> None:
+        """The VM runs again: a queue left stalled is served by the next kick or completion."""
 
     def _cost(self, chain: DescriptorChain) -> int:
         """Bytes a request moves for the bandwidth bucket: IN/OUT data, 0 for the others."""
@@ -326,11 +508,21 @@ class VirtioBlock(VirtioDevice):
     def on_reset(self) -> None:
         if self._throttle is not None:
             self._throttle.cancel()
+        # the guest may reuse the buffers of requests in flight once the device is reset
+        for index in range(len(self._engines)):
+            self._drain(index, complete=False)
 
     def close(self) -> None:
         super().close()
         if self._throttle is not None:
             self._throttle.close()
+        # a completion callback that already left the loop finds no engine once this is done
+        with self._all_locks():
+            engines, self._engines = self._engines, []
+        for engine in engines:
+            if self._watcher is not None:
+                self._watcher.remove(engine.fd)
+            engine.close()
         self.disk.close()
 
     def state(self) -> VirtioBlockState:
@@ -352,5 +544,7 @@ class VirtioBlock(VirtioDevice):
         counts = dict(self._counts)
         if self.rate_limiter is not None:
             counts["throttled"] = self.throttled
+        if self._engines:
+            counts[f"{self.io_backend}_ops"] = self.async_ops
         return counts
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.devices.storage.fakes import FakeKernel, LoopWatcher
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
 from vmsh.config.model import DiskConfig
+from vmsh.devices.storage import aio, raw, uring
+from vmsh.devices.virtio import block
 from vmsh.devices.virtio.block import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
@@ -31,7 +35,7 @@ from vmsh.devices.virtio.block import (
     VirtioBlock,
 )
 from vmsh.devices.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
-from vmsh.devices.virtio.pci import VirtioPciDevice
+from vmsh.devices.virtio.pci import COMMON_DEVICE_STATUS, VirtioPciDevice
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.errors import DeviceError, DeviceStateError
@@ -54,8 +58,9 @@ class Disk:
     """A probed disk: the driver, its ring, and a request helper."""
 
     def __init__(self, blk: VirtioBlock, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter,
-                 **probe: object) -> None:
+                 watcher: LoopWatcher | None = None, **probe: object) -> None:
         self.blk, self.mem, self.alloc = blk, mem, alloc
+        self.watcher = watcher
         self.pci = VirtioPciDevice(blk, mem, router)
         self.driver = PciDriver(self.pci, mem, alloc)
         self.rings = self.driver.probe(**probe)  # type: ignore[arg-type]  # probe options of mixed types
@@ -80,6 +85,8 @@ class Disk:
         head = ring.add(bufs, alloc=self.alloc, indirect=indirect)
         self.driver.kick(queue)
         used = ring.take_used()
+        while not used and self.watcher is not None and self.watcher.run():
+            used = ring.take_used()  # an asynchronous request that did not complete inline
         assert [h for h, _ in used] == [head]
         return self.mem.read(status, 1)[0], self.mem.read(data, in_len) if in_len else b"", used[0][1]
 
@@ -92,9 +99,21 @@ class Disk:
         return [(addr + a, b - a, write) for a, b in itertools.pairwise(cuts)]
 
 
-@pytest.fixture
-def disk(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> Iterator[Disk]:
-    d = Disk(VirtioBlock(str(image), serial="vmsh-disk-0"), mem, alloc, router)
+#: how requests reach the image: --disk _disable_io_uring / _disable_aio, or no I/O loop at all
+BACKENDS = {
+    "io_uring": {},
+    "aio": {"disable_io_uring": True},
+    "sync": {"disable_io_uring": True, "disable_aio": True},
+}
+
+
+@pytest.fixture(params=["io_uring", "aio", "sync", "no-loop"])
+def disk(request: pytest.FixtureRequest, image: Path, mem: GuestMemoryMmap, alloc: Allocator,
+         router: FakeRouter) -> Iterator[Disk]:
+    watcher = None if request.param == "no-loop" else LoopWatcher()
+    blk = VirtioBlock(str(image), serial="vmsh-disk-0", watcher=watcher, **BACKENDS.get(request.param, {}))
+    assert blk.io_backend == ("sync" if request.param == "no-loop" else request.param)
+    d = Disk(blk, mem, alloc, router, watcher)
     yield d
     d.pci.close()
 
@@ -201,12 +220,15 @@ def test_block_readonly(image: Path, mem: GuestMemoryMmap, alloc: Allocator, rou
     d.pci.close()
 
 
-def test_block_direct(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter) -> None:
+@pytest.mark.parametrize("backend", ["io_uring", "aio", "no-loop"])
+def test_block_direct(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, backend: str) -> None:
+    watcher = None if backend == "no-loop" else LoopWatcher()
     try:
-        blk = VirtioBlock(str(image), direct=True)
+        blk = VirtioBlock(str(image), direct=True, watcher=watcher, **BACKENDS.get(backend, {}))
     except DeviceError:
         pytest.skip("the file system of tmp_path has no O_DIRECT")
-    d = Disk(blk, mem, alloc, router)
+    assert blk.io_backend == ("sync" if backend == "no-loop" else backend)
+    d = Disk(blk, mem, alloc, router, watcher)
     payload = os.urandom(4096)
     assert d.request(VIRTIO_BLK_T_OUT, 16, out=payload)[0] == VIRTIO_BLK_S_OK  # aligned: direct
     assert d.request(VIRTIO_BLK_T_OUT, 24, out=payload, split=7)[0] == VIRTIO_BLK_S_OK  # misaligned: bounce
@@ -214,6 +236,9 @@ def test_block_direct(image: Path, mem: GuestMemoryMmap, alloc: Allocator, route
     assert content[16 * 512:16 * 512 + 4096] == payload and content[24 * 512:24 * 512 + 4096] == payload
     status, data, _ = d.request(VIRTIO_BLK_T_IN, 24, in_len=4096, split=3)
     assert status == VIRTIO_BLK_S_OK and data == payload
+    if backend != "no-loop":
+        # the aligned write went to the kernel queue; the split ones took the bounce path
+        assert d.blk.counters()[f"{backend}_ops"] == 1
     d.pci.close()
 
 
@@ -276,3 +301,217 @@ def test_block_state_round_trip(disk: Disk, image: Path, mem: GuestMemoryMmap) -
     image.write_bytes(b"\0" * 512)  # the image shrank: a snapshot of the old one no longer fits
     with pytest.raises(DeviceStateError):
         VirtioPciDevice(VirtioBlock(str(image)), mem, router2).restore(state)
+
+
+# -- asynchronous I/O with a kernel queue the test drives (tests/unit/devices/storage/fakes.py) --
+
+class AsyncDisk(Disk):
+    """A disk whose engines are :class:`FakeKernel` s: requests complete when the test says."""
+
+    def __init__(self, image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter,
+                 monkeypatch: pytest.MonkeyPatch, *, ordered_fsync: bool = True, queue_size: int = 128) -> None:
+        self.kernels: list[FakeKernel] = []
+
+        def fake_queue(depth: int, *, io_uring: bool = True, aio: bool = True) -> FakeKernel:
+            kernel = FakeKernel(depth, ordered_fsync=ordered_fsync)
+            self.kernels.append(kernel)
+            return kernel
+
+        monkeypatch.setattr(raw, "open_kernel_queue", fake_queue)
+        watcher = LoopWatcher()
+        super().__init__(VirtioBlock(str(image), watcher=watcher, queue_size=queue_size), mem, alloc, router, watcher)
+        self.kernel = self.kernels[0]
+
+    def post(self, rtype: int, sector: int = 0, out: bytes = b"", in_len: int = 0) -> tuple[int, int, int]:
+        """Add one request without waiting; returns (head, status address, data address)."""
+        hdr = self.alloc.alloc(16)
+        self.mem.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+        bufs = [(hdr, 16, False)]
+        data = 0
+        if out:
+            data = self.alloc.alloc(len(out), 512)
+            self.mem.write(data, out)
+            bufs.append((data, len(out), False))
+        if in_len:
+            data = self.alloc.alloc(in_len, 512)
+            bufs.append((data, in_len, True))
+        status = self.alloc.alloc(1)
+        self.mem.write(status, b"\xee")
+        bufs.append((status, 1, True))
+        return self.rings[0].add(bufs), status, data
+
+    def tokens(self) -> list[int]:
+        return [op.token for op in self.kernel.submitted]
+
+
+def test_block_async_many_in_flight_complete_in_any_order(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
+                                                          router: FakeRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = AsyncDisk(image, mem, alloc, router, monkeypatch)
+    content = image.read_bytes()
+    posted = [d.post(VIRTIO_BLK_T_IN, 8 * i, in_len=4096) for i in range(8)]
+    d.driver.kick(0)
+    assert len(d.kernel.submitted) == 8 and d.rings[0].take_used() == []  # all in flight at once
+    tokens = d.tokens()
+    fired = len(router.fired)
+    d.kernel.complete(tokens[::-1][:5])  # the last five, newest first
+    d.watcher.run()  # type: ignore[union-attr]  # AsyncDisk always has a watcher
+    used = d.rings[0].take_used()
+    assert [h for h, _ in used] == [p[0] for p in posted[::-1][:5]]  # the used ring in completion order
+    assert all(length == 4097 for _, length in used)
+    assert len(router.fired) == fired + 1  # one interrupt for the batch
+    d.kernel.complete()
+    d.watcher.run()  # type: ignore[union-attr]
+    assert [h for h, _ in d.rings[0].take_used()] == [p[0] for p in posted[:3]]
+    for i, (_, status, data) in enumerate(posted):
+        assert mem.read(status, 1)[0] == VIRTIO_BLK_S_OK
+        assert mem.read(data, 4096) == content[8 * i * 512:8 * i * 512 + 4096]
+    counters = d.blk.counters()
+    assert counters["read_ops"] == 8 and counters["fake_ops"] == 8
+    d.pci.close()
+
+
+@pytest.mark.parametrize("ordered_fsync", [True, False], ids=["drain-flag", "device-waits"])
+def test_block_async_flush_waits_for_earlier_writes(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
+                                                    router: FakeRouter, monkeypatch: pytest.MonkeyPatch,
+                                                    ordered_fsync: bool) -> None:
+    d = AsyncDisk(image, mem, alloc, router, monkeypatch, ordered_fsync=ordered_fsync)
+    writes = [d.post(VIRTIO_BLK_T_OUT, 16 * i, out=os.urandom(2048)) for i in range(3)]
+    flush = d.post(VIRTIO_BLK_T_FLUSH)
+    d.driver.kick(0)
+    if ordered_fsync:
+        # io_uring: the fsync is queued with IOSQE_IO_DRAIN; the fake kernel checks it runs last
+        assert [op.kind for op in d.kernel.submitted] == ["write"] * 3 + ["fsync"]
+        assert d.kernel.submitted[-1].drain
+        d.kernel.complete()
+        d.watcher.run()  # type: ignore[union-attr]
+    else:
+        # AIO cannot order an fsync: the device waited for the writes, then synced
+        assert d.kernel.waits == 1 and not d.kernel.submitted
+    assert [op.kind for op in d.kernel.history] == ["write"] * 3 + (["fsync"] if ordered_fsync else [])
+    used = d.rings[0].take_used()
+    assert sorted(h for h, _ in used) == sorted([w[0] for w in writes] + [flush[0]])
+    assert [h for h, _ in used][-1] == flush[0]
+    assert all(mem.read(s, 1)[0] == VIRTIO_BLK_S_OK for _, s, _ in [*writes, flush])
+    assert d.blk.counters()["flush_ops"] == 1 and d.blk.counters()["write_ops"] == 3
+    d.pci.close()
+
+
+def test_block_async_errors_are_ioerr(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    d = AsyncDisk(image, mem, alloc, router, monkeypatch)
+    bad, good = d.post(VIRTIO_BLK_T_IN, 0, in_len=512), d.post(VIRTIO_BLK_T_OUT, 8, out=bytes(512))
+    d.driver.kick(0)
+    d.kernel.fail[d.tokens()[0]] = -errno.EIO
+    d.kernel.complete()
+    d.watcher.run()  # type: ignore[union-attr]
+    used = dict(d.rings[0].take_used())
+    assert used == {bad[0]: 1, good[0]: 1}  # no data counted for the failed read
+    assert mem.read(bad[1], 1)[0] == VIRTIO_BLK_S_IOERR and mem.read(good[1], 1)[0] == VIRTIO_BLK_S_OK
+    assert d.blk.counters()["errors"] == 1 and d.blk.counters()["read_ops"] == 0
+    assert not d.driver.status & VIRTIO_STATUS_DEVICE_NEEDS_RESET
+    d.pci.close()
+
+
+def test_block_async_reset_waits_for_requests_in_flight(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
+                                                        router: FakeRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = AsyncDisk(image, mem, alloc, router, monkeypatch)
+    posted = [d.post(VIRTIO_BLK_T_IN, 0, in_len=4096) for _ in range(4)]
+    d.driver.kick(0)
+    assert len(d.kernel.submitted) == 4
+    d.driver.set_common(COMMON_DEVICE_STATUS, 0, 1)  # the driver resets the device
+    # the reset returned only once the kernel was done with the guest's buffers ...
+    assert not d.kernel.submitted and d.kernel.waits == 1
+    # ... and the requests were dropped: no status, no used element for a queue that is gone
+    assert d.rings[0].used_idx() == 0 and all(mem.read(s, 1) == b"\xee" for _, s, _ in posted)
+    assert d.watcher.run(0.01) <= 1 and d.rings[0].used_idx() == 0  # type: ignore[union-attr]
+    d.pci.close()
+
+
+def test_block_async_pause_completes_requests_in_flight(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
+                                                        router: FakeRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = AsyncDisk(image, mem, alloc, router, monkeypatch)
+    posted = [d.post(VIRTIO_BLK_T_OUT, 8 * i, out=bytes([i]) * 512) for i in range(3)]
+    d.driver.kick(0)
+    fired = len(router.fired)
+    d.blk.pause()  # what a snapshot does first: nothing stays in flight
+    assert not d.kernel.submitted
+    assert sorted(h for h, _ in d.rings[0].take_used()) == sorted(p[0] for p in posted)
+    assert len(router.fired) == fired + 1
+    d.blk.resume()
+    content = image.read_bytes()
+    assert all(content[8 * i * 512:8 * i * 512 + 512] == bytes([i]) * 512 for i in range(3))
+    d.pci.close()
+
+
+def test_block_async_full_engine_leaves_requests_in_the_ring(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
+                                                             router: FakeRouter,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(block, "MAX_DEPTH", 2)
+    d = AsyncDisk(image, mem, alloc, router, monkeypatch)
+    posted = [d.post(VIRTIO_BLK_T_IN, i, in_len=512) for i in range(3)]
+    d.driver.kick(0)
+    assert len(d.kernel.submitted) == 2  # the third waits in the ring
+    d.kernel.complete()
+    d.watcher.run()  # type: ignore[union-attr]  # completions, then the waiting request
+    assert len(d.kernel.submitted) == 1 and len(d.rings[0].take_used()) == 2
+    d.kernel.complete()
+    d.watcher.run()  # type: ignore[union-attr]
+    assert d.rings[0].take_used() == [(posted[2][0], 513)]
+    d.pci.close()
+
+
+def test_block_async_backend_choice(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    watcher = LoopWatcher()
+    for keys, backend in ((BACKENDS["io_uring"], "io_uring"), (BACKENDS["aio"], "aio"), (BACKENDS["sync"], "sync")):
+        blk = VirtioBlock(str(image), watcher=watcher, **keys)
+        assert blk.io_backend == backend and len(watcher.callbacks) == (backend != "sync")
+        blk.close()
+        assert not watcher.callbacks
+    assert VirtioBlock.from_config(DiskConfig(path=str(image), disable_io_uring=True)).io_backend == "sync"  # no loop
+    # a host without io_uring (or with it disabled by sysctl or seccomp) falls back to AIO
+    monkeypatch.setattr(uring.IoUring, "__init__", _refuse)
+    blk = VirtioBlock(str(image), watcher=watcher)
+    assert blk.io_backend == "aio"
+    blk.close()
+    monkeypatch.setattr(aio.LinuxAio, "__init__", _refuse)
+    blk = VirtioBlock(str(image), watcher=watcher)
+    assert blk.io_backend == "sync" and not watcher.callbacks
+    blk.close()
+
+
+def _refuse(self: object, depth: int) -> None:
+    raise OSError(errno.ENOSYS, "not on this host")
+
+
+def test_block_async_all_queues_or_none(image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the host gives the first queue a context and refuses the second (aio-max-nr reached):
+    # the disk serves both queues synchronously rather than one of them
+    made: list[FakeKernel] = []
+
+    def one_only(depth: int, **_: bool) -> FakeKernel | None:
+        if made:
+            return None
+        made.append(FakeKernel(depth))
+        return made[-1]
+
+    monkeypatch.setattr(raw, "open_kernel_queue", one_only)
+    watcher = LoopWatcher()
+    blk = VirtioBlock(str(image), num_queues=2, watcher=watcher)
+    assert blk.io_backend == "sync" and not watcher.callbacks and made[0].closed
+    blk.close()
+
+
+def test_block_async_flushes_count_against_the_depth(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
+                                                     router: FakeRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the submission ring holds ``depth`` entries, flushes included
+    monkeypatch.setattr(block, "MAX_DEPTH", 2)
+    d = AsyncDisk(image, mem, alloc, router, monkeypatch)
+    posted = [d.post(VIRTIO_BLK_T_FLUSH) for _ in range(3)]
+    d.driver.kick(0)
+    assert len(d.kernel.submitted) == 2
+    d.kernel.complete()
+    d.watcher.run()  # type: ignore[union-attr]
+    d.kernel.complete()
+    d.watcher.run()  # type: ignore[union-attr]
+    assert sorted(h for h, _ in d.rings[0].take_used()) == sorted(p[0] for p in posted)
+    d.pci.close()

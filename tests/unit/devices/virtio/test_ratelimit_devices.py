@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.devices.storage.fakes import FakeKernel
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
 from tests.unit.fakes import FakeClock, FakeWatcher
 from vmsh.config.model import (
@@ -21,6 +22,7 @@ from vmsh.config.model import (
 )
 from vmsh.devices.backends.tap import Tap
 from vmsh.devices.ratelimit import RateLimiter, RateLimiterGroup
+from vmsh.devices.storage import raw
 from vmsh.devices.virtio.block import (
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_FLUSH,
@@ -86,7 +88,10 @@ class LimitedDisk:
 
 def make_disk(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter, limiter: RateLimiter,
               watcher: FakeWatcher) -> LimitedDisk:
-    return LimitedDisk(VirtioBlock(str(image), rate_limiter=limiter, watcher=watcher), mem, alloc, router)
+    # Synchronous I/O: each request completes within the kick, and the watcher holds only the
+    # limiter's timer (test_block_rate_limit_with_io_uring covers the asynchronous path).
+    return LimitedDisk(VirtioBlock(str(image), rate_limiter=limiter, watcher=watcher, disable_io_uring=True,
+                                   disable_aio=True), mem, alloc, router)
 
 
 def fire(watcher: FakeWatcher) -> None:
@@ -123,6 +128,41 @@ def test_block_bandwidth_limit_holds_requests_in_the_ring(image: Path, mem: Gues
     finally:
         disk.pci.close()
     assert watcher.fds == {}  # close releases the timer
+
+
+def test_block_rate_limit_with_io_uring(image: Path, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter,
+                                       clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limiter admits requests before they reach the kernel queue; the ones it admitted
+    complete when the kernel says so, the others wait in the ring for the timer."""
+    kernels: list[FakeKernel] = []
+
+    def fake_queue(depth: int, **_: bool) -> FakeKernel:
+        kernels.append(FakeKernel(depth))
+        return kernels[-1]
+
+    monkeypatch.setattr(raw, "open_kernel_queue", fake_queue)
+    limiter = RateLimiter.from_config(RateLimiterConfig(bandwidth=bucket(8192)), clock=clock)
+    assert limiter is not None
+    watcher = FakeWatcher()
+    disk = LimitedDisk(VirtioBlock(str(image), rate_limiter=limiter, watcher=watcher), mem, alloc, router)
+    (kernel,) = kernels
+    try:
+        heads = [disk.submit(VIRTIO_BLK_T_IN, 8 * i, in_len=4096) for i in range(4)]
+        disk.driver.kick(0)
+        assert len(kernel.submitted) == 2 and disk.done() == [] and disk.pending == 2
+        kernel.complete()
+        watcher.fds[kernel.fd]()  # type: ignore[operator]  # the engine's completion callback
+        assert disk.done() == heads[:2]
+        timer = next(cb for fd, cb in watcher.fds.items() if fd != kernel.fd)
+        clock.advance_ms(1000)
+        timer()  # type: ignore[operator]  # the limiter's timer fired: both fit again
+        assert len(kernel.submitted) == 2 and disk.pending == 0
+        kernel.complete()
+        watcher.fds[kernel.fd]()  # type: ignore[operator]
+        assert disk.done() == heads[2:] and disk.blk.counters()["fake_ops"] == 4
+    finally:
+        disk.pci.close()
+    assert watcher.fds == {}
 
 
 def test_block_ops_limit_counts_every_request(image: Path, mem: GuestMemoryMmap, alloc: Allocator,
