@@ -11,6 +11,7 @@ import enum
 import os
 
 from vmsh.devices.storage.disk_file import DiskFile
+from vmsh.devices.storage.qcow2 import Qcow2File
 from vmsh.devices.storage.raw import RawFile, file_size
 from vmsh.errors import DeviceError
 
@@ -71,5 +72,8 @@ def open_disk(path: str, *, readonly: bool = False, direct: bool = False) -> Dis
         os.close(fd)
         raise DeviceError(f"cannot read disk image {path}") from err
     os.close(fd)
+    if image_format is ImageFormat.QCOW2:
+        # Buffered: metadata I/O is small and unaligned, so O_DIRECT is not applied to qcow2 images.
+        return Qcow2File(path, readonly=readonly)
     raise DeviceError(f"disk image {path} is in {image_format.value} format: vmsh serves raw images only "
                       "(exposed as raw, the guest's writes would destroy its metadata)")
