@@ -218,7 +218,13 @@ class Qcow2File:
 
     def read(self, views: list[memoryview], offset: int) -> None:
         with self._lock:
+            self._check_range(offset, sum(len(v) for v in views))
             self._read(views, offset)
+
+    def _check_range(self, offset: int, length: int) -> None:
+        # The device checks requests against the size; an offset past it would index past the L1 table.
+        if offset < 0 or offset + length > self.size:
+            raise OSError(errno.EIO, f"qcow2: request [{offset:#x}, +{length:#x}) past the end of the disk")
 
     def _read(self, views: list[memoryview], offset: int) -> None:
         total = sum(len(v) for v in views)
@@ -295,6 +301,7 @@ class Qcow2File:
 
     def write(self, views: list[memoryview], offset: int) -> None:
         with self._lock:
+            self._check_range(offset, sum(len(v) for v in views))
             self._write(views, offset)
             self._maybe_release()
 
@@ -384,6 +391,7 @@ class Qcow2File:
 
     def discard(self, offset: int, length: int) -> None:
         with self._lock:
+            self._check_range(offset, length)
             if self.backing is not None and self.header.version < 3:
                 return  # v2 cannot say "zeros over a backing file": discard is only a hint
             self._unmap(offset, length, ZERO if self.backing is not None else 0)
@@ -391,6 +399,7 @@ class Qcow2File:
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         with self._lock:
+            self._check_range(offset, length)
             end = offset + length
             first = min(end, (offset + self.cs - 1) & ~(self.cs - 1))
             last = max(first, end & ~(self.cs - 1))
