@@ -19,13 +19,13 @@ import os
 import struct
 import threading
 
+from vmsh.devices.storage.disk_file import DiskFile
 from vmsh.devices.storage.qcow2.backing import open_backing
 from vmsh.devices.storage.qcow2.cache import TableCache
 from vmsh.devices.storage.qcow2.compressed import decompress_cluster
 from vmsh.devices.storage.qcow2.header import AUTOCLEAR_BITMAPS, MAX_CLUSTER_BITS, Header, parse_header
 from vmsh.devices.storage.qcow2.hostfile import HostFile
 from vmsh.devices.storage.qcow2.refcounts import Refcounts
-from vmsh.devices.storage.disk_file import DiskFile
 from vmsh.devices.virtio.queue import window_views
 from vmsh.errors import DeviceError
 
@@ -470,7 +470,8 @@ def _cluster_bits(head: bytes) -> int:
     """The header's cluster_bits, clamped, to know how much of the file is the header's cluster."""
     if len(head) < 24:
         return 9
-    return min(MAX_CLUSTER_BITS, max(9, struct.unpack_from(">I", head, 20)[0]))
+    bits: int = struct.unpack_from(">I", head, 20)[0]
+    return min(MAX_CLUSTER_BITS, max(9, bits))
 
 
 def _zero(views: list[memoryview], zeros: memoryview) -> None:

@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.devices.storage.qcow2.qemu import (assert_same, check_clean, header_field, mirror_write,
-                                                    qcow2_from, qemu_img, random_raw, read_all)
+from tests.unit.devices.storage.qcow2.qemu import (
+    assert_same,
+    check_clean,
+    header_field,
+    mirror_write,
+    qcow2_from,
+    qemu_img,
+    random_raw,
+    read_all,
+)
 from vmsh.devices.storage import open_disk
 from vmsh.devices.storage.qcow2 import Qcow2File
 
