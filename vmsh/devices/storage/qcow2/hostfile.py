@@ -3,8 +3,10 @@ the file's end as this process has grown it, and the one durability barrier (fda
 
 from __future__ import annotations
 
+import array
 import errno
 import os
+import sys
 
 from vmsh.devices.virtio.queue import advance_views
 
@@ -65,3 +67,18 @@ class HostFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def be64_array(data: bytes) -> array.array[int]:
+    """Big-endian 64-bit table entries as a compact array (8 bytes an entry, not a Python int each)."""
+    table = array.array("Q", data)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def be64_bytes(table: array.array[int]) -> bytes:
+    out = array.array("Q", table)
+    if sys.byteorder == "little":
+        out.byteswap()
+    return out.tobytes()

