@@ -4,8 +4,10 @@ directory, its format from the header extension or detected (qcow2 or raw), loop
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 from vmsh.devices.storage.disk_file import DiskFile
+from vmsh.devices.storage.raw import RawFile
 from vmsh.errors import DeviceError
 
 #: a deeper chain is refused (QEMU has no fixed limit; this bounds descriptors and recursion)
@@ -13,14 +15,18 @@ MAX_CHAIN = 64
 QCOW2_MAGIC = b"QFI\xfb"
 
 
-def open_backing(image: str, name: str, fmt: str | None, seen: frozenset[tuple[int, int]]) -> DiskFile:
+class OpenQcow2(Protocol):
+    """How to open a qcow2 backing file (``Qcow2File``, passed in: it opens its own backing files)."""
+
+    def __call__(self, path: str, *, readonly: bool, seen: frozenset[tuple[int, int]]) -> DiskFile: ...
+
+
+def open_backing(image: str, name: str, fmt: str | None, seen: frozenset[tuple[int, int]],
+                 open_qcow2: OpenQcow2) -> DiskFile:
     """The backing file ``name`` of ``image``; ``seen`` holds the chain's (st_dev, st_ino) so far.
 
     :raises DeviceError: if it cannot be opened, is a loop or the chain is too deep.
     """
-    from vmsh.devices.storage.qcow2.image import Qcow2File
-    from vmsh.devices.storage.raw import RawFile
-
     path = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(image)), name)
     if len(seen) >= MAX_CHAIN:
         raise DeviceError(f"qcow2 image {image}: backing chain deeper than {MAX_CHAIN}")
@@ -43,4 +49,4 @@ def open_backing(image: str, name: str, fmt: str | None, seen: frozenset[tuple[i
     finally:
         if fd >= 0:
             os.close(fd)
-    return Qcow2File(path, readonly=True, seen=seen)
+    return open_qcow2(path, readonly=True, seen=seen)

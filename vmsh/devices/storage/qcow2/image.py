@@ -23,8 +23,14 @@ import threading
 from vmsh.devices.storage.disk_file import DiskFile
 from vmsh.devices.storage.qcow2.backing import open_backing
 from vmsh.devices.storage.qcow2.cache import TableCache
-from vmsh.devices.storage.qcow2.compressed import decompress_cluster
-from vmsh.devices.storage.qcow2.header import AUTOCLEAR_BITMAPS, MAX_CLUSTER_BITS, Header, parse_header
+from vmsh.devices.storage.qcow2.compressed import decompress_cluster, zstd_available
+from vmsh.devices.storage.qcow2.header import (
+    AUTOCLEAR_BITMAPS,
+    COMPRESSION_ZSTD,
+    MAX_CLUSTER_BITS,
+    Header,
+    parse_header,
+)
 from vmsh.devices.storage.qcow2.hostfile import HostFile, be64_array
 from vmsh.devices.storage.qcow2.refcounts import Refcounts
 from vmsh.devices.virtio.queue import window_views
@@ -90,6 +96,9 @@ class Qcow2File:
         head = self.file.read_upto(0, 1 << MAX_CLUSTER_BITS)
         h = parse_header(self.path, head[:1 << max(9, _cluster_bits(head))], self.file.end, readonly=self.readonly)
         self.header: Header = h
+        if h.compression_type == COMPRESSION_ZSTD and not zstd_available():
+            raise DeviceError(f"qcow2 image {self.path}: compression type 'zstd' is not supported "
+                              "(no zstd module on this host)")
         self.size = h.size
         self.cb = h.cluster_bits
         self.cs = h.cluster_size
@@ -108,7 +117,7 @@ class Qcow2File:
         self._compressed_cache: tuple[int, bytes] | None = None
         self.zero_buf = memoryview(bytes(self.cs))
         if h.backing_file is not None:
-            self.backing = open_backing(self.path, h.backing_file, h.backing_format, seen | {key})
+            self.backing = open_backing(self.path, h.backing_file, h.backing_format, seen | {key}, Qcow2File)
         if not self.readonly and h.autoclear_features & AUTOCLEAR_BITMAPS:
             # vmsh does not update persistent bitmaps: the spec wants the bit cleared before writing.
             self.file.write(HEADER_AUTOCLEAR, struct.pack(">Q", h.autoclear_features & ~AUTOCLEAR_BITMAPS))
