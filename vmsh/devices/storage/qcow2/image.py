@@ -112,7 +112,7 @@ class Qcow2File:
             self._add_snapshot_metadata(h)
         if h.bitmap_directory is not None:
             off, length = h.bitmap_directory
-            self.metadata.update(range(off >> self.cb, (off + length + self.cs - 1) >> self.cb))
+            self._claim(off, length, "bitmap directory")
         self.l2 = TableCache(L2_CACHE_BYTES // self.cs, self._load_l2, self._store_l2)
         self._compressed_cache: tuple[int, bytes] | None = None
         self.zero_buf = memoryview(bytes(self.cs))
@@ -149,6 +149,15 @@ class Qcow2File:
             own.add(c)
         self.metadata.update(own)
 
+    def _claim(self, offset: int, length: int, what: str) -> None:
+        """Mark ``[offset, offset+length)`` as metadata; it must not overlap metadata already known."""
+        clusters = range(offset >> self.cb, (offset + length + self.cs - 1) >> self.cb)
+        if offset >= self.file.end or len(clusters) > self.file.end >> self.cb:
+            raise DeviceError(f"qcow2 image {self.path}: {what} at {offset:#x} past the end of the file")
+        if any(c in self.metadata for c in clusters):
+            raise DeviceError(f"qcow2 image {self.path}: {what} overlaps other metadata")
+        self.metadata.update(clusters)
+
     def _add_snapshot_metadata(self, h: Header) -> None:
         """The snapshot table, and each snapshot's L1 and L2 tables, are metadata too."""
         if h.nb_snapshots > MAX_SNAPSHOTS:
@@ -163,10 +172,9 @@ class Qcow2File:
             if l1_off % self.cs or l1_size * 8 > 32 << 20:
                 raise DeviceError(f"qcow2 image {self.path}: snapshot L1 table invalid")
             tables.append((l1_off, l1_size))
-        self.metadata.update(range(h.snapshots_offset >> self.cb, (pos + self.cs - 1) >> self.cb))
+        self._claim(h.snapshots_offset, pos - h.snapshots_offset, "snapshot table")
         for l1_off, l1_size in tables:
-            first = l1_off >> self.cb
-            self.metadata.update(range(first, first + max(1, -(-l1_size * 8 // self.cs))))
+            self._claim(l1_off, max(8, l1_size * 8), "snapshot L1 table")
             snap_l1 = be64_array(self.file.read(l1_off, l1_size * 8))
             self._check_l1(snap_l1, "snapshot L1", shared_ok=True)
 

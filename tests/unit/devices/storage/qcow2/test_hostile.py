@@ -236,3 +236,15 @@ def test_refcount_widths(tmp_path: Path, refcount_bits: int) -> None:
         disk.close()
     assert qemu_img("check", image, check=False).returncode == 0
     assert qemu_img("compare", "-f", "qcow2", "-F", "raw", image, ref, check=False).returncode == 0
+
+
+def test_snapshot_table_on_the_l1_table_is_refused(image: Path) -> None:
+    qemu_img("snapshot", "-c", "s1", image)
+    poke(image, 64, ">Q", l1_offset(image))  # snapshots_offset
+    refused(image, "snapshot table overlaps other metadata")
+
+
+def test_snapshot_l1_on_the_refcount_table_is_refused(image: Path) -> None:
+    qemu_img("snapshot", "-c", "s1", image)
+    poke(image, header_field(image, 64, ">Q"), ">Q", reftable_offset(image))  # the snapshot's l1_table_offset
+    refused(image, "snapshot L1 table overlaps other metadata")
