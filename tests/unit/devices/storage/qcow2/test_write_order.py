@@ -18,9 +18,9 @@ SYNC = -1
 
 def test_every_prefix_of_the_write_log_is_consistent(tmp_path: Path) -> None:
     rng = random.Random("order")
-    base = random_raw(tmp_path / "base.raw", SIZE, rng, pieces=30)
+    base = random_raw(tmp_path / "base.raw", SIZE, rng, pieces=30)  # the backing file
     image = tmp_path / "disk.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", "-b", "base.raw", "-F", "raw", image,
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", "-b", base.name, "-F", "raw", image,
              cwd=tmp_path)
     original = image.read_bytes()
     log: list[tuple[int, bytes]] = []  # (offset, data), or (SYNC, b"")
