@@ -128,7 +128,7 @@ def test_power_loss_keeps_any_subset_of_the_unsynced_writes(tmp_path: Path, clus
     crashed = tmp_path / "crashed.qcow2"
     done = 0
     # epochs of several writes (the others lose all or nothing): a sample, as each check costs qemu-img
-    epochs = [(a, b) for a, b in zip([0, *syncs], [*syncs, len(log)]) if b - a > 2]
+    epochs = [(a, b) for a, b in zip([0, *syncs], [*syncs, len(log)], strict=True) if b - a > 2]
     for start, end in sorted(rng.sample(epochs, min(len(epochs), 40))):
         for offset, data in log[done:start]:
             _apply(state, offset, data)
