@@ -126,7 +126,8 @@ def parse_header(path: str, data: bytes, file_size: int, *, readonly: bool) -> H
         raise bad(f"L1 table of {l1_size} entries too small for the virtual size {size}")
     if l1_size * 8 > MAX_L1_BYTES:
         raise bad(f"L1 table of {l1_size} entries too large")
-    _check_range(bad, "L1 table", l1_off, l1_size * 8, cs, file_size)
+    if l1_size:  # an empty disk may have no L1 table at all
+        _check_range(bad, "L1 table", l1_off, l1_size * 8, cs, file_size)
     if rt_clusters == 0 or rt_clusters * cs > MAX_REFTABLE_BYTES:
         raise bad(f"refcount table of {rt_clusters} clusters invalid")
     _check_range(bad, "refcount table", rt_off, rt_clusters * cs, cs, file_size)

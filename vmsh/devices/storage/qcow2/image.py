@@ -124,6 +124,8 @@ class Qcow2File:
             self.file.sync()
 
     def _read_l1(self, offset: int, entries: int, what: str) -> array.array[int]:
+        if not entries:
+            return array.array("Q")
         first = offset >> self.cb
         for c in range(first, first + max(1, -(-entries * 8 // self.cs))):
             if c in self.metadata:

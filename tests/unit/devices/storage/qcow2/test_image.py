@@ -202,3 +202,15 @@ def test_backing_file_shorter_than_the_image_reads_zeros_past_its_end(tmp_path: 
     finally:
         disk.close()
     assert data[:5632] == b"\xaa" * 5632 and data[5632:] == bytes(len(data) - 5632)
+
+
+def test_empty_disk(tmp_path: Path) -> None:
+    image = tmp_path / "empty.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "0")
+    disk = open_disk(str(image))
+    try:
+        assert disk.size == 0
+        disk.flush()
+    finally:
+        disk.close()
+    check_clean(image)
