@@ -12,13 +12,24 @@ import pytest
 
 from tests.unit.devices.storage.qcow2.qemu import qemu_img, random_raw
 from vmsh.devices.storage.qcow2 import Qcow2File
+from vmsh.devices.storage.qcow2 import image as image_module
+from vmsh.devices.storage.qcow2 import refcounts as refcounts_module
 
 SIZE = 16 << 20
 CS = 512  # a refcount table cluster covers 8 MiB of file: the run grows the table
 SYNC = -1
 
 
-def test_every_prefix_of_the_write_log_is_consistent(tmp_path: Path) -> None:
+@pytest.fixture(params=["big", "tiny"], ids=["default-caches", "tiny-caches"])
+def caches(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The default table caches, or caches of two tables: evictions write tables in mid-request."""
+    if request.param == "tiny":
+        monkeypatch.setattr(image_module, "L2_CACHE_BYTES", 0)
+        monkeypatch.setattr(refcounts_module, "CACHE_BYTES", 0)
+    return str(request.param)
+
+
+def test_every_prefix_of_the_write_log_is_consistent(tmp_path: Path, caches: str) -> None:
     rng = random.Random("order")
     base = random_raw(tmp_path / "base.raw", SIZE, rng, pieces=30)  # the backing file
     image = tmp_path / "disk.qcow2"
@@ -87,7 +98,7 @@ def header_changed(original: bytes, image: Path) -> bool:
 
 
 @pytest.mark.parametrize("cluster_size", [CS, 4096])
-def test_power_loss_keeps_any_subset_of_the_unsynced_writes(tmp_path: Path, cluster_size: int) -> None:
+def test_power_loss_keeps_any_subset_of_the_unsynced_writes(tmp_path: Path, cluster_size: int, caches: str) -> None:
     """A power cut keeps every write before the last completed fdatasync and any subset of the
     ones after it: each such image is consistent too (this is what the barriers are for)."""
     rng = random.Random(f"power{cluster_size}")
