@@ -70,7 +70,7 @@ def test_every_prefix_of_the_write_log_is_consistent(tmp_path: Path, caches: str
     disk.close()
     assert header_changed(original, image), "the run grew the refcount table"
     flushes = sorted({d[0] for d in durable})
-    prefixes = sorted(set(range(0, len(log) + 1, max(1, len(log) // 120))) | set(flushes) | {len(log)})
+    prefixes = sorted(set(range(0, len(log) + 1, max(1, len(log) // 60))) | set(flushes) | {len(log)})
     state = bytearray(original)
     done = 0
     crashed = tmp_path / "crashed.qcow2"
@@ -140,7 +140,7 @@ def test_power_loss_keeps_any_subset_of_the_unsynced_writes(tmp_path: Path, clus
     done = 0
     # epochs of several writes (the others lose all or nothing): a sample, as each check costs qemu-img
     epochs = [(a, b) for a, b in zip([0, *syncs], [*syncs, len(log)], strict=True) if b - a > 2]
-    for start, end in sorted(rng.sample(epochs, min(len(epochs), 40))):
+    for start, end in sorted(rng.sample(epochs, min(len(epochs), 30))):
         for offset, data in log[done:start]:
             _apply(state, offset, data)
         done = start
