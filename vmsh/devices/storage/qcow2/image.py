@@ -431,11 +431,13 @@ class Qcow2File:
                     self._write([self.zero_buf[:n]], pos)
                     pos += n
             if last > first:
-                self._unmap(first, last - first, ZERO if self.backing is not None else 0)
+                self._unmap(first, last - first, ZERO if self.backing is not None else 0, keep=not unmap)
             self._maybe_release()
 
-    def _unmap(self, offset: int, length: int, new: int) -> None:
-        """Replace the whole clusters in the range by ``new`` (0: unallocated, or ZERO)."""
+    def _unmap(self, offset: int, length: int, new: int, *, keep: bool = False) -> None:
+        """Replace the whole clusters in the range by ``new`` (0: unallocated, or ZERO); with
+        ``keep`` (write-zeroes without unmap, which must not deallocate) a cluster the image owns
+        stays allocated: a v3 zero cluster keeping its offset, or zeros written in place (v2)."""
         if self.readonly:
             raise OSError(errno.EROFS, "qcow2: image is read-only")
         voff = (offset + self.cs - 1) & ~(self.cs - 1)
@@ -447,8 +449,14 @@ class Qcow2File:
                 voff = (voff + span) & ~(span - 1)  # a whole unallocated table already reads as zeros
                 continue
             _, l2i, entry = self._entry(voff)
-            if entry != new:
-                self._classify(entry)  # never act on a corrupt entry
+            kind, host, _ = self._classify(entry)  # never act on a corrupt entry
+            if keep and host and kind in (NORMAL, ZEROED) and entry & COPIED:
+                if self.header.version >= 3:
+                    if entry != host | COPIED | ZERO:
+                        self._set_entry(l1i, l2i, host | COPIED | ZERO, entry, keep=host)
+                else:
+                    self._write([self.zero_buf], voff)
+            elif entry != new:
                 self._set_entry(l1i, l2i, new, entry)
             voff += self.cs
 

@@ -24,6 +24,7 @@ from vmsh.devices.storage import open_disk
 from vmsh.devices.storage.qcow2 import Qcow2File
 from vmsh.devices.storage.qcow2 import image as image_module
 from vmsh.devices.storage.qcow2 import refcounts as refcounts_module
+from vmsh.devices.storage.qcow2.image import OFFSET_MASK
 
 SIZE = 8 << 20
 COMPAT = {"v2": "0.10", "v3": "1.1"}
@@ -221,3 +222,29 @@ def test_empty_disk(tmp_path: Path) -> None:
     finally:
         disk.close()
     check_clean(image)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_write_zeroes_without_unmap_keeps_the_clusters(tmp_path: Path, version: str) -> None:
+    """virtio-blk's write-zeroes without UNMAP must not deallocate; with it, the clusters are freed."""
+    rng = random.Random(version)
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(rng.randbytes(1 << 20))
+    image = qcow2_from(ref, tmp_path / "disk.qcow2", cluster_size=4096, compat=COMPAT[version])
+    disk = Qcow2File(str(image), readonly=False)
+    try:
+        hosts = [disk._entry(off)[2] & OFFSET_MASK for off in range(0, 1 << 20, 4096)]
+        assert all(hosts)
+        disk.write_zeroes(0, 64 << 10, unmap=False)
+        disk.write_zeroes(64 << 10, 64 << 10, unmap=True)
+        kept = [disk._entry(off)[2] & OFFSET_MASK for off in range(0, 128 << 10, 4096)]
+        assert kept[:16] == hosts[:16], "write-zeroes without unmap keeps the allocation"
+        assert kept[16:] == [0] * 16, "write-zeroes with unmap frees it"
+        disk.write([memoryview(b"\x42" * 512)], 4096 + 512)  # into a kept zero cluster: in place
+        assert disk._entry(4096)[2] & OFFSET_MASK == hosts[1]
+    finally:
+        disk.close()
+    mirror_write(ref, 0, bytes(128 << 10))
+    mirror_write(ref, 4096 + 512, b"\x42" * 512)
+    check_clean(image)
+    assert_same(image, ref)
