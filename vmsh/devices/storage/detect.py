@@ -11,6 +11,7 @@ import enum
 import os
 
 from vmsh.devices.storage.disk_file import DiskFile
+from vmsh.devices.storage.qcow2 import Qcow2File
 from vmsh.devices.storage.raw import RawFile, file_size
 from vmsh.devices.storage.vhd import open_fixed_vhd
 from vmsh.devices.storage.vhdx import VhdxFile
@@ -58,7 +59,7 @@ def detect_image_format(path: str, size: int) -> ImageFormat:
 def open_disk(path: str, *, readonly: bool = False, direct: bool = False) -> DiskFile:
     """The image at ``path`` behind the :class:`DiskFile` of its format.
 
-    :raises DeviceError: if the image cannot be opened or read, or its format is not served.
+    :raises DeviceError: if the image cannot be opened or read, or is not a valid image of its format.
     """
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
     try:
@@ -73,12 +74,16 @@ def open_disk(path: str, *, readonly: bool = False, direct: bool = False) -> Dis
             return open_fixed_vhd(path, fd, readonly=readonly, direct=direct)
         if image_format is ImageFormat.VHDX:
             return VhdxFile(path, fd, readonly=readonly, direct=direct)
-    except OSError as err:
+        # qcow2 opens its own descriptor, buffered: metadata I/O is small and unaligned, so
+        # O_DIRECT is not applied to qcow2 images.
         os.close(fd)
+        fd = -1
+        return Qcow2File(path, readonly=readonly)
+    except OSError as err:
+        if fd >= 0:
+            os.close(fd)
         raise DeviceError(f"cannot read disk image {path}") from err
     except DeviceError:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
-    os.close(fd)
-    raise DeviceError(f"disk image {path} is in {image_format.value} format: vmsh serves raw images only "
-                      "(exposed as raw, the guest's writes would destroy its metadata)")

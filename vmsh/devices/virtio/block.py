@@ -526,6 +526,13 @@ class VirtioBlock(VirtioDevice):
         self.disk.close()
 
     def state(self) -> VirtioBlockState:
+        # A snapshot is restored over the image file as it is now: what a format caches (qcow2's
+        # tables) must reach the file first, or writes the guest saw complete would be lost.
+        if not self.disk.readonly:
+            try:
+                self.disk.flush()
+            except OSError as err:
+                raise DeviceError(f"cannot flush disk image {self.path} for the snapshot") from err
         return VirtioBlockState(capacity=self.capacity, **self._counts)
 
     def restore(self, state: VirtioBlockState) -> None:
