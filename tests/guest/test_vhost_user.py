@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vmsh.api.client import ApiClient
+from tests.guest.eventlog import events_of, wait_for_event
+from vmsh.api.client import ApiClient, ApiError
 from vmsh.harness.waiting import wait_until
 
 SHARED = ["--memory", "size=512M,shared=on"]
@@ -153,3 +152,55 @@ def test_vhost_user_net_carries_frames_through_testpmd(vmsh_guest, backends, tmp
     log = pmd.stop()
     received = [int(n) for n in re.findall(r"RX-packets: +(\d+)", log)]
     assert received and max(received) >= 6, log[-2000:]
+
+
+def test_vhost_user_devices_hot_add_remove_and_refuse_a_snapshot(vmsh_guest, backends, tmp_path: Path) -> None:
+    """On one running guest: a vhost-user disk and a vhost-user net are hot-added (ACPI PCI
+    hotplug), carry data and are ejected again; a snapshot while one is plugged is refused
+    before anything is written."""
+    api, events = tmp_path / "api.sock", tmp_path / "events.json"
+    guest = vmsh_guest(*SHARED, "--api-socket", f"path={api}", "--event-monitor", f"path={events}")
+    image = make_image(tmp_path / "hot.img")
+    qsd = storage_daemon(backends, tmp_path, image)
+    with ApiClient(str(api)) as client:
+        info = client.put("vm.add-disk", {"vhost_user": True, "vhost_socket": str(qsd), "id": "vudisk"})
+    assert info["id"] == "vudisk"
+    wait_in_guest(guest, "[ -e /sys/block/vda ]")
+    assert guest.check_output("dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 19") == "VMSH-VHOST-USER-BLK"
+    guest.check_output("echo HOT-ADDED-AND-WRITTEN | dd of=/dev/vda bs=512 seek=100 conv=sync oflag=direct 2>/dev/null")
+    with open(image, "rb") as f:
+        f.seek(100 * 512)
+        assert f.read(21) == b"HOT-ADDED-AND-WRITTEN"
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    with ApiClient(str(api)) as client:
+        client.put("vm.pause")
+        with pytest.raises(ApiError) as refused:
+            client.put("vm.snapshot", {"destination_url": f"file://{snapshot}"})
+        client.put("vm.resume")
+    assert "Cannot snapshot a VM with vhost-user devices (vudisk)" in str(refused.value)
+    assert list(snapshot.iterdir()) == [], "nothing was written"
+
+    with ApiClient(str(api)) as client:
+        client.put("vm.remove-device", {"id": "vudisk"})
+    assert wait_for_event(events, "vm", "device-removed") == {"id": "vudisk", "bdf": info["bdf"]}
+    wait_in_guest(guest, "[ ! -e /sys/block/vda ]")
+    # the backend saw the frontend go and still serves: the disk can be plugged again
+    with ApiClient(str(api)) as client:
+        client.put("vm.add-disk", {"vhost_user": True, "vhost_socket": str(qsd), "id": "vudisk2"})
+    wait_in_guest(guest, "[ -e /sys/block/vda ]")
+    assert guest.check_output("dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 21") \
+        == "HOT-ADDED-AND-WRITTEN"
+
+    sock = tmp_path / "vu-net.sock"
+    start_testpmd(backends, tmp_path, sock, client=False)
+    with ApiClient(str(api)) as client:
+        client.put("vm.add-net", {"vhost_user": True, "vhost_socket": str(sock), "mac": GUEST_MAC, "id": "vunet"})
+    wait_in_guest(guest, "[ -e /sys/class/net/eth0 ]")
+    ping_through_the_backend(guest)
+    with ApiClient(str(api)) as client:
+        client.put("vm.remove-device", {"id": "vunet"})
+    wait_in_guest(guest, "[ ! -e /sys/class/net/eth0 ]")
+    removed = [props["id"] for src, ev, props in events_of(events) if (src, ev) == ("vm", "device-removed")]
+    assert removed == ["vudisk", "vunet"]
