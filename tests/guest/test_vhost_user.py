@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,10 +62,11 @@ def backends() -> Iterator[list[Backend]]:
         b.stop()
 
 
-def storage_daemon(backends: list[Backend], tmp_path: Path, image: Path, name: str = "vu-blk") -> Path:
+def storage_daemon(backends: list[Backend], tmp_path: Path, image: Path, name: str = "vu-blk",
+                   sock: Path | None = None) -> Path:
     """qemu-storage-daemon exporting ``image`` as vhost-user-blk on a socket it listens on."""
     _require(QSD, "qemu-system-common")
-    sock = tmp_path / f"{name}.sock"
+    sock = sock or tmp_path / f"{name}.sock"
     backends.append(Backend([QSD, "--blockdev", f"driver=file,node-name=f,filename={image}",
                              "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
                              f"addr.path={sock},writable=on"], tmp_path / f"{name}.log"))
@@ -204,3 +206,28 @@ def test_vhost_user_devices_hot_add_remove_and_refuse_a_snapshot(vmsh_guest, bac
     wait_in_guest(guest, "[ ! -e /sys/class/net/eth0 ]")
     removed = [props["id"] for src, ev, props in events_of(events) if (src, ev) == ("vm", "device-removed")]
     assert removed == ["vudisk", "vunet"]
+
+
+def test_vhost_user_blk_reconnects_when_the_backend_restarts(vmsh_guest, backends, tmp_path: Path) -> None:
+    """qemu-storage-daemon killed and started again on the same socket: vmsh reconnects (as a
+    client it retries for up to 60 s), replays the set-up, and the guest's I/O goes on."""
+    image = make_image(tmp_path / "vu.img")
+    sock = storage_daemon(backends, tmp_path, image, name="first")
+    guest = vmsh_guest(*SHARED, "--disk", f"vhost_user=on,socket={sock}")
+    assert guest.check_output("dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 19") \
+        == "VMSH-VHOST-USER-BLK"
+    first = backends.pop()
+    first.proc.kill()
+    first.stop()
+    sock.unlink()
+    with open(image, "r+b") as f:
+        f.seek(2 << 20)
+        f.write(b"SEEN-BY-THE-SECOND-BACKEND".ljust(512, b"\0"))
+    time.sleep(1)  # vmsh notices the hang-up and starts retrying before the new backend is up
+    storage_daemon(backends, tmp_path, image, name="second", sock=sock)
+    assert guest.check_output("dd if=/dev/vda bs=512 skip=4096 count=1 iflag=direct 2>/dev/null | head -c 26",
+                              timeout=120) == "SEEN-BY-THE-SECOND-BACKEND"
+    guest.check_output("echo AFTER-RECONNECT | dd of=/dev/vda bs=512 seek=8 conv=sync oflag=direct 2>/dev/null")
+    with open(image, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(15) == b"AFTER-RECONNECT"
