@@ -123,6 +123,13 @@ def test_driver_ok_hands_the_rings_and_fds_to_the_backend(shared_mem: GuestMemor
         driver.kick(0)
         assert os.eventfd_read(sent[6].fds[0]) == 1
 
+        # a paused VM's backend stops serving the rings, and starts again on resume
+        before = len(backend.messages)
+        dev.pause()
+        dev.resume()
+        assert [(m.request, p.VRING_STATE.unpack(m.payload)) for m in backend.messages[before:]] == [
+            (p.SET_VRING_ENABLE, (0, 0)), (p.SET_VRING_ENABLE, (0, 1))]
+
         # reset: the rings are disabled and their positions fetched
         before = len(backend.messages)
         driver.set_common(0x14, 0, 1)
