@@ -210,7 +210,8 @@ def test_vhost_user_devices_hot_add_remove_and_refuse_a_snapshot(vmsh_guest, bac
 
 def test_vhost_user_blk_reconnects_when_the_backend_restarts(vmsh_guest, backends, tmp_path: Path) -> None:
     """qemu-storage-daemon killed and started again on the same socket: vmsh reconnects (as a
-    client it retries for up to 60 s), replays the set-up, and the guest's I/O goes on."""
+    client it retries for up to 60 s), replays the set-up, and the guest's I/O goes on; then a
+    guest reboot, which connects anew."""
     image = make_image(tmp_path / "vu.img")
     sock = storage_daemon(backends, tmp_path, image, name="first")
     guest = vmsh_guest(*SHARED, "--disk", f"vhost_user=on,socket={sock}")
@@ -231,3 +232,8 @@ def test_vhost_user_blk_reconnects_when_the_backend_restarts(vmsh_guest, backend
     with open(image, "rb") as f:
         f.seek(8 * 512)
         assert f.read(15) == b"AFTER-RECONNECT"
+    # a guest reboot rebuilds the VM: the device connects to the backend again from scratch
+    guest.send("reboot\n")
+    guest.wait_ready()
+    assert guest.check_output("dd if=/dev/vda bs=512 skip=8 count=1 iflag=direct 2>/dev/null | head -c 15") \
+        == "AFTER-RECONNECT"
