@@ -63,13 +63,13 @@ def backends() -> Iterator[list[Backend]]:
 
 
 def storage_daemon(backends: list[Backend], tmp_path: Path, image: Path, name: str = "vu-blk",
-                   sock: Path | None = None) -> Path:
+                   sock: Path | None = None, queues: int = 1) -> Path:
     """qemu-storage-daemon exporting ``image`` as vhost-user-blk on a socket it listens on."""
     _require(QSD, "qemu-system-common")
     sock = sock or tmp_path / f"{name}.sock"
     backends.append(Backend([QSD, "--blockdev", f"driver=file,node-name=f,filename={image}",
                              "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
-                             f"addr.path={sock},writable=on"], tmp_path / f"{name}.log"))
+                             f"addr.path={sock},writable=on,num-queues={queues}"], tmp_path / f"{name}.log"))
     wait_until(sock.exists, 30, f"qemu-storage-daemon's socket {sock}", interval=0.05)
     return sock
 
@@ -104,6 +104,27 @@ def test_vhost_user_blk_reads_and_writes_through_qemu_storage_daemon(vmsh_guest,
         f.write(b"WRITTEN-BY-THE-HOST".ljust(4096, b"\0"))
     assert guest.check_output("dd if=/dev/vda bs=4k skip=1024 count=1 iflag=direct 2>/dev/null | head -c 19") \
         == "WRITTEN-BY-THE-HOST"
+
+
+def test_vhost_user_blk_with_two_queues(vmsh_guest, backends, tmp_path: Path) -> None:
+    """MQ: the backend says it serves two queues (GET_QUEUE_NUM), the guest gets both."""
+    image = make_image(tmp_path / "vu.img")
+    sock = storage_daemon(backends, tmp_path, image, queues=2)
+    guest = vmsh_guest(*SHARED, "--cpus", "boot=2", "--disk", f"vhost_user=on,socket={sock},num_queues=2")
+    assert guest.check_output("ls /sys/block/vda/mq").split() == ["0", "1"]
+    guest.check_output("for c in 0 1; do echo QUEUE-$c | dd of=/dev/vda bs=512 seek=$((64+c)) conv=sync "
+                       "oflag=direct 2>/dev/null; done")
+    with open(image, "rb") as f:
+        f.seek(64 * 512)
+        assert f.read(7) == b"QUEUE-0"
+        f.seek(65 * 512)
+        assert f.read(7) == b"QUEUE-1"
+    # more queues than a backend serves is refused when the device is created
+    single = storage_daemon(backends, tmp_path, make_image(tmp_path / "one.img"), name="one-queue")
+    refused = vmsh_guest(*SHARED, "--cpus", "boot=2", "--disk", f"vhost_user=on,socket={single},num_queues=2",
+                         ready=False)
+    assert refused.wait_exit(60) != 0
+    assert "the backend serves 1 queues, 2 were asked for" in refused.console_tail()
 
 
 def test_vhost_user_needs_shared_memory(vmsh_guest, tmp_path: Path) -> None:
