@@ -296,3 +296,25 @@ def test_fs_is_a_small_subclass_with_its_own_config(shared_mem: GuestMemoryMmap,
         transport.close()
         router.close()
         backend.close()
+
+
+def test_shared_memory_zones_are_passed_as_their_files(tmp_path: Path) -> None:
+    from vmsh.engine.memory_manager import ZoneSpec, create_zones
+
+    shared, private = tmp_path / "shared.ram", tmp_path / "private.ram"
+    mem = create_zones([ZoneSpec(2 << 20, MemoryOptions(shared=True), file=str(shared)),
+                        ZoneSpec(2 << 20, MemoryOptions(shared=True))])
+    try:
+        first, second = shared_memory_table(mem)
+        assert (first.guest_addr, first.size, first.offset) == (0, 2 << 20, 0)
+        assert os.fstat(first.fd).st_ino == shared.stat().st_ino
+        assert (second.guest_addr, second.size) == (2 << 20, 2 << 20)
+        assert second.user_addr == mem.regions[1].host_addr
+    finally:
+        mem.close()
+    mem = create_zones([ZoneSpec(2 << 20, MemoryOptions(shared=False), file=str(private))])
+    try:
+        with pytest.raises(VhostUserError, match="guest RAM at 0x0 is not shared memory"):
+            shared_memory_table(mem)
+    finally:
+        mem.close()
