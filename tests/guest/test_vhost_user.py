@@ -139,14 +139,15 @@ GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = "02:00:00:00:00:01"
 
 
-def start_testpmd(backends: list[Backend], tmp_path: Path, sock: Path, *, client: bool) -> Backend:
+def start_testpmd(backends: list[Backend], tmp_path: Path, sock: Path, *, client: bool,
+                  name: str = "testpmd") -> Backend:
     """DPDK's testpmd with one vhost-user port that sends every frame back (5tswap), with no
     hugepages and no PCI devices."""
     _require(TESTPMD, "dpdk-dev")
     backend = Backend([TESTPMD, "--no-huge", "-m", "512", "--no-pci", "--file-prefix", f"vmsh{os.getpid()}",
                        "-l", "0,1", "--vdev", f"net_vhost0,iface={sock},client={int(client)}", "--",
                        "--forward-mode=5tswap", "--total-num-mbufs=4096", "--nb-cores=1", "--stats-period=1"],
-                      tmp_path / "testpmd.log")
+                      tmp_path / f"{name}.log")
     backends.append(backend)
     wait_until(lambda: "Checking link statuses" in backend.log.read_text(errors="replace")
                or backend.proc.poll() is not None, 60, "testpmd to start", interval=0.1)
@@ -175,6 +176,13 @@ def test_vhost_user_net_carries_frames_through_testpmd(vmsh_guest, backends, tmp
     log = pmd.stop()
     received = [int(n) for n in re.findall(r"RX-packets: +(\d+)", log)]
     assert received and max(received) >= 6, log[-2000:]
+    # testpmd restarted: vmsh reconnects (client) or takes its new connection (server), and
+    # frames flow again through the rings the guest kept
+    backends.remove(pmd)
+    start_testpmd(backends, tmp_path, sock, client=mode == "server", name="testpmd-again")
+    wait_in_guest(guest, "ping -c 1 -W 1 10.99.0.1 >/dev/null", tries=60)
+    out = guest.check_output("ping -c 3 -s 1000 -W 5 10.99.0.1")
+    assert "3 packets transmitted, 3 packets received" in out, out
 
 
 def test_vhost_user_devices_hot_add_remove_and_refuse_a_snapshot(vmsh_guest, backends, tmp_path: Path) -> None:
