@@ -38,9 +38,9 @@ LOG = logging.getLogger(__name__)
 
 VIRTIO_F_IN_ORDER = 35
 VIRTIO_F_ORDER_PLATFORM = 36
-VIRTIO_F_NOTIFICATION_DATA = 38
-#: the virtio features every vhost-user device may pass on (cloud-hypervisor's
-#: DEFAULT_VIRTIO_FEATURES, the protocol-features bit apart: that one is the frontend's)
+#: the virtio features every vhost-user device may pass on: cloud-hypervisor's
+#: DEFAULT_VIRTIO_FEATURES without the protocol-features bit (the frontend's own) and without
+#: NOTIFICATION_DATA (its 32-bit notifications would miss vmsh's 16-bit ioeventfds)
 DEFAULT_FEATURES = ((1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX) | (1 << VIRTIO_F_VERSION_1)
                     | (1 << VIRTIO_F_IN_ORDER) | (1 << VIRTIO_F_ORDER_PLATFORM))
 #: the protocol features every device type asks for (cloud-hypervisor adds CONFIG for blk and
