@@ -180,7 +180,8 @@ def test_vhost_user_net_carries_frames_through_testpmd(vmsh_guest, backends, tmp
     # frames flow again through the rings the guest kept
     backends.remove(pmd)
     start_testpmd(backends, tmp_path, sock, client=mode == "server", name="testpmd-again")
-    wait_in_guest(guest, "ping -c 1 -W 1 10.99.0.1 >/dev/null", tries=60)
+    guest.check_output("i=0; until ping -c 1 -W 1 10.99.0.1 >/dev/null; do [ $i -lt 60 ] || exit 1; i=$((i+1)); "
+                       "done", timeout=150)
     out = guest.check_output("ping -c 3 -s 1000 -W 5 10.99.0.1")
     assert "3 packets transmitted, 3 packets received" in out, out
 

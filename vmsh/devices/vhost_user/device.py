@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,10 @@ DEFAULT_FEATURES = ((1 << VIRTIO_F_INDIRECT_DESC) | (1 << VIRTIO_F_EVENT_IDX) | 
 #: INFLIGHT_SHMFD and LOG_SHMFD, which vmsh does not use)
 DEFAULT_PROTOCOL = ((1 << p.PROTOCOL_F_MQ) | (1 << p.PROTOCOL_F_REPLY_ACK)
                     | (1 << p.PROTOCOL_F_CONFIGURE_MEM_SLOTS))
+
+
+#: pause between two reconnection attempts (seconds)
+RECONNECT_INTERVAL = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,24 +183,37 @@ class VhostUserDevice(VirtioDevice):
     def _reconnect(self) -> None:
         """The device's own thread (``{id}``, as cloud-hypervisor's backend-watching thread):
         wait for the backend without holding a lock, then replay the set-up with the queues
-        held still."""
-        try:
-            self.frontend.reconnect()
-            with self._all_locks():
+        held still. A connection that breaks during the replay (it reached the old backend while
+        that one was still going away) is tried again until the connection timeout is spent."""
+        deadline = time.monotonic() + self.frontend.connect_timeout
+        while True:
+            try:
+                self._reconnect_once()
+                break
+            except VhostUserError as err:
                 if self._closed:
-                    self.frontend.close()
                     return
-                self.frontend.replay(self._rebase)
-                self._watch()
-                # requests queued while no backend was there may have had their kick taken by
-                # the old one: a spurious kick is harmless, a lost one leaves the guest waiting
-                for index in range(len(self.kick_fds)):
-                    self.queue_notify(index)
-        except VhostUserError as err:
-            LOG.error("%s: %s", self.dev_id, err)
-            self.fail(err)
-            return
-        LOG.info("%s: reconnected to the vhost-user backend at %s", self.dev_id, self.frontend.path)
+                if time.monotonic() >= deadline:
+                    LOG.error("%s: %s", self.dev_id, err)
+                    self.fail(err)
+                    return
+                LOG.info("%s: %s; trying again", self.dev_id, err)
+                time.sleep(RECONNECT_INTERVAL)
+        if not self._closed:
+            LOG.info("%s: reconnected to the vhost-user backend at %s", self.dev_id, self.frontend.path)
+
+    def _reconnect_once(self) -> None:
+        self.frontend.reconnect()
+        with self._all_locks():
+            if self._closed:
+                self.frontend.close()
+                return
+            self.frontend.replay(self._rebase)
+            self._watch()
+            # requests queued while no backend was there may have had their kick taken by
+            # the old one: a spurious kick is harmless, a lost one leaves the guest waiting
+            for index in range(len(self.kick_fds)):
+                self.queue_notify(index)
 
     def _rebase(self, vrings: list[Vring]) -> list[Vring]:
         """Restart each queue where the guest saw its last completion (the used index), so the

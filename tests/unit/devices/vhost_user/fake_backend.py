@@ -30,7 +30,8 @@ class FakeBackend:
     """A backend on ``path``; ``messages`` is what it received, in order."""
 
     def __init__(self, path: str, *, features: int, protocol: int = 0, queues: int = 1,
-                 config: bytes = b"", refuse: int | None = None) -> None:
+                 config: bytes = b"", refuse: int | None = None,
+                 hang_up_on: tuple[int, int] | None = None) -> None:
         self.path = path
         self.features = features
         self.protocol = protocol
@@ -38,6 +39,8 @@ class FakeBackend:
         self.config = config
         #: answer this request's acknowledgement with a failure status
         self.refuse = refuse
+        #: (connection number, request): on that connection, hang up instead of answering it
+        self.hang_up_on = hang_up_on
         self.messages: list[Message] = []
         self.connections = 0
         self.changed = threading.Condition()
@@ -103,6 +106,9 @@ class FakeBackend:
         with self.changed:
             self.messages.append(message)
             self.changed.notify_all()
+        if self.hang_up_on == (self.connections, request):
+            conn.close()
+            return False
         reply = self._answer(message)
         if reply is None and flags & p.FLAG_NEED_REPLY:
             reply = p.U64.pack(1 if request == self.refuse else 0)

@@ -244,6 +244,32 @@ def test_backend_restart_is_followed_by_a_replay(shared_mem: GuestMemoryMmap, so
         backend.close()
 
 
+def test_a_replay_that_breaks_is_tried_again(shared_mem: GuestMemoryMmap, sock: str) -> None:
+    """The new connection reached a backend that went away during the replay (the old one, still
+    closing): the device connects again instead of giving up."""
+    backend = FakeBackend(sock, features=BLK_FEATURES, protocol=ALL_PROTOCOL, config=blk_config(),
+                          hang_up_on=(2, p.SET_MEM_TABLE))
+    router = IrqfdRouter()
+    watcher = CallingWatcher()
+    dev = VhostUserBlk("_disk0", sock, lambda: shared_memory_table(shared_mem), watcher=watcher)
+    transport = VirtioPciDevice(dev, shared_mem, router)
+    transport.set_bar_address(0xE000_0000)
+    try:
+        PciDriver(transport, shared_mem, Allocator(0x10000, 8 << 20)).probe()
+        backend.drop()
+        watcher.fire()
+        with backend.changed:
+            assert backend.changed.wait_for(lambda: backend.connections == 3, 5)
+        deadline = time.monotonic() + 5
+        while p.SET_VRING_ENABLE not in backend.requests()[-1:] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.requests()[-1] == p.SET_VRING_ENABLE and not dev.needs_reset
+    finally:
+        transport.close()
+        router.close()
+        backend.close()
+
+
 class CallingWatcher:
     """An I/O loop stand-in: remembers the callbacks and calls them on ``fire``."""
 
