@@ -17,7 +17,8 @@
     ├── NotFoundError        no VM, no VM config, or no device with that id
     ├── BusyError            a request that must wait for an earlier one to finish
     └── DeviceError          a host-side device failure (never a guest's misbehaviour)
-        └── VirtQueueError       a guest's virtqueue breaks the spec; the device stops until reset
+        ├── VirtQueueError       a guest's virtqueue breaks the spec; the device stops until reset
+        └── VhostUserError       a vhost-user backend that cannot be reached or misbehaves
 
 Messages are short, one line, and do not repeat their cause; the cause is chained
 with ``raise ... from err`` and shown by the front-ends as a numbered chain.
@@ -122,3 +123,7 @@ def error_chain(err: BaseException) -> list[str]:
             chain.append(text)
         cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     return chain
+
+
+class VhostUserError(DeviceError):
+    """A vhost-user backend that cannot be reached, went away, or broke the protocol."""

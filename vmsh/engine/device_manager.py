@@ -10,8 +10,9 @@ The device models (``vmsh.devices``) know nothing of KVM; this is where they are
 - each virtio device gets a ``VirtioPciDevice`` transport in the slot it asks for (or the next
   free one), its BAR 0 allocated from the segment's 32-bit or 64-bit window and mapped on the
   MMIO bus, one ``KvmMsiRouter`` for its MSI-X vectors, and one ioeventfd per queue on its
-  notify address, served by the ``IoLoop`` thread; when the guest moves the BAR, the window
-  and the ioeventfds move with it;
+  notify address, served by the ``IoLoop`` thread (a vhost-user device brings its own
+  eventfds, which its backend reads instead); when the guest moves the BAR, the window and the
+  ioeventfds move with it;
 - a plain PCI device with one memory BAR (pvpanic) is placed and mapped the same way;
 - a device region (a pmem file) becomes a KVM memory slot in the 64-bit window;
 - hotplugged devices go through the same path; an ejected one is unmapped and its slot
@@ -228,23 +229,27 @@ class DeviceManager:
         except BusError as err:
             raise DeviceError(f"{entry.id}: BAR at {address:#x} overlaps another device") from err
         transport = entry.transport
+        external = _external_kicks(entry)
         for queue in range(entry.queues):
-            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fd = external[queue] if external else os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             guest = address + transport.notify_offset(queue)  # type: ignore[attr-defined]  # virtio transports only
             try:
                 self.vm_fd.ioeventfd(fd, guest, NOTIFY_WIDTH)
             except KvmError as err:
-                os.close(fd)
+                if not external:
+                    os.close(fd)
                 self._unmap(entry)
                 raise DeviceError(f"{entry.id}: cannot register the queue notifications") from err
             entry.notify_fds.append((fd, guest))
-            entry.window.notify[fd] = queue
-            self.loop.add(fd, functools.partial(entry.window.kick, fd, queue))
+            if not external:
+                entry.window.notify[fd] = queue
+                self.loop.add(fd, functools.partial(entry.window.kick, fd, queue))
 
     def _unmap(self, entry: PciDevice) -> None:
         """Unmap the BAR window and drop its ioeventfds (``entry.lock`` held, so no kick is
         running; one the I/O thread has already picked up finds its fd gone from
         ``window.notify`` and does nothing)."""
+        external = _external_kicks(entry)
         for fd, guest in entry.notify_fds:
             entry.window.notify.pop(fd, None)
             self.loop.remove(fd)
@@ -252,7 +257,8 @@ class DeviceManager:
                 self.vm_fd.ioeventfd(fd, guest, NOTIFY_WIDTH, deassign=True)
             except KvmError:
                 pass
-            os.close(fd)
+            if not external:
+                os.close(fd)
         entry.notify_fds = []
         if entry.mapped is not None:
             self.mmio.remove(entry.mapped.base)
@@ -407,8 +413,9 @@ class DeviceManager:
         """Stop the I/O thread, unplug everything and close the devices' host resources."""
         self.loop.stop()
         for entry in self.devices.values():
-            for fd, _ in entry.notify_fds:
-                os.close(fd)
+            if not _external_kicks(entry):
+                for fd, _ in entry.notify_fds:
+                    os.close(fd)
             entry.notify_fds = []
             self._release(entry)
         self.devices = {}
@@ -444,6 +451,14 @@ class DeviceManager:
             tree[f"_virtio-pci-{dev_id}"] = _node(f"_virtio-pci-{dev_id}", [{"PciBar": bar}], children=[dev_id],
                                                   pci_bdf=bdf)
         return tree
+
+
+def _external_kicks(entry: PciDevice) -> list[int]:
+    """The notification eventfds a device model owns (a vhost-user device, whose backend reads
+    them): they become the queues' ioeventfds, follow BAR moves, and are never read or closed
+    here. Empty for the devices whose kicks the I/O loop serves."""
+    fds: list[int] = getattr(getattr(entry.transport, "device", None), "kick_fds", None) or []
+    return fds if len(fds) == entry.queues else []
 
 
 def _node(dev_id: str, resources: list[dict[str, Any]], *, parent: str | None = None,

@@ -94,7 +94,8 @@ class GuestRegion:
         self.mmap = mm
         #: the memfd backing a shared region (None for anonymous memory)
         self.fd = fd
-        #: ``fd`` is mapped MAP_SHARED (its pages are the file's, not private copies)
+        #: ``fd`` (or the ``backing`` file) is mapped MAP_SHARED: its pages are the file's, not
+        #: private copies, so another process that maps the file sees the guest's RAM
         self.shared = shared
         #: writable zero-copy view of the whole region
         self.view = memoryview(mm)
@@ -165,7 +166,7 @@ class GuestRegion:
             raise GuestMemoryError(f"cannot map {size} bytes of {path} as guest RAM") from err
         if options.mergeable and hasattr(mmap, "MADV_MERGEABLE"):
             _madvise(mm, mmap.MADV_MERGEABLE)
-        return cls(start, mm, backing=(fd, offset))
+        return cls(start, mm, shared=options.shared, backing=(fd, offset))
 
     @property
     def host_addr(self) -> int:

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmsh.config import model as m
+from vmsh.devices.vhost_user.protocol import MemoryRegion
 from vmsh.engine.memory import GuestMemoryMmap, GuestRegion, MemoryOptions, ram_ranges
 from vmsh.engine.persist import SnapshotError
-from vmsh.errors import GuestMemoryError, VmshError
+from vmsh.errors import GuestMemoryError, VhostUserError, VmshError
 
 LOG = logging.getLogger(__name__)
 
@@ -159,3 +160,24 @@ def check_host_memory(size: int) -> None:
 
 def _gib(size: int) -> str:
     return f"{size / (1 << 30):.1f} GiB"
+
+
+def shared_memory_table(memory: GuestMemoryMmap) -> list[MemoryRegion]:
+    """Guest RAM as a vhost-user backend maps it: each region's file (its memfd, or a memory
+    zone's file) and offset, with its guest and host addresses.
+
+    :raises VhostUserError: for a region that is not a shared mapping of a file (private RAM,
+        or the copy-on-write mapping of a restored snapshot): the backend would not see the
+        guest's writes.
+    """
+    table = []
+    for r in memory.regions:
+        if r.shared and r.fd is not None:
+            fd, offset = r.fd, 0
+        elif r.shared and r.backing is not None:
+            fd, offset = r.backing
+        else:
+            raise VhostUserError(f"guest RAM at {r.start:#x} is not shared memory: vhost-user needs "
+                                 f"--memory shared=on (or shared memory zones)")
+        table.append(MemoryRegion(r.start, r.size, r.host_addr, fd, offset))
+    return table

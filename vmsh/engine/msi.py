@@ -106,6 +106,10 @@ class KvmMsiRouter:
             except BlockingIOError:
                 pass  # counter saturated: the interrupt is pending already
 
+    def eventfd(self, vector: int) -> int | None:
+        """``vector``'s irqfd: writing it fires the vector (a vhost-user backend's call fd)."""
+        return self.fds[vector] if 0 <= vector < len(self.fds) else None
+
     def close(self) -> None:
         """Deassign the irqfds and close them."""
         for fd, gsi in zip(self.fds, self.gsis, strict=True):

@@ -2,7 +2,7 @@
 
 In cloud-hypervisor's creation order (console, disks, nets, rng, pmem, vsock, balloon,
 watchdog, then pvpanic), so slots come out as its do. Every host resource (image file, tap,
-entropy source, pmem file, vsock socket) is opened here, and a failure names the option
+vhost-user backend connection, entropy source, pmem file, vsock socket) is opened here, and a failure names the option
 and the device id.
 """
 
@@ -21,6 +21,8 @@ from vmsh.devices.backends.tap import Tap, parse_mac
 from vmsh.devices.base import Trigger
 from vmsh.devices.pvpanic import PvPanicDevice
 from vmsh.devices.ratelimit import RateLimiter, RateLimiterGroup
+from vmsh.devices.vhost_user.blk import VhostUserBlk
+from vmsh.devices.vhost_user.net import VhostUserNet
 from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
@@ -31,6 +33,7 @@ from vmsh.devices.virtio.vsock import VirtioVsock
 from vmsh.devices.virtio.watchdog import VirtioWatchdog
 from vmsh.engine.console import ConsoleBackend
 from vmsh.engine.device_manager import DeviceManager
+from vmsh.engine.memory_manager import shared_memory_table
 from vmsh.engine.pci_device import PciDevice
 from vmsh.errors import DeviceError, VmshError
 
@@ -109,9 +112,8 @@ def unsupported_item(kind: str, item: Any) -> list[str]:
     with why (the builder refuses them cold, :func:`add_item` when hot-added)."""
     option = _OPTIONS.get(kind, kind)
     missing = []
-    if getattr(item, "vhost_user", False):
-        # a tap would be created instead: the guest would reach the host, not the backend
-        missing.append(f"{option} vhost_user=on (needs a vhost-user backend)")
+    if kind == "net" and item.vhost_user and item.num_queues > 2:
+        missing.append("--net vhost_user=on with num_queues above 2 (vmsh's vhost-user-net has one queue pair)")
     if getattr(item, "iommu", False):
         missing.append(f"{option} iommu=on (vmsh has no virtio-iommu)")
     if kind == "disks" and item.queue_affinity:
@@ -131,9 +133,14 @@ def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = Fa
     if missing:
         raise VmshError("Not supported by vmsh: " + ", ".join(missing))
     where = {"segment": item.pci_segment, "slot": slot}
+    if kind == "disks" and item.vhost_user:
+        return _add(manager, item.id, "--disk", lambda: _vhost_user_blk(manager, item),
+                    bar64=hotplug or item.pci_segment != 0, **where)
     if kind == "disks":
         return _add(manager, item.id, "--disk", lambda: _block(manager, item),
                     bar64=hotplug or item.pci_segment != 0, **where)
+    if kind == "net" and item.vhost_user:
+        return _add(manager, item.id, "--net", lambda: _vhost_user_net(manager, item), **where)
     if kind == "net":
         return _add(manager, item.id, "--net", lambda: _net(manager, item), **where)
     if kind == "pmem":
@@ -191,6 +198,24 @@ def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:
     return VirtioNet(tap, mac, manager.loop, queue_size=net.queue_size, mtu=net.mtu,
                      offload_csum=net.offload_csum, offload_tso=net.offload_tso, offload_ufo=net.offload_ufo,
                      rate_limiter=(lambda: RateLimiter.from_config(limits)) if limits is not None else None)
+
+
+def _vhost_user_blk(manager: DeviceManager, disk: m.DiskConfig) -> VhostUserBlk:
+    assert disk.id is not None and disk.vhost_socket is not None, "normalize() and validate() see to it"
+    memory = manager.memory
+    return VhostUserBlk(disk.id, disk.vhost_socket, lambda: shared_memory_table(memory),
+                        num_queues=disk.num_queues, queue_size=disk.queue_size, watcher=manager.loop)
+
+
+def _vhost_user_net(manager: DeviceManager, net: m.NetConfig) -> VhostUserNet:
+    assert net.id is not None and net.vhost_socket is not None, "normalize() and validate() see to it"
+    if not net.mac:
+        net.mac = format_mac(random_mac())  # as for a tap: vm.info shows the MAC the guest has
+    memory = manager.memory
+    return VhostUserNet(net.id, net.vhost_socket, lambda: shared_memory_table(memory), parse_mac(net.mac),
+                        server=net.vhost_mode is m.VhostMode.SERVER, queue_size=net.queue_size, mtu=net.mtu,
+                        offload_csum=net.offload_csum, offload_tso=net.offload_tso, offload_ufo=net.offload_ufo,
+                        watcher=manager.loop)
 
 
 def _pmem(manager: DeviceManager, pmem: m.PmemConfig) -> VirtioPmem:

@@ -20,6 +20,7 @@ from typing import Any
 from vmsh.config import canonical_json
 from vmsh.config import model as m
 from vmsh.devices.acpi import GED_POWER_BUTTON
+from vmsh.devices.vhost_user.device import VhostUserDevice
 from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.engine import snapshot as snapshot_tree
 from vmsh.engine.bus import Bus
@@ -38,7 +39,7 @@ from vmsh.engine.state import VmState, check_transition
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop
 from vmsh.engine.virtio_devices import BALLOON_ID
-from vmsh.errors import StateError, VmshError, error_chain
+from vmsh.errors import SnapshotError, StateError, VmshError, error_chain
 
 LOG = logging.getLogger(__name__)
 
@@ -217,6 +218,13 @@ class Vm:
         if self.state is not VmState.PAUSED:
             raise StateError("Trying to snapshot while VM is running")
         assert self.kvm is not None and self.memory is not None and self.devices is not None
+        backed = [dev_id for dev_id, entry in self.devices.devices.items()
+                  if isinstance(getattr(entry.transport, "device", None), VhostUserDevice)]
+        if backed:
+            # Refused before anything is written: a backend's own state (its rings' positions,
+            # requests in flight, a NIC's or a file system's state) cannot be saved from here.
+            raise SnapshotError(f"Cannot snapshot a VM with vhost-user devices ({', '.join(backed)}): "
+                                f"vmsh cannot save their backends' state")
         msrs = saveable_msrs(self.kvm, self.vcpus[0].fd)
         kvm_state = save_vm(self.vm_fd)
         if self.paused_clock is not None:

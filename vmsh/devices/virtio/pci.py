@@ -236,6 +236,20 @@ class _Interrupt:
             if vector != VIRTIO_MSI_NO_VECTOR:
                 o.msix.signal(vector)
 
+    def queue_eventfd(self, queue_index: int) -> int | None:
+        """The eventfd that raises ``queue_index``'s MSI-X vector without this process (a KVM
+        irqfd), for a backend that signals used buffers itself (vhost-user); None when the
+        queue has no vector or the router has no such fds."""
+        o = self.owner
+        if not 0 <= queue_index < len(o.queue_msix_vectors):
+            return None
+        vector = o.queue_msix_vectors[queue_index]
+        eventfd = getattr(o.msix.router, "eventfd", None)
+        if vector == VIRTIO_MSI_NO_VECTOR or eventfd is None:
+            return None
+        fd: int | None = eventfd(vector)
+        return fd
+
     def signal_config_change(self) -> None:
         o = self.owner
         with o._isr_lock:
