@@ -78,6 +78,9 @@ BASE = {"--kernel": "{kernel}", "--serial": "null", "--console": "off", "--memor
         "--cpus": "boot=1"}
 
 SHARED = ["--memory", "size=64M,shared=on"]
+#: vhost-user devices carrying data in a real guest against qemu-storage-daemon and dpdk-testpmd
+VU_BLK_TEST = "tests/guest/test_vhost_user.py::test_vhost_user_blk_reads_and_writes_through_qemu_storage_daemon"
+VU_NET_TEST = "tests/guest/test_vhost_user.py::test_vhost_user_net_carries_frames_through_testpmd"
 SEG2 = ["--platform", "num_pci_segments=2"]
 DISK = ["--disk", "path={disk}"]
 NET = "tap=vmshcov0,mac=52:54:00:12:34:56"
@@ -175,8 +178,8 @@ TABLE: dict[str, Check] = {
     "DiskConfig.iommu": R(["--disk", "path={disk},iommu=on"], f"--disk iommu=on ({NO_IOMMU})"),
     "DiskConfig.num_queues": D([*DISK, "--cpus", "boot=2"], ["--disk", "path={disk},num_queues=2", "--cpus", "boot=2"]),
     "DiskConfig.queue_size": D(DISK, ["--disk", "path={disk},queue_size=64"]),
-    "DiskConfig.vhost_user": R(["--disk", "vhost_user=on,socket={dir}/vu.sock", *SHARED], "--disk vhost_user=on"),
-    "DiskConfig.vhost_socket": R(["--disk", "vhost_user=on,socket={dir}/vu.sock", *SHARED], "--disk vhost_user=on"),
+    "DiskConfig.vhost_user": E(VU_BLK_TEST),
+    "DiskConfig.vhost_socket": E(VU_BLK_TEST),
     "DiskConfig.rate_limit_group": E(GROUP_TEST),
     "DiskConfig.rate_limiter_config": E(RATE_TEST),
     "DiskConfig.id": D(DISK, ["--disk", "path={disk},id=mydisk"]),
@@ -198,10 +201,10 @@ TABLE: dict[str, Check] = {
     "NetConfig.iommu": R(["--net", NET + ",iommu=on"], f"--net iommu=on ({NO_IOMMU})"),
     "NetConfig.num_queues": D(["--net", NET], ["--net", NET + ",num_queues=4", "--cpus", "boot=2"]),
     "NetConfig.queue_size": D(["--net", NET], ["--net", NET + ",queue_size=64"]),
-    "NetConfig.vhost_user": R(["--net", "vhost_user=on,socket={dir}/vu.sock", *SHARED], "--net vhost_user=on"),
-    "NetConfig.vhost_socket": R(["--net", "vhost_user=on,socket={dir}/vu.sock", *SHARED], "--net vhost_user=on"),
-    "NetConfig.vhost_mode": R(["--net", "vhost_user=on,socket={dir}/vu.sock,vhost_mode=server", *SHARED],
-                              "--net vhost_user=on"),
+    "NetConfig.vhost_user": E(VU_NET_TEST),
+    "NetConfig.vhost_socket": E(VU_NET_TEST),
+    # parametrized: vmsh as client (testpmd listens) and as server (testpmd connects)
+    "NetConfig.vhost_mode": E(VU_NET_TEST),
     "NetConfig.id": D(["--net", NET], ["--net", NET + ",id=mynet"]),
     "NetConfig.fds": E("tests/unit/devices/virtio/test_net_tap_fd.py::test_a_callers_blocking_tap_is_made_fit"),
     "NetConfig.rate_limiter_config": E("tests/unit/devices/virtio/test_ratelimit_devices.py::test_net_tx_ops_limit"),

@@ -1,7 +1,8 @@
 """Inputs vmsh must refuse at once with a clear error (issue #16), on KVM with tiny kernels:
 payloads that are not regular files within guest RAM, disk images in a format other than raw
 (cold and hot-added), ``--console socket=``, ``--gdb``, and device keys vmsh cannot act on when
-the device is hot-added (a vhost-user net must never become a host tap)."""
+the device is hot-added (a vhost-user net must never become a host tap, nor be plugged into a VM
+whose RAM the backend cannot share)."""
 
 from __future__ import annotations
 
@@ -131,8 +132,8 @@ def _links() -> set[str]:
 
 
 @pytest.mark.parametrize("kind, item, needle", [
-    ("net", m.NetConfig(tap="vmshvu0", vhost_user=True, vhost_socket="/tmp/vu.sock", id="hot0"),
-     "--net vhost_user=on (needs a vhost-user backend)"),
+    ("net", m.NetConfig(tap="vmshvu0", vhost_user=True, vhost_socket="/tmp/vu.sock", num_queues=4, id="hot0"),
+     "--net vhost_user=on with num_queues above 2 (vmsh's vhost-user-net has one queue pair)"),
     ("net", m.NetConfig(tap="vmshio0", iommu=True, id="hot0"), "--net iommu=on (vmsh has no virtio-iommu)"),
     ("disks", m.DiskConfig(path="{image}", iommu=True, id="hot0"), "--disk iommu=on (vmsh has no virtio-iommu)"),
     ("disks", m.DiskConfig(path="{image}", id="hot0",
@@ -154,6 +155,22 @@ def test_hot_add_refuses_what_cold_plug_refuses(vm: Vm, tmp_path: Path, kind: st
     with pytest.raises(VmshError, match=r"^Not supported by vmsh: ") as info:
         vm.hotplug_device(kind, item)
     assert needle in str(info.value)
+    assert _links() == links, "no host interface was created"
+    assert vm.devices is not None and "hot0" not in vm.devices.devices
+
+
+@pytest.mark.parametrize("kind, item", [
+    ("net", m.NetConfig(tap="vmshvu0", vhost_user=True, vhost_socket="{dir}/vu.sock", id="hot0")),
+    ("disks", m.DiskConfig(vhost_user=True, vhost_socket="{dir}/vu.sock", id="hot0")),
+])
+def test_hot_added_vhost_user_device_needs_shared_ram(vm: Vm, tmp_path: Path, kind: str, item: object) -> None:
+    """This VM's RAM is private: the backend could not see the guest's buffers, so the device is
+    refused before any connection is tried, and a vhost-user net never becomes a host tap."""
+    item.vhost_socket = item.vhost_socket.format(dir=tmp_path)
+    links = _links()
+    with pytest.raises(VmshError) as info:
+        vm.hotplug_device(kind, item)
+    assert "is not shared memory: vhost-user needs --memory shared=on" in ": ".join(error_chain(info.value))
     assert _links() == links, "no host interface was created"
     assert vm.devices is not None and "hot0" not in vm.devices.devices
 

@@ -122,7 +122,8 @@ class VhostUserDevice(VirtioDevice):
                 continue
             vrings.append(Vring(i, q.size, q.desc_table, q.avail_ring, q.used_ring, q.next_avail, self.kick_fds[i],
                                 call_fd(i) if call_fd is not None else None))
-        self.frontend.start(self.acked_features, self.memory_table, vrings)
+        # what this device adds itself (virtio-net's MAC and MTU) is not the backend's to know
+        self.frontend.start(self.acked_features & self.frontend.backend_features, self.memory_table, vrings)
 
     def on_reset(self) -> None:
         self.frontend.stop()
