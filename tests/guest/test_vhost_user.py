@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from vmsh.api.client import ApiClient
+from tests.guest.eventlog import events_of, wait_for_event
+from vmsh.api.client import ApiClient, ApiError
 from vmsh.harness.waiting import wait_until
 
 SHARED = ["--memory", "size=512M,shared=on"]
@@ -62,10 +62,11 @@ def backends() -> Iterator[list[Backend]]:
         b.stop()
 
 
-def storage_daemon(backends: list[Backend], tmp_path: Path, image: Path, name: str = "vu-blk") -> Path:
+def storage_daemon(backends: list[Backend], tmp_path: Path, image: Path, name: str = "vu-blk",
+                   sock: Path | None = None) -> Path:
     """qemu-storage-daemon exporting ``image`` as vhost-user-blk on a socket it listens on."""
     _require(QSD, "qemu-system-common")
-    sock = tmp_path / f"{name}.sock"
+    sock = sock or tmp_path / f"{name}.sock"
     backends.append(Backend([QSD, "--blockdev", f"driver=file,node-name=f,filename={image}",
                              "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
                              f"addr.path={sock},writable=on"], tmp_path / f"{name}.log"))
@@ -153,3 +154,80 @@ def test_vhost_user_net_carries_frames_through_testpmd(vmsh_guest, backends, tmp
     log = pmd.stop()
     received = [int(n) for n in re.findall(r"RX-packets: +(\d+)", log)]
     assert received and max(received) >= 6, log[-2000:]
+
+
+def test_vhost_user_devices_hot_add_remove_and_refuse_a_snapshot(vmsh_guest, backends, tmp_path: Path) -> None:
+    """On one running guest: a vhost-user disk and a vhost-user net are hot-added (ACPI PCI
+    hotplug), carry data and are ejected again; a snapshot while one is plugged is refused
+    before anything is written."""
+    api, events = tmp_path / "api.sock", tmp_path / "events.json"
+    guest = vmsh_guest(*SHARED, "--api-socket", f"path={api}", "--event-monitor", f"path={events}")
+    image = make_image(tmp_path / "hot.img")
+    qsd = storage_daemon(backends, tmp_path, image)
+    with ApiClient(str(api)) as client:
+        info = client.put("vm.add-disk", {"vhost_user": True, "vhost_socket": str(qsd), "id": "vudisk"})
+    assert info["id"] == "vudisk"
+    wait_in_guest(guest, "[ -e /sys/block/vda ]")
+    assert guest.check_output("dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 19") == "VMSH-VHOST-USER-BLK"
+    guest.check_output("echo HOT-ADDED-AND-WRITTEN | dd of=/dev/vda bs=512 seek=100 conv=sync oflag=direct 2>/dev/null")
+    with open(image, "rb") as f:
+        f.seek(100 * 512)
+        assert f.read(21) == b"HOT-ADDED-AND-WRITTEN"
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    with ApiClient(str(api)) as client:
+        client.put("vm.pause")
+        with pytest.raises(ApiError) as refused:
+            client.put("vm.snapshot", {"destination_url": f"file://{snapshot}"})
+        client.put("vm.resume")
+    assert "Cannot snapshot a VM with vhost-user devices (vudisk)" in str(refused.value)
+    assert list(snapshot.iterdir()) == [], "nothing was written"
+
+    with ApiClient(str(api)) as client:
+        client.put("vm.remove-device", {"id": "vudisk"})
+    assert wait_for_event(events, "vm", "device-removed") == {"id": "vudisk", "bdf": info["bdf"]}
+    wait_in_guest(guest, "[ ! -e /sys/block/vda ]")
+    # the backend saw the frontend go and still serves: the disk can be plugged again
+    with ApiClient(str(api)) as client:
+        client.put("vm.add-disk", {"vhost_user": True, "vhost_socket": str(qsd), "id": "vudisk2"})
+    wait_in_guest(guest, "[ -e /sys/block/vda ]")
+    assert guest.check_output("dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 21") \
+        == "HOT-ADDED-AND-WRITTEN"
+
+    sock = tmp_path / "vu-net.sock"
+    start_testpmd(backends, tmp_path, sock, client=False)
+    with ApiClient(str(api)) as client:
+        client.put("vm.add-net", {"vhost_user": True, "vhost_socket": str(sock), "mac": GUEST_MAC, "id": "vunet"})
+    wait_in_guest(guest, "[ -e /sys/class/net/eth0 ]")
+    ping_through_the_backend(guest)
+    with ApiClient(str(api)) as client:
+        client.put("vm.remove-device", {"id": "vunet"})
+    wait_in_guest(guest, "[ ! -e /sys/class/net/eth0 ]")
+    removed = [props["id"] for src, ev, props in events_of(events) if (src, ev) == ("vm", "device-removed")]
+    assert removed == ["vudisk", "vunet"]
+
+
+def test_vhost_user_blk_reconnects_when_the_backend_restarts(vmsh_guest, backends, tmp_path: Path) -> None:
+    """qemu-storage-daemon killed and started again on the same socket: vmsh reconnects (as a
+    client it retries for up to 60 s), replays the set-up, and the guest's I/O goes on."""
+    image = make_image(tmp_path / "vu.img")
+    sock = storage_daemon(backends, tmp_path, image, name="first")
+    guest = vmsh_guest(*SHARED, "--disk", f"vhost_user=on,socket={sock}")
+    assert guest.check_output("dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 19") \
+        == "VMSH-VHOST-USER-BLK"
+    first = backends.pop()
+    first.proc.kill()
+    first.stop()
+    sock.unlink()
+    with open(image, "r+b") as f:
+        f.seek(2 << 20)
+        f.write(b"SEEN-BY-THE-SECOND-BACKEND".ljust(512, b"\0"))
+    time.sleep(1)  # vmsh notices the hang-up and starts retrying before the new backend is up
+    storage_daemon(backends, tmp_path, image, name="second", sock=sock)
+    assert guest.check_output("dd if=/dev/vda bs=512 skip=4096 count=1 iflag=direct 2>/dev/null | head -c 26",
+                              timeout=120) == "SEEN-BY-THE-SECOND-BACKEND"
+    guest.check_output("echo AFTER-RECONNECT | dd of=/dev/vda bs=512 seek=8 conv=sync oflag=direct 2>/dev/null")
+    with open(image, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(15) == b"AFTER-RECONNECT"

@@ -170,18 +170,26 @@ class VhostUserDevice(VirtioDevice):
         NamedThread(target=self._reconnect, name=self.dev_id, daemon=True).start()
 
     def _reconnect(self) -> None:
+        """The device's own thread (``{id}``, as cloud-hypervisor's backend-watching thread):
+        wait for the backend without holding a lock, then replay the set-up with the queues
+        held still."""
         try:
+            self.frontend.reconnect()
             with self._all_locks():
                 if self._closed:
+                    self.frontend.close()
                     return
-                self.frontend.reconnect(self._rebase)
+                self.frontend.replay(self._rebase)
+                self._watch()
+                # requests queued while no backend was there may have had their kick taken by
+                # the old one: a spurious kick is harmless, a lost one leaves the guest waiting
+                for index in range(len(self.kick_fds)):
+                    self.queue_notify(index)
         except VhostUserError as err:
             LOG.error("%s: %s", self.dev_id, err)
             self.fail(err)
             return
-        if not self._closed:
-            self._watch()
-            LOG.info("%s: reconnected to the vhost-user backend at %s", self.dev_id, self.frontend.path)
+        LOG.info("%s: reconnected to the vhost-user backend at %s", self.dev_id, self.frontend.path)
 
     def _rebase(self, vrings: list[Vring]) -> list[Vring]:
         """Restart each queue where the guest saw its last completion (the used index), so the

@@ -244,17 +244,25 @@ class Frontend:
                 return False
             return True
 
-    def reconnect(self, rebase: Callable[[list[Vring]], list[Vring]]) -> None:
-        """Connect again and replay the negotiation and, if the device was started, the start
-        (``rebase`` gives the started queues their current positions).
+    def reconnect(self) -> None:
+        """Drop the dead connection and make a new one (client: retry for up to 60 s; server:
+        wait for the backend to connect again). Nothing is sent yet: see :meth:`replay`.
 
-        :raises VhostUserError: when the backend does not come back in time, or refuses.
+        :raises VhostUserError: when the backend does not come back in time.
         """
         with self.lock:
             if self.channel is not None:
                 self.channel.close()
                 self.channel = None
         self.connect()
+
+    def replay(self, rebase: Callable[[list[Vring]], list[Vring]]) -> None:
+        """On a new connection, the negotiation again (the protocol features acked before) and,
+        if the device was started, the whole start; ``rebase`` gives the started queues their
+        current positions.
+
+        :raises VhostUserError: when the backend refuses.
+        """
         with self.lock:
             self._negotiate()
             if self._started is not None:
