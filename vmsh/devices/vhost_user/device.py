@@ -93,7 +93,8 @@ class VhostUserDevice(VirtioDevice):
             frontend.connect()
             backend = frontend.negotiate(self.offered_protocol)
             self.avail_features = backend & self.offered_features
-            if self.queue_count_limit() is not None and len(queue_sizes) > self.queue_count_limit():  # type: ignore[operator]  # checked just before
+            limit = frontend.backend_queues
+            if limit is not None and len(queue_sizes) > limit:
                 raise VhostUserError(f"{dev_id}: the backend serves {frontend.backend_queues} queues, "
                                      f"{len(queue_sizes)} were asked for")
             self.setup()
@@ -102,10 +103,6 @@ class VhostUserDevice(VirtioDevice):
             frontend.close()
             raise
         self._watch()
-
-    def queue_count_limit(self) -> int | None:
-        """How many queues the backend serves, if it said (MQ)."""
-        return self.frontend.backend_queues
 
     def setup(self) -> None:
         """Hook: after the negotiation, at creation (blk reads the backend's configuration)."""

@@ -233,12 +233,17 @@ class Frontend:
         with self.lock:
             if self.channel is None:
                 return False
+            sock = self.channel.sock
+            timeout = sock.gettimeout()
+            sock.setblocking(False)  # with a timeout, recv would first wait up to that long
             try:
-                data = self.channel.sock.recv(4096, socket.MSG_DONTWAIT)
+                data = sock.recv(4096)
             except BlockingIOError:
                 return False
             except OSError:
                 return True
+            finally:
+                sock.settimeout(timeout)
             if data:
                 LOG.warning("%s: ignored %d unexpected bytes from the backend", self.path, len(data))
                 return False

@@ -94,6 +94,8 @@ CONFIG_HEADER = struct.Struct("<III")
 
 #: the payload sizes a reply to each request must have (GET_CONFIG's depends on the request)
 _U64_REPLIES = frozenset({GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS})
+#: how long to wait for a reply before the backend counts as hung (seconds)
+REPLY_TIMEOUT = 60.0
 #: a payload larger than this is refused (the biggest legitimate reply is GET_CONFIG's)
 MAX_PAYLOAD = 4096
 
@@ -127,8 +129,10 @@ class Channel:
     Not thread-safe: the device that owns it serializes its use (its own lock).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, reply_timeout: float = REPLY_TIMEOUT) -> None:
         self.sock = sock
+        # a backend that stops answering must not hold the vCPU or the I/O thread forever
+        sock.settimeout(reply_timeout)
         #: set by the frontend once REPLY_ACK is negotiated: every request without a reply of
         #: its own asks for an acknowledgement
         self.reply_ack = False
