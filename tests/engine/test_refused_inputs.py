@@ -134,6 +134,10 @@ def _links() -> set[str]:
 @pytest.mark.parametrize("kind, item, needle", [
     ("net", m.NetConfig(tap="vmshvu0", vhost_user=True, vhost_socket="/tmp/vu.sock", num_queues=4, id="hot0"),
      "--net vhost_user=on with num_queues above 2 (vmsh's vhost-user-net has one queue pair)"),
+    ("net", m.NetConfig(tap="vmshvu0", vhost_user=True, vhost_socket="/tmp/vu.sock", id="hot0"),
+     "--net tap with vhost_user=on (the backend moves the packets: there is no tap)"),
+    ("disks", m.DiskConfig(vhost_user=True, vhost_socket="/tmp/vu.sock", serial="s", id="hot0"),
+     "--disk serial with vhost_user=on (the backend's export decides it)"),
     ("net", m.NetConfig(tap="vmshio0", iommu=True, id="hot0"), "--net iommu=on (vmsh has no virtio-iommu)"),
     ("disks", m.DiskConfig(path="{image}", iommu=True, id="hot0"), "--disk iommu=on (vmsh has no virtio-iommu)"),
     ("disks", m.DiskConfig(path="{image}", id="hot0",
@@ -160,7 +164,7 @@ def test_hot_add_refuses_what_cold_plug_refuses(vm: Vm, tmp_path: Path, kind: st
 
 
 @pytest.mark.parametrize("kind, item", [
-    ("net", m.NetConfig(tap="vmshvu0", vhost_user=True, vhost_socket="{dir}/vu.sock", id="hot0")),
+    ("net", m.NetConfig(vhost_user=True, vhost_socket="{dir}/vu.sock", id="hot0")),
     ("disks", m.DiskConfig(vhost_user=True, vhost_socket="{dir}/vu.sock", id="hot0")),
 ])
 def test_hot_added_vhost_user_device_needs_shared_ram(vm: Vm, tmp_path: Path, kind: str, item: object) -> None:

@@ -115,8 +115,16 @@ def unsupported_item(kind: str, item: Any) -> list[str]:
     with why (the builder refuses them cold, :func:`add_item` when hot-added)."""
     option = _OPTIONS.get(kind, kind)
     missing = []
-    if kind == "net" and item.vhost_user and item.num_queues > 2:
-        missing.append("--net vhost_user=on with num_queues above 2 (vmsh's vhost-user-net has one queue pair)")
+    if kind == "net" and item.vhost_user:
+        if item.num_queues > 2:
+            missing.append("--net vhost_user=on with num_queues above 2 (vmsh's vhost-user-net has one queue pair)")
+        # cloud-hypervisor ignores these for a vhost-user net; vmsh never accepts what it ignores
+        missing.extend(f"--net {key} with vhost_user=on (the backend moves the packets: there is no tap)"
+                       for key, given in (("tap", item.tap), ("fd", item.fds), ("host_mac", item.host_mac)) if given)
+    if kind == "disks" and item.vhost_user:
+        missing.extend(f"--disk {key} with vhost_user=on (the backend's export decides it)"
+                       for key, given in (("readonly", item.readonly), ("direct", item.direct),
+                                          ("serial", item.serial)) if given)
     if getattr(item, "iommu", False):
         missing.append(f"{option} iommu=on (vmsh has no virtio-iommu)")
     if kind == "disks" and item.queue_affinity:
@@ -226,8 +234,8 @@ def _vhost_user_net(manager: DeviceManager, net: m.NetConfig) -> VhostUserNet:
 def _vhost_user_fs(manager: DeviceManager, fs: m.FsConfig) -> VhostUserFs:
     assert fs.id is not None, "normalize() names every device"
     memory = manager.memory
-    return VhostUserFs(fs.id, fs.socket, lambda: shared_memory_table(memory), tag=fs.tag,
-                       num_request_queues=fs.num_queues, queue_size=fs.queue_size, watcher=manager.loop)
+    return VhostUserFs(fs.id, fs.socket, lambda: shared_memory_table(memory), fs.tag, num_queues=fs.num_queues,
+                       queue_size=fs.queue_size, watcher=manager.loop)
 
 
 def _pmem(manager: DeviceManager, pmem: m.PmemConfig) -> VirtioPmem:

@@ -125,6 +125,15 @@ class VhostUserDevice(VirtioDevice):
     def on_reset(self) -> None:
         self.frontend.stop()
 
+    def pause(self) -> None:
+        """The VM pauses: the backend stops serving the queues (the engine calls this for every
+        device that has ``pause`` and ``resume``)."""
+        self.frontend.enable(False)
+
+    def resume(self) -> None:
+        """The VM runs again (also at its first start, when nothing is started yet)."""
+        self.frontend.enable(True)
+
     def queue_notify(self, index: int) -> None:
         """A notification that did not come through the ioeventfd (a notify write through the
         PCI configuration window): pass it on to the backend."""

@@ -222,6 +222,20 @@ class Frontend:
                 LOG.warning("%s: stopping the backend's queues: %s", self.path, err)
             return bases
 
+    def enable(self, on: bool) -> None:
+        """SET_VRING_ENABLE on every started queue: a paused VM's backend stops serving them
+        (cloud-hypervisor's pause and resume of a vhost-user device). Needs protocol features
+        (without them a ring cannot be disabled); a backend that is gone is not an error here."""
+        with self.lock:
+            if self._started is None or self.channel is None \
+                    or not self.backend_features >> p.VHOST_USER_F_PROTOCOL_FEATURES & 1:
+                return
+            try:
+                for ring in self._started[1]:
+                    self.channel.command(p.SET_VRING_ENABLE, p.VRING_STATE.pack(ring.index, int(on)))
+            except VhostUserError as err:
+                LOG.warning("%s: %s the backend's queues: %s", self.path, "enabling" if on else "disabling", err)
+
     # -- disconnection ---------------------------------------------------------------------------
 
     def connection_lost(self) -> bool:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.unit.devices.vhost_user.fake_backend import FakeBackend
 from vmsh.devices.vhost_user import protocol as p
-from vmsh.devices.vhost_user.fs import VIRTIO_ID_FS, VhostUserFs
+from vmsh.devices.vhost_user.fs import TAG_SIZE, VIRTIO_ID_FS, VhostUserFs
 from vmsh.errors import VhostUserError
 
 VERSION_1 = 1 << 32
@@ -36,12 +36,12 @@ def backend(tmp_path: Path) -> Iterator[Callable[..., FakeBackend]]:
 
 def test_config_space_is_the_tag_and_the_request_queues(backend: Callable[..., FakeBackend]) -> None:
     served = backend(4)
-    dev = VhostUserFs("fs0", served.path, lambda: [], tag="hostshare", num_request_queues=3, queue_size=256)
+    dev = VhostUserFs("fs0", served.path, lambda: [], "hostshare", num_queues=3, queue_size=256)
     try:
         assert dev.device_type == VIRTIO_ID_FS == 26
         config = dev.read_config(0, 40)
-        assert config[:36] == b"hostshare".ljust(36, b"\0")
-        assert struct.unpack("<I", config[36:]) == (3,)
+        assert config[:TAG_SIZE] == b"hostshare".ljust(TAG_SIZE, b"\0")
+        assert struct.unpack("<I", config[TAG_SIZE:]) == (3,)
         # the hiprio queue, then the request queues, each of queue_size
         assert tuple(dev.queue_max_sizes) == (256,) * 4
         assert dev.avail_features == VERSION_1
@@ -53,22 +53,28 @@ def test_config_space_is_the_tag_and_the_request_queues(backend: Callable[..., F
 
 def test_a_tag_of_36_bytes_fills_the_field_without_a_nul(backend: Callable[..., FakeBackend]) -> None:
     served = backend(2)
-    dev = VhostUserFs("fs0", served.path, lambda: [], tag="t" * 36)
+    dev = VhostUserFs("fs0", served.path, lambda: [], "t" * TAG_SIZE)
     try:
-        assert dev.read_config(0, 36) == b"t" * 36
+        assert dev.read_config(0, TAG_SIZE) == b"t" * TAG_SIZE
         assert tuple(dev.queue_max_sizes) == (1024, 1024)
     finally:
         dev.close()
 
 
+@pytest.mark.parametrize("tag", ["", "t" * (TAG_SIZE + 1)])
+def test_an_empty_or_too_long_tag_is_refused(backend: Callable[..., FakeBackend], tag: str) -> None:
+    with pytest.raises(VhostUserError, match="a virtio-fs tag has 1 to 36 bytes"):
+        VhostUserFs("fs0", backend(2).path, lambda: [], tag)
+
+
 def test_more_queues_than_the_backend_serves_are_refused(backend: Callable[..., FakeBackend]) -> None:
     served = backend(2)
     with pytest.raises(VhostUserError, match="the backend serves 2 queues, 3 were asked for"):
-        VhostUserFs("fs0", served.path, lambda: [], tag="x", num_request_queues=2)
+        VhostUserFs("fs0", served.path, lambda: [], "x", num_queues=2)
 
 
 def test_a_backend_without_mq_is_taken_to_serve_two_queues(backend: Callable[..., FakeBackend]) -> None:
     """As cloud-hypervisor takes it: the hiprio queue and one request queue."""
-    VhostUserFs("fs0", backend(None).path, lambda: [], tag="x", num_request_queues=1).close()
+    VhostUserFs("fs0", backend(None).path, lambda: [], "x", num_queues=1).close()
     with pytest.raises(VhostUserError, match="the backend serves 2 queues, 3 were asked for"):
-        VhostUserFs("fs0", backend(None).path, lambda: [], tag="x", num_request_queues=2)
+        VhostUserFs("fs0", backend(None).path, lambda: [], "x", num_queues=2)

@@ -123,6 +123,13 @@ def test_driver_ok_hands_the_rings_and_fds_to_the_backend(shared_mem: GuestMemor
         driver.kick(0)
         assert os.eventfd_read(sent[6].fds[0]) == 1
 
+        # a paused VM's backend stops serving the rings, and starts again on resume
+        before = len(backend.messages)
+        dev.pause()
+        dev.resume()
+        assert [(m.request, p.VRING_STATE.unpack(m.payload)) for m in backend.messages[before:]] == [
+            (p.SET_VRING_ENABLE, (0, 0)), (p.SET_VRING_ENABLE, (0, 1))]
+
         # reset: the rings are disabled and their positions fetched
         before = len(backend.messages)
         driver.set_common(0x14, 0, 1)
@@ -268,4 +275,24 @@ def test_restore_is_refused(shared_mem: GuestMemoryMmap, sock: str) -> None:
             dev.restore(VhostUserState(sock))
     finally:
         dev.close()
+        backend.close()
+
+
+def test_fs_is_a_small_subclass_with_its_own_config(shared_mem: GuestMemoryMmap, sock: str) -> None:
+    from vmsh.devices.vhost_user.fs import TAG_SIZE, VIRTIO_ID_FS, VhostUserFs
+
+    backend = FakeBackend(sock, features=(1 << VIRTIO_F_VERSION_1) | PROTOCOL_FEATURES, protocol=ALL_PROTOCOL,
+                          queues=2)
+    router = IrqfdRouter()
+    dev = VhostUserFs("_fs0", sock, lambda: shared_memory_table(shared_mem), "myfs", queue_size=64)
+    transport = VirtioPciDevice(dev, shared_mem, router)
+    transport.set_bar_address(0xE000_0000)
+    try:
+        assert dev.device_type == VIRTIO_ID_FS and len(dev.queue_max_sizes) == 2  # hiprio + one request queue
+        assert dev.read_config(0, TAG_SIZE + 4) == b"myfs".ljust(TAG_SIZE, b"\0") + struct.pack("<I", 1)
+        PciDriver(transport, shared_mem, Allocator(0x10000, 8 << 20)).probe()
+        assert backend.requests().count(p.SET_VRING_KICK) == 2 and transport.activated
+    finally:
+        transport.close()
+        router.close()
         backend.close()
