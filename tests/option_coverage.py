@@ -96,7 +96,9 @@ ASYNC_TEST = "tests/guest/test_block_async.py::test_guest_data_goes_through_the_
 RATE_TEST = "tests/unit/devices/virtio/test_ratelimit_devices.py::test_block_bandwidth_limit_holds_requests_in_the_ring"
 GROUP_TEST = "tests/unit/devices/virtio/test_ratelimit_devices.py::test_block_group_shared_by_two_disks"
 AFFINITY_TEST = "tests/engine/test_launcher.py::test_affinity_pins_and_bad_host_cpu_is_refused"
-FS = ["--fs", "tag=t,socket={dir}/fs.sock", *SHARED]
+#: virtio-fs in a real guest against virtiofsd (on PCI segment 1), and its configuration space
+FS_TEST = "tests/guest/test_virtiofs.py::test_fs_shares_a_host_directory_with_the_guest"
+FS_CONFIG_TEST = "tests/unit/devices/vhost_user/test_fs.py::test_config_space_is_the_tag_and_the_request_queues"
 VDPA = ["--vdpa", "path=/dev/vhost-vdpa-0"]
 DEVICE = ["--device", "path=/sys/bus/pci/devices/0000:00:01.0"]
 NUMA = ["--numa", "guest_numa_id=0,cpus=[0],distances=[0@10],memory_zones=[z0]",
@@ -221,14 +223,14 @@ TABLE: dict[str, Check] = {
     "BalloonConfig.size": D(["--balloon", "size=0"], ["--balloon", "size=16M"]),
     "BalloonConfig.deflate_on_oom": D(["--balloon", "size=0"], ["--balloon", "size=0,deflate_on_oom=on"]),
     "BalloonConfig.free_page_reporting": D(["--balloon", "size=0"], ["--balloon", "size=0,free_page_reporting=on"]),
-    # --- fs (needs a vhost-user backend)
-    "VmConfig.fs": R(FS, "--fs"),
-    "FsConfig.tag": R(FS, "--fs"),
-    "FsConfig.socket": R(FS, "--fs"),
-    "FsConfig.num_queues": R(FS, "--fs"),
-    "FsConfig.queue_size": R(FS, "--fs"),
-    "FsConfig.id": R(FS, "--fs"),
-    "FsConfig.pci_segment": R(FS, "--fs"),
+    # --- fs: a vhost-user backend (QEMU's virtiofsd) serves it; the device against a scripted one
+    "VmConfig.fs": E(FS_TEST),
+    "FsConfig.tag": E(FS_TEST),
+    "FsConfig.socket": E(FS_TEST),
+    "FsConfig.num_queues": E(FS_CONFIG_TEST),
+    "FsConfig.queue_size": E(FS_CONFIG_TEST),
+    "FsConfig.id": E("tests/guest/test_virtiofs.py::test_fs_is_hot_added_used_and_removed"),
+    "FsConfig.pci_segment": E(FS_TEST),
     # --- pmem
     "VmConfig.pmem": D([], ["--pmem", PMEM]),
     "PmemConfig.file": D(["--pmem", PMEM], ["--pmem", "file={pmem2}"]),

@@ -31,14 +31,14 @@ def test_kernel_config_matches_fragment(image):
                 "HOTPLUG_PCI_ACPI", "MAGIC_SYSRQ",
                 "ACPI_PROCESSOR", "PCI_MSI", "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_NET",
                 "VIRTIO_CONSOLE", "HW_RANDOM_VIRTIO", "VIRTIO_BALLOON", "VIRTIO_PMEM",
-                "VIRTIO_VSOCKETS", "PVPANIC", "PVPANIC_PCI", "DMI", "DMIID", "RTC_DRV_CMOS",
+                "VIRTIO_VSOCKETS", "FUSE_FS", "VIRTIO_FS", "PVPANIC", "PVPANIC_PCI", "DMI", "DMIID", "RTC_DRV_CMOS",
                 "EXT4_FS", "TMPFS", "DEVTMPFS", "DEVTMPFS_MOUNT", "UNIX", "INET",
                 "BLK_DEV_INITRD", "CMDLINE_BOOL", "CMDLINE_HIDDEN"):
         assert options.get(f"CONFIG_{opt}") == "y", opt
     for opt in ("MODULES", "FTRACE", "KPROBES", "UNWINDER_ORC", "CPU_MITIGATIONS", "RETPOLINE",
                 "RANDOMIZE_BASE", "KALLSYMS", "AUDIT", "SECURITY", "STACKPROTECTOR",
                 "JUMP_LABEL", "PARAVIRT_SPINLOCKS", "KERNEL_ZSTD", "DEBUG_INFO_DWARF5",
-                "DEBUG_INFO_DWARF4", "PAGE_TABLE_ISOLATION"):
+                "DEBUG_INFO_DWARF4", "PAGE_TABLE_ISOLATION", "FUSE_DAX", "CUSE"):
         assert f"CONFIG_{opt}" not in options, opt
     assert "noxsave" in options["CONFIG_CMDLINE"] and "clearcpuid=" in options["CONFIG_CMDLINE"]
     # without it init dies on its first SYSCALL on PVM hosts (patches/0004)

@@ -174,7 +174,7 @@ class ProfileStopRequest:
 
 
 #: config lists whose devices can be plugged into a running VM
-HOTPLUG_KINDS = frozenset({"disks", "net", "pmem", "vsock"})
+HOTPLUG_KINDS = frozenset({"disks", "net", "fs", "pmem", "vsock"})
 
 #: add-* action -> the VmConfig list attribute (or the single-device attribute for vsock)
 ADD_TARGETS = {

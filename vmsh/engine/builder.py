@@ -104,8 +104,7 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
     missing = []
     no_iommu = "(vmsh has no virtio-iommu)"
     for name, present in (
-        # These need host pieces vmsh does not have: a vhost-user backend, VFIO, vDPA, SGX.
-        ("--fs (virtio-fs needs a vhost-user backend)", cfg.fs),
+        # These need host pieces vmsh does not have: VFIO, vDPA, SGX.
         ("--vdpa (needs /dev/vhost-vdpa-*)", cfg.vdpa),
         ("--device (VFIO passthrough needs /dev/vfio)", cfg.devices),
         ("--user-device (needs a vfio-user server)", cfg.user_devices),
@@ -124,7 +123,7 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
     ):
         if present:
             missing.append(name)
-    for kind in ("disks", "net", "pmem"):
+    for kind in ("disks", "net", "fs", "pmem"):
         for item in getattr(cfg, kind) or []:
             missing.extend(n for n in unsupported_item(kind, item) if n not in missing)
     if cfg.vsock is not None:

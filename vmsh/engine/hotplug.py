@@ -24,7 +24,7 @@ from vmsh.errors import VmshError
 LOG = logging.getLogger(__name__)
 
 #: VmConfig lists whose devices can be ejected, and the single-device attribute
-_EJECTABLE_LISTS = ("disks", "net", "pmem")
+_EJECTABLE_LISTS = ("disks", "net", "fs", "pmem")
 
 
 def bdf(segment: int, slot: int) -> str:

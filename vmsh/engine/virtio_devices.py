@@ -1,6 +1,6 @@
 """The PCI devices a VmConfig asks for, created and plugged into the ``DeviceManager``.
 
-In cloud-hypervisor's creation order (console, disks, nets, rng, pmem, vsock, balloon,
+In cloud-hypervisor's creation order (console, disks, nets, rng, fs, pmem, vsock, balloon,
 watchdog, then pvpanic), so slots come out as its do. Every host resource (image file, tap,
 vhost-user backend connection, entropy source, pmem file, vsock socket) is opened here, and a failure names the option
 and the device id.
@@ -22,6 +22,7 @@ from vmsh.devices.base import Trigger
 from vmsh.devices.pvpanic import PvPanicDevice
 from vmsh.devices.ratelimit import RateLimiter, RateLimiterGroup
 from vmsh.devices.vhost_user.blk import VhostUserBlk
+from vmsh.devices.vhost_user.fs import VhostUserFs
 from vmsh.devices.vhost_user.net import VhostUserNet
 from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
@@ -85,6 +86,8 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
         add_item(manager, "net", net)
     if cfg.rng is not None:
         _add(manager, RNG_ID, "--rng", lambda: VirtioRng(cfg.rng.src))
+    for fs in cfg.fs or []:
+        add_item(manager, "fs", fs)
     for pmem in cfg.pmem or []:
         add_item(manager, "pmem", pmem)
     if cfg.vsock is not None:
@@ -104,11 +107,11 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
 
 
 #: the option of each config list a device can be added from
-_OPTIONS = {"disks": "--disk", "net": "--net", "pmem": "--pmem", "vsock": "--vsock"}
+_OPTIONS = {"disks": "--disk", "net": "--net", "fs": "--fs", "pmem": "--pmem", "vsock": "--vsock"}
 
 
 def unsupported_item(kind: str, item: Any) -> list[str]:
-    """The keys of one ``disks``/``net``/``pmem``/``vsock`` item that vmsh cannot act on, each
+    """The keys of one ``disks``/``net``/``fs``/``pmem``/``vsock`` item that vmsh cannot act on, each
     with why (the builder refuses them cold, :func:`add_item` when hot-added)."""
     option = _OPTIONS.get(kind, kind)
     missing = []
@@ -131,7 +134,7 @@ def unsupported_item(kind: str, item: Any) -> list[str]:
 
 def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = False,
              slot: int | None = None) -> PciDevice:
-    """Create and plug one ``disks``/``net``/``pmem``/``vsock`` item of a config, in ``slot`` or
+    """Create and plug one ``disks``/``net``/``fs``/``pmem``/``vsock`` item of a config, in ``slot`` or
     the first free one (cold, or into a running VM: then a disk's BAR is 64-bit like every
     hotplugged device's).
 
@@ -151,6 +154,8 @@ def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = Fa
         return _add(manager, item.id, "--net", lambda: _vhost_user_net(manager, item), **where)
     if kind == "net":
         return _add(manager, item.id, "--net", lambda: _net(manager, item), **where)
+    if kind == "fs":
+        return _add(manager, item.id, "--fs", lambda: _vhost_user_fs(manager, item), **where)
     if kind == "pmem":
         return _add(manager, item.id, "--pmem", lambda: _pmem(manager, item), **where)
     if kind == "vsock":
@@ -225,6 +230,13 @@ def _vhost_user_net(manager: DeviceManager, net: m.NetConfig) -> VhostUserNet:
                         server=net.vhost_mode is m.VhostMode.SERVER, queue_size=net.queue_size, mtu=net.mtu,
                         offload_csum=net.offload_csum, offload_tso=net.offload_tso, offload_ufo=net.offload_ufo,
                         watcher=manager.loop)
+
+
+def _vhost_user_fs(manager: DeviceManager, fs: m.FsConfig) -> VhostUserFs:
+    assert fs.id is not None, "normalize() names every device"
+    memory = manager.memory
+    return VhostUserFs(fs.id, fs.socket, lambda: shared_memory_table(memory), fs.tag, num_queues=fs.num_queues,
+                       queue_size=fs.queue_size, watcher=manager.loop)
 
 
 def _pmem(manager: DeviceManager, pmem: m.PmemConfig) -> VirtioPmem:

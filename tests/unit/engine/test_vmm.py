@@ -12,7 +12,7 @@ from vmsh.config import model as m
 from vmsh.engine.events import EventMonitor, GuestEvent
 from vmsh.engine.state import VmState
 from vmsh.engine.vmm import ACTIONS, ACTIONS_BY_ENDPOINT, HANDLERS, Vmm
-from vmsh.errors import NotFoundError, StateError, VmshError
+from vmsh.errors import NotFoundError, StateError, ValidationError, VmshError
 
 CONFIG = m.VmConfig(payload=m.PayloadConfig(kernel="/k"))
 
@@ -63,8 +63,11 @@ def test_every_action_has_one_handler() -> None:
          "Trying to snapshot while VM is running"),
         ("running", "vm.describe", None, StateError,
          "vm.describe needs a created VM that is not booted (it is Running)"),
-        ("running", "vm.add-fs", {"tag": "t", "socket": "/s"}, VmshError,
-         "add-fs: these devices cannot be hotplugged into a running VM"),
+        ("running", "vm.add-vdpa", {"path": "/dev/vhost-vdpa-0"}, VmshError,
+         "add-vdpa: these devices cannot be hotplugged into a running VM"),
+        # a virtio-fs device can be hot-added, but only to a VM whose RAM a backend can map
+        ("running", "vm.add-fs", {"tag": "t", "socket": "/s"}, ValidationError,
+         "Using vhost-user requires using shared memory or huge pages"),
         ("running", "vm.registers", {}, StateError, "vm.registers needs a paused VM (it is Running): pause first"),
         ("running", "vm.restore", {"source_url": "file:///s"}, StateError, "VM is already created"),
         ("paused", "vm.pause", None, StateError, "Invalid transition from Paused to Paused"),
