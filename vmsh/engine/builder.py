@@ -28,12 +28,12 @@ from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.devices.pvpanic import event_name as pvpanic_event_name
 from vmsh.engine import smbios
-from vmsh.engine.acpi import pci_hotplug
+from vmsh.engine.acpi import cpu_hotplug, pci_hotplug
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.configure import configure_vcpu, write_boot_tables
-from vmsh.engine.boot.loader import load_initramfs, load_kernel
+from vmsh.engine.boot.loader import KernelImage, load_initramfs, load_kernel
 from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.control_requests import ControlRequests, Post
 from vmsh.engine.cpuid import CpuTopology
@@ -50,6 +50,7 @@ from vmsh.engine.persist import SnapshotError
 from vmsh.engine.platform_devices import (
     GED_ADDRESS,
     GED_IRQ,
+    CPU_HOTPLUG_ADDRESS,
     PCI_HOTPLUG_ADDRESS,
     PM_TIMER_PORT,
     SHUTDOWN_PORT,
@@ -213,6 +214,7 @@ def build_for_boot(config: m.VmConfig, events: EventMonitor, on_guest_event: Gue
             fd = _create_vcpu(vm, index, topology.apic_id(index))
             configure_vcpu(fd, vm.memory, kernel, supported, topology, pvm=is_pvm_host(), phys_bits=phys_bits,
                            hyperv=config.cpus.kvm_hyperv)
+        vm.new_vcpu = functools.partial(_hotplug_vcpu, vm, kernel, supported, phys_bits)
         _finish(vm)
     except BaseException:
         vm.shutdown()
@@ -265,6 +267,10 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
         # after the irqchip: a device whose state raises an interrupt (the GED) must not lose it
         vm.devices.restore(saved.devices)
         vm.paused_clock = saved.kvm.clock
+        # a vCPU added later starts in wait-for-SIPI (KVM's state for every vCPU but the
+        # BSP), so the kernel entry its registers get is never used: none is known here
+        no_kernel = KernelImage(kind="bzimage", entry=0, load_start=0, load_end=0)
+        vm.new_vcpu = functools.partial(_hotplug_vcpu, vm, no_kernel, vm.kvm.supported_cpuid(), _phys_bits(vm))
         _finish(vm)
         vm.state = VmState.PAUSED
     except BaseException:
@@ -320,6 +326,10 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
         vm.closeables.append(trigger)
         return trigger
 
+    def on_cpu_eject(index: int) -> None:
+        # a vCPU thread's write to the CPU hotplug controller: the vCPU is parked on the control loop
+        vm.requests.run(functools.partial(vm.vcpu_ejected, index))
+
     def on_eject(segment: int, slot: int) -> None:
         # a vCPU thread's write to B0EJ: the removal runs on the control loop
         assert vm.hotplug is not None, "made below, before any vCPU runs"
@@ -330,7 +340,8 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
     vm.devices = DeviceManager(vm.vm_fd, vm.memory, vm.pio, vm.mmio, segments, handoff=vm.requests.run,
                                on_device_event=lambda dev_id, event: vm.events.emit("virtio-device", event,
                                                                                     {"id": dev_id}))
-    vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject)
+    vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject, on_cpu_eject)
+    vm.cpu_hotplug = vm.platform.cpu_hotplug
     vm.backends.extend(vm.platform.backends)
     hooks = PlatformHooks(on_panic=lambda events: vm.events.emit("guest", "panic",
                                                                  {"event": pvpanic_event_name(events)}),
@@ -368,6 +379,8 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
             pci_rescan_method=pci_hotplug.RESCAN_METHOD,
             extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, vm.platform.hotplug.declared),
             ged=GedSpec(address=GED_ADDRESS, irq=GED_IRQ),
+            cpu_hotplug_address=CPU_HOTPLUG_ADDRESS if vm.platform.cpu_hotplug is not None else None,
+            cpu_scan_method=cpu_hotplug.SCAN_METHOD if vm.platform.cpu_hotplug is not None else None,
             shutdown_port=SHUTDOWN_PORT,
             pm_timer_port=PM_TIMER_PORT,
         ))
@@ -389,12 +402,43 @@ def cpu_topology(config: m.VmConfig) -> CpuTopology:
 
 
 def _create_vcpu(vm: Vm, index: int, apic_id: int) -> VcpuFd:
+    vcpu = _new_vcpu(vm, index, apic_id)
+    vm.vcpus.append(vcpu)
+    return vcpu.fd
+
+
+def _new_vcpu(vm: Vm, index: int, apic_id: int) -> Vcpu:
     # KVM gives a vCPU its id as initial APIC id: the id is the x2APIC id the topology packs
     # (the MADT and CPUID say the same), as cloud-hypervisor creates its vCPUs
     fd: VcpuFd = vm.vm_fd.create_vcpu(apic_id)
     _enable_hyperv(vm, fd)  # before a restore loads its SynIC MSRs
-    vm.vcpus.append(Vcpu(fd, vm.pio, vm.mmio, index=index))
-    return fd
+    return Vcpu(fd, vm.pio, vm.mmio, index=index)
+
+
+def _hotplug_vcpu(vm: Vm, kernel: KernelImage, supported: list[Any], phys_bits: int, index: int) -> Vcpu:
+    """vCPU ``index`` for a resize up: its APIC id, CPUID and MSRs exactly as a boot vCPU's.
+
+    :raises VmshError: when KVM refuses to create or configure it.
+    """
+    assert vm.memory is not None
+    topology = cpu_topology(vm.config)
+    try:
+        vcpu = _new_vcpu(vm, index, topology.apic_id(index))
+    except KvmError as err:
+        raise VmshError(f"resize: cannot create vcpu{index}") from err
+    try:
+        configure_vcpu(vcpu.fd, vm.memory, kernel, supported, topology, pvm=is_pvm_host(), phys_bits=phys_bits,
+                       hyperv=vm.config.cpus.kvm_hyperv)
+    except KvmError as err:
+        vcpu.fd.close()
+        raise VmshError(f"resize: cannot configure vcpu{index}") from err
+    vcpu.on_internal_error = vm.pvm_handler
+    if vm.vm_stats is not None:
+        try:
+            vm.vcpu_stats.append(KvmStats(vcpu.fd.stats_fd()))
+        except VmshError as err:
+            LOG.info("vcpu%d: KVM statistics are not available: %s", index, err)
+    return vcpu
 
 
 def _enable_hyperv(vm: Vm, fd: VcpuFd) -> None:

@@ -62,7 +62,7 @@ NOTIFY_WIDTH = 2
 
 
 #: platform devices whose state snapshots of format 1 did not have: restored fresh when missing
-_NEWER_THAN_FORMAT_1 = frozenset({"__pci_config_io", "__post"})
+_NEWER_THAN_FORMAT_1 = frozenset({"__pci_config_io", "__post", "__cpu_hotplug"})
 #: runs a piece of work on the VMM's control loop and returns when it is done
 Handoff = Callable[[Callable[[], None]], None]
 #: told ``(device id, event)`` when a virtio device is activated or reset by its driver

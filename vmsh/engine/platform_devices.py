@@ -6,7 +6,7 @@ CMOS/RTC at 0x70, the POST port at 0x80, the ACPI sleep/reset register at 0x600 
 at 0x608, the Generic Event Device (power button, hotplug notifications) and the ACPI PCI hotplug
 registers in the free MMIO space below the IOAPIC. The stateful ones are registered with the
 ``DeviceManager`` under their snapshot ids (``__serial``, ``__cmos``, ``__ged``,
-``__pci_hotplug``), so one walk of its device tree saves and restores them with the PCI devices.
+``__pci_hotplug``, ``__cpu_hotplug``), so one walk of its device tree saves and restores them with the PCI devices.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
+from vmsh.devices import cpu_hotplug as cpu_hotplug_regs
 from vmsh.devices.acpi import AcpiPmTimer, AcpiShutdown, Ged, PciHotplugController
+from vmsh.devices.cpu_hotplug import CpuHotplugController
 from vmsh.devices.base import Trigger
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.legacy.debugcon import DebugConsole
@@ -42,6 +44,8 @@ SHUTDOWN_PORT, PM_TIMER_PORT = 0x600, 0x608
 GED_ADDRESS, GED_IRQ = 0xFEB0_0000, 5
 #: the ACPI PCI hotplug registers, in the same free space
 PCI_HOTPLUG_ADDRESS = 0xFEB0_1000
+#: the ACPI CPU hotplug registers, in the same free space
+CPU_HOTPLUG_ADDRESS = 0xFEB0_2000
 #: the in-kernel IOAPIC's id in vm.info's device tree (cloud-hypervisor's name for its IOAPIC)
 IOAPIC_ID = "__ioapic"
 
@@ -53,6 +57,8 @@ class PlatformDevices:
     ged: Ged
     hotplug: PciHotplugController
     cmos: Cmos
+    #: the CPU hotplug registers, for a VM with more than one possible vCPU
+    cpu_hotplug: CpuHotplugController | None = None
     serial: Serial16550 | None = None
     #: console backends this VM opened (closed with it)
     backends: list[ConsoleBackend] = field(default_factory=list)
@@ -62,12 +68,17 @@ class PlatformDevices:
 
 def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callable[[int], Trigger],
                             reset: Trigger, poweroff: Trigger, tty: ConsoleBackend | None,
-                            on_eject: Callable[[int, int], None]) -> PlatformDevices:
+                            on_eject: Callable[[int, int], None],
+                            on_cpu_eject: Callable[[int], None] | None = None) -> PlatformDevices:
     """Create the platform devices of ``cfg`` and put them on ``devices``' buses.
 
     ``irq(gsi)`` makes an interrupt trigger; ``tty`` is the serial backend for ``--serial tty``
     when this process's terminal is not the console; ``on_eject(segment, slot)`` is called when
-    the guest ejects a PCI slot.
+    the guest ejects a PCI slot, ``on_cpu_eject(index)`` when it ejects a vCPU.
+
+    The CPU hotplug registers exist whenever ``max_vcpus`` is over 1 (not only while it is over
+    ``boot_vcpus``, which a resize changes), so that the ACPI tables and a snapshot's devices
+    do not depend on the vCPU count of the moment.
 
     :raises DeviceError: when a backend cannot be opened or a port collides.
     """
@@ -79,6 +90,9 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
         # RAM fills 0..3 GiB first, the rest goes above 4 GiB.
         cmos=Cmos(below_4g, devices.memory.size - below_4g, reset),
     )
+    if cfg.cpus.max_vcpus > 1:
+        platform.cpu_hotplug = CpuHotplugController(cfg.cpus.max_vcpus, cfg.cpus.boot_vcpus,
+                                                    on_cpu_eject or (lambda _index: None))
     # the IOAPIC is KVM's (the builder creates the in-kernel irqchip); it has its node first,
     # as cloud-hypervisor's interrupt controller has
     devices.add_node(IOAPIC_ID)
@@ -91,6 +105,9 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
         pio.insert(AcpiShutdown(poweroff, reset), SHUTDOWN_PORT, 8, name="acpi-shutdown")
         pio.insert(AcpiPmTimer(), PM_TIMER_PORT, 4, name="acpi-pm-timer")
         devices.add_legacy("__ged", platform.ged, mmio, GED_ADDRESS, 1, name="ged")
+        if platform.cpu_hotplug is not None:
+            devices.add_legacy("__cpu_hotplug", platform.cpu_hotplug, mmio, CPU_HOTPLUG_ADDRESS,
+                               cpu_hotplug_regs.REGISTER_SIZE, name="cpu-hotplug")
         devices.add_legacy("__pci_hotplug", platform.hotplug, mmio, PCI_HOTPLUG_ADDRESS,
                            pci_hotplug.REGISTER_SIZE, name="pci-hotplug")
     except BaseException:

@@ -19,7 +19,8 @@ from typing import Any
 
 from vmsh.config import canonical_json
 from vmsh.config import model as m
-from vmsh.devices.acpi import GED_POWER_BUTTON
+from vmsh.devices.acpi import GED_CPU_CHANGE, GED_POWER_BUTTON
+from vmsh.devices.cpu_hotplug import CpuHotplugController
 from vmsh.devices.vhost_user.device import VhostUserDevice
 from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.engine import snapshot as snapshot_tree
@@ -39,7 +40,7 @@ from vmsh.engine.state import VmState, check_transition
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop
 from vmsh.engine.virtio_devices import BALLOON_ID
-from vmsh.errors import SnapshotError, StateError, VmshError, error_chain
+from vmsh.errors import BusyError, SnapshotError, StateError, ValidationError, VmshError, error_chain
 
 LOG = logging.getLogger(__name__)
 
@@ -65,7 +66,17 @@ class Vm:
         self.kvm: Kvm | None = None
         self.vm_fd: Any = None
         self.memory: GuestMemoryMmap | None = None
+        #: the present vCPUs, in index order (vcpu0, vcpu1, ...)
         self.vcpus: list[Vcpu] = []
+        #: ejected vCPUs by index: KVM cannot destroy a vCPU, so its fd waits here, its thread
+        #: ended, for a later resize up (as cloud-hypervisor keeps them)
+        self.parked: dict[int, Vcpu] = {}
+        #: makes vCPU ``index`` configured as the boot vCPUs are (the builder's; None: no hotplug)
+        self.new_vcpu: Callable[[int], Vcpu] | None = None
+        #: the ACPI CPU hotplug registers (None when max_vcpus is 1)
+        self.cpu_hotplug: CpuHotplugController | None = None
+        #: vCPUs asked to go that the guest has not ejected yet
+        self._removing: set[int] = set()
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.platform: PlatformDevices | None = None
@@ -185,7 +196,7 @@ class Vm:
         for stats in [self.vm_stats, *self.vcpu_stats]:
             if stats is not None:
                 stats.close()
-        for vcpu in self.vcpus:
+        for vcpu in [*self.vcpus, *self.parked.values()]:
             vcpu.fd.close()
         for closeable in self.closeables:
             closeable.close()
@@ -210,6 +221,68 @@ class Vm:
                 vcpu.run_on_vcpu(lambda v: v.fd.nmi())
             else:
                 vcpu.fd.nmi()
+
+    # --- vCPU hotplug ---------------------------------------------------------------------------
+
+    def resize_vcpus(self, desired: int) -> bool:
+        """Grow to or shrink towards ``desired`` vCPUs (cloud-hypervisor's ``CpuManager::resize``);
+        False when nothing changes.
+
+        Up: the missing vCPUs (parked ones first) are created, configured as the boot vCPUs,
+        started, marked inserting, and the GED tells the guest, which brings them online. Down:
+        the highest are marked removing; the guest offlines them and ejects each through the
+        controller (``vcpu_ejected``). ``cpus.boot_vcpus`` follows at once, as in
+        cloud-hypervisor. Runs on the control loop.
+
+        :raises ValidationError: for fewer than 1 or more than ``max_vcpus`` vCPUs.
+        :raises BusyError: while a removal asked for earlier is not done.
+        """
+        cfg = self.config.cpus
+        if desired < 1:
+            raise ValidationError("resize: desired_vcpus must be at least 1")
+        if desired > cfg.max_vcpus:
+            raise ValidationError(f"resize: desired_vcpus {desired} is more than the maximum ({cfg.max_vcpus})")
+        if self._removing:
+            raise BusyError("resize: a vCPU removal is still pending")
+        present = len(self.vcpus)
+        if desired == present:
+            return False
+        if self.cpu_hotplug is None or self.new_vcpu is None or self.platform is None:
+            raise VmshError("resize: this VM has no CPU hotplug controller")
+        if desired > present:
+            for index in range(present, desired):
+                vcpu = self.parked.pop(index, None) or self.new_vcpu(index)
+                self.vcpus.append(vcpu)
+                self.cpu_hotplug.insert(index)
+                if self.state is VmState.RUNNING:
+                    self._start_vcpus([vcpu])
+                LOG.info("vcpu%d added", index)
+        else:
+            for index in range(desired, present):
+                self._removing.add(index)
+                self.cpu_hotplug.request_removal(index)
+        cfg.boot_vcpus = desired
+        self.platform.ged.notify(GED_CPU_CHANGE)
+        return True
+
+    def vcpu_ejected(self, index: int) -> None:
+        """The guest ejected vCPU ``index`` (runs on the control loop): its thread ends and it
+        is parked."""
+        vcpu = next((v for v in self.vcpus if v.index == index), None)
+        self._removing.discard(index)
+        if vcpu is None:
+            return
+        vcpu.kick()
+        if not vcpu.join(VCPU_STOP_TIMEOUT):
+            LOG.error("vcpu%d did not stop within %.0f s after its eject", index, VCPU_STOP_TIMEOUT)
+            return
+        vcpu.cancel_kick()
+        self.vcpus.remove(vcpu)
+        self.parked[index] = vcpu
+        if index < self.config.cpus.boot_vcpus:
+            # the guest ejected a vCPU nobody asked for (cloud-hypervisor lets it): the count follows
+            self.config.cpus.boot_vcpus = len(self.vcpus)
+        LOG.info("vcpu%d ejected and parked", index)
 
     # --- snapshot -------------------------------------------------------------------------------
 

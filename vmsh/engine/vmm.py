@@ -444,8 +444,8 @@ class Vmm:
     def _resize_vm(self, request: ResizeRequest) -> None:
         vm: Any = self.vm
         cfg = vm.config
-        if request.desired_vcpus is not None and request.desired_vcpus != cfg.cpus.boot_vcpus:
-            raise VmshError("resize: changing the vCPUs of a running VM is not supported yet")
+        if request.desired_vcpus is not None:
+            vm.resize_vcpus(request.desired_vcpus)
         if request.desired_ram is not None and request.desired_ram != cfg.memory.total_size():
             raise VmshError("resize: changing the RAM of a running VM is not supported yet (use the balloon)")
         if request.desired_balloon is not None:

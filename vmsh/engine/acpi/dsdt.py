@@ -20,8 +20,9 @@ memory and PCI hotplug can add their controllers and methods later.
 
 from __future__ import annotations
 
-from vmsh.engine.acpi import aml
+from vmsh.engine.acpi import aml, cpu_hotplug
 from vmsh.engine.acpi.aml import EisaId, Package, String
+from vmsh.engine.acpi.cpu_hotplug import processor_name
 from vmsh.engine.acpi.aml_named import (
     BYTE_ACC,
     SYSTEM_MEMORY,
@@ -82,11 +83,6 @@ PCI_IO_HIGH_START = 0x0D00
 def pci_root_name(segment_id: int) -> str:
     """``PCI0`` for segment 0, then ``PC01``, ``PC02``, ... (hex)."""
     return "PCI0" if segment_id == 0 else f"PC{segment_id:02X}"
-
-
-def processor_name(index: int) -> str:
-    """``C000``..``CFFF`` for vCPUs 0..4095, then ``D000``.. and so on."""
-    return f"{chr(ord('C') + index // 0x1000)}{index % 0x1000:03X}"
 
 
 def _mmio_descriptor(base: int, size: int, producer: bool, cacheable: int) -> bytes:
@@ -250,8 +246,11 @@ def processor(index: int, present: bool) -> bytes:
 
 
 def processors(spec: AcpiSpec) -> bytes:
-    """``CPUS``: the processor container (ACPI0010, §8.4.2) holding every possible vCPU."""
-    assert spec.max_vcpus is not None
+    """``CPUS``: the processor container (ACPI0010, §8.4.2) holding every possible vCPU; with a CPU
+    hotplug controller their status comes from it (``cpu_hotplug``), else it is fixed."""
+    assert spec.max_vcpus is not None and spec.apic_ids is not None
+    if spec.cpu_hotplug_address is not None:
+        return cpu_hotplug.processors(spec.cpu_hotplug_address, spec.apic_ids)
     cpus = [processor(i, i < spec.boot_vcpus) for i in range(spec.max_vcpus)]
     return Device("CPUS", [Name("_HID", String("ACPI0010")), *cpus])
 

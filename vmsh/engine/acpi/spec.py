@@ -163,6 +163,9 @@ class AcpiSpec:
     - ``boot_vcpus`` processors are present and enabled at boot; ``max_vcpus`` (default: the
       same) are described, the rest as hot-pluggable (MADT ONLINE_CAPABLE, ``_STA`` 0).
       ``apic_ids[i]`` is the APIC id of vCPU i (default: i).
+    - ``cpu_hotplug_address``: the MMIO address of the CPU hotplug registers; when given the
+      processors' status is dynamic and they can be added and ejected (``acpi.cpu_hotplug``;
+      set ``cpu_scan_method`` to its ``SCAN_METHOD`` for the GED).
     - ``serial``: COM1 at 0x3f8, IRQ 4.
     - ``pci_segments``: one host bridge per entry, in MCFG and the DSDT.
     - ``ged``: the Generic Event Device; ``power_button`` the PNP0C0C device it notifies.
@@ -182,6 +185,7 @@ class AcpiSpec:
     boot_vcpus: int
     max_vcpus: int | None = None
     apic_ids: tuple[int, ...] | None = None
+    cpu_hotplug_address: int | None = None
     serial: bool = True
     pci_segments: tuple[PciSegment, ...] = ()
     ged: GedSpec | None = None
