@@ -27,6 +27,7 @@ from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver
 from tests.unit.fakes import FakeTrigger
 from vmsh.devices.acpi import Ged, GedState, PciHotplugController
 from vmsh.devices.backends.tap import Tap
+from vmsh.devices.cpu_hotplug import CpuHotplugController
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550
@@ -135,6 +136,8 @@ def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
         Case(Ged, lambda: Ged(FakeTrigger()), lambda d: d.notify(0x4), "pending", 0x100),
         Case(PciHotplugController, lambda: PciHotplugController(2, lambda seg, slot: None),
              lambda d: (d.plug(1, 3), d.unplug(0, 2), d.write(0xC, struct.pack("<I", 1))), "selected", 2),
+        Case(CpuHotplugController, lambda: CpuHotplugController(4, 1, lambda index: None),
+             lambda d: (d.insert(2), d.write(0, struct.pack("<I", 2))), "selected", 4),
         Case(PostPort, PostPort, lambda d: d.write(0, b"\x40"), "last_code", 0x100),
         Case(PciConfigIo, lambda: PciConfigIo(PciBus()), lambda d: d.write(0, struct.pack("<I", 0x8000_0810)),
              "address", 0x8000_0813),
@@ -165,7 +168,7 @@ def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
     ]
 
 
-CASE_IDS = ["serial", "cmos", "ged", "pci-hotplug", "post", "pci-config-io", "pci-config", "msix", "pvpanic",
+CASE_IDS = ["serial", "cmos", "ged", "pci-hotplug", "cpu-hotplug", "post", "pci-config-io", "pci-config", "msix", "pvpanic",
             "virtqueue", "virtio-pci", "rng", "console", "pmem", "watchdog", "balloon", "block", "net", "vsock",
             "virtio-pci-probed"]
 
