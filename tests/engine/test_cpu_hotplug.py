@@ -23,7 +23,7 @@ from vmsh.engine.builder import build_for_boot, build_from_snapshot
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.platform_devices import CPU_HOTPLUG_ADDRESS, GED_ADDRESS
 from vmsh.engine.state import VmState
-from vmsh.errors import BusyError, ValidationError
+from vmsh.errors import BusyError, VmshError
 
 
 def _build(tmp_path: Path, cpus: str):
@@ -91,10 +91,10 @@ def test_resize_up_then_down_then_up_again(vm) -> None:
     assert not vm.resize_vcpus(3)  # nothing to do
 
 
-@pytest.mark.parametrize(("desired", "message"), [(0, "at least 1"), (4, "more than the maximum")])
+@pytest.mark.parametrize(("desired", "message"), [(0, "at least 1"), (4, "exceeds the maximum")])
 def test_bad_resizes_are_refused(vm, desired: int, message: str) -> None:
     vm.boot()
-    with pytest.raises(ValidationError, match=message):
+    with pytest.raises(VmshError, match=message):
         vm.resize_vcpus(desired)
     assert len(vm.vcpus) == 1 and vm.config.cpus.boot_vcpus == 1
 
@@ -143,7 +143,7 @@ def test_no_controller_with_one_possible_vcpu(tmp_path: Path) -> None:
         assert machine.cpu_hotplug is None
         assert machine.mmio.read(CPU_HOTPLUG_ADDRESS + STATUS_OFFSET, 1) == b"\xff"  # nothing mapped there
         machine.boot()
-        with pytest.raises(ValidationError, match="more than the maximum"):
+        with pytest.raises(VmshError, match="exceeds the maximum"):
             machine.resize_vcpus(2)
     finally:
         machine.shutdown()

@@ -40,7 +40,7 @@ from vmsh.engine.state import VmState, check_transition
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, VcpuStop
 from vmsh.engine.virtio_devices import BALLOON_ID
-from vmsh.errors import BusyError, SnapshotError, StateError, ValidationError, VmshError, error_chain
+from vmsh.errors import BusyError, SnapshotError, StateError, VmshError, error_chain
 
 LOG = logging.getLogger(__name__)
 
@@ -234,14 +234,15 @@ class Vm:
         controller (``vcpu_ejected``). ``cpus.boot_vcpus`` follows at once, as in
         cloud-hypervisor. Runs on the control loop.
 
-        :raises ValidationError: for fewer than 1 or more than ``max_vcpus`` vCPUs.
-        :raises BusyError: while a removal asked for earlier is not done.
+        :raises VmshError: for fewer than 1 or more than ``max_vcpus`` vCPUs (a 500, as
+            cloud-hypervisor's CpuManager errors are).
+        :raises BusyError: while a removal asked for earlier is not done (429).
         """
         cfg = self.config.cpus
         if desired < 1:
-            raise ValidationError("resize: desired_vcpus must be at least 1")
+            raise VmshError("resize: desired_vcpus must be at least 1 (vCPU 0 cannot be removed)")
         if desired > cfg.max_vcpus:
-            raise ValidationError(f"resize: desired_vcpus {desired} is more than the maximum ({cfg.max_vcpus})")
+            raise VmshError(f"resize: desired_vcpus {desired} exceeds the maximum number of vCPUs ({cfg.max_vcpus})")
         if self._removing:
             raise BusyError("resize: a vCPU removal is still pending")
         present = len(self.vcpus)
