@@ -48,9 +48,9 @@ from vmsh.engine.memory_manager import check_host_memory, create_memory, map_sna
 from vmsh.engine.pci_windows import pci_segments
 from vmsh.engine.persist import SnapshotError
 from vmsh.engine.platform_devices import (
+    CPU_HOTPLUG_ADDRESS,
     GED_ADDRESS,
     GED_IRQ,
-    CPU_HOTPLUG_ADDRESS,
     PCI_HOTPLUG_ADDRESS,
     PM_TIMER_PORT,
     SHUTDOWN_PORT,
@@ -270,6 +270,7 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
         # a vCPU added later starts in wait-for-SIPI (KVM's state for every vCPU but the
         # BSP), so the kernel entry its registers get is never used: none is known here
         no_kernel = KernelImage(kind="bzimage", entry=0, load_start=0, load_end=0)
+        assert vm.kvm is not None, "opened above"
         vm.new_vcpu = functools.partial(_hotplug_vcpu, vm, no_kernel, vm.kvm.supported_cpuid(), _phys_bits(vm))
         _finish(vm)
         vm.state = VmState.PAUSED

@@ -19,8 +19,8 @@ from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.devices import cpu_hotplug as cpu_hotplug_regs
 from vmsh.devices.acpi import AcpiPmTimer, AcpiShutdown, Ged, PciHotplugController
-from vmsh.devices.cpu_hotplug import CpuHotplugController
 from vmsh.devices.base import Trigger
+from vmsh.devices.cpu_hotplug import CpuHotplugController
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.legacy.debugcon import DebugConsole
 from vmsh.devices.legacy.i8042 import I8042

@@ -168,9 +168,9 @@ def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
     ]
 
 
-CASE_IDS = ["serial", "cmos", "ged", "pci-hotplug", "cpu-hotplug", "post", "pci-config-io", "pci-config", "msix", "pvpanic",
-            "virtqueue", "virtio-pci", "rng", "console", "pmem", "watchdog", "balloon", "block", "net", "vsock",
-            "virtio-pci-probed"]
+CASE_IDS = ["serial", "cmos", "ged", "pci-hotplug", "cpu-hotplug", "post", "pci-config-io", "pci-config", "msix",
+            "pvpanic", "virtqueue", "virtio-pci", "rng", "console", "pmem", "watchdog", "balloon", "block", "net",
+            "vsock", "virtio-pci-probed"]
 
 
 @pytest.fixture(params=range(len(CASE_IDS)), ids=CASE_IDS)

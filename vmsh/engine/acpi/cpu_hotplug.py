@@ -28,7 +28,6 @@ import struct
 from vmsh.engine.acpi import aml
 from vmsh.engine.acpi.aml import Buffer, String
 from vmsh.engine.acpi.aml_named import Device, Field, Method, Mutex, Name, Named, OperationRegion, Reserved
-from vmsh.engine.acpi.aml_resources import Memory32Fixed, ResourceTemplate
 from vmsh.engine.acpi.aml_ops import (
     Acquire,
     Arg,
@@ -44,6 +43,7 @@ from vmsh.engine.acpi.aml_ops import (
     Store,
     While,
 )
+from vmsh.engine.acpi.aml_resources import Memory32Fixed, ResourceTemplate
 
 #: the methods the GED calls and the processors use
 SCAN_METHOD = "\\_SB_.CPUS.CSCN"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from vmsh.engine.acpi import aml, cpu_hotplug
 from vmsh.engine.acpi.aml import EisaId, Package, String
-from vmsh.engine.acpi.cpu_hotplug import processor_name
 from vmsh.engine.acpi.aml_named import (
     BYTE_ACC,
     SYSTEM_MEMORY,
@@ -49,6 +48,7 @@ from vmsh.engine.acpi.aml_resources import (
     WordBusNumber,
     WordIO,
 )
+from vmsh.engine.acpi.cpu_hotplug import processor_name
 from vmsh.engine.acpi.spec import (
     GED_CPU_CHANGE,
     GED_MEMORY_CHANGE,

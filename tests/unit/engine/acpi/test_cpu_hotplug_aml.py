@@ -14,7 +14,7 @@ from vmsh.engine.acpi import build_acpi, cpu_hotplug
 from vmsh.engine.acpi.spec import AcpiSpec
 
 from .conftest import two_segment_spec
-from .test_iasl import IASL, _MISSING, _run, _squash, acpiexec, disassemble
+from .test_iasl import _MISSING, IASL, _run, _squash, acpiexec, disassemble
 
 pytestmark = pytest.mark.needs(IASL is not None, _MISSING)
 
@@ -32,7 +32,8 @@ def test_disassembles_and_recompiles(tmp_path: Path) -> None:
         f"Name (_CRS, ResourceTemplate () {{ Memory32Fixed (ReadWrite, 0x{ADDRESS:08X}, 0x0000000C, ) }}) "
         "Mutex (CPLK, 0x00)",
         f"OperationRegion (PRST, SystemMemory, 0x{ADDRESS:08X}, 0x0C)",
-        "Field (PRST, ByteAcc, NoLock, WriteAsZeros) { Offset (0x04), CPEN, 1, CINS, 1, CRMV, 1, CEJ0, 1, Offset (0x05) }",
+        "Field (PRST, ByteAcc, NoLock, WriteAsZeros) "
+        "{ Offset (0x04), CPEN, 1, CINS, 1, CRMV, 1, CEJ0, 1, Offset (0x05) }",
         "Field (PRST, DWordAcc, NoLock, Preserve) { CSEL, 32 }",
         "Method (CSCN, 0, Serialized) { Acquire (\\_SB.PRES.CPLK, 0xFFFF) Local0 = Zero While ((Local0 < 0x04)) "
         "{ \\_SB.PRES.CSEL = Local0 If ((\\_SB.PRES.CINS == One)) { CTFY (Local0, One) \\_SB.PRES.CINS = One } "
