@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vmsh.engine.state import VmState, check_transition
+from vmsh.errors import VmshError
 
 
 class FakeVm:
@@ -47,3 +48,12 @@ class FakeVm:
 
     def snapshot(self, directory: str) -> None:
         self.calls.append(f"snapshot {directory}")
+
+    def resize_vcpus(self, desired: int) -> bool:
+        """The real one's bounds (``Vm.resize_vcpus``), no vCPUs."""
+        self.calls.append(f"resize_vcpus {desired}")
+        if not 1 <= desired <= self.config.cpus.max_vcpus:
+            raise VmshError(f"resize: desired_vcpus {desired} is out of range")
+        changed = desired != self.config.cpus.boot_vcpus
+        self.config.cpus.boot_vcpus = desired
+        return changed
