@@ -20,6 +20,7 @@ from vmsh.config import normalize, vm_config_from_argv
 from vmsh.devices.acpi import GED_CPU_CHANGE
 from vmsh.devices.cpu_hotplug import EJECT, ENABLED, INSERTING, REMOVING, STATUS_OFFSET
 from vmsh.engine.builder import build_for_boot, build_from_snapshot
+from vmsh.engine.describe import describe
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.platform_devices import CPU_HOTPLUG_ADDRESS, GED_ADDRESS
 from vmsh.engine.state import VmState
@@ -110,6 +111,13 @@ def test_resize_while_paused_starts_on_resume(vm) -> None:
     vm.pause()
     assert vm.resize_vcpus(2)
     assert "vcpu1" not in live_vcpu_threads()
+    # the machine description follows; the new vCPU has the boot vCPU's CPUID leaves, its own
+    # x2APIC id in leaf 0xB
+    vcpus = describe(vm)["vcpus"]
+    assert [v["id"] for v in vcpus] == [0, 1]
+    functions = [[(e["function"], e["index"]) for e in v["cpuid"]] for v in vcpus]
+    assert functions[0] == functions[1]
+    assert {int(e["edx"], 16) for e in vcpus[1]["cpuid"] if e["function"] == "0x0000000b"} == {1}
     vm.resume()
     assert "vcpu1" in live_vcpu_threads()
 
