@@ -100,10 +100,13 @@ def test_bad_resizes_are_refused(vm, desired: int, message: str) -> None:
     assert len(vm.vcpus) == 1 and vm.config.cpus.boot_vcpus == 1
 
 
-def test_guest_cannot_eject_vcpu0(vm) -> None:
+def test_guest_cannot_eject_what_was_not_asked_for(vm) -> None:
     vm.boot()
+    vm.resize_vcpus(2)
     eject(vm, 0)
-    assert len(vm.vcpus) == 1 and status(vm, 0) == ENABLED
+    eject(vm, 1)
+    assert [v.index for v in vm.vcpus] == [0, 1] and not vm.parked
+    assert status(vm, 0) == ENABLED and status(vm, 1) & ENABLED
 
 
 def test_resize_while_paused_starts_on_resume(vm) -> None:

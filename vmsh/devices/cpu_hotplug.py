@@ -5,7 +5,9 @@ A 12-byte MMIO block: a 32-bit write to ``CSEL`` (offset 0) selects a vCPU; the 
 is that vCPU's status. Reading it gives ``ENABLED`` (the vCPU exists and runs), ``INSERTING`` (the
 VMM added it and the guest has not yet been told) and ``REMOVING`` (the VMM wants it gone);
 writing ``INSERTING`` or ``REMOVING`` clears that bit (the guest has handled the event) and
-writing ``EJECT`` ejects the vCPU (``on_eject(index)``) once the guest has taken it offline.
+writing ``EJECT`` ejects the vCPU (``on_eject(index)``) once the guest has taken it offline; only
+a vCPU whose removal the VMM asked for can be ejected (a guest cannot take away vCPUs on its
+own, nor leave a hole in the vCPU numbers).
 ``vmsh.engine.acpi.cpu_hotplug`` has the AML side. No KVM knowledge here: the engine creates and
 parks the vCPUs, this only keeps the flags.
 """
@@ -27,11 +29,15 @@ SELECTION_OFFSET, STATUS_OFFSET = 0x0, 0x4
 REGISTER_SIZE = 0xC
 #: status bits
 ENABLED, INSERTING, REMOVING, EJECT = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+#: kept with the status but never shown to the guest: the VMM asked for the vCPU's removal and
+#: it has not been ejected yet (REMOVING is cleared by the guest's acknowledgement before that)
+PENDING_REMOVAL = 1 << 7
+_GUEST_VISIBLE = ENABLED | INSERTING | REMOVING
 
 
 @dataclass(frozen=True, slots=True)
 class CpuHotplugState:
-    """Per vCPU its status bits (ENABLED, INSERTING, REMOVING) and the selected vCPU."""
+    """Per vCPU its status bits (ENABLED, INSERTING, REMOVING, PENDING_REMOVAL) and the selected vCPU."""
 
     status: tuple[U8, ...]
     selected: U32
@@ -60,11 +66,17 @@ class CpuHotplugController:
     def request_removal(self, index: int) -> None:
         """Ask the guest to offline vCPU ``index`` and eject it."""
         with self._lock:
-            self._status[index] |= REMOVING
+            self._status[index] |= REMOVING | PENDING_REMOVAL
 
     def status(self, index: int) -> int:
+        """vCPU ``index``'s status as the guest reads it."""
         with self._lock:
-            return self._status[index]
+            return self._status[index] & _GUEST_VISIBLE
+
+    def pending_removals(self) -> list[int]:
+        """The vCPUs asked to go that the guest has not ejected yet."""
+        with self._lock:
+            return [i for i, s in enumerate(self._status) if s & PENDING_REMOVAL]
 
     def enabled(self) -> int:
         """How many vCPUs are enabled."""
@@ -79,7 +91,7 @@ class CpuHotplugController:
             if offset == SELECTION_OFFSET and size == 4:
                 value = self.selected
             elif offset == STATUS_OFFSET and size == 1:
-                value = self._status[self.selected]
+                value = self._status[self.selected] & _GUEST_VISIBLE
         return value.to_bytes(8, "little")[:size]
 
     def write(self, offset: int, data: bytes) -> None:
@@ -97,7 +109,9 @@ class CpuHotplugController:
             index = self.selected
             # writing a flag acknowledges it (cloud-hypervisor's and QEMU's write-one-to-clear)
             self._status[index] &= ~(value & (INSERTING | REMOVING))
-            eject = bool(value & EJECT) and bool(self._status[index] & ENABLED) and index > 0
+            eject = bool(value & EJECT) and bool(self._status[index] & PENDING_REMOVAL)
+            if value & EJECT and not eject:
+                LOG.debug("cpu hotplug: the guest ejected vCPU %d, whose removal nobody asked for", index)
             if eject:
                 self._status[index] = 0
         if eject:
@@ -118,7 +132,8 @@ class CpuHotplugController:
         s = expect_state(state, CpuHotplugState)
         check_length("status", s.status, self.max_vcpus)
         for i, bits in enumerate(s.status):
-            check_range(f"status[{i}]", bits, 0, ENABLED | INSERTING | REMOVING)
+            if bits & ~(_GUEST_VISIBLE | PENDING_REMOVAL):
+                check_range(f"status[{i}]", bits, 0, _GUEST_VISIBLE)
         check_range("selected", s.selected, 0, self.max_vcpus - 1)
         with self._lock:
             self._status = list(s.status)

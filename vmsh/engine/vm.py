@@ -75,8 +75,6 @@ class Vm:
         self.new_vcpu: Callable[[int], Vcpu] | None = None
         #: the ACPI CPU hotplug registers (None when max_vcpus is 1)
         self.cpu_hotplug: CpuHotplugController | None = None
-        #: vCPUs asked to go that the guest has not ejected yet
-        self._removing: set[int] = set()
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.platform: PlatformDevices | None = None
@@ -243,13 +241,14 @@ class Vm:
             raise VmshError("resize: desired_vcpus must be at least 1 (vCPU 0 cannot be removed)")
         if desired > cfg.max_vcpus:
             raise VmshError(f"resize: desired_vcpus {desired} exceeds the maximum number of vCPUs ({cfg.max_vcpus})")
-        if self._removing:
-            raise BusyError("resize: a vCPU removal is still pending")
         present = len(self.vcpus)
         if desired == present:
             return False
         if self.cpu_hotplug is None or self.new_vcpu is None or self.platform is None:
             raise VmshError("resize: this VM has no CPU hotplug controller")
+        if self.cpu_hotplug.pending_removals():
+            raise BusyError("resize: a vCPU removal is still pending")
+        # the present vCPUs are always 0..present-1: only the highest go, only they are ejected
         if desired > present:
             for index in range(present, desired):
                 vcpu = self.parked.pop(index, None) or self.new_vcpu(index)
@@ -260,7 +259,6 @@ class Vm:
                 LOG.info("vcpu%d added", index)
         else:
             for index in range(desired, present):
-                self._removing.add(index)
                 self.cpu_hotplug.request_removal(index)
         cfg.boot_vcpus = desired
         self.platform.ged.notify(GED_CPU_CHANGE)
@@ -270,7 +268,6 @@ class Vm:
         """The guest ejected vCPU ``index`` (runs on the control loop): its thread ends and it
         is parked."""
         vcpu = next((v for v in self.vcpus if v.index == index), None)
-        self._removing.discard(index)
         if vcpu is None:
             return
         vcpu.kick()
@@ -280,9 +277,6 @@ class Vm:
         vcpu.cancel_kick()
         self.vcpus.remove(vcpu)
         self.parked[index] = vcpu
-        if index < self.config.cpus.boot_vcpus:
-            # the guest ejected a vCPU nobody asked for (cloud-hypervisor lets it): the count follows
-            self.config.cpus.boot_vcpus = len(self.vcpus)
         LOG.info("vcpu%d ejected and parked", index)
 
     # --- snapshot -------------------------------------------------------------------------------

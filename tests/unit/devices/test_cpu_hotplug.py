@@ -59,11 +59,24 @@ def test_removal_then_eject() -> None:
     assert ejected == [1]
 
 
-def test_vcpu0_cannot_be_ejected() -> None:
+@pytest.mark.parametrize("index", [0, 1])
+def test_only_a_vcpu_asked_to_go_can_be_ejected(index: int) -> None:
     c, ejected = make()
-    select(c, 0)
+    select(c, index)
     c.write(4, bytes([EJECT]))
-    assert ejected == [] and status(c, 0) == ENABLED
+    assert ejected == [] and status(c, index) == ENABLED
+    assert c.pending_removals() == []
+
+
+def test_pending_removal_outlives_the_guests_acknowledgement() -> None:
+    c, ejected = make(present=3)
+    c.request_removal(2)
+    select(c, 2)
+    c.write(4, bytes([REMOVING]))  # CSCN acknowledges before the guest has offlined it
+    assert c.pending_removals() == [2]
+    assert status(c, 2) == ENABLED  # the bookkeeping bit is not the guest's to see
+    c.write(4, bytes([EJECT]))
+    assert ejected == [2] and c.pending_removals() == []
 
 
 def test_writes_of_zero_change_nothing_and_selection_out_of_range_is_ignored() -> None:
