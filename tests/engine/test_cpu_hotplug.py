@@ -24,7 +24,7 @@ from vmsh.engine.describe import describe
 from vmsh.engine.events import EventMonitor
 from vmsh.engine.platform_devices import CPU_HOTPLUG_ADDRESS, GED_ADDRESS
 from vmsh.engine.state import VmState
-from vmsh.errors import BusyError, VmshError
+from vmsh.errors import BusyError, SnapshotError, VmshError
 
 
 def _build(tmp_path: Path, cpus: str):
@@ -158,3 +158,20 @@ def test_no_controller_with_one_possible_vcpu(tmp_path: Path) -> None:
             machine.resize_vcpus(2)
     finally:
         machine.shutdown()
+
+
+def test_snapshot_is_refused_while_a_removal_is_pending(vm, tmp_path: Path) -> None:
+    vm.boot()
+    vm.resize_vcpus(2)
+    vm.resize_vcpus(1)
+    vm.pause()
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    with pytest.raises(SnapshotError, match="removal is pending"):
+        vm.snapshot(str(snap))
+    assert not list(snap.iterdir())
+    vm.resume()
+    eject(vm, 1)
+    vm.pause()
+    vm.snapshot(str(snap))  # once the guest has ejected it
+    assert (snap / "state.json").exists()

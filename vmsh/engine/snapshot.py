@@ -6,7 +6,8 @@ The tree (``vmsh.engine.persist`` writes and reads the files) is cloud-hyperviso
 * ``cpu-manager``: one child per vCPU (``VcpuState``);
 * ``memory-manager``: the RAM range table;
 * ``device-manager``: one child per device id, the device manager's one device tree
-  (``__serial``, ``__cmos``, ``__ged``, ``__pci_hotplug``, then the PCI devices).
+  (``__serial``, ``__cmos``, ``__ged``, ``__pci_hotplug``, ``__cpu_hotplug`` when ``max_vcpus``
+  is over 1, then the PCI devices).
 
 A snapshot is untrusted input: :func:`read_saved_vm` checks that it fits its own config before
 anything is built from it, and every state is type-checked as it is decoded.

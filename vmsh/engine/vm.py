@@ -293,6 +293,11 @@ class Vm:
             # requests in flight, a NIC's or a file system's state) cannot be saved from here.
             raise SnapshotError(f"Cannot snapshot a VM with vhost-user devices ({', '.join(backed)}): "
                                 f"vmsh cannot save their backends' state")
+        if self.cpu_hotplug is not None and self.cpu_hotplug.pending_removals():
+            # the config already says the smaller count while the guest still has the vCPUs:
+            # a snapshot of that would not restore
+            raise SnapshotError("Cannot snapshot while a vCPU removal is pending (the guest has not ejected "
+                                "the vCPUs yet)")
         msrs = saveable_msrs(self.kvm, self.vcpus[0].fd)
         kvm_state = save_vm(self.vm_fd)
         if self.paused_clock is not None:
