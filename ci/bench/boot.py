@@ -5,7 +5,8 @@ vmsh runs on /dev/kvm; QEMU runs with KVM where it can boot Linux and with TCG o
 there). Both are measured in the same run, several times each; the table gives medians, the
 ratio vmsh/QEMU, and vmsh's emulated-instruction count (KVM's ``insn_emulation``).
 
-Usage: ``python ci/bench/boot.py [--runs N] [--kernel vmlinux|kernel|vmlinux-full|kernel-full] [--memory MIB] [--qemu-accel kvm|tcg]``
+Usage: ``python ci/bench/boot.py [--runs N] [--kernel vmlinux|kernel|vmlinux-full|kernel-full]
+[--memory MIB] [--qemu-accel kvm|tcg]``
 """
 
 from __future__ import annotations
