@@ -5,7 +5,8 @@ vmsh runs on /dev/kvm; QEMU runs with KVM where it can boot Linux and with TCG o
 there). Both are measured in the same run, several times each; the table gives medians, the
 ratio vmsh/QEMU, and vmsh's emulated-instruction count (KVM's ``insn_emulation``).
 
-Usage: ``python ci/bench/boot.py [--runs N] [--kernel vmlinux|kernel] [--memory MIB] [--qemu-accel kvm|tcg]``
+Usage: ``python ci/bench/boot.py [--runs N] [--kernel vmlinux|kernel|vmlinux-full|kernel-full]
+[--memory MIB] [--qemu-accel kvm|tcg]``
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def pvm_host() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--kernel", default="vmlinux", choices=["vmlinux", "kernel"])
+    parser.add_argument("--kernel", default="vmlinux",
+                        choices=["vmlinux", "kernel", "vmlinux-full", "kernel-full"])
     parser.add_argument("--memory", type=int, default=128, help="guest RAM in MiB")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--qemu-accel", choices=["kvm", "tcg"], default="tcg" if pvm_host() else "kvm")

@@ -31,6 +31,7 @@ from vmsh.images.qemu import BootSpec, boot_to_marker
 KERNELS: dict[str, tuple[str, str, str]] = {
     "default-pvh": ("vmlinux", "initramfs", "microvm"),
     "default-bzimage": ("kernel", "initramfs", "pc"),
+    "full-pvh": ("vmlinux-full", "initramfs", "microvm"),
     "debian-pvh": ("debian-vmlinux", "debian-initramfs", "microvm"),
     "debian-bzimage": ("debian-kernel", "debian-initramfs", "pc"),
 }

@@ -140,3 +140,21 @@ def test_the_guest_s_last_output_reaches_the_console(vmsh_clone, tmp_path, conso
         assert tail.rstrip().endswith("reboot: Power down"), tail
     else:
         assert ("virtio-device", "reset", {"id": "__console"}) in records[:stop]
+
+
+def test_full_kernel_flavour_boots_with_its_features(vmsh_guest) -> None:
+    """The ``full`` flavour (guest-images/kernel/full.config: memory hotplug, virtio-mem, NUMA,
+    virtio-iommu, TPM) on a VM that uses none of them: the same CPUs and memory as the
+    default kernel sees, one NUMA node, hot-added memory onlined by default."""
+    guest = vmsh_guest("--cpus", "boot=2", "--memory", "size=192M", kernel="vmlinux-full")
+    assert guest.check_output("nproc") == "2"
+    kib = int(guest.check_output("awk '/MemTotal/ {print $2}' /proc/meminfo"))
+    assert 150 * 1024 < kib <= 192 * 1024
+    assert guest.check_output("ls -d /sys/devices/system/node/node*").split() == ["/sys/devices/system/node/node0"]
+    assert guest.check_output("cat /sys/devices/system/node/node0/cpulist") == "0-1"
+    assert guest.check_output("cat /sys/devices/system/memory/auto_online_blocks") == "online"
+    # CPU hotplug inside the guest: cpu1 goes offline and comes back
+    guest.check_output("echo 0 > /sys/devices/system/cpu/cpu1/online")
+    assert guest.check_output("cat /sys/devices/system/cpu/online") == "0"
+    guest.check_output("echo 1 > /sys/devices/system/cpu/cpu1/online")
+    assert guest.check_output("cat /sys/devices/system/cpu/online") == "0-1"

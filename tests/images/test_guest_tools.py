@@ -1,10 +1,11 @@
 """The static guest helpers (``guest-images/tools/``): how they are built, and /bin/vsock and
-/bin/randread in the built initramfs."""
+/bin/randread and /bin/tpmrand in the built initramfs."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ MAX_TOOL_BYTES = 128 << 10
 
 
 #: what each program prints on stderr when run without arguments (it then exits 2)
-USAGE = {"bin/vsock": "usage: vsock listen PORT", "bin/randread": "usage: randread [-s] [-w] [-n COUNT]"}
+USAGE = {"bin/vsock": "usage: vsock listen PORT", "bin/randread": "usage: randread [-s] [-w] [-n COUNT]",
+         "bin/tpmrand": "usage: tpmrand [-n BYTES] DEVICE"}
 
 
 def _check_static_and_runs(path, usage: str) -> None:
@@ -129,3 +131,45 @@ def test_randread_reads_and_writes_with_o_direct(tmp_path):
     assert randread("-t", "1").startswith("randread: ")
     bad = subprocess.run([str(exe), "-b", "1000", str(disk)], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith(USAGE["bin/randread"])
+
+
+def _tpm_response(code: int, digest: bytes | None) -> bytes:
+    """A TPM2_GetRandom response: header (tag, size, response code), then the TPM2B digest."""
+    body = b"" if digest is None else struct.pack(">H", len(digest)) + digest
+    return struct.pack(">HII", 0x8001, 10 + len(body), code) + body
+
+
+def test_tpmrand_sends_get_random_and_prints_the_answer(tmp_path):
+    """A regular file stands in for /dev/tpm0: tpmrand writes its 12-byte command at offset 0
+    and reads the response that follows it, so the command it sent and how it parses the
+    answer can both be checked without a TPM."""
+    try:
+        guest_tools.key_inputs()
+    except ImageError as err:
+        pytest.skip(str(err))
+    exe = tmp_path / "tpmrand"
+    exe.write_bytes(guest_tools.build(tmp_path / "log")["bin/tpmrand"])
+    exe.chmod(0o755)
+    dev = tmp_path / "tpm0"
+
+    def tpmrand(response: bytes, *args: str) -> subprocess.CompletedProcess[str]:
+        dev.write_bytes(bytes(12) + response)
+        return subprocess.run([str(exe), *args, str(dev)], capture_output=True, text=True, check=False)
+
+    digest = bytes(range(0xf0, 0xf5))
+    run = tpmrand(_tpm_response(0, digest), "-n", "5")
+    assert (run.returncode, run.stdout, run.stderr) == (0, "f0f1f2f3f4\n", "")
+    # TPM_ST_NO_SESSIONS, 12 bytes, TPM_CC_GetRandom, bytesRequested 5
+    assert dev.read_bytes()[:12] == struct.pack(">HIIH", 0x8001, 12, 0x17B, 5)
+    run = tpmrand(_tpm_response(0x101, None))
+    assert run.returncode == 1 and run.stderr == "tpmrand: TPM response code 0x00000101\n", run
+    # more bytes than were asked for is a broken TPM, not data
+    run = tpmrand(_tpm_response(0, bytes(20)), "-n", "4")
+    assert run.returncode == 1 and "more than asked" in run.stderr, run
+    run = tpmrand(b"")  # nothing after the command: the "device" gave no response
+    assert run.returncode == 1 and "malformed response" in run.stderr, run
+    for bad in (["-n", "0"], ["-n", "1025"], ["-n", "x"], ["-x"], ["-n", "4"], [str(dev), str(dev)]):
+        run = subprocess.run([str(exe), *bad], capture_output=True, text=True, check=False)
+        assert run.returncode == 2 and run.stderr.startswith(USAGE["bin/tpmrand"]), (bad, run)
+    run = subprocess.run([str(exe), str(tmp_path / "missing")], capture_output=True, text=True, check=False)
+    assert run.returncode == 1 and "No such file" in run.stderr, run

@@ -14,7 +14,7 @@ from vmsh.images.cache import GUEST_IMAGES_DIR
 pytestmark = pytest.mark.images
 
 
-@pytest.mark.parametrize("name", ["vmlinux", "debian-vmlinux"])
+@pytest.mark.parametrize("name", ["vmlinux", "vmlinux-full", "debian-vmlinux"])
 def test_vmlinux_has_pvh_note(image, name):
     entry = elf.pvh_entry(image(name))
     assert entry is not None, f"{name} has no XEN_ELFNOTE_PHYS32_ENTRY note"
@@ -28,7 +28,7 @@ def test_kernel_config_matches_fragment(image):
     options = kernel.parse_config(config)
     # the brief's must-haves, spelled out here too so the fragment cannot quietly drop one
     for opt in ("64BIT", "SMP", "PVH", "SERIAL_8250_CONSOLE", "ACPI", "ACPI_TINY_POWER_BUTTON",
-                "HOTPLUG_PCI_ACPI", "MAGIC_SYSRQ",
+                "HOTPLUG_PCI_ACPI", "MAGIC_SYSRQ", "HOTPLUG_CPU", "ACPI_HOTPLUG_CPU",
                 "ACPI_PROCESSOR", "PCI_MSI", "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_NET",
                 "VIRTIO_CONSOLE", "HW_RANDOM_VIRTIO", "VIRTIO_BALLOON", "VIRTIO_PMEM",
                 "VIRTIO_VSOCKETS", "FUSE_FS", "VIRTIO_FS", "PVPANIC", "PVPANIC_PCI", "DMI", "DMIID", "RTC_DRV_CMOS",
@@ -45,6 +45,36 @@ def test_kernel_config_matches_fragment(image):
     assert "syscall_pf_fixup" in options["CONFIG_CMDLINE"]
     for opt in ("PTP_1588_CLOCK", "LEGACY_PTYS", "VT", "IPV6"):  # profiled boot-time costs
         assert f"CONFIG_{opt}" not in options, opt
+
+
+#: what only the full flavour has (issue 19's guest features), with the options they need
+FULL_ONLY = ("MEMORY_HOTPLUG", "MEMORY_HOTREMOVE", "MEMORY_HOTPLUG_DEFAULT_ONLINE",
+             "ACPI_HOTPLUG_MEMORY", "VIRTIO_MEM", "NUMA", "ACPI_NUMA", "X86_64_ACPI_NUMA",
+             "IOMMU_SUPPORT", "VIRTIO_IOMMU", "ACPI_VIOT", "TCG_TPM", "TCG_CRB")
+
+
+def test_full_kernel_config_is_default_plus_full_fragment(image):
+    config = image("kernel-full-config").read_text()
+    assert kernel.config_mismatches(config, kernel.FULL.fragment_text()) == []
+    options = kernel.parse_config(config)
+    default = kernel.parse_config(image("kernel-config").read_text())
+    for opt in FULL_ONLY:
+        assert options.get(f"CONFIG_{opt}") == "y", opt
+        # they cost the default kernel's boot: guest-images/README.md has the figures
+        assert f"CONFIG_{opt}" not in default, opt
+    # the features the default kernel has, the full one has too (same base fragment)
+    for opt in ("HOTPLUG_CPU", "ACPI_HOTPLUG_CPU", "VIRTIO_PCI", "VIRTIO_BLK", "VIRTIO_FS", "PVH"):
+        assert options.get(f"CONFIG_{opt}") == "y", opt
+    # no boot-time TPM reads into the entropy pool, and no TIS probe of an address nothing decodes
+    for opt in ("HW_RANDOM_TPM", "TCG_TIS", "MODULES", "KALLSYMS", "RETPOLINE"):
+        assert f"CONFIG_{opt}" not in options, opt
+    assert options["CONFIG_CMDLINE"] == default["CONFIG_CMDLINE"]
+
+
+def test_later_fragment_line_overrides_earlier():
+    req = kernel.fragment_requirements("# CONFIG_A is not set\nCONFIG_B=y\nCONFIG_A=y\n# CONFIG_B is not set\n")
+    assert req.values == {"CONFIG_A": "y"}
+    assert req.unset == frozenset({"CONFIG_B"})
 
 
 def test_system_map_next_to_vmlinux(image):

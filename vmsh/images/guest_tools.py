@@ -27,7 +27,7 @@ from vmsh.images.steps import run_logged
 
 TOOLS_DIR = cache.GUEST_IMAGES_DIR / "tools"
 #: path in the initramfs -> C source in guest-images/tools/
-PROGRAMS = {"bin/vsock": "vsock.c", "bin/randread": "randread.c"}
+PROGRAMS = {"bin/vsock": "vsock.c", "bin/randread": "randread.c", "bin/tpmrand": "tpmrand.c"}
 #: musl-gcc (musl-tools, which brings musl-dev's libc.a) wraps the system gcc
 PACKAGES = ("gcc-12", "musl-tools")
 COMPILER = "musl-gcc"

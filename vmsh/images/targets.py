@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from vmsh.errors import ImageError
@@ -43,7 +44,9 @@ def _build_debian_initramfs(out: Path, logfile: Path) -> dict[str, object]:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("kernel", kernel.key_inputs, kernel.build),
+        Target(kernel.DEFAULT.target, kernel.key_inputs, kernel.build),
+        Target(kernel.FULL.target, partial(kernel.key_inputs, kernel.FULL),
+               partial(kernel.build, flavour=kernel.FULL)),
         Target("debian-kernel", debian.key_inputs, debian.build),
         Target("initramfs", initramfs.key_inputs, initramfs.build),
         Target("debian-initramfs", _debian_initramfs_inputs, _build_debian_initramfs,
@@ -58,6 +61,10 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "vmlinux": ("kernel", "vmlinux"),
     "system-map": ("kernel", "System.map"),
     "kernel-config": ("kernel", "config"),
+    "kernel-full": ("kernel-full", "bzImage"),
+    "vmlinux-full": ("kernel-full", "vmlinux"),
+    "system-map-full": ("kernel-full", "System.map"),
+    "kernel-full-config": ("kernel-full", "config"),
     "debian-kernel": ("debian-kernel", "vmlinuz"),
     "debian-vmlinux": ("debian-kernel", "vmlinux"),
     "debian-kernel-config": ("debian-kernel", "config"),
