@@ -225,6 +225,10 @@ class Vm:
             # requests in flight, a NIC's or a file system's state) cannot be saved from here.
             raise SnapshotError(f"Cannot snapshot a VM with vhost-user devices ({', '.join(backed)}): "
                                 f"vmsh cannot save their backends' state")
+        if self.platform is not None and self.platform.tpm is not None:
+            # swtpm's state lives in swtpm: vmsh neither saves it (CMD_GET_STATEBLOB) nor could a
+            # restore be sure to meet the same swtpm again, so a TPM'd VM is refused up front
+            raise SnapshotError("Cannot snapshot a VM with a TPM (--tpm): vmsh cannot save swtpm's state")
         msrs = saveable_msrs(self.kvm, self.vcpus[0].fd)
         kvm_state = save_vm(self.vm_fd)
         if self.paused_clock is not None:
