@@ -87,34 +87,40 @@ class Swtpm:
             if missing:
                 raise SwtpmError(f"swtpm at {path} lacks capabilities {missing:#x} (has {caps:#x})")
             self.can_cancel = bool(caps & CAP_CANCEL_TPM_CMD)
-            self.established = self.tpm_established()
+            #: the TPM's "established" flag, read once the TPM runs (:meth:`startup`)
+            self.established = False
         except BaseException:
             self.close()
             raise
 
     # --- control channel ------------------------------------------------------------------------
 
-    def _control(self, cmd: int, payload: bytes, answer_size: int, fds: list[int] | None = None) -> bytes:
-        """Send one control command and read its fixed-size answer."""
+    def _send(self, cmd: int, payload: bytes, fds: list[int] | None) -> None:
         message = struct.pack(">I", cmd) + payload
         try:
             if fds:
                 self._ctrl.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             else:
                 self._ctrl.sendall(message)
-            answer = _recv_exact(self._ctrl, answer_size)
+        except OSError as err:
+            raise SwtpmError(f"swtpm at {self.path} did not take control command {cmd}") from err
+
+    def _receive(self, cmd: int, size: int) -> bytes:
+        try:
+            return _recv_exact(self._ctrl, size)
         except OSError as err:
             raise SwtpmError(f"swtpm at {self.path} did not answer control command {cmd}") from err
-        return answer
 
     def _checked(self, cmd: int, payload: bytes = b"", answer_size: int = 4,
                  fds: list[int] | None = None) -> bytes:
-        """A control command whose answer starts with a result code, which must be 0."""
-        answer = self._control(cmd, payload, answer_size, fds)
-        (result,) = struct.unpack_from(">I", answer)
+        """A control command whose answer starts with a result code, which must be 0 (a failed
+        command's answer is only that code)."""
+        self._send(cmd, payload, fds)
+        answer = self._receive(cmd, 4)
+        (result,) = struct.unpack(">I", answer)
         if result != 0:
             raise SwtpmError(f"swtpm at {self.path} failed control command {cmd} with result {result:#x}")
-        return answer
+        return answer + self._receive(cmd, answer_size - 4)
 
     def _set_data_fd(self, timeout: float) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -130,7 +136,8 @@ class Swtpm:
 
     def capabilities(self) -> int:
         """CMD_GET_CAPABILITY: the 64-bit capability mask (this answer has no result code)."""
-        (caps,) = struct.unpack(">Q", self._control(CMD_GET_CAPABILITY, b"", 8))
+        self._send(CMD_GET_CAPABILITY, b"", None)
+        (caps,) = struct.unpack(">Q", self._receive(CMD_GET_CAPABILITY, 8))
         return int(caps)
 
     def tpm_established(self) -> bool:
@@ -163,6 +170,7 @@ class Swtpm:
         self.stop()
         agreed, _, _ = self.set_buffer_size(wanted)
         self.init()
+        self.established = self.tpm_established()
         LOG.debug("swtpm at %s started with buffer size %d", self.path, agreed)
         return agreed
 
