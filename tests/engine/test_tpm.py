@@ -14,7 +14,7 @@ from tests.engine import tiny_kernel
 from tests.engine.conftest import run_now
 from tests.engine.test_hotplug import Events
 from tests.unit.devices.test_tpm import get_random_command, needs_swtpm, startup_command
-from tests.unit.devices.test_tpm import swtpm as swtpm  # noqa: F401  (the fixture)
+from tests.unit.devices.test_tpm import swtpm as swtpm
 from vmsh.config import normalize, vm_config_from_argv
 from vmsh.devices import tpm as crb
 from vmsh.engine.builder import build_for_boot
@@ -36,7 +36,7 @@ def _build(tmp_path: Path, sock: Path) -> Vm:
 
 
 @pytest.fixture
-def tpm_vm(tmp_path: Path, swtpm: tuple[object, Path]) -> Iterator[Vm]:  # noqa: F811
+def tpm_vm(tmp_path: Path, swtpm: tuple[object, Path]) -> Iterator[Vm]:
     vm = _build(tmp_path, swtpm[1])
     try:
         yield vm

@@ -51,9 +51,9 @@ from vmsh.engine.platform_devices import (
     GED_ADDRESS,
     GED_IRQ,
     PCI_HOTPLUG_ADDRESS,
-    TPM_ADDRESS,
     PM_TIMER_PORT,
     SHUTDOWN_PORT,
+    TPM_ADDRESS,
     create_platform_devices,
 )
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host

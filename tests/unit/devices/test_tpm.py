@@ -227,7 +227,7 @@ def test_a_peer_that_hangs_up_is_a_clear_error(tmp_path: Path) -> None:
         finally:
             os._exit(0)
     try:
-        with pytest.raises(SwtpmError, match="did not (take|answer) control command 16"):
+        with pytest.raises(SwtpmError, match=r"did not (take|answer) control command 16"):
             Swtpm(str(path), timeout=5)
     finally:
         os.waitpid(pid, 0)
