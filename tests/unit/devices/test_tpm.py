@@ -232,3 +232,16 @@ def test_a_peer_that_hangs_up_is_a_clear_error(tmp_path: Path) -> None:
     finally:
         os.waitpid(pid, 0)
         server.close()
+
+
+@needs_swtpm
+def test_a_second_connection_after_the_first_closed(swtpm: tuple[subprocess.Popen[bytes], Path]) -> None:
+    # a reboot shuts the VM down (closing its connection) and builds a new one against the same swtpm
+    for _ in range(2):
+        backend = Swtpm(str(swtpm[1]))
+        try:
+            dev = crb.CrbTpm(backend, BASE)
+            assert struct.unpack(">HII", run_command(dev, startup_command()))[2] == 0
+            assert struct.unpack_from(">HIIH", run_command(dev, get_random_command(4)))[2:] == (0, 4)
+        finally:
+            backend.close()
