@@ -41,14 +41,15 @@ def swtpm_socket(tmp_path: Path) -> Iterator[Path]:
 
 
 def tpm_kernel(vmsh_image) -> str:
-    """The kernel with CONFIG_TCG_CRB=y, or a loud skip naming the option."""
+    """The name of the kernel image with CONFIG_TCG_CRB=y, or a loud skip naming the option."""
     try:
         config = Path(vmsh_image(TPM_KERNEL_CONFIG)).read_text()
     except (pytest.skip.Exception, pytest.fail.Exception) as err:  # an unknown or unbuilt image
         unavailable(f"a guest kernel with CONFIG_TCG_CRB=y ({TPM_KERNEL}, issue #19) is not available: {err}")
     if "CONFIG_TCG_CRB=y" not in config.splitlines():
         unavailable(f"the guest kernel {TPM_KERNEL} lacks CONFIG_TCG_CRB=y")
-    return vmsh_image(TPM_KERNEL)
+    vmsh_image(TPM_KERNEL)  # built along with its config, else this skips too
+    return TPM_KERNEL
 
 
 @needs_swtpm
