@@ -54,6 +54,7 @@ from vmsh.engine.platform_devices import (
     PCI_HOTPLUG_ADDRESS,
     PM_TIMER_PORT,
     SHUTDOWN_PORT,
+    TPM_ADDRESS,
     create_platform_devices,
 )
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
@@ -111,7 +112,7 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
         ("--user-device (needs a vfio-user server)", cfg.user_devices),
         ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
         # Not implemented yet.
-        ("--tpm", cfg.tpm), ("--numa", cfg.numa),
+        ("--numa", cfg.numa),
         ("--memory hotplug_size", cfg.memory.hotplug_size),
         ("--memory-zone hotplug_size", any(z.hotplug_size is not None for z in cfg.memory.zones or [])),
         (f"--platform iommu_segments {no_iommu}", cfg.platform and cfg.platform.iommu_segments),
@@ -344,6 +345,8 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
     vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject, on_cpu_eject)
     vm.cpu_hotplug = vm.platform.cpu_hotplug
     vm.backends.extend(vm.platform.backends)
+    if vm.platform.swtpm is not None:
+        vm.closeables.append(vm.platform.swtpm)
     hooks = PlatformHooks(on_panic=lambda events: vm.events.emit("guest", "panic",
                                                                  {"event": pvpanic_event_name(events)}),
                           reset=reset)
@@ -384,6 +387,7 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
             cpu_scan_method=cpu_hotplug.SCAN_METHOD if vm.platform.cpu_hotplug is not None else None,
             shutdown_port=SHUTDOWN_PORT,
             pm_timer_port=PM_TIMER_PORT,
+            tpm_address=TPM_ADDRESS if vm.platform.tpm is not None else None,
         ))
         tables = smbios.build_smbios(smbios.SmbiosSpec.from_platform(cfg.platform))
     except ValueError as err:

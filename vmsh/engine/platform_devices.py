@@ -4,9 +4,11 @@ cloud-hypervisor's x86_64 machine (its ``docs/device_model.md``): a 16550A at 0x
 (``--serial``), the debug console port (``--debug-console``), the i8042 reset port at 0x60, the
 CMOS/RTC at 0x70, the POST port at 0x80, the ACPI sleep/reset register at 0x600 with the PM timer
 at 0x608, the Generic Event Device (power button, hotplug notifications) and the ACPI PCI hotplug
-registers in the free MMIO space below the IOAPIC. The stateful ones are registered with the
+registers in the free MMIO space below the IOAPIC, and with ``--tpm`` a CRB TPM backed by swtpm
+at 0xfed40000 (cloud-hypervisor's ``TPM_START``). The stateful ones are registered with the
 ``DeviceManager`` under their snapshot ids (``__serial``, ``__cmos``, ``__ged``,
-``__pci_hotplug``, ``__cpu_hotplug``), so one walk of its device tree saves and restores them with the PCI devices.
+``__pci_hotplug``, ``__cpu_hotplug``), so one walk of its device tree saves and restores them with
+the PCI devices.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.devices import cpu_hotplug as cpu_hotplug_regs
 from vmsh.devices.acpi import AcpiPmTimer, AcpiShutdown, Ged, PciHotplugController
+from vmsh.devices.backends.swtpm import Swtpm
 from vmsh.devices.base import Trigger
 from vmsh.devices.cpu_hotplug import CpuHotplugController
 from vmsh.devices.legacy.cmos import Cmos
@@ -26,6 +29,7 @@ from vmsh.devices.legacy.debugcon import DebugConsole
 from vmsh.devices.legacy.i8042 import I8042
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550
+from vmsh.devices.tpm import TPM_SIZE, CrbTpm
 from vmsh.engine.acpi import pci_hotplug
 from vmsh.engine.bus import BusError
 from vmsh.engine.console import ConsoleBackend, open_backend
@@ -46,6 +50,8 @@ GED_ADDRESS, GED_IRQ = 0xFEB0_0000, 5
 PCI_HOTPLUG_ADDRESS = 0xFEB0_1000
 #: the ACPI CPU hotplug registers, in the same free space
 CPU_HOTPLUG_ADDRESS = 0xFEB0_2000
+#: the CRB TPM's register page (cloud-hypervisor's TPM_START and TPM_SIZE)
+TPM_ADDRESS = 0xFED4_0000
 #: the in-kernel IOAPIC's id in vm.info's device tree (cloud-hypervisor's name for its IOAPIC)
 IOAPIC_ID = "__ioapic"
 
@@ -60,6 +66,9 @@ class PlatformDevices:
     #: the CPU hotplug registers, for a VM with more than one possible vCPU
     cpu_hotplug: CpuHotplugController | None = None
     serial: Serial16550 | None = None
+    tpm: CrbTpm | None = None
+    #: the TPM's connection to swtpm (closed with the VM)
+    swtpm: Swtpm | None = None
     #: console backends this VM opened (closed with it)
     backends: list[ConsoleBackend] = field(default_factory=list)
     #: console input starts once the interrupt controller and vCPUs hold their final state
@@ -110,11 +119,22 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
                                cpu_hotplug_regs.REGISTER_SIZE, name="cpu-hotplug")
         devices.add_legacy("__pci_hotplug", platform.hotplug, mmio, PCI_HOTPLUG_ADDRESS,
                            pci_hotplug.REGISTER_SIZE, name="pci-hotplug")
+        if cfg.tpm is not None:
+            _create_tpm(cfg.tpm, devices, platform)
     except BaseException:
         for backend in platform.backends:
             backend.close()
+        if platform.swtpm is not None:
+            platform.swtpm.close()
         raise
     return platform
+
+
+def _create_tpm(tpm: m.TpmConfig, devices: DeviceManager, platform: PlatformDevices) -> None:
+    """The CRB TPM on the MMIO bus, connected to swtpm's control socket ``tpm.socket``."""
+    platform.swtpm = Swtpm(tpm.socket)
+    platform.tpm = CrbTpm(platform.swtpm, TPM_ADDRESS)
+    devices.mmio.insert(platform.tpm, TPM_ADDRESS, TPM_SIZE, name="tpm")
 
 
 def _create_serial(cfg: m.VmConfig, devices: DeviceManager, irq: Callable[[int], Trigger],

@@ -298,6 +298,10 @@ class Vm:
             # a snapshot of that would not restore
             raise SnapshotError("Cannot snapshot while a vCPU removal is pending (the guest has not ejected "
                                 "the vCPUs yet)")
+        if self.platform is not None and self.platform.tpm is not None:
+            # swtpm's state lives in swtpm: vmsh neither saves it (CMD_GET_STATEBLOB) nor could a
+            # restore be sure to meet the same swtpm again, so a TPM'd VM is refused up front
+            raise SnapshotError("Cannot snapshot a VM with a TPM (--tpm): vmsh cannot save swtpm's state")
         msrs = saveable_msrs(self.kvm, self.vcpus[0].fd)
         kvm_state = save_vm(self.vm_fd)
         if self.paused_clock is not None:

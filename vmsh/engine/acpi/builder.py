@@ -4,9 +4,9 @@
 that the engine copies to guest RAM at ``rsdp_address`` (0xa0000 by default, the EBDA, where
 the PVH start info and the zero page point the kernel):
 
-    RSDP, DSDT, FACP, APIC, [MCFG], XSDT
+    RSDP, DSDT, FACP, APIC, [MCFG], [TPM2], XSDT
 
-each table 8-byte aligned after the one before. The XSDT lists FACP, APIC and MCFG; the DSDT is
+each table 8-byte aligned after the one before. The XSDT lists FACP, APIC, MCFG and TPM2; the DSDT is
 reached through the FADT's X_DSDT (ACPI 6.4 §5.2.8, §5.2.9).
 """
 
@@ -50,6 +50,7 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     dsdt = tables.dsdt(dsdt_aml(spec), spec.oem)
     madt = tables.madt(spec)
     mcfg = tables.mcfg(spec.pci_segments, spec.oem) if spec.pci_segments else None
+    tpm2 = tables.tpm2(spec.tpm_address, spec.oem) if spec.tpm_address is not None else None
 
     addr = spec.rsdp_address
     placed: dict[str, int] = {"RSDP": addr}
@@ -63,16 +64,21 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     if mcfg is not None:
         placed["MCFG"] = addr
         addr = _align(addr + len(mcfg))
+    if tpm2 is not None:
+        placed["TPM2"] = addr
+        addr = _align(addr + len(tpm2))
     placed["XSDT"] = addr
 
     fadt = tables.fadt(spec, placed["DSDT"])
-    xsdt_entries = [placed[name] for name in ("FACP", "APIC", "MCFG") if name in placed]
+    xsdt_entries = [placed[name] for name in ("FACP", "APIC", "MCFG", "TPM2") if name in placed]
     xsdt = tables.xsdt(xsdt_entries, spec.oem)
     rsdp = tables.rsdp(placed["XSDT"], spec.oem)
 
     content = {"RSDP": rsdp, "DSDT": dsdt, "FACP": fadt, "APIC": madt, "XSDT": xsdt}
     if mcfg is not None:
         content["MCFG"] = mcfg
+    if tpm2 is not None:
+        content["TPM2"] = tpm2
     end = placed["XSDT"] + len(xsdt)
     if end > spec.limit:
         raise ValueError(

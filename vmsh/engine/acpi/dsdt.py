@@ -255,6 +255,22 @@ def processors(spec: AcpiSpec) -> bytes:
     return Device("CPUS", [Name("_HID", String("ACPI0010")), *cpus])
 
 
+#: the TPM's register page (the CRB interface, TCG PTP §6.4.2)
+TPM_REGISTER_SIZE = 0x1000
+
+
+def tpm(address: int) -> bytes:
+    """``TPM2``: a TPM 2.0 (MSFT0101, the id Linux's tpm_crb binds to) with its register page."""
+    return Device(
+        "TPM2",
+        [
+            Name("_HID", String("MSFT0101")),
+            Name("_STA", 0xF),
+            Name("_CRS", ResourceTemplate([Memory32Fixed(address, TPM_REGISTER_SIZE)])),
+        ],
+    )
+
+
 def sleep_states() -> bytes:
     """``\\_S5_``: {SLP_TYPa, SLP_TYPb, reserved, reserved} for soft-off (§7.4.2)."""
     return Name("\\_S5_", Package([S5_SLEEP_TYPE, S5_SLEEP_TYPE, 0, 0]))
@@ -273,5 +289,7 @@ def dsdt_aml(spec: AcpiSpec) -> bytes:
     if spec.ged is not None:
         sb.append(ged_register(spec))
         sb.append(ged(spec))
+    if spec.tpm_address is not None:
+        sb.append(tpm(spec.tpm_address))
     sb.append(processors(spec))
     return Scope("\\_SB_", sb) + sleep_states() + b"".join(spec.extra_aml)

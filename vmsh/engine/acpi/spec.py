@@ -180,6 +180,8 @@ class AcpiSpec:
     - ``interrupt_overrides``: MADT Interrupt Source Overrides.
     - ``pcat_compat``: MADT flag saying dual 8259 PICs are present.
     - ``iapc_boot_arch``: FADT IA-PC boot architecture flags (ACPI 6.4 §5.2.9.3).
+    - ``tpm_address``: a CRB TPM's register page (4 KiB) there: a TPM2 table and a ``TPM2``
+      device in the DSDT (``None``: no TPM).
     """
 
     boot_vcpus: int
@@ -199,6 +201,7 @@ class AcpiSpec:
     interrupt_overrides: tuple[InterruptOverride, ...] = ()
     pcat_compat: bool = False
     iapc_boot_arch: int = 0
+    tpm_address: int | None = None
     oem: OemInfo = field(default_factory=OemInfo)
     hypervisor_vendor: str = "CLOUDHYP"
     rsdp_address: int = DEFAULT_RSDP_ADDRESS
@@ -227,6 +230,8 @@ class AcpiSpec:
         _check_range("shutdown_port", self.shutdown_port, 0, 0xFFFF)
         _check_range("pm_timer_port", self.pm_timer_port, 0, 0xFFFF)
         _check_range("iapc_boot_arch", self.iapc_boot_arch, 0, 0xFFFF)
+        if self.tpm_address is not None:
+            _check_range("tpm_address", self.tpm_address, 0, 0xFFFF_F000)
         _check_ascii("hypervisor_vendor", self.hypervisor_vendor, 8)
         _check_range("rsdp_address", self.rsdp_address, 0, 0xFFFF_FFFF)
         if self.rsdp_address % 16:

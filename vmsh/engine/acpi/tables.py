@@ -35,6 +35,8 @@ MADT_REVISION = 5
 MCFG_REVISION = 1
 #: DSDT revision 2 or more makes AML integers 64 bits wide (§5.2.11.1)
 DSDT_REVISION = 2
+#: TPM2 table revision 3 has the platform class field (TCG ACPI Specification 1.3 §8.3)
+TPM2_REVISION = 3
 
 # --- FADT fixed feature flags (§5.2.9, Table 5.10) -------------------------------------------------
 FADT_TMR_VAL_EXT = 1 << 8
@@ -134,6 +136,23 @@ def rsdp(xsdt_address: int, oem: OemInfo) -> bytes:
     data[8] = checksum(bytes(data[:RSDP_V1_SIZE]))
     data[32] = checksum(bytes(data))
     return bytes(data)
+
+
+# --- TPM2 (TCG ACPI Specification 1.3 §8.3, Table 7) ---------------------------------------------
+TPM2_SIZE = 52
+TPM2_PLATFORM_CLIENT = 0
+#: the offset of the CRB control area (CTRL_REQ) in the TPM's register page
+TPM2_CONTROL_AREA_OFFSET = 0x40
+#: start method 7: the Command Response Buffer interface
+TPM2_START_METHOD_CRB = 7
+
+
+def tpm2(tpm_address: int, oem: OemInfo) -> bytes:
+    """TPM2: a client-platform TPM whose CRB control area is at ``tpm_address + 0x40``, started
+    through the CRB (no start-method parameters, no event log), as cloud-hypervisor's."""
+    body = struct.pack("<HHQI", TPM2_PLATFORM_CLIENT, 0, tpm_address + TPM2_CONTROL_AREA_OFFSET,
+                       TPM2_START_METHOD_CRB)
+    return sdt("TPM2", TPM2_REVISION, body, oem)
 
 
 def xsdt(entries: Sequence[int], oem: OemInfo) -> bytes:
