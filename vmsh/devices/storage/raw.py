@@ -59,7 +59,7 @@ class RawFile:
             self._bounce_read(views, offset)
             return
         try:
-            self._pread_all(views, offset)
+            pread_all(self.fd, views, offset)
         except OSError as err:
             if not (self.direct and err.errno == errno.EINVAL):
                 raise
@@ -70,7 +70,7 @@ class RawFile:
             self._bounce_write(views, offset)
             return
         try:
-            self._pwrite_all(views, offset)
+            pwrite_all(self.fd, views, offset)
         except OSError as err:
             if not (self.direct and err.errno == errno.EINVAL):
                 raise
@@ -138,29 +138,6 @@ class RawFile:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _pread_all(self, views: list[memoryview], offset: int) -> None:
-        total, done = sum(map(len, views)), 0
-        while done < total:  # usually one call
-            n = os.preadv(self.fd, views[:IOV_MAX], offset + done)
-            if n <= 0:
-                # Past the end of a file that shrank under us: the rest reads as zeros.
-                for v in views:
-                    v[:] = bytes(len(v))
-                return
-            done += n
-            if done < total:
-                views = advance_views(views, n)
-
-    def _pwrite_all(self, views: list[memoryview], offset: int) -> None:
-        total, done = sum(map(len, views)), 0
-        while done < total:  # usually one call
-            n = os.pwritev(self.fd, views[:IOV_MAX], offset + done)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write")
-            done += n
-            if done < total:
-                views = advance_views(views, n)
-
     def _bounce_buffer(self) -> memoryview:
         if self._bounce is None:
             # INVARIANTS: an anonymous mmap is page-aligned, as O_DIRECT needs; it lives as long as the file.
@@ -173,7 +150,7 @@ class RawFile:
         pos = 0
         while pos < total:
             n = min(BOUNCE_SIZE, total - pos)
-            self._pread_all([buf[:n]], offset + pos)
+            pread_all(self.fd, [buf[:n]], offset + pos)
             src = 0
             for v in window_views(views, pos, n):
                 v[:] = buf[src:src + len(v)]
@@ -190,7 +167,7 @@ class RawFile:
             for v in window_views(views, pos, n):
                 buf[dst:dst + len(v)] = v
                 dst += len(v)
-            self._pwrite_all([buf[:n]], offset + pos)
+            pwrite_all(self.fd, [buf[:n]], offset + pos)
             pos += n
 
 
@@ -200,6 +177,37 @@ def memory_backed(fd: int) -> bool:
         return fstatfs_type(fd) in MEMORY_FS_MAGICS
     except OSError:
         return False
+
+
+def pread_all(fd: int, views: list[memoryview], offset: int) -> int:
+    """Fill ``views`` from ``offset`` of ``fd`` (usually one ``preadv``); bytes past the end of the
+    file (one that shrank under us) read as zeros. Returns the bytes the file had."""
+    total, done = sum(map(len, views)), 0
+    while done < total:
+        n = os.preadv(fd, views[:IOV_MAX], offset + done)
+        if n <= 0:
+            for v in views:
+                v[:] = bytes(len(v))
+            break
+        done += n
+        if done < total:
+            views = advance_views(views, n)
+    return done
+
+
+def pwrite_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write all of ``views`` at ``offset`` of ``fd`` (usually one ``pwritev``).
+
+    :raises OSError: EIO when the file takes no more bytes.
+    """
+    total, done = sum(map(len, views)), 0
+    while done < total:
+        n = os.pwritev(fd, views[:IOV_MAX], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += n
+        if done < total:
+            views = advance_views(views, n)
 
 
 def file_size(fd: int) -> int:

@@ -15,22 +15,22 @@ from vmsh.devices.ratelimit import FdWatcher
 from vmsh.devices.vhost_user.device import DEFAULT_FEATURES, VhostUserDevice
 from vmsh.devices.vhost_user.frontend import Frontend, MemoryTable
 from vmsh.devices.virtio.device import VIRTIO_ID_NET
+from vmsh.devices.virtio.net import (  # virtio-net feature bits (virtio 1.2 §5.1.3)
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+)
 from vmsh.errors import VhostUserError
-
-# virtio-net feature bits (virtio 1.2 §5.1.3)
-VIRTIO_NET_F_CSUM = 0
-VIRTIO_NET_F_GUEST_CSUM = 1
-VIRTIO_NET_F_MTU = 3
-VIRTIO_NET_F_MAC = 5
-VIRTIO_NET_F_GUEST_TSO4 = 7
-VIRTIO_NET_F_GUEST_TSO6 = 8
-VIRTIO_NET_F_GUEST_ECN = 9
-VIRTIO_NET_F_GUEST_UFO = 10
-VIRTIO_NET_F_HOST_TSO4 = 11
-VIRTIO_NET_F_HOST_TSO6 = 12
-VIRTIO_NET_F_HOST_ECN = 13
-VIRTIO_NET_F_HOST_UFO = 14
-VIRTIO_NET_F_MRG_RXBUF = 15
 
 _TSO = (VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_HOST_TSO4,
         VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_ECN)

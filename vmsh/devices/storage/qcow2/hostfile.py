@@ -8,9 +8,7 @@ import errno
 import os
 import sys
 
-from vmsh.devices.virtio.queue import advance_views
-
-IOV_MAX = 1024
+from vmsh.devices.storage.raw import pread_all, pwrite_all
 
 
 class HostFile:
@@ -35,30 +33,14 @@ class HostFile:
 
     def readv(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views`` from ``offset``; bytes past the end of the file read as zeros."""
-        total, done = sum(map(len, views)), 0
-        while done < total:
-            n = os.preadv(self.fd, views[:IOV_MAX], offset + done)
-            if n <= 0:
-                for v in views:
-                    v[:] = bytes(len(v))
-                return
-            done += n
-            if done < total:
-                views = advance_views(views, n)
+        pread_all(self.fd, views, offset)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.writev([memoryview(data)], offset)
 
     def writev(self, views: list[memoryview], offset: int) -> None:
-        total, done = sum(map(len, views)), 0
-        while done < total:
-            n = os.pwritev(self.fd, views[:IOV_MAX], offset + done)
-            if n <= 0:
-                raise OSError(errno.EIO, "qcow2: short write")
-            done += n
-            if done < total:
-                views = advance_views(views, n)
-        self.end = max(self.end, offset + total)
+        pwrite_all(self.fd, views, offset)
+        self.end = max(self.end, offset + sum(map(len, views)))
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
