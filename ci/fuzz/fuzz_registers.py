@@ -235,14 +235,19 @@ class Campaign:
         self.vmm = vmm
         vmm.wait_started(60)
         deadline = time.monotonic() + 60
-        while True:  # the API socket is up a moment before the VM is created
+        while True:
+            # The socket file appears at bind(), a moment before listen() (a refused connect),
+            # and the API answers a moment before the VM is created (a 404).
             try:
                 info = vmm.info(30)
                 break
             except ApiError as err:
                 if err.status != 404 or time.monotonic() > deadline or not vmm.alive():
                     raise VmmGone(f"vm.info answered {err.status} after the start: {err}") from err
-                time.sleep(0.02)
+            except VmmGone:
+                if time.monotonic() > deadline or not vmm.alive():
+                    raise
+            time.sleep(0.02)
         devices = read_layout(info)
         self.gen.original = {}
         self.gen.set_layout(devices)

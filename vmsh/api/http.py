@@ -53,6 +53,8 @@ MAX_HEADER = 16 << 10
 MAX_FDS = 64
 #: the listen queue: a burst of clients waits there instead of being refused
 LISTEN_BACKLOG = 128
+#: sockaddr_un's sun_path, with its terminating NUL (unix(7))
+_SUN_PATH_MAX = 108
 REASONS = {
     200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
@@ -141,19 +143,30 @@ class ApiServer:
         self._closing = threading.Event()
         if fd is not None:
             self.sock = socket.socket(fileno=fd)
+            self.sock.listen(LISTEN_BACKLOG)
         elif path is not None:
             self._lock_fd = lock_socket_path(path)
             try:
                 if os.path.exists(path):
                     os.unlink(path)  # stale: its owner is gone, we hold the lock
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.bind(path)
+                # Bound under a temporary name and renamed once listening: a client that waits
+                # for the socket file to appear never finds one that refuses its connection.
+                # (A path too long for a temporary name next to it is bound as it is.)
+                staging = f"{path}.{os.getpid()}.tmp"
+                if len(os.fsencode(staging)) >= _SUN_PATH_MAX:
+                    staging = path
+                elif os.path.exists(staging):
+                    os.unlink(staging)
+                self.sock.bind(staging)
+                self.sock.listen(LISTEN_BACKLOG)
+                if staging != path:
+                    os.rename(staging, path)
             except OSError as err:
                 self._release_lock()
                 raise VmshError(f"Cannot bind the API socket {path}") from err
         else:
             raise ValueError("ApiServer needs a path or a descriptor")
-        self.sock.listen(LISTEN_BACKLOG)
         self._slots: threading.BoundedSemaphore | None = None
         #: requests being answered; close() lets them finish
         self._answering = 0

@@ -453,3 +453,24 @@ def test_closed_server_stops_its_accept_loop(tmp_path: Path) -> None:
     server.close()
     server._thread.join(timeout=5)
     assert not server._thread.is_alive()
+
+
+def test_the_socket_file_appears_only_once_it_listens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that waits for the socket file and then connects (as scripts driving
+    cloud-hypervisor do) is never refused: the file appears under its name after listen()."""
+    seen: list[bool] = []
+    real_listen = socket.socket.listen
+
+    def listen(sock: socket.socket, *args: int) -> None:
+        seen.append(os.path.exists(tmp_path / "api.sock"))
+        real_listen(sock, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", listen)
+    server, sock = make_server(tmp_path)
+    try:
+        assert seen == [False], "the socket file was there before listen()"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["api.sock", "api.sock.lock"]
+        raw = connect(sock)
+        raw.close()
+    finally:
+        server.close()
