@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from tests.unit.devices.virtio.conftest import RAM_SIZE
+from tests.unit.devices.conftest import RAM_SIZE
 from tests.unit.devices.virtio.driver import (
     Allocator,
     FakeInterrupt,

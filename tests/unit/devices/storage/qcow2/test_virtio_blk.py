@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,21 +38,6 @@ from vmsh.engine.memory import GuestMemoryMmap
 
 SIZE = 4 << 20
 CS = 4096
-RAM_SIZE = 16 << 20
-
-
-@pytest.fixture
-def mem() -> Iterator[GuestMemoryMmap]:
-    m = GuestMemoryMmap.create(RAM_SIZE)
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def alloc() -> Allocator:
-    return Allocator(0x1000, RAM_SIZE)
-
-
 @pytest.fixture
 def files(tmp_path: Path) -> tuple[Path, Path]:
     rng = random.Random("blk")
