@@ -56,15 +56,19 @@ def _threads_of_running_vmm(tmp_path: Path, *flags: str) -> dict[str, list[tuple
         with ApiClient(str(api)) as client:
             pty_path = client.get("vm.info")["config"]["serial"]["file"]
             # Threads name themselves when they start and install their filter just after (the
-            # I/O thread may still be starting): wait until each named thread is there and, with
-            # seccomp, has its filter; a thread that never gets one makes this time out.
+            # I/O thread may still be starting): wait until each named thread and the main thread
+            # are there and, with seccomp, have their filter; one that never gets it times out.
             filtered = "false" not in flags
 
             def settled() -> dict[str, list[tuple[int, int]]] | None:
                 found = _threads(proc.pid)
                 if not set(THREADS) <= set(found):
                     return None
-                on = all(mode == 2 and filters >= 1 for name in THREADS for mode, filters in found[name])
+                # The main thread (the process's name) installs its filter once the VM is
+                # booted, which may be after the API already answers.
+                states = [state for comm, group in found.items() if comm in THREADS or comm.startswith("python")
+                          for state in group]
+                on = all(mode == 2 and filters >= 1 for mode, filters in states)
                 return found if on or not filtered else None
 
             threads = wait_until(settled, 10, "every thread of the VMM to be named and have its filter",
