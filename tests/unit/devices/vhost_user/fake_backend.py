@@ -20,6 +20,8 @@ class Message:
     payload: bytes
     #: fds received with it (kept open until the backend closes)
     fds: list[int] = field(default_factory=list)
+    #: which connection (1, 2, ...) it came on
+    connection: int = 1
 
     def u64(self) -> int:
         value: int = p.U64.unpack(self.payload)[0]
@@ -51,8 +53,9 @@ class FakeBackend:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
-    def requests(self) -> list[int]:
-        return [m.request for m in self.messages]
+    def requests(self, connection: int | None = None) -> list[int]:
+        """The requests received so far (on one connection only if given)."""
+        return [m.request for m in self.messages if connection in (None, m.connection)]
 
     def wait_for(self, count: int, timeout: float = 5.0) -> None:
         with self.changed:
@@ -102,7 +105,7 @@ class FakeBackend:
             if not chunk:
                 return False
             payload += chunk
-        message = Message(request, flags, payload, list(fds))
+        message = Message(request, flags, payload, list(fds), self.connections)
         with self.changed:
             self.messages.append(message)
             self.changed.notify_all()
