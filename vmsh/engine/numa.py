@@ -64,7 +64,8 @@ def numa_errors(cfg: m.VmConfig) -> list[str]:
             sections = {epc.id for epc in cfg.sgx_epc or []}
             if not sections:
                 reasons.append("Missing SGX EPC region")
-            reasons.extend(f"Unknown SGX EPC section '{s}'" for s in node.sgx_epc_sections if sections and s not in sections)
+            else:
+                reasons.extend(f"Unknown SGX EPC section '{s}'" for s in node.sgx_epc_sections if s not in sections)
         for cpu in node.cpus or []:
             if cpu >= cfg.cpus.max_vcpus:
                 reasons.append(f"vCPU {cpu} of NUMA node {node.guest_numa_id} does not exist "
