@@ -1,7 +1,8 @@
 """Guest NUMA in a real guest: ``--numa`` with two memory zones and two nodes. Linux reads the
 SRAT (which vCPU and which RAM is in which proximity domain) and the SLIT (the distances) and
 shows two nodes under /sys/devices/system/node, each with its vCPU, about its zone's memory and
-the distances 10 20 / 20 10; a snapshot of that guest restores with the same nodes.
+the distances 10 20 / 20 10; a snapshot of that guest restores with the same nodes. A vCPU
+hot-added later (``vm.resize``) joins the node ``--numa`` put it in.
 
 The guest kernel needs CONFIG_ACPI_NUMA, which is in the ``kernel-full`` flavour (issue #19);
 the test skips (fails in CI) naming that option while that kernel is not built.
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmsh.api.client import ApiClient
-from vmsh.harness import restore_guest
+from vmsh.harness import restore_guest, wait_until
 from vmsh.harness.requirements import unavailable
 
 NUMA_KERNEL, NUMA_KERNEL_CONFIG = "kernel-full", "kernel-full-config"
@@ -54,11 +55,10 @@ def check_nodes(guest) -> None:
     assert guest.check_output("cat /sys/devices/system/node/node0/distance") == "10 20"
     assert guest.check_output("cat /sys/devices/system/node/node1/distance") == "20 10"
     sizes = [node_memtotal_mib(guest, n) for n in (0, 1)]
-    # each node has its zone, less what the kernel keeps for itself (its image and the memory
-    # map sit mostly in node 0); neither has the other's memory
+    # each node has its zone, less what the kernel keeps for itself (its image sits in node 0:
+    # about 112 and 126 MiB of 128 with kernel-full); neither has the other's memory
     for size in sizes:
-        assert ZONE_MIB / 2 < size <= ZONE_MIB, sizes
-    assert sizes[1] > ZONE_MIB * 0.8, sizes
+        assert ZONE_MIB * 0.8 < size <= ZONE_MIB, sizes
 
 
 def test_two_nodes_and_restore(vmsh_guest, vmsh_image, tmp_path: Path) -> None:
@@ -79,3 +79,18 @@ def test_two_nodes_and_restore(vmsh_guest, vmsh_image, tmp_path: Path) -> None:
         check_nodes(clone)
     finally:
         clone.close()
+
+
+def test_a_hot_added_vcpu_joins_its_node(vmsh_guest, vmsh_image, tmp_path: Path) -> None:
+    api = tmp_path / "api.sock"
+    flags = [*FLAGS, "--api-socket", f"path={api}"]
+    flags[flags.index("boot=2")] = "boot=1,max=2"
+    guest = vmsh_guest(*flags, kernel=numa_kernel(vmsh_image))
+    assert guest.check_output("cat /sys/devices/system/cpu/present") == "0"
+    with ApiClient(str(api)) as client:
+        client.put("vm.resize", {"desired_vcpus": 2})
+    wait_until(lambda: guest.check_output("cat /sys/devices/system/cpu/present") == "0-1", 60,
+               "the guest to add vCPU 1")
+    guest.check_output("echo 1 > /sys/devices/system/cpu/cpu1/online")
+    assert guest.check_output("cat /sys/devices/system/node/node1/cpulist") == "1"
+    assert guest.check_output("cat /sys/devices/system/node/node0/cpulist") == "0"
