@@ -39,6 +39,13 @@ def memory_zone_ranges(mem: m.MemoryConfig) -> dict[str, list[tuple[int, int]]]:
     return {zone.id: ranges for zone, ranges in zip(mem.zones, layout, strict=True)}
 
 
+def zone_node(cfg: m.VmConfig, zone_id: str) -> int | None:
+    """The guest NUMA node whose ``memory_zones`` lists ``zone_id``, or None (no ``--numa``, or no
+    node lists it): a zone's virtio-mem device tells the guest this node (``node_id`` with
+    VIRTIO_MEM_F_ACPI_PXM, cloud-hypervisor's ``virtio-devices/src/mem.rs``)."""
+    return next((n.guest_numa_id for n in cfg.numa or [] if zone_id in (n.memory_zones or [])), None)
+
+
 def numa_errors(cfg: m.VmConfig) -> list[str]:
     """What is wrong with ``cfg.numa`` for building the VM, each as
     ``Invalid NUMA configuration: <reason>``; empty when nothing is (or there is no ``--numa``)."""

@@ -12,7 +12,7 @@ from vmsh.engine.acpi import MemoryAffinity, NumaNode
 from vmsh.engine.builder import config_errors, unsupported_options
 from vmsh.engine.memory import RAM_64BIT_START
 from vmsh.engine.memory_manager import ZoneSpec, create_zones, zone_layout
-from vmsh.engine.numa import numa_errors, numa_spec
+from vmsh.engine.numa import numa_errors, numa_spec, zone_node
 
 MIB, GIB = 1 << 20, 1 << 30
 K = ["--kernel", "/k"]
@@ -34,6 +34,7 @@ def test_two_zones_two_nodes() -> None:
     assert spec.nodes == (NumaNode(0, cpus=(0,), distances=((1, 20),)), NumaNode(1, cpus=(1,), distances=((0, 20),)))
     assert spec.memory == (MemoryAffinity(0, 128 * MIB, 0), MemoryAffinity(128 * MIB, 128 * MIB, 1))
     assert spec.distance_matrix() == [[10, 20], [20, 10]]
+    assert (zone_node(cfg, "m0"), zone_node(cfg, "m1"), zone_node(cfg, "mem0")) == (0, 1, None)
 
 
 def test_a_zone_across_the_32bit_hole_is_two_ranges_where_ram_really_is() -> None:
@@ -70,7 +71,7 @@ def test_hotplug_ranges_go_to_the_zones_node_flagged() -> None:
 
 def test_no_numa_no_topology() -> None:
     cfg = config(*TWO_ZONES)
-    assert numa_spec(cfg) is None and numa_errors(cfg) == []
+    assert numa_spec(cfg) is None and numa_errors(cfg) == [] and zone_node(cfg, "m0") is None
 
 
 @pytest.mark.parametrize("argv, reason", [
