@@ -12,7 +12,8 @@ Two entry points share one device-creation path (Firecracker's ``builder.rs`` is
 Either returns a :class:`~vmsh.engine.vm.Vm` with nothing running, or raises and leaves nothing
 behind. The machine is cloud-hypervisor's x86_64 one (its ``docs/device_model.md`` and
 ``arch/src/x86_64/layout.rs``): RAM below 3 GiB and from 4 GiB, the kernel through PVH or the
-bzImage 32-bit entry, ACPI at 0xa0000 (hardware-reduced FADT, MADT, MCFG, DSDT), SMBIOS at
+bzImage 32-bit entry, ACPI at 0xa0000 (hardware-reduced FADT, MADT, MCFG, DSDT; SRAT and SLIT
+with ``--numa``), SMBIOS at
 0xf0000, the in-kernel irqchip and PIT, the platform devices (``platform_devices``) and PCI.
 """
 
@@ -45,6 +46,7 @@ from vmsh.engine.kvm import Kvm
 from vmsh.engine.kvm_state import restore_vcpu, restore_vm
 from vmsh.engine.kvm_vcpu import VcpuFd
 from vmsh.engine.memory_manager import check_host_memory, create_memory, map_snapshot_memory
+from vmsh.engine.numa import numa_errors, numa_spec
 from vmsh.engine.pci_windows import pci_segments
 from vmsh.engine.persist import SnapshotError
 from vmsh.engine.platform_devices import (
@@ -74,7 +76,8 @@ KVM_CAP_HYPERV_SYNIC = 123
 
 def config_errors(cfg: m.VmConfig) -> list[str]:
     """Configs that validate but that cloud-hypervisor refuses when it builds the VM, in its words
-    (``vmm/src/memory_manager.rs`` and ``vmm/src/device_manager.rs``)."""
+    (``vmm/src/memory_manager.rs``, ``vmm/src/device_manager.rs`` and, for ``--numa``,
+    ``vmm/src/vm.rs``)."""
     errors = []
     if cfg.memory.hotplugged_size is not None and cfg.memory.hotplug_size is None:
         errors.append("Invalid to define 'hotplugged_size' when there is no 'hotplug_size'")
@@ -84,6 +87,7 @@ def config_errors(cfg: m.VmConfig) -> list[str]:
                           f"for memory zone {zone.id}")
     if cfg.console.mode is ConsoleOutputMode.SOCKET:
         errors.append("No socket option support for console device")
+    errors.extend(numa_errors(cfg))
     return errors
 
 
@@ -112,7 +116,6 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
         ("--user-device (needs a vfio-user server)", cfg.user_devices),
         ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
         # Not implemented yet.
-        ("--numa", cfg.numa),
         ("--memory hotplug_size", cfg.memory.hotplug_size),
         ("--memory-zone hotplug_size", any(z.hotplug_size is not None for z in cfg.memory.zones or [])),
         (f"--platform iommu_segments {no_iommu}", cfg.platform and cfg.platform.iommu_segments),
@@ -388,6 +391,7 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
             shutdown_port=SHUTDOWN_PORT,
             pm_timer_port=PM_TIMER_PORT,
             tpm_address=TPM_ADDRESS if vm.platform.tpm is not None else None,
+            numa=numa_spec(cfg),
         ))
         tables = smbios.build_smbios(smbios.SmbiosSpec.from_platform(cfg.platform))
     except ValueError as err:

@@ -14,6 +14,7 @@ import ctypes
 import logging
 import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,22 +61,44 @@ def bind_to_node(mm: mmap.mmap, node: int) -> None:
                                f"{os.strerror(ctypes.get_errno())}")
 
 
+def zone_layout(sizes: Sequence[int]) -> list[list[tuple[int, int]]]:
+    """Where memory zones of ``sizes`` bytes go in guest physical memory: per zone its
+    ``(guest address, length)`` pieces. The zones follow one another around the 32-bit hole
+    like plain RAM, so a zone that straddles the hole has two pieces (cloud-hypervisor's
+    ``vmm/src/memory_manager.rs`` lays them out the same way). The guest NUMA tables describe
+    these ranges.
+
+    >>> [[(hex(a), n >> 20) for a, n in z] for z in zone_layout([2 << 30, 2 << 30])]
+    [[('0x0', 2048)], [('0x80000000', 1024), ('0x100000000', 1024)]]
+    """
+    pieces = iter(ram_ranges(sum(sizes)))
+    start, room = next(pieces)
+    layout: list[list[tuple[int, int]]] = []
+    for size in sizes:
+        ranges: list[tuple[int, int]] = []
+        done = 0
+        while done < size:
+            if room == 0:
+                start, room = next(pieces)
+            n = min(room, size - done)
+            ranges.append((start, n))
+            start, room, done = start + n, room - n, done + n
+        layout.append(ranges)
+    return layout
+
+
 def create_zones(zones: list[ZoneSpec]) -> GuestMemoryMmap:
     """RAM made of memory zones, one after the other in guest physical memory, laid out around
-    the 32-bit hole like plain RAM; a zone that straddles the hole is two regions."""
+    the 32-bit hole like plain RAM (:func:`zone_layout`); a zone that straddles the hole is two
+    regions."""
     total = sum(z.size for z in zones)
     if not zones or total <= 0 or any(z.size <= 0 or z.size % 4096 for z in zones):
         raise GuestMemoryError("memory zones must have positive sizes that are multiples of 4 KiB")
     regions: list[GuestRegion] = []
-    pieces = iter(ram_ranges(total))
-    start, room = next(pieces)
     try:
-        for zone in zones:
+        for zone, ranges in zip(zones, zone_layout([z.size for z in zones]), strict=True):
             done = 0
-            while done < zone.size:
-                if room == 0:
-                    start, room = next(pieces)
-                n = min(room, zone.size - done)
+            for start, n in ranges:
                 if zone.file is not None:
                     region = GuestRegion.from_file(start, zone.file, done, n, zone.options)
                 else:
@@ -83,7 +106,7 @@ def create_zones(zones: list[ZoneSpec]) -> GuestMemoryMmap:
                 regions.append(region)
                 if zone.host_numa_node is not None:
                     bind_to_node(region.mmap, zone.host_numa_node)
-                start, room, done = start + n, room - n, done + n
+                done += n
     except GuestMemoryError:
         for r in regions:
             r.close()

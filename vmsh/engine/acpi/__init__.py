@@ -2,7 +2,7 @@
 
 - :mod:`.aml` — a small AML encoder (names, data, control flow, fields, resource templates);
 - :mod:`.spec` — :class:`AcpiSpec`, the plain-data input the engine fills from a VmConfig;
-- :mod:`.tables` — RSDP, XSDT, FADT, MADT, MCFG and the SDT header;
+- :mod:`.tables` — RSDP, XSDT, FADT, MADT, MCFG, TPM2, SRAT, SLIT and the SDT header;
 - :mod:`.dsdt` — the DSDT's device namespace;
 - :mod:`.builder` — :func:`build_acpi`, which places all of them in guest memory.
 
@@ -22,6 +22,16 @@ Usage (the engine fills the spec from the VmConfig and the memory layout)::
 """
 
 from vmsh.engine.acpi.builder import AcpiTables, build_acpi
-from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, InterruptOverride, OemInfo, PciSegment
+from vmsh.engine.acpi.spec import (
+    AcpiSpec,
+    GedSpec,
+    InterruptOverride,
+    MemoryAffinity,
+    NumaNode,
+    NumaSpec,
+    OemInfo,
+    PciSegment,
+)
 
-__all__ = ["AcpiSpec", "AcpiTables", "GedSpec", "InterruptOverride", "OemInfo", "PciSegment", "build_acpi"]
+__all__ = ["AcpiSpec", "AcpiTables", "GedSpec", "InterruptOverride", "MemoryAffinity", "NumaNode", "NumaSpec",
+           "OemInfo", "PciSegment", "build_acpi"]

@@ -4,10 +4,11 @@
 that the engine copies to guest RAM at ``rsdp_address`` (0xa0000 by default, the EBDA, where
 the PVH start info and the zero page point the kernel):
 
-    RSDP, DSDT, FACP, APIC, [MCFG], [TPM2], XSDT
+    RSDP, DSDT, FACP, APIC, [MCFG], [TPM2], [SRAT, SLIT], XSDT
 
-each table 8-byte aligned after the one before. The XSDT lists FACP, APIC, MCFG and TPM2; the DSDT is
-reached through the FADT's X_DSDT (ACPI 6.4 §5.2.8, §5.2.9).
+each table 8-byte aligned after the one before (SRAT and SLIT only with a NUMA topology, as in
+cloud-hypervisor). The XSDT lists every table but the DSDT, which is reached through the FADT's
+X_DSDT (ACPI 6.4 §5.2.8, §5.2.9).
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     madt = tables.madt(spec)
     mcfg = tables.mcfg(spec.pci_segments, spec.oem) if spec.pci_segments else None
     tpm2 = tables.tpm2(spec.tpm_address, spec.oem) if spec.tpm_address is not None else None
+    numa: dict[str, bytes] = {}
+    if spec.numa is not None:
+        assert spec.apic_ids is not None
+        numa = {"SRAT": tables.srat(spec.numa, spec.apic_ids, spec.oem), "SLIT": tables.slit(spec.numa, spec.oem)}
 
     addr = spec.rsdp_address
     placed: dict[str, int] = {"RSDP": addr}
@@ -67,10 +72,13 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     if tpm2 is not None:
         placed["TPM2"] = addr
         addr = _align(addr + len(tpm2))
+    for name, data in numa.items():
+        placed[name] = addr
+        addr = _align(addr + len(data))
     placed["XSDT"] = addr
 
     fadt = tables.fadt(spec, placed["DSDT"])
-    xsdt_entries = [placed[name] for name in ("FACP", "APIC", "MCFG", "TPM2") if name in placed]
+    xsdt_entries = [placed[name] for name in ("FACP", "APIC", "MCFG", "TPM2", "SRAT", "SLIT") if name in placed]
     xsdt = tables.xsdt(xsdt_entries, spec.oem)
     rsdp = tables.rsdp(placed["XSDT"], spec.oem)
 
@@ -79,6 +87,7 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
         content["MCFG"] = mcfg
     if tpm2 is not None:
         content["TPM2"] = tpm2
+    content.update(numa)
     end = placed["XSDT"] + len(xsdt)
     if end > spec.limit:
         raise ValueError(

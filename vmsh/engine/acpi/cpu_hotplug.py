@@ -24,6 +24,7 @@ still finds a hot-added vCPU's APIC id there.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from vmsh.engine.acpi import aml
 from vmsh.engine.acpi.aml import Buffer, String
@@ -134,24 +135,28 @@ def methods(apic_ids: tuple[int, ...]) -> list[bytes]:
     return [csta, cej0, ctfy, cscn]
 
 
-def processor(index: int, apic_id: int) -> bytes:
-    """Processor device ``index`` whose status and eject go through the controller."""
+def processor(index: int, apic_id: int, proximity_domain: int | None = None) -> bytes:
+    """Processor device ``index`` whose status and eject go through the controller; with a
+    proximity domain, ``_PXM`` returns it (the node a hot-added vCPU joins, ACPI 6.4 §6.2.14)."""
     body = [
         Name("_HID", String("ACPI0007")),
         Name("_UID", index),
         Method("_STA", 0, [Return(Call("CSTA", index))], serialized=True),
         Name("_MAT", Buffer(madt_entry(index, apic_id))),
     ]
+    if proximity_domain is not None:
+        body.append(Name("_PXM", proximity_domain))  # an integer, see dsdt.pxm
     if index > 0:
         body.append(Method("_EJ0", 1, [Call("CEJ0", index)], serialized=True))
     return Device(processor_name(index), body)
 
 
-def processors(address: int, apic_ids: tuple[int, ...]) -> bytes:
-    """``PRES`` and ``CPUS`` (ACPI0010, §8.4.2) with every possible vCPU, for the ``\\_SB_`` scope."""
+def processors(address: int, apic_ids: tuple[int, ...], domains: Sequence[int | None] = ()) -> bytes:
+    """``PRES`` and ``CPUS`` (ACPI0010, §8.4.2) with every possible vCPU, for the ``\\_SB_`` scope;
+    ``domains[i]``, when given and not None, is vCPU i's proximity domain."""
     return controller(address) + Device("CPUS", [
         Name("_HID", String("ACPI0010")),
         Name("_CID", aml.EisaId("PNP0A05")),
         *methods(apic_ids),
-        *(processor(i, apic_id) for i, apic_id in enumerate(apic_ids)),
+        *(processor(i, apic_id, domains[i] if i < len(domains) else None) for i, apic_id in enumerate(apic_ids)),
     ])

@@ -13,6 +13,11 @@ What the guest finds under ``\\_SB_``:
   whose ``_EVT`` reads that read-to-clear register and dispatches on its bits;
 - ``CPUS`` (ACPI0010, §8.4.2) with one processor device (ACPI0007, §8.4) per possible vCPU.
 
+With a NUMA topology (``AcpiSpec.numa``) each processor and each host bridge also has ``_PXM``
+(§6.2.14), its proximity domain, as cloud-hypervisor's (``vmm/src/cpu.rs``,
+``vmm/src/pci_segment.rs``; 0 for what no node lists). cloud-hypervisor has them without
+``--numa`` too, where they mean nothing to a guest without an SRAT; vmsh leaves them out then.
+
 and ``\\_S5_``, the soft-off sleep type (§7.4.2), then any ``AcpiSpec.extra_aml``. Each device
 is built by its own function, and the GED calls scan methods named in the spec, so that CPU,
 memory and PCI hotplug can add their controllers and methods later.
@@ -93,9 +98,17 @@ def _mmio_descriptor(base: int, size: int, producer: bool, cacheable: int) -> by
     return QWordMemory(base, end, producer=producer, cacheable=cacheable)
 
 
-def pci_root_bridge(seg: PciSegment) -> bytes:
+def pxm(domain: int) -> bytes:
+    """``_PXM`` (§6.2.14): proximity domain ``domain``. cloud-hypervisor makes it a method that
+    returns the value; a named integer gives the guest the same value without a method for
+    ACPICA to parse at table load (see ``pci_hotplug``)."""
+    return Name("_PXM", domain)
+
+
+def pci_root_bridge(seg: PciSegment, proximity_domain: int | None = None) -> bytes:
     """One host bridge (PCI Firmware Specification 3.2 §4.1.3; ACPI 6.4 §6.1.5 _HID, §6.5.5 _BBN,
-    §6.5.6 _SEG). ``_CRS`` lists what the bridge decodes for its children, as producer ranges."""
+    §6.5.6 _SEG). ``_CRS`` lists what the bridge decodes for its children, as producer ranges;
+    ``_PXM`` is there when a proximity domain is given."""
     crs = [WordBusNumber(seg.bus_start, seg.bus_end)]
     if seg.legacy_io:
         # the configuration mechanism #1 ports are consumed by the bridge itself;
@@ -119,6 +132,8 @@ def pci_root_bridge(seg: PciSegment) -> bytes:
     ]
     if seg.intx_irqs:
         body.append(Name("_PRT", _prt(seg.intx_irqs)))
+    if proximity_domain is not None:
+        body.append(pxm(proximity_domain))
     return Device(pci_root_name(seg.id), body)
 
 
@@ -231,27 +246,29 @@ def ged(spec: AcpiSpec) -> bytes:
     )
 
 
-def processor(index: int, present: bool) -> bytes:
+def processor(index: int, present: bool, proximity_domain: int | None = None) -> bytes:
     """A processor device (ACPI0007, §8.4): ``_UID`` is the vCPU index, which is also the ACPI
     processor UID of its MADT entry; ``_STA`` is a method so that hotplug can make it dynamic
-    (Serialized, which spares ACPICA a parse of it at table load; see ``pci_hotplug``)."""
-    return Device(
-        processor_name(index),
-        [
-            Name("_HID", String("ACPI0007")),
-            Name("_UID", index),
-            Method("_STA", 0, [Return(STA_PRESENT_ENABLED if present else STA_ABSENT)], serialized=True),
-        ],
-    )
+    (Serialized, which spares ACPICA a parse of it at table load; see ``pci_hotplug``); ``_PXM``
+    when a proximity domain is given."""
+    body = [
+        Name("_HID", String("ACPI0007")),
+        Name("_UID", index),
+        Method("_STA", 0, [Return(STA_PRESENT_ENABLED if present else STA_ABSENT)], serialized=True),
+    ]
+    if proximity_domain is not None:
+        body.append(pxm(proximity_domain))
+    return Device(processor_name(index), body)
 
 
 def processors(spec: AcpiSpec) -> bytes:
     """``CPUS``: the processor container (ACPI0010, §8.4.2) holding every possible vCPU; with a CPU
     hotplug controller their status comes from it (``cpu_hotplug``), else it is fixed."""
     assert spec.max_vcpus is not None and spec.apic_ids is not None
+    domains = [spec.numa.cpu_domain(i) if spec.numa is not None else None for i in range(spec.max_vcpus)]
     if spec.cpu_hotplug_address is not None:
-        return cpu_hotplug.processors(spec.cpu_hotplug_address, spec.apic_ids)
-    cpus = [processor(i, i < spec.boot_vcpus) for i in range(spec.max_vcpus)]
+        return cpu_hotplug.processors(spec.cpu_hotplug_address, spec.apic_ids, domains)
+    cpus = [processor(i, i < spec.boot_vcpus, domains[i]) for i in range(spec.max_vcpus)]
     return Device("CPUS", [Name("_HID", String("ACPI0010")), *cpus])
 
 
@@ -278,7 +295,9 @@ def sleep_states() -> bytes:
 
 def dsdt_aml(spec: AcpiSpec) -> bytes:
     """The DSDT's definition block: everything above, in a ``\\_SB_`` scope plus ``\\_S5_``."""
-    sb: list[bytes] = [pci_root_bridge(seg) for seg in spec.pci_segments]
+    numa = spec.numa
+    sb: list[bytes] = [pci_root_bridge(seg, numa.segment_domain(seg.id) if numa is not None else None)
+                       for seg in spec.pci_segments]
     if spec.pci_segments:
         sb.append(motherboard_resources(spec.pci_segments))
     if spec.serial:

@@ -157,6 +157,103 @@ class InterruptOverride:
 
 
 @dataclass(frozen=True)
+class MemoryAffinity:
+    """One SRAT Memory Affinity structure (ACPI 6.4 §5.2.16.2): guest RAM at ``base``, ``size``
+    bytes, in proximity domain ``proximity_domain``; ``hotpluggable`` marks a range that RAM may
+    be added to (or removed from) at run time rather than RAM present at boot."""
+
+    base: int
+    size: int
+    proximity_domain: int
+    hotpluggable: bool = False
+
+    def __post_init__(self) -> None:
+        _check_range("memory affinity base", self.base, 0, (1 << 64) - 1)
+        _check_range("memory affinity size", self.size, 1, (1 << 64) - self.base)
+        _check_range("memory affinity proximity domain", self.proximity_domain, 0, 0xFFFF_FFFF)
+
+
+@dataclass(frozen=True)
+class NumaNode:
+    """One guest NUMA node: its proximity domain ``id``, the vCPUs (indexes) in it, its distances
+    to other nodes as ``(destination id, distance)`` and the PCI segments whose host bridge it
+    holds (``_PXM``)."""
+
+    id: int
+    cpus: tuple[int, ...] = ()
+    distances: tuple[tuple[int, int], ...] = ()
+    pci_segments: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_range("NUMA node id", self.id, 0, 0xFFFF_FFFF)
+        for name in ("cpus", "distances", "pci_segments"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for dest, dist in self.distances:
+            _check_range(f"NUMA node {self.id} distance destination", dest, 0, 0xFFFF_FFFF)
+            _check_range(f"NUMA node {self.id} distance to {dest}", dist, 0, 0xFF)
+
+
+#: SLIT distances (ACPI 6.4 §5.2.17): a node to itself, and to a node none was given for
+#: (cloud-hypervisor's ``vmm/src/acpi.rs`` default; "remote" in the spec's sense)
+LOCAL_DISTANCE = 10
+DEFAULT_REMOTE_DISTANCE = 20
+
+
+@dataclass(frozen=True)
+class NumaSpec:
+    """The guest NUMA topology: the SRAT, the SLIT and the ``_PXM`` objects come from it.
+
+    ``nodes`` are sorted by id. ``memory`` is every RAM range with its node, in any order:
+    the engine lists each memory zone's guest-physical pieces, and memory hotplug adds its
+    hotpluggable ranges (``MemoryAffinity(..., hotpluggable=True)``) to the same tuple.
+    """
+
+    nodes: tuple[NumaNode, ...]
+    memory: tuple[MemoryAffinity, ...] = ()
+
+    def __post_init__(self) -> None:
+        nodes = tuple(sorted(self.nodes, key=lambda n: n.id))
+        object.__setattr__(self, "nodes", nodes)
+        object.__setattr__(self, "memory", tuple(self.memory))
+        ids = [n.id for n in nodes]
+        if not ids:
+            raise ValueError("a NUMA topology needs at least one node")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"NUMA nodes have duplicate ids: {ids}")
+        for kind, values in (("vCPU", [c for n in nodes for c in n.cpus]),
+                             ("PCI segment", [s for n in nodes for s in n.pci_segments])):
+            if len(set(values)) != len(values):
+                raise ValueError(f"a {kind} is in more than one NUMA node: {values}")
+        for node in nodes:
+            dests = [d for d, _ in node.distances]
+            if len(set(dests)) != len(dests) or not set(dests) <= set(ids):
+                raise ValueError(f"NUMA node {node.id} has distances {node.distances} to nodes {ids}")
+        for mem in self.memory:
+            if mem.proximity_domain not in ids:
+                raise ValueError(f"memory at {mem.base:#x} is in NUMA node {mem.proximity_domain}, "
+                                 f"which is not one of {ids}")
+
+    def cpu_domain(self, index: int) -> int:
+        """vCPU ``index``'s proximity domain: its node, or 0 when no node lists it (as
+        cloud-hypervisor's ``_PXM``)."""
+        return next((n.id for n in self.nodes if index in n.cpus), 0)
+
+    def segment_domain(self, segment: int) -> int:
+        """PCI segment ``segment``'s proximity domain: the node listing it, else 0."""
+        return next((n.id for n in self.nodes if segment in n.pci_segments), 0)
+
+    def distance_matrix(self) -> list[list[int]]:
+        """The SLIT's N x N distances, rows and columns in node id order: 10 from a node to
+        itself, else the configured distance or 20."""
+        matrix = []
+        for node in self.nodes:
+            given = dict(node.distances)
+            matrix.append([LOCAL_DISTANCE if other.id == node.id else given.get(other.id, DEFAULT_REMOTE_DISTANCE)
+                           for other in self.nodes])
+        return matrix
+
+
+@dataclass(frozen=True)
 class AcpiSpec:
     """Everything the ACPI tables say about the VM.
 
@@ -182,6 +279,8 @@ class AcpiSpec:
     - ``iapc_boot_arch``: FADT IA-PC boot architecture flags (ACPI 6.4 §5.2.9.3).
     - ``tpm_address``: a CRB TPM's register page (4 KiB) there: a TPM2 table and a ``TPM2``
       device in the DSDT (``None``: no TPM).
+    - ``numa``: the guest NUMA topology: an SRAT, a SLIT and ``_PXM`` on the processors and the
+      PCI host bridges (``None``: none of them, the guest is one node).
     """
 
     boot_vcpus: int
@@ -202,6 +301,7 @@ class AcpiSpec:
     pcat_compat: bool = False
     iapc_boot_arch: int = 0
     tpm_address: int | None = None
+    numa: NumaSpec | None = None
     oem: OemInfo = field(default_factory=OemInfo)
     hypervisor_vendor: str = "CLOUDHYP"
     rsdp_address: int = DEFAULT_RSDP_ADDRESS
@@ -232,6 +332,11 @@ class AcpiSpec:
         _check_range("iapc_boot_arch", self.iapc_boot_arch, 0, 0xFFFF)
         if self.tpm_address is not None:
             _check_range("tpm_address", self.tpm_address, 0, 0xFFFF_F000)
+        if self.numa is not None:
+            for node in self.numa.nodes:
+                for cpu in node.cpus:
+                    if cpu >= max_vcpus:
+                        raise ValueError(f"NUMA node {node.id} lists vCPU {cpu}, max_vcpus is {max_vcpus}")
         _check_ascii("hypervisor_vendor", self.hypervisor_vendor, 8)
         _check_range("rsdp_address", self.rsdp_address, 0, 0xFFFF_FFFF)
         if self.rsdp_address % 16:

@@ -1,4 +1,4 @@
-"""Binary ACPI tables: RSDP, the SDT header, XSDT, FADT, MADT and MCFG (ACPI 6.4 §5.2).
+"""Binary ACPI tables: RSDP, the SDT header, XSDT, FADT, MADT, MCFG, SRAT and SLIT (ACPI 6.4 §5.2).
 
 Each function returns the complete table bytes with its checksum set. Tables that point at
 other tables take the guest physical addresses as arguments; laying them out in memory is the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from vmsh.engine.acpi.spec import IOAPIC_ADDRESS, LAPIC_ADDRESS, AcpiSpec, OemInfo, PciSegment
+from vmsh.engine.acpi.spec import IOAPIC_ADDRESS, LAPIC_ADDRESS, AcpiSpec, NumaSpec, OemInfo, PciSegment
 
 SDT_HEADER_SIZE = 36
 #: offset of the checksum byte in the SDT header (§5.2.6, Table 5.4)
@@ -35,6 +35,9 @@ MADT_REVISION = 5
 MCFG_REVISION = 1
 #: DSDT revision 2 or more makes AML integers 64 bits wide (§5.2.11.1)
 DSDT_REVISION = 2
+#: SRAT revision 3 (ACPI 6.4 §5.2.16, Table 5.73) and SLIT revision 1 (§5.2.17, Table 5.86)
+SRAT_REVISION = 3
+SLIT_REVISION = 1
 #: TPM2 table revision 3 has the platform class field (TCG ACPI Specification 1.3 §8.3)
 TPM2_REVISION = 3
 
@@ -231,3 +234,60 @@ def mcfg(segments: Sequence[PciSegment], oem: OemInfo) -> bytes:
 def dsdt(aml_body: bytes, oem: OemInfo) -> bytes:
     """DSDT (§5.2.11.1): the header then the AML definition blocks."""
     return sdt("DSDT", DSDT_REVISION, aml_body, oem)
+
+
+# --- SRAT (§5.2.16) and SLIT (§5.2.17) ------------------------------------------------------------
+SRAT_TYPE_MEMORY_AFFINITY = 1
+SRAT_TYPE_X2APIC_AFFINITY = 2
+SRAT_MEMORY_AFFINITY_SIZE = 40
+SRAT_X2APIC_AFFINITY_SIZE = 24
+#: Memory Affinity flags (§5.2.16.2, Table 5.77); x2APIC affinity flags (§5.2.16.3, Table 5.79)
+SRAT_MEMORY_ENABLED = 1 << 0
+SRAT_MEMORY_HOT_PLUGGABLE = 1 << 1
+SRAT_CPU_ENABLED = 1 << 0
+#: the 12 bytes after the header: the spec's "Reserved, must be 1" dword and 8 reserved bytes;
+#: cloud-hypervisor writes them all 0 (Linux reads neither), and so does vmsh
+SRAT_RESERVED_SIZE = 12
+
+
+def srat_memory_affinity(base: int, size: int, proximity_domain: int, hotpluggable: bool) -> bytes:
+    """A Memory Affinity structure (§5.2.16.2, Table 5.76): enabled, and hot-pluggable for a
+    hotplug range."""
+    flags = SRAT_MEMORY_ENABLED | (SRAT_MEMORY_HOT_PLUGGABLE if hotpluggable else 0)
+    return struct.pack("<BBIHIIIIIIQ", SRAT_TYPE_MEMORY_AFFINITY, SRAT_MEMORY_AFFINITY_SIZE, proximity_domain, 0,
+                       base & 0xFFFF_FFFF, base >> 32, size & 0xFFFF_FFFF, size >> 32, 0, flags, 0)
+
+
+def srat_x2apic_affinity(x2apic_id: int, proximity_domain: int) -> bytes:
+    """A Processor Local x2APIC Affinity structure (§5.2.16.3, Table 5.78): enabled, clock
+    domain 0."""
+    return struct.pack("<BBHIIIII", SRAT_TYPE_X2APIC_AFFINITY, SRAT_X2APIC_AFFINITY_SIZE, 0, proximity_domain,
+                       x2apic_id, SRAT_CPU_ENABLED, 0, 0)
+
+
+def srat(numa: NumaSpec, apic_ids: Sequence[int], oem: OemInfo) -> bytes:
+    """SRAT, the System Resource Affinity Table (§5.2.16), laid out as cloud-hypervisor's
+    (``vmm/src/acpi.rs``): for each node in id order, its boot RAM ranges, then its hotpluggable
+    ranges, then one x2APIC affinity per vCPU it lists (``apic_ids[index]``: the vCPU's APIC id,
+    the topology's, as in the MADT). x2APIC entries for every APIC id, small or not, as
+    cloud-hypervisor; Linux reads both kinds."""
+    body = bytearray(SRAT_RESERVED_SIZE)
+    for node in numa.nodes:
+        ranges = [r for r in numa.memory if r.proximity_domain == node.id]
+        for r in sorted(ranges, key=lambda r: r.hotpluggable):  # stable: boot RAM first, in order
+            body += srat_memory_affinity(r.base, r.size, node.id, r.hotpluggable)
+        for cpu in node.cpus:
+            body += srat_x2apic_affinity(apic_ids[cpu], node.id)
+    return sdt("SRAT", SRAT_REVISION, bytes(body), oem)
+
+
+def slit(numa: NumaSpec, oem: OemInfo) -> bytes:
+    """SLIT, the System Locality Distance Information Table (§5.2.17): the number of localities
+    (u64), then the N x N distance bytes, row i holding the distances from the i-th node.
+
+    As in cloud-hypervisor, rows and columns follow the nodes in id order: locality i is the
+    i-th node, which is proximity domain i when the node ids are 0..N-1 (Linux indexes the
+    matrix by proximity domain)."""
+    matrix = numa.distance_matrix()
+    body = struct.pack("<Q", len(matrix)) + bytes(d for row in matrix for d in row)
+    return sdt("SLIT", SLIT_REVISION, body, oem)
