@@ -24,6 +24,7 @@ typedef struct {
     uint64_t desc_table, avail_ring, used_ring;
     uint32_t size;       /* a power of two, checked by the transport at activation */
     int indirect;        /* VIRTIO_F_INDIRECT_DESC was negotiated */
+    int event_idx;       /* VIRTIO_F_EVENT_IDX was negotiated */
     uint16_t next_avail, next_used, shadow_avail;  /* in/out: the queue's positions */
 } vbf_queue;
 typedef struct { int fd; int readonly; uint64_t capacity; } vbf_disk;  /* capacity in sectors */
@@ -32,7 +33,7 @@ typedef struct {
     int stop;            /* why the call returned: VBF_STOP_* */
     int err;             /* errno of a failed request (VBF_STOP_ERROR) */
 } vbf_counts;
-#define VBF_STOP_EMPTY 0   /* the ring is empty (as far as this call looked) */
+#define VBF_STOP_EMPTY 0   /* the ring is empty (with EVENT_IDX: avail_event re-armed and checked again) */
 #define VBF_STOP_PYTHON 1  /* the next chain is for the Python path */
 #define VBF_STOP_ERROR 2   /* the last request completed with IOERR (err says why) */
 struct vbf_desc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
@@ -183,7 +184,7 @@ int vmsh_blk_fast(vbf_queue *q, const vbf_region *regs, int nregs, const vbf_dis
     const struct vbf_desc *table = (const struct vbf_desc *)vbf_ptr(regs, nregs, q->desc_table, 16ull * n);
     volatile uint16_t *avail = (volatile uint16_t *)vbf_ptr(regs, nregs, q->avail_ring, 6ull + 2ull * n);
     uint8_t *used = vbf_ptr(regs, nregs, q->used_ring, 6ull + 8ull * n);
-    int done = 0;
+    int done = 0, rearmed = 0;
     c->stop = VBF_STOP_PYTHON;
     c->err = 0;
     if (!table || !avail || !used || n == 0 || (n & (n - 1)))
@@ -193,9 +194,18 @@ int vmsh_blk_fast(vbf_queue *q, const vbf_region *regs, int nregs, const vbf_dis
         q->shadow_avail = idx;
         uint16_t pend = (uint16_t)(idx - q->next_avail);
         if (pend == 0) {
-            c->stop = VBF_STOP_EMPTY;
-            return done;
+            /* as VirtQueue.pop: with EVENT_IDX, ask for a kick at the next entry (avail_event,
+             * §2.7.10), then look once more so an entry added meanwhile is not missed */
+            if (!q->event_idx || rearmed) {
+                c->stop = VBF_STOP_EMPTY;
+                return done;
+            }
+            memcpy(used + 4 + 8 * n, &q->next_avail, 2);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            rearmed = 1;
+            continue;
         }
+        rearmed = 0;
         if (pend > n)
             return done;
         uint16_t head = avail[2 + q->next_avail % n];

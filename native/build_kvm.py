@@ -485,6 +485,7 @@ typedef struct {
     uint64_t desc_table, avail_ring, used_ring;
     uint32_t size;
     int indirect;
+    int event_idx;
     uint16_t next_avail, next_used, shadow_avail;
 } vbf_queue;
 typedef struct { int fd; int readonly; uint64_t capacity; } vbf_disk;

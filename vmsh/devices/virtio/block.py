@@ -41,7 +41,7 @@ from vmsh.devices.ratelimit import FdWatcher, RateLimiter, ThrottleTimer
 from vmsh.devices.state import expect_state
 from vmsh.devices.storage import open_disk
 from vmsh.devices.storage.async_io import AsyncDisk
-from vmsh.devices.virtio.block_fast import STOP_ERROR, BlockFastPath
+from vmsh.devices.virtio.block_fast import STOP_EMPTY, STOP_ERROR, BlockFastPath
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
 from vmsh.errors import DeviceError, DeviceStateError, GuestMemoryError, VirtQueueError
@@ -275,8 +275,11 @@ class VirtioBlock(VirtioDevice):
             if engine is not None and engine.full:
                 self._stalled[index] = True  # the next completion brings us back
                 break
-            if self._fast is not None and self._run_fast(index, queue):
-                used = True
+            if self._fast is not None:
+                served, empty = self._run_fast(index, queue)
+                used = used or served
+                if empty:
+                    break
             chain = queue.pop()
             if chain is None:
                 break
@@ -296,20 +299,19 @@ class VirtioBlock(VirtioDevice):
         if used:
             self.signal_used(index)
 
-    def _run_fast(self, index: int, queue: VirtQueue) -> bool:
-        """Serve the plain requests at the head of the ring natively (``block_fast``); True if
-        any completed. The chain it stops at, if any, is the Python path's."""
+    def _run_fast(self, index: int, queue: VirtQueue) -> tuple[bool, bool]:
+        """Serve the plain requests at the head of the ring natively (``block_fast``): whether
+        any completed, and whether the ring is empty (as ``queue.pop`` would have found it,
+        avail_event re-armed). Otherwise the chain it stopped at is the Python path's."""
         assert self._fast is not None
         any_done = False
         while True:
             done, stop, err, counts = self._fast.run(index, queue)
-            if not done:
-                return any_done
-            any_done = True
+            any_done = any_done or done > 0
             for key, n in counts.items():
                 self._counts[key] += n
             if stop != STOP_ERROR:
-                return True
+                return any_done, stop == STOP_EMPTY
             LOG.warning("virtio-blk %s: %s", self.path, OSError(err, os.strerror(err)))
 
     # -- asynchronous requests -------------------------------------------------------------

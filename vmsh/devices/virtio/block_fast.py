@@ -95,7 +95,7 @@ class BlockFastPath:
             return 0, STOP_PYTHON, 0, {}
         q = self._queues[index]
         q.desc_table, q.avail_ring, q.used_ring = queue.desc_table, queue.avail_ring, queue.used_ring
-        q.size, q.indirect = queue.size, queue.indirect
+        q.size, q.indirect, q.event_idx = queue.size, queue.indirect, queue.event_idx
         q.next_avail, q.next_used = queue.next_avail, queue.next_used
         scratch = self._scratch[index]
         if scratch is None:
