@@ -148,6 +148,13 @@ class Usage:
     emulated: int | None
     requests: int | None = None
     wall: float = 0.0
+    #: CPU seconds of each thread but the vCPUs' (tid -> seconds)
+    threads: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def busiest(self) -> float:
+        """CPU seconds of the busiest thread but the vCPUs' (vmsh's I/O thread during I/O)."""
+        return max(self.threads.values(), default=0.0)
 
     def __sub__(self, other: Usage) -> Usage:
         emulated = requests = None
@@ -155,8 +162,9 @@ class Usage:
             emulated = self.emulated - other.emulated
         if self.requests is not None and other.requests is not None:
             requests = self.requests - other.requests
+        threads = {tid: t - other.threads[tid] for tid, t in self.threads.items() if tid in other.threads}
         return Usage(self.cpu_all - other.cpu_all, self.cpu_dev - other.cpu_dev, emulated, requests,
-                     self.wall - other.wall)
+                     self.wall - other.wall, threads)
 
 
 @dataclass(frozen=True)
@@ -190,9 +198,11 @@ class Vm:
         wall = time.monotonic()
         cpu_all = process_cpu_seconds(pid)
         cpu_dev = cpu_all - threads_cpu_seconds(pid, self.vcpus)
+        others = frozenset(int(t) for t in os.listdir(f"/proc/{pid}/task")) - self.vcpus
+        threads = {tid: threads_cpu_seconds(pid, frozenset((tid,))) for tid in others}
         if self.api and not start:
             emulated, requests = api_counters(self.api)
-        return Usage(cpu_all, cpu_dev, emulated, requests, wall)
+        return Usage(cpu_all, cpu_dev, emulated, requests, wall, threads)
 
 
 def fill_disk(path: Path, mib: int) -> None:
@@ -398,6 +408,7 @@ def report(a: Vm, b: Vm) -> None:
                 if u.emulated is not None:
                     line(f"  {vm.name} per request: guest instr. emulated", *pick(u.emulated / u.requests))
                 line(f"  {vm.name} per request: VMM CPU us, no vCPU threads", *pick(u.cpu_dev / u.requests * 1e6))
+                line(f"  {vm.name} per request: CPU us of the busiest such thread", *pick(u.busiest / u.requests * 1e6))
                 line(f"  {vm.name} per request: wall us ({u.requests:,} requests)", *pick(u.wall / u.requests * 1e6))
     print(f"\nratio = {a.name} / {b.name}: above 1 is better for rates, below 1 for CPU time")
 

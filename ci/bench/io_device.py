@@ -57,6 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from vmsh.devices.backends.tap import Tap
+from vmsh.devices.virtio import block_fast
 from vmsh.devices.virtio.block import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlock
 from vmsh.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
@@ -236,7 +237,8 @@ def _pages(mem_base: int, count: int) -> list[int]:
 
 #: ``--disk`` keys of each back-end
 BACKEND_KEYS = {"io_uring": {}, "aio": {"disable_io_uring": True},
-                "sync": {"disable_io_uring": True, "disable_aio": True}}
+                "sync": {"disable_io_uring": True, "disable_aio": True},
+                "sync-python": {"disable_io_uring": True, "disable_aio": True}}
 
 
 def bench_block(seconds: float, workdir: Path, disk_mib: int = 64, backend: str = "io_uring",
@@ -250,8 +252,12 @@ def bench_block(seconds: float, workdir: Path, disk_mib: int = 64, backend: str 
     with open(disk, "wb") as f:
         f.writelines(chunk for _ in range(disk_mib))
     watcher = NoWatcher()
-    dev = VirtioBlock(str(disk), queue_size=queue_size, watcher=watcher, **BACKEND_KEYS[backend])
-    if dev.io_backend != backend:
+    block_fast.ENABLED = backend != "sync-python"
+    try:
+        dev = VirtioBlock(str(disk), queue_size=queue_size, watcher=watcher, **BACKEND_KEYS[backend])
+    finally:
+        block_fast.ENABLED = True
+    if dev.io_backend != backend.removesuffix("-python"):
         raise RuntimeError(f"this host has no {backend} (the device chose {dev.io_backend})")
 
     def kick() -> None:

@@ -22,6 +22,11 @@ and close wait for the requests in flight, so the kernel never writes guest RAM 
 has given back. Every other request, and one the kernel cannot take as it is, is served
 synchronously.
 
+Synchronous raw images without O_DIRECT or a rate limiter serve their IN, OUT and FLUSH
+requests natively (:mod:`vmsh.devices.virtio.block_fast`): one C call per kick walks the ring and
+does the I/O, and any chain it does not serve exactly as this module would stays in the ring
+for the Python path below.
+
 Request types: IN, OUT, FLUSH, GET_ID (the 20-byte serial), DISCARD and WRITE_ZEROES (the image
 frees the range when unmap is allowed); anything else is
 VIRTIO_BLK_S_UNSUPP. Sectors beyond the capacity, and writes to a read-only disk, fail with

@@ -16,6 +16,11 @@ past the capacity, a malformed or unusual chain, a buffer across two RAM regions
 call with that chain still in the ring, and the Python path serves it (or fails the queue)
 exactly as before. ``ENABLED`` turns the fast path off (the tests run both ways).
 
+Threads: the call runs with the queue's lock held, as ``process_queue`` does, and without the
+GIL (cffi releases it around C calls), so vCPU threads run while the disk is read. Guest RAM is
+reached through the regions' host addresses (``GuestRegion.host_addr``, pinned until the region
+is closed, which happens after the devices have stopped).
+
 Example::
 
     fast = BlockFastPath.for_disk(disk, capacity, readonly, memory)   # None if it does not apply

@@ -21,7 +21,13 @@ from tests.unit.devices.storage.fakes import LoopWatcher
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
 from vmsh.devices.ratelimit import RateLimiter, TokenBucket
 from vmsh.devices.virtio import block_fast
-from vmsh.devices.virtio.block import VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlock
+from vmsh.devices.virtio.block import (
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VirtioBlock,
+)
 from vmsh.devices.virtio.device import VIRTIO_STATUS_DEVICE_NEEDS_RESET
 from vmsh.devices.virtio.pci import VirtioPciDevice
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
@@ -30,7 +36,7 @@ from vmsh.engine.memory import GuestMemoryMmap, GuestRegion
 RAM_HALF = 8 << 20
 RAM_SIZE = 2 * RAM_HALF
 DISK_SIZE = 1 << 20
-N, W, I = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
+N, W, IND = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 
 
 class Guest:
@@ -83,7 +89,7 @@ def raw_chain(g: Guest, descs: list[tuple[int, int, int, int]], head: int = 0) -
 
 
 def indirect_chain(g: Guest, descs: list[tuple[int, int, int, int]], table_len: int | None = None,
-                   table: int | None = None, flags: int = I) -> None:
+                   table: int | None = None, flags: int = IND) -> None:
     if table is None:
         table = g.alloc.alloc(16 * max(1, len(descs)), 16)
     for i, (addr, length, f, nxt) in enumerate(descs):
@@ -166,7 +172,7 @@ def _indirect(kind: str) -> Callable[[Guest], None]:
         h, d, s = g.header(VIRTIO_BLK_T_IN), g.buf(512), g.buf(1)
         good = [(h, 16, N, 1), (d, 512, W | N, 2), (s, 1, W, 0)]
         if kind == "nested":
-            indirect_chain(g, [(h, 16, N, 1), (g.alloc.alloc(48, 16), 48, I, 0)])
+            indirect_chain(g, [(h, 16, N, 1), (g.alloc.alloc(48, 16), 48, IND, 0)])
         elif kind == "odd length":
             indirect_chain(g, good, table_len=40)
         elif kind == "empty":
@@ -176,7 +182,7 @@ def _indirect(kind: str) -> Callable[[Guest], None]:
         elif kind == "past RAM":
             indirect_chain(g, [], table_len=48, table=RAM_SIZE - 32)
         elif kind == "with NEXT":
-            indirect_chain(g, good, flags=I | N)
+            indirect_chain(g, good, flags=IND | N)
         elif kind == "loop inside":
             indirect_chain(g, [(h, 16, N, 1), (s, 1, W | N, 0)])
         elif kind == "next outside":
@@ -185,7 +191,7 @@ def _indirect(kind: str) -> Callable[[Guest], None]:
             table = g.alloc.alloc(32, 16)
             g.ring.write_desc(0, d, 512, W | N, 1, table=table)
             g.ring.write_desc(1, s, 1, W, 0, table=table)
-            raw_chain(g, [(h, 16, N, 1), (table, 32, I, 0)])
+            raw_chain(g, [(h, 16, N, 1), (table, 32, IND, 0)])
         else:
             raise AssertionError(kind)
     return scenario
