@@ -25,8 +25,6 @@ Built by ``setup.py`` (``cffi_modules``) at ``pip install``; it can also be run 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cffi import FFI
 
 ffibuilder = FFI()
@@ -477,38 +475,12 @@ C_SOURCE += "".join(
 )
 C_SOURCE += "#define VMSH_KVM_RUN_SIZE sizeof(struct kvm_run)\n"
 
-# The virtio-blk fast path (issue #18): its C lives in its own file.
-C_SOURCE += (Path(__file__).resolve().parent / "blk_fast.c").read_text()
-CDEF_BLK_FAST = """
-typedef struct { uint64_t start, size, host; } vbf_region;
-typedef struct {
-    uint64_t desc_table, avail_ring, used_ring;
-    uint32_t size;
-    int indirect;
-    int event_idx;
-    uint16_t next_avail, next_used, shadow_avail;
-} vbf_queue;
-typedef struct { int fd; int readonly; uint64_t capacity; } vbf_disk;
-typedef struct {
-    uint64_t read_ops, read_bytes, write_ops, write_bytes, flush_ops, errors;
-    int stop;
-    int err;
-} vbf_counts;
-typedef struct { ...; } vbf_scratch;
-#define VBF_STOP_EMPTY ...
-#define VBF_STOP_PYTHON ...
-#define VBF_STOP_ERROR ...
-int vmsh_blk_fast(vbf_queue *q, const vbf_region *regs, int nregs, const vbf_disk *disk,
-                  vbf_counts *c, vbf_scratch *s);
-"""
-
 ffibuilder.cdef(
     CDEF_STRUCTS
     + CDEF_EVENTS
     + "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS + list(RUN_OFFSETS))
     + "#define VMSH_KVM_RUN_SIZE ...\n"
     + CDEF_FUNCS
-    + CDEF_BLK_FAST
 )
 ffibuilder.set_source("vmsh._native", C_SOURCE, extra_compile_args=["-O2"])
 

@@ -4,7 +4,7 @@ The Python request path (``VirtQueue.pop``, ``VirtioBlock._request``, ``RawFile.
 few thousand bytecodes per request; for a real guest, whose requests arrive after milliseconds
 of think time, that code and its data are out of the CPU's caches each time, and a 4 KiB read
 cost the I/O thread 5-6x what the same request costs back to back (README, Benchmarks).
-``vmsh_blk_fast`` (``native/blk_fast.c``, in ``vmsh._native``) walks the split ring (virtio
+``vmsh_blk_fast`` (``native/blk_fast.c``, built as ``vmsh._blkfast``) walks the split ring (virtio
 1.2 §2.7), validates each chain against the guest RAM regions, does the ``preadv``/``pwritev``/
 ``fdatasync`` on the image, writes the status byte and the used element, and returns; the
 device then signals once.
@@ -42,7 +42,7 @@ LOG = logging.getLogger(__name__)
 ENABLED = True
 
 try:
-    from vmsh._native import ffi, lib
+    from vmsh._blkfast import ffi, lib
 except ImportError:  # pragma: no cover - the module is built with vmsh
     ffi = lib = None
 
