@@ -31,12 +31,16 @@ and ``sync`` (``_disable_io_uring=on,_disable_aio=on``: ``preadv``/``pwritev`` o
 read costs the guest about 9 ms of emulated instructions): the device's code and data are then
 no longer in the CPU's caches and TLB, which is what a real guest's requests cost the I/O
 thread (about 10x the back-to-back figure on this machine class: see README, Benchmarks).
-Measured here (load 2-3 on 2 cores), VMM CPU per request, synchronous / io_uring: 4 KiB random
-read 13 / 25 us back to back, 95 / 180 us with ``--gap-ms 5``, 74 / 81 us for a real guest
-(``io.py``); 1 MiB sequential read (two requests) 52 / 85 us per request back to back, 292 /
-349 us for a real guest.
+``sync-python`` is ``sync`` with the native request path (``vmsh/devices/virtio/block_fast.py``)
+turned off: the Python path, for a comparison in one run.
 
-Usage: ``python ci/bench/io_device.py [--seconds 2] [--gap-ms 0] [--backends io_uring,aio,sync]``
+Measured here (load 8-10 on 2 cores), VMM CPU per request, native sync / Python sync: 4 KiB
+random read 5.2 / 14.4 us back to back, 68 / 86 us with ``--gap-ms 5``; 1 MiB sequential read
+(two requests) 19 / 56 us, write 37 / 77 us. A real guest's 4 KiB read costs 184-215 us of VMM
+CPU with the native path (``io.py``, load 6-13; 197 us before it): the cost is the wake-up, not
+the request path (README, Benchmarks).
+
+Usage: ``python ci/bench/io_device.py [--seconds 2] [--gap-ms 0] [--backends io_uring,aio,sync,sync-python]``
 (no root, no KVM).
 """
 
@@ -435,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each workload")
     parser.add_argument("--gap-ms", type=float, default=0.0,
                         help="idle time before each block request (a guest's think time; the net rows have none)")
-    parser.add_argument("--backends", default="io_uring,aio,sync", help="block back-ends to measure")
+    parser.add_argument("--backends", default="io_uring,aio,sync",
+                        help="block back-ends to measure (sync-python: sync without the native path)")
     parser.add_argument("--no-net", action="store_true", help="block rows only")
     parser.add_argument("--dir", help="where the block image goes (default: the temporary directory; "
                         "not tmpfs, where the device does not use asynchronous I/O)")
