@@ -33,7 +33,7 @@ Measured (load 6-13 on 2 cores), a 4 KiB random read on tmpfs (synchronous, the 
 path) costs 184-215 us of VMM CPU, 140 us of it on the I/O thread, against 7.5 us in process in
 the same run; it was 197 us with the Python request path, and a virtio-net frame costs about the
 same: what is left is the per-request wake-up, not the request's own code (README, Benchmarks).
-On a PVM host the first bounds the in-guest rows: every
+On a PVM host the emulated instructions bound the in-guest rows: every
 guest kernel instruction costs about a microsecond there, and the VMM's share is small.
 So the run ends with ``io_device.py``'s measurement of the device models themselves,
 driven in process without a guest (what bounds vmsh where the guest runs natively, on
