@@ -8,7 +8,12 @@
  * code does not serve exactly as vmsh/devices/virtio/queue.py and block.py would - an error, an
  * unusual layout, another request type - is left in the ring for the Python path, which then
  * behaves as it always did (raising VirtQueueError, answering UNSUPP, ...). */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -278,4 +283,142 @@ int vmsh_blk_fast(vbf_queue *q, const vbf_region *regs, int nregs, const vbf_dis
             return done;
         }
     }
+}
+
+
+/* ---- The queue server: a thread that serves one queue's kicks without Python ------------------
+ *
+ * For a real guest the request itself is not what costs (the C call above is a few µs); the
+ * wake-up of the Python I/O loop after the guest's milliseconds between requests is (README,
+ * Benchmarks). A server thread polls the queue's kick eventfd (KVM's ioeventfd), runs
+ * vmsh_blk_fast and writes the queue vector's irqfd itself, so a plain request never reaches
+ * Python. Ownership (docs/threading.md): while the thread runs it alone touches the queue's
+ * positions (q, signalled_used) and the counts; Python stops it (vmsh_blk_server_stop joins it)
+ * before it reads them. Whatever is Python's to do makes the thread hand over:
+ * - a chain for the Python path, or a failed request to log: the thread sets VBS_HANDOFF_QUEUE,
+ *   writes python_fd and ends; the I/O loop joins it and serves the queue in Python;
+ * - an interrupt while the vector cannot be written directly (irq_fd < 0: MSI-X masked or off,
+ *   no vector): VBS_HANDOFF_SIGNAL and python_fd; Python raises it through the MSI-X model,
+ *   which keeps it pending while masked. The thread goes on serving. */
+
+#define VBS_HANDOFF_QUEUE 1
+#define VBS_HANDOFF_SIGNAL 2
+
+typedef struct {
+    vbf_queue q;
+    vbf_counts c;              /* added to by the thread; Python takes them once it is stopped */
+    vbf_scratch *scratch;
+    const vbf_region *regs;
+    int nregs;
+    const vbf_disk *disk;
+    int kick_fd;               /* the queue's ioeventfd */
+    int wake_fd;               /* Python -> thread: look at `stop` */
+    int python_fd;             /* thread -> Python: look at `handoff` */
+    int irq_fd;                /* the vector's irqfd while it may be raised directly, else -1 */
+    int stop;                  /* Python asks the thread to end */
+    int handoff;               /* VBS_HANDOFF_* bits for Python */
+    int signalled_valid;       /* signalled_used holds the used index of the last interrupt */
+    uint16_t signalled_used;
+    char name[16];             /* the thread's name for the kernel */
+    pthread_t thread;
+} vbs_server;
+
+static void vbs_write_one(int fd)
+{
+    uint64_t one = 1;
+    while (write(fd, &one, sizeof(one)) < 0 && errno == EINTR)
+        ;  /* EAGAIN: the counter is saturated, a wake-up is pending anyway */
+}
+
+/* Whether the driver wants an interrupt for what was used since the last one (virtio 1.2
+ * §2.7.10; as VirtQueue.needs_notification). */
+static int vbs_needs_interrupt(vbs_server *s)
+{
+    uint32_t n = s->q.size;
+    volatile uint16_t *avail = (volatile uint16_t *)vbf_ptr(s->regs, s->nregs, s->q.avail_ring, 6ull + 2ull * n);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* the used idx before the driver's flags */
+    if (!avail)
+        return 1;
+    if (s->q.event_idx) {
+        uint16_t used_event = avail[2 + n], old = s->signalled_used, new_idx = s->q.next_used;
+        int first = !s->signalled_valid;
+        s->signalled_used = new_idx;
+        s->signalled_valid = 1;
+        return first || (uint16_t)(new_idx - used_event - 1) < (uint16_t)(new_idx - old);
+    }
+    return !(avail[0] & 1);  /* VRING_AVAIL_F_NO_INTERRUPT */
+}
+
+static void vbs_hand_over(vbs_server *s, int what)
+{
+    __atomic_or_fetch(&s->handoff, what, __ATOMIC_SEQ_CST);
+    vbs_write_one(s->python_fd);
+}
+
+/* Serve the ring until it is empty (0) or something is Python's (1: the thread ends). */
+static int vbs_serve(vbs_server *s)
+{
+    for (;;) {
+        int done = vmsh_blk_fast(&s->q, s->regs, s->nregs, s->disk, &s->c, s->scratch);
+        if (done && vbs_needs_interrupt(s)) {
+            int fd = __atomic_load_n(&s->irq_fd, __ATOMIC_ACQUIRE);
+            if (fd >= 0)
+                vbs_write_one(fd);
+            else
+                vbs_hand_over(s, VBS_HANDOFF_SIGNAL);
+        }
+        if (s->c.stop == VBF_STOP_EMPTY)
+            return 0;
+        vbs_hand_over(s, VBS_HANDOFF_QUEUE);
+        return 1;
+    }
+}
+
+static void *vbs_main(void *arg)
+{
+    vbs_server *s = arg;
+    pthread_setname_np(pthread_self(), s->name);
+    struct pollfd fds[2] = {{.fd = s->kick_fd, .events = POLLIN}, {.fd = s->wake_fd, .events = POLLIN}};
+    uint64_t count;
+    for (;;) {
+        if (__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE))
+            return NULL;
+        /* first round: what the driver queued before the thread started */
+        if (vbs_serve(s))
+            return NULL;
+        while (poll(fds, 2, -1) < 0 && errno == EINTR)
+            ;
+        if (fds[1].revents)
+            (void)!read(s->wake_fd, &count, sizeof(count));
+        if (fds[0].revents)
+            (void)!read(s->kick_fd, &count, sizeof(count));
+    }
+}
+
+/* Start the thread: 0, or -errno. */
+int vmsh_blk_server_start(vbs_server *s)
+{
+    __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
+    int rc = pthread_create(&s->thread, NULL, vbs_main, s);
+    return -rc;
+}
+
+/* Ask the thread to end and wait until it has (it may have ended on its own already). */
+void vmsh_blk_server_stop(vbs_server *s)
+{
+    __atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
+    vbs_write_one(s->wake_fd);
+    pthread_join(s->thread, NULL);
+}
+
+/* The VBS_HANDOFF_* bits set since the last call (the thread may set more meanwhile). */
+int vmsh_blk_server_take(vbs_server *s)
+{
+    return __atomic_exchange_n(&s->handoff, 0, __ATOMIC_SEQ_CST);
+}
+
+/* Let the thread raise the vector through fd from now on (-1: hand interrupts to Python). */
+void vmsh_blk_server_set_irq_fd(vbs_server *s, int fd)
+{
+    __atomic_store_n(&s->irq_fd, fd, __ATOMIC_RELEASE);
 }

@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from vmsh.devices.storage.raw import RawFile
@@ -92,6 +93,12 @@ class BlockFastPath:
             self._regions_key = key
         return True
 
+    def scratch(self, index: int) -> Any:
+        """Queue ``index``'s scratch space (made on first use)."""
+        if self._scratch[index] is None:
+            self._scratch[index] = ffi.new("vbf_scratch *")
+        return self._scratch[index]
+
     def run(self, index: int, queue: VirtQueue) -> tuple[int, int, int, dict[str, int]]:
         """Serve the plain requests at the head of ``queue``'s ring (its lock held): returns the
         requests completed, why it stopped (``STOP_*``), the errno of a failed request, and
@@ -102,11 +109,8 @@ class BlockFastPath:
         q.desc_table, q.avail_ring, q.used_ring = queue.desc_table, queue.avail_ring, queue.used_ring
         q.size, q.indirect, q.event_idx = queue.size, queue.indirect, queue.event_idx
         q.next_avail, q.next_used = queue.next_avail, queue.next_used
-        scratch = self._scratch[index]
-        if scratch is None:
-            scratch = self._scratch[index] = ffi.new("vbf_scratch *")
         c = self._counts
-        done = lib.vmsh_blk_fast(q, self._regions, self._nregions, self._disk, c, scratch)
+        done = lib.vmsh_blk_fast(q, self._regions, self._nregions, self._disk, c, self.scratch(index))
         if not done:
             return 0, c.stop, c.err, {}
         self.ops += done
@@ -115,3 +119,121 @@ class BlockFastPath:
         for name in COUNTERS:
             setattr(c, name, 0)
         return done, c.stop, c.err, counts
+
+
+#: give each queue its own server thread once the guest uses it (False: the I/O loop serves every kick)
+SERVERS_ENABLED = True
+#: why a server thread handed over to Python (``QueueServer.take_handoff``)
+HANDOFF_QUEUE = lib.VBS_HANDOFF_QUEUE if lib is not None else 1
+HANDOFF_SIGNAL = lib.VBS_HANDOFF_SIGNAL if lib is not None else 2
+
+
+class QueueServer:
+    """One queue's server thread (``vmsh_blk_server_*``): it polls the queue's kick eventfd,
+    serves plain requests with :meth:`BlockFastPath.run`'s C code and writes the vector's irqfd,
+    so that a request of a real guest never wakes Python (README, Benchmarks).
+
+    Ownership: between :meth:`start` and :meth:`stop` (both with the queue's lock held) the
+    thread alone uses the queue's positions and the counts; ``stop`` joins it and gives them
+    back to the :class:`VirtQueue`. The thread hands over (``python_fd`` turns readable, see
+    :meth:`take_handoff`) a chain that is the Python path's, a failed request (it then ends),
+    and an interrupt it may not raise itself (it goes on).
+
+    Example::
+
+        server = QueueServer(fast, 0, kick_fd, "_disk0_q0")
+        server.start(queue, irq_fd)        # queue lock held
+        ...
+        err, counts = server.stop(queue)   # queue lock held
+    """
+
+    def __init__(self, fast: BlockFastPath, index: int, kick_fd: int, name: str) -> None:
+        assert ffi is not None
+        self._fast = fast
+        self._index = index
+        self._s = ffi.new("vbs_server *")
+        self._s.kick_fd = kick_fd
+        self._s.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._s.python_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._s.irq_fd = -1
+        self._s.name = name.encode(errors="replace")[:15]
+        self.name = name
+        self._regions: Any = None
+        #: the thread runs (set and cleared with the queue's lock held)
+        self.running = False
+
+    @property
+    def python_fd(self) -> int:
+        """Readable when the thread handed something over."""
+        fd: int = self._s.python_fd
+        return fd
+
+    def start(self, queue: VirtQueue, irq_fd: int | None) -> bool:
+        """Start serving ``queue`` from its current positions; False if it cannot be served
+        here (its memory has no host addresses, or the thread does not start)."""
+        fast = self._fast
+        if not fast._region_table(queue.memory):
+            return False
+        s = self._s
+        q = s.q
+        q.desc_table, q.avail_ring, q.used_ring = queue.desc_table, queue.avail_ring, queue.used_ring
+        q.size, q.indirect, q.event_idx = queue.size, queue.indirect, queue.event_idx
+        q.next_avail, q.next_used = queue.next_avail, queue.next_used
+        s.signalled_valid = int(queue.signalled_used is not None)
+        s.signalled_used = queue.signalled_used or 0
+        # the thread's own reference: another queue's Python path may replace the table
+        self._regions = fast._regions
+        s.regs, s.nregs, s.disk = self._regions, fast._nregions, fast._disk
+        s.scratch = fast.scratch(self._index)
+        for name in COUNTERS:
+            setattr(s.c, name, 0)
+        s.c.err = 0
+        lib.vmsh_blk_server_set_irq_fd(s, -1 if irq_fd is None else irq_fd)
+        rc = lib.vmsh_blk_server_start(s)
+        if rc:
+            LOG.warning("%s: no server thread (%s); the I/O loop serves the queue", self.name, os.strerror(-rc))
+            return False
+        self.running = True
+        return True
+
+    def set_irq_fd(self, irq_fd: int | None) -> None:
+        """The vector's irqfd while the thread may raise it itself (None: hand it to Python)."""
+        lib.vmsh_blk_server_set_irq_fd(self._s, -1 if irq_fd is None else irq_fd)
+
+    def take_handoff(self) -> int:
+        """The ``HANDOFF_*`` bits set since the last call (``python_fd`` read first)."""
+        try:
+            os.eventfd_read(self._s.python_fd)
+        except BlockingIOError:
+            pass
+        bits: int = lib.vmsh_blk_server_take(self._s)
+        return bits
+
+    def stop(self, queue: VirtQueue) -> tuple[int, dict[str, int]]:
+        """End the thread (if it did not end by itself) and give ``queue`` its positions back:
+        the errno of a request that failed last (0 if none) and the counts to add."""
+        s = self._s
+        if self.running:
+            lib.vmsh_blk_server_stop(s)
+            self.running = False
+            queue.next_avail, queue.next_used = s.q.next_avail, s.q.next_used
+            queue.signalled_used = s.signalled_used if s.signalled_valid else None
+        counts = self.counts()
+        for name in COUNTERS:
+            setattr(s.c, name, 0)
+        err: int = s.c.err
+        s.c.err = 0
+        return err, counts
+
+    def counts(self) -> dict[str, int]:
+        """The counts not yet taken by :meth:`stop` (read while the thread runs: each is a
+        64-bit load of a value only the thread writes)."""
+        return {name: getattr(self._s.c, name) for name in COUNTERS}
+
+    def close(self) -> None:
+        """Close the eventfds (the thread is stopped)."""
+        assert not self.running
+        for fd in (self._s.wake_fd, self._s.python_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._s.wake_fd = self._s.python_fd = -1

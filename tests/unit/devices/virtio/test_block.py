@@ -474,7 +474,11 @@ def test_block_async_backend_choice(image: Path, monkeypatch: pytest.MonkeyPatch
     watcher = LoopWatcher()
     for keys, backend in ((BACKENDS["io_uring"], "io_uring"), (BACKENDS["aio"], "aio"), (BACKENDS["sync"], "sync")):
         blk = VirtioBlock(str(image), watcher=watcher, **keys)
-        assert blk.io_backend == backend and len(watcher.callbacks) == (backend != "sync")
+        # an io_uring or AIO context's eventfd; a synchronous queue's kick and handoff eventfds
+        # when a server thread will serve it natively
+        watched = 1 if backend != "sync" else 2 * len(blk._servers)
+        assert blk.io_backend == backend and len(watcher.callbacks) == watched
+        assert bool(blk._servers) == (backend == "sync" and block_fast.ENABLED)
         blk.close()
         assert not watcher.callbacks
     assert VirtioBlock.from_config(DiskConfig(path=str(image), disable_io_uring=True)).io_backend == "sync"  # no loop
@@ -485,8 +489,9 @@ def test_block_async_backend_choice(image: Path, monkeypatch: pytest.MonkeyPatch
     blk.close()
     monkeypatch.setattr(aio.LinuxAio, "__init__", _refuse)
     blk = VirtioBlock(str(image), watcher=watcher)
-    assert blk.io_backend == "sync" and not watcher.callbacks
+    assert blk.io_backend == "sync" and len(watcher.callbacks) == 2 * len(blk._servers)
     blk.close()
+    assert not watcher.callbacks
 
 
 def _refuse(self: object, depth: int) -> None:
@@ -507,7 +512,9 @@ def test_block_async_all_queues_or_none(image: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(raw, "open_kernel_queue", one_only)
     watcher = LoopWatcher()
     blk = VirtioBlock(str(image), num_queues=2, watcher=watcher)
-    assert blk.io_backend == "sync" and not watcher.callbacks and made[0].closed
+    # no engine's eventfd is watched (only the queues' own kick and handoff eventfds, natively)
+    assert blk.io_backend == "sync" and len(watcher.callbacks) == 2 * len(blk._servers) and made[0].closed
+    assert len(blk._servers) == (2 if block_fast.ENABLED else 0)
     blk.close()
 
 
