@@ -25,7 +25,10 @@ synchronously.
 Synchronous raw images without O_DIRECT or a rate limiter serve their IN, OUT and FLUSH
 requests natively (:mod:`vmsh.devices.virtio.block_fast`): one C call per kick walks the ring and
 does the I/O, and any chain it does not serve exactly as this module would stays in the ring
-for the Python path below.
+for the Python path below. With an I/O loop such a disk also owns its queues' kick eventfds
+(``kick_fds``, the engine's ioeventfds): the loop serves a queue's first kick, then a native
+thread per queue (``_disk0_q0``) polls the eventfd, serves plain requests and writes the
+vector's irqfd, and hands back to the loop what is Python's (another chain, a masked vector).
 
 Request types: IN, OUT, FLUSH, GET_ID (the 20-byte serial), DISCARD and WRITE_ZEROES (the image
 frees the range when unmap is allowed); anything else is
