@@ -363,7 +363,8 @@ class VirtioBlock(VirtioDevice):
             what = server.take_handoff()
             if what & block_fast.HANDOFF_SIGNAL and self.activated and self.interrupt is not None:
                 self.interrupt.signal_used_queue(index)
-            if what & block_fast.HANDOFF_QUEUE and server.running:
+            if what & block_fast.HANDOFF_QUEUE:
+                # (a pause may have stopped the thread already: the chain is still to serve)
                 self._stop_server(index)
                 if self._serve_here(index):
                     self._start_server(index)
@@ -404,8 +405,10 @@ class VirtioBlock(VirtioDevice):
     def interrupts_changed(self) -> None:
         """The driver (un)masked a vector or moved a queue to another: tell the threads."""
         for index, server in enumerate(self._servers):
-            if server.running:
-                server.set_irq_fd(self._irqfd(index))
+            # the lock: a thread the I/O loop is starting gets the new answer too
+            with self._locks[index]:
+                if server.running:
+                    server.set_irq_fd(self._irqfd(index))
 
     def _run_fast(self, index: int, queue: VirtQueue) -> tuple[bool, bool]:
         """Serve the plain requests at the head of the ring natively (``block_fast``): whether
