@@ -29,10 +29,10 @@ costs out. Target: vmsh at least QEMU's throughput on each row.
 Per device request (a virtio-blk request, a virtio-net frame either way: vmsh's device
 counters) it prints, for vmsh, the guest instructions KVM emulated, the VMM's CPU without
 the vCPU threads, the CPU of the busiest of those threads (the I/O thread) and the wall time.
-Measured (load 6-13 on 2 cores), a 4 KiB random read on tmpfs (synchronous, the native request
-path) costs 184-215 us of VMM CPU, 140 us of it on the I/O thread, against 7.5 us in process in
-the same run; it was 197 us with the Python request path, and a virtio-net frame costs about the
-same: what is left is the per-request wake-up, not the request's own code (README, Benchmarks).
+Measured (load 4-6 on 2 cores), a 4 KiB random read on tmpfs (synchronous: the disk queue's
+native server thread) costs 52 us of VMM CPU without the vCPU threads, as QEMU-TCG's 53 us in
+the same run, 33 us of it on the queue's thread; it was 184-215 us with the I/O loop serving
+every kick (README, Benchmarks).
 On a PVM host the emulated instructions bound the in-guest rows: every
 guest kernel instruction costs about a microsecond there, and the VMM's share is small.
 So the run ends with ``io_device.py``'s measurement of the device models themselves,
