@@ -43,8 +43,8 @@ random read 5.2 / 14.4 us back to back; 1 MiB sequential read (two requests) 19 
 ``--gap-ms 5`` (80 us for ``sync`` called inline after the same gap); a real guest's 4 KiB read
 costs its thread about 23-33 us (``io.py``; README, Benchmarks).
 
-Usage: ``python ci/bench/io_device.py [--seconds 2] [--gap-ms 0] [--backends io_uring,aio,sync,sync-python,sync-thread]``
-(no root, no KVM).
+Usage: ``python ci/bench/io_device.py [--seconds 2] [--gap-ms 0]
+[--backends io_uring,aio,sync,sync-python,sync-thread]`` (no root, no KVM).
 """
 
 from __future__ import annotations
