@@ -31,18 +31,26 @@ and ``sync`` (``_disable_io_uring=on,_disable_aio=on``: ``preadv``/``pwritev`` o
 read costs the guest about 9 ms of emulated instructions): the device's code and data are then
 no longer in the CPU's caches and TLB, which is what a real guest's requests cost the I/O
 thread (about 10x the back-to-back figure on this machine class: see README, Benchmarks).
-Measured here (load 2-3 on 2 cores), VMM CPU per request, synchronous / io_uring: 4 KiB random
-read 13 / 25 us back to back, 95 / 180 us with ``--gap-ms 5``, 74 / 81 us for a real guest
-(``io.py``); 1 MiB sequential read (two requests) 52 / 85 us per request back to back, 292 /
-349 us for a real guest.
+``sync-python`` is ``sync`` with the native request path (``vmsh/devices/virtio/block_fast.py``)
+turned off: the Python path, for a comparison in one run. ``sync-thread`` drives the disk as
+KVM and the guest do: a real I/O loop, the kick eventfd written, the irqfd waited for; the
+loop serves the first kick and the queue's server thread (``_disk0_q0``) the others, and the
+CPU of every thread but the benchmark's own is counted.
 
-Usage: ``python ci/bench/io_device.py [--seconds 2] [--gap-ms 0] [--backends io_uring,aio,sync]``
-(no root, no KVM).
+Measured here (load 8-10 on 2 cores), VMM CPU per request, native sync / Python sync: 4 KiB
+random read 5.2 / 14.4 us back to back; 1 MiB sequential read (two requests) 19 / 56 us, write
+37 / 77 us. With the server thread (load 5): 4 KiB read 4.4 us back to back, 38.6 us with
+``--gap-ms 5`` (80 us for ``sync`` called inline after the same gap); a real guest's 4 KiB read
+costs its thread about 23-33 us (``io.py``; README, Benchmarks).
+
+Usage: ``python ci/bench/io_device.py [--seconds 2] [--gap-ms 0]
+[--backends io_uring,aio,sync,sync-python,sync-thread]`` (no root, no KVM).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import select
 import socket
@@ -57,6 +65,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from vmsh.devices.backends.tap import Tap
+from vmsh.devices.virtio import block_fast
 from vmsh.devices.virtio.block import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlock
 from vmsh.devices.virtio.device import (
     VIRTIO_F_EVENT_IDX,
@@ -79,6 +88,7 @@ from vmsh.devices.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     VirtQueue,
 )
+from vmsh.engine.io_loop import IoLoop
 from vmsh.engine.memory import GuestMemoryMmap
 
 MiB = 1 << 20
@@ -101,6 +111,27 @@ class Counter:
 
     def signal_config_change(self) -> None:
         raise RuntimeError("the device asked for a reset")
+
+
+class IrqfdCounter(Counter):
+    """An irqfd for queue 0, which a disk queue's server thread writes itself and the I/O loop
+    through this interrupt (as the engine's MSI-X router does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
+
+    def queue_irqfd(self, queue_index: int) -> int | None:
+        return self.fd if queue_index == 0 else None
+
+    def signal_used_queue(self, queue_index: int) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def wait(self) -> None:
+        """Block until the queue's interrupt."""
+        if not select.select([self.fd], [], [], 5)[0]:
+            raise RuntimeError("no interrupt within 5 s")
+        self.used += os.eventfd_read(self.fd)
 
 
 class NoWatcher:
@@ -221,6 +252,18 @@ class Timer:
         self.wall += max(0, time.perf_counter_ns() - w - wall)
 
 
+class ThreadsTimer(Timer):
+    """The CPU of every thread but the calling one (the I/O loop and the disk queue's server
+    thread) around each call, with the wall time: what the device costs when the benchmark's
+    driver only writes the kick eventfd and waits for the irqfd."""
+
+    def call(self, fn: Callable[[], None]) -> None:
+        c, t, w = time.process_time_ns(), time.thread_time_ns(), time.perf_counter_ns()
+        fn()
+        self.cpu += max(0, (time.process_time_ns() - c) - (time.thread_time_ns() - t))
+        self.wall += max(0, time.perf_counter_ns() - w)
+
+
 def _activate(device: VirtioDevice, mem: GuestMemoryMmap, queues: list[VirtQueue], features: int) -> Counter:
     irq = Counter()
     device.activate(mem, queues, irq, features & device.avail_features)
@@ -236,7 +279,9 @@ def _pages(mem_base: int, count: int) -> list[int]:
 
 #: ``--disk`` keys of each back-end
 BACKEND_KEYS = {"io_uring": {}, "aio": {"disable_io_uring": True},
-                "sync": {"disable_io_uring": True, "disable_aio": True}}
+                "sync": {"disable_io_uring": True, "disable_aio": True},
+                "sync-python": {"disable_io_uring": True, "disable_aio": True},
+                "sync-thread": {"disable_io_uring": True, "disable_aio": True}}
 
 
 def bench_block(seconds: float, workdir: Path, disk_mib: int = 64, backend: str = "io_uring",
@@ -249,12 +294,26 @@ def bench_block(seconds: float, workdir: Path, disk_mib: int = 64, backend: str 
     chunk = bytes(range(256)) * (MiB // 256)
     with open(disk, "wb") as f:
         f.writelines(chunk for _ in range(disk_mib))
-    watcher = NoWatcher()
-    dev = VirtioBlock(str(disk), queue_size=queue_size, watcher=watcher, **BACKEND_KEYS[backend])
-    if dev.io_backend != backend:
+    threaded = backend == "sync-thread"
+    loop = IoLoop("bench-io") if threaded else None
+    watcher: NoWatcher | IoLoop = loop if loop is not None else NoWatcher()
+    block_fast.ENABLED = backend != "sync-python"
+    try:
+        dev = VirtioBlock(str(disk), queue_size=queue_size, watcher=watcher, **BACKEND_KEYS[backend])
+    finally:
+        block_fast.ENABLED = True
+    if dev.io_backend != backend.removesuffix("-python").removesuffix("-thread"):
         raise RuntimeError(f"this host has no {backend} (the device chose {dev.io_backend})")
+    if threaded and not dev.kick_fds:
+        raise RuntimeError("the disk has no queue server (vmsh._blkfast not built?)")
 
     def kick() -> None:
+        if loop is not None:
+            # as KVM's ioeventfd: the I/O loop serves the first kick, the queue's thread the rest
+            irq.used = 0
+            os.eventfd_write(dev.kick_fds[0], 1)
+            irq.wait()  # type: ignore[attr-defined]  # an IrqfdCounter when threaded
+            return
         dev.queue_notify(0)
         if dev.io_backend != "sync" and ring.mem.read_u16(ring.used + 2) == ring.last_used:
             # not completed inside the submitting call: wait for the engine's eventfd
@@ -265,7 +324,14 @@ def bench_block(seconds: float, workdir: Path, disk_mib: int = 64, backend: str 
     seg_max = queue_size - 2
     ring = Ring(mem, 0x10000, queue_size, 16 * (seg_max + 2))
     queue = ring.queue(queue_size, mem)
-    irq = _activate(dev, mem, [queue], 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX)
+    features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX
+    if loop is not None:
+        irq = IrqfdCounter()
+        dev.activate(mem, [queue], irq, features & dev.avail_features)
+        loop.start()
+        timer: Timer | ThreadsTimer
+    else:
+        irq = _activate(dev, mem, [queue], features)
     headers = 0x100000  # a header and a status byte per ring slot
     data = 0x200000  # 256 scattered pages
     pages = _pages(data, 256)
@@ -277,7 +343,7 @@ def bench_block(seconds: float, workdir: Path, disk_mib: int = 64, backend: str 
                 ("seq-read", "sequential read, 1 MiB", VIRTIO_BLK_T_IN, MiB, True),
                 ("rand-read", "random read, 4 KiB", VIRTIO_BLK_T_IN, PAGE, False)):
             rng = random.Random(1)
-            timer, moved, requests, irq.used = Timer(), 0, 0, 0
+            timer, moved, requests, irq.used = (ThreadsTimer() if loop is not None else Timer()), 0, 0, 0
             offset = 0
             end = time.monotonic() + seconds
             while time.monotonic() < end:
@@ -304,9 +370,11 @@ def bench_block(seconds: float, workdir: Path, disk_mib: int = 64, backend: str 
                         requests += 1
                 moved += size
             rows.append(DeviceRow(f"blk-{key}", f"virtio-blk {label}, {backend}", requests, moved,
-                                  timer.cpu / 1e9, timer.wall / 1e9, irq.used))
+                                  timer.cpu / 1e9, timer.wall / 1e9, requests if loop is not None else irq.used))
     finally:
         dev.close()
+        if loop is not None:
+            loop.stop()
         mem.close()
         disk.unlink()
     return rows
@@ -429,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="length of each workload")
     parser.add_argument("--gap-ms", type=float, default=0.0,
                         help="idle time before each block request (a guest's think time; the net rows have none)")
-    parser.add_argument("--backends", default="io_uring,aio,sync", help="block back-ends to measure")
+    parser.add_argument("--backends", default="io_uring,aio,sync",
+                        help="block back-ends to measure (sync-python: sync without the native path; "
+                        "sync-thread: through the queue's server thread)")
     parser.add_argument("--no-net", action="store_true", help="block rows only")
     parser.add_argument("--dir", help="where the block image goes (default: the temporary directory; "
                         "not tmpfs, where the device does not use asynchronous I/O)")

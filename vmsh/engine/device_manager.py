@@ -179,12 +179,13 @@ class DeviceManager:
 
     def _release(self, entry: PciDevice) -> None:
         """Close what a device holds: its interrupts, its model's host resources, its region."""
-        if entry.router is not None:
-            entry.router.close()
         try:
             entry.transport.close()
         except Exception:  # the device is gone from the guest either way; go on with the rest
             LOG.exception("%s: close failed", entry.id)
+        # after the model: its threads (a disk queue's server) write the irqfds until it is closed
+        if entry.router is not None:
+            entry.router.close()
         region = self._regions.pop(entry.id, None)
         if region is not None:
             slot, address, mapping = region

@@ -189,7 +189,8 @@ def _block(manager: DeviceManager, disk: m.DiskConfig) -> VirtioBlock:
         limiter = RateLimiter.from_config(disk.rate_limiter_config)
     return VirtioBlock(disk.path, readonly=disk.readonly, direct=disk.direct, num_queues=disk.num_queues,
                        queue_size=disk.queue_size, serial=disk.serial, rate_limiter=limiter, watcher=manager.loop,
-                       disable_io_uring=disk.disable_io_uring, disable_aio=disk.disable_aio)
+                       disable_io_uring=disk.disable_io_uring, disable_aio=disk.disable_aio,
+                       dev_id=disk.id or "_disk")
 
 
 def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:

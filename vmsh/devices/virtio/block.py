@@ -22,6 +22,14 @@ and close wait for the requests in flight, so the kernel never writes guest RAM 
 has given back. Every other request, and one the kernel cannot take as it is, is served
 synchronously.
 
+Synchronous raw images without O_DIRECT or a rate limiter serve their IN, OUT and FLUSH
+requests natively (:mod:`vmsh.devices.virtio.block_fast`): one C call per kick walks the ring and
+does the I/O, and any chain it does not serve exactly as this module would stays in the ring
+for the Python path below. With an I/O loop such a disk also owns its queues' kick eventfds
+(``kick_fds``, the engine's ioeventfds): the loop serves a queue's first kick, then a native
+thread per queue (``_disk0_q0``) polls the eventfd, serves plain requests and writes the
+vector's irqfd, and hands back to the loop what is Python's (another chain, a masked vector).
+
 Request types: IN, OUT, FLUSH, GET_ID (the 20-byte serial), DISCARD and WRITE_ZEROES (the image
 frees the range when unmap is allowed); anything else is
 VIRTIO_BLK_S_UNSUPP. Sectors beyond the capacity, and writes to a read-only disk, fail with
@@ -31,6 +39,7 @@ VIRTIO_BLK_S_IOERR.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +49,8 @@ from vmsh.devices.ratelimit import FdWatcher, RateLimiter, ThrottleTimer
 from vmsh.devices.state import expect_state
 from vmsh.devices.storage import open_disk
 from vmsh.devices.storage.async_io import AsyncDisk
+from vmsh.devices.virtio import block_fast
+from vmsh.devices.virtio.block_fast import STOP_EMPTY, STOP_ERROR, BlockFastPath, QueueServer
 from vmsh.devices.virtio.device import COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice
 from vmsh.devices.virtio.queue import DescriptorChain, VirtQueue
 from vmsh.errors import DeviceError, DeviceStateError, GuestMemoryError, VirtQueueError
@@ -152,7 +163,7 @@ class VirtioBlock(VirtioDevice):
     def __init__(self, path: str, *, readonly: bool = False, direct: bool = False, num_queues: int = 1,
                  queue_size: int = 128, serial: str | None = None, rate_limiter: RateLimiter | None = None,
                  watcher: FdWatcher | None = None, disable_io_uring: bool = False,
-                 disable_aio: bool = False) -> None:
+                 disable_aio: bool = False, dev_id: str = "_disk") -> None:
         if num_queues < 1 or queue_size <= MINIMUM_QUEUE_SIZE:
             raise DeviceError(f"virtio-blk: bad queue layout {num_queues}x{queue_size}")
         self.queue_max_sizes = (queue_size,) * num_queues
@@ -203,7 +214,30 @@ class VirtioBlock(VirtioDevice):
             raise
         #: "io_uring", "aio" or "sync": how requests reach the image
         self.io_backend = self._engines[0].name if self._engines else "sync"
+        #: the native request path (synchronous raw images without a rate limiter), or None
+        self._fast = (BlockFastPath.for_disk(self.disk, self.capacity, readonly, num_queues)
+                      if not self._engines and rate_limiter is None else None)
+        #: per queue, when the native path serves it from its own thread: the eventfd the
+        #: guest's notifications signal (the engine makes them the queues' ioeventfds and
+        #: leaves them to this device) and the thread (:class:`block_fast.QueueServer`)
+        self.kick_fds: list[int] = []
+        self._servers: list[QueueServer] = []
+        if self._fast is not None and watcher is not None and block_fast.SERVERS_ENABLED:
+            self._start_watching(watcher, dev_id)
         LOG.info("virtio-blk %s: %s I/O", path, self.io_backend)
+
+    def _start_watching(self, watcher: FdWatcher, dev_id: str) -> None:
+        """Own the queues' kick eventfds: the I/O loop reads them until a queue's server
+        thread starts, and serves what the threads hand over."""
+        assert self._fast is not None
+        for index in range(self.num_queues):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self.kick_fds.append(fd)
+            # cloud-hypervisor's name for a disk queue's thread
+            self._servers.append(QueueServer(self._fast, index, fd, f"{dev_id}_q{index}"))
+        for index, (fd, server) in enumerate(zip(self.kick_fds, self._servers, strict=True)):
+            watcher.add(fd, partial(self._kicked, index))
+            watcher.add(server.python_fd, partial(self._handed_over, index))
 
     def _open_engines(self, watcher: FdWatcher | None, io_uring: bool, aio: bool) -> None:
         open_async = getattr(self.disk, "open_async", None)
@@ -270,6 +304,11 @@ class VirtioBlock(VirtioDevice):
             if engine is not None and engine.full:
                 self._stalled[index] = True  # the next completion brings us back
                 break
+            if self._fast is not None:
+                served, empty = self._run_fast(index, queue)
+                used = used or served
+                if empty:
+                    break
             chain = queue.pop()
             if chain is None:
                 break
@@ -288,6 +327,103 @@ class VirtioBlock(VirtioDevice):
             used = self._finish(index, queue, engine.complete()) or used
         if used:
             self.signal_used(index)
+
+    # -- queue server threads (block_fast.QueueServer) ----------------------------------------
+
+    def queue_notify(self, index: int) -> None:
+        """A notification: served here, or passed to the queue's server thread if it runs
+        (the queue is the thread's then)."""
+        if not self._servers or not 0 <= index < len(self._servers):
+            super().queue_notify(index)
+            return
+        with self._locks[index]:
+            if self._servers[index].running:
+                os.eventfd_write(self.kick_fds[index], 1)
+                return
+            self._serve_here(index)
+
+    def _kicked(self, index: int) -> None:
+        """The I/O loop: the queue's kick eventfd while no server thread reads it. Serve the
+        ring, then let a thread serve the next kicks (started here, on the I/O thread, so it
+        runs under the I/O thread's seccomp filter)."""
+        with self._locks[index]:
+            if self._servers[index].running:
+                return
+            try:
+                os.eventfd_read(self.kick_fds[index])
+            except BlockingIOError:
+                return
+            if self._serve_here(index):
+                self._start_server(index)
+
+    def _handed_over(self, index: int) -> None:
+        """The I/O loop: the queue's thread handed over an interrupt, or the queue."""
+        with self._locks[index]:
+            server = self._servers[index]
+            what = server.take_handoff()
+            if what & block_fast.HANDOFF_SIGNAL and self.activated and self.interrupt is not None:
+                self.interrupt.signal_used_queue(index)
+            if what & block_fast.HANDOFF_QUEUE:
+                # (a pause may have stopped the thread already: the chain is still to serve)
+                self._stop_server(index)
+                if self._serve_here(index):
+                    self._start_server(index)
+
+    def _serve_here(self, index: int) -> bool:
+        """``VirtioDevice.queue_notify``'s body (queue lock held): True if the queue is live."""
+        if not self.activated or self.needs_reset or index >= len(self.queues) or not self.queues[index].ready:
+            return False
+        try:
+            self.process_queue(index, self.queues[index])
+        except (VirtQueueError, GuestMemoryError) as err:
+            self.fail(err)
+            return False
+        return True
+
+    def _irqfd(self, index: int) -> int | None:
+        queue_irqfd = getattr(self.interrupt, "queue_irqfd", None)
+        return queue_irqfd(index) if queue_irqfd is not None else None
+
+    def _start_server(self, index: int) -> None:
+        """Hand the queue to its thread (queue lock held); the loop stops reading the kicks."""
+        if self._watcher is not None and self._servers[index].start(self.queues[index], self._irqfd(index)):
+            self._watcher.remove(self.kick_fds[index])
+
+    def _stop_server(self, index: int) -> None:
+        """Take the queue back from its thread (queue lock held); kicks go to the loop again."""
+        server = self._servers[index]
+        if not server.running:
+            return
+        err, counts = server.stop(self.queues[index])  # reset stops the threads before the queues go
+        for key, n in counts.items():
+            self._counts[key] += n
+        if err:
+            LOG.warning("virtio-blk %s: %s", self.path, OSError(err, os.strerror(err)))
+        if self._watcher is not None:
+            self._watcher.add(self.kick_fds[index], partial(self._kicked, index))
+
+    def interrupts_changed(self) -> None:
+        """The driver (un)masked a vector or moved a queue to another: tell the threads."""
+        for index, server in enumerate(self._servers):
+            # the lock: a thread the I/O loop is starting gets the new answer too
+            with self._locks[index]:
+                if server.running:
+                    server.set_irq_fd(self._irqfd(index))
+
+    def _run_fast(self, index: int, queue: VirtQueue) -> tuple[bool, bool]:
+        """Serve the plain requests at the head of the ring natively (``block_fast``): whether
+        any completed, and whether the ring is empty (as ``queue.pop`` would have found it,
+        avail_event re-armed). Otherwise the chain it stopped at is the Python path's."""
+        assert self._fast is not None
+        any_done = False
+        while True:
+            done, stop, err, counts = self._fast.run(index, queue)
+            any_done = any_done or done > 0
+            for key, n in counts.items():
+                self._counts[key] += n
+            if stop != STOP_ERROR:
+                return any_done, stop == STOP_EMPTY
+            LOG.warning("virtio-blk %s: %s", self.path, OSError(err, os.strerror(err)))
 
     # -- asynchronous requests -------------------------------------------------------------
 
@@ -385,11 +521,13 @@ class VirtioBlock(VirtioDevice):
         self._stalled[index] = False
 
     def pause(self) -> None:
-        """The VM pauses (its I/O loop already is): complete every request in flight, so a
-        snapshot holds none and the kernel stops writing guest RAM."""
+        """The VM pauses (its I/O loop already is): complete every request in flight and stop
+        the server threads, so a snapshot holds none and nothing writes guest RAM."""
         for index, lock in enumerate(self._locks):
             with lock:
                 self._drain(index, complete=True)
+                if self._servers:
+                    self._stop_server(index)
 
     def resume(self) -> None:
         """The VM runs again: a queue left stalled is served by the next kick or completion."""
@@ -506,6 +644,8 @@ class VirtioBlock(VirtioDevice):
     # -- lifecycle, snapshot, counters -------------------------------------------------------
 
     def on_reset(self) -> None:
+        for index in range(len(self._servers)):
+            self._stop_server(index)
         if self._throttle is not None:
             self._throttle.cancel()
         # the guest may reuse the buffers of requests in flight once the device is reset
@@ -523,6 +663,13 @@ class VirtioBlock(VirtioDevice):
             if self._watcher is not None:
                 self._watcher.remove(engine.fd)
             engine.close()
+        for fd, server in zip(self.kick_fds, self._servers, strict=True):
+            if self._watcher is not None:
+                self._watcher.remove(fd)
+                self._watcher.remove(server.python_fd)
+            server.close()
+            os.close(fd)
+        self.kick_fds, self._servers = [], []
         self.disk.close()
 
     def state(self) -> VirtioBlockState:
@@ -549,6 +696,10 @@ class VirtioBlock(VirtioDevice):
 
     def counters(self) -> dict[str, int]:
         counts = dict(self._counts)
+        for server in self._servers:
+            if server.running:
+                for key, n in server.counts().items():
+                    counts[key] += n
         if self.rate_limiter is not None:
             counts["throttled"] = self.throttled
         if self._engines:

@@ -154,6 +154,10 @@ class VirtioDevice:
     def on_reset(self) -> None:
         """Hook: called by ``reset`` with the queue locks held (stop worker threads here)."""
 
+    def interrupts_changed(self) -> None:
+        """Hook: the driver changed the MSI-X table, its mask or a queue's vector (called by
+        the transport on the thread of that write, without the queue locks)."""
+
     def close(self) -> None:
         """VM teardown: reset, then release host resources (subclasses close their fds)."""
         self.reset()

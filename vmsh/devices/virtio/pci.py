@@ -220,6 +220,7 @@ class _VirtioPciConfig(PciConfigSpace):
         control = self.msix_cap + 2
         if self.msix_cap and offset < control + 2 and end > control:
             self.owner.msix.control_write(self.get(control, 2))
+            self.owner.device.interrupts_changed()
 
 
 class _Interrupt:
@@ -249,6 +250,18 @@ class _Interrupt:
             return None
         fd: int | None = eventfd(vector)
         return fd
+
+    def queue_irqfd(self, queue_index: int) -> int | None:
+        """The irqfd that raises ``queue_index``'s vector, only while writing it is what
+        ``signal_used_queue`` would do: MSI-X on, neither the function nor the vector masked
+        (a device thread that signals by itself asks again after ``interrupts_changed``)."""
+        o = self.owner
+        if not 0 <= queue_index < len(o.queue_msix_vectors):
+            return None
+        vector = o.queue_msix_vectors[queue_index]
+        if vector == VIRTIO_MSI_NO_VECTOR or vector >= o.msix.num_vectors or o.msix.is_masked(vector):
+            return None
+        return self.queue_eventfd(queue_index)
 
     def signal_config_change(self) -> None:
         o = self.owner
@@ -424,6 +437,7 @@ class VirtioPciDevice:
             self.notify((offset - NOTIFICATION_OFFSET) // NOTIFY_OFF_MULTIPLIER)
         elif MSIX_TABLE_OFFSET <= offset < MSIX_TABLE_OFFSET + MSIX_TABLE_SIZE:
             self.msix.table_write(offset - MSIX_TABLE_OFFSET, bytes(data))
+            self.device.interrupts_changed()
 
     def notify(self, queue_index: int) -> None:
         """The driver kicked queue ``queue_index`` (an ioeventfd fired, or a notify write)."""
@@ -502,6 +516,7 @@ class VirtioPciDevice:
             return
         if field == COMMON_QUEUE_MSIX_VECTOR:
             self.queue_msix_vectors[self.queue_select] = self._vector(value)
+            self.device.interrupts_changed()
             return
         if q.ready or self.device_status & VIRTIO_STATUS_DRIVER_OK:
             return  # a live queue's layout cannot change (§4.1.4.3.2); queue_enable 0 is not a reset

@@ -16,7 +16,7 @@ from tests.unit.devices.storage.fakes import FakeKernel, LoopWatcher
 from tests.unit.devices.virtio.driver import Allocator, FakeRouter, PciDriver, Ring
 from vmsh.config.model import DiskConfig
 from vmsh.devices.storage import aio, raw, uring
-from vmsh.devices.virtio import block
+from vmsh.devices.virtio import block, block_fast
 from vmsh.devices.virtio.block import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
@@ -45,6 +45,13 @@ DISK_SIZE = 1 << 20  # 2048 sectors
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test with the native request path (``block_fast``) for synchronous raw images, and without."""
+    monkeypatch.setattr(block_fast, "ENABLED", request.param == "native")
+    return bool(request.param == "native")
 
 
 @pytest.fixture
@@ -113,6 +120,7 @@ def disk(request: pytest.FixtureRequest, image: Path, mem: GuestMemoryMmap, allo
     watcher = None if request.param == "no-loop" else LoopWatcher()
     blk = VirtioBlock(str(image), serial="vmsh-disk-0", watcher=watcher, **BACKENDS.get(request.param, {}))
     assert blk.io_backend == ("sync" if request.param == "no-loop" else request.param)
+    assert (blk._fast is not None) == (blk.io_backend == "sync" and block_fast.ENABLED)
     d = Disk(blk, mem, alloc, router, watcher)
     yield d
     d.pci.close()
@@ -133,6 +141,8 @@ def test_block_config_and_features(disk: Disk, image: Path) -> None:
 def test_block_read(disk: Disk, image: Path) -> None:
     status, data, used = disk.request(VIRTIO_BLK_T_IN, 8, in_len=4096)
     assert status == VIRTIO_BLK_S_OK and used == 4097
+    if disk.blk._fast is not None:
+        assert disk.blk._fast.ops == 1  # served natively
     assert sha(data) == sha(image.read_bytes()[8 * 512:8 * 512 + 4096])
     assert disk.blk.counters()["read_bytes"] == 4096 and disk.blk.counters()["read_ops"] == 1
 
@@ -464,7 +474,11 @@ def test_block_async_backend_choice(image: Path, monkeypatch: pytest.MonkeyPatch
     watcher = LoopWatcher()
     for keys, backend in ((BACKENDS["io_uring"], "io_uring"), (BACKENDS["aio"], "aio"), (BACKENDS["sync"], "sync")):
         blk = VirtioBlock(str(image), watcher=watcher, **keys)
-        assert blk.io_backend == backend and len(watcher.callbacks) == (backend != "sync")
+        # an io_uring or AIO context's eventfd; a synchronous queue's kick and handoff eventfds
+        # when a server thread will serve it natively
+        watched = 1 if backend != "sync" else 2 * len(blk._servers)
+        assert blk.io_backend == backend and len(watcher.callbacks) == watched
+        assert bool(blk._servers) == (backend == "sync" and block_fast.ENABLED)
         blk.close()
         assert not watcher.callbacks
     assert VirtioBlock.from_config(DiskConfig(path=str(image), disable_io_uring=True)).io_backend == "sync"  # no loop
@@ -475,8 +489,9 @@ def test_block_async_backend_choice(image: Path, monkeypatch: pytest.MonkeyPatch
     blk.close()
     monkeypatch.setattr(aio.LinuxAio, "__init__", _refuse)
     blk = VirtioBlock(str(image), watcher=watcher)
-    assert blk.io_backend == "sync" and not watcher.callbacks
+    assert blk.io_backend == "sync" and len(watcher.callbacks) == 2 * len(blk._servers)
     blk.close()
+    assert not watcher.callbacks
 
 
 def _refuse(self: object, depth: int) -> None:
@@ -497,7 +512,9 @@ def test_block_async_all_queues_or_none(image: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(raw, "open_kernel_queue", one_only)
     watcher = LoopWatcher()
     blk = VirtioBlock(str(image), num_queues=2, watcher=watcher)
-    assert blk.io_backend == "sync" and not watcher.callbacks and made[0].closed
+    # no engine's eventfd is watched (only the queues' own kick and handoff eventfds, natively)
+    assert blk.io_backend == "sync" and len(watcher.callbacks) == 2 * len(blk._servers) and made[0].closed
+    assert len(blk._servers) == (2 if block_fast.ENABLED else 0)
     blk.close()
 
 
