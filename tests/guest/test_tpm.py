@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.devices.test_tpm import SWTPM, needs_swtpm
+from tests.unit.devices.test_tpm import SWTPM, listening, needs_swtpm
 from vmsh.api.client import ApiClient, ApiError
 from vmsh.harness.requirements import unavailable
 from vmsh.harness.waiting import wait_until
@@ -33,7 +33,7 @@ def swtpm_socket(tmp_path: Path) -> Iterator[Path]:
                              "--tpmstate", f"dir={tmp_path}", "--log", f"file={tmp_path / 'swtpm.log'},level=2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until(ctrl.exists, 10, "swtpm's control socket", interval=0.02)
+        wait_until(lambda: listening(ctrl), 10, "swtpm's control socket to listen", interval=0.02, process=proc)
         yield ctrl
     finally:
         proc.kill()

@@ -152,6 +152,17 @@ def test_oversized_writes_and_garbage_are_ignored() -> None:
 # --- a real swtpm ---------------------------------------------------------------------------------
 
 
+def listening(path: Path) -> bool:
+    """Whether a unix socket at ``path`` accepts connections (swtpm binds, then listens: the
+    file appears before a connection is taken)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture
 def swtpm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     ctrl = tmp_path / "ctrl.sock"
@@ -159,7 +170,7 @@ def swtpm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
                              "--tpmstate", f"dir={tmp_path}", "--log", f"file={tmp_path / 'log'},level=1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while not ctrl.exists():
+    while not listening(ctrl):
         assert proc.poll() is None and time.monotonic() < deadline, "swtpm did not start"
         time.sleep(0.02)
     yield proc, ctrl
