@@ -28,7 +28,7 @@ from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.devices.pvpanic import event_name as pvpanic_event_name
 from vmsh.engine import smbios
-from vmsh.engine.acpi import cpu_hotplug, pci_hotplug
+from vmsh.engine.acpi import cpu_hotplug, memory_hotplug, pci_hotplug
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
 from vmsh.engine.boot import layout
@@ -44,12 +44,20 @@ from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.kvm_state import restore_vcpu, restore_vm
 from vmsh.engine.kvm_vcpu import VcpuFd
-from vmsh.engine.memory_manager import check_host_memory, create_memory, map_snapshot_memory
+from vmsh.engine.memory_hotplug import MemoryHotplug
+from vmsh.engine.memory_manager import (
+    boot_ram_size,
+    check_host_memory,
+    create_memory,
+    hotplug_end,
+    map_snapshot_memory,
+)
 from vmsh.engine.pci_windows import pci_segments
 from vmsh.engine.persist import SnapshotError
 from vmsh.engine.platform_devices import (
     CPU_HOTPLUG_ADDRESS,
     GED_ADDRESS,
+    MEMORY_HOTPLUG_ADDRESS,
     GED_IRQ,
     PCI_HOTPLUG_ADDRESS,
     PM_TIMER_PORT,
@@ -113,8 +121,6 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
         ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
         # Not implemented yet.
         ("--numa", cfg.numa),
-        ("--memory hotplug_size", cfg.memory.hotplug_size),
-        ("--memory-zone hotplug_size", any(z.hotplug_size is not None for z in cfg.memory.zones or [])),
         (f"--platform iommu_segments {no_iommu}", cfg.platform and cfg.platform.iommu_segments),
         (f"--rng iommu=on {no_iommu}", cfg.rng.iommu),
         (f"--console iommu=on {no_iommu}", cfg.console.iommu),
@@ -247,7 +253,8 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
     vm = Vm(config, events, on_guest_event, ControlRequests(post), profile)
     try:
         _open_kvm(vm)
-        vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault)
+        vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault, saved.ranges,
+                                        boot_ram_size(config.memory))
         vm.memory.register(vm.vm_fd)
         _create_devices(vm, tty, _phys_bits(vm))
         topology = cpu_topology(config)
@@ -321,7 +328,8 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
     loads the saved states into them). Returns the PCI segments."""
     cfg = vm.config
     assert vm.memory is not None
-    segments = pci_segments(cfg, vm.memory.last_addr + 1, phys_bits)
+    # the 64-bit PCI window starts after RAM and the hotplug areas (cloud-hypervisor's device area)
+    segments = pci_segments(cfg, hotplug_end(cfg.memory, vm.memory.last_addr + 1), phys_bits)
 
     def irq(gsi: int) -> IrqFdTrigger:
         trigger = IrqFdTrigger(vm.vm_fd, gsi)
@@ -344,6 +352,9 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
                                                                                     {"id": dev_id}))
     vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject, on_cpu_eject)
     vm.cpu_hotplug = vm.platform.cpu_hotplug
+    platform = vm.platform
+    vm.memory_hotplug = MemoryHotplug(cfg, vm.memory, vm.vm_fd, lambda flags: platform.ged.notify(flags),
+                                      vm.platform.memory_hotplug)
     vm.backends.extend(vm.platform.backends)
     if vm.platform.swtpm is not None:
         vm.closeables.append(vm.platform.swtpm)
@@ -381,7 +392,9 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
             serial=cfg.serial.mode is not ConsoleOutputMode.OFF,
             pci_segments=segments,
             pci_rescan_method=pci_hotplug.RESCAN_METHOD,
-            extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, vm.platform.hotplug.declared),
+            extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, vm.platform.hotplug.declared)
+            + ((memory_hotplug.hotplug_aml(MEMORY_HOTPLUG_ADDRESS),) if vm.platform.memory_hotplug else ()),
+            memory_scan_method=memory_hotplug.SCAN_METHOD if vm.platform.memory_hotplug is not None else None,
             ged=GedSpec(address=GED_ADDRESS, irq=GED_IRQ),
             cpu_hotplug_address=CPU_HOTPLUG_ADDRESS if vm.platform.cpu_hotplug is not None else None,
             cpu_scan_method=cpu_hotplug.SCAN_METHOD if vm.platform.cpu_hotplug is not None else None,

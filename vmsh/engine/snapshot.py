@@ -22,7 +22,8 @@ from typing import Any
 from vmsh.config import model as m
 from vmsh.config import normalize, vm_config_from_json
 from vmsh.engine.kvm_state import VcpuState, VmKvmState
-from vmsh.engine.memory import ram_ranges
+from vmsh.engine.memory import PAGE_SIZE, GuestMemoryMmap, ram_ranges
+from vmsh.engine.memory_manager import boot_ram_size, hotplug_areas
 from vmsh.engine.persist import (
     FORMAT_VERSION,
     SnapshotError,
@@ -46,18 +47,21 @@ class SavedVm:
     #: device id -> plain state, for ``DeviceManager.restore``
     devices: dict[str, Any]
     memory_path: Path
+    #: the RAM ranges of the memory file, in its order: boot RAM, then hotplugged RAM
+    ranges: list[tuple[int, int]]
 
 
-def build_tree(kvm: VmKvmState, vcpus: list[VcpuState], ram_size: int, devices: dict[str, Any]) -> dict[str, Any]:
-    """The state tree of a paused VM (``vcpus`` in vCPU order; ``devices``: the device manager's
-    ``states()``)."""
+def build_tree(kvm: VmKvmState, vcpus: list[VcpuState], ranges: list[tuple[int, int]],
+               devices: dict[str, Any]) -> dict[str, Any]:
+    """The state tree of a paused VM (``vcpus`` in vCPU order; ``ranges``: ``memory_table``;
+    ``devices``: the device manager's ``states()``)."""
     return node(
         {"version": FORMAT_VERSION, "kvm": to_plain(kvm)},
         {
             # keyed by the vCPU's number, as cloud-hypervisor's cpu-manager (its APIC id, the
             # KVM id, may be sparse: VcpuState.vcpu_id)
             "cpu-manager": node(children={str(index): node(to_plain(v)) for index, v in enumerate(vcpus)}),
-            "memory-manager": node({"ranges": [list(r) for r in ram_ranges(ram_size)]}),
+            "memory-manager": node({"ranges": [list(r) for r in ranges]}),
             "device-manager": node(children={dev_id: node(state) for dev_id, state in devices.items()}),
         },
     )
@@ -78,17 +82,44 @@ def read_saved_vm(directory: str) -> SavedVm:
         raise SnapshotError(f"Unsupported snapshot format (vmsh writes version {FORMAT_VERSION})")
     kvm = from_plain(VmKvmState, root.get("kvm"), "vm.kvm")
     table = node_data(tree, "memory-manager")
-    ranges = table.get("ranges") if isinstance(table, dict) else None
-    expected = [list(r) for r in ram_ranges(config.memory.total_size())]
-    if ranges != expected:
-        raise SnapshotError(f"The snapshot's RAM ranges {ranges} do not match its config ({expected})")
+    ranges = check_memory_table(table.get("ranges") if isinstance(table, dict) else None, config.memory)
     size = memory_path.stat().st_size
-    if size != config.memory.total_size():
-        raise SnapshotError(f"{memory_path} holds {size} bytes, the config says {config.memory.total_size()}")
+    if size != sum(length for _, length in ranges):
+        raise SnapshotError(f"{memory_path} holds {size} bytes, its RAM ranges {sum(n for _, n in ranges)}")
     vcpu_ids = node_children(tree, "cpu-manager")
     boot = config.cpus.boot_vcpus
     if sorted(vcpu_ids, key=lambda x: (len(x), x)) != [str(i) for i in range(boot)]:
         raise SnapshotError(f"The snapshot has vCPUs {vcpu_ids}, its config {boot}")
     vcpus = [from_plain(VcpuState, node_data(tree, f"cpu-manager/{i}"), f"vcpu{i}") for i in range(boot)]
     devices = {name: node_data(tree, f"device-manager/{name}") for name in node_children(tree, "device-manager")}
-    return SavedVm(config, kvm, vcpus, devices, memory_path)
+    return SavedVm(config, kvm, vcpus, devices, memory_path, ranges)
+
+
+def memory_table(memory: GuestMemoryMmap) -> list[tuple[int, int]]:
+    """The RAM range table of ``memory``, in address order: boot RAM as its config lays it out
+    (``ram_ranges``: memory zones coalesced, as before hotplug existed), then each hotplug
+    region (ACPI hot-added RAM, virtio-mem regions) on its own."""
+    return ram_ranges(memory.boot_size) + [(r.start, r.size) for r in memory.regions if r.hotplug]
+
+
+def check_memory_table(ranges: Any, mem: m.MemoryConfig) -> list[tuple[int, int]]:
+    """A snapshot's RAM range table, checked against its memory config: boot RAM as the config
+    lays it out, then regions inside the config's hotplug areas, in order, not overlapping.
+
+    :raises SnapshotError: naming what does not fit.
+    """
+    boot = ram_ranges(boot_ram_size(mem))
+    if (not isinstance(ranges, list) or len(ranges) < len(boot)
+            or any(not isinstance(r, list) or len(r) != 2 or not all(type(v) is int for v in r) for r in ranges)):
+        raise SnapshotError(f"The snapshot's RAM ranges {ranges!r} are not a list of [address, length]")
+    if [list(r) for r in boot] != ranges[:len(boot)]:
+        raise SnapshotError(f"The snapshot's RAM ranges {ranges} do not match its config ({[list(r) for r in boot]})")
+    areas = hotplug_areas(mem)
+    cursor = boot[-1][0] + boot[-1][1]
+    for start, length in ranges[len(boot):]:
+        if length <= 0 or length % PAGE_SIZE or start % PAGE_SIZE or start < cursor or not any(
+                a.base <= start and start + length <= a.end for a in areas):
+            raise SnapshotError(f"The snapshot's RAM range {start:#x}+{length:#x} is not in its config's "
+                                "memory hotplug areas")
+        cursor = start + length
+    return [(start, length) for start, length in ranges]

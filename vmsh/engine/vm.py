@@ -33,6 +33,7 @@ from vmsh.engine.hotplug import PciHotplug
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.kvm_state import save_vcpu, save_vm, saveable_msrs
 from vmsh.engine.memory import GuestMemoryMmap
+from vmsh.engine.memory_hotplug import MemoryHotplug
 from vmsh.engine.persist import write_snapshot
 from vmsh.engine.platform_devices import PlatformDevices
 from vmsh.engine.profiler import RipSampler, Symbolizer
@@ -52,6 +53,9 @@ GuestEventSink = Callable[[str, str], None]
 
 class Vm:
     """One VM: KVM objects, memory, devices and vCPUs, as the builder put them together."""
+
+    #: RAM resizes (ACPI hot-add and virtio-mem); the builder sets it
+    memory_hotplug: MemoryHotplug | None = None
 
     def __init__(self, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink,
                  requests: ControlRequests, profile: m.ProfileConfig | None = None) -> None:
@@ -75,6 +79,7 @@ class Vm:
         self.new_vcpu: Callable[[int], Vcpu] | None = None
         #: the ACPI CPU hotplug registers (None when max_vcpus is 1)
         self.cpu_hotplug: CpuHotplugController | None = None
+        self.memory_hotplug = None
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.platform: PlatformDevices | None = None
@@ -279,6 +284,20 @@ class Vm:
         self.parked[index] = vcpu
         LOG.info("vcpu%d ejected and parked", index)
 
+    # --- memory hotplug ---------------------------------------------------------------------------
+
+    def resize_memory(self, desired: int) -> None:
+        """``vm.resize desired_ram`` (runs in an action, which owns the memory map)."""
+        if self.memory_hotplug is None:
+            raise VmshError("resize: this VM has no memory hotplug")
+        self.memory_hotplug.resize(desired)
+
+    def resize_zone(self, zone_id: str, desired: int) -> None:
+        """``vm.resize-zone``."""
+        if self.memory_hotplug is None:
+            raise VmshError("resize-zone: this VM has no memory hotplug")
+        self.memory_hotplug.resize_zone(zone_id, desired)
+
     # --- snapshot -------------------------------------------------------------------------------
 
     def snapshot(self, directory: str) -> None:
@@ -308,7 +327,7 @@ class Vm:
             # The clock as it was when the vCPUs stopped: a restore continues from there.
             kvm_state = dataclasses.replace(kvm_state, clock=self.paused_clock)
         tree = snapshot_tree.build_tree(kvm_state, [save_vcpu(v.fd, msrs) for v in self.vcpus],
-                                        self.memory.size, self.devices.states())
+                                        snapshot_tree.memory_table(self.memory), self.devices.states())
         # regions in address order: their concatenation is the coalesced ranges' contents
         write_snapshot(directory, canonical_json(self.config), tree,
                        [(r.view, r.data_runs()) for r in self.memory.regions])
@@ -401,9 +420,21 @@ class Vm:
         parent, children and pci_bdf, as its DeviceNode has)."""
         if self.devices is None:
             return {}
-        # (max: a guest can claim a balloon larger than its RAM; the size stays a size)
-        return {"memory_actual_size": max(0, self.config.memory.total_size() - self.balloon_size()),
+        # cloud-hypervisor's: the configured RAM (virtio-mem counted by what the guest has
+        # plugged, not what was asked for) less what the balloon holds (max: a guest can claim a
+        # balloon larger than its RAM; the size stays a size)
+        return {"memory_actual_size": max(0, self.actual_ram() - self.balloon_size()),
                 "device_tree": self.devices.device_tree()}
+
+    def actual_ram(self) -> int:
+        """The guest's RAM now: boot RAM, RAM added through ACPI, and the virtio-mem blocks plugged."""
+        mem = self.config.memory
+        if self.memory_hotplug is None or not self.memory_hotplug.virtio_mem:
+            return mem.total_size()
+        requested = sum(z.hotplugged_size or 0 for z in mem.zones or [])
+        if mem.hotplug_method is m.HotplugMethod.VIRTIO_MEM:
+            requested += mem.hotplugged_size or 0
+        return mem.total_size() - requested + self.memory_hotplug.virtio_mem_plugged()
 
     def balloon_size(self) -> int:
         """Bytes the guest has put into the balloon (its ``actual``: up on inflate, down on

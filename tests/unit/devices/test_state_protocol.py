@@ -28,6 +28,7 @@ from tests.unit.fakes import FakeTrigger
 from vmsh.devices.acpi import Ged, GedState, PciHotplugController
 from vmsh.devices.backends.tap import Tap
 from vmsh.devices.cpu_hotplug import CpuHotplugController
+from vmsh.devices.memory_hotplug import MemoryHotplugController
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550
@@ -138,6 +139,8 @@ def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
              lambda d: (d.plug(1, 3), d.unplug(0, 2), d.write(0xC, struct.pack("<I", 1))), "selected", 2),
         Case(CpuHotplugController, lambda: CpuHotplugController(4, 1, lambda index: None),
              lambda d: (d.insert(2), d.write(0, struct.pack("<I", 2))), "selected", 4),
+        Case(MemoryHotplugController, MemoryHotplugController,
+             lambda d: (d.insert(1 << 32, 128 << 20), d.write(0, struct.pack("<I", 1))), "selected", 8),
         Case(PostPort, PostPort, lambda d: d.write(0, b"\x40"), "last_code", 0x100),
         Case(PciConfigIo, lambda: PciConfigIo(PciBus()), lambda d: d.write(0, struct.pack("<I", 0x8000_0810)),
              "address", 0x8000_0813),
