@@ -49,6 +49,7 @@ from vmsh.engine.memory_manager import (
     boot_ram_size,
     check_host_memory,
     create_memory,
+    hotplug_areas,
     hotplug_end,
     map_snapshot_memory,
 )
@@ -372,6 +373,10 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
                 if hooks.console.path and cfg.console.mode is ConsoleOutputMode.PTY:
                     cfg.console.file = hooks.console.path
     add_config_devices(vm.devices, cfg, hooks)
+    for area in hotplug_areas(cfg.memory):
+        if area.method is m.HotplugMethod.VIRTIO_MEM:
+            entry = vm.devices.devices[area.zone]
+            vm.memory_hotplug.virtio_mem[area.zone] = (entry.transport.device, entry.lock)  # type: ignore[attr-defined]  # a virtio transport
     if hooks.console is not None and hooks.console_device is not None:
         console, device = hooks.console, hooks.console_device
         vm.platform.input_starters.append(lambda: console.start_input(device.enqueue_input))
