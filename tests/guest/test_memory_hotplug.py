@@ -21,7 +21,7 @@ from vmsh.harness.requirements import unavailable
 
 #: the kernel flavour with memory hotplug and virtio-mem, and its config
 KERNEL, KERNEL_CONFIG = "kernel-full", "kernel-full-config"
-MIB = 1 << 20
+MIB, GIB = 1 << 20, 1 << 30
 
 
 def full_kernel(vmsh_image) -> str:
@@ -103,5 +103,44 @@ def test_acpi_grows_and_restores(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_pat
             api.put("vm.resize", {"desired_ram": 896 * MIB})  # the restored VM still grows
             wait_until(lambda: mem_total_kib(guest) - before == 384 * 1024, 120,
                        "the restored guest to online 128 MiB more")
+    finally:
+        guest.close()
+
+
+def test_virtio_mem_grows_shrinks_and_restores(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path: Path) -> None:
+    guest = boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path,
+                 "size=512M,hotplug_method=virtio-mem,hotplug_size=512M", "vmem")
+    try:
+        before = mem_total_kib(guest)
+        with ApiClient(guest.api) as api:
+            assert api.get("vm.info")["memory_actual_size"] == 512 * MIB
+            api.put("vm.resize", {"desired_ram": 768 * MIB})
+            assert api.get("vm.info")["config"]["memory"]["hotplugged_size"] == 256 * MIB
+            wait_until(lambda: mem_total_kib(guest) - before == 256 * 1024, 120,
+                       "the guest to plug 256 MiB through virtio-mem")
+            wait_until(lambda: api.get("vm.info")["memory_actual_size"] == 768 * MIB, 30,
+                       "the device to count the plugged blocks")
+            api.put("vm.resize", {"desired_ram": 640 * MIB})
+            wait_until(lambda: mem_total_kib(guest) - before == 128 * 1024, 120,
+                       "the guest to unplug 128 MiB")
+            wait_until(lambda: api.get("vm.info")["memory_actual_size"] == 640 * MIB, 30,
+                       "the device to count the unplugged blocks")
+            # bad requests: not whole 2 MiB blocks, beyond hotplug_size, below the boot RAM, the same size
+            assert "not aligned on block_size" in refused(api, "vm.resize", {"desired_ram": 641 * MIB})
+            assert "bigger than region_size" in refused(api, "vm.resize", {"desired_ram": 1536 * MIB})
+            assert "less than the boot RAM" in refused(api, "vm.resize", {"desired_ram": 256 * MIB})
+            assert "identical" in refused(api, "vm.resize", {"desired_ram": 640 * MIB})
+            assert "no memory zone" in refused(api, "vm.resize-zone", {"id": "mem0", "desired_ram": GIB})
+            assert api.get("vm.info")["config"]["memory"]["hotplugged_size"] == 128 * MIB
+            guest, snap = snapshot_and_restore(guest, api, tmp_path, "vmem-snap")
+        memory_file = (snap / "memory-ranges").stat()
+        assert memory_file.st_size == GIB  # boot RAM and the whole region, the unplugged part a hole
+        assert memory_file.st_blocks * 512 <= GIB - 384 * MIB
+        assert mem_total_kib(guest) == before + 128 * 1024
+        with ApiClient(guest.api) as api:
+            assert api.get("vm.info")["memory_actual_size"] == 640 * MIB
+            api.put("vm.resize", {"desired_ram": 896 * MIB})  # the restored device still plugs
+            wait_until(lambda: mem_total_kib(guest) - before == 384 * 1024, 120,
+                       "the restored guest to plug 256 MiB more")
     finally:
         guest.close()
