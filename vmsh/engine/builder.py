@@ -58,8 +58,8 @@ from vmsh.engine.persist import SnapshotError
 from vmsh.engine.platform_devices import (
     CPU_HOTPLUG_ADDRESS,
     GED_ADDRESS,
-    MEMORY_HOTPLUG_ADDRESS,
     GED_IRQ,
+    MEMORY_HOTPLUG_ADDRESS,
     PCI_HOTPLUG_ADDRESS,
     PM_TIMER_PORT,
     SHUTDOWN_PORT,

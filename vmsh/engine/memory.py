@@ -15,6 +15,7 @@ out as in cloud-hypervisor's x86_64 layout (its ``arch/src/x86_64/layout.rs``): 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import mmap
 import os
@@ -309,7 +310,7 @@ class GuestMemoryMmap:
         :raises GuestMemoryError: when it overlaps RAM; the region is not added then.
         """
         regions = sorted([*self.regions, region], key=lambda r: r.start)
-        for a, b in zip(regions, regions[1:], strict=False):
+        for a, b in itertools.pairwise(regions):
             if a.end > b.start:
                 raise GuestMemoryError(f"guest RAM regions overlap at {b.start:#x}")
         if vm is not None:

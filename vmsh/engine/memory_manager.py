@@ -172,24 +172,22 @@ def check_hotplug_config(mem: m.MemoryConfig) -> None:
     :raises VmshError: with its message.
     """
     virtio_mem = mem.hotplug_method is m.HotplugMethod.VIRTIO_MEM
-    if mem.hotplug_size is not None:
-        if mem.hotplug_size % HOTPLUG_ALIGN:
-            # cloud-hypervisor's VIRTIO_MEM_ALIGN_SIZE check; ACPI additions are 128 MiB multiples too
-            raise VmshError(f"--memory hotplug_size {mem.hotplug_size} is not a multiple of 128 MiB")
-        if mem.hotplugged_size and (mem.hotplugged_size > mem.hotplug_size
-                                    or mem.hotplugged_size % (HOTPLUG_ALIGN if not virtio_mem else VIRTIO_MEM_BLOCK)):
-            raise VmshError("Memory configuration is not valid: hotplugged_size must fit in hotplug_size and be a "
-                            f"multiple of {'128 MiB' if not virtio_mem else '2 MiB'}")
+    # ACPI adds 128 MiB multiples; virtio-mem plugs 2 MiB blocks of a 128 MiB-aligned region
+    _check_sizes("--memory", mem.hotplug_size, mem.hotplugged_size, VIRTIO_MEM_BLOCK if virtio_mem else HOTPLUG_ALIGN)
     for zone in mem.zones or []:
-        if zone.hotplug_size is None:
-            continue
-        if not virtio_mem:
+        if zone.hotplug_size is not None and not virtio_mem:
             raise VmshError("Invalid hotplug method associated with memory zones resizing capability")
-        if zone.hotplug_size % HOTPLUG_ALIGN:
-            raise VmshError(f"--memory-zone {zone.id}: hotplug_size {zone.hotplug_size} is not a multiple of 128 MiB")
-        if zone.hotplugged_size and (zone.hotplugged_size > zone.hotplug_size or zone.hotplugged_size % VIRTIO_MEM_BLOCK):
-            raise VmshError(f"--memory-zone {zone.id}: hotplugged_size must fit in hotplug_size and be a "
-                            "multiple of 2 MiB")
+        _check_sizes(f"--memory-zone {zone.id}", zone.hotplug_size, zone.hotplugged_size, VIRTIO_MEM_BLOCK)
+
+
+def _check_sizes(option: str, hotplug_size: int | None, hotplugged_size: int | None, unit: int) -> None:
+    if hotplug_size is None:
+        return
+    if hotplug_size % HOTPLUG_ALIGN:
+        raise VmshError(f"{option} hotplug_size {hotplug_size} is not a multiple of 128 MiB")
+    if hotplugged_size and (hotplugged_size > hotplug_size or hotplugged_size % unit):
+        raise VmshError(f"Memory configuration is not valid: {option} hotplugged_size must fit in hotplug_size "
+                        f"and be a multiple of {unit >> 20} MiB")
 
 
 #: virtio-mem's block size (cloud-hypervisor's VIRTIO_MEM_DEFAULT_BLOCK_SIZE)
@@ -230,10 +228,7 @@ def create_memory(mem: m.MemoryConfig) -> GuestMemoryMmap:
     :raises VmshError: naming what the host could not provide.
     """
     check_hotplug_config(mem)
-    if not mem.zones:
-        memory = GuestMemoryMmap.create(mem.size, memory_options(mem))
-    else:
-        memory = _create_zone_memory(mem)
+    memory = _create_zone_memory(mem) if mem.zones else GuestMemoryMmap.create(mem.size, memory_options(mem))
     try:
         for area in hotplug_areas(mem):
             if area.method is m.HotplugMethod.VIRTIO_MEM:

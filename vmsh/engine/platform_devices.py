@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.devices import cpu_hotplug as cpu_hotplug_regs
+from vmsh.devices import memory_hotplug as memory_hotplug_regs
 from vmsh.devices.acpi import AcpiPmTimer, AcpiShutdown, Ged, PciHotplugController
 from vmsh.devices.backends.swtpm import Swtpm
 from vmsh.devices.base import Trigger
 from vmsh.devices.cpu_hotplug import CpuHotplugController
-from vmsh.devices import memory_hotplug as memory_hotplug_regs
-from vmsh.devices.memory_hotplug import MemoryHotplugController
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.legacy.debugcon import DebugConsole
 from vmsh.devices.legacy.i8042 import I8042
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550
+from vmsh.devices.memory_hotplug import MemoryHotplugController
 from vmsh.devices.tpm import TPM_SIZE, CrbTpm
 from vmsh.engine.acpi import pci_hotplug
 from vmsh.engine.bus import BusError

@@ -26,9 +26,9 @@ from vmsh.devices.vhost_user.blk import VhostUserBlk
 from vmsh.devices.vhost_user.fs import VhostUserFs
 from vmsh.devices.vhost_user.net import VhostUserNet
 from vmsh.devices.virtio.balloon import VirtioBalloon
-from vmsh.devices.virtio.mem import VirtioMem
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
+from vmsh.devices.virtio.mem import VirtioMem
 from vmsh.devices.virtio.net import VirtioNet, format_mac
 from vmsh.devices.virtio.pmem import VirtioPmem
 from vmsh.devices.virtio.rng import VirtioRng

@@ -28,10 +28,10 @@ from tests.unit.fakes import FakeTrigger
 from vmsh.devices.acpi import Ged, GedState, PciHotplugController
 from vmsh.devices.backends.tap import Tap
 from vmsh.devices.cpu_hotplug import CpuHotplugController
-from vmsh.devices.memory_hotplug import MemoryHotplugController
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550
+from vmsh.devices.memory_hotplug import MemoryHotplugController
 from vmsh.devices.pci.config_space import COMMAND, PciConfigSpace
 from vmsh.devices.pci.msix import MSIX_CONTROL_ENABLE_BIT, MsixTable
 from vmsh.devices.pci.root import PciBus, PciConfigIo

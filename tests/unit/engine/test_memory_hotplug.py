@@ -141,7 +141,8 @@ def test_virtio_mem_resize_and_zones() -> None:
         with pytest.raises(VmshError, match="user defined memory regions"):
             hotplug.resize(GIB)
         hotplug.resize_zone("z0", 384 * MIB)
-        assert device.requested_size == 128 * MIB and mem.zones is not None and mem.zones[0].hotplugged_size == 128 * MIB
+        assert device.requested_size == 128 * MIB
+        assert mem.zones is not None and mem.zones[0].hotplugged_size == 128 * MIB
         with pytest.raises(VmshError, match="unknown memory zone nope"):
             hotplug.resize_zone("nope", 384 * MIB)
         with pytest.raises(VmshError, match="invalid to ask less"):
@@ -164,14 +165,14 @@ def test_virtio_mem_resize_and_zones() -> None:
 def test_snapshot_memory_table_checks() -> None:
     mem = memory_config(size=256 * MIB, hotplug_size=512 * MIB)
     boot = [[0, 256 * MIB]]
-    assert check_memory_table(boot + [[4 * GIB, 256 * MIB]], mem) == [(0, 256 * MIB), (4 * GIB, 256 * MIB)]
+    assert check_memory_table([*boot, [4 * GIB, 256 * MIB]], mem) == [(0, 256 * MIB), (4 * GIB, 256 * MIB)]
     for bad in ([[0, 128 * MIB]],                                    # not the config's boot RAM
-                boot + [[3 * GIB, 128 * MIB]],                       # outside the hotplug area
-                boot + [[4 * GIB, 768 * MIB]],                       # past its end
-                boot + [[4 * GIB + 128 * MIB, 128 * MIB], [4 * GIB, 128 * MIB]],  # out of order
-                boot + [[4 * GIB, 4097]],                            # not whole pages
-                boot + [["4G", 1]], "ranges"):
+                [*boot, [3 * GIB, 128 * MIB]],                       # outside the hotplug area
+                [*boot, [4 * GIB, 768 * MIB]],                       # past its end
+                [*boot, [4 * GIB + 128 * MIB, 128 * MIB], [4 * GIB, 128 * MIB]],  # out of order
+                [*boot, [4 * GIB, 4097]],                            # not whole pages
+                [*boot, ["4G", 1]], "ranges"):
         with pytest.raises(SnapshotError):
             check_memory_table(bad, mem)
     with pytest.raises(SnapshotError):
-        check_memory_table(boot + [[4 * GIB, 128 * MIB]], memory_config(size=256 * MIB))
+        check_memory_table([*boot, [4 * GIB, 128 * MIB]], memory_config(size=256 * MIB))
