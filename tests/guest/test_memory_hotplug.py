@@ -11,6 +11,8 @@ CONFIG_ACPI_HOTPLUG_MEMORY with CONFIG_MEMORY_HOTPLUG_DEFAULT_ONLINE, and CONFIG
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,9 +39,9 @@ def full_kernel(vmsh_image) -> str:
     return KERNEL
 
 
-def boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path: Path, memory: str, name: str):
+def boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path: Path, memory: str, name: str, *flags: str):
     """A clone of a booted full-kernel guest with ``--memory memory``, with an API socket."""
-    snap = vmsh_snapshots.get(vmsh_guest.flags("--memory", memory, kernel=full_kernel(vmsh_image)))
+    snap = vmsh_snapshots.get(vmsh_guest.flags("--memory", memory, *flags, kernel=full_kernel(vmsh_image)))
     api = tmp_path / f"{name}.sock"
     guest = restore_guest(snap, tmp_path / name, extra_flags=["--api-socket", str(api)])
     guest.api = str(api)
@@ -76,35 +78,65 @@ def snapshot_and_restore(guest, api: ApiClient, tmp_path: Path, name: str):
 
 
 def test_acpi_grows_and_restores(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path: Path) -> None:
-    guest = boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path, "size=512M,hotplug_size=1G", "acpi")
+    # 128 MiB hot-added at boot (hotplugged_size): slot 0, which the guest finds enabled at boot
+    guest = boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path,
+                 "size=512M,hotplug_size=1G,hotplugged_size=128M", "acpi")
     try:
+        assert blocks_online(guest, 32) == "online"  # the 128 MiB memory block at 4 GiB
         before = mem_total_kib(guest)
         with ApiClient(guest.api) as api:
-            api.put("vm.resize", {"desired_ram": 768 * MIB})
+            assert api.get("vm.info")["memory_actual_size"] == 640 * MIB
+            api.put("vm.resize", {"desired_ram": 896 * MIB})
             info = api.get("vm.info")
-            assert info["config"]["memory"]["hotplugged_size"] == 256 * MIB
-            assert info["memory_actual_size"] == 768 * MIB
+            assert info["config"]["memory"]["hotplugged_size"] == 384 * MIB
+            assert info["memory_actual_size"] == 896 * MIB
             wait_until(lambda: mem_total_kib(guest) - before == 256 * 1024, 120,
                        "the guest to online the hot-added 256 MiB")
-            assert guest.check_output("cat /sys/bus/acpi/devices/PNP0C80:00/status") == "15"
+            assert guest.check_output("cat /sys/bus/acpi/devices/PNP0C80:01/status") == "15"
+            assert blocks_online(guest, 33, 34) == "online online"
             # bad requests: not a multiple of 128 MiB, shrinking ACPI RAM, beyond hotplug_size
-            assert "not a valid size" in refused(api, "vm.resize", {"desired_ram": 800 * MIB})
+            assert "not a valid size" in refused(api, "vm.resize", {"desired_ram": 900 * MIB})
             assert "cannot be removed" in refused(api, "vm.resize", {"desired_ram": 512 * MIB})
             assert "Not enough space" in refused(api, "vm.resize", {"desired_ram": 2048 * MIB})
-            assert api.get("vm.info")["memory_actual_size"] == 768 * MIB
-            # the new RAM is the two memory blocks at 4 GiB (128 MiB blocks), both online
-            assert blocks_online(guest, 32, 33) == "online online"
+            assert api.get("vm.info")["memory_actual_size"] == 896 * MIB
             guest, snap = snapshot_and_restore(guest, api, tmp_path, "acpi-snap")
-        assert (snap / "memory-ranges").stat().st_size == 768 * MIB
+        assert (snap / "memory-ranges").stat().st_size == 896 * MIB
         assert mem_total_kib(guest) == before + 256 * 1024
-        assert blocks_online(guest, 32, 33) == "online online"
+        assert blocks_online(guest, 32, 33, 34) == "online online online"
         with ApiClient(guest.api) as api:
-            assert api.get("vm.info")["memory_actual_size"] == 768 * MIB
-            api.put("vm.resize", {"desired_ram": 896 * MIB})  # the restored VM still grows
-            wait_until(lambda: mem_total_kib(guest) - before == 384 * 1024, 120,
-                       "the restored guest to online 128 MiB more")
+            assert api.get("vm.info")["memory_actual_size"] == 896 * MIB
+        # the restored VM still grows, here through ch-remote's front-end
+        remote(guest, "resize", "--memory", "1G")
+        wait_until(lambda: mem_total_kib(guest) - before == 384 * 1024, 120,
+                   "the restored guest to online 128 MiB more")
     finally:
         guest.close()
+
+
+def test_zone_virtio_mem_from_boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path: Path) -> None:
+    """A memory zone's virtio-mem device, 128 MiB plugged from boot, resized with resize-zone."""
+    guest = boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path, "size=0,hotplug_method=virtio-mem", "zone",
+                 "--memory-zone", "id=z0,size=512M,hotplug_size=256M,hotplugged_size=128M")
+    try:
+        with ApiClient(guest.api) as api:
+            wait_until(lambda: api.get("vm.info")["memory_actual_size"] == 640 * MIB, 120,
+                       "the guest to plug the 128 MiB asked for at boot")
+        before = mem_total_kib(guest)
+        remote(guest, "resize-zone", "--id", "z0", "--size", "768M")
+        wait_until(lambda: mem_total_kib(guest) - before == 128 * 1024, 120, "the guest to plug 128 MiB more")
+        with ApiClient(guest.api) as api:
+            assert api.get("vm.info")["config"]["memory"]["zones"][0]["hotplugged_size"] == 256 * MIB
+            assert "unknown memory zone z9" in refused(api, "vm.resize-zone", {"id": "z9", "desired_ram": GIB})
+            assert "user defined memory regions" in refused(api, "vm.resize", {"desired_ram": GIB})
+            assert "bigger than region_size" in refused(api, "vm.resize-zone", {"id": "z0", "desired_ram": GIB})
+    finally:
+        guest.close()
+
+
+def remote(guest, *args: str) -> None:
+    """``vmsh remote`` (ch-remote's command line) against the guest's API socket."""
+    subprocess.run([sys.executable, "-m", "vmsh", "remote", "--api-socket", guest.api, *args], check=True,
+                   capture_output=True, timeout=60)
 
 
 def test_virtio_mem_grows_shrinks_and_restores(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path: Path) -> None:
