@@ -290,6 +290,11 @@ class Vm:
         """``vm.resize desired_ram`` (runs in an action, which owns the memory map)."""
         if self.memory_hotplug is None:
             raise VmshError("resize: this VM has no memory hotplug")
+        if self.config.memory.hotplug_method is m.HotplugMethod.ACPI and self._vhost_user_ids():
+            # their backends map guest RAM from the table they were given at start: RAM added
+            # now would be invisible to them (virtio-mem regions are in that table from boot)
+            raise VmshError(f"resize: cannot add RAM through ACPI to a VM with vhost-user devices "
+                            f"({', '.join(self._vhost_user_ids())}); use hotplug_method=virtio-mem")
         self.memory_hotplug.resize(desired)
 
     def resize_zone(self, zone_id: str, desired: int) -> None:
@@ -298,6 +303,12 @@ class Vm:
             raise VmshError("resize-zone: this VM has no memory hotplug")
         self.memory_hotplug.resize_zone(zone_id, desired)
 
+    def _vhost_user_ids(self) -> list[str]:
+        if self.devices is None:
+            return []
+        return [dev_id for dev_id, entry in self.devices.devices.items()
+                if isinstance(getattr(entry.transport, "device", None), VhostUserDevice)]
+
     # --- snapshot -------------------------------------------------------------------------------
 
     def snapshot(self, directory: str) -> None:
@@ -305,8 +316,7 @@ class Vm:
         if self.state is not VmState.PAUSED:
             raise StateError("Trying to snapshot while VM is running")
         assert self.kvm is not None and self.memory is not None and self.devices is not None
-        backed = [dev_id for dev_id, entry in self.devices.devices.items()
-                  if isinstance(getattr(entry.transport, "device", None), VhostUserDevice)]
+        backed = self._vhost_user_ids()
         if backed:
             # Refused before anything is written: a backend's own state (its rings' positions,
             # requests in flight, a NIC's or a file system's state) cannot be saved from here.

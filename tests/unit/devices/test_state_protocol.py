@@ -42,6 +42,7 @@ from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
 from vmsh.devices.virtio.device import VirtioDevice
+from vmsh.devices.virtio.mem import VirtioMem
 from vmsh.devices.virtio.net import NetState, VirtioNet
 from vmsh.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 from vmsh.devices.virtio.pmem import VirtioPmem
@@ -161,6 +162,8 @@ def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
              "resets", 1 << 64),
         Case(VirtioBalloon, lambda: VirtioBalloon(64 << 20, stats=True), set_attrs(actual=12),
              "num_pages", 1 << 32),
+        Case(VirtioMem, lambda: VirtioMem(1 << 32, 8 << 20), lambda d: d.resize(4 << 20), "requested_size",
+             1 << 64),
         Case(VirtioBlock, lambda: VirtioBlock(str(files / "disk.raw")), block_change, "capacity", 4096),
         Case(VirtioNet, lambda: VirtioNet(_pipe_tap(), b"\x02\0\0\0\0\1", NoWatcher()), net_change,
              "rx_frames", -1),
