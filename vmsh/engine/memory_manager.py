@@ -232,7 +232,11 @@ def create_memory(mem: m.MemoryConfig) -> GuestMemoryMmap:
     try:
         for area in hotplug_areas(mem):
             if area.method is m.HotplugMethod.VIRTIO_MEM:
-                memory.add_region(hotplug_region(area, area.base, area.size, zone_options(mem, area.zone)))
+                region = hotplug_region(area, area.base, area.size, zone_options(mem, area.zone))
+                memory.add_region(region)
+                node = next((z.host_numa_node for z in mem.zones or [] if z.id == area.zone), None)
+                if node is not None:
+                    bind_to_node(region.mmap, node)  # as the zone's boot RAM (cloud-hypervisor's)
             elif mem.hotplugged_size:
                 memory.add_region(hotplug_region(area, area.base, mem.hotplugged_size, memory_options(mem)))
     except GuestMemoryError as err:
