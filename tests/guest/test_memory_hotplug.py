@@ -78,37 +78,37 @@ def snapshot_and_restore(guest, api: ApiClient, tmp_path: Path, name: str):
 
 
 def test_acpi_grows_and_restores(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path: Path) -> None:
-    # 128 MiB hot-added at boot (hotplugged_size): slot 0, which the guest finds enabled at boot
-    guest = boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path,
-                 "size=512M,hotplug_size=1G,hotplugged_size=128M", "acpi")
+    guest = boot(vmsh_guest, vmsh_image, vmsh_snapshots, tmp_path, "size=512M,hotplug_size=1G", "acpi")
     try:
-        assert blocks_online(guest, 32) == "online"  # the 128 MiB memory block at 4 GiB
         before = mem_total_kib(guest)
         with ApiClient(guest.api) as api:
-            assert api.get("vm.info")["memory_actual_size"] == 640 * MIB
-            api.put("vm.resize", {"desired_ram": 896 * MIB})
+            assert api.get("vm.info")["memory_actual_size"] == 512 * MIB
+            api.put("vm.resize", {"desired_ram": 768 * MIB})
             info = api.get("vm.info")
-            assert info["config"]["memory"]["hotplugged_size"] == 384 * MIB
-            assert info["memory_actual_size"] == 896 * MIB
+            # cloud-hypervisor v40: the configured size becomes the new total
+            assert info["config"]["memory"]["size"] == 768 * MIB
+            assert info["memory_actual_size"] == 768 * MIB
             wait_until(lambda: mem_total_kib(guest) - before == 256 * 1024, 120,
                        "the guest to online the hot-added 256 MiB")
-            assert guest.check_output("cat /sys/bus/acpi/devices/PNP0C80:01/status") == "15"
-            assert blocks_online(guest, 33, 34) == "online online"
+            assert guest.check_output("cat /sys/bus/acpi/devices/PNP0C80:00/status") == "15"
+            # the new RAM is the two 128 MiB memory blocks at 4 GiB, both online
+            assert blocks_online(guest, 32, 33) == "online online"
             # bad requests: not a multiple of 128 MiB, shrinking ACPI RAM, beyond hotplug_size
-            assert "not a valid size" in refused(api, "vm.resize", {"desired_ram": 900 * MIB})
-            assert "cannot be removed" in refused(api, "vm.resize", {"desired_ram": 512 * MIB})
+            assert "not a valid size" in refused(api, "vm.resize", {"desired_ram": 800 * MIB})
+            assert "cannot be removed" in refused(api, "vm.resize", {"desired_ram": 640 * MIB})
             assert "Not enough space" in refused(api, "vm.resize", {"desired_ram": 2048 * MIB})
-            assert api.get("vm.info")["memory_actual_size"] == 896 * MIB
+            assert api.get("vm.info")["memory_actual_size"] == 768 * MIB
             guest, snap = snapshot_and_restore(guest, api, tmp_path, "acpi-snap")
-        assert (snap / "memory-ranges").stat().st_size == 896 * MIB
+        assert (snap / "memory-ranges").stat().st_size == 768 * MIB
         assert mem_total_kib(guest) == before + 256 * 1024
-        assert blocks_online(guest, 32, 33, 34) == "online online online"
+        assert blocks_online(guest, 32, 33) == "online online"
         with ApiClient(guest.api) as api:
-            assert api.get("vm.info")["memory_actual_size"] == 896 * MIB
+            assert api.get("vm.info")["memory_actual_size"] == 768 * MIB
         # the restored VM still grows, here through ch-remote's front-end
         remote(guest, "resize", "--memory", "1G")
-        wait_until(lambda: mem_total_kib(guest) - before == 384 * 1024, 120,
-                   "the restored guest to online 128 MiB more")
+        wait_until(lambda: mem_total_kib(guest) - before == 512 * 1024, 120,
+                   "the restored guest to online 256 MiB more")
+        assert blocks_online(guest, 34, 35) == "online online"
     finally:
         guest.close()
 

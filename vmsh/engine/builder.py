@@ -46,7 +46,6 @@ from vmsh.engine.kvm_state import restore_vcpu, restore_vm
 from vmsh.engine.kvm_vcpu import VcpuFd
 from vmsh.engine.memory_hotplug import MemoryHotplug
 from vmsh.engine.memory_manager import (
-    boot_ram_size,
     check_host_memory,
     create_memory,
     hotplug_areas,
@@ -254,8 +253,8 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
     vm = Vm(config, events, on_guest_event, ControlRequests(post), profile)
     try:
         _open_kvm(vm)
-        vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault, saved.ranges,
-                                        boot_ram_size(config.memory))
+        vm.boot_ram = saved.boot_ram
+        vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault, saved.ranges, saved.boot_ram)
         vm.memory.register(vm.vm_fd)
         _create_devices(vm, tty, _phys_bits(vm))
         topology = cpu_topology(config)
@@ -330,7 +329,7 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
     cfg = vm.config
     assert vm.memory is not None
     # the 64-bit PCI window starts after RAM and the hotplug areas (cloud-hypervisor's device area)
-    segments = pci_segments(cfg, hotplug_end(cfg.memory, vm.memory.last_addr + 1), phys_bits)
+    segments = pci_segments(cfg, hotplug_end(cfg.memory, vm.memory.last_addr + 1, vm.boot_ram), phys_bits)
 
     def irq(gsi: int) -> IrqFdTrigger:
         trigger = IrqFdTrigger(vm.vm_fd, gsi)
@@ -355,7 +354,7 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
     vm.cpu_hotplug = vm.platform.cpu_hotplug
     platform = vm.platform
     vm.memory_hotplug = MemoryHotplug(cfg, vm.memory, vm.vm_fd, lambda flags: platform.ged.notify(flags),
-                                      vm.platform.memory_hotplug)
+                                      vm.platform.memory_hotplug, vm.boot_ram)
     vm.backends.extend(vm.platform.backends)
     if vm.platform.swtpm is not None:
         vm.closeables.append(vm.platform.swtpm)

@@ -10,7 +10,8 @@ cloud-hypervisor's ``MemoryManager::resize`` / ``resize_zone`` and ``Vm::resize`
   driver plugs or unplugs blocks.
 
 Runs in actions (holding ``Vmm.lock``), which own the memory map (``docs/threading.md``). The
-config follows as in cloud-hypervisor: ``hotplugged_size`` becomes what was asked for.
+config follows as in cloud-hypervisor v40: an ACPI resize makes ``size`` the new total, a
+virtio-mem resize makes ``hotplugged_size`` what was asked for.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from vmsh.engine.memory_manager import (
     DEFAULT_ZONE,
     HOTPLUG_ALIGN,
     HotplugArea,
+    boot_ram_size,
     hotplug_areas,
     hotplug_region,
     hotplug_start,
@@ -50,21 +52,24 @@ class MemoryHotplug:
     """The hotplug side of one VM's memory: its areas, the ACPI controller, the virtio-mem devices."""
 
     def __init__(self, config: m.VmConfig, memory: GuestMemoryMmap, vm_fd: Any,
-                 notify: Callable[[int], None], controller: MemoryHotplugController | None) -> None:
+                 notify: Callable[[int], None], controller: MemoryHotplugController | None,
+                 boot_ram: int | None = None) -> None:
         self.config = config
         self.memory = memory
         self.vm_fd = vm_fd
         #: raises a GED event (``Ged.notify``)
         self.notify = notify
         self.controller = controller
-        self.areas = {a.zone: a for a in hotplug_areas(config.memory)}
+        #: the RAM the VM booted with (a snapshot's, after ACPI resizes changed the config's size)
+        self.boot_ram = boot_ram_size(config.memory) if boot_ram is None else boot_ram
+        self.areas = {a.zone: a for a in hotplug_areas(config.memory, self.boot_ram)}
         #: zone id -> its virtio-mem device (with the device's lock to take around it)
         self.virtio_mem: dict[str, tuple[VirtioMemHandle, Any]] = {}
 
     # --- what is there ---------------------------------------------------------------------------
 
     def acpi_ram(self) -> int:
-        """Bytes hot-added through ACPI so far (boot's ``hotplugged_size`` included)."""
+        """Bytes hot-added through ACPI so far."""
         area = self.areas.get(DEFAULT_ZONE)
         if area is None or area.method is not m.HotplugMethod.ACPI:
             return 0
@@ -97,13 +102,15 @@ class MemoryHotplug:
             self._virtio_mem_resize(DEFAULT_ZONE, desired - mem.size)
             mem.hotplugged_size = desired - mem.size if desired > mem.size else None
             return
-        current = mem.size + self.acpi_ram()
+        current = self.boot_ram + self.acpi_ram()
         if desired < current:
             raise VmshError(f"resize: desired_ram {desired} is less than the current RAM ({current}): "
                             "RAM added through ACPI cannot be removed (use hotplug_method=virtio-mem)")
         if desired > current:
             self._acpi_add(area, desired - current)
-        mem.hotplugged_size = desired - mem.size if desired > mem.size else None
+        # cloud-hypervisor v40's Vm::resize: with ACPI the new total becomes the configured size,
+        # so that a reboot starts with all of it
+        mem.size = desired
 
     def resize_zone(self, zone_id: str, desired: int) -> None:
         """``vm.resize-zone``: zone ``zone_id`` to ``desired`` bytes (its size plus virtio-mem).
@@ -158,12 +165,4 @@ class MemoryHotplug:
         slot = self.controller.insert(start, size)
         LOG.info("RAM %#x+%#x hot-added through ACPI slot %d", start, size, slot)
         self.notify(GED_MEMORY_CHANGE)
-
-
-def boot_acpi_ranges(memory: GuestMemoryMmap, config: m.MemoryConfig) -> list[tuple[int, int]]:
-    """The ACPI area's regions a VM boots with (``hotplugged_size``), for the controller's slots."""
-    area = next((a for a in hotplug_areas(config) if a.method is m.HotplugMethod.ACPI), None)
-    if area is None:
-        return []
-    return [(r.start, r.size) for r in memory.regions if r.hotplug and area.base <= r.start < area.end]
 

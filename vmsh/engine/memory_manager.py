@@ -139,17 +139,22 @@ def hotplug_start(ram_end: int) -> int:
     return ((ram_end - 1) | (HOTPLUG_ALIGN - 1)) + 1
 
 
-def hotplug_areas(mem: m.MemoryConfig) -> tuple[HotplugArea, ...]:
+def hotplug_areas(mem: m.MemoryConfig, boot_ram: int | None = None) -> tuple[HotplugArea, ...]:
     """The hotplug areas of ``mem``, in address order, after boot RAM (cloud-hypervisor's
     ``MemoryManager::new``): ``--memory hotplug_size`` (ACPI or virtio-mem) first, then each
-    zone's ``hotplug_size`` (virtio-mem); none without ``hotplug_size``. The same config gives
-    the same areas, for a boot and for each restore. The NUMA tables (SRAT) describe them.
+    zone's ``hotplug_size`` (virtio-mem); none without ``hotplug_size``. The NUMA tables (SRAT)
+    describe them.
+
+    ``boot_ram``: the RAM the VM booted with, when it is not the config's any more (an ACPI
+    resize sets ``size`` to the new total, as cloud-hypervisor does, so that a reboot starts with
+    it; the running VM and its snapshots keep the areas of the boot).
     """
     wanted = [(DEFAULT_ZONE, mem.hotplug_size)] if mem.hotplug_size else []
     wanted += [(z.id, z.hotplug_size) for z in mem.zones or [] if z.hotplug_size]
     if not wanted:
         return ()
-    boot = ram_ranges(boot_ram_size(mem)) if boot_ram_size(mem) else [(0, 0)]
+    boot_ram = boot_ram_size(mem) if boot_ram is None else boot_ram
+    boot = ram_ranges(boot_ram) if boot_ram else [(0, 0)]
     cursor = hotplug_start(boot[-1][0] + boot[-1][1])
     areas = []
     for zone, size in wanted:
@@ -160,34 +165,42 @@ def hotplug_areas(mem: m.MemoryConfig) -> tuple[HotplugArea, ...]:
     return tuple(areas)
 
 
-def hotplug_end(mem: m.MemoryConfig, ram_end: int) -> int:
+def hotplug_end(mem: m.MemoryConfig, ram_end: int, boot_ram: int | None = None) -> int:
     """The first address after RAM and every hotplug area: the 64-bit PCI window starts there."""
-    areas = hotplug_areas(mem)
+    areas = hotplug_areas(mem, boot_ram)
     return max(ram_end, areas[-1].end) if areas else ram_end
 
 
 def check_hotplug_config(mem: m.MemoryConfig) -> None:
-    """Refuse memory hotplug settings cloud-hypervisor refuses (its ``MemoryManager::new``).
+    """Refuse memory hotplug settings cloud-hypervisor v40 refuses (its ``MemoryManager::new``).
 
     :raises VmshError: with its message.
     """
     virtio_mem = mem.hotplug_method is m.HotplugMethod.VIRTIO_MEM
-    # ACPI adds 128 MiB multiples; virtio-mem plugs 2 MiB blocks of a 128 MiB-aligned region
-    _check_sizes("--memory", mem.hotplug_size, mem.hotplugged_size, VIRTIO_MEM_BLOCK if virtio_mem else HOTPLUG_ALIGN)
+    _check_sizes("--memory", mem.hotplug_size, mem.hotplugged_size, virtio_mem)
     for zone in mem.zones or []:
         if zone.hotplug_size is not None and not virtio_mem:
             raise VmshError("Invalid hotplug method associated with memory zones resizing capability")
-        _check_sizes(f"--memory-zone {zone.id}", zone.hotplug_size, zone.hotplugged_size, VIRTIO_MEM_BLOCK)
+        _check_sizes(f"--memory-zone {zone.id}", zone.hotplug_size, zone.hotplugged_size, virtio_mem)
 
 
-def _check_sizes(option: str, hotplug_size: int | None, hotplugged_size: int | None, unit: int) -> None:
+def _check_sizes(option: str, hotplug_size: int | None, hotplugged_size: int | None, virtio_mem: bool) -> None:
     if hotplug_size is None:
         return
     if hotplug_size % HOTPLUG_ALIGN:
+        # virtio-mem regions are 128 MiB aligned (VIRTIO_MEM_ALIGN_SIZE); ACPI adds 128 MiB multiples
         raise VmshError(f"{option} hotplug_size {hotplug_size} is not a multiple of 128 MiB")
-    if hotplugged_size and (hotplugged_size > hotplug_size or hotplugged_size % unit):
-        raise VmshError(f"Memory configuration is not valid: {option} hotplugged_size must fit in hotplug_size "
-                        f"and be a multiple of {unit >> 20} MiB")
+    if not hotplugged_size:
+        return
+    if hotplugged_size > hotplug_size:
+        raise VmshError(f"Memory configuration is not valid: {option} 'hotplugged_size' {hotplugged_size} can't "
+                        f"be bigger than 'hotplug_size' {hotplug_size}")
+    if not virtio_mem:
+        raise VmshError(f"Memory configuration is not valid: {option} Invalid to define 'hotplugged_size' with "
+                        "hotplug method 'acpi'")
+    if hotplugged_size % VIRTIO_MEM_BLOCK:
+        raise VmshError(f"Memory configuration is not valid: {option} 'hotplugged_size' {hotplugged_size} is not "
+                        "a multiple of the virtio-mem block size (2 MiB)")
 
 
 #: virtio-mem's block size (cloud-hypervisor's VIRTIO_MEM_DEFAULT_BLOCK_SIZE)
@@ -222,8 +235,8 @@ def hotplug_region(area: HotplugArea, start: int, size: int, options: MemoryOpti
 
 def create_memory(mem: m.MemoryConfig) -> GuestMemoryMmap:
     """Guest RAM from ``--memory``, or from the ``--memory-zone`` s laid out one after another;
-    then each virtio-mem area's region (the device plugs its blocks) and the RAM hot-added
-    through ACPI at boot (``hotplugged_size``).
+    then each virtio-mem area's region (the device plugs its blocks). An ACPI hotplug area
+    stays empty until a resize.
 
     :raises VmshError: naming what the host could not provide.
     """
@@ -237,8 +250,6 @@ def create_memory(mem: m.MemoryConfig) -> GuestMemoryMmap:
                 node = next((z.host_numa_node for z in mem.zones or [] if z.id == area.zone), None)
                 if node is not None:
                     bind_to_node(region.mmap, node)  # as the zone's boot RAM (cloud-hypervisor's)
-            elif mem.hotplugged_size:
-                memory.add_region(hotplug_region(area, area.base, mem.hotplugged_size, memory_options(mem)))
     except GuestMemoryError as err:
         memory.close()
         raise VmshError("Cannot create the hotpluggable memory") from err

@@ -111,13 +111,8 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
     if cfg.cpus.max_vcpus > 1:
         platform.cpu_hotplug = CpuHotplugController(cfg.cpus.max_vcpus, cfg.cpus.boot_vcpus,
                                                     on_cpu_eject or (lambda _index: None))
-    acpi_area = [a for a in hotplug_areas(cfg.memory) if a.method is m.HotplugMethod.ACPI]
-    if acpi_area:
+    if any(a.method is m.HotplugMethod.ACPI for a in hotplug_areas(cfg.memory)):
         platform.memory_hotplug = MemoryHotplugController()
-        # RAM hot-added at boot (hotplugged_size) is there when the guest first looks
-        for region in devices.memory.regions:
-            if region.hotplug and acpi_area[0].base <= region.start < acpi_area[0].end:
-                platform.memory_hotplug.insert(region.start, region.size, notify=False)
     # the IOAPIC is KVM's (the builder creates the in-kernel irqchip); it has its node first,
     # as cloud-hypervisor's interrupt controller has
     devices.add_node(IOAPIC_ID)

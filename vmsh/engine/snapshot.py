@@ -49,19 +49,25 @@ class SavedVm:
     memory_path: Path
     #: the RAM ranges of the memory file, in its order: boot RAM, then hotplugged RAM
     ranges: list[tuple[int, int]]
+    #: the RAM the VM booted with (its hotplug areas follow it)
+    boot_ram: int
 
 
 def build_tree(kvm: VmKvmState, vcpus: list[VcpuState], ranges: list[tuple[int, int]],
-               devices: dict[str, Any]) -> dict[str, Any]:
+               devices: dict[str, Any], boot_ram: int | None = None) -> dict[str, Any]:
     """The state tree of a paused VM (``vcpus`` in vCPU order; ``ranges``: ``memory_table``;
-    ``devices``: the device manager's ``states()``)."""
+    ``devices``: the device manager's ``states()``; ``boot_ram``: the RAM it booted with, saved
+    when memory hotplug changed the config's size since)."""
+    memory: dict[str, Any] = {"ranges": [list(r) for r in ranges]}
+    if boot_ram is not None:
+        memory["boot_ram"] = boot_ram
     return node(
         {"version": FORMAT_VERSION, "kvm": to_plain(kvm)},
         {
             # keyed by the vCPU's number, as cloud-hypervisor's cpu-manager (its APIC id, the
             # KVM id, may be sparse: VcpuState.vcpu_id)
             "cpu-manager": node(children={str(index): node(to_plain(v)) for index, v in enumerate(vcpus)}),
-            "memory-manager": node({"ranges": [list(r) for r in ranges]}),
+            "memory-manager": node(memory),
             "device-manager": node(children={dev_id: node(state) for dev_id, state in devices.items()}),
         },
     )
@@ -82,7 +88,9 @@ def read_saved_vm(directory: str) -> SavedVm:
         raise SnapshotError(f"Unsupported snapshot format (vmsh writes version {FORMAT_VERSION})")
     kvm = from_plain(VmKvmState, root.get("kvm"), "vm.kvm")
     table = node_data(tree, "memory-manager")
-    ranges = check_memory_table(table.get("ranges") if isinstance(table, dict) else None, config.memory)
+    table = table if isinstance(table, dict) else {}
+    boot_ram = table.get("boot_ram", boot_ram_size(config.memory))
+    ranges = check_memory_table(table.get("ranges"), config.memory, boot_ram)
     size = memory_path.stat().st_size
     if size != sum(length for _, length in ranges):
         raise SnapshotError(f"{memory_path} holds {size} bytes, its RAM ranges {sum(n for _, n in ranges)}")
@@ -92,7 +100,7 @@ def read_saved_vm(directory: str) -> SavedVm:
         raise SnapshotError(f"The snapshot has vCPUs {vcpu_ids}, its config {boot}")
     vcpus = [from_plain(VcpuState, node_data(tree, f"cpu-manager/{i}"), f"vcpu{i}") for i in range(boot)]
     devices = {name: node_data(tree, f"device-manager/{name}") for name in node_children(tree, "device-manager")}
-    return SavedVm(config, kvm, vcpus, devices, memory_path, ranges)
+    return SavedVm(config, kvm, vcpus, devices, memory_path, ranges, boot_ram)
 
 
 def memory_table(memory: GuestMemoryMmap) -> list[tuple[int, int]]:
@@ -102,19 +110,26 @@ def memory_table(memory: GuestMemoryMmap) -> list[tuple[int, int]]:
     return ram_ranges(memory.boot_size) + [(r.start, r.size) for r in memory.regions if r.hotplug]
 
 
-def check_memory_table(ranges: Any, mem: m.MemoryConfig) -> list[tuple[int, int]]:
-    """A snapshot's RAM range table, checked against its memory config: boot RAM as the config
-    lays it out, then regions inside the config's hotplug areas, in order, not overlapping.
+def check_memory_table(ranges: Any, mem: m.MemoryConfig, boot_ram: Any = None) -> list[tuple[int, int]]:
+    """A snapshot's RAM range table, checked against its memory config: ``boot_ram`` (default:
+    the config's) laid out as at boot, then regions inside the hotplug areas, in order, not
+    overlapping; with ACPI hotplug, boot RAM and those regions make the config's size (a resize
+    sets it), else the boot RAM is the config's.
 
     :raises SnapshotError: naming what does not fit.
     """
-    boot = ram_ranges(boot_ram_size(mem))
+    configured = boot_ram_size(mem)
+    boot_ram = configured if boot_ram is None else boot_ram
+    acpi = any(a.method is m.HotplugMethod.ACPI for a in hotplug_areas(mem))
+    if type(boot_ram) is not int or boot_ram <= 0 or boot_ram % PAGE_SIZE or (boot_ram != configured and not acpi):
+        raise SnapshotError(f"The snapshot's boot RAM {boot_ram!r} does not fit its config ({configured})")
+    boot = ram_ranges(boot_ram)
     if (not isinstance(ranges, list) or len(ranges) < len(boot)
             or any(not isinstance(r, list) or len(r) != 2 or not all(type(v) is int for v in r) for r in ranges)):
         raise SnapshotError(f"The snapshot's RAM ranges {ranges!r} are not a list of [address, length]")
     if [list(r) for r in boot] != ranges[:len(boot)]:
         raise SnapshotError(f"The snapshot's RAM ranges {ranges} do not match its config ({[list(r) for r in boot]})")
-    areas = hotplug_areas(mem)
+    areas = hotplug_areas(mem, boot_ram)
     cursor = boot[-1][0] + boot[-1][1]
     for start, length in ranges[len(boot):]:
         if length <= 0 or length % PAGE_SIZE or start % PAGE_SIZE or start < cursor or not any(
@@ -122,4 +137,7 @@ def check_memory_table(ranges: Any, mem: m.MemoryConfig) -> list[tuple[int, int]
             raise SnapshotError(f"The snapshot's RAM range {start:#x}+{length:#x} is not in its config's "
                                 "memory hotplug areas")
         cursor = start + length
+    if acpi and boot_ram + sum(length for _, length in ranges[len(boot):]) != configured:
+        raise SnapshotError(f"The snapshot's RAM ({boot_ram} bytes at boot and {len(ranges) - len(boot)} hot-added "
+                            f"ranges) is not its config's size {configured}")
     return [(start, length) for start, length in ranges]

@@ -34,6 +34,7 @@ from vmsh.engine.kvm import Kvm
 from vmsh.engine.kvm_state import save_vcpu, save_vm, saveable_msrs
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.memory_hotplug import MemoryHotplug
+from vmsh.engine.memory_manager import boot_ram_size
 from vmsh.engine.persist import write_snapshot
 from vmsh.engine.platform_devices import PlatformDevices
 from vmsh.engine.profiler import RipSampler, Symbolizer
@@ -56,6 +57,9 @@ class Vm:
 
     #: RAM resizes (ACPI hot-add and virtio-mem); the builder sets it
     memory_hotplug: MemoryHotplug | None = None
+    #: the RAM the VM booted with, when a snapshot says it differs from the config's size (an
+    #: ACPI resize sets that to the new total); None: the config's
+    boot_ram: int | None = None
 
     def __init__(self, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink,
                  requests: ControlRequests, profile: m.ProfileConfig | None = None) -> None:
@@ -336,8 +340,11 @@ class Vm:
         if self.paused_clock is not None:
             # The clock as it was when the vCPUs stopped: a restore continues from there.
             kvm_state = dataclasses.replace(kvm_state, clock=self.paused_clock)
+        # the boot RAM is saved when an ACPI resize made the config's size differ from it
+        boot_ram = self.memory.boot_size
         tree = snapshot_tree.build_tree(kvm_state, [save_vcpu(v.fd, msrs) for v in self.vcpus],
-                                        snapshot_tree.memory_table(self.memory), self.devices.states())
+                                        snapshot_tree.memory_table(self.memory), self.devices.states(),
+                                        boot_ram if boot_ram != boot_ram_size(self.config.memory) else None)
         # regions in address order: their concatenation is the coalesced ranges' contents
         write_snapshot(directory, canonical_json(self.config), tree,
                        [(r.view, r.data_runs()) for r in self.memory.regions])

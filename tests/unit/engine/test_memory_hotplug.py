@@ -4,6 +4,7 @@ resize rules of ``vm.resize desired_ram`` / ``vm.resize-zone`` (cloud-hypervisor
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -54,64 +55,81 @@ def test_areas_follow_boot_ram() -> None:
 
 @pytest.mark.parametrize("keys, message", [
     ({"hotplug_size": 100 * MIB}, "not a multiple of 128 MiB"),
-    ({"hotplug_size": 256 * MIB, "hotplugged_size": 384 * MIB}, "must fit in hotplug_size"),
-    ({"hotplug_size": 256 * MIB, "hotplugged_size": 64 * MIB}, "multiple of 128 MiB"),
-    ({"hotplug_size": 256 * MIB, "hotplugged_size": 3 * MIB, "hotplug_method": VIRTIO_MEM}, "multiple of 2 MiB"),
+    ({"hotplug_size": 256 * MIB, "hotplugged_size": 384 * MIB, "hotplug_method": VIRTIO_MEM},
+     "'hotplugged_size' 402653184 can't be bigger than 'hotplug_size' 268435456"),
+    # cloud-hypervisor v40 plugs nothing through ACPI at boot
+    ({"hotplug_size": 256 * MIB, "hotplugged_size": 128 * MIB}, "Invalid to define 'hotplugged_size' with hotplug "
+                                                                "method 'acpi'"),
+    ({"hotplug_size": 256 * MIB, "hotplugged_size": 3 * MIB, "hotplug_method": VIRTIO_MEM}, "block size (2 MiB)"),
     ({"size": 0, "zones": [m.MemoryZoneConfig(id="z", size=GIB, hotplug_size=GIB)]},
      "Invalid hotplug method associated with memory zones resizing capability"),
 ])
 def test_refused_configs(keys: dict[str, Any], message: str) -> None:
-    with pytest.raises(VmshError, match=message):
+    with pytest.raises(VmshError, match=re.escape(message)):
         check_hotplug_config(memory_config(**({"size": 512 * MIB} | keys)))
 
 
 @pytest.fixture
 def acpi() -> Iterator[tuple[MemoryHotplug, FakeVmFd, list[int]]]:
-    cfg = m.VmConfig(memory=memory_config(size=256 * MIB, hotplug_size=512 * MIB, hotplugged_size=128 * MIB))
+    cfg = m.VmConfig(memory=memory_config(size=256 * MIB, hotplug_size=512 * MIB))
     memory = create_memory(cfg.memory)
-    controller = MemoryHotplugController()
-    for start, size in [(r.start, r.size) for r in memory.regions if r.hotplug]:
-        controller.insert(start, size, notify=False)
     vm_fd, events = FakeVmFd(), []
     memory.register(vm_fd)
-    yield MemoryHotplug(cfg, memory, vm_fd, events.append, controller), vm_fd, events
+    yield MemoryHotplug(cfg, memory, vm_fd, events.append, MemoryHotplugController()), vm_fd, events
     memory.close()
-
-
-def test_acpi_boot_hotplugged_ram(acpi: tuple[MemoryHotplug, FakeVmFd, list[int]]) -> None:
-    hotplug, vm_fd, _ = acpi
-    assert vm_fd.slots == {0: (0, 256 * MIB), 1: (4 * GIB, 128 * MIB)}
-    # not in the e820 map: the guest finds it through the ACPI memory device
-    assert max(addr + size for addr, size, kind in e820_map(hotplug.memory, reserve_ecam=False)) == 256 * MIB
-    assert hotplug.acpi_ram() == 128 * MIB
-    assert hotplug.controller is not None and hotplug.controller.ranges() == [(4 * GIB, 128 * MIB)]
 
 
 def test_acpi_grows_by_slots(acpi: tuple[MemoryHotplug, FakeVmFd, list[int]]) -> None:
     hotplug, vm_fd, events = acpi
+    assert vm_fd.slots == {0: (0, 256 * MIB)}  # the area is empty until a resize
+    hotplug.resize(384 * MIB)
     hotplug.resize(640 * MIB)
-    assert vm_fd.slots[2] == (4 * GIB + 128 * MIB, 256 * MIB)
-    assert events == [GED_MEMORY_CHANGE]
-    assert hotplug.config.memory.hotplugged_size == 384 * MIB and hotplug.config.memory.total_size() == 640 * MIB
+    assert vm_fd.slots == {0: (0, 256 * MIB), 1: (4 * GIB, 128 * MIB), 2: (4 * GIB + 128 * MIB, 256 * MIB)}
+    assert events == [GED_MEMORY_CHANGE] * 2
+    # cloud-hypervisor v40: the configured size becomes the new total (a reboot starts with it)
+    assert hotplug.config.memory.size == 640 * MIB and hotplug.config.memory.hotplugged_size is None
+    assert hotplug.acpi_ram() == 384 * MIB
     assert hotplug.controller is not None
+    assert hotplug.controller.ranges() == [(4 * GIB, 128 * MIB), (4 * GIB + 128 * MIB, 256 * MIB)]
     assert hotplug.controller.state().slots[1].status == ENABLED | INSERTING
     hotplug.memory.write(4 * GIB + 384 * MIB - 8, b"new RAM!")
+    # not in the e820 map: the guest finds it through the ACPI memory devices
+    assert max(addr + size for addr, size, kind in e820_map(hotplug.memory, reserve_ecam=False)) == 256 * MIB
     hotplug.resize(640 * MIB)  # no change: nothing happens
-    assert events == [GED_MEMORY_CHANGE] and len(vm_fd.slots) == 3
-    assert memory_table(hotplug.memory) == [(0, 256 * MIB), (4 * GIB, 128 * MIB), (4 * GIB + 128 * MIB, 256 * MIB)]
+    assert len(events) == 2 and len(vm_fd.slots) == 3
+    table = memory_table(hotplug.memory)
+    assert table == [(0, 256 * MIB), (4 * GIB, 128 * MIB), (4 * GIB + 128 * MIB, 256 * MIB)]
+    # a snapshot of it: the saved boot RAM places the area, the config's size is the total
+    assert check_memory_table([list(r) for r in table], hotplug.config.memory, 256 * MIB) == table
+    with pytest.raises(SnapshotError):
+        check_memory_table([list(r) for r in table], hotplug.config.memory)  # without it: 640 MiB at boot
+    # restored, it grows on from there
+    again = MemoryHotplug(hotplug.config, hotplug.memory, vm_fd, events.append, hotplug.controller, 256 * MIB)
+    again.resize(768 * MIB)
+    assert vm_fd.slots[3] == (4 * GIB + 384 * MIB, 128 * MIB)
 
 
 @pytest.mark.parametrize("desired, message", [
     (600 * MIB, "not a valid size"),
     (128 * MIB, "cannot be removed"),
-    (256 * MIB, "cannot be removed"),
     (896 * MIB, "Not enough space in the hotplug RAM region"),
 ])
 def test_acpi_bad_requests(acpi: tuple[MemoryHotplug, FakeVmFd, list[int]], desired: int, message: str) -> None:
     hotplug, vm_fd, events = acpi
+    hotplug.resize(384 * MIB)
     with pytest.raises(VmshError, match=message):
         hotplug.resize(desired)
-    assert events == [] and len(vm_fd.slots) == 2 and hotplug.config.memory.hotplugged_size == 128 * MIB
+    assert events == [GED_MEMORY_CHANGE] and len(vm_fd.slots) == 2 and hotplug.config.memory.size == 384 * MIB
+
+
+def test_resize_needs_a_hotplug_area() -> None:
+    cfg = m.VmConfig(memory=memory_config(size=256 * MIB))
+    memory = create_memory(cfg.memory)
+    try:
+        with pytest.raises(VmshError, match="no memory hotplug area"):
+            MemoryHotplug(cfg, memory, None, lambda _flags: None, None).resize(512 * MIB)
+    finally:
+        memory.close()
 
 
 def test_acpi_slots_run_out() -> None:
@@ -163,16 +181,24 @@ def test_virtio_mem_resize_and_zones() -> None:
 
 
 def test_snapshot_memory_table_checks() -> None:
-    mem = memory_config(size=256 * MIB, hotplug_size=512 * MIB)
+    mem = memory_config(size=512 * MIB, hotplug_size=512 * MIB)  # 256 MiB at boot, 256 hot-added
     boot = [[0, 256 * MIB]]
-    assert check_memory_table([*boot, [4 * GIB, 256 * MIB]], mem) == [(0, 256 * MIB), (4 * GIB, 256 * MIB)]
-    for bad in ([[0, 128 * MIB]],                                    # not the config's boot RAM
-                [*boot, [3 * GIB, 128 * MIB]],                       # outside the hotplug area
-                [*boot, [4 * GIB, 768 * MIB]],                       # past its end
+    assert check_memory_table([*boot, [4 * GIB, 256 * MIB]], mem, 256 * MIB) == [(0, 256 * MIB), (4 * GIB, 256 * MIB)]
+    for bad in ([[0, 128 * MIB]],                                       # not the boot RAM
+                [*boot, [3 * GIB, 256 * MIB]],                          # outside the hotplug area
+                [*boot, [4 * GIB, 768 * MIB]],                          # past its end
                 [*boot, [4 * GIB + 128 * MIB, 128 * MIB], [4 * GIB, 128 * MIB]],  # out of order
-                [*boot, [4 * GIB, 4097]],                            # not whole pages
+                [*boot, [4 * GIB, 4097]],                               # not whole pages
+                [*boot, [4 * GIB, 128 * MIB]],                          # not the config's size
                 [*boot, ["4G", 1]], "ranges"):
         with pytest.raises(SnapshotError):
-            check_memory_table(bad, mem)
+            check_memory_table(bad, mem, 256 * MIB)
+    for boot_ram in (0, 4097, "256M", -1):
+        with pytest.raises(SnapshotError):
+            check_memory_table([*boot, [4 * GIB, 256 * MIB]], mem, boot_ram)
+    virtio = memory_config(size=256 * MIB, hotplug_size=512 * MIB, hotplug_method=VIRTIO_MEM)
+    assert check_memory_table([*boot, [4 * GIB, 512 * MIB]], virtio) == [(0, 256 * MIB), (4 * GIB, 512 * MIB)]
+    with pytest.raises(SnapshotError):  # only ACPI resizes move the boot RAM away from the config's
+        check_memory_table([[0, 128 * MIB], [4 * GIB, 512 * MIB]], virtio, 128 * MIB)
     with pytest.raises(SnapshotError):
         check_memory_table([*boot, [4 * GIB, 128 * MIB]], memory_config(size=256 * MIB))
