@@ -4,7 +4,8 @@ The tree (``vmsh.engine.persist`` writes and reads the files) is cloud-hyperviso
 
 * the root: vmsh's format version and the in-kernel irqchip, PIT and clock (``VmKvmState``);
 * ``cpu-manager``: one child per vCPU (``VcpuState``);
-* ``memory-manager``: the RAM range table;
+* ``memory-manager``: the RAM range table (boot RAM, then each hotplug region) and, when an ACPI
+  resize made the config's size differ from it, ``boot_ram``;
 * ``device-manager``: one child per device id, the device manager's one device tree
   (``__serial``, ``__cmos``, ``__ged``, ``__pci_hotplug``, ``__cpu_hotplug`` when ``max_vcpus``
   is over 1, then the PCI devices).
