@@ -193,14 +193,14 @@ def _check_sizes(option: str, hotplug_size: int | None, hotplugged_size: int | N
     if not hotplugged_size:
         return
     if hotplugged_size > hotplug_size:
-        raise VmshError(f"Memory configuration is not valid: {option} 'hotplugged_size' {hotplugged_size} can't "
-                        f"be bigger than 'hotplug_size' {hotplug_size}")
+        raise VmshError(f"Memory configuration is not valid ({option}): 'hotplugged_size' {hotplugged_size} "
+                        f"can't be bigger than 'hotplug_size' {hotplug_size}")
     if not virtio_mem:
-        raise VmshError(f"Memory configuration is not valid: {option} Invalid to define 'hotplugged_size' with "
-                        "hotplug method 'acpi'")
+        raise VmshError(f"Memory configuration is not valid ({option}): Invalid to define 'hotplugged_size' "
+                        "with hotplug method 'acpi'")
     if hotplugged_size % VIRTIO_MEM_BLOCK:
-        raise VmshError(f"Memory configuration is not valid: {option} 'hotplugged_size' {hotplugged_size} is not "
-                        "a multiple of the virtio-mem block size (2 MiB)")
+        raise VmshError(f"Memory configuration is not valid ({option}): 'hotplugged_size' {hotplugged_size} is "
+                        "not a multiple of the virtio-mem block size (2 MiB)")
 
 
 #: virtio-mem's block size (cloud-hypervisor's VIRTIO_MEM_DEFAULT_BLOCK_SIZE)
