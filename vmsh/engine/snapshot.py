@@ -24,7 +24,7 @@ from vmsh.config import model as m
 from vmsh.config import normalize, vm_config_from_json
 from vmsh.engine.kvm_state import VcpuState, VmKvmState
 from vmsh.engine.memory import PAGE_SIZE, GuestMemoryMmap, ram_ranges
-from vmsh.engine.memory_manager import boot_ram_size, hotplug_areas
+from vmsh.engine.memory_manager import boot_ram_size, check_hotplug_config, hotplug_areas
 from vmsh.engine.persist import (
     FORMAT_VERSION,
     SnapshotError,
@@ -35,7 +35,7 @@ from vmsh.engine.persist import (
     read_snapshot,
     to_plain,
 )
-from vmsh.errors import ConfigError
+from vmsh.errors import ConfigError, VmshError
 
 
 @dataclass
@@ -88,6 +88,10 @@ def read_saved_vm(directory: str) -> SavedVm:
     if not isinstance(root, dict) or root.get("version") != FORMAT_VERSION:
         raise SnapshotError(f"Unsupported snapshot format (vmsh writes version {FORMAT_VERSION})")
     kvm = from_plain(VmKvmState, root.get("kvm"), "vm.kvm")
+    try:
+        check_hotplug_config(config.memory)
+    except VmshError as err:
+        raise SnapshotError("The snapshot's memory config is refused") from err
     table = node_data(tree, "memory-manager")
     table = table if isinstance(table, dict) else {}
     boot_ram = table.get("boot_ram", boot_ram_size(config.memory))
