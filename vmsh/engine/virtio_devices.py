@@ -98,7 +98,8 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
         if area.method is m.HotplugMethod.VIRTIO_MEM:
             # cloud-hypervisor's order (virtio-mem after vsock) and id (the memory zone's)
             _add(manager, area.zone, "--memory hotplug_method=virtio-mem",
-                 functools.partial(VirtioMem, area.base, area.size, _hotplugged(cfg.memory, area.zone)))
+                 functools.partial(VirtioMem, area.base, area.size, _hotplugged(cfg.memory, area.zone),
+                                   _numa_node(cfg, area.zone)))
     if cfg.balloon is not None:
         balloon = cfg.balloon
         _add(manager, BALLOON_ID, "--balloon", lambda: VirtioBalloon.from_config(balloon))
@@ -118,6 +119,12 @@ def _hotplugged(mem: m.MemoryConfig, zone_id: str) -> int:
     if zone_id == DEFAULT_ZONE:
         return mem.hotplugged_size or 0
     return next((z.hotplugged_size or 0 for z in mem.zones or [] if z.id == zone_id), 0)
+
+
+def _numa_node(cfg: m.VmConfig, zone_id: str) -> int | None:
+    """The guest NUMA node whose ``memory_zones`` list zone ``zone_id`` (its virtio-mem device
+    offers VIRTIO_MEM_F_ACPI_PXM with it, as cloud-hypervisor's does), None without one."""
+    return next((n.guest_numa_id for n in cfg.numa or [] if zone_id in (n.memory_zones or [])), None)
 
 
 #: the option of each config list a device can be added from

@@ -97,6 +97,8 @@ class VirtioMem(VirtioDevice):
         if addr % BLOCK_SIZE or region_size % BLOCK_SIZE or region_size <= 0 or requested_size % BLOCK_SIZE:
             raise DeviceError(f"virtio-mem region {addr:#x}+{region_size:#x} is not whole {BLOCK_SIZE >> 20} MiB "
                               "blocks")
+        if node_id is not None and not 0 <= node_id <= 0xFFFF:
+            raise DeviceError(f"virtio-mem: NUMA node {node_id} does not fit the 16-bit node_id")
         if requested_size > region_size:
             raise DeviceError(f"virtio-mem: requested size {requested_size:#x} is bigger than the region "
                               f"{region_size:#x}")

@@ -83,6 +83,8 @@ def test_config_layout_and_features() -> None:
     with pytest.raises(DeviceError):
         VirtioMem(REGION + 4096, BLOCKS * BLOCK_SIZE)
     with pytest.raises(DeviceError):
+        VirtioMem(REGION, BLOCKS * BLOCK_SIZE, node_id=0x10000)
+    with pytest.raises(DeviceError):
         VirtioMem(REGION, BLOCKS * BLOCK_SIZE, (BLOCKS + 1) * BLOCK_SIZE)
 
 
