@@ -258,7 +258,7 @@ class VirtioMem(VirtioDevice):
 
         :raises DeviceStateError: for another state class, a bitmap of another length or with
             bits past the last block, a requested size beyond the region or not whole blocks,
-            or a plugged size that is not what the bitmap says.
+            a plugged size that is not what the bitmap says, or another NUMA node.
         """
         s = expect_state(state, VirtioMemState)
         check_length("plugged", s.plugged, len(self._plugged))
@@ -268,12 +268,13 @@ class VirtioMem(VirtioDevice):
         bitmap = bytearray(s.plugged)
         if self.blocks % 8:
             check_range("plugged (bits past the last block)", bitmap[-1] >> (self.blocks % 8), 0, 0)
+        # the node comes from the config the device was built from, as the features it offers do
+        check_range("node_id", s.node_id, self.node_id, self.node_id)
         count = sum(bin(b).count("1") for b in bitmap)
         check_range("plugged_size", s.plugged_size, count * BLOCK_SIZE, count * BLOCK_SIZE)
         self.requested_size = s.requested_size
         self.plugged_size = s.plugged_size
         self._plugged = bitmap
-        self.node_id = s.node_id
 
     def counters(self) -> dict[str, int]:
         return {**self._counts, "plugged_size": self.plugged_size, "requested_size": self.requested_size}

@@ -161,7 +161,8 @@ def test_state_round_trip_and_bad_states(ram: GuestMemoryMmap) -> None:
     for bad in (VirtioMemState(4 * BLOCK_SIZE, 2 * BLOCK_SIZE, state.plugged),   # size is not the bitmap's
                 VirtioMemState(4 * BLOCK_SIZE, 0, b"\0\0"),                      # another region's bitmap
                 VirtioMemState((BLOCKS + 1) * BLOCK_SIZE, 0, b"\0"),             # beyond the region
-                VirtioMemState(BLOCK_SIZE + 1, 0, b"\0")):                       # not whole blocks
+                VirtioMemState(BLOCK_SIZE + 1, 0, b"\0"),                       # not whole blocks
+                VirtioMemState(0, 0, b"\0", node_id=1)):                         # another node
         with pytest.raises(DeviceStateError):
             VirtioMem(REGION, BLOCKS * BLOCK_SIZE).restore(bad)
     odd = VirtioMem(REGION, 6 * BLOCK_SIZE)
