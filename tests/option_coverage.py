@@ -129,10 +129,14 @@ TABLE: dict[str, Check] = {
     "VmConfig.memory": N,
     "MemoryConfig.size": D([], ["--memory", "size=128M"]),
     "MemoryConfig.mergeable": E(MEMORY_TEST),
-    "MemoryConfig.hotplug_method": Moot("only acts with hotplug_size (refused), as in cloud-hypervisor"),
-    "MemoryConfig.hotplug_size": R(["--memory", "size=64M,hotplug_size=64M"], "--memory hotplug_size"),
-    "MemoryConfig.hotplugged_size": R(["--memory", "size=64M,hotplugged_size=64M"],
-                                      "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'"),
+    # ACPI: the memory hotplug controller in the DSDT; virtio-mem: a virtio-mem device instead
+    "MemoryConfig.hotplug_method": D(["--memory", "size=64M,hotplug_size=128M"],
+                                     ["--memory", "size=64M,hotplug_size=128M,hotplug_method=virtio-mem"]),
+    "MemoryConfig.hotplug_size": D([], ["--memory", "size=64M,hotplug_size=128M"]),
+    # what the virtio-mem device asks the guest to plug at boot (with ACPI it is refused, as in v40)
+    "MemoryConfig.hotplugged_size": D(["--memory", "size=64M,hotplug_size=256M,hotplug_method=virtio-mem"],
+                                      ["--memory", "size=64M,hotplug_size=256M,hotplug_method=virtio-mem,"
+                                       "hotplugged_size=128M"]),
     "MemoryConfig.shared": E("tests/unit/engine/test_memory_bus.py::test_memory_create_shared_memfd_region"),
     "MemoryConfig.hugepages": E(
         "tests/unit/engine/test_memory_bus.py::test_memory_hugepages_unavailable_is_a_clean_error"),
@@ -152,11 +156,15 @@ TABLE: dict[str, Check] = {
     "MemoryZoneConfig.hugepage_size": R(HUGE_ZONE, "cannot map"),
     "MemoryZoneConfig.host_numa_node": R(["--memory", "size=0", "--memory-zone", "id=z0,size=64M,host_numa_node=99"],
                                          "node 99"),
-    "MemoryZoneConfig.hotplug_size": R(["--memory", "size=0", "--memory-zone", "id=z0,size=64M,hotplug_size=64M"],
-                                       "--memory-zone hotplug_size"),
-    "MemoryZoneConfig.hotplugged_size": R(["--memory", "size=0",
-                                           "--memory-zone", "id=z0,size=64M,hotplugged_size=64M"],
-                                          "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'"),
+    # the zone's virtio-mem device, and what it asks the guest to plug at boot
+    "MemoryZoneConfig.hotplug_size": D(["--memory", "size=0,hotplug_method=virtio-mem",
+                                        "--memory-zone", "id=z0,size=64M"],
+                                       ["--memory", "size=0,hotplug_method=virtio-mem",
+                                        "--memory-zone", "id=z0,size=64M,hotplug_size=128M"]),
+    "MemoryZoneConfig.hotplugged_size": D(["--memory", "size=0,hotplug_method=virtio-mem",
+                                           "--memory-zone", "id=z0,size=64M,hotplug_size=128M"],
+                                          ["--memory", "size=0,hotplug_method=virtio-mem",
+                                           "--memory-zone", "id=z0,size=64M,hotplug_size=128M,hotplugged_size=64M"]),
     "MemoryZoneConfig.prefault": E(MEMORY_TEST),
     # --- payload
     "VmConfig.payload": N,

@@ -29,7 +29,7 @@ from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.devices.pvpanic import event_name as pvpanic_event_name
 from vmsh.engine import smbios
-from vmsh.engine.acpi import cpu_hotplug, pci_hotplug
+from vmsh.engine.acpi import cpu_hotplug, memory_hotplug, pci_hotplug
 from vmsh.engine.acpi.builder import build_acpi
 from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
 from vmsh.engine.boot import layout
@@ -45,7 +45,14 @@ from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.kvm_state import restore_vcpu, restore_vm
 from vmsh.engine.kvm_vcpu import VcpuFd
-from vmsh.engine.memory_manager import check_host_memory, create_memory, map_snapshot_memory
+from vmsh.engine.memory_hotplug import MemoryHotplug
+from vmsh.engine.memory_manager import (
+    check_host_memory,
+    create_memory,
+    hotplug_areas,
+    hotplug_end,
+    map_snapshot_memory,
+)
 from vmsh.engine.numa import numa_errors, numa_spec
 from vmsh.engine.pci_windows import pci_segments
 from vmsh.engine.persist import SnapshotError
@@ -53,6 +60,7 @@ from vmsh.engine.platform_devices import (
     CPU_HOTPLUG_ADDRESS,
     GED_ADDRESS,
     GED_IRQ,
+    MEMORY_HOTPLUG_ADDRESS,
     PCI_HOTPLUG_ADDRESS,
     PM_TIMER_PORT,
     SHUTDOWN_PORT,
@@ -72,6 +80,15 @@ LOG = logging.getLogger(__name__)
 
 #: <linux/kvm.h>: KVM emulates Hyper-V's synthetic interrupt controller
 KVM_CAP_HYPERV_SYNIC = 123
+
+
+def _virtio_mem_ranges(mem: m.MemoryConfig, boot_ram: int | None) -> dict[str, list[tuple[int, int]]]:
+    """Each memory zone's virtio-mem region, as (guest address, length) ranges."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for area in hotplug_areas(mem, boot_ram):
+        if area.method is m.HotplugMethod.VIRTIO_MEM:
+            ranges.setdefault(area.zone, []).append((area.base, area.size))
+    return ranges
 
 
 def config_errors(cfg: m.VmConfig) -> list[str]:
@@ -116,8 +133,6 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
         ("--user-device (needs a vfio-user server)", cfg.user_devices),
         ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
         # Not implemented yet.
-        ("--memory hotplug_size", cfg.memory.hotplug_size),
-        ("--memory-zone hotplug_size", any(z.hotplug_size is not None for z in cfg.memory.zones or [])),
         (f"--platform iommu_segments {no_iommu}", cfg.platform and cfg.platform.iommu_segments),
         (f"--rng iommu=on {no_iommu}", cfg.rng.iommu),
         (f"--console iommu=on {no_iommu}", cfg.console.iommu),
@@ -250,7 +265,8 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
     vm = Vm(config, events, on_guest_event, ControlRequests(post), profile)
     try:
         _open_kvm(vm)
-        vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault)
+        vm.boot_ram = saved.boot_ram
+        vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault, saved.ranges, saved.boot_ram)
         vm.memory.register(vm.vm_fd)
         _create_devices(vm, tty, _phys_bits(vm))
         topology = cpu_topology(config)
@@ -324,7 +340,8 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
     loads the saved states into them). Returns the PCI segments."""
     cfg = vm.config
     assert vm.memory is not None
-    segments = pci_segments(cfg, vm.memory.last_addr + 1, phys_bits)
+    # the 64-bit PCI window starts after RAM and the hotplug areas (cloud-hypervisor's device area)
+    segments = pci_segments(cfg, hotplug_end(cfg.memory, vm.memory.last_addr + 1, vm.boot_ram), phys_bits)
 
     def irq(gsi: int) -> IrqFdTrigger:
         trigger = IrqFdTrigger(vm.vm_fd, gsi)
@@ -347,6 +364,9 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
                                                                                     {"id": dev_id}))
     vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject, on_cpu_eject)
     vm.cpu_hotplug = vm.platform.cpu_hotplug
+    platform = vm.platform
+    vm.memory_hotplug = MemoryHotplug(cfg, vm.memory, vm.vm_fd, lambda flags: platform.ged.notify(flags),
+                                      vm.platform.memory_hotplug, vm.boot_ram)
     vm.backends.extend(vm.platform.backends)
     if vm.platform.swtpm is not None:
         vm.closeables.append(vm.platform.swtpm)
@@ -364,6 +384,10 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
                 if hooks.console.path and cfg.console.mode is ConsoleOutputMode.PTY:
                     cfg.console.file = hooks.console.path
     add_config_devices(vm.devices, cfg, hooks)
+    for area in hotplug_areas(cfg.memory):
+        if area.method is m.HotplugMethod.VIRTIO_MEM:
+            entry = vm.devices.devices[area.zone]
+            vm.memory_hotplug.virtio_mem[area.zone] = (entry.transport.device, entry.lock)  # type: ignore[attr-defined]  # a virtio transport
     if hooks.console is not None and hooks.console_device is not None:
         console, device = hooks.console, hooks.console_device
         vm.platform.input_starters.append(lambda: console.start_input(device.enqueue_input))
@@ -384,14 +408,17 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
             serial=cfg.serial.mode is not ConsoleOutputMode.OFF,
             pci_segments=segments,
             pci_rescan_method=pci_hotplug.RESCAN_METHOD,
-            extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, vm.platform.hotplug.declared),
+            extra_aml=pci_hotplug.hotplug_aml(PCI_HOTPLUG_ADDRESS, vm.platform.hotplug.declared)
+            + ((memory_hotplug.hotplug_aml(MEMORY_HOTPLUG_ADDRESS),) if vm.platform.memory_hotplug else ()),
+            memory_scan_method=memory_hotplug.SCAN_METHOD if vm.platform.memory_hotplug is not None else None,
             ged=GedSpec(address=GED_ADDRESS, irq=GED_IRQ),
             cpu_hotplug_address=CPU_HOTPLUG_ADDRESS if vm.platform.cpu_hotplug is not None else None,
             cpu_scan_method=cpu_hotplug.SCAN_METHOD if vm.platform.cpu_hotplug is not None else None,
             shutdown_port=SHUTDOWN_PORT,
             pm_timer_port=PM_TIMER_PORT,
             tpm_address=TPM_ADDRESS if vm.platform.tpm is not None else None,
-            numa=numa_spec(cfg),
+            # cloud-hypervisor lists the virtio-mem regions as hot-pluggable, not the ACPI area
+            numa=numa_spec(cfg, hotplug_ranges=_virtio_mem_ranges(cfg.memory, vm.boot_ram)),
         ))
         tables = smbios.build_smbios(smbios.SmbiosSpec.from_platform(cfg.platform))
     except ValueError as err:

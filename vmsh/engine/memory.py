@@ -15,6 +15,7 @@ out as in cloud-hypervisor's x86_64 layout (its ``arch/src/x86_64/layout.rs``): 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import mmap
 import os
@@ -88,6 +89,9 @@ class GuestRegion:
 
     def __init__(self, start: int, mm: mmap.mmap, fd: int | None = None, *, shared: bool = False,
                  backing: tuple[int, int] | None = None, fresh: bool = False) -> None:
+        #: RAM in a hotplug area (ACPI hot-added, or a virtio-mem region): not boot RAM, so not
+        #: in the e820 map the kernel starts with
+        self.hotplug = False
         self.start = start
         self.size = len(mm)
         self.end = start + self.size
@@ -284,6 +288,37 @@ class GuestMemoryMmap:
     def size(self) -> int:
         """Total RAM in bytes."""
         return sum(r.size for r in self.regions)
+
+    @property
+    def boot_regions(self) -> list[GuestRegion]:
+        """The regions of boot RAM (the e820 map), without the hotplug areas' regions."""
+        return [r for r in self.regions if not r.hotplug]
+
+    @property
+    def boot_size(self) -> int:
+        """Boot RAM in bytes."""
+        return sum(r.size for r in self.boot_regions)
+
+    def add_region(self, region: GuestRegion, vm: object | None = None) -> None:
+        """Add ``region`` (made by the caller; it must not overlap any other) and, with ``vm``
+        (a ``VmFd``), register it as a new KVM memslot.
+
+        Runs on the control loop while devices read guest RAM from other threads: the region
+        list and the start index are replaced, never changed in place, the list first, so a
+        reader that sees the new index also sees the new list.
+
+        :raises GuestMemoryError: when it overlaps RAM; the region is not added then.
+        """
+        regions = sorted([*self.regions, region], key=lambda r: r.start)
+        for a, b in itertools.pairwise(regions):
+            if a.end > b.start:
+                raise GuestMemoryError(f"guest RAM regions overlap at {b.start:#x}")
+        if vm is not None:
+            slot = max(self._slots, default=-1) + 1
+            vm.set_user_memory_region(slot, region.start, region.size, region.host_addr)  # type: ignore[attr-defined]  # a VmFd; memory.py stays below kvm.py
+            self._slots.append(slot)
+        self.regions = regions
+        self._starts = [r.start for r in regions]
 
     @property
     def last_addr(self) -> int:

@@ -11,6 +11,7 @@ the checked access are ``vmsh.engine.memory``; KVM memory slots are registered w
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import mmap
 import os
@@ -20,7 +21,14 @@ from pathlib import Path
 
 from vmsh.config import model as m
 from vmsh.devices.vhost_user.protocol import MemoryRegion
-from vmsh.engine.memory import GuestMemoryMmap, GuestRegion, MemoryOptions, ram_ranges
+from vmsh.engine.memory import (
+    MEM_32BIT_RESERVED_START,
+    RAM_64BIT_START,
+    GuestMemoryMmap,
+    GuestRegion,
+    MemoryOptions,
+    ram_ranges,
+)
 from vmsh.engine.persist import SnapshotError
 from vmsh.errors import GuestMemoryError, VhostUserError, VmshError
 
@@ -114,20 +122,167 @@ def create_zones(zones: list[ZoneSpec]) -> GuestMemoryMmap:
     return GuestMemoryMmap(regions)
 
 
+# --- hotplug areas ----------------------------------------------------------------------------------
+
+#: cloud-hypervisor's default memory zone: ``--memory`` itself
+DEFAULT_ZONE = "mem0"
+#: hotplug areas, ACPI hot-added RAM and virtio-mem regions start on this boundary (cloud-hypervisor's
+#: ``start_addr`` and VIRTIO_MEM_ALIGN_SIZE); ACPI additions are multiples of it
+HOTPLUG_ALIGN = 128 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class HotplugArea:
+    """A range of guest physical addresses kept free for RAM added while the guest runs."""
+
+    #: guest physical address of the first byte
+    base: int
+    size: int
+    #: the memory zone it belongs to (``mem0`` for ``--memory``)
+    zone: str
+    #: ``acpi``: RAM is added in new slots of the ACPI memory hotplug controller; ``virtio-mem``:
+    #: the whole area is one virtio-mem device's region
+    method: m.HotplugMethod
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+def boot_ram_size(mem: m.MemoryConfig) -> int:
+    """The RAM a VM boots with before anything is hot-added: ``size`` and the zones' sizes."""
+    return mem.size + sum(z.size for z in mem.zones or [])
+
+
+def hotplug_start(ram_end: int) -> int:
+    """Where RAM added after ``[0, ram_end)`` goes (cloud-hypervisor's ``start_addr`` with hotplug):
+    the next 128 MiB boundary, or 4 GiB while RAM ends below the 32-bit hole."""
+    if ram_end - 1 < MEM_32BIT_RESERVED_START:
+        return RAM_64BIT_START
+    return ((ram_end - 1) | (HOTPLUG_ALIGN - 1)) + 1
+
+
+def hotplug_areas(mem: m.MemoryConfig, boot_ram: int | None = None) -> tuple[HotplugArea, ...]:
+    """The hotplug areas of ``mem``, in address order, after boot RAM (cloud-hypervisor's
+    ``MemoryManager::new``): ``--memory hotplug_size`` (ACPI or virtio-mem) first, then each
+    zone's ``hotplug_size`` (virtio-mem); none without ``hotplug_size``. The NUMA tables (SRAT)
+    describe them.
+
+    ``boot_ram``: the RAM the VM booted with, when it is not the config's any more (an ACPI
+    resize sets ``size`` to the new total, as cloud-hypervisor does, so that a reboot starts with
+    it; the running VM and its snapshots keep the areas of the boot).
+    """
+    wanted = [(DEFAULT_ZONE, mem.hotplug_size)] if mem.hotplug_size else []
+    wanted += [(z.id, z.hotplug_size) for z in mem.zones or [] if z.hotplug_size]
+    if not wanted:
+        return ()
+    boot_ram = boot_ram_size(mem) if boot_ram is None else boot_ram
+    boot = ram_ranges(boot_ram) if boot_ram else [(0, 0)]
+    cursor = hotplug_start(boot[-1][0] + boot[-1][1])
+    areas = []
+    for zone, size in wanted:
+        method = mem.hotplug_method if zone == DEFAULT_ZONE else m.HotplugMethod.VIRTIO_MEM
+        cursor = -(-cursor // HOTPLUG_ALIGN) * HOTPLUG_ALIGN
+        areas.append(HotplugArea(cursor, size, zone, method))
+        cursor += size
+    return tuple(areas)
+
+
+def hotplug_end(mem: m.MemoryConfig, ram_end: int, boot_ram: int | None = None) -> int:
+    """The first address after RAM and every hotplug area: the 64-bit PCI window starts there."""
+    areas = hotplug_areas(mem, boot_ram)
+    return max(ram_end, areas[-1].end) if areas else ram_end
+
+
+def check_hotplug_config(mem: m.MemoryConfig) -> None:
+    """Refuse memory hotplug settings cloud-hypervisor v40 refuses (its ``MemoryManager::new``).
+
+    :raises VmshError: with its message.
+    """
+    virtio_mem = mem.hotplug_method is m.HotplugMethod.VIRTIO_MEM
+    _check_sizes("--memory", mem.hotplug_size, mem.hotplugged_size, virtio_mem)
+    for zone in mem.zones or []:
+        if zone.hotplug_size is not None and not virtio_mem:
+            raise VmshError("Invalid hotplug method associated with memory zones resizing capability")
+        _check_sizes(f"--memory-zone {zone.id}", zone.hotplug_size, zone.hotplugged_size, virtio_mem)
+
+
+def _check_sizes(option: str, hotplug_size: int | None, hotplugged_size: int | None, virtio_mem: bool) -> None:
+    if hotplug_size is None:
+        return
+    if hotplug_size % HOTPLUG_ALIGN:
+        # virtio-mem regions are 128 MiB aligned (VIRTIO_MEM_ALIGN_SIZE); ACPI adds 128 MiB multiples
+        raise VmshError(f"{option} hotplug_size {hotplug_size} is not a multiple of 128 MiB")
+    if not hotplugged_size:
+        return
+    if hotplugged_size > hotplug_size:
+        raise VmshError(f"Memory configuration is not valid ({option}): 'hotplugged_size' {hotplugged_size} "
+                        f"can't be bigger than 'hotplug_size' {hotplug_size}")
+    if not virtio_mem:
+        raise VmshError(f"Memory configuration is not valid ({option}): Invalid to define 'hotplugged_size' "
+                        "with hotplug method 'acpi'")
+    if hotplugged_size % VIRTIO_MEM_BLOCK:
+        raise VmshError(f"Memory configuration is not valid ({option}): 'hotplugged_size' {hotplugged_size} is "
+                        "not a multiple of the virtio-mem block size (2 MiB)")
+
+
+#: virtio-mem's block size (cloud-hypervisor's VIRTIO_MEM_DEFAULT_BLOCK_SIZE)
+VIRTIO_MEM_BLOCK = 2 << 20
+
+
+def memory_options(mem: m.MemoryConfig) -> MemoryOptions:
+    """How ``--memory`` RAM (and the RAM hot-added to it) is backed."""
+    return MemoryOptions(shared=mem.shared, hugepages=mem.hugepages, hugepage_size=mem.hugepage_size,
+                         mergeable=mem.mergeable, thp=mem.thp, prefault=mem.prefault)
+
+
+def zone_options(mem: m.MemoryConfig, zone_id: str) -> MemoryOptions:
+    """How zone ``zone_id`` (``mem0``: ``--memory``) is backed; a zone's virtio-mem region is
+    anonymous or memfd memory like the zone, never its file."""
+    for zone in mem.zones or []:
+        if zone.id == zone_id:
+            return MemoryOptions(shared=zone.shared, hugepages=zone.hugepages, hugepage_size=zone.hugepage_size,
+                                 mergeable=mem.mergeable, thp=mem.thp, prefault=False)
+    return dataclasses.replace(memory_options(mem), prefault=False)
+
+
+def hotplug_region(area: HotplugArea, start: int, size: int, options: MemoryOptions) -> GuestRegion:
+    """Fresh RAM ``[start, start+size)`` in ``area``, marked as hotplug RAM.
+
+    :raises GuestMemoryError: when the host cannot map it.
+    """
+    region = GuestRegion.create(start, size, options)
+    region.hotplug = True
+    return region
+
+
 def create_memory(mem: m.MemoryConfig) -> GuestMemoryMmap:
-    """Guest RAM from ``--memory``, or from the ``--memory-zone`` s laid out one after another.
+    """Guest RAM from ``--memory``, or from the ``--memory-zone`` s laid out one after another;
+    then each virtio-mem area's region (the device plugs its blocks). An ACPI hotplug area
+    stays empty until a resize.
 
     :raises VmshError: naming what the host could not provide.
     """
-    if not mem.zones:
-        return GuestMemoryMmap.create(mem.size, MemoryOptions(
-            shared=mem.shared, hugepages=mem.hugepages, hugepage_size=mem.hugepage_size,
-            mergeable=mem.mergeable, thp=mem.thp, prefault=mem.prefault))
+    check_hotplug_config(mem)
+    memory = _create_zone_memory(mem) if mem.zones else GuestMemoryMmap.create(mem.size, memory_options(mem))
+    try:
+        for area in hotplug_areas(mem):
+            if area.method is m.HotplugMethod.VIRTIO_MEM:
+                region = hotplug_region(area, area.base, area.size, zone_options(mem, area.zone))
+                memory.add_region(region)
+                node = next((z.host_numa_node for z in mem.zones or [] if z.id == area.zone), None)
+                if node is not None:
+                    bind_to_node(region.mmap, node)  # as the zone's boot RAM (cloud-hypervisor's)
+    except GuestMemoryError as err:
+        memory.close()
+        raise VmshError("Cannot create the hotpluggable memory") from err
+    return memory
+
+
+def _create_zone_memory(mem: m.MemoryConfig) -> GuestMemoryMmap:
     if mem.size:
         raise VmshError("--memory size must be 0 when the RAM comes from --memory-zone")
-    for zone in mem.zones:
-        if zone.hotplug_size or zone.hotplugged_size:
-            raise VmshError(f"--memory-zone {zone.id}: memory hotplug is not supported by vmsh")
+    assert mem.zones
     specs = [ZoneSpec(zone.size, MemoryOptions(
         shared=zone.shared, hugepages=zone.hugepages, hugepage_size=zone.hugepage_size,
         mergeable=mem.mergeable, thp=mem.thp, prefault=zone.prefault), file=zone.file,
@@ -138,8 +293,11 @@ def create_memory(mem: m.MemoryConfig) -> GuestMemoryMmap:
         raise VmshError("Cannot create the memory zones") from err
 
 
-def map_snapshot_memory(path: Path, prefault: bool) -> GuestMemoryMmap:
-    """Guest RAM as a private (copy-on-write) mapping of a snapshot's memory file.
+def map_snapshot_memory(path: Path, prefault: bool, ranges: list[tuple[int, int]] | None = None,
+                        boot_size: int | None = None) -> GuestMemoryMmap:
+    """Guest RAM as a private (copy-on-write) mapping of a snapshot's memory file, whose
+    ``ranges`` (checked by the caller; default: boot RAM laid out from the file's size) are
+    concatenated in it; those past ``boot_size`` bytes are hotplug RAM.
 
     :raises SnapshotError: when the file cannot be mapped.
     """
@@ -147,11 +305,14 @@ def map_snapshot_memory(path: Path, prefault: bool) -> GuestMemoryMmap:
     flags = mmap.MAP_PRIVATE | (_MAP_POPULATE if prefault else 0)
     try:
         with open(path, "rb") as f:
+            if ranges is None:
+                ranges = ram_ranges(os.fstat(f.fileno()).st_size)
             offset = 0
-            for start, length in ram_ranges(os.fstat(f.fileno()).st_size):
+            for start, length in ranges:
                 mm = mmap.mmap(f.fileno(), length, flags, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
                 # the file stays known: a later snapshot copies the pages this VM never touched
                 regions.append(GuestRegion(start, mm, backing=(os.dup(f.fileno()), offset)))
+                regions[-1].hotplug = boot_size is not None and offset >= boot_size
                 offset += length
     except (OSError, ValueError) as err:
         for region in regions:

@@ -3,11 +3,11 @@
 cloud-hypervisor's x86_64 machine (its ``docs/device_model.md``): a 16550A at 0x3f8 on IRQ 4
 (``--serial``), the debug console port (``--debug-console``), the i8042 reset port at 0x60, the
 CMOS/RTC at 0x70, the POST port at 0x80, the ACPI sleep/reset register at 0x600 with the PM timer
-at 0x608, the Generic Event Device (power button, hotplug notifications) and the ACPI PCI hotplug
-registers in the free MMIO space below the IOAPIC, and with ``--tpm`` a CRB TPM backed by swtpm
+at 0x608, the Generic Event Device (power button, hotplug notifications) and the ACPI PCI, CPU and memory
+hotplug registers in the free MMIO space below the IOAPIC, and with ``--tpm`` a CRB TPM backed by swtpm
 at 0xfed40000 (cloud-hypervisor's ``TPM_START``). The stateful ones are registered with the
 ``DeviceManager`` under their snapshot ids (``__serial``, ``__cmos``, ``__ged``,
-``__pci_hotplug``, ``__cpu_hotplug``), so one walk of its device tree saves and restores them with
+``__pci_hotplug``, ``__cpu_hotplug``, ``__memory_hotplug``), so one walk of its device tree saves and restores them with
 the PCI devices.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from vmsh.config import model as m
 from vmsh.config.model import ConsoleOutputMode
 from vmsh.devices import cpu_hotplug as cpu_hotplug_regs
+from vmsh.devices import memory_hotplug as memory_hotplug_regs
 from vmsh.devices.acpi import AcpiPmTimer, AcpiShutdown, Ged, PciHotplugController
 from vmsh.devices.backends.swtpm import Swtpm
 from vmsh.devices.base import Trigger
@@ -29,11 +30,13 @@ from vmsh.devices.legacy.debugcon import DebugConsole
 from vmsh.devices.legacy.i8042 import I8042
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550
+from vmsh.devices.memory_hotplug import MemoryHotplugController
 from vmsh.devices.tpm import TPM_SIZE, CrbTpm
 from vmsh.engine.acpi import pci_hotplug
 from vmsh.engine.bus import BusError
 from vmsh.engine.console import ConsoleBackend, open_backend
 from vmsh.engine.device_manager import DeviceManager
+from vmsh.engine.memory_manager import hotplug_areas
 from vmsh.engine.pci_windows import MMIO32_START
 from vmsh.errors import DeviceError
 
@@ -50,6 +53,8 @@ GED_ADDRESS, GED_IRQ = 0xFEB0_0000, 5
 PCI_HOTPLUG_ADDRESS = 0xFEB0_1000
 #: the ACPI CPU hotplug registers, in the same free space
 CPU_HOTPLUG_ADDRESS = 0xFEB0_2000
+#: the ACPI memory hotplug registers, in the same free space
+MEMORY_HOTPLUG_ADDRESS = 0xFEB0_3000
 #: the CRB TPM's register page (cloud-hypervisor's TPM_START and TPM_SIZE)
 TPM_ADDRESS = 0xFED4_0000
 #: the in-kernel IOAPIC's id in vm.info's device tree (cloud-hypervisor's name for its IOAPIC)
@@ -65,6 +70,8 @@ class PlatformDevices:
     cmos: Cmos
     #: the CPU hotplug registers, for a VM with more than one possible vCPU
     cpu_hotplug: CpuHotplugController | None = None
+    #: the memory hotplug registers, for a VM with an ACPI memory hotplug area
+    memory_hotplug: MemoryHotplugController | None = None
     serial: Serial16550 | None = None
     tpm: CrbTpm | None = None
     #: the TPM's connection to swtpm (closed with the VM)
@@ -92,16 +99,20 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
     :raises DeviceError: when a backend cannot be opened or a port collides.
     """
     pio, mmio = devices.pio, devices.mmio
-    below_4g = min(devices.memory.size, MMIO32_START)
+    # the CMOS tells the firmware the boot RAM (hotplugged RAM comes through ACPI or virtio-mem)
+    boot_ram = devices.memory.boot_size
+    below_4g = min(boot_ram, MMIO32_START)
     platform = PlatformDevices(
         ged=Ged(irq(GED_IRQ)),
         hotplug=PciHotplugController(cfg.num_pci_segments(), on_eject),
         # RAM fills 0..3 GiB first, the rest goes above 4 GiB.
-        cmos=Cmos(below_4g, devices.memory.size - below_4g, reset),
+        cmos=Cmos(below_4g, boot_ram - below_4g, reset),
     )
     if cfg.cpus.max_vcpus > 1:
         platform.cpu_hotplug = CpuHotplugController(cfg.cpus.max_vcpus, cfg.cpus.boot_vcpus,
                                                     on_cpu_eject or (lambda _index: None))
+    if any(a.method is m.HotplugMethod.ACPI for a in hotplug_areas(cfg.memory)):
+        platform.memory_hotplug = MemoryHotplugController()
     # the IOAPIC is KVM's (the builder creates the in-kernel irqchip); it has its node first,
     # as cloud-hypervisor's interrupt controller has
     devices.add_node(IOAPIC_ID)
@@ -117,6 +128,9 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
         if platform.cpu_hotplug is not None:
             devices.add_legacy("__cpu_hotplug", platform.cpu_hotplug, mmio, CPU_HOTPLUG_ADDRESS,
                                cpu_hotplug_regs.REGISTER_SIZE, name="cpu-hotplug")
+        if platform.memory_hotplug is not None:
+            devices.add_legacy("__memory_hotplug", platform.memory_hotplug, mmio, MEMORY_HOTPLUG_ADDRESS,
+                               memory_hotplug_regs.REGISTER_SIZE, name="memory-hotplug")
         devices.add_legacy("__pci_hotplug", platform.hotplug, mmio, PCI_HOTPLUG_ADDRESS,
                            pci_hotplug.REGISTER_SIZE, name="pci-hotplug")
         if cfg.tpm is not None:

@@ -8,6 +8,7 @@ and the device id.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -27,6 +28,7 @@ from vmsh.devices.vhost_user.net import VhostUserNet
 from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
+from vmsh.devices.virtio.mem import VirtioMem
 from vmsh.devices.virtio.net import VirtioNet, format_mac
 from vmsh.devices.virtio.pmem import VirtioPmem
 from vmsh.devices.virtio.rng import VirtioRng
@@ -34,7 +36,7 @@ from vmsh.devices.virtio.vsock import VirtioVsock
 from vmsh.devices.virtio.watchdog import VirtioWatchdog
 from vmsh.engine.console import ConsoleBackend
 from vmsh.engine.device_manager import DeviceManager
-from vmsh.engine.memory_manager import shared_memory_table
+from vmsh.engine.memory_manager import DEFAULT_ZONE, hotplug_areas, shared_memory_table
 from vmsh.engine.pci_device import PciDevice
 from vmsh.errors import DeviceError, VmshError
 
@@ -92,6 +94,12 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
         add_item(manager, "pmem", pmem)
     if cfg.vsock is not None:
         add_item(manager, "vsock", cfg.vsock)
+    for area in hotplug_areas(cfg.memory):
+        if area.method is m.HotplugMethod.VIRTIO_MEM:
+            # cloud-hypervisor's order (virtio-mem after vsock) and id (the memory zone's)
+            _add(manager, area.zone, "--memory hotplug_method=virtio-mem",
+                 functools.partial(VirtioMem, area.base, area.size, _hotplugged(cfg.memory, area.zone),
+                                   _numa_node(cfg, area.zone)))
     if cfg.balloon is not None:
         balloon = cfg.balloon
         _add(manager, BALLOON_ID, "--balloon", lambda: VirtioBalloon.from_config(balloon))
@@ -104,6 +112,19 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
             manager.add_pci(PVPANIC_ID, PvPanicDevice(hooks.on_panic))
         except DeviceError as err:
             raise VmshError(f"--pvpanic: cannot create {PVPANIC_ID}") from err
+
+
+def _hotplugged(mem: m.MemoryConfig, zone_id: str) -> int:
+    """What zone ``zone_id``'s virtio-mem device asks the guest to plug at boot."""
+    if zone_id == DEFAULT_ZONE:
+        return mem.hotplugged_size or 0
+    return next((z.hotplugged_size or 0 for z in mem.zones or [] if z.id == zone_id), 0)
+
+
+def _numa_node(cfg: m.VmConfig, zone_id: str) -> int | None:
+    """The guest NUMA node whose ``memory_zones`` list zone ``zone_id`` (its virtio-mem device
+    offers VIRTIO_MEM_F_ACPI_PXM with it, as cloud-hypervisor's does), None without one."""
+    return next((n.guest_numa_id for n in cfg.numa or [] if zone_id in (n.memory_zones or [])), None)
 
 
 #: the option of each config list a device can be added from

@@ -33,6 +33,8 @@ from vmsh.engine.hotplug import PciHotplug
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.kvm_state import save_vcpu, save_vm, saveable_msrs
 from vmsh.engine.memory import GuestMemoryMmap
+from vmsh.engine.memory_hotplug import MemoryHotplug
+from vmsh.engine.memory_manager import boot_ram_size
 from vmsh.engine.persist import write_snapshot
 from vmsh.engine.platform_devices import PlatformDevices
 from vmsh.engine.profiler import RipSampler, Symbolizer
@@ -52,6 +54,12 @@ GuestEventSink = Callable[[str, str], None]
 
 class Vm:
     """One VM: KVM objects, memory, devices and vCPUs, as the builder put them together."""
+
+    #: RAM resizes (ACPI hot-add and virtio-mem); the builder sets it
+    memory_hotplug: MemoryHotplug | None = None
+    #: the RAM the VM booted with, when a snapshot says it differs from the config's size (an
+    #: ACPI resize sets that to the new total); None: the config's
+    boot_ram: int | None = None
 
     def __init__(self, config: m.VmConfig, events: EventMonitor, on_guest_event: GuestEventSink,
                  requests: ControlRequests, profile: m.ProfileConfig | None = None) -> None:
@@ -75,6 +83,7 @@ class Vm:
         self.new_vcpu: Callable[[int], Vcpu] | None = None
         #: the ACPI CPU hotplug registers (None when max_vcpus is 1)
         self.cpu_hotplug: CpuHotplugController | None = None
+        self.memory_hotplug = None
         self.pio = Bus("pio")
         self.mmio = Bus("mmio")
         self.platform: PlatformDevices | None = None
@@ -279,6 +288,31 @@ class Vm:
         self.parked[index] = vcpu
         LOG.info("vcpu%d ejected and parked", index)
 
+    # --- memory hotplug ---------------------------------------------------------------------------
+
+    def resize_memory(self, desired: int) -> None:
+        """``vm.resize desired_ram`` (runs in an action, which owns the memory map)."""
+        if self.memory_hotplug is None:
+            raise VmshError("resize: this VM has no memory hotplug")
+        if self.config.memory.hotplug_method is m.HotplugMethod.ACPI and self._vhost_user_ids():
+            # their backends map guest RAM from the table they were given at start: RAM added
+            # now would be invisible to them (virtio-mem regions are in that table from boot)
+            raise VmshError(f"resize: cannot add RAM through ACPI to a VM with vhost-user devices "
+                            f"({', '.join(self._vhost_user_ids())}); use hotplug_method=virtio-mem")
+        self.memory_hotplug.resize(desired)
+
+    def resize_zone(self, zone_id: str, desired: int) -> None:
+        """``vm.resize-zone``."""
+        if self.memory_hotplug is None:
+            raise VmshError("resize-zone: this VM has no memory hotplug")
+        self.memory_hotplug.resize_zone(zone_id, desired)
+
+    def _vhost_user_ids(self) -> list[str]:
+        if self.devices is None:
+            return []
+        return [dev_id for dev_id, entry in self.devices.devices.items()
+                if isinstance(getattr(entry.transport, "device", None), VhostUserDevice)]
+
     # --- snapshot -------------------------------------------------------------------------------
 
     def snapshot(self, directory: str) -> None:
@@ -286,8 +320,7 @@ class Vm:
         if self.state is not VmState.PAUSED:
             raise StateError("Trying to snapshot while VM is running")
         assert self.kvm is not None and self.memory is not None and self.devices is not None
-        backed = [dev_id for dev_id, entry in self.devices.devices.items()
-                  if isinstance(getattr(entry.transport, "device", None), VhostUserDevice)]
+        backed = self._vhost_user_ids()
         if backed:
             # Refused before anything is written: a backend's own state (its rings' positions,
             # requests in flight, a NIC's or a file system's state) cannot be saved from here.
@@ -307,8 +340,11 @@ class Vm:
         if self.paused_clock is not None:
             # The clock as it was when the vCPUs stopped: a restore continues from there.
             kvm_state = dataclasses.replace(kvm_state, clock=self.paused_clock)
+        # the boot RAM is saved when an ACPI resize made the config's size differ from it
+        boot_ram = self.memory.boot_size
         tree = snapshot_tree.build_tree(kvm_state, [save_vcpu(v.fd, msrs) for v in self.vcpus],
-                                        self.memory.size, self.devices.states())
+                                        snapshot_tree.memory_table(self.memory), self.devices.states(),
+                                        boot_ram if boot_ram != boot_ram_size(self.config.memory) else None)
         # regions in address order: their concatenation is the coalesced ranges' contents
         write_snapshot(directory, canonical_json(self.config), tree,
                        [(r.view, r.data_runs()) for r in self.memory.regions])
@@ -401,9 +437,21 @@ class Vm:
         parent, children and pci_bdf, as its DeviceNode has)."""
         if self.devices is None:
             return {}
-        # (max: a guest can claim a balloon larger than its RAM; the size stays a size)
-        return {"memory_actual_size": max(0, self.config.memory.total_size() - self.balloon_size()),
+        # cloud-hypervisor's: the configured RAM (virtio-mem counted by what the guest has
+        # plugged, not what was asked for) less what the balloon holds (max: a guest can claim a
+        # balloon larger than its RAM; the size stays a size)
+        return {"memory_actual_size": max(0, self.actual_ram() - self.balloon_size()),
                 "device_tree": self.devices.device_tree()}
+
+    def actual_ram(self) -> int:
+        """The guest's RAM now: boot RAM, RAM added through ACPI, and the virtio-mem blocks plugged."""
+        mem = self.config.memory
+        if self.memory_hotplug is None or not self.memory_hotplug.virtio_mem:
+            return mem.total_size()
+        requested = sum(z.hotplugged_size or 0 for z in mem.zones or [])
+        if mem.hotplug_method is m.HotplugMethod.VIRTIO_MEM:
+            requested += mem.hotplugged_size or 0
+        return mem.total_size() - requested + self.memory_hotplug.virtio_mem_plugged()
 
     def balloon_size(self) -> int:
         """Bytes the guest has put into the balloon (its ``actual``: up on inflate, down on

@@ -443,16 +443,16 @@ class Vmm:
 
     def _resize_vm(self, request: ResizeRequest) -> None:
         vm: Any = self.vm
-        cfg = vm.config
         if request.desired_vcpus is not None:
             vm.resize_vcpus(request.desired_vcpus)
-        if request.desired_ram is not None and request.desired_ram != cfg.memory.total_size():
-            raise VmshError("resize: changing the RAM of a running VM is not supported yet (use the balloon)")
+        if request.desired_ram is not None:
+            vm.resize_memory(request.desired_ram)
         if request.desired_balloon is not None:
             vm.resize_balloon(request.desired_balloon)
 
-    def _resize_zone(self, _request: ResizeZoneRequest) -> None:
-        raise VmshError("resize-zone: memory zones cannot be resized yet")
+    def _resize_zone(self, request: ResizeZoneRequest) -> None:
+        vm: Any = self.vm
+        vm.resize_zone(request.id, request.desired_ram)
 
     # --- snapshot -------------------------------------------------------------------------------
 

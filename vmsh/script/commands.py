@@ -176,6 +176,11 @@ def _resize(session: Session, args: list[str]) -> None:
     _via_remote_syntax(session, "resize", args)
 
 
+@command("resize-zone", "resize-zone --id ZONE --size SIZE", "change a memory zone's RAM (virtio-mem)", "devices")
+def _resize_zone(session: Session, args: list[str]) -> None:
+    _via_remote_syntax(session, "resize-zone", args)
+
+
 # --- inspection -------------------------------------------------------------------------------------
 
 

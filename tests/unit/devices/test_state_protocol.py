@@ -31,6 +31,7 @@ from vmsh.devices.cpu_hotplug import CpuHotplugController
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550
+from vmsh.devices.memory_hotplug import MemoryHotplugController
 from vmsh.devices.pci.config_space import COMMAND, PciConfigSpace
 from vmsh.devices.pci.msix import MSIX_CONTROL_ENABLE_BIT, MsixTable
 from vmsh.devices.pci.root import PciBus, PciConfigIo
@@ -41,6 +42,7 @@ from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
 from vmsh.devices.virtio.device import VirtioDevice
+from vmsh.devices.virtio.mem import VirtioMem
 from vmsh.devices.virtio.net import NetState, VirtioNet
 from vmsh.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 from vmsh.devices.virtio.pmem import VirtioPmem
@@ -138,6 +140,8 @@ def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
              lambda d: (d.plug(1, 3), d.unplug(0, 2), d.write(0xC, struct.pack("<I", 1))), "selected", 2),
         Case(CpuHotplugController, lambda: CpuHotplugController(4, 1, lambda index: None),
              lambda d: (d.insert(2), d.write(0, struct.pack("<I", 2))), "selected", 4),
+        Case(MemoryHotplugController, MemoryHotplugController,
+             lambda d: (d.insert(1 << 32, 128 << 20), d.write(0, struct.pack("<I", 1))), "selected", 8),
         Case(PostPort, PostPort, lambda d: d.write(0, b"\x40"), "last_code", 0x100),
         Case(PciConfigIo, lambda: PciConfigIo(PciBus()), lambda d: d.write(0, struct.pack("<I", 0x8000_0810)),
              "address", 0x8000_0813),
@@ -158,6 +162,8 @@ def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
              "resets", 1 << 64),
         Case(VirtioBalloon, lambda: VirtioBalloon(64 << 20, stats=True), set_attrs(actual=12),
              "num_pages", 1 << 32),
+        Case(VirtioMem, lambda: VirtioMem(1 << 32, 8 << 20), lambda d: d.resize(4 << 20), "requested_size",
+             1 << 64),
         Case(VirtioBlock, lambda: VirtioBlock(str(files / "disk.raw")), block_change, "capacity", 4096),
         Case(VirtioNet, lambda: VirtioNet(_pipe_tap(), b"\x02\0\0\0\0\1", NoWatcher()), net_change,
              "rx_frames", -1),

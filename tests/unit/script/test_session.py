@@ -62,8 +62,9 @@ def test_console_command_needs_the_shell(session) -> None:
 
 def test_every_command_has_syntax_and_summary() -> None:
     required = {"create", "boot", "pause", "resume", "shutdown", "reboot", "power-button", "delete", "snapshot",
-                "restore", "add-disk", "remove-device", "resize", "info", "counters", "ping", "regs", "x", "profile",
-                "send", "expect", "run", "set", "assert", "sleep", "wait", "source", "echo", "quit", "connect"}
+                "restore", "add-disk", "remove-device", "resize", "resize-zone", "info", "counters", "ping", "regs",
+                "x", "profile", "send", "expect", "run", "set", "assert", "sleep", "wait", "source", "echo", "quit",
+                "connect"}
     assert required <= set(COMMANDS)
     for cmd in COMMANDS.values():
         assert cmd.syntax.startswith(cmd.name) and cmd.summary
@@ -95,3 +96,23 @@ def test_vmsh_c_and_run(tmp_path: Path) -> None:
     result = vmsh("run", str(script))
     assert (result.returncode, result.stdout) == (3, "ok\n")
     assert vmsh("run", str(tmp_path / "missing.vmsh")).returncode == 1
+
+
+class _RecordingTarget:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def call(self, endpoint: str, body: object = None, fds: object = None) -> None:
+        self.calls.append((endpoint, body))
+
+    def close(self) -> None:
+        pass
+
+
+def test_resize_commands_send_ch_remote_requests(session) -> None:
+    target = _RecordingTarget()
+    session._target = target  # the VMM's side is the API's (tests/unit/engine/test_memory_hotplug.py)
+    session.execute("resize --memory 1G")
+    session.execute("resize-zone --id z0 --size 768M")
+    assert target.calls == [("vm.resize", {"desired_ram": 1 << 30}),
+                            ("vm.resize-zone", {"id": "z0", "desired_ram": 768 << 20})]

@@ -1,5 +1,5 @@
 """AML namespace modifiers and named objects: ``Name``, ``Scope``, ``Device``, ``Method``, ``Mutex``,
-``OperationRegion``, ``Field`` and ``CreateDWordField`` (ACPI 6.4 §20.2.5.1, §20.2.5.2).
+``OperationRegion``, ``Field``, ``CreateDWordField`` and ``CreateQWordField`` (ACPI 6.4 §20.2.5.1, §20.2.5.2).
 
 Part of the AML encoder described in :mod:`vmsh.engine.acpi.aml`; the region-space and field
 flag values the builders take are defined here.
@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from vmsh.engine.acpi.aml import (
     CREATE_DWORD_FIELD_OP,
+    CREATE_QWORD_FIELD_OP,
     DEVICE_OP,
     EXT_OP_PREFIX,
     FIELD_OP,
@@ -126,3 +127,8 @@ def _create_field(op: int, source: Term, index: Term, name: str) -> bytes:
 def CreateDWordField(source: Term, byte_index: Term, name: str) -> bytes:
     """``CreateDWordField(source, index, name)`` (§20.2.5.2 DefCreateDWordField)."""
     return _create_field(CREATE_DWORD_FIELD_OP, source, byte_index, name)
+
+
+def CreateQWordField(source: Term, byte_index: Term, name: str) -> bytes:
+    """``CreateQWordField(source, index, name)`` (§20.2.5.2 DefCreateQWordField)."""
+    return _create_field(CREATE_QWORD_FIELD_OP, source, byte_index, name)

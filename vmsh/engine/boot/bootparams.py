@@ -49,7 +49,7 @@ _E820 = struct.Struct("<QQI")
 def e820_map(mem: GuestMemoryMmap, reserve_ecam: bool = True) -> list[tuple[int, int, int]]:
     """The guest's memory map as ``(addr, size, type)``: low RAM, RAM from 1 MiB, RAM above 4 GiB."""
     entries = [(0, layout.LOW_RAM_END, layout.E820_RAM)]
-    for region in mem.regions:
+    for region in mem.boot_regions:
         start = max(region.start, layout.HIGH_RAM_START)
         if region.end > start:
             entries.append((start, region.end - start, layout.E820_RAM))
