@@ -215,6 +215,14 @@ class IommuMappings:
                 d.remove(s)
             return "ok"
 
+    def set_endpoints(self, endpoints: set[int]) -> None:
+        """The endpoints behind the IOMMU now (devices were plugged, unplugged or moved): one
+        that left is detached, and its domain goes if it was the domain's last."""
+        with self._lock:
+            for gone in set(self.attached) - endpoints:
+                self._detach(gone)
+            self.endpoints = set(endpoints)
+
     def load(self, bypass: bool, domains: dict[int, Domain], attached: dict[int, int]) -> None:
         """Replace the whole table (a restore, already checked by the virtio-iommu)."""
         with self._lock:
@@ -300,7 +308,8 @@ class IommuMappings:
 
 
 def _fault_flags(access: int) -> int:
-    return FAULT_F_ADDRESS | (FAULT_F_READ if access & MAP_F_READ else 0) | (FAULT_F_WRITE if access & MAP_F_WRITE else 0)
+    read = FAULT_F_READ if access & MAP_F_READ else 0
+    return FAULT_F_ADDRESS | read | (FAULT_F_WRITE if access & MAP_F_WRITE else 0)
 
 
 class TranslatedMemory:

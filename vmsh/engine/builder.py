@@ -30,7 +30,7 @@ from vmsh.devices.pvpanic import event_name as pvpanic_event_name
 from vmsh.engine import smbios
 from vmsh.engine.acpi import cpu_hotplug, pci_hotplug
 from vmsh.engine.acpi.builder import build_acpi
-from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
+from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment, ViotSpec
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.configure import configure_vcpu, write_boot_tables
 from vmsh.engine.boot.loader import KernelImage, load_initramfs, load_kernel
@@ -104,7 +104,6 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
     hot-added device's by :func:`~vmsh.engine.virtio_devices.unsupported_item`).
     """
     missing = []
-    no_iommu = "(vmsh has no virtio-iommu)"
     for name, present in (
         # These need host pieces vmsh does not have: VFIO, vDPA, SGX.
         ("--vdpa (needs /dev/vhost-vdpa-*)", cfg.vdpa),
@@ -115,10 +114,9 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
         ("--numa", cfg.numa),
         ("--memory hotplug_size", cfg.memory.hotplug_size),
         ("--memory-zone hotplug_size", any(z.hotplug_size is not None for z in cfg.memory.zones or [])),
-        (f"--platform iommu_segments {no_iommu}", cfg.platform and cfg.platform.iommu_segments),
-        (f"--rng iommu=on {no_iommu}", cfg.rng.iommu),
-        (f"--console iommu=on {no_iommu}", cfg.console.iommu),
-        (f"--serial iommu=on {no_iommu}", cfg.serial.iommu),
+        # cloud-hypervisor ignores it: the serial port is a legacy device, not on PCI
+        ("--serial iommu=on (the serial port is not a PCI device: it cannot be behind the IOMMU)",
+         cfg.serial.iommu),
         ("--cpus features=[amx] (not implemented in vmsh"
          + (", though this host has AMX)" if host_has_amx() else "; this host has no AMX either)"),
          cfg.cpus.features.amx),
@@ -388,6 +386,7 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
             shutdown_port=SHUTDOWN_PORT,
             pm_timer_port=PM_TIMER_PORT,
             tpm_address=TPM_ADDRESS if vm.platform.tpm is not None else None,
+            viot=_viot(vm.devices),
         ))
         tables = smbios.build_smbios(smbios.SmbiosSpec.from_platform(cfg.platform))
     except ValueError as err:
@@ -395,6 +394,18 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
     vm.memory.write(acpi.rsdp_address, acpi.blob)
     vm.memory.write(layout.SMBIOS_START, tables)
     return acpi.rsdp_address
+
+
+def _viot(devices: DeviceManager | None) -> ViotSpec | None:
+    """The VIOT table's contents: the virtio-iommu and its endpoints (cloud-hypervisor writes
+    the table only when some device is behind the IOMMU)."""
+    if devices is None or devices.iommu_id is None:
+        return None
+    endpoints = devices.iommu_endpoints()
+    if not endpoints:
+        return None
+    iommu = devices.devices[devices.iommu_id]
+    return ViotSpec(iommu.segment, iommu.slot << 3, tuple((seg, slot << 3) for seg, slot in endpoints))
 
 
 def cpu_topology(config: m.VmConfig) -> CpuTopology:

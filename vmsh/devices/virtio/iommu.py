@@ -163,7 +163,8 @@ class VirtioIommu(VirtioDevice):
 
     def write_config(self, offset: int, data: bytes) -> None:
         """Only ``bypass`` is writable, and only once BYPASS_CONFIG was negotiated."""
-        if offset == _BYPASS_OFFSET and len(data) == 1 and has_feature(self.acked_features, VIRTIO_IOMMU_F_BYPASS_CONFIG):
+        negotiated = has_feature(self.acked_features, VIRTIO_IOMMU_F_BYPASS_CONFIG)
+        if offset == _BYPASS_OFFSET and len(data) == 1 and negotiated:
             self.table.set_bypass(bool(data[0] & 1))
         else:
             LOG.debug("virtio-iommu: ignored config write at %#x", offset)

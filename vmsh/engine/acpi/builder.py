@@ -4,9 +4,9 @@
 that the engine copies to guest RAM at ``rsdp_address`` (0xa0000 by default, the EBDA, where
 the PVH start info and the zero page point the kernel):
 
-    RSDP, DSDT, FACP, APIC, [MCFG], [TPM2], XSDT
+    RSDP, DSDT, FACP, APIC, [MCFG], [TPM2], [VIOT], XSDT
 
-each table 8-byte aligned after the one before. The XSDT lists FACP, APIC, MCFG and TPM2; the DSDT is
+each table 8-byte aligned after the one before. The XSDT lists FACP, APIC, MCFG, TPM2 and VIOT; the DSDT is
 reached through the FADT's X_DSDT (ACPI 6.4 §5.2.8, §5.2.9).
 """
 
@@ -51,6 +51,7 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     madt = tables.madt(spec)
     mcfg = tables.mcfg(spec.pci_segments, spec.oem) if spec.pci_segments else None
     tpm2 = tables.tpm2(spec.tpm_address, spec.oem) if spec.tpm_address is not None else None
+    viot = tables.viot(spec.viot, spec.oem) if spec.viot is not None else None
 
     addr = spec.rsdp_address
     placed: dict[str, int] = {"RSDP": addr}
@@ -67,10 +68,13 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     if tpm2 is not None:
         placed["TPM2"] = addr
         addr = _align(addr + len(tpm2))
+    if viot is not None:
+        placed["VIOT"] = addr
+        addr = _align(addr + len(viot))
     placed["XSDT"] = addr
 
     fadt = tables.fadt(spec, placed["DSDT"])
-    xsdt_entries = [placed[name] for name in ("FACP", "APIC", "MCFG", "TPM2") if name in placed]
+    xsdt_entries = [placed[name] for name in ("FACP", "APIC", "MCFG", "TPM2", "VIOT") if name in placed]
     xsdt = tables.xsdt(xsdt_entries, spec.oem)
     rsdp = tables.rsdp(placed["XSDT"], spec.oem)
 
@@ -79,6 +83,8 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
         content["MCFG"] = mcfg
     if tpm2 is not None:
         content["TPM2"] = tpm2
+    if viot is not None:
+        content["VIOT"] = viot
     end = placed["XSDT"] + len(xsdt)
     if end > spec.limit:
         raise ValueError(

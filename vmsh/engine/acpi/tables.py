@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from vmsh.engine.acpi.spec import IOAPIC_ADDRESS, LAPIC_ADDRESS, AcpiSpec, OemInfo, PciSegment
+from vmsh.engine.acpi.spec import IOAPIC_ADDRESS, LAPIC_ADDRESS, AcpiSpec, OemInfo, PciSegment, ViotSpec
 
 SDT_HEADER_SIZE = 36
 #: offset of the checksum byte in the SDT header (§5.2.6, Table 5.4)
@@ -231,3 +231,28 @@ def mcfg(segments: Sequence[PciSegment], oem: OemInfo) -> bytes:
 def dsdt(aml_body: bytes, oem: OemInfo) -> bytes:
     """DSDT (§5.2.11.1): the header then the AML definition blocks."""
     return sdt("DSDT", DSDT_REVISION, aml_body, oem)
+
+
+# --- VIOT (ACPI 6.5 §5.2.32, Virtual I/O Translation table) --------------------------------------
+VIOT_REVISION = 0
+#: the table's own fields after the header: node count, node offset, 8 reserved bytes
+VIOT_HEADER_END = SDT_HEADER_SIZE + 12
+VIOT_NODE_PCI_RANGE = 1
+VIOT_NODE_VIRTIO_IOMMU_PCI = 3
+VIOT_PCI_RANGE_SIZE = 24
+VIOT_VIRTIO_IOMMU_PCI_SIZE = 16
+
+
+def viot(spec: ViotSpec, oem: OemInfo) -> bytes:
+    """VIOT as cloud-hypervisor lays it out (``vmm/src/acpi.rs``): the virtio-iommu-pci node
+    first, then one single-function PCI range node per endpoint, each pointing at it; an
+    endpoint's id is its segment and BDF (``segment << 16 | bdf``), as the virtio-iommu numbers
+    endpoints (Linux: drivers/acpi/viot.c)."""
+    iommu_node = VIOT_HEADER_END
+    nodes = [struct.pack("<BxHHH8x", VIOT_NODE_VIRTIO_IOMMU_PCI, VIOT_VIRTIO_IOMMU_PCI_SIZE,
+                         spec.iommu_segment, spec.iommu_bdf)]
+    nodes += [struct.pack("<BxHIHHHHH6x", VIOT_NODE_PCI_RANGE, VIOT_PCI_RANGE_SIZE, segment << 16 | bdf,
+                          segment, segment, bdf, bdf, iommu_node)
+              for segment, bdf in spec.endpoints]
+    body = struct.pack("<HH8x", len(nodes), iommu_node) + b"".join(nodes)
+    return sdt("VIOT", VIOT_REVISION, body, oem)
