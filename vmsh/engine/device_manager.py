@@ -434,7 +434,10 @@ class DeviceManager:
         # every device in its slot (its endpoint id follows) before the virtio-iommu's table,
         # which names the endpoints, is loaded
         self._refresh_endpoints()
-        for dev_id, entry in self.devices.items():
+        # the virtio-iommu's mappings first: a device behind it re-activates in its restore, and
+        # its rings are I/O virtual addresses
+        order = sorted(self.devices.items(), key=lambda item: item[0] != self.iommu_id)
+        for dev_id, entry in order:
             raw = saved[dev_id]
             with entry.lock:
                 _restore_state(dev_id, entry.transport, self._decode_state(entry, raw))
