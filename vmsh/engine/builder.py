@@ -386,7 +386,7 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
             shutdown_port=SHUTDOWN_PORT,
             pm_timer_port=PM_TIMER_PORT,
             tpm_address=TPM_ADDRESS if vm.platform.tpm is not None else None,
-            viot=_viot(vm.devices),
+            viot=viot_spec(vm.devices),
         ))
         tables = smbios.build_smbios(smbios.SmbiosSpec.from_platform(cfg.platform))
     except ValueError as err:
@@ -396,7 +396,7 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
     return acpi.rsdp_address
 
 
-def _viot(devices: DeviceManager | None) -> ViotSpec | None:
+def viot_spec(devices: DeviceManager | None) -> ViotSpec | None:
     """The VIOT table's contents: the virtio-iommu and its endpoints (cloud-hypervisor writes
     the table only when some device is behind the IOMMU)."""
     if devices is None or devices.iommu_id is None:

@@ -16,7 +16,7 @@ from vmsh.devices.virtio.iommu import VirtioIommu
 from vmsh.engine.acpi import AcpiSpec, build_acpi
 from vmsh.engine.acpi.spec import ViotSpec
 from vmsh.engine.acpi.tables import SDT_HEADER_SIZE
-from vmsh.engine.builder import _viot
+from vmsh.engine.builder import viot_spec
 from vmsh.engine.device_manager import DeviceManager
 
 
@@ -50,12 +50,12 @@ def test_devices_behind_the_iommu(machine: Machines, tmp_path: Path) -> None:
     assert devices.devices["_disk0"].transport.memory.endpoint == endpoint_id(0, 1)
     assert devices.iommu is not None and devices.iommu.endpoints == {endpoint_id(0, 1), endpoint_id(0, 3)}
     assert devices.iommu_endpoints() == [(0, 1), (0, 3)]
-    assert _viot(devices) == ViotSpec(0, 5 << 3, ((0, 1 << 3), (0, 3 << 3)))
+    assert viot_spec(devices) == ViotSpec(0, 5 << 3, ((0, 1 << 3), (0, 3 << 3)))
 
 
 def test_no_iommu_no_table(machine: Machines, tmp_path: Path) -> None:
     devices = machine({"disks": [_disk(tmp_path, "a")]})
-    assert devices.iommu is None and "__iommu" not in devices.devices and _viot(devices) is None
+    assert devices.iommu is None and "__iommu" not in devices.devices and viot_spec(devices) is None
     assert not isinstance(devices.devices["_disk0"].transport.memory, TranslatedMemory)
 
 
