@@ -52,7 +52,8 @@ FAULT_F_ADDRESS = 0x100  # ``address`` is valid
 
 #: faults waiting for a buffer on the event queue; more are counted and dropped
 MAX_PENDING_FAULTS = 128
-#: mappings one domain may hold (a guest asking for more gets NOMEM)
+#: mappings all domains together may hold (a guest asking for more gets NOMEM): about 200 MiB
+#: of host memory at most, whatever the guest asks
 MAX_MAPPINGS = 1 << 20
 #: pieces one translated range may be cut into (a page per piece is 256 MiB)
 MAX_PIECES = 1 << 16
@@ -163,6 +164,8 @@ class IommuMappings:
             existing = self.domains.get(domain)
             if existing is not None and existing.bypass != bypass:
                 return "inval"
+            if self.attached.get(endpoint) == domain:
+                return "ok"  # already there: leaving first would destroy the domain with its mappings
             self._detach(endpoint)
             if existing is None:
                 self.domains[domain] = Domain(bypass=bypass)
@@ -194,7 +197,7 @@ class IommuMappings:
                 return "noent"
             if d.bypass or d.overlapping(start, end):
                 return "inval"
-            if len(d.starts) >= MAX_MAPPINGS:
+            if sum(len(x.starts) for x in self.domains.values()) >= MAX_MAPPINGS:
                 return "nomem"
             d.add(start, end, phys, flags)
             return "ok"

@@ -289,6 +289,8 @@ class VirtioIommu(VirtioDevice):
         s = expect_state(state, VirtioIommuState)
         check_max_length("attached", s.attached, MAX_ENDPOINTS)
         check_max_length("domains", s.domains, MAX_ENDPOINTS)
+        if sum(len(ds.mappings) for ds in s.domains) > MAX_MAPPINGS:
+            raise DeviceStateError("domains", f"more than {MAX_MAPPINGS} mappings")
         domains: dict[int, Domain] = {}
         for i, ds in enumerate(s.domains):
             if ds.id in domains:

@@ -30,6 +30,7 @@ from vmsh.devices.virtio.iommu import (
     S_DEVERR,
     S_INVAL,
     S_NOENT,
+    S_NOMEM,
     S_OK,
     S_RANGE,
     S_UNSUPP,
@@ -124,6 +125,8 @@ def test_attach_map_translate_unmap_detach(mem: GuestMemoryMmap, alloc: Allocato
     with pytest.raises(GuestMemoryError):
         view.write(0x10_2000, b"no")  # a read-only mapping
     assert mem.read(0x80_0000, 2) == b"XY"
+    assert d.attach(7) == S_OK  # attached again to its own domain: the mappings stay
+    assert view.read(0x10_1FFF, 3) == mem.read(0x40_1FFF, 1) + b"XY"
     assert d.unmap(7, 0x10_0000, 0x10_0FFF) == S_RANGE  # would split the first mapping
     assert view.read(0x10_0000, 1) == mem.read(0x40_0000, 1)
     assert d.unmap(7, 0x10_0000, 0x10_FFFF) == S_OK  # both, and more
@@ -323,3 +326,14 @@ def test_restore_refuses_a_bad_table(change: object, field: str, mem: GuestMemor
         fresh.restore(change(good))  # type: ignore[operator]  # the parametrized lambda
     assert info.value.field == field
     assert fresh.table.domains == {} and fresh.table.attached == {}  # left as it was
+
+
+def test_mappings_are_bounded(mem: GuestMemoryMmap, alloc: Allocator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vmsh.devices.dma.MAX_MAPPINGS", 2)
+    d = Driver(mem, alloc, IommuMappings({EP, endpoint_id(0, 4)}))
+    assert d.attach(1) == S_OK and d.attach(2, endpoint=endpoint_id(0, 4)) == S_OK
+    assert d.map(1, 0, 0xFFF, 0) == S_OK
+    assert d.map(2, 0, 0xFFF, 0) == S_OK
+    assert d.map(1, 0x1000, 0x1FFF, 0) == S_NOMEM  # the limit is for all domains together
+    assert d.unmap(2, 0, 0xFFF) == S_OK
+    assert d.map(1, 0x1000, 0x1FFF, 0) == S_OK
