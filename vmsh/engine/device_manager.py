@@ -52,6 +52,7 @@ from vmsh.engine.msi import GsiRoutes, KvmMsiRouter
 from vmsh.engine.pci_device import BarAllocator, LockedPciFunction, PciDevice, PciFunctionModel
 from vmsh.engine.persist import from_plain, to_plain
 from vmsh.errors import DeviceError, DeviceStateError, KvmError, SnapshotError
+from vmsh.guest_memory import GuestMemory
 
 LOG = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class DeviceManager:
             ``iommu`` is asked of a VM without a virtio-iommu.
         """
         self._check_segment(dev_id, segment)
-        memory: Any = self.memory
+        memory: GuestMemory = self.memory
         if iommu:
             if self.iommu is None:
                 raise DeviceError(f"{dev_id}: the VM has no virtio-iommu to place the device behind")
