@@ -3,8 +3,8 @@
 Linux's ACPI VIOT parser (drivers/acpi/viot.c) finds the virtio-iommu and the disk's endpoint in
 the VIOT table, virtio-iommu.c attaches the disk to a DMA domain, and from then on every buffer
 virtio-blk gives the device is an I/O virtual address that vmsh translates through the guest's
-mappings. The guest sees the IOMMU group, reads the host image's bytes and writes bytes the host
-then finds in the image; a snapshot and restore keep the mappings, and the disk goes on working
+mappings. The guest sees the IOMMU groups, reads the host image's bytes and writes bytes the host
+then finds in the image, and reads entropy from a virtio-rng behind the IOMMU too; a snapshot and restore keep the mappings, and the disk goes on working
 in the clone. With ``--platform iommu_segments=[1]`` a disk on segment 1 is behind it too.
 
 The guest kernel needs CONFIG_VIRTIO_IOMMU and CONFIG_ACPI_VIOT, which are in the ``kernel-full``
@@ -78,11 +78,16 @@ def test_disk_behind_the_iommu_and_a_restore(vmsh_guest, vmsh_image, tmp_path: P
     image = tmp_path / "disk.raw"
     _image(image)
     api = tmp_path / "api.sock"
-    guest = vmsh_guest("--disk", f"path={image},iommu=on", "--api-socket", str(api), kernel=kernel)
+    guest = vmsh_guest("--disk", f"path={image},iommu=on", "--rng", "src=/dev/urandom,iommu=on",
+                       "--api-socket", str(api), kernel=kernel)
     # the driver bound to the device (a virtioN link in its directory)
     assert "virtio" in guest.check_output("ls /sys/bus/virtio/drivers/virtio_iommu/ | grep '^virtio'")
     # the disk is 00:01.0 (first virtio device), the IOMMU comes after the virtio devices
     _check_disk(guest, "vda", image, "0000:00:01.0", 0, 1)
+    # the entropy device (00:02.0) is behind it too, in its own group, and fills the guest's buffers
+    assert guest.check_output("readlink /sys/bus/pci/devices/0000:00:02.0/iommu_group") != \
+        guest.check_output("readlink /sys/bus/pci/devices/0000:00:01.0/iommu_group")
+    assert guest.check_output("head -c 4096 /dev/hwrng | wc -c") == "4096"
     snap = tmp_path / "snap"
     snap.mkdir()
     with ApiClient(str(api)) as client:
@@ -95,6 +100,7 @@ def test_disk_behind_the_iommu_and_a_restore(vmsh_guest, vmsh_image, tmp_path: P
         copy = tmp_path / "clone" / "snapshot" / "disk-_disk0.img"
         assert copy.read_bytes() == image.read_bytes()
         _check_disk(clone, "vda", copy, "0000:00:01.0", 2, 3)
+        assert clone.check_output("head -c 4096 /dev/hwrng | wc -c") == "4096"
     finally:
         clone.close()
 
