@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.engine.device_machine import Machines
-from vmsh.devices.dma import TranslatedMemory, endpoint_id
+from tests.unit.devices.virtio.driver import Allocator, FakeInterrupt, Ring
+from tests.unit.engine.device_machine import RAM, Machines
+from vmsh.devices.dma import FAULT_R_DOMAIN, TranslatedMemory, endpoint_id
 from vmsh.devices.virtio.device import VIRTIO_F_ACCESS_PLATFORM, has_feature
 from vmsh.devices.virtio.iommu import VirtioIommu
+from vmsh.devices.virtio.queue import VirtQueue
 from vmsh.engine.acpi import AcpiSpec, build_acpi
 from vmsh.engine.acpi.spec import ViotSpec
 from vmsh.engine.acpi.tables import SDT_HEADER_SIZE
 from vmsh.engine.builder import viot_spec
 from vmsh.engine.device_manager import DeviceManager
+from vmsh.errors import GuestMemoryError
+from vmsh.harness.waiting import wait_until
 
 
 @pytest.fixture
@@ -101,3 +105,25 @@ def test_viot_spec_checks_its_fields() -> None:
         ViotSpec(0, 1 << 16)
     with pytest.raises(ValueError):
         ViotSpec(0, 8, ((1 << 16, 0),))
+
+
+def test_a_fault_reaches_the_event_queue_through_the_io_loop(machine: Machines, tmp_path: Path) -> None:
+    devices = machine({"disks": [_disk(tmp_path, "a", iommu=True)]})
+    iommu = devices.devices["__iommu"].transport.device
+    assert isinstance(iommu, VirtioIommu)
+    alloc = Allocator(0x10_0000, RAM)
+    req, evt = Ring.create(machine.memory, alloc, 8), Ring.create(machine.memory, alloc, 8)
+    irq = FakeInterrupt()
+    iommu.activate(machine.memory, [req.attach(VirtQueue(machine.memory, 256)),
+                                    evt.attach(VirtQueue(machine.memory, 256))], irq, 1 << 32)
+    buf = alloc.alloc(64)
+    head = evt.add([(buf, 64, True)])
+    devices.start()
+    iommu.table.set_bypass(False)
+    disk = devices.devices["_disk0"].transport
+    with pytest.raises(GuestMemoryError):
+        disk.memory.read(0x1234_5000, 8)  # the disk's endpoint is in no domain
+    wait_until(lambda: evt.used_idx() == 1, 10, "the fault in the event queue", interval=0.01)
+    assert evt.take_used() == [(head, 24)] and irq.used == [1]
+    reason, _, endpoint, address = struct.unpack("<B3xII4xQ", machine.memory.read(buf, 24))
+    assert (reason, endpoint, address) == (FAULT_R_DOMAIN, endpoint_id(0, 1), 0x1234_5000)
