@@ -12,6 +12,11 @@ fault for the virtio-iommu to report on its event queue (virtio 1.2 §5.13.6.7);
 host memory that is not guest RAM. A range that spans several mappings is cut into one piece per
 mapping (each piece a separate view), so buffers the guest maps page by page work.
 
+Permissions (MAP's READ and WRITE flags): copies check them (``read`` needs READ, ``write`` needs
+WRITE); a zero-copy view (``slices``), which the virtqueue makes for every buffer whatever its
+direction, needs one of the two, since Linux maps a device-writable buffer WRITE-only and a
+device-readable one READ-only. A mapping with neither flag translates nothing.
+
 Devices not behind the IOMMU get the plain ``GuestMemory`` and pay nothing for this module.
 
 Endpoint ids are PCI requester ids with the segment (``segment << 16 | bus << 8 | devfn``), as
