@@ -3,13 +3,16 @@ translated memory of a device behind it."""
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tests.unit.devices.virtio.driver import Allocator, FakeInterrupt, Ring
+from tests.unit.devices.storage.fakes import LoopWatcher
+from tests.unit.devices.virtio.driver import Allocator, FakeInterrupt, FakeRouter, Ring
+from tests.unit.devices.virtio.test_block import BACKENDS, Disk
 from vmsh.devices.dma import (
     FAULT_F_ADDRESS,
     FAULT_F_WRITE,
@@ -21,6 +24,7 @@ from vmsh.devices.dma import (
     TranslatedMemory,
     endpoint_id,
 )
+from vmsh.devices.virtio.block import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VirtioBlock
 from vmsh.devices.virtio.device import VIRTIO_F_VERSION_1
 from vmsh.devices.virtio.iommu import (
     ATTACH_F_BYPASS,
@@ -337,3 +341,39 @@ def test_mappings_are_bounded(mem: GuestMemoryMmap, alloc: Allocator, monkeypatc
     assert d.map(1, 0x1000, 0x1FFF, 0) == S_NOMEM  # the limit is for all domains together
     assert d.unmap(2, 0, 0xFFF) == S_OK
     assert d.map(1, 0x1000, 0x1FFF, 0) == S_OK
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "aio", "sync"])
+def test_block_behind_the_iommu(backend: str, tmp_path: Path, mem: GuestMemoryMmap, alloc: Allocator,
+                                router: FakeRouter) -> None:
+    """virtio-blk over a domain that maps RAM 1:1 in 64 KiB mappings: requests whose buffers
+    cross mappings complete; one whose buffer lost its mapping fails, and the fault is kept."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    table = IommuMappings({EP})
+    assert table.attach(1, EP, bypass=False) == "ok"
+    for start in range(0, 16 << 20, 0x1_0000):
+        assert table.map(1, start, start + 0xFFFF, start, RW) == "ok"
+    watcher = None if backend == "sync" else LoopWatcher()
+    blk = VirtioBlock(str(image), watcher=watcher, **BACKENDS[backend])
+    disk = Disk(blk, mem, alloc, router, watcher, device_memory=TranslatedMemory(mem, table, EP))
+    try:
+        alloc.alloc(0x1_0000 - alloc.next % 0x1_0000 - 700, 1)  # the next buffers straddle a mapping boundary
+        status, data, _ = disk.request(VIRTIO_BLK_T_IN, 8, in_len=8192, split=3)
+        assert status == VIRTIO_BLK_S_OK and data == image.read_bytes()[4096:12288]
+        payload = os.urandom(4096)
+        status, _, _ = disk.request(VIRTIO_BLK_T_OUT, 100, out=payload, split=2)
+        assert status == VIRTIO_BLK_S_OK and image.read_bytes()[51200:55296] == payload
+        hole = (alloc.next + 0x1_0000) & ~0xFFFF
+        assert table.unmap(1, hole, hole + 0xFFFF) == "ok"
+        alloc.alloc(hole - alloc.next, 1)
+        ring = disk.rings[0]
+        hdr = alloc.alloc(16)
+        mem.write(hdr, struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
+        ring.add([(hdr, 16, False), (hole, 512, True), (alloc.alloc(1), 1, True)])
+        disk.driver.kick(0)
+        assert blk.needs_reset and ring.take_used() == []
+        fault = table.take_fault()
+        assert fault is not None and fault.reason == FAULT_R_MAPPING
+    finally:
+        disk.pci.close()
