@@ -4,8 +4,9 @@ Linux's ACPI VIOT parser (drivers/acpi/viot.c) finds the virtio-iommu and the di
 the VIOT table, virtio-iommu.c attaches the disk to a DMA domain, and from then on every buffer
 virtio-blk gives the device is an I/O virtual address that vmsh translates through the guest's
 mappings. The guest sees the IOMMU groups, reads the host image's bytes and writes bytes the host
-then finds in the image, and reads entropy from a virtio-rng behind the IOMMU too; a snapshot and restore keep the mappings, and the disk goes on working
-in the clone. With ``--platform iommu_segments=[1]`` a disk on segment 1 is behind it too.
+then finds in the image, and reads entropy from a virtio-rng behind the IOMMU too; a snapshot and
+restore keep the mappings, and the disk goes on working in the clone. With ``--platform
+iommu_segments=[1]`` a disk on segment 1 is behind it too.
 
 The guest kernel needs CONFIG_VIRTIO_IOMMU and CONFIG_ACPI_VIOT, which are in the ``kernel-full``
 flavour (issue #19); the test skips (fails in CI) naming them while that kernel is not built.
