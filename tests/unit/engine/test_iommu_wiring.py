@@ -90,6 +90,7 @@ def test_viot_bytes() -> None:
     signature, length, revision = struct.unpack_from("<4sIB", table)
     assert (signature, length, revision) == (b"VIOT", 36 + 12 + 16 + 2 * 24, 0) and len(table) == length
     assert sum(table) % 256 == 0 and table[10:16] == b"CLOUDH" and table[16:24] == b"CHVIOT  "
+    assert struct.unpack_from("<I", table, 24) == (0,)  # OEM revision
     assert struct.unpack_from("<HH8x", table, SDT_HEADER_SIZE) == (3, 48)
     assert struct.unpack_from("<BxHHH8x", table, 48) == (3, 16, 0, 5 << 3)
     assert struct.unpack_from("<BxHIHHHHH6x", table, 64) == (1, 24, 1 << 3, 0, 0, 1 << 3, 1 << 3, 48)

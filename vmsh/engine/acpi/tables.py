@@ -8,6 +8,7 @@ job of :mod:`vmsh.engine.acpi.builder`. The DSDT body is produced by
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Sequence
 
@@ -255,4 +256,5 @@ def viot(spec: ViotSpec, oem: OemInfo) -> bytes:
                           segment, segment, bdf, bdf, iommu_node)
               for segment, bdf in spec.endpoints]
     body = struct.pack("<HH8x", len(nodes), iommu_node) + b"".join(nodes)
-    return sdt("VIOT", VIOT_REVISION, body, oem)
+    # cloud-hypervisor gives this table OEM revision 0 (its others have 1)
+    return sdt("VIOT", VIOT_REVISION, body, dataclasses.replace(oem, oem_revision=0))
