@@ -31,7 +31,7 @@ from vmsh.devices.pvpanic import event_name as pvpanic_event_name
 from vmsh.engine import smbios
 from vmsh.engine.acpi import cpu_hotplug, memory_hotplug, pci_hotplug
 from vmsh.engine.acpi.builder import build_acpi
-from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment
+from vmsh.engine.acpi.spec import AcpiSpec, GedSpec, PciSegment, ViotSpec
 from vmsh.engine.boot import layout
 from vmsh.engine.boot.configure import configure_vcpu, write_boot_tables
 from vmsh.engine.boot.loader import KernelImage, load_initramfs, load_kernel
@@ -125,7 +125,6 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
     hot-added device's by :func:`~vmsh.engine.virtio_devices.unsupported_item`).
     """
     missing = []
-    no_iommu = "(vmsh has no virtio-iommu)"
     for name, present in (
         # These need host pieces vmsh does not have: VFIO, vDPA, SGX.
         ("--vdpa (needs /dev/vhost-vdpa-*)", cfg.vdpa),
@@ -133,10 +132,9 @@ def unsupported_options(cfg: m.VmConfig) -> list[str]:
         ("--user-device (needs a vfio-user server)", cfg.user_devices),
         ("--sgx-epc (needs SGX on the host)", cfg.sgx_epc),
         # Not implemented yet.
-        (f"--platform iommu_segments {no_iommu}", cfg.platform and cfg.platform.iommu_segments),
-        (f"--rng iommu=on {no_iommu}", cfg.rng.iommu),
-        (f"--console iommu=on {no_iommu}", cfg.console.iommu),
-        (f"--serial iommu=on {no_iommu}", cfg.serial.iommu),
+        # cloud-hypervisor ignores it: the serial port is a legacy device, not on PCI
+        ("--serial iommu=on (the serial port is not a PCI device: it cannot be behind the IOMMU)",
+         cfg.serial.iommu),
         ("--cpus features=[amx] (not implemented in vmsh"
          + (", though this host has AMX)" if host_has_amx() else "; this host has no AMX either)"),
          cfg.cpus.features.amx),
@@ -419,6 +417,7 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
             tpm_address=TPM_ADDRESS if vm.platform.tpm is not None else None,
             # cloud-hypervisor lists the virtio-mem regions as hot-pluggable, not the ACPI area
             numa=numa_spec(cfg, hotplug_ranges=_virtio_mem_ranges(cfg.memory, vm.boot_ram)),
+            viot=viot_spec(vm.devices),
         ))
         tables = smbios.build_smbios(smbios.SmbiosSpec.from_platform(cfg.platform))
     except ValueError as err:
@@ -426,6 +425,18 @@ def _write_firmware_tables(vm: Vm, segments: tuple[PciSegment, ...]) -> int:
     vm.memory.write(acpi.rsdp_address, acpi.blob)
     vm.memory.write(layout.SMBIOS_START, tables)
     return acpi.rsdp_address
+
+
+def viot_spec(devices: DeviceManager | None) -> ViotSpec | None:
+    """The VIOT table's contents: the virtio-iommu and its endpoints (cloud-hypervisor writes
+    the table only when some device is behind the IOMMU)."""
+    if devices is None or devices.iommu_id is None:
+        return None
+    endpoints = devices.iommu_endpoints()
+    if not endpoints:
+        return None
+    iommu = devices.devices[devices.iommu_id]
+    return ViotSpec(iommu.segment, iommu.slot << 3, tuple((seg, slot << 3) for seg, slot in endpoints))
 
 
 def cpu_topology(config: m.VmConfig) -> CpuTopology:

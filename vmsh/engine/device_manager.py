@@ -39,8 +39,10 @@ from collections.abc import Callable
 from typing import Any
 
 from vmsh._native import ffi
+from vmsh.devices.dma import IommuMappings, TranslatedMemory, endpoint_id
 from vmsh.devices.pci.root import PciBus, PciConfigIo, PciEcam
-from vmsh.devices.virtio.device import VirtioDevice
+from vmsh.devices.virtio.device import VIRTIO_F_ACCESS_PLATFORM, VirtioDevice
+from vmsh.devices.virtio.iommu import VirtioIommu
 from vmsh.devices.virtio.pci import VirtioPciDevice, VirtioPciState
 from vmsh.engine.acpi.spec import PciSegment
 from vmsh.engine.bus import Bus, BusError, BusRange
@@ -50,6 +52,7 @@ from vmsh.engine.msi import GsiRoutes, KvmMsiRouter
 from vmsh.engine.pci_device import BarAllocator, LockedPciFunction, PciDevice, PciFunctionModel
 from vmsh.engine.persist import from_plain, to_plain
 from vmsh.errors import DeviceError, DeviceStateError, KvmError, SnapshotError
+from vmsh.guest_memory import GuestMemory
 
 LOG = logging.getLogger(__name__)
 
@@ -96,6 +99,15 @@ class DeviceManager:
         self._kick_after_restore = False
         #: host mappings in guest physical memory, by device id: (KVM slot, guest address, mapping)
         self._regions: dict[str, tuple[int, int, mmap.mmap]] = {}
+        #: the virtio-iommu's table, when the VM has one (:meth:`enable_iommu`)
+        self.iommu: IommuMappings | None = None
+        #: the virtio-iommu's id, once plugged (:meth:`add_iommu`)
+        self.iommu_id: str | None = None
+        #: segments whose every slot is behind the IOMMU (``--platform iommu_segments``)
+        self.iommu_segments: tuple[int, ...] = ()
+        #: ids of the devices placed behind the IOMMU, in the order they were plugged
+        self.iommu_devices: list[str] = []
+        self._iommu_fault_fd = -1
         self._alloc32 = {seg.id: BarAllocator(*seg.mmio32) for seg in segments}
         self._alloc64 = {seg.id: BarAllocator(*seg.mmio64) for seg in segments}
         for seg, bus in zip(segments, self.buses, strict=True):
@@ -120,21 +132,90 @@ class DeviceManager:
             self.platform_nodes.append(dev_id)
 
     def add_virtio(self, dev_id: str, device: VirtioDevice, *, segment: int = 0, slot: int | None = None,
-                   bar64: bool = True) -> PciDevice:
+                   bar64: bool = True, iommu: bool = False) -> PciDevice:
         """Plug ``device`` in behind a virtio-pci transport with its MSI-X vectors.
 
-        :raises DeviceError: when the segment, the slot or the BAR space is not available.
+        With ``iommu`` the device is behind the virtio-iommu: it offers VIRTIO_F_ACCESS_PLATFORM
+        and reaches guest RAM through a ``TranslatedMemory`` of its endpoint (the others keep
+        the plain ``GuestMemory``, untouched).
+
+        :raises DeviceError: when the segment, the slot or the BAR space is not available, or
+            ``iommu`` is asked of a VM without a virtio-iommu.
         """
         self._check_segment(dev_id, segment)
+        memory: GuestMemory = self.memory
+        if iommu:
+            if self.iommu is None:
+                raise DeviceError(f"{dev_id}: the VM has no virtio-iommu to place the device behind")
+            memory = TranslatedMemory(self.memory, self.iommu)
+            device.avail_features = device.avail_features | 1 << VIRTIO_F_ACCESS_PLATFORM
         router = KvmMsiRouter(self.vm_fd, self.routes, len(device.queue_max_sizes) + 1)
         try:
-            transport = VirtioPciDevice(device, self.memory, router, bar64=bar64)
+            transport = VirtioPciDevice(device, memory, router, bar64=bar64)
             if self.on_device_event is not None:
                 transport.on_lifecycle = functools.partial(self.on_device_event, dev_id)
-            return self._plug(dev_id, transport, segment, slot, bar64, router, len(device.queue_max_sizes))
+            entry = self._plug(dev_id, transport, segment, slot, bar64, router, len(device.queue_max_sizes))
         except BaseException:
             router.close()
             raise
+        if iommu:
+            self.iommu_devices.append(dev_id)
+            self._refresh_endpoints()
+        return entry
+
+    # --- the virtio-iommu -------------------------------------------------------------------------
+
+    def enable_iommu(self, segments: tuple[int, ...]) -> IommuMappings:
+        """Give the VM an IOMMU table before its devices are plugged; every slot of
+        ``segments`` is behind it (cloud-hypervisor's ``iommu_segments``)."""
+        self.iommu_segments = segments
+        self.iommu = IommuMappings(endpoint_id(seg, slot) for seg in segments for slot in range(32))
+        return self.iommu
+
+    def add_iommu(self, dev_id: str, device: VirtioIommu) -> PciDevice:
+        """Plug the virtio-iommu (segment 0, the next free slot) and deliver its faults: an
+        endpoint's translation fault wakes the I/O loop, which writes the waiting faults into
+        the event queue under the virtio-iommu's lock (never the endpoint's)."""
+        entry = self.add_virtio(dev_id, device)
+        self.iommu_id = dev_id
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._iommu_fault_fd = fd
+
+        def deliver() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            if self.devices.get(dev_id) is entry:
+                with entry.lock:
+                    device.deliver_faults()
+
+        self.loop.add(fd, deliver)
+        device.table.on_fault = functools.partial(os.eventfd_write, fd, 1)
+        return entry
+
+    def _refresh_endpoints(self) -> None:
+        """Tell each device behind the IOMMU its endpoint id (it got its slot, or moved) and
+        make the table's endpoint set the IOMMU segments' slots and those devices."""
+        if self.iommu is None:
+            return
+        endpoints = {endpoint_id(seg, slot) for seg in self.iommu_segments for slot in range(32)}
+        for dev_id in self.iommu_devices:
+            entry = self.devices.get(dev_id)
+            memory = getattr(entry.transport, "memory", None) if entry is not None else None
+            if entry is not None and isinstance(memory, TranslatedMemory):
+                memory.endpoint = endpoint_id(entry.segment, entry.slot)
+                endpoints.add(memory.endpoint)
+        self.iommu.set_endpoints(endpoints)
+
+    def iommu_endpoints(self) -> list[tuple[int, int]]:
+        """``(segment, slot)`` of each endpoint the VIOT table lists: the devices placed behind
+        the IOMMU, then every slot of the IOMMU segments not already listed (cloud-hypervisor's
+        order)."""
+        out = [(self.devices[d].segment, self.devices[d].slot) for d in self.iommu_devices if d in self.devices]
+        for seg in self.iommu_segments:
+            out.extend((seg, slot) for slot in range(32) if (seg, slot) not in out)
+        return out
 
     def add_pci(self, dev_id: str, function: PciFunctionModel, *, segment: int = 0, slot: int | None = None,
                 bar64: bool = False) -> PciDevice:
@@ -172,6 +253,9 @@ class DeviceManager:
         entry = self.devices.pop(dev_id)
         with entry.lock:
             self._unmap(entry)
+        if dev_id in self.iommu_devices:
+            self.iommu_devices.remove(dev_id)
+            self._refresh_endpoints()
         self.buses[entry.segment].slots[entry.slot] = None
         self._release(entry)
         self._map_waiting(entry.segment)
@@ -349,6 +433,14 @@ class DeviceManager:
             if not isinstance(raw, dict):
                 raise SnapshotError(f"{dev_id}: expected an object")
             self._move_slot(entry, raw.pop("pci_slot", entry.slot))
+        # every device in its slot (its endpoint id follows) before the virtio-iommu's table,
+        # which names the endpoints, is loaded
+        self._refresh_endpoints()
+        # the virtio-iommu's mappings first: a device behind it re-activates in its restore, and
+        # its rings are I/O virtual addresses
+        order = sorted(self.devices.items(), key=lambda item: item[0] != self.iommu_id)
+        for dev_id, entry in order:
+            raw = saved[dev_id]
             with entry.lock:
                 _restore_state(dev_id, entry.transport, self._decode_state(entry, raw))
                 self._moved(entry, entry.transport.bar_address())
@@ -413,6 +505,9 @@ class DeviceManager:
     def close(self) -> None:
         """Stop the I/O thread, unplug everything and close the devices' host resources."""
         self.loop.stop()
+        if self._iommu_fault_fd >= 0:
+            os.close(self._iommu_fault_fd)
+            self._iommu_fault_fd = -1
         for entry in self.devices.values():
             if not _external_kicks(entry):
                 for fd, _ in entry.notify_fds:

@@ -1,9 +1,10 @@
 """The PCI devices a VmConfig asks for, created and plugged into the ``DeviceManager``.
 
 In cloud-hypervisor's creation order (console, disks, nets, rng, fs, pmem, vsock, balloon,
-watchdog, then pvpanic), so slots come out as its do. Every host resource (image file, tap,
-vhost-user backend connection, entropy source, pmem file, vsock socket) is opened here, and a failure names the option
-and the device id.
+watchdog, the virtio-iommu, then pvpanic), so slots come out as its do. A device with
+``iommu=on`` (or on one of ``--platform iommu_segments``) is placed behind the virtio-iommu. Every
+host resource (image file, tap, vhost-user backend connection, entropy source, pmem file, vsock
+socket) is opened here, and a failure names the option and the device id.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vmsh.devices.vhost_user.net import VhostUserNet
 from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
+from vmsh.devices.virtio.iommu import VirtioIommu
 from vmsh.devices.virtio.mem import VirtioMem
 from vmsh.devices.virtio.net import VirtioNet, format_mac
 from vmsh.devices.virtio.pmem import VirtioPmem
@@ -47,6 +49,7 @@ CONSOLE_ID = "__console"
 BALLOON_ID = "__balloon"
 WATCHDOG_ID = "__watchdog"
 PVPANIC_ID = "__pvpanic"
+IOMMU_ID = "__iommu"
 
 
 #: each VM's ``--rate-limit-group`` limiters, shared by the disks that name them (hot-plugged too)
@@ -74,6 +77,10 @@ class PlatformHooks:
 def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformHooks) -> None:
     """Create and plug every PCI device of ``cfg``."""
     _RATE_LIMIT_GROUPS[manager] = {g.id: RateLimiterGroup.from_config(g) for g in cfg.rate_limit_groups or []}
+    table = None
+    if cfg.iommu:
+        # the table first: the devices behind the IOMMU translate through it from their first access
+        table = manager.enable_iommu(tuple(cfg.platform.iommu_segments or ()) if cfg.platform else ())
     if hooks.console is not None:
         backend = hooks.console
 
@@ -81,13 +88,13 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
             hooks.console_device = VirtioConsole(backend.write)
             return hooks.console_device
 
-        _add(manager, CONSOLE_ID, "--console", console)
+        _add(manager, CONSOLE_ID, "--console", console, iommu=cfg.console.iommu)
     for disk in cfg.disks or []:
         add_item(manager, "disks", disk)
     for net in cfg.net or []:
         add_item(manager, "net", net)
     if cfg.rng is not None:
-        _add(manager, RNG_ID, "--rng", lambda: VirtioRng(cfg.rng.src))
+        _add(manager, RNG_ID, "--rng", lambda: VirtioRng(cfg.rng.src), iommu=cfg.rng.iommu)
     for fs in cfg.fs or []:
         add_item(manager, "fs", fs)
     for pmem in cfg.pmem or []:
@@ -107,6 +114,13 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
         assert hooks.reset is not None
         reset = hooks.reset
         _add(manager, WATCHDOG_ID, "--watchdog", lambda: VirtioWatchdog(reset))
+    if table is not None:
+        iommu = VirtioIommu(table)
+        try:
+            manager.add_iommu(IOMMU_ID, iommu)
+        except BaseException:
+            iommu.close()
+            raise
     if cfg.pvpanic:
         try:
             manager.add_pci(PVPANIC_ID, PvPanicDevice(hooks.on_panic))
@@ -134,7 +148,6 @@ _OPTIONS = {"disks": "--disk", "net": "--net", "fs": "--fs", "pmem": "--pmem", "
 def unsupported_item(kind: str, item: Any) -> list[str]:
     """The keys of one ``disks``/``net``/``fs``/``pmem``/``vsock`` item that vmsh cannot act on, each
     with why (the builder refuses them cold, :func:`add_item` when hot-added)."""
-    option = _OPTIONS.get(kind, kind)
     missing = []
     if kind == "net" and item.vhost_user:
         if item.num_queues > 2:
@@ -146,8 +159,6 @@ def unsupported_item(kind: str, item: Any) -> list[str]:
         missing.extend(f"--disk {key} with vhost_user=on (the backend's export decides it)"
                        for key, given in (("readonly", item.readonly), ("direct", item.direct),
                                           ("serial", item.serial)) if given)
-    if getattr(item, "iommu", False):
-        missing.append(f"{option} iommu=on (vmsh has no virtio-iommu)")
     if kind == "disks" and item.queue_affinity:
         missing.append("--disk queue_affinity (vmsh serves every queue of every disk on its one I/O thread)")
     return missing
@@ -164,7 +175,13 @@ def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = Fa
     missing = unsupported_item(kind, item)
     if missing:
         raise VmshError("Not supported by vmsh: " + ", ".join(missing))
-    where = {"segment": item.pci_segment, "slot": slot}
+    iommu = bool(getattr(item, "iommu", False))
+    if iommu and hotplug and item.pci_segment not in manager.iommu_segments:
+        # cloud-hypervisor's InvalidIommuHotplug: the VIOT table, written at boot, lists only
+        # the boot devices and the IOMMU segments' slots
+        raise VmshError("Invalid IOMMU hotplug: a device hot-added behind the IOMMU must be on one of "
+                        "--platform iommu_segments")
+    where: dict[str, Any] = {"segment": item.pci_segment, "slot": slot, "iommu": iommu}
     if kind == "disks" and item.vhost_user:
         return _add(manager, item.id, "--disk", lambda: _vhost_user_blk(manager, item),
                     bar64=hotplug or item.pci_segment != 0, **where)
@@ -185,14 +202,14 @@ def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = Fa
 
 
 def _add(manager: DeviceManager, dev_id: str | None, option: str, make: Any, *, segment: int = 0,
-         slot: int | None = None, bar64: bool = True) -> PciDevice:
+         slot: int | None = None, bar64: bool = True, iommu: bool = False) -> PciDevice:
     assert dev_id is not None, "normalize() names every device"
     try:
         device = make()
     except (DeviceError, OSError, ValueError) as err:
         raise VmshError(f"{option}: cannot create {dev_id}") from err
     try:
-        return manager.add_virtio(dev_id, device, segment=segment, slot=slot, bar64=bar64)
+        return manager.add_virtio(dev_id, device, segment=segment, slot=slot, bar64=bar64, iommu=iommu)
     except BaseException:
         device.close()
         raise

@@ -28,6 +28,7 @@ from tests.unit.fakes import FakeTrigger
 from vmsh.devices.acpi import Ged, GedState, PciHotplugController
 from vmsh.devices.backends.tap import Tap
 from vmsh.devices.cpu_hotplug import CpuHotplugController
+from vmsh.devices.dma import MAP_F_READ, IommuMappings, endpoint_id
 from vmsh.devices.legacy.cmos import Cmos
 from vmsh.devices.legacy.post import PostPort
 from vmsh.devices.legacy.serial import Serial16550
@@ -42,6 +43,7 @@ from vmsh.devices.virtio.balloon import VirtioBalloon
 from vmsh.devices.virtio.block import VirtioBlock
 from vmsh.devices.virtio.console import VirtioConsole
 from vmsh.devices.virtio.device import VirtioDevice
+from vmsh.devices.virtio.iommu import VirtioIommu
 from vmsh.devices.virtio.mem import VirtioMem
 from vmsh.devices.virtio.net import NetState, VirtioNet
 from vmsh.devices.virtio.pci import VirtioPciDevice, VirtioPciState
@@ -104,6 +106,13 @@ def _probed_rng(mem: GuestMemoryMmap) -> VirtioPciDevice:
     return dev
 
 
+def iommu_change(dev: VirtioIommu) -> None:
+    assert dev.table.attach(4, endpoint_id(0, 3), bypass=False) == "ok"
+    assert dev.table.map(4, 0x1000, 0x1FFF, 0x5000, MAP_F_READ) == "ok"
+    dev.table.set_bypass(False)
+    dev.requests = 3
+
+
 def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
     def set_attrs(**values: Any) -> Callable[[Any], None]:
         def change(dev: Any) -> None:
@@ -154,6 +163,7 @@ def _cases(mem: GuestMemoryMmap, files: Path) -> list[Case]:
         Case(VirtioPciDevice, lambda: VirtioPciDevice(VirtioRng(), mem, FakeRouter()),
              lambda d: (d.set_bar_address(0xE000_0000), d.bar_write(0x16, b"\x05\x00")), "config_msix_vector", 7),
         Case(VirtioRng, VirtioRng, set_attrs(read_bytes=9, read_ops=1), "read_ops", -1),
+        Case(VirtioIommu, lambda: VirtioIommu(IommuMappings({endpoint_id(0, 3)})), iommu_change, "requests", -1),
         Case(VirtioConsole, lambda: VirtioConsole(cols=80, rows=25), lambda d: d.enqueue_input(b"ls\n"),
              "cols", 0x1_0000),
         Case(VirtioPmem, lambda: VirtioPmem(str(files / "pmem.img"), 0x1_4000_0000, 2 << 20),

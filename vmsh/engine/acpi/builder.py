@@ -4,11 +4,11 @@
 that the engine copies to guest RAM at ``rsdp_address`` (0xa0000 by default, the EBDA, where
 the PVH start info and the zero page point the kernel):
 
-    RSDP, DSDT, FACP, APIC, [MCFG], [TPM2], [SRAT, SLIT], XSDT
+    RSDP, DSDT, FACP, APIC, [MCFG], [TPM2], [SRAT, SLIT], [VIOT], XSDT
 
-each table 8-byte aligned after the one before (SRAT and SLIT only with a NUMA topology, as in
-cloud-hypervisor). The XSDT lists every table but the DSDT, which is reached through the FADT's
-X_DSDT (ACPI 6.4 §5.2.8, §5.2.9).
+each table 8-byte aligned after the one before (SRAT and SLIT only with a NUMA topology, VIOT
+only with a virtio-iommu, as in cloud-hypervisor). The XSDT lists every table but the DSDT, which
+is reached through the FADT's X_DSDT (ACPI 6.4 §5.2.8, §5.2.9).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     if spec.numa is not None:
         assert spec.apic_ids is not None
         numa = {"SRAT": tables.srat(spec.numa, spec.apic_ids, spec.oem), "SLIT": tables.slit(spec.numa, spec.oem)}
+    viot = tables.viot(spec.viot, spec.oem) if spec.viot is not None else None
 
     addr = spec.rsdp_address
     placed: dict[str, int] = {"RSDP": addr}
@@ -75,10 +76,14 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     for name, data in numa.items():
         placed[name] = addr
         addr = _align(addr + len(data))
+    if viot is not None:
+        placed["VIOT"] = addr
+        addr = _align(addr + len(viot))
     placed["XSDT"] = addr
 
     fadt = tables.fadt(spec, placed["DSDT"])
-    xsdt_entries = [placed[name] for name in ("FACP", "APIC", "MCFG", "TPM2", "SRAT", "SLIT") if name in placed]
+    xsdt_entries = [placed[name] for name in ("FACP", "APIC", "MCFG", "TPM2", "SRAT", "SLIT", "VIOT")
+                    if name in placed]
     xsdt = tables.xsdt(xsdt_entries, spec.oem)
     rsdp = tables.rsdp(placed["XSDT"], spec.oem)
 
@@ -88,6 +93,8 @@ def build_acpi(spec: AcpiSpec) -> AcpiTables:
     if tpm2 is not None:
         content["TPM2"] = tpm2
     content.update(numa)
+    if viot is not None:
+        content["VIOT"] = viot
     end = placed["XSDT"] + len(xsdt)
     if end > spec.limit:
         raise ValueError(

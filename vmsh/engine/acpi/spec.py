@@ -254,6 +254,26 @@ class NumaSpec:
 
 
 @dataclass(frozen=True)
+class ViotSpec:
+    """What the VIOT table says: the virtio-iommu's PCI function (segment and bus/device/function
+    number) and the PCI functions behind it, as ``(segment, bdf)`` pairs."""
+
+    iommu_segment: int
+    iommu_bdf: int
+    endpoints: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", tuple(tuple(e) for e in self.endpoints))
+        _check_range("VIOT iommu segment", self.iommu_segment, 0, 0xFFFF)
+        _check_range("VIOT iommu bdf", self.iommu_bdf, 0, 0xFFFF)
+        # node_count is 16 bits and counts the IOMMU node too
+        _check_range("VIOT endpoints", len(self.endpoints), 0, 0xFFFE)
+        for segment, bdf in self.endpoints:
+            _check_range("VIOT endpoint segment", segment, 0, 0xFFFF)
+            _check_range("VIOT endpoint bdf", bdf, 0, 0xFFFF)
+
+
+@dataclass(frozen=True)
 class AcpiSpec:
     """Everything the ACPI tables say about the VM.
 
@@ -281,6 +301,7 @@ class AcpiSpec:
       device in the DSDT (``None``: no TPM).
     - ``numa``: the guest NUMA topology: an SRAT, a SLIT and ``_PXM`` on the processors and the
       PCI host bridges (``None``: none of them, the guest is one node).
+    - ``viot``: a virtio-iommu and the devices behind it: a VIOT table (``None``: no IOMMU).
     """
 
     boot_vcpus: int
@@ -302,6 +323,7 @@ class AcpiSpec:
     iapc_boot_arch: int = 0
     tpm_address: int | None = None
     numa: NumaSpec | None = None
+    viot: ViotSpec | None = None
     oem: OemInfo = field(default_factory=OemInfo)
     hypervisor_vendor: str = "CLOUDHYP"
     rsdp_address: int = DEFAULT_RSDP_ADDRESS

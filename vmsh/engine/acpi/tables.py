@@ -8,10 +8,11 @@ job of :mod:`vmsh.engine.acpi.builder`. The DSDT body is produced by
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Sequence
 
-from vmsh.engine.acpi.spec import IOAPIC_ADDRESS, LAPIC_ADDRESS, AcpiSpec, NumaSpec, OemInfo, PciSegment
+from vmsh.engine.acpi.spec import IOAPIC_ADDRESS, LAPIC_ADDRESS, AcpiSpec, NumaSpec, OemInfo, PciSegment, ViotSpec
 
 SDT_HEADER_SIZE = 36
 #: offset of the checksum byte in the SDT header (§5.2.6, Table 5.4)
@@ -291,3 +292,27 @@ def slit(numa: NumaSpec, oem: OemInfo) -> bytes:
     matrix = numa.distance_matrix()
     body = struct.pack("<Q", len(matrix)) + bytes(d for row in matrix for d in row)
     return sdt("SLIT", SLIT_REVISION, body, oem)
+# --- VIOT (ACPI 6.5 §5.2.32, Virtual I/O Translation table) --------------------------------------
+VIOT_REVISION = 0
+#: the table's own fields after the header: node count, node offset, 8 reserved bytes
+VIOT_HEADER_END = SDT_HEADER_SIZE + 12
+VIOT_NODE_PCI_RANGE = 1
+VIOT_NODE_VIRTIO_IOMMU_PCI = 3
+VIOT_PCI_RANGE_SIZE = 24
+VIOT_VIRTIO_IOMMU_PCI_SIZE = 16
+
+
+def viot(spec: ViotSpec, oem: OemInfo) -> bytes:
+    """VIOT as cloud-hypervisor lays it out (``vmm/src/acpi.rs``): the virtio-iommu-pci node
+    first, then one single-function PCI range node per endpoint, each pointing at it; an
+    endpoint's id is its segment and BDF (``segment << 16 | bdf``), as the virtio-iommu numbers
+    endpoints (Linux: drivers/acpi/viot.c)."""
+    iommu_node = VIOT_HEADER_END
+    nodes = [struct.pack("<BxHHH8x", VIOT_NODE_VIRTIO_IOMMU_PCI, VIOT_VIRTIO_IOMMU_PCI_SIZE,
+                         spec.iommu_segment, spec.iommu_bdf)]
+    nodes += [struct.pack("<BxHIHHHHH6x", VIOT_NODE_PCI_RANGE, VIOT_PCI_RANGE_SIZE, segment << 16 | bdf,
+                          segment, segment, bdf, bdf, iommu_node)
+              for segment, bdf in spec.endpoints]
+    body = struct.pack("<HH8x", len(nodes), iommu_node) + b"".join(nodes)
+    # cloud-hypervisor gives this table OEM revision 0 (its others have 1)
+    return sdt("VIOT", VIOT_REVISION, body, dataclasses.replace(oem, oem_revision=0))

@@ -39,6 +39,7 @@ from vmsh.devices.virtio.pci import COMMON_DEVICE_STATUS, VirtioPciDevice
 from vmsh.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.errors import DeviceError, DeviceStateError
+from vmsh.guest_memory import GuestMemory
 
 DISK_SIZE = 1 << 20  # 2048 sectors
 
@@ -65,10 +66,13 @@ class Disk:
     """A probed disk: the driver, its ring, and a request helper."""
 
     def __init__(self, blk: VirtioBlock, mem: GuestMemoryMmap, alloc: Allocator, router: FakeRouter,
-                 watcher: LoopWatcher | None = None, **probe: object) -> None:
+                 watcher: LoopWatcher | None = None, *, device_memory: GuestMemory | None = None,
+                 **probe: object) -> None:
+        """``device_memory``: what the device reaches RAM through (default ``mem``; a
+        ``TranslatedMemory`` for a disk behind the virtio-iommu)."""
         self.blk, self.mem, self.alloc = blk, mem, alloc
         self.watcher = watcher
-        self.pci = VirtioPciDevice(blk, mem, router)
+        self.pci = VirtioPciDevice(blk, device_memory if device_memory is not None else mem, router)
         self.driver = PciDriver(self.pci, mem, alloc)
         self.rings = self.driver.probe(**probe)  # type: ignore[arg-type]  # probe options of mixed types
 
