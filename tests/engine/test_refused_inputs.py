@@ -1,8 +1,8 @@
 """Inputs vmsh must refuse at once with a clear error (issue #16), on KVM with tiny kernels:
 payloads that are not regular files within guest RAM, disk images in a format other than raw
-(cold and hot-added), ``--console socket=``, a ``--gdb`` socket that cannot be created, and device keys vmsh cannot act on when
-the device is hot-added (a vhost-user net must never become a host tap, nor be plugged into a VM
-whose RAM the backend cannot share)."""
+(cold and hot-added), ``--console socket=``, a ``--gdb`` socket that cannot be created, and
+device keys vmsh cannot act on when the device is hot-added (a vhost-user net must never become
+a host tap, nor be plugged into a VM whose RAM the backend cannot share)."""
 
 from __future__ import annotations
 

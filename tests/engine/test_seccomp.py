@@ -50,7 +50,8 @@ def _threads_of_running_vmm(tmp_path: Path, *flags: str) -> dict[str, list[tuple
     k = _kernel(tmp_path, tiny_kernel.echo_poweroff())
     api = tmp_path / "api.sock"
     proc = subprocess.Popen([*LAUNCH, "--kernel", k, "--serial", "pty", "--console", "off", "--api-socket",
-                             str(api), "--gdb", f"path={tmp_path}/gdb.sock", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             str(api), "--gdb", f"path={tmp_path}/gdb.sock", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_until(api.exists, 30, f"the VMM's API socket {api}", process=proc)
         with ApiClient(str(api)) as client:
