@@ -121,8 +121,8 @@ def session() -> tuple[_Session, Any]:
     control = SimpleNamespace(lock=threading.RLock(), vm=vm, do=lambda *_a: None)
     a, _b = socket.socketpair()
     s = _Session(control, a, -1)  # type: ignore[arg-type]  # a fake VMM
-    s.vm = vm
-    s.target = DebugTarget(vm)
+    s.debug.vm = vm
+    s.target = s.debug.target = DebugTarget(vm)
     return s, vm
 
 

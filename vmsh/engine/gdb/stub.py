@@ -24,38 +24,24 @@ import logging
 import os
 import select
 import socket
-from typing import Any, Protocol
+from typing import Any
 
 from vmsh.engine import seccomp
 from vmsh.engine.gdb import packets
 from vmsh.engine.gdb.guest_debug import RW_ACCESS, RW_EXECUTE, RW_WRITE, HwBreakpoint
 from vmsh.engine.gdb.registers import LAYOUT, split_block, target_xml
+from vmsh.engine.gdb.session import Control, DebugSession, Stop
 from vmsh.engine.gdb.target import DebugTarget
-from vmsh.engine.state import VmState
-from vmsh.engine.vcpu import InternalErrorExit, Vcpu, VcpuStop
 from vmsh.errors import GuestMemoryError, VmshError
 from vmsh.thread_names import NamedThread
 
 LOG = logging.getLogger(__name__)
 
 SIGINT, SIGTRAP = 2, 5
-#: DR6 bits (SDM vol. 3B §18.2.3): B0-B3 (a breakpoint condition met), BS (single step)
-DR6_B_MASK, DR6_BS = 0xF, 1 << 14
-VECTOR_DB, VECTOR_BP = 1, 3
 #: errno values in error replies
 EFAULT, EINVAL, ENOSPC = 14, 22, 28
 #: the largest packet gdb may send us (hex digits of a memory write, a ``G`` block)
 PACKET_SIZE = 0x4000
-
-
-class Control(Protocol):
-    """What the stub needs of the VMM (:class:`vmsh.engine.vmm.Vmm`)."""
-
-    @property
-    def lock(self) -> Any: ...
-    @property
-    def vm(self) -> Any: ...
-    def do(self, endpoint: str, body: Any = None) -> Any: ...
 
 
 class GdbStub:
@@ -137,25 +123,31 @@ class _Session:
         self.stop_r = stop_r
         self.decoder = packets.Decoder()
         self.ack = True
-        self.vm: Any = None
+        self.debug = DebugSession(control)
         self.target: DebugTarget | None = None
         self.g_tid = 1
-        self.running = False
-        self.stepping: int | None = None
         self.last_stop = f"T{SIGTRAP:02x}thread:1;"
-        self._wake_r, self._wake_w = os.pipe()
+
+    @property
+    def vm(self) -> Any:
+        return self.debug.vm
 
     # --- connection ------------------------------------------------------------------------------
 
     def run(self) -> None:
         try:
-            self._attach()
+            try:
+                self.target = self.debug.attach()
+            except VmshError as err:
+                LOG.warning("gdb: %s", err)
+                return
+            self.last_stop = self._reply_for(self.debug.why(self.g_tid), SIGTRAP)
             while True:
-                timeout = 0.5 if self.running else None
-                ready, _, _ = select.select([self.conn.fileno(), self._wake_r, self.stop_r], [], [], timeout)
+                timeout = 0.5 if self.debug.running else None
+                ready, _, _ = select.select([self.conn.fileno(), self.debug.wake_fd, self.stop_r], [], [], timeout)
                 if self.stop_r in ready:
                     return
-                if self._wake_r in ready and self.running:
+                if self.debug.wake_fd in ready and self.debug.running:
                     self._stop(SIGTRAP)
                 if self.conn.fileno() in ready:
                     data = self.conn.recv(PACKET_SIZE)
@@ -163,15 +155,13 @@ class _Session:
                         return
                     for event in self.decoder.feed(data):
                         self._event(event)
-                if self.running and self.vm is not self.control.vm:
+                if self.debug.running and not self.debug.attached:
                     self._send(b"W00")  # the VM went away (poweroff, delete)
                     return
         except (_Detach, OSError):
             return
         finally:
-            self._detach()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self.debug.close()
 
     def _send(self, data: bytes) -> None:
         self.conn.sendall(packets.frame(data))
@@ -182,7 +172,7 @@ class _Session:
                 self.conn.sendall(b"-")
             return
         if isinstance(event, packets.Interrupt):
-            if self.running:
+            if self.debug.running:
                 self._stop(SIGINT)
             return
         if self.ack:
@@ -191,96 +181,30 @@ class _Session:
         if reply is not None:
             self._send(reply)
 
-    # --- attach, stop, resume, detach ------------------------------------------------------------
-
-    def _attach(self) -> None:
-        with self.control.lock:
-            vm = self.control.vm
-            if vm is None or vm.state not in (VmState.RUNNING, VmState.PAUSED):
-                LOG.warning("gdb: no running VM to debug")
-                raise _Detach()
-            self.vm = vm
-            self.target = DebugTarget(vm)
-            vm.debug_listener = self._wake
-            for vcpu in vm.vcpus:
-                vcpu.debug_filter = self._filter
-            if vm.state is VmState.RUNNING:
-                self.control.do("vm.pause")
-        self.last_stop = self._stop_reply(SIGTRAP)
-
-    def _wake(self, _vcpu: Vcpu) -> None:
-        # on a vCPU thread: the stop itself (pausing the other vCPUs) is this thread's work
-        os.write(self._wake_w, b"x")
-
-    def _filter(self, vcpu: Vcpu, err: InternalErrorExit) -> bool:
-        target = self.target
-        return target is not None and target.is_breakpoint(vcpu, err.insn_bytes)
+    # --- stop and resume -------------------------------------------------------------------------
 
     def _stop(self, signal: int) -> None:
-        with self.control.lock:
-            if self.vm.state is VmState.RUNNING:
-                self.control.do("vm.pause")
-        while select.select([self._wake_r], [], [], 0)[0]:
-            os.read(self._wake_r, 64)
-        self.running = False
-        self.last_stop = self._stop_reply(signal)
+        stop = self.debug.stop(self.g_tid)
+        self.last_stop = self._reply_for(stop, signal)
         self._send(self.last_stop.encode())
 
-    def _stop_reply(self, signal: int) -> str:
-        """The ``T`` reply for the vCPU that stopped (a breakpoint, a step) or the selected one."""
-        assert self.target is not None
-        for vcpu in self.vm.vcpus:
-            if vcpu.stop_reason is not VcpuStop.DEBUG:
-                continue
-            tid = vcpu.index + 1
-            self.g_tid = tid
-            exit_info = vcpu.debug_exit
-            if exit_info is None:  # an INT3 of ours that the PVM emulator failed on
-                return f"T{SIGTRAP:02x}thread:{tid:x};swbreak:;"
-            vector, _pc, dr6, _dr7 = exit_info
-            if vector == VECTOR_BP:
-                return f"T{SIGTRAP:02x}thread:{tid:x};swbreak:;"
-            if vector == VECTOR_DB and dr6 & DR6_B_MASK and not (self.stepping == tid and dr6 & DR6_BS):
-                index = (dr6 & DR6_B_MASK).bit_length() - 1
-                if index < len(self.target.hw):
-                    bp = self.target.hw[index]
-                    if bp.rw == RW_WRITE:
-                        return f"T{SIGTRAP:02x}thread:{tid:x};watch:{bp.addr:x};"
-                    if bp.rw == RW_ACCESS:
-                        return f"T{SIGTRAP:02x}thread:{tid:x};awatch:{bp.addr:x};"
-                    return f"T{SIGTRAP:02x}thread:{tid:x};hwbreak:;"
-            return f"T{SIGTRAP:02x}thread:{tid:x};"
-        return f"T{signal:02x}thread:{self.g_tid:x};"
+    def _reply_for(self, stop: Stop, signal: int) -> str:
+        """The ``T`` stop reply (gdb manual, "Stop Reply Packets")."""
+        self.g_tid = stop.tid
+        head = f"T{(signal if stop.kind == 'interrupt' else SIGTRAP):02x}thread:{stop.tid:x};"
+        if stop.kind in ("swbreak", "hwbreak"):
+            return head + f"{stop.kind}:;"
+        if stop.kind in ("watch", "awatch"):
+            return head + f"{stop.kind}:{stop.addr:x};"
+        return head
 
     def _resume(self, step_tid: int | None) -> bytes | None:
-        assert self.target is not None
         try:
-            self.target.arm(step_tid)
+            self.debug.resume(step_tid)
         except VmshError as err:
             LOG.warning("gdb: cannot set guest debugging: %s", err)
             return b"E%02x" % EINVAL
-        self.stepping = step_tid
-        with self.control.lock:
-            if self.vm.state is VmState.PAUSED:
-                self.control.do("vm.resume")
-        self.running = True
         return None
-
-    def _detach(self) -> None:
-        vm = self.vm
-        if vm is None:
-            return
-        with self.control.lock:
-            if self.control.vm is vm and vm.state is VmState.RUNNING:
-                self.control.do("vm.pause")
-            vm.debug_listener = None
-            for vcpu in vm.vcpus:
-                vcpu.debug_filter = None
-            if self.control.vm is vm and vm.state is VmState.PAUSED:
-                assert self.target is not None
-                self.target.clear()
-                self.control.do("vm.resume")
-        self.vm = None
 
     # --- packets ---------------------------------------------------------------------------------
 
