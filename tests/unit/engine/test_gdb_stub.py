@@ -14,6 +14,7 @@ import pytest
 
 from vmsh.engine.gdb import packets
 from vmsh.engine.gdb.guest_debug import (
+    KVM_GUESTDBG_BLOCKIRQ,
     KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_SINGLESTEP,
     KVM_GUESTDBG_USE_HW_BP,
@@ -68,7 +69,7 @@ def test_register_block_encoding() -> None:
 def test_debug_registers_for_breakpoints_and_watchpoints() -> None:
     debug = GuestDebug(single_step=True, hw=[HwBreakpoint(0x1000), HwBreakpoint(0x2000, RW_WRITE, 8)])
     control, _pad, *dr = struct.unpack("<II8Q", encode(debug))
-    assert control == KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_USE_HW_BP
+    assert control == KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ | KVM_GUESTDBG_USE_HW_BP
     assert dr[:2] == [0x1000, 0x2000]
     # G0, G1, GE, bit 10; DR1: R/W=01 (write), LEN=10 (8 bytes)
     assert dr[7] == 1 << 1 | 1 << 3 | 1 << 9 | 1 << 10 | 0b01 << 20 | 0b10 << 22

@@ -8,6 +8,8 @@ vector, pc, DR6, DR7) where it would otherwise deliver #DB or #BP to the guest.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fcntl
 import logging
 import struct
@@ -22,6 +24,9 @@ KVM_GUESTDBG_ENABLE = 0x1
 KVM_GUESTDBG_SINGLESTEP = 0x2
 KVM_GUESTDBG_USE_SW_BP = 0x10000
 KVM_GUESTDBG_USE_HW_BP = 0x20000
+#: no interrupt injected while single-stepping (Linux 5.16+), so a step does not land in the
+#: timer interrupt's handler (QEMU's gdb stub masks interrupts during a step the same way)
+KVM_GUESTDBG_BLOCKIRQ = 0x100000
 #: _IOW(KVMIO, 0x9b, struct kvm_guest_debug): control u32, pad u32, debugreg[8] u64 (72 bytes)
 KVM_SET_GUEST_DEBUG = 0x4048AE9B
 _GUEST_DEBUG = struct.Struct("<II8Q")
@@ -50,6 +55,8 @@ class GuestDebug:
     """What one vCPU's guest debugging is set to."""
 
     single_step: bool = False
+    #: with ``single_step``: keep interrupts out of the step (KVM_GUESTDBG_BLOCKIRQ)
+    block_irq: bool = True
     sw_breakpoints: bool = False
     hw: list[HwBreakpoint] = field(default_factory=list)
 
@@ -57,6 +64,8 @@ class GuestDebug:
         ctl = 0
         if self.single_step:
             ctl |= KVM_GUESTDBG_SINGLESTEP
+            if self.block_irq:
+                ctl |= KVM_GUESTDBG_BLOCKIRQ
         if self.sw_breakpoints:
             ctl |= KVM_GUESTDBG_USE_SW_BP
         if self.hw:
@@ -82,11 +91,19 @@ def encode(debug: GuestDebug) -> bytes:
 
 
 def set_guest_debug(vcpu_fd: int, debug: GuestDebug) -> None:
-    """Apply ``debug`` to a vCPU that is not in ``KVM_RUN``.
+    """Apply ``debug`` to a vCPU that is not in ``KVM_RUN``; a kernel without
+    KVM_GUESTDBG_BLOCKIRQ (EINVAL) steps with interrupts instead.
 
     :raises KvmIoctlError: when KVM refuses it (no KVM_CAP_SET_GUEST_DEBUG, a bad DR7).
     """
     try:
         fcntl.ioctl(vcpu_fd, KVM_SET_GUEST_DEBUG, encode(debug))
+        return
+    except OSError as err:
+        if not (err.errno == errno.EINVAL and debug.single_step and debug.block_irq):
+            raise KvmIoctlError("KVM_SET_GUEST_DEBUG", err.errno or 0) from err
+    LOG.info("KVM_GUESTDBG_BLOCKIRQ refused: single steps may enter interrupt handlers")
+    try:
+        fcntl.ioctl(vcpu_fd, KVM_SET_GUEST_DEBUG, encode(dataclasses.replace(debug, block_irq=False)))
     except OSError as err:
         raise KvmIoctlError("KVM_SET_GUEST_DEBUG", err.errno or 0) from err

@@ -61,6 +61,10 @@ class DebugSession:
         self.running = False
         #: the thread being single-stepped (None: continuing)
         self.stepping: int | None = None
+        #: detaching lets the VM run: it ran when the debugger came, or the debugger resumed it
+        #: (a VM paused through the API before the debugger came stays paused, as in
+        #: cloud-hypervisor, whose stub resumes only what it stopped)
+        self._resume_on_detach = False
         self._wake_r, self._wake_w = os.pipe()
 
     @property
@@ -85,6 +89,7 @@ class DebugSession:
             for vcpu in vm.vcpus:
                 vcpu.debug_filter = self._filter
             if vm.state is VmState.RUNNING:
+                self._resume_on_detach = True
                 self.control.do("vm.pause")
         return self.target
 
@@ -144,6 +149,7 @@ class DebugSession:
         assert self.target is not None
         self.target.arm(step_tid)
         self.stepping = step_tid
+        self._resume_on_detach = True
         with self.control.lock:
             if self.vm.state is VmState.PAUSED:
                 self.control.do("vm.resume")
@@ -168,7 +174,8 @@ class DebugSession:
             if self.control.vm is vm and vm.state is VmState.PAUSED:
                 assert self.target is not None
                 self.target.clear()
-                self.control.do("vm.resume")
+                if self._resume_on_detach:
+                    self.control.do("vm.resume")
         self.vm = None
         self.running = False
 

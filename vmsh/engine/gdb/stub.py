@@ -3,7 +3,8 @@
 One debugger at a time (as cloud-hypervisor's stub). Attaching pauses the VM; ``c``/``s``
 (and ``vCont``) resume it and the stop reply comes when a vCPU stops at a breakpoint, after a
 step or on Ctrl-C; ``D`` (or the connection closing) removes every breakpoint, switches guest
-debugging off and resumes the VM. Threads are vCPUs (thread id = index + 1).
+debugging off and lets the VM run (unless it was paused through the API before the debugger
+came and the debugger never resumed it). Threads are vCPUs (thread id = index + 1).
 
 Threading (``docs/threading.md``): the thread runs the VMM's ``vm.pause`` / ``vm.resume``
 actions through :meth:`Vmm.do` (holding ``Vmm.lock``, as an API connection does), and touches
