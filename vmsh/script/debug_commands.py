@@ -2,17 +2,16 @@
 ``coredump FILE``.
 
 ``break SYMBOL|ADDR``, ``delete N|all``, ``continue [timeout=DUR]``, ``step [N]``, ``bt``,
-``vx ADDR [LEN]`` (guest virtual memory), ``detach``: the same debugger as the gdb stub
-(:class:`vmsh.engine.gdb.session.DebugSession`), driven from the shell. The first ``break``
+``vx ADDR [LEN]`` (guest virtual memory), ``detach``: the same debugger as the gdb stub,
+driven from the shell (:mod:`vmsh.script.debug_backends`: the VMM in this process, or after
+``connect`` the VMM's gdb stub on the socket ``$gdb_socket`` names). The first ``break``
 attaches it, which stops the VM; ``continue`` lets the guest run until a breakpoint (or the
 timeout) and stops it again; while it is stopped ``regs`` and ``x`` (the existing commands) and
 ``bt`` / ``vx`` show its state; ``detach`` removes the breakpoints and lets the guest run on.
 Symbols come from a System.map: ``$system_map`` if the script set it, else the default
 kernel's. After a stop ``$pc`` holds the address and ``$stop`` the function it is in.
 
-The debugger needs the VMM in this process (a ``connect``-ed VMM answers over its API, which
-has no debugger actions: debug it with gdb on its ``--gdb`` socket). ``delete`` with no
-argument is still ``vm.delete``. The module registers its commands in
+``delete`` with no argument is still ``vm.delete``. The module registers its commands in
 :mod:`vmsh.script.commands`' table when it is imported (:mod:`vmsh.script.session` does).
 """
 
@@ -23,11 +22,11 @@ import logging
 import os
 import weakref
 
-from vmsh.engine.gdb.session import DebugSession, Stop
-from vmsh.engine.gdb.target import DebugTarget
+from vmsh.engine.gdb.session import Stop
 from vmsh.engine.profiler import KERNEL_STACK_SIZE, stack_return_addresses
 from vmsh.errors import GuestMemoryError, UsageError, VmshError
 from vmsh.script.commands import COMMANDS, command, parse_duration
+from vmsh.script.debug_backends import Backend, GdbBackend, LocalBackend
 from vmsh.script.interface import SessionApi as Session
 from vmsh.script.interface import Target
 
@@ -73,11 +72,12 @@ class ShellDebugger:
 
     def __init__(self, session: Session) -> None:
         target = session.target
-        vmm = getattr(target, "vmm", None)
-        if not target.local or vmm is None:
-            raise VmshError("The shell's debugger works on a VM in this process; for a VMM behind "
-                            "an API socket use gdb on its --gdb socket")
-        self.debug = DebugSession(vmm)
+        self._vmm = getattr(target, "vmm", None)
+        self._gdb_socket = session.variables.get("gdb_socket")
+        if not (target.local and self._vmm is not None) and not self._gdb_socket:
+            raise VmshError("After connect the debugger talks to the VMM's gdb stub: "
+                            "set gdb_socket PATH (the VMM's --gdb path=) first")
+        self.backend: Backend | None = None
         self.breakpoints: dict[int, int] = {}  # number -> address
         self._next = 1
         self.tid = 1
@@ -89,15 +89,21 @@ class ShellDebugger:
         self.symbols = SymbolMap(path)
 
     @property
-    def target(self) -> DebugTarget:
-        if self.debug.target is None or not self.debug.attached:
-            self.debug.target = None
-            self.debug.vm = None
-            self.debug.attach()
+    def target(self) -> Backend:
+        """The attached backend (attaching, which stops the VM, on first use)."""
+        if self.backend is None or not self.backend.attached:
+            if self.backend is not None:
+                self.backend.close()
+            self.backend = None
             # the breakpoints of a VM that went away (reboot, restore) are gone with it
             self.breakpoints.clear()
-        assert self.debug.target is not None
-        return self.debug.target
+            self.backend = (LocalBackend(self._vmm) if self._vmm is not None
+                            else GdbBackend(str(self._gdb_socket)))
+        return self.backend
+
+    @property
+    def attached(self) -> bool:
+        return self.backend is not None and self.backend.attached
 
     def address(self, text: str) -> int:
         """A symbol, or a number (0x... for hex)."""
@@ -112,25 +118,22 @@ class ShellDebugger:
         """One instruction on the stopped vCPU; from a breakpoint of ours, with its INT3 taken
         out for that step and put back after (as gdb steps over its breakpoints)."""
         target = self.target
-        rip = int(target.vcpu(self.tid).fd.get_regs().rip)
-        lifted = rip in target.sw
+        rip = target.registers(self.tid)[0]
+        lifted = rip in self.breakpoints.values()
         if lifted:
-            target.remove_sw(rip)
+            target.remove(rip)
         try:
-            self.debug.resume(self.tid)
-            try:
-                if not self.debug.wait(DEFAULT_CONTINUE_TIMEOUT):
-                    LOG.warning("a single step did not end within %g s", DEFAULT_CONTINUE_TIMEOUT)
-            finally:
-                stop = self.debug.stop(self.tid)
+            hit, stop = target.run(self.tid, DEFAULT_CONTINUE_TIMEOUT)
+            if not hit:
+                LOG.warning("a single step did not end within %g s", DEFAULT_CONTINUE_TIMEOUT)
         finally:
             if lifted:
-                target.insert_sw(self.tid, rip)
+                target.insert(self.tid, rip)
         return stop
 
     def report(self, session: Session, stop: Stop) -> None:
         self.tid = stop.tid
-        rip = int(self.target.vcpu(stop.tid).fd.get_regs().rip)
+        rip = self.target.registers(stop.tid)[0]
         what = {"swbreak": "breakpoint", "hwbreak": "breakpoint", "step": "step", "interrupt": "stopped",
                 "watch": "watchpoint", "awatch": "watchpoint"}[stop.kind]
         number = next((n for n, a in self.breakpoints.items() if a == rip), None)
@@ -141,7 +144,9 @@ class ShellDebugger:
         session.out(f"{what}: vcpu{stop.tid - 1} at {rip:#x} <{self.symbols.name(rip)}>")
 
     def close(self) -> None:
-        self.debug.close()
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
 
 
 _DEBUGGERS: weakref.WeakKeyDictionary[Target, ShellDebugger] = weakref.WeakKeyDictionary()
@@ -157,7 +162,7 @@ def _debugger(session: Session) -> ShellDebugger:
 
 def _attached(session: Session) -> ShellDebugger:
     dbg = _DEBUGGERS.get(session.target)
-    if dbg is None or not dbg.debug.attached:
+    if dbg is None or not dbg.attached:
         raise VmshError("No debugger is attached (break SYMBOL attaches one)")
     return dbg
 
@@ -175,7 +180,7 @@ def _break(session: Session, args: list[str]) -> None:
         return
     addr = dbg.address(args[0])
     try:
-        target.insert_sw(dbg.tid, addr)
+        target.insert(dbg.tid, addr)
     except GuestMemoryError as err:
         raise VmshError(f"Cannot set a breakpoint at {addr:#x}: the guest does not map it") from err
     number = dbg._next
@@ -199,7 +204,7 @@ def _delete(session: Session, args: list[str]) -> None:
         addr = dbg.breakpoints.pop(n, None)
         if addr is None:
             raise VmshError(f"No breakpoint {n}")
-        dbg.target.remove_sw(addr)
+        dbg.target.remove(addr)
 
 
 COMMANDS["delete"] = type(COMMANDS["delete"])(
@@ -218,17 +223,12 @@ def _continue(session: Session, args: list[str]) -> None:
             raise UsageError("continue takes timeout=DUR")
         timeout = parse_duration(value)
     dbg = _attached(session)
-    rip = int(dbg.target.vcpu(dbg.tid).fd.get_regs().rip)
-    if rip in dbg.target.sw:
+    if dbg.target.registers(dbg.tid)[0] in dbg.breakpoints.values():
         stop = dbg.step_once()  # off the breakpoint it stands on
         if stop.kind != "step":
             dbg.report(session, stop)
             return
-    dbg.debug.resume(None)
-    try:
-        hit = dbg.debug.wait(timeout)
-    finally:
-        stop = dbg.debug.stop(dbg.tid)
+    hit, stop = dbg.target.run(None, timeout)
     if not hit:
         session.out(f"no breakpoint within {timeout:g} s")
     dbg.report(session, stop)
@@ -257,8 +257,7 @@ def _bt(session: Session, args: list[str]) -> None:
     dbg = _attached(session)
     tid = int(args[0]) + 1 if args else dbg.tid
     target = dbg.target
-    regs = target.vcpu(tid).fd.get_regs()
-    rip, rsp = int(regs.rip), int(regs.rsp)
+    rip, rsp, rbp = target.registers(tid)
     lines = [f"#0  {rip:#x} <{dbg.symbols.name(rip)}>"]
     base = rsp & ~7
     top = (rsp | (KERNEL_STACK_SIZE - 1)) + 1
@@ -266,7 +265,7 @@ def _bt(session: Session, args: list[str]) -> None:
         data = target.read(tid, base, top - base)
     except GuestMemoryError:
         data = b""
-    for i, ret in enumerate(stack_return_addresses(data, base, int(regs.rbp))[:MAX_FRAMES - 1], 1):
+    for i, ret in enumerate(stack_return_addresses(data, base, rbp)[:MAX_FRAMES - 1], 1):
         lines.append(f"#{i:<2} {ret:#x} <{dbg.symbols.name(ret)}>")
     session.out("\n".join(lines))
 
