@@ -46,6 +46,14 @@ def test_shell_stops_the_guest_in_a_kernel_function_and_goes_on(vmsh_guest, vmsh
     session.execute("detach")
     session.execute("run echo after")
     assert session.variables["output"] == "after"
+    # the shell's coredump of the paused guest
+    session.execute("pause")
+    session.execute(f"coredump {tmp_path}/guest.core")
+    assert out[-1] == f"core dump written to {tmp_path}/guest.core"
+    assert (tmp_path / "guest.core").read_bytes()[:4] == b"\x7fELF"
+    session.execute("resume")
+    session.execute("run echo resumed")
+    assert session.variables["output"] == "resumed"
 
 
 def test_shell_debugs_a_connected_vmm_through_its_gdb_stub(vmsh_clone, session, tmp_path: Path) -> None:
