@@ -105,3 +105,14 @@ def test_readelf_accepts_a_written_core(tmp_path: Path) -> None:
     assert "CORE (Core file)" in out.stdout and "NT_PRSTATUS" in out.stdout and not out.stderr, out
     with pytest.raises(VmshError, match="Cannot create the core dump file"):
         coredump.write_core(str(path), [cpu(0)], [coredump.RamRegion(0, b"\x90" * 0x3000)])
+
+
+def test_untouched_ram_is_a_hole_that_reads_as_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "core"
+    data = bytearray(b"\x11" * 0x4000)
+    # only the second page is said to hold data: the rest is not written
+    coredump.write_core(str(path), [cpu(0)], [coredump.RamRegion(0, bytes(data), [(0x1000, 0x1000)])])
+    head, _ = coredump.layout([cpu(0)], [coredump.RamRegion(0, bytes(data))])
+    body = path.read_bytes()[len(head):]
+    assert len(body) == 0x4000
+    assert body[0x1000:0x2000] == b"\x11" * 0x1000 and body[:0x1000] == bytes(0x1000) == body[0x3000:]
