@@ -94,6 +94,8 @@ DebugFilter = Callable[["Vcpu", InternalErrorExit], bool]
 # ``debug.arch`` (struct kvm_debug_exit_arch): exception u32, pad u32, pc u64, dr6 u64, dr7 u64
 _RUN_UNION = 32
 _DEBUG_EXIT = struct.Struct("<IIQQQ")
+#: the breakpoint exception's vector (SDM vol. 3A Table 6-1)
+_VECTOR_BP = 3
 
 
 def install_kick_handler() -> None:
@@ -234,6 +236,9 @@ class Vcpu:
             return None
         if reason == EXIT_DEBUG:
             exc, _pad, pc, dr6, dr7 = _DEBUG_EXIT.unpack_from(page, _RUN_UNION)
+            if exc == _VECTOR_BP and not self._debugger_owns_int3():
+                self._deliver_bp()
+                return None
             self.debug_exit = (exc, pc, dr6, dr7)
             return VcpuStop.DEBUG
         if reason == EXIT_INTERNAL_ERROR:
@@ -260,6 +265,27 @@ class Vcpu:
             hw = struct.unpack_from("<Q", page, lib.VMSH_RUN_FAIL_ENTRY_REASON)[0]
             raise KvmError(f"vcpu{self.index}: KVM_RUN entry failed (hardware reason {hw:#x})")
         raise KvmError(f"vcpu{self.index}: unexpected exit {EXIT_NAMES.get(reason, reason)}")
+
+    def _debugger_owns_int3(self) -> bool:
+        """Whether the INT3 this vCPU stopped at (KVM_GUESTDBG_USE_SW_BP) is a debugger's."""
+        debug_filter = self.debug_filter
+        return debug_filter is None or debug_filter(self, InternalErrorExit(0, b"\xcc", ()))
+
+    def _deliver_bp(self) -> None:
+        """Give the guest the #BP of its own INT3 (a kernel text-patching one), which
+        KVM_GUESTDBG_USE_SW_BP turned into an exit: a trap, so rip moves past the 0xCC first
+        (SDM vol. 3A §6.5); KVM delivers the injected exception on the next KVM_RUN."""
+        regs = self.fd.get_regs()
+        regs.rip += 1
+        self.fd.set_regs(regs)
+        events = self.fd.get_vcpu_events()
+        events.exception_injected = 1
+        events.exception_nr = _VECTOR_BP
+        events.exception_has_error_code = 0
+        events.exception_error_code = 0
+        events.exception_pending = 0
+        events.flags = 0
+        self.fd.set_vcpu_events(events)
 
     def internal_error(self) -> InternalErrorExit:
         """Decode the ``internal`` / ``emulation_failure`` union of the run page."""

@@ -26,7 +26,7 @@ from vmsh.engine.gdb.guest_debug import (
 from vmsh.engine.gdb.registers import LAYOUT, NUMBERS, RegisterFile, target_xml
 from vmsh.engine.gdb.stub import _Session
 from vmsh.engine.gdb.target import DebugTarget
-from vmsh.engine.kvm_types import Fpu, Regs, Sregs
+from vmsh.engine.kvm_types import Fpu, Regs, Sregs, VcpuEvents
 from vmsh.engine.state import VmState
 from vmsh.errors import GuestMemoryError
 
@@ -173,3 +173,39 @@ def test_software_breakpoints_patch_int3_and_hide_it() -> None:
 def test_malformed_packets_are_errors(packet: bytes) -> None:
     s, _vm = session()
     assert s._dispatch(packet) in (b"E16", b"")
+
+
+class FakeVcpuFd(FakeFd):
+    """A vCPU fd whose run page says KVM_EXIT_DEBUG for an INT3 (vector 3) at ``rip``."""
+
+    def __init__(self, rip: int) -> None:
+        super().__init__()
+        self.regs = Regs(rip=rip)
+        self.vcpu_id = 0
+        self.run_mmap = bytearray(4096)
+        struct.pack_into("<IIQQQ", self.run_mmap, 32, 3, 0, rip, 0, 0)
+        self.events = VcpuEvents()
+
+    def get_vcpu_events(self) -> VcpuEvents:
+        return self.events
+
+    def set_vcpu_events(self, events: VcpuEvents) -> None:
+        self.events = events
+
+
+def test_a_guest_int3_that_is_not_a_breakpoint_goes_back_to_the_guest() -> None:
+    from vmsh.engine.bus import Bus
+    from vmsh.engine.kvm_vcpu import EXIT_DEBUG
+    from vmsh.engine.vcpu import Vcpu, VcpuStop
+
+    s, _vm = session()
+    assert s.target is not None
+    s.target._sw_addrs = frozenset({0x400})
+    ours = Vcpu(FakeVcpuFd(0x400), Bus("pio"), Bus("mmio"))  # type: ignore[arg-type]  # a fake fd
+    ours.debug_filter = s.debug._filter
+    assert ours._slow_exit(EXIT_DEBUG) is VcpuStop.DEBUG and ours.debug_exit == (3, 0x400, 0, 0)
+    theirs = Vcpu(FakeVcpuFd(0x500), Bus("pio"), Bus("mmio"))  # type: ignore[arg-type]  # a fake fd
+    theirs.debug_filter = s.debug._filter
+    assert theirs._slow_exit(EXIT_DEBUG) is None  # the guest's own: #BP injected, rip past the 0xCC
+    fd = theirs.fd
+    assert fd.regs.rip == 0x501 and fd.events.exception_injected == 1 and fd.events.exception_nr == 3
