@@ -163,3 +163,21 @@ def test_gdb_watchpoint_on_a_kernel_variable(vmsh_clone, tmp_path: Path) -> None
     out = gdb_batch(sock, ["watch *(unsigned long *)&jiffies", "continue", "delete", "detach"])
     assert "Hardware watchpoint 1" in out and "New value" in out, out
     assert guest.check_output("echo alive") == "alive"
+
+
+def test_a_vm_paused_through_the_api_stays_paused_after_gdb_detaches(vmsh_clone, tmp_path: Path) -> None:
+    from vmsh.api.client import ApiClient
+
+    sock, api = tmp_path / "gdb.sock", tmp_path / "api.sock"
+    guest = vmsh_clone(restore_flags=["--gdb", f"path={sock}", "--api-socket", f"path={api}"])
+    wait_for(sock)
+    with ApiClient(str(api)) as client:
+        client.put("vm.pause")
+        client_gdb = RawClient(sock)
+        assert client_gdb.ask(b"?").startswith(b"T05")
+        assert client_gdb.ask(b"D") == b"OK"
+        client_gdb.sock.close()
+        time.sleep(0.5)
+        assert client.get("vm.info")["state"] == "Paused"  # cloud-hypervisor's stub resumes only what it stopped
+        client.put("vm.resume")
+    assert guest.check_output("echo alive") == "alive"
