@@ -209,3 +209,10 @@ def test_a_guest_int3_that_is_not_a_breakpoint_goes_back_to_the_guest() -> None:
     assert theirs._slow_exit(EXIT_DEBUG) is None  # the guest's own: #BP injected, rip past the 0xCC
     fd = theirs.fd
     assert fd.regs.rip == 0x501 and fd.events.exception_injected == 1 and fd.events.exception_nr == 3
+
+
+def test_a_vm_resumed_behind_the_debugger_is_not_touched() -> None:
+    s, vm = session()
+    vm.state = VmState.RUNNING  # vm.resume through the API while gdb thinks it stopped
+    assert s._dispatch(b"g") == b"E10" and s._dispatch(b"m100,4") == b"E10" and s._dispatch(b"Z0,400,1") == b"E10"
+    assert s._dispatch(b"qfThreadInfo") == b"m1,2"  # what does not touch the vCPUs still answers

@@ -33,6 +33,7 @@ from vmsh.engine.gdb.guest_debug import RW_ACCESS, RW_EXECUTE, RW_WRITE, HwBreak
 from vmsh.engine.gdb.registers import LAYOUT, split_block, target_xml
 from vmsh.engine.gdb.session import Control, DebugSession, Stop
 from vmsh.engine.gdb.target import DebugTarget
+from vmsh.engine.state import VmState
 from vmsh.errors import GuestMemoryError, VmshError
 from vmsh.thread_names import NamedThread
 
@@ -40,7 +41,7 @@ LOG = logging.getLogger(__name__)
 
 SIGINT, SIGTRAP = 2, 5
 #: errno values in error replies
-EFAULT, EINVAL, ENOSPC = 14, 22, 28
+EBUSY, EFAULT, EINVAL, ENOSPC = 16, 14, 22, 28
 #: the largest packet gdb may send us (hex digits of a memory write, a ``G`` block)
 PACKET_SIZE = 0x4000
 
@@ -242,6 +243,10 @@ class _Session:
                 return b""
             if head == "?":
                 return self.last_stop.encode()
+            if head and head in "gGpPmMXZz" and not self._paused():
+                # resumed behind the debugger's back (vm.resume through the API): the vCPUs are
+                # not the debugger's to touch until it stops them again
+                return b"E%02x" % EBUSY
             if head == "H":
                 return self._select_thread(text[1:])
             if head == "T":
@@ -283,6 +288,10 @@ class _Session:
             LOG.debug("gdb: malformed packet %r: %s", text[:80], err)
             return b"E%02x" % EINVAL
         return b""
+
+    def _paused(self) -> bool:
+        with self.control.lock:
+            return self.debug.attached and self.vm.state is VmState.PAUSED
 
     def _xfer(self, text: str) -> bytes:
         # qXfer:features:read:ANNEX:OFFSET,LENGTH
