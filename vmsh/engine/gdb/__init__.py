@@ -6,5 +6,6 @@
   watchpoints in the debug registers, software breakpoints' exits);
 - :mod:`.target`: the stopped VM as gdb sees it (threads = vCPUs, memory by guest virtual
   address through the guest's page tables, breakpoints);
+- :mod:`.session`: attach, stop, resume or step, wait, detach (the stub's and the shell's);
 - :mod:`.stub`: the ``gdb`` thread that serves one debugger connection at a time.
 """

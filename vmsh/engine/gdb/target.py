@@ -1,9 +1,10 @@
 """The stopped VM as a debugger sees it: threads (one per vCPU, gdb thread id = index + 1, as
 cloud-hypervisor numbers them), registers, memory by guest virtual address, breakpoints.
 
-Every method runs on the gdb thread while the VM is paused (no vCPU is in ``KVM_RUN``), so
-the vCPU ioctls and guest RAM are the caller's; only :meth:`is_breakpoint` runs on a vCPU
-thread, and it reads an immutable set that the gdb thread replaces.
+Every method runs on the debugger's thread (the ``gdb`` thread, or the shell's) while the VM
+is paused (no vCPU is in ``KVM_RUN``), so the vCPU ioctls and guest RAM are the caller's; only
+:meth:`is_breakpoint` runs on a vCPU thread, and it reads an immutable set that the debugger's
+thread replaces.
 
 Memory is read and written through the page tables of the selected vCPU (its CR3,
 ``vmsh.engine.paging``); an address they do not map is a :class:`PageFault`. A debugger's
