@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,7 +29,7 @@ from vmsh.engine.gdb.stub import _Session
 from vmsh.engine.gdb.target import DebugTarget
 from vmsh.engine.kvm_types import Fpu, Regs, Sregs, VcpuEvents
 from vmsh.engine.state import VmState
-from vmsh.errors import GuestMemoryError
+from vmsh.errors import GuestMemoryError, VmshError
 
 
 def test_framing_checksums_acks_and_interrupts() -> None:
@@ -216,3 +217,25 @@ def test_a_vm_resumed_behind_the_debugger_is_not_touched() -> None:
     vm.state = VmState.RUNNING  # vm.resume through the API while gdb thinks it stopped
     assert s._dispatch(b"g") == b"E10" and s._dispatch(b"m100,4") == b"E10" and s._dispatch(b"Z0,400,1") == b"E10"
     assert s._dispatch(b"qfThreadInfo") == b"m1,2"  # what does not touch the vCPUs still answers
+
+
+def test_the_stub_replaces_a_stale_socket_but_never_a_file(tmp_path: Path) -> None:
+    from vmsh.engine.gdb.stub import GdbStub
+
+    control = SimpleNamespace(lock=threading.RLock(), vm=None, do=lambda *_a: None)
+    path = tmp_path / "gdb.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    stub = GdbStub(control, str(path)).start()  # type: ignore[arg-type]  # a fake VMM
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(path))  # no VM: the stub hangs up
+    client.settimeout(10)
+    assert client.recv(16) == b""
+    client.close()
+    stub.close()
+    assert not path.exists()
+    path.write_text("keep me")
+    with pytest.raises(VmshError, match="Cannot listen on the gdb socket"):
+        GdbStub(control, str(path)).start()  # type: ignore[arg-type]  # a fake VMM
+    assert path.read_text() == "keep me"

@@ -25,6 +25,7 @@ import logging
 import os
 import select
 import socket
+import stat
 from typing import Any
 
 from vmsh.engine import seccomp
@@ -50,7 +51,8 @@ class GdbStub:
     """The listening socket and the ``gdb`` thread.
 
     :param control: the VMM whose VM is debugged.
-    :param path: the unix socket to create (an existing socket file is replaced).
+    :param path: the unix socket to create (a stale socket file is replaced, any other file
+        makes it fail).
     """
 
     def __init__(self, control: Control, path: str) -> None:
@@ -67,7 +69,8 @@ class GdbStub:
         """
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if os.path.exists(self.path):
+            # a stale socket of an earlier run is replaced; any other file is left alone (bind fails)
+            if os.path.exists(self.path) and stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
             sock.bind(self.path)
             sock.listen(1)
