@@ -165,6 +165,7 @@ def run(opts: VmmOptions, cfg: VmConfig | None, *,
     events.emit("vmm", "starting")
     vmm = make_vmm(events, profile=opts.profile, factories=factories)
     server = None
+    gdb_stub = None
     stop_signals = []
 
     # A signal handler runs in the main thread between two bytecodes, possibly while that
@@ -181,6 +182,10 @@ def run(opts: VmmOptions, cfg: VmConfig | None, *,
             from vmsh.api.http import ApiServer
 
             server = ApiServer(vmm, path=opts.api_socket.path, fd=opts.api_socket.fd).start()
+        if opts.gdb is not None and opts.gdb.path is not None:
+            from vmsh.engine.gdb.stub import GdbStub
+
+            gdb_stub = GdbStub(vmm, opts.gdb.path).start()
         if cfg is not None:
             with vmm.lock:
                 vmm.do("vm.create", cfg)
@@ -205,6 +210,8 @@ def run(opts: VmmOptions, cfg: VmConfig | None, *,
             vmm.vmm_shutdown()
         if server is not None:
             server.close()
+        if gdb_stub is not None:
+            gdb_stub.close()
         events.close()
         for sig, previous in stop_signals:
             signal.signal(sig, previous)

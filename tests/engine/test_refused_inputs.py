@@ -1,8 +1,8 @@
 """Inputs vmsh must refuse at once with a clear error (issue #16), on KVM with tiny kernels:
 payloads that are not regular files within guest RAM, disk images in a format other than raw
-(cold and hot-added), ``--console socket=``, ``--gdb``, and device keys vmsh cannot act on when
-the device is hot-added (a vhost-user net must never become a host tap, nor be plugged into a VM
-whose RAM the backend cannot share)."""
+(cold and hot-added), ``--console socket=``, a ``--gdb`` socket that cannot be created, and
+device keys vmsh cannot act on when the device is hot-added (a vhost-user net must never become
+a host tap, nor be plugged into a VM whose RAM the backend cannot share)."""
 
 from __future__ import annotations
 
@@ -122,10 +122,12 @@ def test_console_socket_is_refused_as_cloud_hypervisor_does(kernel: str, tmp_pat
     assert (result.returncode, result.stderr) == (1, b"No socket option support for console device\n")
 
 
-def test_gdb_is_refused_by_launch(kernel: str, tmp_path: Path) -> None:
-    result = subprocess.run([*LAUNCH, "--kernel", kernel, *BASE, "--gdb", f"path={tmp_path}/gdb.sock"],
+def test_gdb_socket_that_cannot_be_created_is_refused_by_launch(kernel: str, tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "gdb.sock"
+    result = subprocess.run([*LAUNCH, "--kernel", kernel, *BASE, "--gdb", f"path={path}"],
                             capture_output=True, timeout=60, check=False)
-    assert (result.returncode, result.stderr) == (1, b"--gdb is not supported by vmsh yet (there is no gdb stub)\n")
+    assert result.returncode == 1 and result.stderr.startswith(f"Cannot listen on the gdb socket {path}".encode()), \
+        result.stderr
 
 
 @pytest.fixture

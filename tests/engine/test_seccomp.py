@@ -18,8 +18,8 @@ from vmsh.engine.seccomp import FORBIDDEN_CALL_ENV
 from vmsh.harness.waiting import wait_until
 
 LAUNCH = [sys.executable, "-m", "vmsh", "launch"]
-#: the named threads of a VMM with a vCPU, a pty serial port and an API connection
-THREADS = ("vcpu0", "vmsh-io", "http-server", "http-conn", "serial-manager")
+#: the named threads of a VMM with a vCPU, a pty serial port, an API connection and a gdb socket
+THREADS = ("vcpu0", "vmsh-io", "http-server", "http-conn", "serial-manager", "gdb")
 
 
 def _kernel(tmp_path: Path, image: bytes) -> str:
@@ -43,14 +43,15 @@ def _threads(pid: int) -> dict[str, list[tuple[int, int]]]:
 
 
 def _threads_of_running_vmm(tmp_path: Path, *flags: str) -> dict[str, list[tuple[int, int]]]:
-    """Boot a guest that waits for a console byte with a pty serial port and the API, hold an
-    API connection open, and read every thread's seccomp state."""
+    """Boot a guest that waits for a console byte with a pty serial port, the API and a gdb
+    socket, hold an API connection open, and read every thread's seccomp state."""
     from vmsh.api.client import ApiClient
 
     k = _kernel(tmp_path, tiny_kernel.echo_poweroff())
     api = tmp_path / "api.sock"
     proc = subprocess.Popen([*LAUNCH, "--kernel", k, "--serial", "pty", "--console", "off", "--api-socket",
-                             str(api), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             str(api), "--gdb", f"path={tmp_path}/gdb.sock", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_until(api.exists, 30, f"the VMM's API socket {api}", process=proc)
         with ApiClient(str(api)) as client:

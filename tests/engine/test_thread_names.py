@@ -32,10 +32,11 @@ def test_threads_have_cloud_hypervisors_names(tmp_path: Path) -> None:
     kernel.write_bytes(tiny_kernel.echo_poweroff())
     api = tmp_path / "api.sock"
     proc = subprocess.Popen([*LAUNCH, "--kernel", str(kernel), "--cpus", "boot=2", "--serial", "pty",
-                             "--console", "pty", "--api-socket", str(api), "--seccomp", "false"],
+                             "--console", "pty", "--api-socket", str(api), "--seccomp", "false",
+                             "--gdb", f"path={tmp_path}/gdb.sock"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     expected = {"vcpu0": 1, "vcpu1": 1, "http-server": 1, "http-conn": 1, "serial-manager": 1, "__console": 1,
-                "vmsh-io": 1}
+                "vmsh-io": 1, "gdb": 1}
     try:
         from vmsh.api.client import ApiClient
 

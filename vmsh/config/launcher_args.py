@@ -15,7 +15,7 @@ from typing import Any
 
 from vmsh.config import model as m
 from vmsh.config.parse import OPTION_PARSERS
-from vmsh.errors import UsageError, ValidationError
+from vmsh.errors import UsageError
 
 VM, VMM, LOGGING, VMSH = "vm-config", "vmm-config", "logging", "vmsh"
 
@@ -194,18 +194,13 @@ class VmmOptions:
 def vmm_options_from_args(args: LauncherArgs) -> VmmOptions:
     """Parse the VMM-level options (``--api-socket``, ``--event-monitor``, ``--restore``, ...).
 
-    :raises OptionParseError: ``Error parsing --<option>`` for the first bad option.
-    :raises ValidationError: for ``--gdb``, which vmsh does not implement yet.
-    """
+    :raises OptionParseError: ``Error parsing --<option>`` for the first bad option.    """
 
     def one(name: str) -> Any:
         value = args.get(name)
         return None if value is None else OPTION_PARSERS[name][0](value)
 
     gdb = one("gdb")
-    if gdb is not None:
-        # Accepting it would leave a user waiting for a debugger connection that never comes.
-        raise ValidationError("--gdb is not supported by vmsh yet (there is no gdb stub)")
     return VmmOptions(
         api_socket=one("api-socket"),
         event_monitor=one("event-monitor"),

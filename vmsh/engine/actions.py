@@ -111,6 +111,13 @@ class SnapshotRequest:
 
 
 @dataclasses.dataclass(kw_only=True)
+class CoredumpRequest:
+    """``vm.coredump`` body: a ``file://`` URL naming the core file to create."""
+
+    destination_url: str = m.field()
+
+
+@dataclasses.dataclass(kw_only=True)
 class RemoveDeviceRequest:
     """``vm.remove-device`` body."""
 
@@ -235,6 +242,9 @@ ACTIONS: tuple[Action, ...] = (
     Action("snapshot", "PUT", SnapshotRequest,
            rule=Rule(booted=True, states=frozenset({VmState.PAUSED}),
                      refusal="Trying to snapshot while VM is running")),
+    Action("coredump", "PUT", CoredumpRequest,
+           rule=Rule(booted=True, states=frozenset({VmState.PAUSED}),
+                     refusal="Trying to coredump while VM is running")),
     Action("restore", "PUT", m.RestoreConfig, rule=Rule(created=False, booted=False, refusal="VM is already created")),
     Action("registers", "PUT", RegistersRequest,
            rule=Rule(booted=True, states=frozenset({VmState.PAUSED}),

@@ -96,6 +96,17 @@ def _frame_chain(words: array[int], base: int, rbp: int) -> tuple[int, ...] | No
     return complete
 
 
+def stack_return_addresses(data: bytes, base: int, rbp: int) -> tuple[int, ...]:
+    """The return addresses on a kernel stack read from ``base`` (``data``), innermost first:
+    the frame-pointer chain from ``rbp`` when it is a whole one, else every kernel text address
+    on the stack (the "guess" unwinder's scan; it may include stale ones)."""
+    words = array("Q", data[: len(data) // 8 * 8])
+    chain = _frame_chain(words, base, rbp)
+    if chain is None:
+        chain = tuple(w for w in words if KERNEL_TEXT_LOW <= w < KERNEL_TEXT_HIGH)
+    return chain
+
+
 class Symbolizer:
     """Address -> ``symbol+offset`` from a System.map."""
 
@@ -195,11 +206,7 @@ class RipSampler:
             raw, self._raw = self._raw, []
         parsed: Counter[tuple[int, tuple[int, ...]]] = Counter()
         for rip, rbp, base, data in raw:
-            words = array("Q", data[: len(data) // 8 * 8])
-            chain = _frame_chain(words, base, rbp)
-            if chain is None:
-                chain = tuple(w for w in words if KERNEL_TEXT_LOW <= w < KERNEL_TEXT_HIGH)
-            parsed[rip, chain] += 1
+            parsed[rip, stack_return_addresses(data, base, rbp)] += 1
         with self._lock:
             self.stacks.update(parsed)
 

@@ -60,6 +60,7 @@ class ThreadKind(Enum):
     API_SERVER = "api-server"
     API_CONNECTION = "api-connection"
     CONSOLE = "console"
+    GDB = "gdb"
 
 
 def _names(text: str) -> frozenset[str]:
@@ -127,6 +128,8 @@ LISTS: dict[ThreadKind, frozenset[str]] = {
     ThreadKind.API_SERVER: VMM,
     ThreadKind.API_CONNECTION: VMM,
     ThreadKind.CONSOLE: CONSOLE,
+    # The gdb stub pauses and resumes the VM (vm.pause / vm.resume, which start vCPU threads).
+    ThreadKind.GDB: VMM,
 }
 
 

@@ -28,6 +28,7 @@ from vmsh.engine import seccomp
 from vmsh.engine.bus import Bus
 from vmsh.engine.kvm_ioctl import KvmIoctlError
 from vmsh.engine.kvm_vcpu import (
+    EXIT_DEBUG,
     EXIT_FAIL_ENTRY,
     EXIT_HLT,
     EXIT_INTERNAL_ERROR,
@@ -70,6 +71,7 @@ class VcpuStop(enum.Enum):
     RESET = "reset"  # KVM_SYSTEM_EVENT_RESET
     POWEROFF = "poweroff"  # KVM_SYSTEM_EVENT_SHUTDOWN
     CRASH = "crash"  # KVM_SYSTEM_EVENT_CRASH
+    DEBUG = "debug"  # KVM_EXIT_DEBUG, or a debugger's breakpoint (see ``debug_filter``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,16 @@ class InternalErrorExit:
 
 #: an internal-error handler returns True when it fixed the vCPU state so KVM_RUN can go on
 InternalErrorHandler = Callable[["Vcpu", InternalErrorExit], bool]
+#: a debugger's look at an emulation failure: True when it is the debugger's breakpoint (the
+#: loop then stops with ``VcpuStop.DEBUG`` instead of handing it to the internal-error handler)
+DebugFilter = Callable[["Vcpu", InternalErrorExit], bool]
+
+# struct kvm_run: the exit union starts at byte 32 (include/uapi/linux/kvm.h); its
+# ``debug.arch`` (struct kvm_debug_exit_arch): exception u32, pad u32, pc u64, dr6 u64, dr7 u64
+_RUN_UNION = 32
+_DEBUG_EXIT = struct.Struct("<IIQQQ")
+#: the breakpoint exception's vector (SDM vol. 3A Table 6-1)
+_VECTOR_BP = 3
 
 
 def install_kick_handler() -> None:
@@ -127,6 +139,11 @@ class Vcpu:
         self.error: BaseException | None = None
         #: exits served by the Python loop, by KVM exit reason
         self.exit_counts: dict[int, int] = {}
+        #: set by a debugger while it is attached (``vmsh.engine.gdb``); read by this thread
+        self.debug_filter: DebugFilter | None = None
+        #: the last KVM_EXIT_DEBUG: (exception vector, pc, dr6, dr7); written by this thread
+        #: before its loop returns ``VcpuStop.DEBUG``, read by the debugger once it has
+        self.debug_exit: tuple[int, int, int, int] | None = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -217,8 +234,19 @@ class Vcpu:
             return None
         if reason == EXIT_INTR:
             return None
+        if reason == EXIT_DEBUG:
+            exc, _pad, pc, dr6, dr7 = _DEBUG_EXIT.unpack_from(page, _RUN_UNION)
+            if exc == _VECTOR_BP and not self._debugger_owns_int3():
+                self._deliver_bp()
+                return None
+            self.debug_exit = (exc, pc, dr6, dr7)
+            return VcpuStop.DEBUG
         if reason == EXIT_INTERNAL_ERROR:
             err = self.internal_error()
+            debug_filter = self.debug_filter
+            if debug_filter is not None and debug_filter(self, err):
+                self.debug_exit = None
+                return VcpuStop.DEBUG
             if self.on_internal_error is not None and self.on_internal_error(self, err):
                 return None
             raise KvmError(self.describe_internal_error(err))
@@ -237,6 +265,27 @@ class Vcpu:
             hw = struct.unpack_from("<Q", page, lib.VMSH_RUN_FAIL_ENTRY_REASON)[0]
             raise KvmError(f"vcpu{self.index}: KVM_RUN entry failed (hardware reason {hw:#x})")
         raise KvmError(f"vcpu{self.index}: unexpected exit {EXIT_NAMES.get(reason, reason)}")
+
+    def _debugger_owns_int3(self) -> bool:
+        """Whether the INT3 this vCPU stopped at (KVM_GUESTDBG_USE_SW_BP) is a debugger's."""
+        debug_filter = self.debug_filter
+        return debug_filter is None or debug_filter(self, InternalErrorExit(0, b"\xcc", ()))
+
+    def _deliver_bp(self) -> None:
+        """Give the guest the #BP of its own INT3 (a kernel text-patching one), which
+        KVM_GUESTDBG_USE_SW_BP turned into an exit: a trap, so rip moves past the 0xCC first
+        (SDM vol. 3A §6.5); KVM delivers the injected exception on the next KVM_RUN."""
+        regs = self.fd.get_regs()
+        regs.rip += 1
+        self.fd.set_regs(regs)
+        events = self.fd.get_vcpu_events()
+        events.exception_injected = 1
+        events.exception_nr = _VECTOR_BP
+        events.exception_has_error_code = 0
+        events.exception_error_code = 0
+        events.exception_pending = 0
+        events.flags = 0
+        self.fd.set_vcpu_events(events)
 
     def internal_error(self) -> InternalErrorExit:
         """Decode the ``internal`` / ``emulation_failure`` union of the run page."""
@@ -313,6 +362,9 @@ class Vcpu:
                 if on_stop is not None:
                     on_stop(self)
 
+        # A kick that came after the last loop had already ended (a pause that found this vCPU
+        # stopped at a breakpoint) is stale: the new loop must not stop on it.
+        self._stop_requested = False
         self._thread = NamedThread(target=body, name=f"vcpu{self.index}", daemon=True)
         self._thread.start()
         return self._thread

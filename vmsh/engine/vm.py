@@ -97,6 +97,9 @@ class Vm:
         self.closeables: list[Any] = []
         #: kvmclock when the vCPUs stopped: put back on resume, saved by a snapshot
         self.paused_clock: int | None = None
+        #: told (on the vCPU's thread) when a vCPU stops at a breakpoint or after a step; set
+        #: by the gdb stub while a debugger is attached (``vmsh.engine.gdb``)
+        self.debug_listener: Callable[[Vcpu], None] | None = None
         self._closed = False
         self._lock = threading.Lock()
 
@@ -116,6 +119,10 @@ class Vm:
             self.on_guest_event(GuestEvent.POWEROFF, f"vcpu{vcpu.index}: system event")
         elif reason is VcpuStop.CRASH:
             self.on_guest_event(GuestEvent.FATAL, f"vcpu{vcpu.index}: guest crash")
+        elif reason is VcpuStop.DEBUG:
+            listener = self.debug_listener
+            if listener is not None:
+                listener(vcpu)  # the debugger's wake-up only: it pauses the VM from its own thread
 
     def _start_vcpus(self, vcpus: list[Vcpu] | None = None) -> None:
         affinity = {a.vcpu: set(a.host_cpus) for a in self.config.cpus.affinity or []}

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from vmsh import __version__
 from vmsh.config import model as m
 from vmsh.config import normalize, to_json_value
-from vmsh.engine import inspect
+from vmsh.engine import coredump, inspect
 from vmsh.engine.actions import (
     ACTIONS,
     ACTIONS_BY_ENDPOINT,
@@ -38,6 +38,7 @@ from vmsh.engine.actions import (
     ADD_TARGETS,
     HOTPLUG_KINDS,
     Action,
+    CoredumpRequest,
     ProfileStartRequest,
     ProfileStopRequest,
     ReadMemoryRequest,
@@ -463,6 +464,12 @@ class Vmm:
         self.vm.snapshot(directory)
         self.events.emit("vm", "snapshotted")
 
+    def _coredump(self, request: CoredumpRequest) -> None:
+        """``vm.coredump``: the paused guest as an ELF core (:mod:`vmsh.engine.coredump`)."""
+        path = _file_url_path(request.destination_url)
+        self.events.emit("vm", "coredumping")
+        coredump.dump_vm(self._inspectable(), path)
+
     def _restore(self, request: m.RestoreConfig) -> None:
         if self._restore_factory is None:
             raise VmshError("This VMM cannot restore VMs")
@@ -506,6 +513,7 @@ HANDLERS: dict[str, Callable[[Vmm, Any], Any]] = {
     **{f"vm.{name}": _adder(name) for name in ADD_TARGETS},
     "vm.remove-device": Vmm._remove_device,
     "vm.snapshot": Vmm._snapshot,
+    "vm.coredump": Vmm._coredump,
     "vm.restore": Vmm._restore,
     "vm.registers": Vmm._registers,
     "vm.read-memory": Vmm._read_memory,

@@ -20,6 +20,7 @@ from vmsh.config.serde import from_json_value
 from vmsh.engine.actions import ACTIONS_BY_ENDPOINT
 from vmsh.engine.events import EventMonitor, GuestEvent
 from vmsh.errors import VmshError, error_chain
+from vmsh.script import debug_commands  # noqa: F401 - importing it registers the debugging commands
 from vmsh.script.commands import COMMANDS
 from vmsh.script.console import CapturedConsole, ConsoleStream, RemoteConsole
 from vmsh.script.interface import QuitRequest

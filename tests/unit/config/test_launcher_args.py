@@ -40,12 +40,11 @@ def test_cmdline_with_commas_is_one_value() -> None:
     assert cfg.payload is not None and cfg.payload.cmdline == "console=ttyS0,115200 root=/dev/vda"
 
 
-def test_gdb_is_refused_until_there_is_a_stub() -> None:
+def test_gdb_is_parsed_into_the_vmm_options() -> None:
     from vmsh.config.launcher_args import vmm_options_from_args
-    from vmsh.errors import ValidationError
 
-    with pytest.raises(ValidationError, match=r"^--gdb is not supported by vmsh yet \(there is no gdb stub\)$"):
-        vmm_options_from_args(parse_argv(["--gdb", "path=/tmp/gdb"]))
+    opts = vmm_options_from_args(parse_argv(["--gdb", "path=/tmp/gdb"]))
+    assert opts.gdb is not None and opts.gdb.path == "/tmp/gdb"
 
 
 @pytest.mark.parametrize(
