@@ -347,6 +347,12 @@ def _console(session: Session, args: list[str]) -> None:
     raise VmshError("console needs the interactive shell; scripts use send, expect and run")
 
 
+@command("record", "record FILE | record stop",
+         "write what you do from now on (commands, console typing) as a script vmsh run replays", "console")
+def _record(session: Session, args: list[str]) -> None:
+    raise VmshError("record needs the interactive shell")
+
+
 # --- flow ---------------------------------------------------------------------------------------------
 
 

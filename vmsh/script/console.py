@@ -93,6 +93,21 @@ class ConsoleStream:
         with self._cond:
             return clean(bytes(self._data[-size:]))
 
+    def position(self) -> int:
+        """The absolute offset of the end of the output so far."""
+        with self._cond:
+            return self._dropped + len(self._data)
+
+    def cursor(self) -> int:
+        """The absolute offset of the first byte ``expect`` has not consumed."""
+        with self._cond:
+            return self._cursor
+
+    def since(self, offset: int) -> bytes:
+        """The output kept from the absolute ``offset`` on."""
+        with self._cond:
+            return bytes(self._data[max(offset - self._dropped, 0):])
+
     def unread(self) -> bytes:
         """Output not consumed by ``expect`` yet (and mark it read)."""
         with self._cond:
