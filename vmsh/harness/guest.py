@@ -27,6 +27,7 @@ import re
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,36 @@ SETUP_TIMEOUT = 90.0
 
 
 class _Spawn(pexpect.spawn):
-    """``pexpect.spawn`` whose child keeps ``pass_fds`` open (ptyprocess closes every other fd)."""
+    """``pexpect.spawn`` whose child keeps ``pass_fds`` open (ptyprocess closes every other fd)
+    and, with ``die_with_parent``, is sent SIGTERM when the process that started it dies."""
 
-    def __init__(self, *args: Any, pass_fds: tuple[int, ...] = (), **kw: Any) -> None:
-        self._pass_fds = pass_fds  # read by _spawnpty, which runs inside pexpect.spawn.__init__
+    def __init__(self, *args: Any, pass_fds: tuple[int, ...] = (), die_with_parent: bool = False, **kw: Any) -> None:
+        # read by _spawnpty, which runs inside pexpect.spawn.__init__
+        self._pass_fds = pass_fds
+        self._die_with_parent = die_with_parent
         super().__init__(*args, **kw)
 
     def _spawnpty(self, args: list[str], **kwargs: Any) -> ptyprocess.PtyProcess:
+        if self._die_with_parent:
+            kwargs["preexec_fn"] = _terminate_with_parent(os.getpid())
         return ptyprocess.PtyProcess.spawn(args, pass_fds=self._pass_fds, **kwargs)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _terminate_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when ``parent`` dies (a
+    killed pytest worker leaves no VMM behind; on SIGTERM the launcher removes its sockets)."""
+
+    def arm() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 def api_socket_of(argv: list[str]) -> str | None:
@@ -94,13 +117,14 @@ class Guest:
     :param boot_timeout: seconds to wait for the ready marker.
     :param pass_fds: fds the VMM inherits under the same numbers (``--net fd=N``); each must
         be inheritable (``os.set_inheritable``).
+    :param die_with_parent: the VMM gets SIGTERM when this process dies (see :mod:`vmsh.harness.pool`).
     """
 
     _ids = itertools.count()
 
     def __init__(self, argv: list[str], workdir: str | os.PathLike[str], *, boot_timeout: float = 120.0,
                  env: dict[str, str] | None = None, ready_marker: str = READY_MARKER,
-                 pass_fds: tuple[int, ...] = ()) -> None:
+                 pass_fds: tuple[int, ...] = (), die_with_parent: bool = False) -> None:
         self.argv = list(argv)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +134,7 @@ class Guest:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept for the guest's lifetime
         self._env = {**os.environ, **(env or {})}
         self.pass_fds = tuple(pass_fds)
+        self.die_with_parent = die_with_parent
         self.child: pexpect.spawn | None = None
         self._shell_ready = False
         self._started = 0.0
@@ -124,7 +149,7 @@ class Guest:
         LOG.info("starting %s", shlex.join(self.argv))
         self.child = _Spawn(
             self.argv[0], self.argv[1:], env=self._env, timeout=self.boot_timeout, dimensions=(50, 250),
-            logfile=self._log, echo=False, pass_fds=self.pass_fds,
+            logfile=self._log, echo=False, pass_fds=self.pass_fds, die_with_parent=self.die_with_parent,
         )
         self._started = time.monotonic()
         return self

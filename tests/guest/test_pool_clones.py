@@ -1,0 +1,18 @@
+"""Clones restored into the worker's pool of pre-started VMM processes behave as clones in new
+processes do: each its own guest, on private disks."""
+
+from __future__ import annotations
+
+
+def test_pooled_clones_are_independent_guests(vmsh_clone, vmsh_pool) -> None:
+    pool = vmsh_pool()
+    assert pool is not None  # the default --vmsh-pool 2
+    idle = set(pool.idle_pids())
+    first = vmsh_clone()
+    assert first.pid in idle  # restored into a process started ahead of time
+    second = vmsh_clone()
+    assert second.pid != first.pid
+    first.check_output("echo one > /tmp/mark")
+    assert second.run("cat /tmp/mark").status != 0  # clones share nothing they write
+    assert first.check_output("cat /tmp/mark") == "one"
+    assert len(pool.idle_pids()) == pool.size  # refilled
