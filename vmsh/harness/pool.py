@@ -71,6 +71,19 @@ class VmmPool:
         guest = Guest(launch_argv(["--api-socket", str(sock)]), workdir=self.root / f"vmm{n}", die_with_parent=True)
         return guest.start()
 
+    def wait_ready(self) -> None:
+        """Wait until every idle process answers its API (replacing broken ones)."""
+        checked: deque[Guest] = deque()
+        while self._idle:
+            guest = self._idle.popleft()
+            if self._answers(guest):
+                checked.append(guest)
+            else:
+                self.replaced += 1
+                guest.close()
+                self._idle.append(self._spawn())
+        self._idle = checked
+
     def idle_pids(self) -> list[int]:
         return [guest.pid for guest in self._idle]
 
