@@ -16,3 +16,10 @@ def test_pooled_clones_are_independent_guests(vmsh_clone, vmsh_pool) -> None:
     assert second.run("cat /tmp/mark").status != 0  # clones share nothing they write
     assert first.check_output("cat /tmp/mark") == "one"
     assert len(pool.idle_pids()) == pool.size  # refilled
+
+
+def test_a_pooled_clone_has_the_layout_of_a_fresh_process_clone(vmsh_clone) -> None:
+    guest = vmsh_clone()
+    assert (guest.workdir / "snapshot" / "config.json").exists()  # its private copy of the snapshot
+    assert guest.check_output("echo logged-$((40 + 2))") == "logged-42"
+    assert "logged-42" in (guest.workdir / "console.log").read_text(errors="replace")

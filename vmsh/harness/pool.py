@@ -130,8 +130,13 @@ class VmmPool:
         replacement process is started afterwards."""
         from vmsh.api.client import ApiClient
 
-        own = private_disks(Path(snapshot), Path(workdir) / "snapshot")
+        workdir = Path(workdir)
+        own = private_disks(Path(snapshot), workdir / "snapshot")
         guest = self.take()
+        # the clone's directory is laid out as a fresh-process clone's: its private disks under
+        # snapshot/, its console log (kept where the pooled process started) linked in
+        guest.workdir = workdir
+        (workdir / "console.log").symlink_to(guest.log_path)
         try:
             assert guest.api_socket is not None
             with ApiClient(guest.api_socket, timeout=timeout) as client:
