@@ -103,7 +103,8 @@ def vmsh_round(tmp: Path, size_mib: int) -> tuple[float, float, float, float]:
     return snapshot_s, restore_s, vmm_restore_time(events), pool_s
 
 
-def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
+def qemu_snapshot(tmp: Path, size_mib: int, accel: str) -> tuple[list[str], Path, float]:
+    """Boot QEMU, save its state to a file; returns its argv, the file and the seconds the save took."""
     spec = BootSpec(image_path("vmlinux"), image_path("initramfs"), machine="microvm", cmdline=CMDLINE,
                     memory_mb=size_mib)
     monitor = tmp / "qemu-monitor.sock"
@@ -136,6 +137,11 @@ def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
         mon.close()
     finally:
         child.close(force=True)
+    return argv, state, snapshot_s
+
+
+def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
+    argv, state, snapshot_s = qemu_snapshot(tmp, size_mib, accel)
     start = time.monotonic()
     monitor = tmp / "qemu-monitor-incoming.sock"
     child = pexpect.spawn(argv[0], [*argv[1:], "-monitor", f"unix:{monitor},server,nowait",
