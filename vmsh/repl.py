@@ -5,7 +5,8 @@ command names and of the launcher's options and keys after ``create``/``add-*``,
 history (``$VMSH_HISTORY`` or ``~/.vmsh_history``), ``help``, the VM's state in the bottom
 toolbar, and errors shown in red without ending the session. ``console`` attaches the
 terminal to the guest's serial console until Ctrl-] is pressed; guest output is kept while
-detached (and shown on the next attach).
+detached (and shown on the next attach). ``record FILE`` ... ``record stop`` writes the session
+down as a script (:mod:`vmsh.script.recorder`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.shortcuts import print_formatted_text
 
 from vmsh.config.launcher_args import FLAGS
-from vmsh.errors import VmshError
+from vmsh.errors import VmshError, error_chain
 from vmsh.script.commands import COMMANDS
+from vmsh.script.lexer import split_commands
+from vmsh.script.recorder import Recorder
 from vmsh.script.session import QuitRequest, RemoteTarget, ScriptError, Session
 
 #: Ctrl-]: leaves ``console``, as telnet and virsh do
@@ -118,6 +121,8 @@ class Shell:
             bottom_toolbar=self.toolbar, input=input, output=output,
         )
         self._output = output
+        #: the recording in progress (``record FILE``), if any
+        self.recorder: Recorder | None = None
 
     def print(self, text: str) -> None:
         print_formatted_text(text, output=self._output)
@@ -137,6 +142,12 @@ class Shell:
 
     def loop(self) -> int:
         """Read and run lines until ``quit`` or end of input; returns the exit status."""
+        try:
+            return self._loop()
+        finally:
+            self.stop_recording()
+
+    def _loop(self) -> int:
         while True:
             for message in self.session.messages:
                 self.print(f"[{message}]")
@@ -150,14 +161,49 @@ class Shell:
             if line.strip() == "console":
                 self.attach_console()
                 continue
+            if line.split()[:1] == ["record"]:
+                self.record(line)
+                continue
             try:
                 self.session.execute(line)
+                if self.recorder is not None:
+                    self.recorder.command(line)
             except QuitRequest as request:
                 return int(request.args[0]) if request.args else 0
             except ScriptError as err:
                 self.error(err.reason)
             except VmshError as err:
                 self.error(str(err))
+
+    def record(self, line: str) -> None:
+        """``record FILE`` starts a recording (ending one in progress); ``record stop`` ends it."""
+        try:
+            words = split_commands(line, self.session.variables)
+        except VmshError as err:
+            self.error(str(err))
+            return
+        args = words[0][1:] if len(words) == 1 else None
+        if args is None or len(args) != 1:
+            self.error("record takes a file name, or stop")
+            return
+        if args[0] == "stop":
+            if self.recorder is None:
+                self.error("nothing is being recorded")
+            self.stop_recording()
+            return
+        self.stop_recording()
+        try:
+            self.recorder = Recorder(args[0], self.session.variables)
+        except VmshError as err:
+            self.error(": ".join(error_chain(err)))
+            return
+        self.print(f"[recording to {args[0]}: record stop ends it]")
+
+    def stop_recording(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+            self.print(f"[recorded {self.recorder.lines} lines to {self.recorder.path}]")
+            self.recorder = None
 
     def attach_console(self) -> None:
         """Connect this terminal to the guest's serial console until Ctrl-] is pressed."""
@@ -170,6 +216,9 @@ class Shell:
             self.error("console needs an interactive terminal")
             return
         self.print("[console: Ctrl-] returns to the vmsh prompt]")
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.console_attached(stream.cursor())
         os.write(1, stream.unread())
         stream.listeners.append(self._echo)
         saved = termios.tcgetattr(0)
@@ -183,14 +232,20 @@ class Shell:
                 if not data or DETACH in data:
                     before = data.split(DETACH, 1)[0]
                     if before:
+                        if recorder is not None:
+                            recorder.console_typed(before, stream)
                         stream.send(before)
                     break
+                if recorder is not None:
+                    recorder.console_typed(data, stream)
                 stream.send(data)
         except VmshError as err:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
             self.error(str(err))
         finally:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)
+            if recorder is not None:
+                recorder.console_detached(stream)
             stream.listeners.remove(self._echo)
             stream.unread()  # shown live already
             self.print("\n[detached]")

@@ -4,7 +4,9 @@ For each guest size (256 MiB and 2 GiB by default) the default kernel and initra
 once under each VMM. Then:
 
 * vmsh: pause + ``vm.snapshot``; then ``vmsh launch --restore ...,resume=on`` in a new
-  process, timed from the command until the guest answers a command on its console;
+  process, timed from the command until the guest answers a command on its console; and a
+  warm clone (the harness's :class:`~vmsh.harness.pool.VmmPool`): ``vm.restore`` into an idle
+  VMM process started beforehand, timed from ``pool.clone()`` until the guest answers;
 * QEMU: ``stop`` + ``migrate "exec:cat > FILE"`` on its monitor; then a new QEMU with
   ``-incoming "exec:cat FILE"``, timed the same way (KVM where QEMU can boot, TCG on PVM hosts).
 
@@ -34,6 +36,7 @@ import pexpect
 
 from vmsh.api.client import ApiClient
 from vmsh.harness import Guest
+from vmsh.harness.pool import VmmPool
 from vmsh.harness.snapshots import launch_argv
 from vmsh.images import image_path
 from vmsh.images.qemu import QEMU, BootSpec
@@ -65,7 +68,7 @@ def vmm_restore_time(events: Path) -> float:
     return stamps["resumed"] - stamps["restoring"]
 
 
-def vmsh_round(tmp: Path, size_mib: int) -> tuple[float, float, float]:
+def vmsh_round(tmp: Path, size_mib: int) -> tuple[float, float, float, float]:
     flags = ["--kernel", str(image_path("vmlinux")), "--initramfs", str(image_path("initramfs")), "--cmdline", CMDLINE,
              "--serial", "tty", "--console", "off", "--memory", f"size={size_mib}M"]
     api, snap = tmp / "api.sock", tmp / "snap"
@@ -85,10 +88,23 @@ def vmsh_round(tmp: Path, size_mib: int) -> tuple[float, float, float]:
         restore_s = answer_time(child, start, 60)
     finally:
         child.close(force=True)
-    return snapshot_s, restore_s, vmm_restore_time(events)
+    pool = VmmPool(tmp / "pool", size=1)
+    try:
+        pool.wait_ready()  # started ahead of time, as the harness's pool is
+        start = time.monotonic()
+        clone = pool.clone(snap, tmp / "clone")
+        try:
+            assert clone.child is not None
+            pool_s = answer_time(clone.child, start, 60)
+        finally:
+            clone.close()
+    finally:
+        pool.close()
+    return snapshot_s, restore_s, vmm_restore_time(events), pool_s
 
 
-def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
+def qemu_snapshot(tmp: Path, size_mib: int, accel: str) -> tuple[list[str], Path, float]:
+    """Boot QEMU, save its state to a file; returns its argv, the file and the seconds the save took."""
     spec = BootSpec(image_path("vmlinux"), image_path("initramfs"), machine="microvm", cmdline=CMDLINE,
                     memory_mb=size_mib)
     monitor = tmp / "qemu-monitor.sock"
@@ -121,6 +137,11 @@ def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
         mon.close()
     finally:
         child.close(force=True)
+    return argv, state, snapshot_s
+
+
+def qemu_round(tmp: Path, size_mib: int, accel: str) -> tuple[float, float]:
+    argv, state, snapshot_s = qemu_snapshot(tmp, size_mib, accel)
     start = time.monotonic()
     monitor = tmp / "qemu-monitor-incoming.sock"
     child = pexpect.spawn(argv[0], [*argv[1:], "-monitor", f"unix:{monitor},server,nowait",
@@ -169,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     accel = "tcg" if os.path.isdir("/sys/module/kvm_pvm") else "kvm"
     print(f"snapshot and restore-to-responsive, median of {args.runs} (QEMU: {QEMU} with {accel.upper()})")
     print(f"{'size':>6}  {'vmsh snap':>9} {'qemu snap':>9} {'ratio':>6}  {'vmsh restore':>12} {'qemu restore':>12} "
-          f"{'ratio':>6}  {'in vmsh VMM':>11}")
+          f"{'ratio':>6}  {'in vmsh VMM':>11}  {'pool clone':>10} {'ratio':>6}")
     for size in args.sizes:
         v, q = [], []
         for _ in range(args.runs):
@@ -180,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         vs, vr = statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)
         qs, qr = statistics.median(x[0] for x in q), statistics.median(x[1] for x in q)
         vm = statistics.median(x[2] for x in v)
+        vp = statistics.median(x[3] for x in v)
         print(f"{size:>5}M  {vs:>8.3f}s {qs:>8.3f}s {vs / qs:>6.2f}  {vr:>11.3f}s {qr:>11.3f}s {vr / qr:>6.2f}"
-              f"  {vm * 1000:>9.1f}ms")
-    print("restore: command until the guest answers on its console; in vmsh VMM: its restoring -> resumed events")
+              f"  {vm * 1000:>9.1f}ms  {vp:>9.3f}s {vp / qr:>6.2f}")
+    print("restore: command until the guest answers on its console; in vmsh VMM: its restoring -> resumed events;")
+    print("pool clone: vm.restore into a pre-started VMM process until the guest answers (ratio: to QEMU's restore)")
     return 0
 
 

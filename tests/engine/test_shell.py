@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,50 @@ def test_local_snapshot_and_restore_keep_the_console_in_the_session(session, tmp
     assert session.captured[-1] == '"Running"'
     # the restored guest's --serial tty is the session's console, as the booted one's was
     session.execute("expect '[a-z]' timeout=20")
+
+
+def test_send_waits_for_a_guest_that_reads_its_console_late(session, tmp_path: Path) -> None:
+    """Input beyond the serial FIFO (64 bytes) waits until the guest reads it, within send's own
+    timeout: longer than the 10 s the shell once allowed, and a short timeout still fails."""
+    k = kernel(tmp_path, tiny_kernel.late_echo(12))
+    text = "".join(chr(ord("a") + i % 26) for i in range(100))
+    session.execute(f"create --kernel {k} --serial tty --console off --memory size=64M; boot; expect ready timeout=20")
+    with pytest.raises(ScriptError, match=r"The guest did not read its console input within 0\.5s \(36 bytes left\)"):
+        session.execute(f"send {text[:64]}{text[:36]} timeout=500ms")  # 64 fit the FIFO, 36 cannot
+    started = time.monotonic()
+    session.execute(f"send {text}")
+    assert time.monotonic() - started > 10  # it did wait (the guest reads after 12 s)
+    session.execute(f"expect reading timeout=20; expect {text[-20:]} timeout=20")
+
+
+def test_a_paused_or_stopped_vm_is_an_error_at_once(session, tmp_path: Path) -> None:
+    k = kernel(tmp_path, tiny_kernel.letters())
+    session.execute(f"create --kernel {k} --serial tty --console off --memory size=64M")
+    for line in ("send x", "run true", "expect a timeout=60"):
+        with pytest.raises(ScriptError, match=r"The VM is not running \(it is Created\)"):
+            session.execute(line)
+    session.execute("boot; expect b timeout=20; pause")
+    for line in ("send x", "run true", "expect never timeout=60", "send " + "y" * 200):
+        started = time.monotonic()
+        with pytest.raises(ScriptError, match="The VM is paused: resume it first"):
+            session.execute(line)
+        assert time.monotonic() - started < 5
+    session.execute("resume; expect '[a-z]' timeout=20")
+    # output the VM printed before it stopped still matches; the rest fails at once
+    session.execute("pause; shutdown")
+    with pytest.raises(ScriptError, match=r"The VM is not running \(it is Created\).*while waiting for 'never'"):
+        session.execute("expect never timeout=60")
+
+
+def test_a_vm_paused_while_it_is_sent_input_is_an_error_at_once(session, tmp_path: Path) -> None:
+    k = kernel(tmp_path, tiny_kernel.late_echo(60))
+    session.execute(f"create --kernel {k} --serial tty --console off --memory size=64M; boot; expect ready timeout=20")
+    timer = threading.Timer(1.0, lambda: session.target.call("vm.pause"))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ScriptError, match="The VM is paused: resume it first"):
+            session.execute("send " + "z" * 100)
+    finally:
+        timer.join()
+    assert time.monotonic() - started < 5

@@ -81,3 +81,20 @@ def letters() -> bytes:
     body = loop + wait
     jump_back = b"\xe9" + struct.pack("<i", -(len(body) + 5))  # jmp loop
     return kernel(code + body + jump_back)
+
+
+def late_echo(seconds: int) -> bytes:
+    """Prints ``ready``, reads nothing for ``seconds`` seconds (counted on the CMOS clock), then
+    prints ``reading`` and echoes every input byte forever: a guest that boots slowly and does
+    not read its console meanwhile."""
+    assert 0 < seconds < 128
+    code = _out_string(0x3F8, b"ready\n") + b"\xbe" + struct.pack("<I", seconds)  # mov esi, seconds
+    tick = _read_cmos_seconds() + b"\x88\xc1"  # mov cl, al
+    wait = _read_cmos_seconds() + b"\x38\xc8"  # cmp al, cl
+    wait += b"\x74" + bytes([(256 - (len(wait) + 2)) & 0xFF])  # je wait
+    count = b"\x4e"  # dec esi
+    body = tick + wait + count
+    body += b"\x75" + bytes([(256 - (len(body) + 2)) & 0xFF])  # jnz tick
+    code += body + _out_string(0x3F8, b"reading\n")
+    echo_back = b"\xeb" + bytes([(256 - (len(ECHO_ONE) + 2)) & 0xFF])  # jmp echo
+    return kernel(code + ECHO_ONE + echo_back)

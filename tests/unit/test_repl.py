@@ -90,3 +90,25 @@ def test_toolbar_shows_state(tmp_path: Path) -> None:
             assert "VM: none" in shell.toolbar()
         finally:
             shell.session.close()
+
+
+def test_record_writes_the_lines_that_succeeded(run_shell, tmp_path: Path) -> None:
+    script = tmp_path / "rec.vmsh"
+    status, printed, _ = run_shell(f"set who world\nrecord {script}\necho hello $who\nfrobnicate\n"
+                                   "set n 2\nhelp\nrecord stop\necho after\nrecord stop\nquit\n")
+    assert status == 0
+    assert f"[recorded 5 lines to {script}]" in printed
+    assert "error: nothing is being recorded" in printed
+    lines = script.read_text().splitlines()
+    assert lines[1:] == ["set expect_timeout 5m", "set who 'world'", "echo hello $who", "set n 2"]
+    # the recording replays on its own
+    out: list[str] = []
+    from vmsh.script.session import run_script
+
+    assert run_script(str(script), out=out.append) == 0 and out == ["hello world"]
+
+
+def test_record_needs_a_file(run_shell, tmp_path: Path) -> None:
+    _, printed, _ = run_shell(f"record\nrecord {tmp_path}/no/such/dir/x.vmsh\nquit\n")
+    assert "error: record takes a file name, or stop" in printed
+    assert any(p.startswith(f"error: Cannot write the recording {tmp_path}/no/such/dir/x.vmsh: ") for p in printed)

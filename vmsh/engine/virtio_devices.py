@@ -16,31 +16,29 @@ import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmsh.config import model as m
-from vmsh.devices.backends.tap import Tap, parse_mac
 from vmsh.devices.base import Trigger
 from vmsh.devices.pvpanic import PvPanicDevice
 from vmsh.devices.ratelimit import RateLimiter, RateLimiterGroup
-from vmsh.devices.vhost_user.blk import VhostUserBlk
-from vmsh.devices.vhost_user.fs import VhostUserFs
-from vmsh.devices.vhost_user.net import VhostUserNet
-from vmsh.devices.virtio.balloon import VirtioBalloon
-from vmsh.devices.virtio.block import VirtioBlock
-from vmsh.devices.virtio.console import VirtioConsole
-from vmsh.devices.virtio.iommu import VirtioIommu
-from vmsh.devices.virtio.mem import VirtioMem
-from vmsh.devices.virtio.net import VirtioNet, format_mac
-from vmsh.devices.virtio.pmem import VirtioPmem
 from vmsh.devices.virtio.rng import VirtioRng
-from vmsh.devices.virtio.vsock import VirtioVsock
-from vmsh.devices.virtio.watchdog import VirtioWatchdog
 from vmsh.engine.console import ConsoleBackend
 from vmsh.engine.device_manager import DeviceManager
 from vmsh.engine.memory_manager import DEFAULT_ZONE, hotplug_areas, shared_memory_table
 from vmsh.engine.pci_device import PciDevice
 from vmsh.errors import DeviceError, VmshError
+
+# The device models a config names are imported where they are created: a VM (or a restored
+# snapshot) without them does not pay for importing them (``ci/bench/restore_imports.py``).
+if TYPE_CHECKING:
+    from vmsh.devices.vhost_user.blk import VhostUserBlk
+    from vmsh.devices.vhost_user.fs import VhostUserFs
+    from vmsh.devices.vhost_user.net import VhostUserNet
+    from vmsh.devices.virtio.block import VirtioBlock
+    from vmsh.devices.virtio.console import VirtioConsole
+    from vmsh.devices.virtio.net import VirtioNet
+    from vmsh.devices.virtio.pmem import VirtioPmem
 
 LOG = logging.getLogger(__name__)
 
@@ -85,6 +83,8 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
         backend = hooks.console
 
         def console() -> VirtioConsole:
+            from vmsh.devices.virtio.console import VirtioConsole
+
             hooks.console_device = VirtioConsole(backend.write)
             return hooks.console_device
 
@@ -103,18 +103,26 @@ def add_config_devices(manager: DeviceManager, cfg: m.VmConfig, hooks: PlatformH
         add_item(manager, "vsock", cfg.vsock)
     for area in hotplug_areas(cfg.memory):
         if area.method is m.HotplugMethod.VIRTIO_MEM:
+            from vmsh.devices.virtio.mem import VirtioMem
+
             # cloud-hypervisor's order (virtio-mem after vsock) and id (the memory zone's)
             _add(manager, area.zone, "--memory hotplug_method=virtio-mem",
                  functools.partial(VirtioMem, area.base, area.size, _hotplugged(cfg.memory, area.zone),
                                    _numa_node(cfg, area.zone)))
     if cfg.balloon is not None:
+        from vmsh.devices.virtio.balloon import VirtioBalloon
+
         balloon = cfg.balloon
         _add(manager, BALLOON_ID, "--balloon", lambda: VirtioBalloon.from_config(balloon))
     if cfg.watchdog:
         assert hooks.reset is not None
         reset = hooks.reset
+        from vmsh.devices.virtio.watchdog import VirtioWatchdog
+
         _add(manager, WATCHDOG_ID, "--watchdog", lambda: VirtioWatchdog(reset))
     if table is not None:
+        from vmsh.devices.virtio.iommu import VirtioIommu
+
         iommu = VirtioIommu(table)
         try:
             manager.add_iommu(IOMMU_ID, iommu)
@@ -197,6 +205,8 @@ def add_item(manager: DeviceManager, kind: str, item: Any, *, hotplug: bool = Fa
     if kind == "pmem":
         return _add(manager, item.id, "--pmem", lambda: _pmem(manager, item), **where)
     if kind == "vsock":
+        from vmsh.devices.virtio.vsock import VirtioVsock
+
         return _add(manager, item.id, "--vsock", lambda: VirtioVsock.from_config(item, manager.loop), **where)
     raise VmshError(f"{kind}: these devices cannot be plugged into a running VM")
 
@@ -216,6 +226,8 @@ def _add(manager: DeviceManager, dev_id: str | None, option: str, make: Any, *, 
 
 
 def _block(manager: DeviceManager, disk: m.DiskConfig) -> VirtioBlock:
+    from vmsh.devices.virtio.block import VirtioBlock
+
     if disk.path is None:
         raise DeviceError("a disk needs path=")
     if disk.rate_limit_group is not None:
@@ -232,6 +244,9 @@ def _block(manager: DeviceManager, disk: m.DiskConfig) -> VirtioBlock:
 
 
 def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:
+    from vmsh.devices.backends.tap import Tap, parse_mac
+    from vmsh.devices.virtio.net import VirtioNet, format_mac
+
     pairs = max(1, net.num_queues // 2)
     if net.fds:
         tap = Tap(f"fd{net.fds[0]}", list(net.fds))
@@ -254,6 +269,8 @@ def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:
 
 
 def _vhost_user_blk(manager: DeviceManager, disk: m.DiskConfig) -> VhostUserBlk:
+    from vmsh.devices.vhost_user.blk import VhostUserBlk
+
     assert disk.id is not None and disk.vhost_socket is not None, "normalize() and validate() see to it"
     memory = manager.memory
     return VhostUserBlk(disk.id, disk.vhost_socket, lambda: shared_memory_table(memory),
@@ -261,6 +278,10 @@ def _vhost_user_blk(manager: DeviceManager, disk: m.DiskConfig) -> VhostUserBlk:
 
 
 def _vhost_user_net(manager: DeviceManager, net: m.NetConfig) -> VhostUserNet:
+    from vmsh.devices.backends.tap import parse_mac
+    from vmsh.devices.vhost_user.net import VhostUserNet
+    from vmsh.devices.virtio.net import format_mac
+
     assert net.id is not None and net.vhost_socket is not None, "normalize() and validate() see to it"
     if not net.mac:
         net.mac = format_mac(random_mac())  # as for a tap: vm.info shows the MAC the guest has
@@ -272,6 +293,8 @@ def _vhost_user_net(manager: DeviceManager, net: m.NetConfig) -> VhostUserNet:
 
 
 def _vhost_user_fs(manager: DeviceManager, fs: m.FsConfig) -> VhostUserFs:
+    from vmsh.devices.vhost_user.fs import VhostUserFs
+
     assert fs.id is not None, "normalize() names every device"
     memory = manager.memory
     return VhostUserFs(fs.id, fs.socket, lambda: shared_memory_table(memory), fs.tag, num_queues=fs.num_queues,
@@ -281,6 +304,8 @@ def _vhost_user_fs(manager: DeviceManager, fs: m.FsConfig) -> VhostUserFs:
 def _pmem(manager: DeviceManager, pmem: m.PmemConfig) -> VirtioPmem:
     """The file mapped into guest physical memory: shared (writes reach the file) or, with
     ``discard_writes``, private (the guest's writes stay in this process)."""
+    from vmsh.devices.virtio.pmem import VirtioPmem
+
     flags = os.O_RDONLY if pmem.discard_writes else os.O_RDWR
     fd = os.open(pmem.file, flags | os.O_CLOEXEC)
     try:

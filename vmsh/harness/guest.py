@@ -26,6 +26,8 @@ import os
 import re
 import shlex
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +35,59 @@ import pexpect
 import ptyprocess
 
 from vmsh.errors import VmshError
-from vmsh.harness.shellproto import READY_MARKER, clean, command_line, setup_line, strip_escapes
+from vmsh.harness.shellproto import READY_MARKER, SHELL_PROMPT, clean, command_line, setup_line, strip_escapes
 from vmsh.harness.waiting import WaitTimeout, wait_until
 
 LOG = logging.getLogger(__name__)
 
 CONSOLE_TAIL = 3000
-#: the end of a root or user shell prompt (busybox may follow it with a cursor query)
-SHELL_PROMPT = r"[#$] (?:\x1b\[6n)?"
 #: the guest shell's acknowledgement of the setup line (each command forks on slow hosts)
 SETUP_TIMEOUT = 90.0
 
 
 class _Spawn(pexpect.spawn):
-    """``pexpect.spawn`` whose child keeps ``pass_fds`` open (ptyprocess closes every other fd)."""
+    """``pexpect.spawn`` whose child keeps ``pass_fds`` open (ptyprocess closes every other fd)
+    and, with ``die_with_parent``, is sent SIGTERM when the process that started it dies."""
 
-    def __init__(self, *args: Any, pass_fds: tuple[int, ...] = (), **kw: Any) -> None:
-        self._pass_fds = pass_fds  # read by _spawnpty, which runs inside pexpect.spawn.__init__
+    def __init__(self, *args: Any, pass_fds: tuple[int, ...] = (), die_with_parent: bool = False, **kw: Any) -> None:
+        # read by _spawnpty, which runs inside pexpect.spawn.__init__
+        self._pass_fds = pass_fds
+        self._die_with_parent = die_with_parent
         super().__init__(*args, **kw)
 
     def _spawnpty(self, args: list[str], **kwargs: Any) -> ptyprocess.PtyProcess:
+        if self._die_with_parent:
+            kwargs["preexec_fn"] = _terminate_with_parent(os.getpid())
         return ptyprocess.PtyProcess.spawn(args, pass_fds=self._pass_fds, **kwargs)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _terminate_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when ``parent`` dies (a
+    killed pytest worker leaves no VMM behind; on SIGTERM the launcher removes its sockets)."""
+
+    def arm() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def api_socket_of(argv: list[str]) -> str | None:
+    """The API socket path a ``vmsh launch`` command line asks for (``--api-socket PATH`` or
+    ``path=PATH``), or None."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--api-socket":
+            if "=" not in value:
+                return value
+            keys = dict(part.partition("=")[::2] for part in value.split(","))
+            return keys.get("path") or None
+    return None
 
 
 class GuestError(VmshError):
@@ -83,13 +117,14 @@ class Guest:
     :param boot_timeout: seconds to wait for the ready marker.
     :param pass_fds: fds the VMM inherits under the same numbers (``--net fd=N``); each must
         be inheritable (``os.set_inheritable``).
+    :param die_with_parent: the VMM gets SIGTERM when this process dies (see :mod:`vmsh.harness.pool`).
     """
 
     _ids = itertools.count()
 
     def __init__(self, argv: list[str], workdir: str | os.PathLike[str], *, boot_timeout: float = 120.0,
                  env: dict[str, str] | None = None, ready_marker: str = READY_MARKER,
-                 pass_fds: tuple[int, ...] = ()) -> None:
+                 pass_fds: tuple[int, ...] = (), die_with_parent: bool = False) -> None:
         self.argv = list(argv)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -99,8 +134,13 @@ class Guest:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - kept for the guest's lifetime
         self._env = {**os.environ, **(env or {})}
         self.pass_fds = tuple(pass_fds)
+        self.die_with_parent = die_with_parent
         self.child: pexpect.spawn | None = None
         self._shell_ready = False
+        self._started = 0.0
+        self._answered = False  # a command has run: the VM was booted or restored
+        #: the VMM's API socket, when ``argv`` gives one: ``run`` asks it whether the VM runs
+        self.api_socket = api_socket_of(self.argv)
 
     # --- process --------------------------------------------------------------------------------
 
@@ -109,8 +149,9 @@ class Guest:
         LOG.info("starting %s", shlex.join(self.argv))
         self.child = _Spawn(
             self.argv[0], self.argv[1:], env=self._env, timeout=self.boot_timeout, dimensions=(50, 250),
-            logfile=self._log, echo=False, pass_fds=self.pass_fds,
+            logfile=self._log, echo=False, pass_fds=self.pass_fds, die_with_parent=self.die_with_parent,
         )
+        self._started = time.monotonic()
         return self
 
     def __enter__(self) -> Guest:
@@ -128,7 +169,8 @@ class Guest:
 
     def console_tail(self, size: int = CONSOLE_TAIL) -> str:
         """The last ``size`` bytes of the console log, escape sequences removed."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         data = self.log_path.read_bytes()[-size:]
         return strip_escapes(data).decode("utf-8", "replace")
 
@@ -180,9 +222,16 @@ class Guest:
         self._shell_ready = True
 
     def run(self, command: str, timeout: float = 60.0) -> CommandResult:
-        """Run a shell command in the guest; returns its output and exit status."""
+        """Run a shell command in the guest; returns its output and exit status.
+
+        A guest still booting (started without :meth:`wait_ready`) is waited for first, within
+        ``timeout`` or what is left of ``boot_timeout``, whichever is longer. A command that can
+        never run is an error at once: the VMM has exited, or (when ``argv`` has an
+        ``--api-socket``) the VM is paused or not running.
+        """
+        self._check_live()
         if not self._shell_ready:
-            raise GuestError("the guest shell is not ready: call wait_ready() first")
+            self.wait_ready(timeout=max(timeout, self.boot_timeout - (time.monotonic() - self._started)))
         line, begin, end = command_line(command, next(self._ids))
         self.send(line)
         self.expect(begin, timeout=timeout)
@@ -194,7 +243,33 @@ class Guest:
             raise GuestError(f"command did not finish: {command}\n--- output so far ---\n{partial}\n{err}") from None
         assert self.child is not None and self.child.match is not None
         output = clean(self.child.before)
+        self._answered = True
         return CommandResult(command=command, output=output, status=int(self.child.match.group(1)))
+
+    def _check_live(self) -> None:
+        if self.child is None:
+            raise GuestError("the guest is not started: call start() first")
+        if not self.child.isalive():
+            raise self._fail("the VMM has exited: the guest runs no more commands")
+        if self.api_socket is None:
+            return
+        from vmsh.api.client import ApiClient, ApiError
+
+        # The API answers before the launcher has booted or restored the VM: until the guest's
+        # shell has answered once, only a paused VM is known to stay silent.
+        try:
+            with ApiClient(self.api_socket, timeout=10) as client:
+                state = client.get("vm.info")["state"]
+        except ApiError as err:  # no VM
+            if self._answered:
+                raise self._fail(f"the VM is not running: {err}") from None
+            return
+        except VmshError:
+            return  # the API does not answer (yet): the console will tell
+        if state == "Paused":
+            raise self._fail("the VM is paused: resume it first")
+        if state != "Running" and self._answered:
+            raise self._fail(f"the VM is not running (it is {state})")
 
     def check_output(self, command: str, timeout: float = 60.0) -> str:
         """Run ``command``; raise unless it succeeds; return its output."""

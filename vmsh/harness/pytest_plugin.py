@@ -8,11 +8,13 @@ Registered through the ``pytest11`` entry point, so any project with vmsh instal
   the API's ``vm.create`` + ``vm.boot`` instead of flags; ``vmsh_guest.launch(flags)`` takes
   complete launcher flags;
 * ``vmsh_snapshots`` and ``vmsh_clone(*flags)`` - boot once per configuration (shared by
-  xdist workers), then restore a clone per test.
+  xdist workers), then restore a clone per test, into an idle pre-started VMM process of the
+  worker's ``vmsh_pool`` (:mod:`vmsh.harness.pool`) unless the clone needs launcher flags of its own.
 
 Options: ``--vmsh-kernel``/``--vmsh-initramfs`` choose the images, ``--vmsh-boot-timeout``
 the boot budget, ``--vmsh-parity-all`` boots every CLI/JSON parity configuration (not only
-the ones marked for CI), ``--vmsh-keep-logs DIR`` copies every guest's console log there (always on
+the ones marked for CI), ``--vmsh-pool N`` the idle VMM processes each worker keeps for
+clones (0: a new process per clone), ``--vmsh-keep-logs DIR`` copies every guest's console log there (always on
 failure the tail is in the error). A test that needs ``/dev/kvm`` or the images and cannot
 have them fails in CI (``CI`` set) and is skipped elsewhere, with the reason
 (:mod:`vmsh.harness.requirements`); the skips are listed again at the end of the run.
@@ -30,6 +32,7 @@ import pytest
 
 from vmsh.errors import ImageError
 from vmsh.harness.guest import Guest
+from vmsh.harness.pool import VmmPool
 from vmsh.harness.requirements import KVM_REASON, SKIP_PREFIX, kvm_available, require, unavailable
 from vmsh.harness.snapshots import SnapshotCache, launch_argv, restore_guest
 from vmsh.harness.waiting import WaitTimeout, wait_until
@@ -43,6 +46,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vmsh-initramfs", default="initramfs", help="initramfs image (default: initramfs)")
     group.addoption("--vmsh-boot-timeout", type=float, default=float(os.environ.get("VMSH_BOOT_TIMEOUT", "300")),
                     help="seconds a guest may take to reach its ready marker")
+    group.addoption("--vmsh-pool", type=int, default=2, metavar="N",
+                    help="idle pre-started VMM processes per worker for clones (0: a new process per clone)")
     group.addoption("--vmsh-keep-logs", default=None, metavar="DIR", help="copy every guest console log into DIR")
     group.addoption("--vmsh-parity-all", action="store_true", default=False,
                     help="boot every parity configuration both ways (default: only the few marked for CI)")
@@ -82,8 +87,10 @@ def vmsh_image() -> Callable[[str], str]:
 class GuestFactory:
     """Boots guests for one test and stops them after it."""
 
-    def __init__(self, request: pytest.FixtureRequest, workdir: Path, image: Callable[[str], str]) -> None:
+    def __init__(self, request: pytest.FixtureRequest, workdir: Path, image: Callable[[str], str],
+                 pool: Callable[[], VmmPool | None] | None = None) -> None:
         self.request = request
+        self._pool = pool
         self.workdir = workdir
         self.image = image
         self.guests: list[Guest] = []
@@ -138,9 +145,14 @@ class GuestFactory:
 
     def clone(self, snapshot: Path, restore_flags: list[str] | None = None) -> Guest:
         """A restored clone of ``snapshot``; ``restore_flags`` go to its ``vmsh launch --restore``
-        (``--api-socket``, ``--event-monitor``, ...)."""
-        guest = restore_guest(snapshot, self.workdir / f"clone{len(self.guests)}", extra_flags=restore_flags,
-                              timeout=self.boot_timeout)
+        (``--api-socket``, ``--event-monitor``, ...); without them the clone is restored into a
+        pooled process when the session has a pool."""
+        workdir = self.workdir / f"clone{len(self.guests)}"
+        pool = self._pool() if self._pool is not None and not restore_flags else None
+        if pool is not None:
+            guest = pool.clone(snapshot, workdir, timeout=self.boot_timeout)
+        else:
+            guest = restore_guest(snapshot, workdir, extra_flags=restore_flags, timeout=self.boot_timeout)
         self.guests.append(guest)
         return guest
 
@@ -154,10 +166,30 @@ class GuestFactory:
                 shutil.copy(guest.log_path, target)
 
 
+@pytest.fixture(scope="session")
+def vmsh_pool(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], VmmPool | None]]:
+    """This worker's pool of idle VMM processes for clones, started on first use (None with
+    ``--vmsh-pool 0``); stopped when the session ends."""
+    pools: list[VmmPool] = []
+    size = request.config.option.vmsh_pool
+
+    def get() -> VmmPool | None:
+        if size <= 0:
+            return None
+        if not pools:
+            pools.append(VmmPool(tmp_path_factory.mktemp("vmsh-pool"), size))
+        return pools[0]
+
+    yield get
+    for pool in pools:
+        pool.close()
+
+
 @pytest.fixture
-def vmsh_guest(request: pytest.FixtureRequest, tmp_path: Path,
-               vmsh_image: Callable[[str], str]) -> Iterator[GuestFactory]:
-    factory = GuestFactory(request, tmp_path, vmsh_image)
+def vmsh_guest(request: pytest.FixtureRequest, tmp_path: Path, vmsh_image: Callable[[str], str],
+               vmsh_pool: Callable[[], VmmPool | None]) -> Iterator[GuestFactory]:
+    factory = GuestFactory(request, tmp_path, vmsh_image, vmsh_pool)
     yield factory
     factory.close()
 

@@ -14,6 +14,8 @@ import shlex
 #: a prompt no program prints by accident
 PROMPT = "vmsh-guest-prompt# "
 READY_MARKER = "VMSH-READY"
+#: the end of a root or user shell prompt (busybox may follow it with a cursor query)
+SHELL_PROMPT = r"[#$] (?:\x1b\[6n)?"
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 

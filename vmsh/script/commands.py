@@ -104,9 +104,14 @@ def _create(session: Session, args: list[str]) -> None:
 def _simple(name: str, endpoint: str, summary: str) -> None:
     def run(session: Session, args: list[str]) -> None:
         _no_args(name, args)
-        if endpoint == "vm.boot":
-            session.stream.reset_shell()
+        # a boot (not the resume of a paused VM) or a reboot starts the guest from scratch:
+        # ``run`` waits for its shell prompt again
+        booting = endpoint == "vm.reboot" or (endpoint == "vm.boot" and session.state() != "Paused")
+        if booting:
+            session.stream.reset_shell(booting=True)
         session.target.call(endpoint)
+        if booting:
+            _attach_remote_console(session)
 
     COMMANDS[name] = Command(name, name, summary, run, "lifecycle")
 
@@ -146,6 +151,16 @@ def _restore(session: Session, args: list[str]) -> None:
     text = ",".join([f"source_url={_file_url(positional[0])}", *(f"{k}={v}" for k, v in opts.items())])
     _via_remote_syntax(session, "restore", [text])
     session.stream.reset_shell()
+
+
+def _attach_remote_console(session: Session) -> None:
+    """A remote VM's console is connected as soon as it boots, so that ``run`` sees its
+    shell prompt (a serial socket keeps no output for a late client)."""
+    if not session.target.local:
+        try:
+            session.console()
+        except VmshError:
+            pass  # a serial port that cannot be reached: send/expect/run say so when used
 
 
 def _via_remote_syntax(session: Session, name: str, args: list[str]) -> None:
@@ -304,9 +319,13 @@ def _wait(session: Session, args: list[str]) -> None:
 # --- console ------------------------------------------------------------------------------------------
 
 
-@command("send", "send TEXT...", r"type TEXT into the guest console (\n, \r, \t, \e escapes)", "console")
+@command("send", "send TEXT... [timeout=DUR]",
+         r"type TEXT into the guest console (\n, \r, \t, \e escapes), waiting for the guest to read it", "console")
 def _send(session: Session, args: list[str]) -> None:
-    session.console().send(unescape(" ".join(args)))
+    timeout = "30"
+    if len(args) > 1 and args[-1].startswith("timeout="):  # only last, so text may say timeout=
+        timeout = args.pop().partition("=")[2]
+    session.console().send(unescape(" ".join(args)), timeout=parse_duration(timeout))
 
 
 @command("expect", "expect PATTERN [timeout=DUR]", "wait for a regex in the guest's console output", "console")
@@ -331,6 +350,12 @@ def _run(session: Session, args: list[str]) -> None:
 @command("console", "console", "attach the terminal to the guest's serial console (Ctrl-] detaches)", "console")
 def _console(session: Session, args: list[str]) -> None:
     raise VmshError("console needs the interactive shell; scripts use send, expect and run")
+
+
+@command("record", "record FILE | record stop",
+         "write what you do from now on (commands, console typing) as a script vmsh run replays", "console")
+def _record(session: Session, args: list[str]) -> None:
+    raise VmshError("record needs the interactive shell")
 
 
 # --- flow ---------------------------------------------------------------------------------------------

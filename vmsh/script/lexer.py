@@ -159,16 +159,34 @@ def _words(raw: str, variables: Mapping[str, str]) -> list[str]:
     return words
 
 
+_UNESCAPES = {"n": "\n", "r": "\r", "t": "\t", "e": "\x1b", "\\": "\\", "0": "\0"}
+_ESCAPES = {v: f"\\{k}" for k, v in _UNESCAPES.items()}
+_HEX2 = re.compile(r"[0-9a-fA-F]{2}")
+
+
 def unescape(text: str) -> str:
-    r"""Turn ``\n``, ``\r``, ``\t``, ``\e`` and ``\\`` into their characters (for ``send``)."""
+    r"""Turn ``\n``, ``\r``, ``\t``, ``\e``, ``\xHH`` and ``\\`` into their characters (for ``send``)."""
     out: list[str] = []
     i = 0
-    table = {"n": "\n", "r": "\r", "t": "\t", "e": "\x1b", "\\": "\\", "0": "\0"}
     while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in table:
-            out.append(table[text[i + 1]])
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _UNESCAPES:
+            out.append(_UNESCAPES[text[i + 1]])
             i += 2
+        elif text[i] == "\\" and text[i + 1 : i + 2] == "x" and _HEX2.fullmatch(text[i + 2 : i + 4]):
+            out.append(chr(int(text[i + 2 : i + 4], 16)))
+            i += 4
         else:
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+def escape(text: str) -> str:
+    """The inverse of :func:`unescape`: control characters as escapes, so ``send`` text fits on one line."""
+    return "".join(_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch)
+                   for ch in text)
+
+
+def quote(text: str) -> str:
+    """``text`` as one word of the language, taken literally (single quotes; ``'`` as ``\\'``)."""
+    return "\\'".join(f"'{part}'" if part else "" for part in text.split("'")) or "''"

@@ -150,7 +150,7 @@ class Session:
         """``events`` and ``factories`` (tests) replace the local VMM's event monitor and the
         engine's VM builders."""
         self.variables: dict[str, str] = {"status": "0", "output": ""}
-        self.stream = ConsoleStream()
+        self.stream = self._new_stream()
         self.out: Callable[[str], None] = out or _print
         self.messages: list[str] = []
         self._target: LocalTarget | RemoteTarget | None = None
@@ -161,9 +161,26 @@ class Session:
 
     # --- target ----------------------------------------------------------------------------------
 
+    def _new_stream(self) -> ConsoleStream:
+        stream = ConsoleStream()
+        stream.guard = self.undeliverable
+        return stream
+
     def _notify(self, message: str) -> None:
         self.messages.append(message)
-        self.stream.reset_shell()
+        self.stream.reset_shell(booting=True)  # a rebooted guest starts from scratch
+
+    def undeliverable(self) -> str | None:
+        """Why the VM cannot read console input or print now, or None while it runs."""
+        state = self.state()
+        if state == "Running":
+            return None
+        if state == "Paused":
+            return "The VM is paused: resume it first"
+        if state == "none":
+            return "There is no VM: create and boot one first" if self._target is None or self._target.local \
+                else "The remote VMM has no VM (or does not answer)"
+        return f"The VM is not running (it is {state})"
 
     @property
     def target(self) -> LocalTarget | RemoteTarget:
@@ -185,7 +202,7 @@ class Session:
         if self._target is not None:
             self._target.close()
             self._target = None
-        self.stream = ConsoleStream()
+        self.stream = self._new_stream()
 
     def console(self) -> ConsoleStream:
         """The console stream, connected to a remote VM's serial socket or pty on first use."""
