@@ -11,6 +11,7 @@ between its ``GuestMemory`` trait and ``GuestMemoryMmap``).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import NewType, Protocol
 
@@ -79,3 +80,50 @@ class GuestMemory(Protocol):
     def write_u32(self, addr: int, value: int) -> None: ...
 
     def write_u64(self, addr: int, value: int) -> None: ...
+
+
+_U8, _U16, _U32, _U64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q"))
+
+
+class FixedWidthAccess:
+    """Little-endian u8/u16/u32/u64 reads and writes on top of a class's own ``read`` and
+    ``write`` (the guest RAM implementations share these: ``GuestMemoryMmap``, the IOMMU's
+    ``TranslatedMemory``)."""
+
+    def read(self, addr: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def read_u8(self, addr: int) -> int:
+        """Read a byte."""
+        return int(_U8.unpack(self.read(addr, 1))[0])
+
+    def read_u16(self, addr: int) -> int:
+        """Read a little-endian u16."""
+        return int(_U16.unpack(self.read(addr, 2))[0])
+
+    def read_u32(self, addr: int) -> int:
+        """Read a little-endian u32."""
+        return int(_U32.unpack(self.read(addr, 4))[0])
+
+    def read_u64(self, addr: int) -> int:
+        """Read a little-endian u64."""
+        return int(_U64.unpack(self.read(addr, 8))[0])
+
+    def write_u8(self, addr: int, value: int) -> None:
+        """Write a byte."""
+        self.write(addr, _U8.pack(value))
+
+    def write_u16(self, addr: int, value: int) -> None:
+        """Write a little-endian u16."""
+        self.write(addr, _U16.pack(value))
+
+    def write_u32(self, addr: int, value: int) -> None:
+        """Write a little-endian u32."""
+        self.write(addr, _U32.pack(value))
+
+    def write_u64(self, addr: int, value: int) -> None:
+        """Write a little-endian u64."""
+        self.write(addr, _U64.pack(value))

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vmsh.errors import GuestMemoryError
-from vmsh.guest_memory import GuestAddress, GuestMemory, MemoryRegion
+from vmsh.guest_memory import FixedWidthAccess, GuestAddress, GuestMemory, MemoryRegion
 
 LOG = logging.getLogger(__name__)
 
@@ -62,10 +61,6 @@ MAX_PENDING_FAULTS = 128
 MAX_MAPPINGS = 1 << 20
 #: pieces one translated range may be cut into (a page per piece is 256 MiB)
 MAX_PIECES = 1 << 16
-
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 
 
 def endpoint_id(segment: int, slot: int, function: int = 0, bus: int = 0) -> int:
@@ -320,7 +315,7 @@ def _fault_flags(access: int) -> int:
     return FAULT_F_ADDRESS | read | (FAULT_F_WRITE if access & MAP_F_WRITE else 0)
 
 
-class TranslatedMemory:
+class TranslatedMemory(FixedWidthAccess):
     """The ``GuestMemory`` of one endpoint behind the IOMMU: addresses are its IOVAs.
 
     ``find_region`` always raises: the virtqueue then reads its rings through the translated
@@ -392,26 +387,4 @@ class TranslatedMemory:
     def fill(self, addr: int, length: int, value: int = 0) -> None:
         self.write(addr, bytes([value]) * length)
 
-    def read_u8(self, addr: int) -> int:
-        return self.read(addr, 1)[0]
 
-    def read_u16(self, addr: int) -> int:
-        return int(_U16.unpack(self.read(addr, 2))[0])
-
-    def read_u32(self, addr: int) -> int:
-        return int(_U32.unpack(self.read(addr, 4))[0])
-
-    def read_u64(self, addr: int) -> int:
-        return int(_U64.unpack(self.read(addr, 8))[0])
-
-    def write_u8(self, addr: int, value: int) -> None:
-        self.write(addr, bytes((value & 0xFF,)))
-
-    def write_u16(self, addr: int, value: int) -> None:
-        self.write(addr, _U16.pack(value & 0xFFFF))
-
-    def write_u32(self, addr: int, value: int) -> None:
-        self.write(addr, _U32.pack(value & 0xFFFF_FFFF))
-
-    def write_u64(self, addr: int, value: int) -> None:
-        self.write(addr, _U64.pack(value & (1 << 64) - 1))

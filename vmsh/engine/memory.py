@@ -19,13 +19,12 @@ import itertools
 import logging
 import mmap
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from vmsh.engine import page_runs
 from vmsh.errors import GuestMemoryError
-from vmsh.guest_memory import GuestAddress
+from vmsh.guest_memory import FixedWidthAccess, GuestAddress
 from vmsh.syscalls import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 LOG = logging.getLogger(__name__)
@@ -44,11 +43,6 @@ _MAP_HUGE_SHIFT = 26
 
 #: the unit of ``GuestMemoryMmap.discard`` (the host's base page)
 PAGE_SIZE = mmap.PAGESIZE
-
-_U8 = struct.Struct("<B")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 
 
 def ram_ranges(size: int) -> list[tuple[int, int]]:
@@ -248,7 +242,7 @@ def _madvise(mm: mmap.mmap, advice: int) -> None:
         LOG.debug("madvise(%d) refused: %s", advice, err)
 
 
-class GuestMemoryMmap:
+class GuestMemoryMmap(FixedWidthAccess):
     """Guest RAM made of non-overlapping ``GuestRegion`` s.
 
     Example::
@@ -478,34 +472,4 @@ class GuestMemoryMmap:
         for r, off, n in list(self._chunks(addr, length)):
             r.view[off:off + n] = bytes([value]) * n
 
-    def read_u8(self, addr: int) -> int:
-        """Read a byte."""
-        return int(_U8.unpack(self.read(addr, 1))[0])
 
-    def read_u16(self, addr: int) -> int:
-        """Read a little-endian u16."""
-        return int(_U16.unpack(self.read(addr, 2))[0])
-
-    def read_u32(self, addr: int) -> int:
-        """Read a little-endian u32."""
-        return int(_U32.unpack(self.read(addr, 4))[0])
-
-    def read_u64(self, addr: int) -> int:
-        """Read a little-endian u64."""
-        return int(_U64.unpack(self.read(addr, 8))[0])
-
-    def write_u8(self, addr: int, value: int) -> None:
-        """Write a byte."""
-        self.write(addr, _U8.pack(value))
-
-    def write_u16(self, addr: int, value: int) -> None:
-        """Write a little-endian u16."""
-        self.write(addr, _U16.pack(value))
-
-    def write_u32(self, addr: int, value: int) -> None:
-        """Write a little-endian u32."""
-        self.write(addr, _U32.pack(value))
-
-    def write_u64(self, addr: int, value: int) -> None:
-        """Write a little-endian u64."""
-        self.write(addr, _U64.pack(value))
