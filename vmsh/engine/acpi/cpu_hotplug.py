@@ -34,17 +34,14 @@ from vmsh.engine.acpi.aml_ops import (
     Arg,
     Call,
     If,
-    Increment,
     LEqual,
-    LLess,
     Local,
-    Notify,
     Release,
     Return,
     Store,
-    While,
 )
 from vmsh.engine.acpi.aml_resources import Memory32Fixed, ResourceTemplate
+from vmsh.engine.acpi.hotplug_scan import notify_and_scan
 
 #: the methods the GED calls and the processors use
 SCAN_METHOD = "\\_SB_.CPUS.CSCN"
@@ -52,8 +49,6 @@ REGISTER_SIZE = 0xC
 SYSTEM_MEMORY = 0
 BYTE_ACC, DWORD_ACC = 1, 3
 WRITE_AS_ZEROS = 2
-NOTIFY_DEVICE_CHECK = 1
-NOTIFY_EJECT_REQUEST = 3
 STA_PRESENT_ENABLED = 0x0F
 #: MADT flags: enabled (ACPI 6.4 §5.2.12.2)
 MADT_ENABLED = 1
@@ -112,27 +107,8 @@ def methods(apic_ids: tuple[int, ...]) -> list[bytes]:
         Store(1, CEJ0),
         Release(CPLK),
     ])
-    ctfy = Method("CTFY", 2, serialized=True, body=[
-        If(LEqual(Arg(0), i), [Notify(processor_name(i), Arg(1))]) for i in range(count)
-    ])
-    cscn = Method("CSCN", 0, serialized=True, body=[
-        Acquire(CPLK),
-        Store(0, local0),
-        While(LLess(local0, count), [
-            Store(local0, CSEL),
-            If(LEqual(aml.Path(CINS), 1), [
-                Call("CTFY", local0, NOTIFY_DEVICE_CHECK),
-                Store(1, CINS),
-            ]),
-            If(LEqual(aml.Path(CRMV), 1), [
-                Call("CTFY", local0, NOTIFY_EJECT_REQUEST),
-                Store(1, CRMV),
-            ]),
-            Increment(local0),
-        ]),
-        Release(CPLK),
-    ])
-    return [csta, cej0, ctfy, cscn]
+    return [csta, cej0, *notify_and_scan("CTFY", "CSCN", count, processor_name, lock=CPLK, select=CSEL,
+                                         inserting=CINS, removing=CRMV)]
 
 
 def processor(index: int, apic_id: int, proximity_domain: int | None = None) -> bytes:

@@ -43,28 +43,23 @@ from vmsh.engine.acpi.aml_ops import (
     Arg,
     Call,
     If,
-    Increment,
     LEqual,
-    LLess,
     Local,
-    Notify,
     Or,
     Release,
     Return,
     ShiftLeft,
     Store,
     Subtract,
-    While,
 )
 from vmsh.engine.acpi.aml_resources import MEM_CACHEABLE, Memory32Fixed, QWordMemory, ResourceTemplate
+from vmsh.engine.acpi.hotplug_scan import notify_and_scan
 
 #: the method the GED calls on a memory-change event
 SCAN_METHOD = "\\_SB_.MHPC.MSCN"
 SYSTEM_MEMORY = 0
 BYTE_ACC, DWORD_ACC = 1, 3
 WRITE_AS_ZEROS = 2
-NOTIFY_DEVICE_CHECK = 1
-NOTIFY_EJECT_REQUEST = 3
 STA_PRESENT_ENABLED = 0x0F
 #: _STA of the controller: present, enabled, functioning, not shown in UI (§6.3.7)
 STA_HIDDEN_DEVICE = 0x0B
@@ -105,27 +100,8 @@ def _methods() -> list[bytes]:
         Release(MLCK),
         Return(aml.Path("MR64")),
     ])
-    mtfy = Method("MTFY", 2, serialized=True, body=[
-        If(LEqual(Arg(0), i), [Notify("\\_SB_." + slot_name(i), Arg(1))]) for i in range(SLOTS)
-    ])
-    mscn = Method("MSCN", 0, serialized=True, body=[
-        Acquire(MLCK),
-        Store(0, local0),
-        While(LLess(local0, SLOTS), [
-            Store(local0, MSEL),
-            If(LEqual(aml.Path(MINS), 1), [
-                Call("MTFY", local0, NOTIFY_DEVICE_CHECK),
-                Store(1, MINS),
-            ]),
-            If(LEqual(aml.Path(MRMV), 1), [
-                Call("MTFY", local0, NOTIFY_EJECT_REQUEST),
-                Store(1, MRMV),
-            ]),
-            Increment(local0),
-        ]),
-        Release(MLCK),
-    ])
-    return [msta, mcrs, mtfy, mscn]
+    return [msta, mcrs, *notify_and_scan("MTFY", "MSCN", SLOTS, lambda i: "\\_SB_." + slot_name(i), lock=MLCK,
+                                         select=MSEL, inserting=MINS, removing=MRMV)]
 
 
 def memory_device(slot: int) -> bytes:

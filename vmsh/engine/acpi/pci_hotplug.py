@@ -36,13 +36,12 @@ from vmsh.engine.acpi.aml_named import Device, Field, Method, Mutex, Name, Named
 from vmsh.engine.acpi.aml_ops import Acquire, And, Arg, Call, If, Notify, Release, Return, ShiftLeft, Store
 from vmsh.engine.acpi.aml_resources import Memory32Fixed, ResourceTemplate
 from vmsh.engine.acpi.dsdt import pci_root_name
+from vmsh.engine.acpi.hotplug_scan import NOTIFY_DEVICE_CHECK, NOTIFY_EJECT_REQUEST
 
 #: register offsets of the controller (each 32 bits)
 PCIU, PCID, B0EJ, PSEG = 0x0, 0x4, 0x8, 0xC
 REGISTER_SIZE = 0x10
 RESCAN_METHOD = "\\_SB_.PHPR.PSCN"
-NOTIFY_DEVICE_CHECK = 1
-NOTIFY_EJECT_REQUEST = 3
 SYSTEM_MEMORY = 0
 DWORD_ACC = 3
 #: _STA of the controller: present, enabled, functioning, not shown in UI (§6.3.7)
