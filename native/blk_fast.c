@@ -377,7 +377,6 @@ static int vbs_serve(vbs_server *s)
 static void *vbs_main(void *arg)
 {
     vbs_server *s = arg;
-    pthread_setname_np(pthread_self(), s->name);
     struct pollfd fds[2] = {{.fd = s->kick_fd, .events = POLLIN}, {.fd = s->wake_fd, .events = POLLIN}};
     uint64_t count;
     for (;;) {
@@ -400,6 +399,8 @@ int vmsh_blk_server_start(vbs_server *s)
 {
     __atomic_store_n(&s->stop, 0, __ATOMIC_RELEASE);
     int rc = pthread_create(&s->thread, NULL, vbs_main, s);
+    if (!rc)  /* named before this returns, so the thread never shows the creator's name */
+        pthread_setname_np(s->thread, s->name);
     return -rc;
 }
 
