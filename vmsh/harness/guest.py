@@ -54,6 +54,11 @@ class _Spawn(pexpect.spawn):
         self._pass_fds = pass_fds
         self._die_with_parent = die_with_parent
         super().__init__(*args, **kw)
+        # pexpect sleeps 50 ms before every send by default (for programs that turn echo off
+        # after printing a password prompt). The harness only types at a prompt it has seen, and
+        # the VMM queues console input until the guest's UART takes it, so the sleep is pure
+        # latency: 50 ms on every command and on every clone's first answer.
+        self.delaybeforesend = None
 
     def _spawnpty(self, args: list[str], **kwargs: Any) -> ptyprocess.PtyProcess:
         if self._die_with_parent:
