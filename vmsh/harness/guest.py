@@ -73,10 +73,12 @@ def _terminate_with_parent(parent: int) -> Callable[[], None]:
     """A ``preexec_fn`` that has the kernel send the child SIGTERM when ``parent`` dies (a
     killed pytest worker leaves no VMM behind; on SIGTERM the launcher removes its sockets)."""
 
-    def arm() -> None:
-        import ctypes
+    import ctypes  # here, in the parent: the child runs arm() between fork and exec
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # it died before the signal was armed
             os._exit(1)
 
