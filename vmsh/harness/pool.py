@@ -104,7 +104,7 @@ class VmmPool:
             self._refill_due.clear()
             try:
                 self.fill()
-            except Exception:  # noqa: BLE001 - the thread must outlive its processes; take() starts one itself
+            except Exception:  # the thread must outlive its processes; take() starts one itself
                 LOG.exception("refilling the VMM pool failed")
 
     def _spawn(self) -> Guest:
