@@ -3,6 +3,8 @@ processes do: each its own guest, on private disks."""
 
 from __future__ import annotations
 
+from vmsh.harness.waiting import wait_until
+
 
 def test_pooled_clones_are_independent_guests(vmsh_clone, vmsh_pool) -> None:
     pool = vmsh_pool()
@@ -15,7 +17,8 @@ def test_pooled_clones_are_independent_guests(vmsh_clone, vmsh_pool) -> None:
     first.check_output("echo one > /tmp/mark")
     assert second.run("cat /tmp/mark").status != 0  # clones share nothing they write
     assert first.check_output("cat /tmp/mark") == "one"
-    assert len(pool.idle_pids()) == pool.size  # refilled
+    # refilled by the pool's thread, after its delay (not on the clone's path)
+    wait_until(lambda: len(pool.idle_pids()) == pool.size, 60, "the pool to be refilled")
 
 
 def test_a_pooled_clone_has_the_layout_of_a_fresh_process_clone(vmsh_clone) -> None:

@@ -54,6 +54,11 @@ class _Spawn(pexpect.spawn):
         self._pass_fds = pass_fds
         self._die_with_parent = die_with_parent
         super().__init__(*args, **kw)
+        # pexpect sleeps 50 ms before every send by default (for programs that turn echo off
+        # after printing a password prompt). The harness only types at a prompt it has seen, and
+        # the VMM queues console input until the guest's UART takes it, so the sleep is pure
+        # latency: 50 ms on every command and on every clone's first answer.
+        self.delaybeforesend = None
 
     def _spawnpty(self, args: list[str], **kwargs: Any) -> ptyprocess.PtyProcess:
         if self._die_with_parent:
@@ -68,10 +73,12 @@ def _terminate_with_parent(parent: int) -> Callable[[], None]:
     """A ``preexec_fn`` that has the kernel send the child SIGTERM when ``parent`` dies (a
     killed pytest worker leaves no VMM behind; on SIGTERM the launcher removes its sockets)."""
 
-    def arm() -> None:
-        import ctypes
+    import ctypes  # here, in the parent: the child runs arm() between fork and exec
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # it died before the signal was armed
             os._exit(1)
 

@@ -17,8 +17,16 @@ The pool owns its processes until it hands one out (then the :class:`Guest` does
 * a pooled process that died or does not answer its API in time is stopped and replaced, never
   handed out.
 
-Pooled processes must be started from one thread that lives as long as the pool (the kernel's
-parent-death signal follows the thread that forked): pytest's main thread.
+A clone's replacement is started by the pool's refill thread (``vmsh-pool-refill``)
+``refill_delay`` seconds after the clone was handed out: a new VMM process's Python start-up
+takes a CPU for a few hundred ms, and started at once it would compete with the clone's first
+answer (and its fork would be on the clone's path). A :meth:`take` that finds no idle process
+starts one itself.
+
+The kernel's parent-death signal follows the thread that forked, so every pooled process is
+started by a thread that lives as long as the process owning the pool: the caller's (pytest's
+main thread) or the refill thread, which never ends before the process does (after
+:meth:`close` it only waits).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import atexit
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -39,30 +48,64 @@ LOG = logging.getLogger(__name__)
 
 #: how long a pooled process may take to answer its API (Python start-up on a loaded host)
 START_TIMEOUT = 60.0
+#: seconds between handing a clone out and starting its replacement (see the module docstring)
+REFILL_DELAY = 0.5
 
 
 class VmmPool:
-    """Up to ``size`` idle VMM processes under ``root``; :meth:`clone` restores a snapshot into one."""
+    """Up to ``size`` idle VMM processes under ``root``; :meth:`clone` restores a snapshot into one.
 
-    def __init__(self, root: str | os.PathLike[str], size: int = 2, *, start_timeout: float = START_TIMEOUT) -> None:
+    ``_lock`` guards ``_idle`` and ``_closed``; ``_spawn_lock`` lets one thread at a time start
+    processes (so the pool never holds more than ``size``), taken before ``_lock``.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], size: int = 2, *, start_timeout: float = START_TIMEOUT,
+                 refill_delay: float = REFILL_DELAY) -> None:
         if size < 1:
             raise ValueError("a pool holds at least one process")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.size = size
         self.start_timeout = start_timeout
+        self.refill_delay = refill_delay
         self._idle: deque[Guest] = deque()
         self._ids = itertools.count()
         self._closed = False
+        self._lock = threading.Lock()
+        self._spawn_lock = threading.Lock()
+        self._refill_due = threading.Event()
         #: pooled processes found broken and replaced (for tests and logs)
         self.replaced = 0
         atexit.register(self.close)
         self.fill()
+        threading.Thread(target=self._refill_loop, name="vmsh-pool-refill", daemon=True).start()
 
     def fill(self) -> None:
         """Start processes until ``size`` are idle."""
-        while not self._closed and len(self._idle) < self.size:
-            self._idle.append(self._spawn())
+        with self._spawn_lock:
+            while True:
+                with self._lock:
+                    if self._closed or len(self._idle) >= self.size:
+                        return
+                guest = self._spawn()
+                with self._lock:
+                    if not self._closed:
+                        self._idle.append(guest)
+                        continue
+                guest.close()  # closed meanwhile
+                return
+
+    def _refill_loop(self) -> None:
+        """The refill thread: after each clone, wait ``refill_delay`` and fill the pool. It never
+        returns (the processes it started get SIGTERM when it ends)."""
+        while True:
+            self._refill_due.wait()
+            time.sleep(self.refill_delay)
+            self._refill_due.clear()
+            try:
+                self.fill()
+            except Exception:  # the thread must outlive its processes; take() starts one itself
+                LOG.exception("refilling the VMM pool failed")
 
     def _spawn(self) -> Guest:
         n = next(self._ids)
@@ -72,37 +115,41 @@ class VmmPool:
         return guest.start()
 
     def wait_ready(self) -> None:
-        """Wait until every idle process answers its API (replacing broken ones)."""
-        checked: deque[Guest] = deque()
-        while self._idle:
-            guest = self._idle.popleft()
-            if self._answers(guest):
-                checked.append(guest)
-            else:
+        """Fill the pool and wait until every idle process answers its API (replacing broken ones)."""
+        while True:
+            self.fill()
+            with self._lock:
+                idle = list(self._idle)
+            broken = [guest for guest in idle if not self._answers(guest)]
+            if not broken:
+                return
+            for guest in broken:
+                with self._lock:
+                    self._idle.remove(guest)
                 self.replaced += 1
                 guest.close()
-                self._idle.append(self._spawn())
-        self._idle = checked
 
     def idle_pids(self) -> list[int]:
-        return [guest.pid for guest in self._idle]
+        with self._lock:
+            return [guest.pid for guest in self._idle]
 
     def take(self) -> Guest:
         """An idle process whose API answers (waiting for its start-up if needed); a broken one
         is stopped and replaced first."""
-        if self._closed:
-            raise VmshError("the VMM pool is closed")
         for _ in range(self.size + 2):
-            if not self._idle:
+            with self._lock:
+                if self._closed:
+                    raise VmshError("the VMM pool is closed")
+                guest = self._idle.popleft() if self._idle else None
+            if guest is None:
                 self.fill()
-            guest = self._idle.popleft()
+                continue
             if self._answers(guest):
                 return guest
             LOG.warning("pooled VMM %s is broken: replaced\n%s", guest.pid, guest.console_tail(1000))
             self.replaced += 1
             guest.close()
         raise VmshError(f"no pooled VMM answered within {self.start_timeout:g}s")
-
     def _answers(self, guest: Guest) -> bool:
         from vmsh.api.client import ApiClient
 
@@ -126,8 +173,8 @@ class VmmPool:
               timeout: float = 60.0) -> Guest:
         """A clone of ``snapshot`` restored into a pooled process, its shell ready for
         :meth:`Guest.run`; on private copies of the snapshot's writable disks (in ``workdir``).
-        The restore's reply is the check (the snapshot was taken at the shell's prompt); a
-        replacement process is started afterwards."""
+        The restore's reply is the check (the snapshot was taken at the shell's prompt); the
+        refill thread starts a replacement process ``refill_delay`` seconds later."""
         from vmsh.api.client import ApiClient
 
         workdir = Path(workdir)
@@ -146,11 +193,14 @@ class VmmPool:
             guest.close()
             raise GuestError(f"restoring {snapshot} into a pooled VMM failed: {err}") from err
         finally:
-            self.fill()
+            self._refill_due.set()
         return guest
 
     def close(self) -> None:
-        """Stop every idle process (a handed-out one belongs to its :class:`Guest`)."""
-        self._closed = True
-        while self._idle:
-            self._idle.popleft().close()
+        """Stop every idle process (a handed-out one belongs to its :class:`Guest`); a process
+        the refill thread is starting meanwhile is stopped by that thread."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = list(self._idle), deque()
+        for guest in idle:
+            guest.close()

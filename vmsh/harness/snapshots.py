@@ -29,6 +29,7 @@ from pathlib import Path
 
 from vmsh.api.client import ApiClient
 from vmsh.harness.guest import Guest, GuestError
+from vmsh.harness.waiting import wait_cpu_quiet
 
 LOG = logging.getLogger(__name__)
 
@@ -60,6 +61,22 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+#: how long :func:`settle` waits for a booted guest to go quiet before its snapshot is taken
+SETTLE_TIMEOUT = 10.0
+
+
+def settle(guest: Guest, timeout: float = SETTLE_TIMEOUT) -> None:
+    """Wait until the booted guest's VMM is idle, so the snapshot is of a quiet guest.
+
+    At its first prompt the guest kernel still has its boot's aftermath to run (deferred work,
+    timers, the RNG's first fill: ~200,000 instructions, tens of ms on a host that emulates the
+    guest kernel). Snapshotted then, every clone would run that work again and answer its first
+    command that much later; once here, it is done for all of them.
+    """
+    if not wait_cpu_quiet(guest.pid, timeout):
+        LOG.info("the guest did not go quiet within %gs: snapshot taken anyway", timeout)
 
 
 def launch_argv(flags: list[str]) -> list[str]:
@@ -100,6 +117,7 @@ class SnapshotCache:
                        boot_timeout=self.boot_timeout) as guest:
                 guest.wait_ready()
                 guest.check_output("true")  # the shell answers: the snapshot is taken at its prompt
+                settle(guest)
                 try:
                     with ApiClient(str(api)) as client:
                         client.put("vm.pause")

@@ -5,6 +5,8 @@ A test that sleeps N seconds and then looks is slow when the state comes early a
 comes late (a loaded CI host). Polling a predicate until a deadline is neither; on timeout the
 error names what was awaited and the last value seen, and when the process that should produce
 the state has died the wait ends at once with its exit status instead of running to the deadline.
+:func:`wait_cpu_quiet` waits for a process to stop computing (a guest done with its boot's
+aftermath), measured from the kernel's per-thread CPU accounting.
 """
 
 from __future__ import annotations
@@ -51,6 +53,41 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, *, interva
         if time.monotonic() >= deadline:
             raise WaitTimeout(f"waiting for {what}: nothing after {timeout:g} s (last value {value!r})")
         time.sleep(interval)
+
+
+def cpu_time(pid: int) -> float:
+    """Seconds of CPU that every thread of process ``pid`` has used so far (the first field of
+    each thread's ``/proc/PID/task/TID/schedstat``: nanoseconds on a CPU); 0 for a process that
+    is gone."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
+def wait_cpu_quiet(pid: int, timeout: float, *, window: float = 0.25, busy: float = 0.02) -> bool:
+    """Wait until process ``pid`` uses at most ``busy`` of a CPU over a ``window`` (seconds).
+
+    True when it did within ``timeout``, False otherwise (a guest whose background work never
+    stops is not an error to the callers: they only prefer a quiet one).
+    """
+    deadline = time.monotonic() + timeout
+    before = cpu_time(pid)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = cpu_time(pid)
+        if now - before <= busy * window:
+            return True
+        before = now
+    return False
 
 
 def _exit_status(process: Process | None) -> int | None:

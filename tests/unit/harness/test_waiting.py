@@ -1,5 +1,5 @@
 """wait_until: returns the first truthy value, names what and the last value on timeout, and stops
-early when the watched process has died."""
+early when the watched process has died; wait_cpu_quiet tells a computing process from an idle one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vmsh.harness.waiting import WaitTimeout, wait_until
+from vmsh.harness.waiting import WaitTimeout, cpu_time, wait_cpu_quiet, wait_until
 
 
 def test_returns_the_first_truthy_value() -> None:
@@ -64,3 +64,20 @@ def test_an_exit_status_function_is_a_process() -> None:
 def test_a_running_process_does_not_end_the_wait() -> None:
     ticks = iter(range(100))
     assert wait_until(lambda: next(ticks) == 3, 5, "the third tick", interval=0, process=lambda: None)
+
+
+def test_cpu_quiet_tells_a_busy_process_from_an_idle_one() -> None:
+    # a busy thread beside an idle main thread: every thread's time counts
+    busy = subprocess.Popen([sys.executable, "-c", "import threading, time\n"
+                             "threading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()\n"
+                             "time.sleep(60)"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not wait_cpu_quiet(busy.pid, 1.0, window=0.2)
+        assert cpu_time(busy.pid) > 0.3
+        assert wait_cpu_quiet(idle.pid, 10, window=0.2)  # once its start-up is over
+    finally:
+        for proc in (busy, idle):
+            proc.kill()
+            proc.wait()
+    assert cpu_time(busy.pid) == 0.0  # gone
