@@ -34,6 +34,7 @@ from vmsh.engine.gdb.guest_debug import RW_ACCESS, RW_EXECUTE, RW_WRITE, HwBreak
 from vmsh.engine.gdb.registers import LAYOUT, split_block, target_xml
 from vmsh.engine.gdb.session import Control, DebugSession, Stop
 from vmsh.engine.gdb.target import DebugTarget
+from vmsh.engine.pvm import is_pvm_host
 from vmsh.engine.state import VmState
 from vmsh.errors import GuestMemoryError, VmshError
 from vmsh.thread_names import NamedThread
@@ -395,6 +396,10 @@ class _Session:
             rw = {1: RW_EXECUTE, 2: RW_WRITE, 3: RW_ACCESS, 4: RW_ACCESS}[kind]
             if rw != RW_EXECUTE and (length not in (1, 2, 4, 8) or addr % length):
                 return b"E%02x" % EINVAL
+            if rw != RW_EXECUTE and insert and is_pvm_host():
+                # PVM's instruction emulator never raises data breakpoints: a watchpoint that
+                # would never fire is refused ("not supported"), not accepted (README)
+                return b""
             bp = HwBreakpoint(addr, rw, 1 if rw == RW_EXECUTE else length)
             if insert:
                 return b"OK" if self.target.insert_hw(bp) else b"E%02x" % ENOSPC
