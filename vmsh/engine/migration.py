@@ -29,7 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class SendStats:
     bytes_sent: int = 0
     rounds: int = 0
     dirty_log: bool = False
+    #: bytes sent by each Memory request: the first copy, the dirty rounds, the last round
+    round_bytes: list[int] = field(default_factory=list)
 
 
 # --- source ------------------------------------------------------------------------------------------
@@ -78,11 +80,6 @@ def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats
     stats = SendStats()
     path = proto.socket_url_path(url)
     memory: GuestMemoryMmap = vm.memory
-    fds = _shared_fds(memory) if local else []
-    try:
-        vm.check_saveable()
-    except VmshError as err:
-        raise MigrationError("Cannot migrate this VM") from err
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
@@ -91,6 +88,12 @@ def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats
             raise MigrationError(f"Cannot connect to the migration destination {path}") from err
         try:
             proto.request(sock, Command.START)
+            # refusals of this VM come after Start, so the Abandon frees the destination too
+            fds = _shared_fds(memory) if local else []
+            try:
+                vm.check_saveable()
+            except VmshError as err:
+                raise MigrationError("Cannot migrate this VM") from err
             for slot, fd in enumerate(fds):
                 proto.send_fd(sock, slot, fd)
                 proto.expect_ok(sock, f"memory fd of slot {slot}")
@@ -113,8 +116,8 @@ def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats
         sock.close()
     now = time.monotonic()
     stats.total_s, stats.downtime_s = now - started, now - paused_at
-    LOG.info("migrated to %s in %.2f s (guest paused %.3f s, %d bytes of RAM copied in %d rounds%s)", path,
-             stats.total_s, stats.downtime_s, stats.bytes_sent, stats.rounds,
+    LOG.info("migrated to %s in %.2f s (guest paused %.3f s, %d bytes of RAM copied in %d requests %s%s)", path,
+             stats.total_s, stats.downtime_s, stats.bytes_sent, stats.rounds, stats.round_bytes,
              ", dirty log" if stats.dirty_log else "")
     return stats
 
@@ -193,6 +196,7 @@ def _send_ranges(sock: socket.socket, memory: GuestMemoryMmap, shadow: dict[int,
     """One Memory request. Each range is copied into ``shadow`` first and sent from there, so
     ``shadow`` is exactly what the destination has even when the guest writes meanwhile."""
     if not ranges:
+        stats.round_bytes.append(0)
         return
     views = []
     for gpa, length in ranges:
@@ -204,7 +208,8 @@ def _send_ranges(sock: socket.socket, memory: GuestMemoryMmap, shadow: dict[int,
         copy[:] = region.view[offset:offset + length]
         views.append(copy)
     proto.send_memory(sock, ranges, views)
-    stats.bytes_sent += sum(n for _, n in ranges)
+    stats.round_bytes.append(sum(n for _, n in ranges))
+    stats.bytes_sent += stats.round_bytes[-1]
     stats.rounds += 1
 
 
