@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vmsh.api.client import ApiClient
 from vmsh.harness.guest import Guest
-from vmsh.harness.snapshots import launch_argv
+from vmsh.harness.migrate import migrate_guest, start_receiver
 from vmsh.harness.waiting import wait_until
 
 DISK_SIZE = 8 << 20
@@ -32,21 +32,17 @@ def remote(api: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def destination(tmp_path: Path, name: str) -> tuple[Guest, Path]:
-    """A VMM started with only ``--api-socket``; the migrated guest's serial console will be its
-    terminal (the source's config says ``--serial tty``)."""
-    api = tmp_path / f"{name}.sock"
-    guest = Guest(launch_argv(["--api-socket", str(api), "-v", "--log-file", str(tmp_path / f"{name}.log")]),
-                  workdir=tmp_path / name, boot_timeout=120)
-    guest.start()
-    wait_until(api.exists, 30, f"the API socket {api}", interval=0.05, process=guest.exit_status)
-    guest.mark_shell_ready()  # the guest's shell was set up on the first VMM: its state migrates
-    return guest, api
+    return start_receiver(tmp_path, name, log_flags(tmp_path, name))
+
+
+def log_flags(tmp_path: Path, name: str) -> list[str]:
+    return ["-v", "--log-file", str(tmp_path / f"{name}.log")]
 
 
 def migrate(source_api: Path, dest_api: Path, sock: Path, *flags: str) -> tuple[subprocess.CompletedProcess[str],
                                                                                  subprocess.CompletedProcess[str]]:
-    """Receive on ``dest_api`` (the call blocks until the migration ends) and send from
-    ``source_api``; returns both results (send, receive)."""
+    """Through ``vmsh remote``: receive on ``dest_api`` (the call blocks until the migration
+    ends) and send from ``source_api``; returns both results (send, receive)."""
     received: list[subprocess.CompletedProcess[str]] = []
     thread = threading.Thread(target=lambda: received.append(remote(dest_api, "receive-migration", f"unix:{sock}")))
     thread.start()
@@ -98,10 +94,8 @@ def test_guest_migrates_by_copy_then_locally_and_refusals_leave_it_running(vmsh_
                         "done) >/dev/null 2>&1 &")
     counts = [int(source.check_output("sleep 0.2; cat /tmp/count")) for _ in range(2)]
     assert 0 < counts[0] < counts[1], counts
-    first, first_api = destination(tmp_path, "dest2")
-    sent, received = migrate(api, first_api, tmp_path / "m2.sock")
-    assert sent.returncode == 0, sent
-    assert received.returncode == 0, received
+    # (with the harness's helper, as a test moves a guest mid-test)
+    first = migrate_guest(source, tmp_path, name="dest2", extra_flags=log_flags(tmp_path, "dest2"))
     assert source.wait_exit(60) == 0
     assert first.check_output("cat /tmp/mark; dd if=/dev/vda bs=7 count=1 2>/dev/null") == "in-ram\non-disk"
     counts = [int(first.check_output("cat /tmp/count")) for _ in range(2)]
@@ -110,7 +104,7 @@ def test_guest_migrates_by_copy_then_locally_and_refusals_leave_it_running(vmsh_
 
     # local migration from there: the destination maps the same memfds
     second, second_api = destination(tmp_path, "dest3")
-    sent, received = migrate(first_api, second_api, tmp_path / "m3.sock", "--local")
+    sent, received = migrate(tmp_path / "dest2.sock", second_api, tmp_path / "m3.sock", "--local")
     assert sent.returncode == 0, sent
     assert received.returncode == 0, received
     assert first.wait_exit(60) == 0

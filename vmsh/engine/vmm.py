@@ -534,9 +534,14 @@ class Vmm:
                 except VmshError as err:
                     LOG.error("cannot resume the VM after the failed migration: %s", err)
             raise
-        LOG.info("the VM was migrated to %s: exiting", request.destination_url)
-        # after the API has answered: the control loop runs this once the lock is free
-        self.post(lambda: self._exit((GuestEvent.MIGRATED, request.destination_url)))
+        LOG.info("the VM was migrated to %s", request.destination_url)
+        # after the API has answered: the control loop runs this once the lock is free. The
+        # launcher exits as cloud-hypervisor does; the shell (which keeps its VMM when the guest
+        # powers off) forgets the VM and its config.
+        if self.exit_on_poweroff:
+            self.post(lambda: self._exit((GuestEvent.MIGRATED, request.destination_url)))
+        else:
+            self.post(lambda: self._delete(None))
 
     def _receive_migration(self, request: ReceiveMigrationRequest) -> None:
         """``vm.receive-migration``: listen, take one migration, and run the VM it brings. A
