@@ -36,6 +36,7 @@ from typing import Any
 from vmsh.config import canonical_json, normalize, vm_config_from_json
 from vmsh.config import model as m
 from vmsh.engine import migration_protocol as proto
+from vmsh.engine import page_runs
 from vmsh.engine.dirty_log import DirtyLog
 from vmsh.engine.memory import PAGE_SIZE, GuestMemoryMmap, GuestRegion
 from vmsh.engine.memory_manager import memory_options
@@ -164,6 +165,8 @@ def _copy_memory(vm: Any, sock: socket.socket, pause: Callable[[], None], stats:
     memory: GuestMemoryMmap = vm.memory
     # what the destination holds, page for page: it starts as zeros like the destination's RAM
     shadow = {r.start: bytearray(r.size) for r in memory.regions}
+    # per region, the runs sent so far: with the runs that may hold data, where the last round looks
+    sent: dict[int, page_runs.Runs] = {r.start: [] for r in memory.regions}
     log = DirtyLog(vm.vm_fd, memory) if vm.state.value == "Running" else None
     if log is not None:
         try:
@@ -174,17 +177,17 @@ def _copy_memory(vm: Any, sock: socket.socket, pause: Callable[[], None], stats:
             log = None
     try:
         first = [(r.start + off, n) for r in memory.regions for off, n in r.data_runs()]
-        _send_ranges(sock, memory, shadow, first, stats)
+        _send_ranges(sock, memory, shadow, sent, first, stats)
         if log is not None:
             for _ in range(MAX_DIRTY_ROUNDS):
                 dirty = log.dirty_ranges()
                 if not dirty:
                     break
-                _send_ranges(sock, memory, shadow, dirty, stats)
+                _send_ranges(sock, memory, shadow, sent, dirty, stats)
         if vm.state.value == "Running":
             pause()
         paused_at = time.monotonic()
-        _send_ranges(sock, memory, shadow, _changed_ranges(memory, shadow), stats)
+        _send_ranges(sock, memory, shadow, sent, _changed_ranges(memory, shadow, sent), stats)
     finally:
         if log is not None:
             log.stop()
@@ -192,7 +195,7 @@ def _copy_memory(vm: Any, sock: socket.socket, pause: Callable[[], None], stats:
 
 
 def _send_ranges(sock: socket.socket, memory: GuestMemoryMmap, shadow: dict[int, bytearray],
-                 ranges: list[tuple[int, int]], stats: SendStats) -> None:
+                 sent: dict[int, page_runs.Runs], ranges: list[tuple[int, int]], stats: SendStats) -> None:
     """One Memory request. Each range is copied into ``shadow`` first and sent from there, so
     ``shadow`` is exactly what the destination has even when the guest writes meanwhile."""
     if not ranges:
@@ -207,29 +210,38 @@ def _send_ranges(sock: socket.socket, memory: GuestMemoryMmap, shadow: dict[int,
         copy = memoryview(shadow[region.start])[offset:offset + length]
         copy[:] = region.view[offset:offset + length]
         views.append(copy)
+        sent[region.start].append((offset, length))
     proto.send_memory(sock, ranges, views)
     stats.round_bytes.append(sum(n for _, n in ranges))
     stats.bytes_sent += stats.round_bytes[-1]
     stats.rounds += 1
 
 
-def _changed_ranges(memory: GuestMemoryMmap, shadow: dict[int, bytearray]) -> list[tuple[int, int]]:
-    """The pages of guest RAM that differ from ``shadow``, merged into ranges."""
+def _changed_ranges(memory: GuestMemoryMmap, shadow: dict[int, bytearray],
+                    sent: dict[int, page_runs.Runs]) -> list[tuple[int, int]]:
+    """The pages of guest RAM that differ from ``shadow``, merged into ranges. Only pages that
+    may hold data now or were sent can differ: the rest are zeros on both sides."""
     ranges: list[tuple[int, int]] = []
     for region in memory.regions:
-        sent = memoryview(shadow[region.start])
-        for chunk in range(0, region.size, _COMPARE_CHUNK):
-            end = min(chunk + _COMPARE_CHUNK, region.size)
-            if region.view[chunk:end] == sent[chunk:end]:
+        was = memoryview(shadow[region.start])
+        runs = page_runs.merge(region.data_runs(), sent[region.start])
+        for chunk, end in _chunks(runs):
+            if region.view[chunk:end] == was[chunk:end]:
                 continue
             for page in range(chunk, end, PAGE_SIZE):
-                if region.view[page:page + PAGE_SIZE] != sent[page:page + PAGE_SIZE]:
+                if region.view[page:page + PAGE_SIZE] != was[page:page + PAGE_SIZE]:
                     gpa = region.start + page
                     if ranges and ranges[-1][0] + ranges[-1][1] == gpa:
                         ranges[-1] = (ranges[-1][0], ranges[-1][1] + PAGE_SIZE)
                     else:
                         ranges.append((gpa, PAGE_SIZE))
     return ranges
+
+
+def _chunks(runs: page_runs.Runs) -> list[tuple[int, int]]:
+    """``runs`` cut into pieces of at most :data:`_COMPARE_CHUNK` bytes, as ``(start, end)``."""
+    return [(start, min(start + _COMPARE_CHUNK, offset + length))
+            for offset, length in runs for start in range(offset, offset + length, _COMPARE_CHUNK)]
 
 
 # --- destination ---------------------------------------------------------------------------------------
