@@ -522,8 +522,9 @@ class Vmm:
 
         def pause() -> None:
             nonlocal paused_here
-            self._pause(None)
-            paused_here = True
+            if vm.state is VmState.RUNNING:  # a VM paused before the migration stays as it is
+                self._pause(None)
+                paused_here = True
 
         try:
             migration.send(vm, request.destination_url, request.local, pause)
