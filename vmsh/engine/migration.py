@@ -66,6 +66,13 @@ class SendStats:
     dirty_log: bool = False
     #: bytes sent by each Memory request: the first copy, the dirty rounds, the last round
     round_bytes: list[int] = field(default_factory=list)
+    #: where the time went: ``(step, seconds)``
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, step: str, since: float) -> float:
+        now = time.monotonic()
+        self.steps.append((step, round(now - since, 4)))
+        return now
 
 
 # --- source ------------------------------------------------------------------------------------------
@@ -117,9 +124,9 @@ def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats
         sock.close()
     now = time.monotonic()
     stats.total_s, stats.downtime_s = now - started, now - paused_at
-    LOG.info("migrated to %s in %.2f s (guest paused %.3f s, %d bytes of RAM copied in %d requests %s%s)", path,
-             stats.total_s, stats.downtime_s, stats.bytes_sent, stats.rounds, stats.round_bytes,
-             ", dirty log" if stats.dirty_log else "")
+    LOG.info("migrated to %s in %.2f s (guest paused %.3f s, %d bytes of RAM copied in %d requests %s%s; %s)",
+             path, stats.total_s, stats.downtime_s, stats.bytes_sent, stats.rounds, stats.round_bytes,
+             ", dirty log" if stats.dirty_log else "", stats.steps)
     return stats
 
 
@@ -164,10 +171,12 @@ def _copy_memory(vm: Any, sock: socket.socket, pause: Callable[[], None], stats:
     """Copy guest RAM while the guest runs, pause it, send the last pages; returns when it paused."""
     memory: GuestMemoryMmap = vm.memory
     # what the destination holds, page for page: it starts as zeros like the destination's RAM
-    shadow = {r.start: bytearray(r.size) for r in memory.regions}
+    # (anonymous mappings: zero pages until written, where a bytearray would zero all of it now)
+    shadow = {r.start: mmap.mmap(-1, r.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for r in memory.regions}
     # per region, the runs sent so far: with the runs that may hold data, where the last round looks
     sent: dict[int, page_runs.Runs] = {r.start: [] for r in memory.regions}
     log = DirtyLog(vm.vm_fd, memory) if vm.state.value == "Running" else None
+    t = time.monotonic()
     if log is not None:
         try:
             log.start()
@@ -176,25 +185,37 @@ def _copy_memory(vm: Any, sock: socket.socket, pause: Callable[[], None], stats:
             LOG.info("no dirty page log (%s): guest RAM is copied once, then compared after the pause", err)
             log = None
     try:
+        t = stats.mark("dirty log on", t)
         first = [(r.start + off, n) for r in memory.regions for off, n in r.data_runs()]
+        t = stats.mark("data runs", t)
         _send_ranges(sock, memory, shadow, sent, first, stats)
+        t = stats.mark("first copy", t)
         if log is not None:
             for _ in range(MAX_DIRTY_ROUNDS):
                 dirty = log.dirty_ranges()
                 if not dirty:
                     break
                 _send_ranges(sock, memory, shadow, sent, dirty, stats)
+                t = stats.mark("dirty round", t)
         if vm.state.value == "Running":
             pause()
-        paused_at = time.monotonic()
-        _send_ranges(sock, memory, shadow, sent, _changed_ranges(memory, shadow, sent), stats)
+        paused_at = t = stats.mark("pause", t)
+        changed = _changed_ranges(memory, shadow, sent)
+        t = stats.mark("compare", t)
+        _send_ranges(sock, memory, shadow, sent, changed, stats)
+        t = stats.mark("last round", t)
     finally:
         if log is not None:
             log.stop()
+        for copy in shadow.values():
+            try:
+                copy.close()
+            except BufferError:
+                pass  # a view is still referenced (by a traceback): unmapped with its last view
     return paused_at
 
 
-def _send_ranges(sock: socket.socket, memory: GuestMemoryMmap, shadow: dict[int, bytearray],
+def _send_ranges(sock: socket.socket, memory: GuestMemoryMmap, shadow: dict[int, mmap.mmap],
                  sent: dict[int, page_runs.Runs], ranges: list[tuple[int, int]], stats: SendStats) -> None:
     """One Memory request. Each range is copied into ``shadow`` first and sent from there, so
     ``shadow`` is exactly what the destination has even when the guest writes meanwhile."""
@@ -217,7 +238,7 @@ def _send_ranges(sock: socket.socket, memory: GuestMemoryMmap, shadow: dict[int,
     stats.rounds += 1
 
 
-def _changed_ranges(memory: GuestMemoryMmap, shadow: dict[int, bytearray],
+def _changed_ranges(memory: GuestMemoryMmap, shadow: dict[int, mmap.mmap],
                     sent: dict[int, page_runs.Runs]) -> list[tuple[int, int]]:
     """The pages of guest RAM that differ from ``shadow``, merged into ranges. Only pages that
     may hold data now or were sent can differ: the rest are zeros on both sides."""
