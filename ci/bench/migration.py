@@ -1,6 +1,6 @@
 """Benchmark: live migration total time and downtime, vmsh beside QEMU, in one run.
 
-For each guest size (256 MiB by default) the default kernel and initramfs boot once under each
+For each guest size (256 MiB by default; the README's table also has 2048) the default kernel and initramfs boot once under each
 VMM, with a shell loop in the guest writing a file (so pages are dirtied during the copy):
 
 * vmsh (``--memory shared=on``): a copying migration (``vm.send-migration``) to a VMM started
