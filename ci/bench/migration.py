@@ -1,7 +1,8 @@
 """Benchmark: live migration total time and downtime, vmsh beside QEMU, in one run.
 
-For each guest size (256 MiB by default; the README's table also has 2048) the default kernel and initramfs boot once under each
-VMM, with a shell loop in the guest writing a file (so pages are dirtied during the copy):
+For each guest size (``--sizes``, 256 MiB by default; the README's table also has 2048) the
+default kernel and initramfs boot once under each VMM, with a shell loop in the guest writing a
+file (so pages are dirtied during the copy):
 
 * vmsh (``--memory shared=on``): a copying migration (``vm.send-migration``) to a VMM started
   with only ``--api-socket``, then a ``local=true`` one from there to a third; total time is the
