@@ -42,6 +42,7 @@ from vmsh.engine.memory import PAGE_SIZE, GuestMemoryMmap, GuestRegion
 from vmsh.engine.memory_manager import memory_options
 from vmsh.engine.migration_protocol import Command, Status
 from vmsh.engine.snapshot import SavedVm, check_memory_table, memory_table, saved_vm_from
+from vmsh.engine.state import VmState
 from vmsh.errors import ConfigError, KvmError, MigrationError, VmshError
 
 LOG = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def _copy_memory(vm: Any, sock: socket.socket, pause: Callable[[], None], stats:
     shadow = {r.start: mmap.mmap(-1, r.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for r in memory.regions}
     # per region, the runs sent so far: with the runs that may hold data, where the last round looks
     sent: dict[int, page_runs.Runs] = {r.start: [] for r in memory.regions}
-    log = DirtyLog(vm.vm_fd, memory) if vm.state.value == "Running" else None
+    log = DirtyLog(vm.vm_fd, memory) if vm.state is VmState.RUNNING else None
     t = time.monotonic()
     if log is not None:
         try:
@@ -197,7 +198,7 @@ def _copy_memory(vm: Any, sock: socket.socket, pause: Callable[[], None], stats:
                     break
                 _send_ranges(sock, memory, shadow, sent, dirty, stats)
                 t = stats.mark("dirty round", t)
-        if vm.state.value == "Running":
+        if vm.state is VmState.RUNNING:
             pause()
         paused_at = t = stats.mark("pause", t)
         changed = _changed_ranges(memory, shadow, sent)
