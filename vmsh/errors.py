@@ -13,6 +13,7 @@
     ├── GuestMemoryError     a guest physical address or length outside guest RAM
     ├── StateError           a lifecycle request illegal in the current state
     ├── SnapshotError        a snapshot that cannot be written or read back
+    ├── MigrationError       a live migration refused, broken or abandoned
     ├── DeviceStateError     a device's saved state that does not fit it (names the field)
     ├── NotFoundError        no VM, no VM config, or no device with that id
     ├── BusyError            a request that must wait for an earlier one to finish
@@ -69,6 +70,10 @@ class StateError(VmshError):
 
 class SnapshotError(VmshError):
     """A snapshot that cannot be written, or read back."""
+
+
+class MigrationError(VmshError):
+    """A live migration that was refused, broke off or was abandoned (the source VM runs on)."""
 
 
 class DeviceStateError(VmshError):

@@ -20,12 +20,15 @@ from vmsh.engine.events import GuestEvent
 from vmsh.errors import UsageError, VmshError, error_chain
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vmsh.config.launcher_args import LauncherArgs, VmmOptions
     from vmsh.config.model import ProfileConfig, RestoreConfig, VmConfig
     from vmsh.engine.console import ConsoleBackend
     from vmsh.engine.events import EventMonitor
     from vmsh.engine.vmm import (
         GuestEventSink,
+        MigrationReceiver,
         Post,
         RestoreFactory,
         VmFactory,
@@ -132,6 +135,23 @@ def vm_factories(profile: ProfileConfig | None = None,
     return build, restore
 
 
+def migration_receiver(profile: ProfileConfig | None = None, tty: ConsoleBackend | None = None) -> MigrationReceiver:
+    """The engine's side of ``vm.receive-migration`` (:func:`vmsh.engine.migration.receive`),
+    building the VM as a restore does (:func:`vmsh.engine.builder.build_restored`)."""
+
+    def receive(url: str, events: EventMonitor, on_guest_event: GuestEventSink, post: Post,
+                adopt: Callable[[VmLike], None]) -> None:
+        from vmsh.engine import migration
+        from vmsh.engine.builder import build_restored, check_restorable
+
+        migration.receive(url, check_restorable,
+                          lambda saved, memory: build_restored(saved, memory, events, on_guest_event, post,
+                                                               profile=profile, tty=tty),
+                          adopt)
+
+    return receive
+
+
 def _describe_config(cfg: VmConfig) -> dict[str, Any]:
     from vmsh.engine.describe import describe_config
 
@@ -146,7 +166,7 @@ def make_vmm(events: EventMonitor, *, profile: ProfileConfig | None = None, tty:
 
     build, restore = factories if factories is not None else vm_factories(profile, tty)
     return Vmm(events, vm_factory=build, restore_factory=restore, describer=_describe_config,
-               exit_on_poweroff=exit_on_poweroff)
+               exit_on_poweroff=exit_on_poweroff, migration_receiver=migration_receiver(profile, tty))
 
 
 def run(opts: VmmOptions, cfg: VmConfig | None, *,

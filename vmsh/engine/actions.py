@@ -118,6 +118,22 @@ class CoredumpRequest:
 
 
 @dataclasses.dataclass(kw_only=True)
+class SendMigrationRequest:
+    """``vm.send-migration`` body: the destination's ``unix:PATH``; ``local`` hands guest RAM
+    over as file descriptors instead of copying it."""
+
+    destination_url: str = m.field()
+    local: bool = m.field(False)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReceiveMigrationRequest:
+    """``vm.receive-migration`` body: the ``unix:PATH`` to listen on."""
+
+    receiver_url: str = m.field()
+
+
+@dataclasses.dataclass(kw_only=True)
 class RemoveDeviceRequest:
     """``vm.remove-device`` body."""
 
@@ -245,6 +261,10 @@ ACTIONS: tuple[Action, ...] = (
     Action("coredump", "PUT", CoredumpRequest,
            rule=Rule(booted=True, states=frozenset({VmState.PAUSED}),
                      refusal="Trying to coredump while VM is running")),
+    Action("send-migration", "PUT", SendMigrationRequest, rule=Rule(booted=True, states=_LIVE,
+                                                                    refusal="VM is not running")),
+    Action("receive-migration", "PUT", ReceiveMigrationRequest,
+           rule=Rule(created=False, booted=False, refusal="VM is already created")),
     Action("restore", "PUT", m.RestoreConfig, rule=Rule(created=False, booted=False, refusal="VM is already created")),
     Action("registers", "PUT", RegistersRequest,
            rule=Rule(booted=True, states=frozenset({VmState.PAUSED}),

@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vmsh.config import model as m
@@ -45,6 +46,7 @@ from vmsh.engine.interrupts import EventTrigger, IrqFdTrigger
 from vmsh.engine.kvm import Kvm
 from vmsh.engine.kvm_state import restore_vcpu, restore_vm
 from vmsh.engine.kvm_vcpu import VcpuFd
+from vmsh.engine.memory import GuestMemoryMmap
 from vmsh.engine.memory_hotplug import MemoryHotplug
 from vmsh.engine.memory_manager import (
     check_host_memory,
@@ -68,7 +70,7 @@ from vmsh.engine.platform_devices import (
     create_platform_devices,
 )
 from vmsh.engine.pvm import internal_error_handler, is_pvm_host
-from vmsh.engine.snapshot import read_saved_vm
+from vmsh.engine.snapshot import SavedVm, read_saved_vm
 from vmsh.engine.state import VmState
 from vmsh.engine.stats import KvmStats
 from vmsh.engine.vcpu import Vcpu, install_kick_handler
@@ -252,19 +254,41 @@ def build_from_snapshot(directory: str, restore: m.RestoreConfig, events: EventM
     :raises SnapshotError: naming what is wrong with the snapshot.
     """
     saved = read_saved_vm(directory)
-    config = saved.config
-    apply_restored_net_fds(config, restore.net_fds)
+    apply_restored_net_fds(saved.config, restore.net_fds)
+    check_restorable(saved.config)
+    return build_restored(
+        saved, lambda: map_snapshot_memory(saved.memory_path, restore.prefault, saved.ranges, saved.boot_ram),
+        events, on_guest_event, post, profile=profile, tty=tty)
+
+
+def check_restorable(config: m.VmConfig) -> None:
+    """Refuse a saved (or migrating) VM's config that vmsh cannot build.
+
+    :raises SnapshotError: naming what is refused.
+    """
     errors = config_errors(config)
     if errors:
         raise SnapshotError("The snapshot's config is refused: " + "; ".join(errors))
     missing = unsupported_options(config)
     if missing:
         raise SnapshotError("The snapshot needs what vmsh does not support: " + ", ".join(missing))
+
+
+def build_restored(saved: SavedVm, make_memory: Callable[[], GuestMemoryMmap], events: EventMonitor,
+                   on_guest_event: GuestEventSink, post: Post, *, profile: m.ProfileConfig | None = None,
+                   tty: ConsoleBackend | None = None) -> Vm:
+    """Rebuild the VM ``saved`` describes (its config checked with :func:`check_restorable`) on
+    the guest RAM ``make_memory`` gives (a snapshot's file, or what a live migration received;
+    the VM owns it from then on); it comes back Paused.
+
+    :raises SnapshotError: naming what does not fit; nothing is left behind.
+    """
+    config = saved.config
     vm = Vm(config, events, on_guest_event, ControlRequests(post), profile)
     try:
         _open_kvm(vm)
         vm.boot_ram = saved.boot_ram
-        vm.memory = map_snapshot_memory(saved.memory_path, restore.prefault, saved.ranges, saved.boot_ram)
+        vm.memory = make_memory()
         vm.memory.register(vm.vm_fd)
         _create_devices(vm, tty, _phys_bits(vm))
         topology = cpu_topology(config)

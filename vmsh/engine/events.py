@@ -40,6 +40,8 @@ class GuestEvent:
     FATAL = "fatal"
     #: the VMM was asked to stop (SIGTERM, SIGINT)
     STOP = "stop"
+    #: the VM was migrated away: it runs in another VMM now
+    MIGRATED = "migrated"
 
 
 def format_record(elapsed_ns: int, source: str, event: str, properties: dict[str, str] | None) -> str:

@@ -259,6 +259,8 @@ class GuestMemoryMmap(FixedWidthAccess):
                 raise GuestMemoryError(f"guest RAM regions overlap at {b.start:#x}")
         self._starts = [r.start for r in self.regions]
         self._slots: list[int] = []
+        #: KVM memslot -> the region registered in it (a live migration's dirty log is per slot)
+        self.slot_regions: dict[int, GuestRegion] = {}
         #: the region the last lookup found: nearly every access is in the same one (RAM below
         #: the 32-bit hole), and a hit costs two comparisons instead of a bisect
         self._hint = self.regions[0] if self.regions else None
@@ -311,6 +313,7 @@ class GuestMemoryMmap(FixedWidthAccess):
             slot = max(self._slots, default=-1) + 1
             vm.set_user_memory_region(slot, region.start, region.size, region.host_addr)  # type: ignore[attr-defined]  # a VmFd; memory.py stays below kvm.py
             self._slots.append(slot)
+            self.slot_regions[slot] = region
         self.regions = regions
         self._starts = [r.start for r in regions]
 
@@ -324,6 +327,7 @@ class GuestMemoryMmap(FixedWidthAccess):
         for i, r in enumerate(self.regions):
             vm.set_user_memory_region(first_slot + i, r.start, r.size, r.host_addr)  # type: ignore[attr-defined]  # a VmFd; memory.py stays below kvm.py
             self._slots.append(first_slot + i)
+            self.slot_regions[first_slot + i] = r
 
     def close(self) -> None:
         """Unmap every region."""

@@ -80,10 +80,24 @@ def read_saved_vm(directory: str) -> SavedVm:
     :raises SnapshotError: naming what does not fit.
     """
     config_text, tree, memory_path = read_snapshot(directory)
+    saved = saved_vm_from(config_text, tree, memory_path, f"{directory}/config.json")
+    size = memory_path.stat().st_size
+    if size != sum(length for _, length in saved.ranges):
+        raise SnapshotError(f"{memory_path} holds {size} bytes, its RAM ranges {sum(n for _, n in saved.ranges)}")
+    return saved
+
+
+def saved_vm_from(config_text: str, tree: dict[str, Any], memory_path: Path, what: str = "config.json") -> SavedVm:
+    """A :class:`SavedVm` from a config's JSON text and a state tree (a snapshot's files, or what a
+    live migration sends: ``vmsh.engine.migration``), checked as :func:`read_saved_vm` does
+    except for the memory file, which the caller checks.
+
+    :raises SnapshotError: naming what does not fit.
+    """
     try:
         config = normalize(vm_config_from_json(config_text))
     except ConfigError as err:
-        raise SnapshotError(f"{directory}/config.json is not a valid VmConfig") from err
+        raise SnapshotError(f"{what} is not a valid VmConfig") from err
     root = node_data(tree, "")
     if not isinstance(root, dict) or root.get("version") != FORMAT_VERSION:
         raise SnapshotError(f"Unsupported snapshot format (vmsh writes version {FORMAT_VERSION})")
@@ -96,9 +110,6 @@ def read_saved_vm(directory: str) -> SavedVm:
     table = table if isinstance(table, dict) else {}
     boot_ram = table.get("boot_ram", boot_ram_size(config.memory))
     ranges = check_memory_table(table.get("ranges"), config.memory, boot_ram)
-    size = memory_path.stat().st_size
-    if size != sum(length for _, length in ranges):
-        raise SnapshotError(f"{memory_path} holds {size} bytes, its RAM ranges {sum(n for _, n in ranges)}")
     vcpu_ids = node_children(tree, "cpu-manager")
     boot = config.cpus.boot_vcpus
     if sorted(vcpu_ids, key=lambda x: (len(x), x)) != [str(i) for i in range(boot)]:

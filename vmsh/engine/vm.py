@@ -324,9 +324,16 @@ class Vm:
 
     def snapshot(self, directory: str) -> None:
         """Write the paused VM into ``directory`` (config.json, state.json, memory-ranges)."""
-        if self.state is not VmState.PAUSED:
-            raise StateError("Trying to snapshot while VM is running")
-        assert self.kvm is not None and self.memory is not None and self.devices is not None
+        config_json, tree = self.saved_state()
+        assert self.memory is not None
+        # regions in address order: their concatenation is the coalesced ranges' contents
+        write_snapshot(directory, config_json, tree, [(r.view, r.data_runs()) for r in self.memory.regions])
+
+    def check_saveable(self) -> None:
+        """Refuse a VM whose state vmsh cannot save (a snapshot or a live migration).
+
+        :raises SnapshotError: naming what cannot be saved.
+        """
         backed = self._vhost_user_ids()
         if backed:
             # Refused before anything is written: a backend's own state (its rings' positions,
@@ -342,6 +349,16 @@ class Vm:
             # swtpm's state lives in swtpm: vmsh neither saves it (CMD_GET_STATEBLOB) nor could a
             # restore be sure to meet the same swtpm again, so a TPM'd VM is refused up front
             raise SnapshotError("Cannot snapshot a VM with a TPM (--tpm): vmsh cannot save swtpm's state")
+
+    def saved_state(self) -> tuple[str, dict[str, Any]]:
+        """The paused VM's config (canonical JSON) and its state tree (``vmsh.engine.snapshot``).
+
+        :raises SnapshotError: when the VM runs or :meth:`check_saveable` refuses it.
+        """
+        if self.state is not VmState.PAUSED:
+            raise StateError("Trying to snapshot while VM is running")
+        self.check_saveable()
+        assert self.kvm is not None and self.memory is not None and self.devices is not None
         msrs = saveable_msrs(self.kvm, self.vcpus[0].fd)
         kvm_state = save_vm(self.vm_fd)
         if self.paused_clock is not None:
@@ -352,9 +369,7 @@ class Vm:
         tree = snapshot_tree.build_tree(kvm_state, [save_vcpu(v.fd, msrs) for v in self.vcpus],
                                         snapshot_tree.memory_table(self.memory), self.devices.states(),
                                         boot_ram if boot_ram != boot_ram_size(self.config.memory) else None)
-        # regions in address order: their concatenation is the coalesced ranges' contents
-        write_snapshot(directory, canonical_json(self.config), tree,
-                       [(r.view, r.data_runs()) for r in self.memory.regions])
+        return canonical_json(self.config), tree
 
     # --- devices --------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from vmsh import __version__
 from vmsh.config import model as m
 from vmsh.config import normalize, to_json_value
-from vmsh.engine import coredump, inspect
+from vmsh.engine import coredump, inspect, migration
 from vmsh.engine.actions import (
     ACTIONS,
     ACTIONS_BY_ENDPOINT,
@@ -42,11 +42,13 @@ from vmsh.engine.actions import (
     ProfileStartRequest,
     ProfileStopRequest,
     ReadMemoryRequest,
+    ReceiveMigrationRequest,
     RegistersRequest,
     RemoveDeviceRequest,
     ResizeRequest,
     ResizeZoneRequest,
     Rule,
+    SendMigrationRequest,
     SnapshotRequest,
 )
 from vmsh.engine.events import EventMonitor, GuestEvent
@@ -56,8 +58,21 @@ from vmsh.errors import NotFoundError, ValidationError, VmshError
 LOG = logging.getLogger(__name__)
 
 __all__ = [
-    "ACTIONS", "ACTIONS_BY_ENDPOINT", "ACTIONS_BY_PATH", "HANDLERS", "HOTPLUG_KINDS", "Action", "Describer",
-    "GuestEvent", "Post", "RestoreFactory", "Rule", "VmFactory", "VmLike", "Vmm",
+    "ACTIONS",
+    "ACTIONS_BY_ENDPOINT",
+    "ACTIONS_BY_PATH",
+    "HANDLERS",
+    "HOTPLUG_KINDS",
+    "Action",
+    "Describer",
+    "GuestEvent",
+    "MigrationReceiver",
+    "Post",
+    "RestoreFactory",
+    "Rule",
+    "VmFactory",
+    "VmLike",
+    "Vmm",
 ]
 
 
@@ -85,6 +100,10 @@ GuestEventSink = Callable[[str, str], None]
 VmFactory = Callable[[m.VmConfig, EventMonitor, GuestEventSink, Post], VmLike]
 #: Rebuilds a VM from a snapshot: ``factory(directory, restore, events, on_guest_event, post)``.
 RestoreFactory = Callable[[str, m.RestoreConfig, EventMonitor, GuestEventSink, Post], VmLike]
+#: Takes one live migration at ``receiver_url``: ``receiver(url, events, on_guest_event, post,
+#: adopt)`` builds the VM the source sends and calls ``adopt(vm)`` (which resumes it) before it
+#: tells the source the migration is complete (see :func:`vmsh.engine.migration.receive`).
+MigrationReceiver = Callable[[str, EventMonitor, GuestEventSink, Post, Callable[[VmLike], None]], None]
 #: Describes the machine a normalized config gives its guest (``vm.describe``; see
 #: :func:`vmsh.engine.describe.describe_config`).
 Describer = Callable[[m.VmConfig], dict[str, Any]]
@@ -113,6 +132,7 @@ class Vmm:
         *,
         describer: Describer | None = None,
         exit_on_poweroff: bool = True,
+        migration_receiver: MigrationReceiver | None = None,
     ) -> None:
         self.events = events or EventMonitor()
         #: False: a guest poweroff or a fatal error shuts the VM down but keeps the VMM and its
@@ -123,6 +143,7 @@ class Vmm:
         self._vm_factory = vm_factory
         self._restore_factory = restore_factory
         self._describer = describer
+        self._migration_receiver = migration_receiver
         #: serializes actions and control items; front-ends hold it for multi-step sequences
         self.lock = threading.RLock()
         self._control: queue.Queue[_ControlItem] = queue.Queue()
@@ -488,6 +509,65 @@ class Vmm:
             self.do("vm.resume")
 
 
+    # --- live migration ---------------------------------------------------------------------------
+
+    def _send_migration(self, request: SendMigrationRequest) -> None:
+        """``vm.send-migration``: the whole exchange runs here, holding the lock, as
+        cloud-hypervisor's VMM thread runs it (:func:`vmsh.engine.migration.send`). On success
+        the VMM exits once the answer is sent (the guest runs on at the destination); on failure
+        the VM is resumed if the migration paused it, and runs on here."""
+        vm = self.vm
+        assert vm is not None
+        paused_here = False
+
+        def pause() -> None:
+            nonlocal paused_here
+            if vm.state is VmState.RUNNING:  # a VM paused before the migration stays as it is
+                self._pause(None)
+                paused_here = True
+
+        try:
+            migration.send(vm, request.destination_url, request.local, pause)
+        except BaseException:
+            if paused_here and self.vm is vm and vm.state is VmState.PAUSED:
+                try:
+                    self._resume(None)
+                except VmshError as err:
+                    LOG.error("cannot resume the VM after the failed migration: %s", err)
+            raise
+        LOG.info("the VM was migrated to %s", request.destination_url)
+        # after the API has answered: the control loop runs this once the lock is free. The
+        # launcher exits as cloud-hypervisor does; the shell (which keeps its VMM when the guest
+        # powers off) forgets the VM and its config.
+        if self.exit_on_poweroff:
+            self.post(lambda: self._exit((GuestEvent.MIGRATED, request.destination_url)))
+        else:
+            self.post(lambda: self._delete(None))
+
+    def _receive_migration(self, request: ReceiveMigrationRequest) -> None:
+        """``vm.receive-migration``: listen, take one migration, and run the VM it brings. A
+        failed migration leaves this VMM as it was: no VM, no config."""
+        if self._migration_receiver is None:
+            raise VmshError("This VMM cannot receive migrations")
+        token = object()
+
+        def adopt(vm: VmLike) -> None:
+            # cloud-hypervisor's destination restores the VM (State) and resumes it (Complete)
+            self.events.emit("vm", "restoring")
+            self._set_vm(vm, token)
+            self.config = getattr(vm, "config", None)
+            self.events.emit("vm", "restored")
+            try:
+                self._resume(None)
+            except BaseException:
+                self._set_vm(None, None)
+                self.config = None
+                raise
+
+        self._migration_receiver(request.receiver_url, self.events, self.guest_event,
+                                 functools.partial(self._post_for_vm, token), adopt)
+
+
 def _adder(action: str) -> Callable[[Vmm, Any], Any]:
     return lambda vmm, device: vmm._add_device(action, device)
 
@@ -515,6 +595,8 @@ HANDLERS: dict[str, Callable[[Vmm, Any], Any]] = {
     "vm.snapshot": Vmm._snapshot,
     "vm.coredump": Vmm._coredump,
     "vm.restore": Vmm._restore,
+    "vm.send-migration": Vmm._send_migration,
+    "vm.receive-migration": Vmm._receive_migration,
     "vm.registers": Vmm._registers,
     "vm.read-memory": Vmm._read_memory,
     "vm.profile-start": Vmm._profile_start,

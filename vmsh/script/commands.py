@@ -142,6 +142,30 @@ def _snapshot(session: Session, args: list[str]) -> None:
     session.target.call("vm.snapshot", {"destination_url": _file_url(args[0])})
 
 
+def _unix_url(path: str) -> str:
+    return path if path.startswith("unix:") else "unix:" + os.path.abspath(path)
+
+
+@command("migrate", "migrate SOCKET [local=on]",
+         "live-migrate the VM to the VMM receiving at SOCKET (unix:PATH or a path); local=on hands the "
+         "shared guest RAM over instead of copying it; the VM leaves this session once it runs there", "lifecycle")
+def _migrate(session: Session, args: list[str]) -> None:
+    positional, opts = _options(args, ("local",))
+    if len(positional) != 1 or opts.get("local", "off") not in ("on", "off", "true", "false"):
+        raise UsageError("migrate takes the destination socket and optional local=on")
+    session.target.call("vm.send-migration", {"destination_url": _unix_url(positional[0]),
+                                              "local": opts.get("local") in ("on", "true")})
+
+
+@command("receive", "receive SOCKET",
+         "wait at SOCKET (unix:PATH or a path) for a VM migrated from another VMM, and run it", "lifecycle")
+def _receive(session: Session, args: list[str]) -> None:
+    if len(args) != 1:
+        raise UsageError("receive takes one argument: the socket to listen on")
+    session.target.call("vm.receive-migration", {"receiver_url": _unix_url(args[0])})
+    session.stream.reset_shell()
+
+
 @command("restore", "restore DIR [resume=on] [prefault=on]",
          "rebuild the VM saved in DIR (paused unless resume=on)", "lifecycle")
 def _restore(session: Session, args: list[str]) -> None:

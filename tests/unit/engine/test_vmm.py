@@ -244,3 +244,62 @@ def test_vmm_shutdown_wakes_the_loop() -> None:
     vmm.do("vmm.shutdown")
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_failed_migration_resumes_the_vm_it_paused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmsh.engine import migration
+    from vmsh.errors import MigrationError
+
+    vmm = make_vmm("running")
+
+    def failing_send(vm: Any, url: str, local: bool, pause: Any) -> None:
+        pause()
+        raise MigrationError("The migration peer closed the connection")
+
+    monkeypatch.setattr(migration, "send", failing_send)
+    with pytest.raises(MigrationError):
+        vmm.do("vm.send-migration", ACTIONS_BY_ENDPOINT["vm.send-migration"].body(destination_url="unix:/x"))
+    assert vmm.vm is not None and vmm.vm.state is VmState.RUNNING
+    assert vmm.events.records[-4:] == [("vm", "pausing"), ("vm", "paused"), ("vm", "resuming"), ("vm", "resumed")]
+    assert not vmm.exited.is_set()
+
+
+def test_a_migration_of_a_paused_vm_leaves_it_paused_when_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmsh.engine import migration
+    from vmsh.errors import MigrationError
+
+    vmm = make_vmm("paused")
+
+    def failing_send(vm: Any, url: str, local: bool, pause: Any) -> None:
+        pause()
+        raise MigrationError("refused")
+
+    monkeypatch.setattr(migration, "send", failing_send)
+    with pytest.raises(MigrationError):
+        vmm.do("vm.send-migration", ACTIONS_BY_ENDPOINT["vm.send-migration"].body(destination_url="unix:/x"))
+    assert vmm.vm is not None and vmm.vm.state is VmState.PAUSED
+
+
+def test_a_migrated_vmm_exits_once_the_action_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmsh.engine import migration
+
+    vmm = make_vmm("running")
+    monkeypatch.setattr(migration, "send", lambda vm, url, local, pause: pause())
+    vmm.do("vm.send-migration", ACTIONS_BY_ENDPOINT["vm.send-migration"].body(destination_url="unix:/x"))
+    assert not vmm.exited.is_set()  # the answer goes out first
+    vmm.process_control(1)
+    assert vmm.exited.is_set() and vmm.exit_event == (GuestEvent.MIGRATED, "unix:/x")
+
+
+def test_receive_migration_adopts_and_resumes_the_vm() -> None:
+    def receiver(url: str, events: Any, on_guest_event: Any, post: Any, adopt: Any) -> None:
+        vm = FakeVm(CONFIG, events, on_guest_event, post)
+        vm.state = VmState.PAUSED
+        adopt(vm)
+
+    vmm = make_vmm("none", migration_receiver=receiver)
+    vmm.do("vm.receive-migration", ACTIONS_BY_ENDPOINT["vm.receive-migration"].body(receiver_url="unix:/x"))
+    assert vmm.vm is not None and vmm.vm.state is VmState.RUNNING and vmm.config is CONFIG
+    assert vmm.events.records == [("vm", "restoring"), ("vm", "restored"), ("vm", "resuming"), ("vm", "resumed")]
+    with pytest.raises(StateError, match="VM is already created"):
+        vmm.do("vm.receive-migration", ACTIONS_BY_ENDPOINT["vm.receive-migration"].body(receiver_url="unix:/x"))

@@ -116,3 +116,14 @@ def test_resize_commands_send_ch_remote_requests(session) -> None:
     session.execute("resize-zone --id z0 --size 768M")
     assert target.calls == [("vm.resize", {"desired_ram": 1 << 30}),
                             ("vm.resize-zone", {"id": "z0", "desired_ram": 768 << 20})]
+
+
+def test_migration_commands_send_the_apis_bodies(session) -> None:
+    target = _RecordingTarget()
+    session._target = target
+    session.execute("migrate /run/m.sock local=on")
+    session.execute("migrate unix:/run/n.sock")
+    session.execute("receive /run/r.sock")
+    assert target.calls == [("vm.send-migration", {"destination_url": "unix:/run/m.sock", "local": True}),
+                            ("vm.send-migration", {"destination_url": "unix:/run/n.sock", "local": False}),
+                            ("vm.receive-migration", {"receiver_url": "unix:/run/r.sock"})]

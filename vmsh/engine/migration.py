@@ -1,0 +1,486 @@
+"""Live migration of a running VM to another VMM process over a unix socket.
+
+cloud-hypervisor v40's semantics (its ``docs/live_migration.md`` and the ``vm-migration``
+crate; the frames are :mod:`vmsh.engine.migration_protocol`):
+
+* the source (:func:`send`) says Start, then with ``local`` hands over each guest RAM region's
+  file (MemoryFd, SCM_RIGHTS: RAM must be shared memory), then the Config (the VM config and
+  the guest RAM layout), which the destination checks it can build before answering;
+* without ``local`` the memory is copied while the guest runs: what may hold data first, then
+  rounds of the pages KVM's dirty log saw written (up to :data:`MAX_DIRTY_ROUNDS`, until a round
+  finds nothing), then the VM is paused and the last round sends every page that differs from
+  what the destination has (this also catches the VMM's own writes to guest RAM, which no dirty
+  log sees); with ``local`` the VM is just paused, the destination maps the same files;
+* then the State (the snapshot's state tree: vCPUs, irqchip, clock, devices) and Complete; the
+  destination (:func:`receive`) builds the VM as a restore does and resumes it before it answers
+  Complete, after which the source VMM exits.
+
+Any failure on the source (a refusal, a broken stream) sends Abandon when it still can and
+raises :class:`~vmsh.errors.MigrationError`; the caller resumes the VM if it paused it. The
+destination drops whatever it built and raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmsh.config import canonical_json, normalize, vm_config_from_json
+from vmsh.config import model as m
+from vmsh.engine import migration_protocol as proto
+from vmsh.engine import page_runs
+from vmsh.engine.dirty_log import DirtyLog
+from vmsh.engine.memory import PAGE_SIZE, GuestMemoryMmap, GuestRegion
+from vmsh.engine.memory_manager import memory_options
+from vmsh.engine.migration_protocol import Command, Status
+from vmsh.engine.snapshot import SavedVm, check_memory_table, memory_table, saved_vm_from
+from vmsh.engine.state import VmState
+from vmsh.errors import ConfigError, KvmError, MigrationError, VmshError
+
+LOG = logging.getLogger(__name__)
+
+#: copy rounds while the guest runs after the first full copy (cloud-hypervisor's
+#: ``MAX_DIRTY_MIGRATIONS``)
+MAX_DIRTY_ROUNDS = 5
+#: the chunk the last round compares at once before it looks at single pages
+_COMPARE_CHUNK = 1 << 20
+LOCAL_NEEDS_SHARED = "Local migration requires shared memory or hugepages enabled"
+
+
+@dataclass
+class SendStats:
+    """What a migration did, for logs and ``ci/bench/migration.py``."""
+
+    total_s: float = 0.0
+    #: from pausing the guest to the destination's Ok to Complete (it runs there by then)
+    downtime_s: float = 0.0
+    bytes_sent: int = 0
+    rounds: int = 0
+    dirty_log: bool = False
+    #: bytes sent by each Memory request: the first copy, the dirty rounds, the last round
+    round_bytes: list[int] = field(default_factory=list)
+    #: where the time went: ``(step, seconds)``
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, step: str, since: float) -> float:
+        now = time.monotonic()
+        self.steps.append((step, round(now - since, 4)))
+        return now
+
+
+# --- source ------------------------------------------------------------------------------------------
+
+
+def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats:
+    """Migrate ``vm`` (a running or paused :class:`~vmsh.engine.vm.Vm`) to the VMM listening at
+    ``url``; ``pause()`` pauses it (the control layer's, with its events).
+
+    :raises MigrationError: when the migration did not complete; the VM may be left paused.
+    """
+    started = time.monotonic()
+    stats = SendStats()
+    path = proto.socket_url_path(url)
+    memory: GuestMemoryMmap = vm.memory
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as err:
+            raise MigrationError(f"Cannot connect to the migration destination {path}") from err
+        try:
+            proto.request(sock, Command.START)
+            # refusals of this VM come after Start, so the Abandon frees the destination too
+            fds = _shared_fds(memory) if local else []
+            try:
+                vm.check_saveable()
+            except VmshError as err:
+                raise MigrationError("Cannot migrate this VM") from err
+            for slot, fd in enumerate(fds):
+                proto.send_fd(sock, slot, fd)
+                proto.expect_ok(sock, f"memory fd of slot {slot}")
+            proto.request(sock, Command.CONFIG, _config_payload(vm))
+            paused_at = time.monotonic()
+            if local:
+                pause()
+                paused_at = time.monotonic()
+            else:
+                paused_at = _copy_memory(vm, sock, pause, stats)
+            _config_json, tree = vm.saved_state()
+            proto.request(sock, Command.STATE, json.dumps(tree, separators=(",", ":")).encode())
+            proto.request(sock, Command.COMPLETE)
+        except VmshError as err:
+            _abandon(sock)
+            if isinstance(err, MigrationError):
+                raise
+            raise MigrationError("The migration failed") from err
+    finally:
+        sock.close()
+    now = time.monotonic()
+    stats.total_s, stats.downtime_s = now - started, now - paused_at
+    LOG.info("migrated to %s in %.2f s (guest paused %.3f s, %d bytes of RAM copied in %d requests %s%s; %s)",
+             path, stats.total_s, stats.downtime_s, stats.bytes_sent, stats.rounds, stats.round_bytes,
+             ", dirty log" if stats.dirty_log else "", stats.steps)
+    return stats
+
+
+def _abandon(sock: socket.socket) -> None:
+    """Tell the destination to drop what it built (it may be gone already)."""
+    try:
+        sock.settimeout(5)
+        proto.send_request(sock, Command.ABANDON)
+        proto.read_response(sock)
+    except (MigrationError, OSError):
+        pass
+
+
+def _shared_fds(memory: GuestMemoryMmap) -> list[int]:
+    """Each region's memfd, in region order; :raises MigrationError: unless all are shared."""
+    fds = []
+    for region in memory.regions:
+        if region.shared and region.fd is not None:
+            fds.append(region.fd)
+        elif region.shared and region.backing is not None and region.backing[1] == 0:
+            fds.append(region.backing[0])
+        else:
+            raise MigrationError(LOCAL_NEEDS_SHARED)
+    return fds
+
+
+def _config_payload(vm: Any) -> bytes:
+    """The Config request: the VM config and its guest RAM (cloud-hypervisor's
+    ``VmMigrationConfig``: ``vm_config`` and ``memory_manager_data``)."""
+    memory: GuestMemoryMmap = vm.memory
+    return json.dumps({
+        "vm_config": json.loads(canonical_json(vm.config)),
+        "memory_manager_data": {
+            "ranges": [list(r) for r in memory_table(memory)],
+            "boot_ram": memory.boot_size,
+            "regions": [[r.start, r.size, r.hotplug] for r in memory.regions],
+        },
+    }, separators=(",", ":")).encode()
+
+
+def _copy_memory(vm: Any, sock: socket.socket, pause: Callable[[], None], stats: SendStats) -> float:
+    """Copy guest RAM while the guest runs, pause it, send the last pages; returns when it paused."""
+    memory: GuestMemoryMmap = vm.memory
+    # what the destination holds, page for page: it starts as zeros like the destination's RAM
+    # (anonymous mappings: zero pages until written, where a bytearray would zero all of it now)
+    shadow = {r.start: mmap.mmap(-1, r.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for r in memory.regions}
+    # per region, the runs sent so far: with the runs that may hold data, where the last round looks
+    sent: dict[int, page_runs.Runs] = {r.start: [] for r in memory.regions}
+    log = DirtyLog(vm.vm_fd, memory) if vm.state is VmState.RUNNING else None
+    t = time.monotonic()
+    if log is not None:
+        try:
+            log.start()
+            stats.dirty_log = True
+        except KvmError as err:
+            LOG.info("no dirty page log (%s): guest RAM is copied once, then compared after the pause", err)
+            log = None
+    try:
+        t = stats.mark("dirty log on", t)
+        first = [(r.start + off, n) for r in memory.regions for off, n in r.data_runs()]
+        t = stats.mark("data runs", t)
+        _send_ranges(sock, memory, shadow, sent, first, stats)
+        t = stats.mark("first copy", t)
+        if log is not None:
+            for _ in range(MAX_DIRTY_ROUNDS):
+                dirty = log.dirty_ranges()
+                if not dirty:
+                    break
+                _send_ranges(sock, memory, shadow, sent, dirty, stats)
+                t = stats.mark("dirty round", t)
+        if vm.state is VmState.RUNNING:
+            pause()
+        paused_at = t = stats.mark("pause", t)
+        changed = _changed_ranges(memory, shadow, sent)
+        t = stats.mark("compare", t)
+        _send_ranges(sock, memory, shadow, sent, changed, stats)
+        t = stats.mark("last round", t)
+    finally:
+        if log is not None:
+            log.stop()
+        for copy in shadow.values():
+            try:
+                copy.close()
+            except BufferError:
+                pass  # a view is still referenced (by a traceback): unmapped with its last view
+    return paused_at
+
+
+def _send_ranges(sock: socket.socket, memory: GuestMemoryMmap, shadow: dict[int, mmap.mmap],
+                 sent: dict[int, page_runs.Runs], ranges: list[tuple[int, int]], stats: SendStats) -> None:
+    """One Memory request. Each range is copied into ``shadow`` first and sent from there, so
+    ``shadow`` is exactly what the destination has even when the guest writes meanwhile."""
+    if not ranges:
+        stats.round_bytes.append(0)
+        return
+    views = []
+    for gpa, length in ranges:
+        region = memory.find_region(gpa)
+        offset = gpa - region.start
+        if offset + length > region.size:
+            raise MigrationError(f"memory range {gpa:#x}+{length:#x} crosses a region end")
+        copy = memoryview(shadow[region.start])[offset:offset + length]
+        copy[:] = region.view[offset:offset + length]
+        views.append(copy)
+        sent[region.start].append((offset, length))
+    proto.send_memory(sock, ranges, views)
+    stats.round_bytes.append(sum(n for _, n in ranges))
+    stats.bytes_sent += stats.round_bytes[-1]
+    stats.rounds += 1
+
+
+def _changed_ranges(memory: GuestMemoryMmap, shadow: dict[int, mmap.mmap],
+                    sent: dict[int, page_runs.Runs]) -> list[tuple[int, int]]:
+    """The pages of guest RAM that differ from ``shadow``, merged into ranges. Only pages that
+    may hold data now or were sent can differ: the rest are zeros on both sides."""
+    ranges: list[tuple[int, int]] = []
+    for region in memory.regions:
+        was = memoryview(shadow[region.start])
+        runs = page_runs.merge(region.data_runs(), sent[region.start])
+        for chunk, end in _chunks(runs):
+            if region.view[chunk:end] == was[chunk:end]:
+                continue
+            for page in range(chunk, end, PAGE_SIZE):
+                if region.view[page:page + PAGE_SIZE] != was[page:page + PAGE_SIZE]:
+                    gpa = region.start + page
+                    if ranges and ranges[-1][0] + ranges[-1][1] == gpa:
+                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + PAGE_SIZE)
+                    else:
+                        ranges.append((gpa, PAGE_SIZE))
+    return ranges
+
+
+def _chunks(runs: page_runs.Runs) -> list[tuple[int, int]]:
+    """``runs`` cut into pieces of at most :data:`_COMPARE_CHUNK` bytes, as ``(start, end)``."""
+    return [(start, min(start + _COMPARE_CHUNK, offset + length))
+            for offset, length in runs for start in range(offset, offset + length, _COMPARE_CHUNK)]
+
+
+# --- destination ---------------------------------------------------------------------------------------
+
+#: checks a migrating VM's config can be built here (``vmsh.engine.builder.check_restorable``)
+ConfigCheck = Callable[[m.VmConfig], None]
+#: builds the VM a migration's state describes on the guest RAM it received, Paused
+#: (``vmsh.engine.builder.build_restored``)
+Build = Callable[[SavedVm, Callable[[], GuestMemoryMmap]], Any]
+
+
+@dataclass
+class _Incoming:
+    """What the destination received so far."""
+
+    config_text: str | None = None
+    config: m.VmConfig | None = None
+    memory: GuestMemoryMmap | None = None
+    ranges: list[tuple[int, int]] | None = None
+    boot_ram: int = 0
+    vm: Any = None
+
+    def drop(self, fds: dict[int, int]) -> None:
+        if self.vm is not None:
+            self.vm.shutdown()  # it owns the memory
+        elif self.memory is not None:
+            self.memory.close()
+        self.vm = self.memory = None
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fds.clear()
+
+
+def receive(url: str, check: ConfigCheck, build: Build, adopt: Callable[[Any], None],
+            accept_timeout: float | None = None) -> None:
+    """Listen at ``url``, take one migration, and hand the resumed VM to ``adopt`` (which
+    resumes it) before answering the source's Complete.
+
+    :raises MigrationError: when the migration did not complete; nothing is left built.
+    """
+    path = proto.socket_url_path(url)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            listener.bind(path)
+            listener.listen(1)
+        except OSError as err:
+            raise MigrationError(f"Cannot listen for a migration on {path}") from err
+        listener.settimeout(accept_timeout)
+        try:
+            conn, _ = listener.accept()
+        except OSError as err:
+            raise MigrationError(f"No migration came to {path}") from err
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    finally:
+        listener.close()
+    conn.settimeout(None)
+    with conn:
+        _receive_on(conn, check, build, adopt)
+
+
+def _receive_on(conn: socket.socket, check: ConfigCheck, build: Build, adopt: Callable[[Any], None]) -> None:
+    incoming = _Incoming()
+    fds: dict[int, int] = {}
+    started = False
+    try:
+        while True:
+            command, length = proto.read_request(conn)
+            if command is Command.MEMORY_FD:
+                slot, fd = proto.recv_fd(conn, length)
+                if slot in fds:
+                    os.close(fd)
+                    raise MigrationError(f"A second memory fd for slot {slot}")
+                fds[slot] = fd
+                proto.send_response(conn, Status.OK if started else Status.ERROR)
+                continue
+            if command is Command.MEMORY:
+                if not started or incoming.memory is None:
+                    raise MigrationError("Memory came before the migration's config")
+                _receive_memory(conn, incoming.memory, length)
+                proto.send_response(conn, Status.OK)
+                continue
+            payload = proto.read_payload(conn, length)
+            if command is Command.START:
+                started = True
+                proto.send_response(conn, Status.OK)
+            elif not started:
+                proto.send_response(conn, Status.ERROR)
+            elif command is Command.CONFIG:
+                try:
+                    _take_config(incoming, payload, fds, check)
+                except VmshError as err:
+                    LOG.error("migration config refused: %s", err)
+                    proto.send_response(conn, Status.ERROR)
+                    raise MigrationError("The migration's config was refused") from err
+                proto.send_response(conn, Status.OK)
+            elif command is Command.STATE:
+                try:
+                    _take_state(incoming, payload, build)
+                except VmshError as err:
+                    LOG.error("migration state refused: %s", err)
+                    proto.send_response(conn, Status.ERROR)
+                    raise MigrationError("The migration's state was refused") from err
+                proto.send_response(conn, Status.OK)
+            elif command is Command.COMPLETE:
+                if incoming.vm is None:
+                    proto.send_response(conn, Status.ERROR)
+                    raise MigrationError("Complete came before the migration's state")
+                vm, incoming.vm = incoming.vm, None
+                try:
+                    adopt(vm)
+                except BaseException:
+                    proto.send_response(conn, Status.ERROR)
+                    raise
+                proto.send_response(conn, Status.OK)
+                return
+            elif command is Command.ABANDON:
+                proto.send_response(conn, Status.OK)
+                raise MigrationError("The source abandoned the migration")
+            else:
+                proto.send_response(conn, Status.ERROR)
+    finally:
+        incoming.drop(fds)
+
+
+def _take_config(incoming: _Incoming, payload: bytes, fds: dict[int, int], check: ConfigCheck) -> None:
+    """Check the Config can be built here and make its guest RAM (from the received fds, or fresh)."""
+    if incoming.config is not None:
+        raise MigrationError("A second config")
+    try:
+        data = json.loads(payload)
+        config_text = json.dumps(data["vm_config"])
+        mm_data = data["memory_manager_data"]
+        regions = [(int(s), int(n), bool(h)) for s, n, h in mm_data["regions"]]
+        boot_ram = int(mm_data["boot_ram"])
+        ranges_in = mm_data["ranges"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise MigrationError("The migration's config is not well formed") from err
+    try:
+        config = normalize(vm_config_from_json(config_text))
+    except ConfigError as err:
+        raise MigrationError("The migration's VM config is not valid") from err
+    check(config)
+    _check_host_files(config)
+    ranges = check_memory_table(ranges_in, config.memory, boot_ram)
+    if sum(n for _, n, _ in regions) != sum(n for _, n in ranges) or any(
+            s % PAGE_SIZE or n <= 0 or n % PAGE_SIZE for s, n, _ in regions):
+        raise MigrationError("The migration's RAM regions do not match its RAM ranges")
+    if fds and sorted(fds) != list(range(len(regions))):
+        raise MigrationError(f"Memory fds came for slots {sorted(fds)}, the RAM has {len(regions)} regions")
+    made: list[GuestRegion] = []
+    try:
+        for slot, (start, size, hotplug) in enumerate(regions):
+            if fds:
+                fd = fds.pop(slot)
+                try:
+                    if os.fstat(fd).st_size < size:
+                        raise MigrationError(f"The memory fd of slot {slot} is smaller than its region")
+                    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                except (OSError, ValueError) as err:
+                    os.close(fd)
+                    raise MigrationError(f"Cannot map the memory fd of slot {slot}") from err
+                region = GuestRegion(start, mm, fd, shared=True)
+            else:
+                region = GuestRegion.create(start, size, memory_options(config.memory))
+            region.hotplug = hotplug
+            made.append(region)
+        memory = GuestMemoryMmap(made)
+    except BaseException:
+        for region in made:
+            region.close()
+        raise
+    incoming.config_text, incoming.config, incoming.memory = config_text, config, memory
+    incoming.ranges, incoming.boot_ram = ranges, boot_ram
+
+
+def _check_host_files(config: m.VmConfig) -> None:
+    """The disk images the VM uses must be reachable from here, as the source opened them."""
+    for disk in config.disks or []:
+        if disk.path is None:
+            continue
+        mode = os.R_OK if disk.readonly else os.R_OK | os.W_OK
+        if not os.access(disk.path, mode):
+            raise MigrationError(f"Disk {disk.path} cannot be opened here")
+
+
+def _receive_memory(conn: socket.socket, memory: GuestMemoryMmap, length: int) -> None:
+    table = proto.decode_table(proto.read_payload(conn, length))
+    for gpa, size in table:
+        if not memory.is_valid_range(gpa, size):
+            raise MigrationError(f"Memory range {gpa:#x}+{size:#x} is not guest RAM")
+        for view in memory.slices(gpa, size):
+            proto.recv_into(conn, view)
+
+
+def _take_state(incoming: _Incoming, payload: bytes, build: Build) -> None:
+    if incoming.memory is None or incoming.config_text is None or incoming.vm is not None:
+        raise MigrationError("State came before the migration's config")
+    try:
+        tree = json.loads(payload)
+    except ValueError as err:
+        raise MigrationError("The migration's state is not JSON") from err
+    if not isinstance(tree, dict):
+        raise MigrationError("The migration's state is not a state tree")
+    saved = saved_vm_from(incoming.config_text, tree, Path(), "the migration's config")
+    if saved.ranges != incoming.ranges or saved.boot_ram != incoming.boot_ram:
+        raise MigrationError("The migration's state does not match its config's RAM")
+    memory, incoming.memory = incoming.memory, None
+    try:
+        incoming.vm = build(saved, lambda: memory)
+    except BaseException:
+        memory.close()  # a VM that failed to build closed it already if it took it: closing twice is safe
+        raise
