@@ -198,20 +198,22 @@ def run(opts: VmmOptions, cfg: VmConfig | None, *,
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         stop_signals.append((sig, signal.signal(sig, on_signal)))
     try:
-        if opts.api_socket is not None:
-            from vmsh.api.http import ApiServer
+        # The lock from before the API listens: a request that comes while the command line's VM
+        # is built or restored waits for it, instead of finding no VM ("VM is not created").
+        with vmm.lock:
+            if opts.api_socket is not None:
+                from vmsh.api.http import ApiServer
 
-            server = ApiServer(vmm, path=opts.api_socket.path, fd=opts.api_socket.fd).start()
-        if opts.gdb is not None and opts.gdb.path is not None:
-            from vmsh.engine.gdb.stub import GdbStub
+                server = ApiServer(vmm, path=opts.api_socket.path, fd=opts.api_socket.fd).start()
+            if opts.gdb is not None and opts.gdb.path is not None:
+                from vmsh.engine.gdb.stub import GdbStub
 
-            gdb_stub = GdbStub(vmm, opts.gdb.path).start()
-        if cfg is not None:
-            with vmm.lock:
+                gdb_stub = GdbStub(vmm, opts.gdb.path).start()
+            if cfg is not None:
                 vmm.do("vm.create", cfg)
                 vmm.do("vm.boot")
-        elif opts.restore is not None:
-            vmm.do("vm.restore", opts.restore)
+            elif opts.restore is not None:
+                vmm.do("vm.restore", opts.restore)
         from vmsh.engine import seccomp
 
         # Setup is done: the main thread only runs the control loop from here (a no-op unless

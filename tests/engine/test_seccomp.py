@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine import tiny_kernel
+from vmsh.api.client import ApiClient, ApiError
 from vmsh.engine.seccomp import FORBIDDEN_CALL_ENV
 from vmsh.harness.waiting import wait_until
 
@@ -42,6 +43,17 @@ def _threads(pid: int) -> dict[str, list[tuple[int, int]]]:
     return found
 
 
+def _serial_file(client: ApiClient) -> str | None:
+    """The serial port's pty, or None while the VM is not created yet."""
+    try:
+        path: str = client.get("vm.info")["config"]["serial"]["file"]
+    except ApiError as err:
+        if "VM is not created" not in str(err):
+            raise
+        return None
+    return path
+
+
 def _threads_of_running_vmm(tmp_path: Path, *flags: str) -> dict[str, list[tuple[int, int]]]:
     """Boot a guest that waits for a console byte with a pty serial port, the API and a gdb
     socket, hold an API connection open, and read every thread's seccomp state."""
@@ -55,7 +67,8 @@ def _threads_of_running_vmm(tmp_path: Path, *flags: str) -> dict[str, list[tuple
     try:
         wait_until(api.exists, 30, f"the VMM's API socket {api}", process=proc)
         with ApiClient(str(api)) as client:
-            pty_path = client.get("vm.info")["config"]["serial"]["file"]
+            # the API answers from when it listens, the VM exists once the launcher created it
+            pty_path = wait_until(lambda: _serial_file(client), 30, "the VM to be created", process=proc)
             # Threads name themselves when they start and install their filter just after (the
             # I/O thread may still be starting): wait until each named thread and the main thread
             # are there and, with seccomp, have their filter; one that never gets it times out.

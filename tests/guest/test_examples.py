@@ -16,6 +16,7 @@ OUTCOMES = {
     "boot-and-check.vmsh": "the guest booted with console=ttyS0 quiet",
     "snapshot-restore.vmsh": "restored from vmsh-example-snapshot",
     "two-disks.vmsh": "two disks: VMSH-SECTOR 00000003",
+    "kernel-breakpoint.vmsh": "the guest runs on",
 }
 
 
