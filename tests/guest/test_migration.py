@@ -13,11 +13,13 @@ a destination that cannot open the guest's disk.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from tests.guest.workers import worker_index
 from vmsh.api.client import ApiClient
 from vmsh.harness.guest import Guest
 from vmsh.harness.migrate import migrate_guest, start_receiver
@@ -113,3 +115,72 @@ def test_guest_migrates_by_copy_then_locally_and_refusals_leave_it_running(vmsh_
     info = remote(second_api, "info")
     assert info.returncode == 0 and '"Running"' in info.stdout, info
     second.close()
+
+
+# --- devices in use across a migration ----------------------------------------------------------------
+
+KIB = 1024
+RATE = 16 * KIB  # both the stream and the copy run throttled, so each lasts across two migrations
+SEND_BYTES = 160 * KIB  # over the tap: about 10 s
+COPY_BYTES = 192 * KIB  # disk to disk: about 12 s (read and write each throttled)
+PORT = 5079
+MASK = "255.255.255.240"
+
+
+def test_tcp_stream_and_disk_copy_run_across_migrations(vmsh_clone, vmsh_image, tmp_path: Path) -> None:
+    n = worker_index()
+    host_ip, guest_ip = f"10.79.{n}.1", f"10.79.{n}.2"
+    raw = Path(vmsh_image("raw-disk"))
+    blank = tmp_path / "blank.img"
+    with open(blank, "wb") as f:
+        f.truncate(DISK_SIZE)
+    api = tmp_path / "src.sock"
+    limit = f"bw_size={RATE},bw_refill_time=1000"
+    source = vmsh_clone("--memory", "size=256M,shared=on",
+                        "--disk", f"path={raw},readonly=on,{limit},id=src", f"path={blank},{limit},id=dst",
+                        "--net", f"tap=vmshmg{n},ip={host_ip},mask={MASK},id=net0,{limit}",
+                        restore_flags=["--api-socket", f"path={api}", *log_flags(tmp_path, "src")])
+    server = socket.create_server((host_ip, PORT))
+    server.settimeout(120)
+    received = bytearray()
+
+    def take() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(120)
+            while chunk := conn.recv(65536):
+                received.extend(chunk)
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    try:
+        source.check_output(f"ip addr add {guest_ip}/28 dev eth0 && ip link set eth0 up")
+        source.check_output(f"((dd if=/dev/vda bs=4k count={SEND_BYTES // (4 * KIB)} 2>/dev/null | "
+                            f"nc {host_ip} {PORT}; echo $? > /tmp/nc.rc) &)")
+        source.check_output(f"((dd if=/dev/vda bs=4k count={COPY_BYTES // (4 * KIB)} skip=64 2>/dev/null | "
+                            "dd of=/dev/vdb bs=4k iflag=fullblock oflag=direct 2>/dev/null; "
+                            "echo $? > /tmp/copy.rc) &)")
+        wait_until(lambda: len(received) >= 16 * KIB, 60, "the stream's first bytes", interval=0.1)
+        # copying (the tap's fd passes over the unix socket; the source still holds the tap)
+        first = migrate_guest(source, tmp_path, name="dest0", extra_flags=log_flags(tmp_path, "dest0"))
+        assert source.wait_exit(60) == 0
+        assert first.check_output("ls /tmp/nc.rc /tmp/copy.rc 2>/dev/null | wc -l") == "0", \
+            "the stream or the copy ended before the second migration"
+        # local: RAM and the tap both by fd
+        second = migrate_guest(first, tmp_path, local=True, name="dest1", extra_flags=log_flags(tmp_path, "dest1"))
+        assert first.wait_exit(60) == 0
+        taker.join(120)
+        assert not taker.is_alive(), f"the stream did not end ({len(received)} bytes)"
+        expected = raw.read_bytes()
+        assert len(received) == SEND_BYTES and received == expected[:SEND_BYTES], len(received)
+        second.check_output("while [ ! -s /tmp/nc.rc ] || [ ! -s /tmp/copy.rc ]; do sleep 0.2; done", timeout=120)
+        assert second.check_output("cat /tmp/nc.rc /tmp/copy.rc") == "0\n0"
+        # the clone's disks are its private copies of the snapshot's: the paths its config names
+        with ApiClient(str(tmp_path / "dest1.sock")) as client:
+            copied = Path(client.get("vm.info")["config"]["disks"][1]["path"])
+        assert copied.read_bytes()[:COPY_BYTES] == expected[64 * 4 * KIB:64 * 4 * KIB + COPY_BYTES]
+        second.check_output(f"ping -c 1 -W 10 {host_ip}", timeout=60)
+        second.close()
+    finally:
+        server.close()
+

@@ -103,9 +103,13 @@ def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats
                 vm.check_saveable()
             except VmshError as err:
                 raise MigrationError("Cannot migrate this VM") from err
+            _check_consoles_move(vm.config)
             for slot, fd in enumerate(fds):
                 proto.send_fd(sock, slot, fd)
                 proto.expect_ok(sock, f"memory fd of slot {slot}")
+            for slot, fd in _tap_fds(vm):
+                proto.send_fd(sock, slot, fd)
+                proto.expect_ok(sock, f"tap fd of slot {slot:#x}")
             proto.request(sock, Command.CONFIG, _config_payload(vm))
             paused_at = time.monotonic()
             if local:
@@ -152,6 +156,45 @@ def _shared_fds(memory: GuestMemoryMmap) -> list[int]:
         else:
             raise MigrationError(LOCAL_NEEDS_SHARED)
     return fds
+
+
+def _check_consoles_move(config: m.VmConfig) -> None:
+    """A console on a unix socket cannot move: its listening socket (and the client on it) stay
+    with this process, and the destination could not bind the same path while it exists.
+    A pty moves (the destination opens a new one, shown by ``vm.info``), as do tty, file, null.
+
+    :raises MigrationError: naming the console and its socket.
+    """
+    for name, console in (("serial", config.serial), ("console", config.console)):
+        if console is not None and console.mode is m.ConsoleOutputMode.SOCKET:
+            raise MigrationError(f"Cannot migrate the {name} console on socket {console.socket}: "
+                                 "its socket cannot move to another VMM")
+
+
+def _tap_fds(vm: Any) -> list[tuple[int, int]]:
+    """Each tap's queue fds as ``(slot, fd)`` (:func:`tap_slot`): the destination on this host
+    uses them instead of opening the tap by name, which a single-queue tap refuses (EBUSY)
+    while this process holds it. The migration socket is a unix socket: always this host."""
+    from vmsh.devices.virtio.net import VirtioNet  # a device class: only the net devices' taps
+
+    out: list[tuple[int, int]] = []
+    manager = vm.devices
+    for index, net in enumerate(vm.config.net or []):
+        entry = manager.devices.get(net.id) if manager is not None and net.id is not None else None
+        device = getattr(getattr(entry, "transport", None), "device", None)
+        if isinstance(device, VirtioNet):
+            out.extend((tap_slot(index, queue), fd) for queue, fd in enumerate(device.tap.fds))
+    return out
+
+
+#: MemoryFd slots from here carry taps' fds (vmsh's use of the frame; cloud-hypervisor's slots
+#: are memory regions, far fewer)
+TAP_SLOT_BASE = 0x10000
+
+
+def tap_slot(net_index: int, queue: int) -> int:
+    """The MemoryFd slot of queue pair ``queue`` of the config's ``net_index``-th net device."""
+    return TAP_SLOT_BASE + (net_index << 8) + queue
 
 
 def _config_payload(vm: Any) -> bytes:
@@ -284,20 +327,30 @@ class _Incoming:
     memory: GuestMemoryMmap | None = None
     ranges: list[tuple[int, int]] | None = None
     boot_ram: int = 0
+    #: the source's tap fds by net device index (:func:`tap_slot`); the VM built gets copies
+    taps: dict[int, list[int]] = field(default_factory=dict)
     vm: Any = None
 
     def drop(self, fds: dict[int, int]) -> None:
+        for tap in self.taps.values():
+            for fd in tap:
+                _close(fd)
+        self.taps = {}
         if self.vm is not None:
             self.vm.shutdown()  # it owns the memory
         elif self.memory is not None:
             self.memory.close()
         self.vm = self.memory = None
         for fd in fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            _close(fd)
         fds.clear()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def receive(url: str, check: ConfigCheck, build: Build, adopt: Callable[[Any], None],
@@ -415,16 +468,18 @@ def _take_config(incoming: _Incoming, payload: bytes, fds: dict[int, int], check
         raise MigrationError("The migration's VM config is not valid") from err
     check(config)
     _check_host_files(config)
+    taps = _tap_fds_by_net(config, fds)
     ranges = check_memory_table(ranges_in, config.memory, boot_ram)
     if sum(n for _, n, _ in regions) != sum(n for _, n in ranges) or any(
             s % PAGE_SIZE or n <= 0 or n % PAGE_SIZE for s, n, _ in regions):
         raise MigrationError("The migration's RAM regions do not match its RAM ranges")
-    if fds and sorted(fds) != list(range(len(regions))):
-        raise MigrationError(f"Memory fds came for slots {sorted(fds)}, the RAM has {len(regions)} regions")
+    memory_slots = sorted(slot for slot in fds if slot < TAP_SLOT_BASE)
+    if memory_slots and memory_slots != list(range(len(regions))):
+        raise MigrationError(f"Memory fds came for slots {memory_slots}, the RAM has {len(regions)} regions")
     made: list[GuestRegion] = []
     try:
         for slot, (start, size, hotplug) in enumerate(regions):
-            if fds:
+            if memory_slots:
                 fd = fds.pop(slot)
                 try:
                     if os.fstat(fd).st_size < size:
@@ -445,6 +500,23 @@ def _take_config(incoming: _Incoming, payload: bytes, fds: dict[int, int], check
         raise
     incoming.config_text, incoming.config, incoming.memory = config_text, config, memory
     incoming.ranges, incoming.boot_ram = ranges, boot_ram
+    incoming.taps = taps
+
+
+def _tap_fds_by_net(config: m.VmConfig, fds: dict[int, int]) -> dict[int, list[int]]:
+    """The received taps' fds (:func:`tap_slot`) by net device index, taken out of ``fds``.
+
+    :raises MigrationError: for fds that match no tap net device of ``config``.
+    """
+    by_net: dict[int, list[int]] = {}
+    for slot in sorted(slot for slot in fds if slot >= TAP_SLOT_BASE):
+        by_net.setdefault((slot - TAP_SLOT_BASE) >> 8, []).append(slot)
+    nets = config.net or []
+    for index, slots in by_net.items():
+        if index >= len(nets) or nets[index].vhost_user or \
+                slots != [tap_slot(index, q) for q in range(len(slots))] or len(slots) * 2 != nets[index].num_queues:
+            raise MigrationError(f"Tap fds came for slots {[hex(s) for s in slots]}, which no net device has")
+    return {index: [fds.pop(slot) for slot in slots] for index, slots in by_net.items()}
 
 
 def _check_host_files(config: m.VmConfig) -> None:
@@ -479,8 +551,31 @@ def _take_state(incoming: _Incoming, payload: bytes, build: Build) -> None:
     if saved.ranges != incoming.ranges or saved.boot_ram != incoming.boot_ram:
         raise MigrationError("The migration's state does not match its config's RAM")
     memory, incoming.memory = incoming.memory, None
+    # The taps the source holds are used through its fds (as ``--net fd=`` would): a
+    # single-queue tap cannot be opened by name while another process has it (the kernel's
+    # tun_attach refuses it, EBUSY). The config keeps the tap's name, not the fds, so vm.info,
+    # a snapshot and a further migration see the same net device as on the source.
+    nets = saved.config.net or []
+    copies: list[tuple[int, int]] = []  # (copy, the fd it copies)
+    for index, tap in incoming.taps.items():
+        nets[index].fds = [os.dup(fd) for fd in tap]
+        copies.extend(zip(nets[index].fds, tap, strict=True))
     try:
         incoming.vm = build(saved, lambda: memory)
     except BaseException:
         memory.close()  # a VM that failed to build closed it already if it took it: closing twice is safe
+        for copy, fd in copies:  # the copies a net device did not take (and close) yet
+            if _same_file(copy, fd):
+                _close(copy)
         raise
+    finally:
+        for index in incoming.taps:
+            nets[index].fds = None
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

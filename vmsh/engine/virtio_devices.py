@@ -249,7 +249,7 @@ def _net(manager: DeviceManager, net: m.NetConfig) -> VirtioNet:
 
     pairs = max(1, net.num_queues // 2)
     if net.fds:
-        tap = Tap(f"fd{net.fds[0]}", list(net.fds))
+        tap = Tap(net.tap or f"fd{net.fds[0]}", list(net.fds))  # a migration's tap keeps its name
     else:
         tap = Tap.open(net.tap, pairs)
         try:
