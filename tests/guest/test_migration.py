@@ -12,6 +12,7 @@ a destination that cannot open the guest's disk.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -139,6 +140,7 @@ def test_tcp_stream_and_disk_copy_run_across_migrations(vmsh_clone, vmsh_image, 
     source = vmsh_clone("--memory", "size=256M,shared=on",
                         "--disk", f"path={raw},readonly=on,{limit},id=src", f"path={blank},{limit},id=dst",
                         "--net", f"tap=vmshmg{n},ip={host_ip},mask={MASK},id=net0,{limit}",
+                        "--vsock", f"cid=3,socket={tmp_path / 'vsock.sock'}",
                         restore_flags=["--api-socket", f"path={api}", *log_flags(tmp_path, "src")])
     server = socket.create_server((host_ip, PORT))
     server.settimeout(120)
@@ -180,7 +182,38 @@ def test_tcp_stream_and_disk_copy_run_across_migrations(vmsh_clone, vmsh_image, 
             copied = Path(client.get("vm.info")["config"]["disks"][1]["path"])
         assert copied.read_bytes()[:COPY_BYTES] == expected[64 * 4 * KIB:64 * 4 * KIB + COPY_BYTES]
         second.check_output(f"ping -c 1 -W 10 {host_ip}", timeout=60)
+        # vsock: the destination took the socket path over (the source's exit left it in place)
+        data = os.urandom(64 << 10)
+        second.check_output("vsock listen 1234 < /dev/null > /tmp/in &")
+        assert vsock_send(tmp_path / "vsock.sock", 1234, data) == b""
+        second.check_output("wait $!")
+        assert second.check_output("sha256sum /tmp/in").split()[0] == hashlib.sha256(data).hexdigest()
         second.close()
     finally:
         server.close()
 
+
+def vsock_send(path: Path, port: int, data: bytes) -> bytes:
+    """Send ``data`` to guest ``port`` through the vsock device's unix socket (retried until the
+    guest listens), then close; returns what the guest sent back."""
+    def connect() -> socket.socket | None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        s.connect(str(path))
+        s.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n") and (byte := s.recv(1)):
+            line += byte
+        if line.startswith(b"OK "):
+            return s
+        s.close()
+        return None
+
+    conn = wait_until(connect, 60, f"the guest to accept on vsock port {port}", interval=0.5)
+    with conn:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while chunk := conn.recv(1 << 16):
+            received.extend(chunk)
+    return bytes(received)

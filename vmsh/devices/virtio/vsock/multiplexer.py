@@ -139,6 +139,9 @@ class VsockMuxer:
         self.on_readable = on_readable
         self.counts = counts
         self.listener = listen(socket_path)
+        #: the socket file this listener made: a later VMM (a migration's destination) may have
+        #: replaced it by its own, which :meth:`close` must leave in place
+        self._socket_file = _file_id(socket_path)
         self.conns: dict[tuple[int, int], Connection] = {}
         self._by_fd: dict[int, Connection] = {}
         #: host streams still sending their CONNECT line: fd -> (socket, bytes so far)
@@ -176,11 +179,11 @@ class VsockMuxer:
 
     def close(self) -> None:
         """Remove the socket file and release the listener (after :meth:`stop`)."""
-        try:
-            if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+        if self._socket_file is not None and _file_id(self.socket_path) == self._socket_file:
+            try:
                 os.unlink(self.socket_path)
-        except OSError:
-            pass
+            except OSError:
+                pass
         self.listener.close()
         self._wepoll.close()
 
@@ -467,3 +470,12 @@ class VsockMuxer:
         if conn is not None and op != VIRTIO_VSOCK_OP_RST:
             buf_alloc, fwd_cnt = conn.advertise_credit()
         return host_header(self.cid, local_port, peer_port, op, flags, length, buf_alloc, fwd_cnt)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the socket file at ``path``, None if there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
