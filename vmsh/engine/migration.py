@@ -178,8 +178,9 @@ def _tap_fds(vm: Any) -> list[tuple[int, int]]:
     from vmsh.devices.virtio.net import VirtioNet  # a device class: only the net devices' taps
 
     out: list[tuple[int, int]] = []
-    manager = vm.devices
-    for index, net in enumerate(vm.config.net or []):
+    nets: list[m.NetConfig] = vm.config.net or []
+    manager = vm.devices if nets else None
+    for index, net in enumerate(nets):
         entry = manager.devices.get(net.id) if manager is not None and net.id is not None else None
         device = getattr(getattr(entry, "transport", None), "device", None)
         if isinstance(device, VirtioNet):

@@ -299,3 +299,42 @@ def test_destination_refuses_memory_outside_guest_ram_and_a_broken_stream(tmp_pa
         s.sendall(b"\x02\x00")  # half a header, then the source is gone
     thread.join(10)
     assert isinstance(errors[0], MigrationError)
+
+
+def test_a_console_on_a_socket_is_refused_by_name(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    thread, seen = destination(sock, lambda c, _p: Status.OK)
+    vm = FakeVm(shared=True)
+    vm.config.serial = m.ConsoleConfig(mode=m.ConsoleOutputMode.SOCKET, socket=str(tmp_path / "con.sock"))
+    paused = []
+    with pytest.raises(MigrationError, match="serial console on socket .*con.sock"):
+        migration.send(vm, f"unix:{sock}", True, lambda: paused.append(1))
+    thread.join(10)
+    assert seen == [Command.START, Command.ABANDON] and not paused
+
+
+def test_tap_fds_are_matched_to_their_net_devices() -> None:
+    config = m.VmConfig(payload=m.PayloadConfig(kernel="/k"), memory=m.MemoryConfig(size=4 * MIB),
+                        net=[m.NetConfig(tap="a"), m.NetConfig(tap="b", num_queues=4)])
+    fds = {0: 100, migration.tap_slot(1, 0): 101, migration.tap_slot(1, 1): 102, migration.tap_slot(0, 0): 103}
+    assert migration._tap_fds_by_net(config, fds) == {0: [103], 1: [101, 102]}
+    assert fds == {0: 100}  # the memory fd stays
+    for wrong in ({migration.tap_slot(2, 0): 104}, {migration.tap_slot(1, 1): 105}):
+        with pytest.raises(MigrationError, match="which no net device has"):
+            migration._tap_fds_by_net(config, wrong)
+
+
+def test_destination_refuses_tap_fds_for_a_vm_without_net_devices(tmp_path: Path) -> None:
+    path = tmp_path / "r.sock"
+    thread, errors, built = receiving(path)
+    r, w = os.pipe()
+    with connect(path) as s:
+        proto.request(s, Command.START)
+        proto.send_fd(s, migration.tap_slot(0, 0), r)
+        proto.expect_ok(s, "tap fd")
+        proto.send_request(s, Command.CONFIG, config_payload())
+        assert proto.read_response(s) is Status.ERROR
+    thread.join(10)
+    os.close(w)
+    os.close(r)
+    assert "config was refused" in str(errors[0]) and "no net device" in str(errors[0].__cause__) and not built
