@@ -217,3 +217,33 @@ def vsock_send(path: Path, port: int, data: bytes) -> bytes:
         while chunk := conn.recv(1 << 16):
             received.extend(chunk)
     return bytes(received)
+
+
+def test_a_pty_console_moves_to_a_new_pty(vmsh_clone, tmp_path: Path) -> None:
+    api = tmp_path / "src.sock"
+    source = vmsh_clone("--memory", "size=256M,shared=on", console="pty",
+                        restore_flags=["--api-socket", f"path={api}", *log_flags(tmp_path, "src")])
+    with ApiClient(str(api)) as client:
+        before = client.get("vm.info")["config"]["console"]["file"]
+    moved = migrate_guest(source, tmp_path, name="dest0", extra_flags=log_flags(tmp_path, "dest0"))
+    assert source.wait_exit(60) == 0
+    with ApiClient(str(tmp_path / "dest0.sock")) as client:
+        after = client.get("vm.info")["config"]["console"]["file"]
+    # the destination's own pty (vm.info names it), where the guest's virtio console now writes
+    assert after and after.startswith("/dev/pts/") and after != before, (before, after)
+    fd = os.open(after, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        moved.check_output("echo PTY-MOVED > /dev/hvc0")
+        seen = bytearray()
+
+        def got() -> bool:
+            try:
+                seen.extend(os.read(fd, 4096))
+            except BlockingIOError:
+                pass
+            return b"PTY-MOVED" in seen
+
+        wait_until(got, 30, f"the guest's line on {after} (was {before})", interval=0.1)
+    finally:
+        os.close(fd)
+    moved.close()
