@@ -5,7 +5,10 @@ crate; the frames are :mod:`vmsh.engine.migration_protocol`):
 
 * the source (:func:`send`) says Start, then with ``local`` hands over each guest RAM region's
   file (MemoryFd, SCM_RIGHTS: RAM must be shared memory), then the Config (the VM config and
-  the guest RAM layout), which the destination checks it can build before answering;
+  the guest RAM layout), which the destination checks it can build before answering; in both
+  modes each tap's queue fds go along as MemoryFd frames of their own slots (:func:`tap_slot`):
+  the migration socket is a unix socket, so the destination is on this host, where it could not
+  open a single-queue tap by name while the source holds it;
 * without ``local`` the memory is copied while the guest runs: what may hold data first, then
   rounds of the pages KVM's dirty log saw written (up to :data:`MAX_DIRTY_ROUNDS`, until a round
   finds nothing), then the VM is paused and the last round sends every page that differs from
@@ -166,7 +169,7 @@ def _check_consoles_move(config: m.VmConfig) -> None:
     :raises MigrationError: naming the console and its socket.
     """
     for name, console in (("serial", config.serial), ("console", config.console)):
-        if console is not None and console.mode is m.ConsoleOutputMode.SOCKET:
+        if console.mode is m.ConsoleOutputMode.SOCKET:
             raise MigrationError(f"Cannot migrate the {name} console on socket {console.socket}: "
                                  "its socket cannot move to another VMM")
 
@@ -559,8 +562,9 @@ def _take_state(incoming: _Incoming, payload: bytes, build: Build) -> None:
     nets = saved.config.net or []
     copies: list[tuple[int, int]] = []  # (copy, the fd it copies)
     for index, tap in incoming.taps.items():
-        nets[index].fds = [os.dup(fd) for fd in tap]
-        copies.extend(zip(nets[index].fds, tap, strict=True))
+        dups = [os.dup(fd) for fd in tap]
+        nets[index].fds = dups
+        copies.extend(zip(dups, tap, strict=True))
     try:
         incoming.vm = build(saved, lambda: memory)
     except BaseException:

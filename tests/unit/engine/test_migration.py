@@ -307,7 +307,7 @@ def test_a_console_on_a_socket_is_refused_by_name(tmp_path: Path) -> None:
     vm = FakeVm(shared=True)
     vm.config.serial = m.ConsoleConfig(mode=m.ConsoleOutputMode.SOCKET, socket=str(tmp_path / "con.sock"))
     paused = []
-    with pytest.raises(MigrationError, match="serial console on socket .*con.sock"):
+    with pytest.raises(MigrationError, match=r"serial console on socket .*con\.sock"):
         migration.send(vm, f"unix:{sock}", True, lambda: paused.append(1))
     thread.join(10)
     assert seen == [Command.START, Command.ABANDON] and not paused
