@@ -33,15 +33,12 @@ from vmsh.engine.acpi.aml_ops import (
     Acquire,
     Arg,
     Call,
-    If,
-    LEqual,
-    Local,
     Release,
     Return,
     Store,
 )
 from vmsh.engine.acpi.aml_resources import Memory32Fixed, ResourceTemplate
-from vmsh.engine.acpi.hotplug_scan import notify_and_scan
+from vmsh.engine.acpi.hotplug_scan import notify_and_scan, status_method
 
 #: the methods the GED calls and the processors use
 SCAN_METHOD = "\\_SB_.CPUS.CSCN"
@@ -49,7 +46,6 @@ REGISTER_SIZE = 0xC
 SYSTEM_MEMORY = 0
 BYTE_ACC, DWORD_ACC = 1, 3
 WRITE_AS_ZEROS = 2
-STA_PRESENT_ENABLED = 0x0F
 #: MADT flags: enabled (ACPI 6.4 §5.2.12.2)
 MADT_ENABLED = 1
 
@@ -91,16 +87,8 @@ def controller(address: int) -> bytes:
 
 def methods(apic_ids: tuple[int, ...]) -> list[bytes]:
     """``CSTA``, ``CEJ0``, ``CTFY`` and ``CSCN`` for ``len(apic_ids)`` possible vCPUs."""
-    local0 = Local(0)
     count = len(apic_ids)
-    csta = Method("CSTA", 1, serialized=True, body=[
-        Acquire(CPLK),
-        Store(Arg(0), CSEL),
-        Store(0, local0),
-        If(LEqual(aml.Path(CPEN), 1), [Store(STA_PRESENT_ENABLED, local0)]),
-        Release(CPLK),
-        Return(local0),
-    ])
+    csta = status_method("CSTA", lock=CPLK, select=CSEL, enabled=CPEN)
     cej0 = Method("CEJ0", 1, serialized=True, body=[
         Acquire(CPLK),
         Store(Arg(0), CSEL),

@@ -42,9 +42,6 @@ from vmsh.engine.acpi.aml_ops import (
     Add,
     Arg,
     Call,
-    If,
-    LEqual,
-    Local,
     Or,
     Release,
     Return,
@@ -53,14 +50,13 @@ from vmsh.engine.acpi.aml_ops import (
     Subtract,
 )
 from vmsh.engine.acpi.aml_resources import MEM_CACHEABLE, Memory32Fixed, QWordMemory, ResourceTemplate
-from vmsh.engine.acpi.hotplug_scan import notify_and_scan
+from vmsh.engine.acpi.hotplug_scan import notify_and_scan, status_method
 
 #: the method the GED calls on a memory-change event
 SCAN_METHOD = "\\_SB_.MHPC.MSCN"
 SYSTEM_MEMORY = 0
 BYTE_ACC, DWORD_ACC = 1, 3
 WRITE_AS_ZEROS = 2
-STA_PRESENT_ENABLED = 0x0F
 #: _STA of the controller: present, enabled, functioning, not shown in UI (§6.3.7)
 STA_HIDDEN_DEVICE = 0x0B
 #: byte offsets of the minimum, maximum and length fields in a QWord address descriptor (§6.4.3.5.1)
@@ -77,15 +73,7 @@ def slot_name(slot: int) -> str:
 
 
 def _methods() -> list[bytes]:
-    local0 = Local(0)
-    msta = Method("MSTA", 1, serialized=True, body=[
-        Acquire(MLCK),
-        Store(Arg(0), MSEL),
-        Store(0, local0),
-        If(LEqual(aml.Path(MEN_), 1), [Store(STA_PRESENT_ENABLED, local0)]),
-        Release(MLCK),
-        Return(local0),
-    ])
+    msta = status_method("MSTA", lock=MLCK, select=MSEL, enabled=MEN_)
     mcrs = Method("MCRS", 1, serialized=True, body=[
         Acquire(MLCK),
         Store(Arg(0), MSEL),
