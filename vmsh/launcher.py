@@ -145,8 +145,8 @@ def migration_receiver(profile: ProfileConfig | None = None, tty: ConsoleBackend
         from vmsh.engine.builder import build_restored, check_restorable
 
         migration.receive(url, check_restorable,
-                          lambda saved, memory: build_restored(saved, memory, events, on_guest_event, post,
-                                                               profile=profile, tty=tty),
+                          lambda saved, memory, serial: build_restored(saved, memory, events, on_guest_event, post,
+                                                                       profile=profile, tty=tty, serial=serial),
                           adopt)
 
     return receive

@@ -20,10 +20,13 @@ import sys
 import threading
 from pathlib import Path
 
+from pexpect import fdpexpect
+
 from tests.guest.workers import worker_index
 from vmsh.api.client import ApiClient
 from vmsh.harness.guest import Guest
 from vmsh.harness.migrate import migrate_guest, start_receiver
+from vmsh.harness.shellproto import READY_MARKER
 from vmsh.harness.waiting import wait_until
 
 DISK_SIZE = 8 << 20
@@ -247,3 +250,49 @@ def test_a_pty_console_moves_to_a_new_pty(vmsh_clone, tmp_path: Path) -> None:
     finally:
         os.close(fd)
     moved.close()
+
+
+def test_a_serial_socket_client_stays_connected_across_migrations(vmsh_guest, tmp_path: Path) -> None:
+    """``--serial socket=``: one client connection drives the guest's shell before, between and
+    after a copying and a ``local`` migration; what it types while the guest is paused reaches
+    the guest on the destination; each source exits leaving the socket path to the next VMM."""
+    con, api = tmp_path / "serial.sock", tmp_path / "src.sock"
+    source = vmsh_guest("--memory", "size=256M,shared=on", "--api-socket", f"path={api}",
+                        *log_flags(tmp_path, "src"), serial=f"socket={con}", ready=False)
+    wait_until(con.exists, 60, f"the serial socket {con}", interval=0.02, process=source.exit_status)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(con))
+    shell = fdpexpect.fdspawn(client.fileno(), timeout=source.boot_timeout, encoding="utf-8",
+                              codec_errors="replace")
+
+    def answers(tag: str) -> None:
+        shell.send(f"echo {tag[:3]}''{tag[3:]}\n")  # the echo of the typed line does not match
+        shell.expect(tag, timeout=120)
+
+    try:
+        shell.expect(READY_MARKER)
+        answers("ON-THE-SOURCE")
+        first = migrate_guest(source, tmp_path, name="dest1", extra_flags=log_flags(tmp_path, "dest1"))
+        assert source.wait_exit(60) == 0
+        assert con.exists()  # the source left the path to the destination, which listens there
+        answers("AFTER-COPY")
+        with ApiClient(str(tmp_path / "dest1.sock")) as api_client:
+            api_client.put("vm.pause")
+            shell.send("echo TYPED''-WHILE-PAUSED\n")  # waits in the socket for the guest
+            second = migrate_guest(first, tmp_path, local=True, name="dest2",
+                                   extra_flags=log_flags(tmp_path, "dest2"))
+        assert first.wait_exit(60) == 0  # the destination runs the guest (it resumes it, as v40)
+        shell.expect("TYPED-WHILE-PAUSED", timeout=120)
+        answers("AFTER-LOCAL")
+        client.close()
+        # a new client gets the shell from the VMM that runs the guest now
+        later = socket.socket(socket.AF_UNIX)
+        later.connect(str(con))
+        again = fdpexpect.fdspawn(later.fileno(), timeout=120, encoding="utf-8", codec_errors="replace")
+        again.send("echo NEW''-CLIENT\n")
+        again.expect("NEW-CLIENT")
+        later.close()
+        second.close()
+        wait_until(lambda: not con.exists(), 30, f"the destination to remove {con} at exit", interval=0.05)
+    finally:
+        client.close()

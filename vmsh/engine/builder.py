@@ -276,10 +276,11 @@ def check_restorable(config: m.VmConfig) -> None:
 
 def build_restored(saved: SavedVm, make_memory: Callable[[], GuestMemoryMmap], events: EventMonitor,
                    on_guest_event: GuestEventSink, post: Post, *, profile: m.ProfileConfig | None = None,
-                   tty: ConsoleBackend | None = None) -> Vm:
+                   tty: ConsoleBackend | None = None, serial: ConsoleBackend | None = None) -> Vm:
     """Rebuild the VM ``saved`` describes (its config checked with :func:`check_restorable`) on
     the guest RAM ``make_memory`` gives (a snapshot's file, or what a live migration received;
-    the VM owns it from then on); it comes back Paused.
+    the VM owns it from then on); it comes back Paused. ``serial`` is the serial port's backend
+    when a migration brought it (a console socket); the VM owns it too.
 
     :raises SnapshotError: naming what does not fit; nothing is left behind.
     """
@@ -290,7 +291,7 @@ def build_restored(saved: SavedVm, make_memory: Callable[[], GuestMemoryMmap], e
         vm.boot_ram = saved.boot_ram
         vm.memory = make_memory()
         vm.memory.register(vm.vm_fd)
-        _create_devices(vm, tty, _phys_bits(vm))
+        _create_devices(vm, tty, _phys_bits(vm), serial)
         topology = cpu_topology(config)
         for index, state in enumerate(saved.vcpus):
             if state.vcpu_id != topology.apic_id(index):
@@ -357,7 +358,8 @@ def _phys_bits(vm: Vm, supported: list[Any] | None = None) -> int:
     return min(_host_phys_bits(supported or vm.kvm.supported_cpuid()), vm.config.cpus.max_phys_bits)
 
 
-def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple[PciSegment, ...]:
+def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int,
+                    serial: ConsoleBackend | None = None) -> tuple[PciSegment, ...]:
     """Every device of the config, fresh: the one path for a boot and for a restore (which then
     loads the saved states into them). Returns the PCI segments."""
     cfg = vm.config
@@ -384,7 +386,8 @@ def _create_devices(vm: Vm, tty: ConsoleBackend | None, phys_bits: int) -> tuple
     vm.devices = DeviceManager(vm.vm_fd, vm.memory, vm.pio, vm.mmio, segments, handoff=vm.requests.run,
                                on_device_event=lambda dev_id, event: vm.events.emit("virtio-device", event,
                                                                                     {"id": dev_id}))
-    vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject, on_cpu_eject)
+    vm.platform = create_platform_devices(cfg, vm.devices, irq, reset, poweroff, tty, on_eject, on_cpu_eject,
+                                          serial=serial)
     vm.cpu_hotplug = vm.platform.cpu_hotplug
     platform = vm.platform
     vm.memory_hotplug = MemoryHotplug(cfg, vm.memory, vm.vm_fd, lambda flags: platform.ged.notify(flags),

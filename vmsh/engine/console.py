@@ -170,48 +170,50 @@ class PtyBackend(FdBackend):
 
 
 class SocketBackend(ConsoleBackend):
-    """A listening unix socket; the connected client gets the output and sends input."""
+    """A listening unix socket; the connected client gets the output and sends input.
 
-    def __init__(self, path: str, input_thread: str = ConsoleBackend.input_thread) -> None:
+    The listening socket and its client can move to another VMM with the VM (a live migration,
+    :mod:`vmsh.engine.migration`): :meth:`hold` stops this backend taking connections and input
+    and gives their fds to send, :meth:`release` takes them back if the migration fails, and the
+    destination's backend is made with ``inherited``. Input is consumed only as far as the guest
+    took it (the rest stays in the socket), so bytes a client typed while the VM was paused
+    reach the guest on whichever VMM runs it next.
+    """
+
+    def __init__(self, path: str, input_thread: str = ConsoleBackend.input_thread, *,
+                 inherited: tuple[socket.socket, socket.socket | None] | None = None) -> None:
         self.path: str = path
         self.input_thread = input_thread
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nobody listens there any more
-            else:
-                self._listener.close()
-                raise DeviceError(f"Console socket {path} is in use by another process")
-            finally:
-                probe.close()
-        try:
-            self._listener.bind(path)
-        except OSError as err:
-            self._listener.close()
-            raise DeviceError(f"Cannot listen on console socket {path}") from err
-        self._listener.listen(1)
-        self._client: socket.socket | None = None
-        self._lock = threading.Lock()
+        #: whether :meth:`close` removes the socket file: not while another VMM may still use it
+        #: (an inherited socket until its migration completes; a socket handed over)
+        self.owns_path = inherited is None
+        if inherited is None:
+            self._listener = _listen(path)
+            client = None
+        else:
+            self._listener, client = inherited
+            if client is not None:
+                client.setblocking(False)
+        # Non-blocking: during a migration two processes hold the listener, and the one whose
+        # select saw a connection may lose the accept to the other.
+        self._listener.setblocking(False)
+        self._client: socket.socket | None = client
+        self._lock = threading.Lock()  # the client, for write() from the vCPU threads
+        self._io = threading.Lock()  # an accept or one read-and-feed, against hold()
+        self._held = threading.Event()
         self._stop = threading.Event()
+        self._closed = False
         self._sink: InputSink | None = None
         self._input_started = threading.Event()
-        threading.Thread(target=seccomp.confined(seccomp.ThreadKind.CONSOLE, self._accept), name=input_thread,
-                         daemon=True).start()
+        threading.Thread(target=seccomp.confined(seccomp.ThreadKind.CONSOLE, lambda: self._serve(client)),
+                         name=input_thread, daemon=True).start()
 
-    def _accept(self) -> None:
+    def _serve(self, client: socket.socket | None) -> None:
         while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            client.setblocking(False)
-            with self._lock:
-                if self._client is not None:
-                    self._client.close()
-                self._client = client
+            if client is None:
+                client = self._accept()
+                if client is None:
+                    return
             # A client may connect (and type) before the VM lets input in (start_input): its
             # bytes wait in the socket until then instead of being dropped with the client.
             while not self._input_started.wait(0.2):
@@ -219,32 +221,85 @@ class SocketBackend(ConsoleBackend):
                     return
             assert self._sink is not None
             self._read_client(client, self._sink)
+            client = None
+
+    def _idle(self) -> bool:
+        """Wait a little while held; whether the caller should look again (False: stopped)."""
+        if self._held.is_set():
+            self._stop.wait(0.05)
+        return not self._stop.is_set()
+
+    def _accept(self) -> socket.socket | None:
+        while self._idle():
+            if self._held.is_set():
+                continue
+            try:
+                ready, _, _ = select.select([self._listener], [], [], 0.2)
+            except (OSError, ValueError):
+                return None
+            if not ready:
+                continue
+            with self._io:
+                if self._held.is_set():
+                    continue
+                try:
+                    client, _ = self._listener.accept()
+                except BlockingIOError:
+                    continue  # another process holding the listener took it
+                except OSError:
+                    return None
+            client.setblocking(False)
+            with self._lock:
+                if self._client is not None:
+                    self._client.close()
+                self._client = client
+            return client
+        return None
 
     def _read_client(self, client: socket.socket, sink: InputSink) -> None:
-        while not self._stop.is_set():
+        while self._idle():
+            if self._held.is_set():
+                continue
             try:
                 ready, _, _ = select.select([client], [], [], 0.2)
             except (OSError, ValueError):
                 return
             if not ready:
                 continue
-            try:
-                data = client.recv(4096)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                with self._lock:
-                    if self._client is client:
-                        self._client = None
-                client.close()
-                return
-            while data and not self._stop.is_set():
+            with self._io:
+                if self._held.is_set():
+                    continue
+                try:
+                    data = client.recv(4096, socket.MSG_PEEK)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    with self._lock:
+                        if self._client is client:
+                            self._client = None
+                    client.close()
+                    return
                 taken = sink(data)
-                data = data[taken:]
-                if data:
-                    self._stop.wait(0.005)
+                if taken:
+                    client.recv(taken)  # the bytes the guest took; the rest stay in the socket
+            if not taken:
+                self._stop.wait(0.005)  # the guest's FIFO is full
+
+    def hold(self) -> list[int]:
+        """Stop taking connections and input (after the accept or read under way) and give the
+        fds that move with the VM: the listening socket's, then the client's if one is connected."""
+        self._held.set()
+        with self._io:
+            pass
+        with self._lock:
+            client = self._client
+        return [self._listener.fileno()] + ([client.fileno()] if client is not None else [])
+
+    def release(self) -> None:
+        """Take connections and input again (the migration failed)."""
+        self._held.clear()
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -263,14 +318,44 @@ class SocketBackend(ConsoleBackend):
     def close(self) -> None:
         self._stop.set()
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             if self._client is not None:
                 self._client.close()
                 self._client = None
         self._listener.close()
+        if self.owns_path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _listen(path: str) -> socket.socket:
+    """A unix socket listening at ``path`` (a stale socket file there is replaced).
+
+    :raises DeviceError: when another process listens there, or binding fails.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.unlink(self.path)
+            probe.connect(path)
         except OSError:
-            pass
+            os.unlink(path)  # stale: nobody listens there any more
+        else:
+            listener.close()
+            raise DeviceError(f"Console socket {path} is in use by another process")
+        finally:
+            probe.close()
+    try:
+        listener.bind(path)
+    except OSError as err:
+        listener.close()
+        raise DeviceError(f"Cannot listen on console socket {path}") from err
+    listener.listen(1)
+    return listener
 
 
 def open_backend(mode: ConsoleOutputMode, file: str | None = None, socket_path: str | None = None,

@@ -14,6 +14,9 @@ crate; the frames are :mod:`vmsh.engine.migration_protocol`):
   finds nothing), then the VM is paused and the last round sends every page that differs from
   what the destination has (this also catches the VMM's own writes to guest RAM, which no dirty
   log sees); with ``local`` the VM is just paused, the destination maps the same files;
+* with the VM paused, a serial console on a socket (``--serial socket=``) sends its listening
+  socket and connected client the same way (:data:`SERIAL_SLOT`), so the client stays connected
+  and the destination listens at the same path;
 * then the State (the snapshot's state tree: vCPUs, irqchip, clock, devices) and Complete; the
   destination (:func:`receive`) builds the VM as a restore does and resumes it before it answers
   Complete, after which the source VMM exits.
@@ -40,6 +43,7 @@ from vmsh.config import canonical_json, normalize, vm_config_from_json
 from vmsh.config import model as m
 from vmsh.engine import migration_protocol as proto
 from vmsh.engine import page_runs
+from vmsh.engine.console import ConsoleBackend, SocketBackend
 from vmsh.engine.dirty_log import DirtyLog
 from vmsh.engine.memory import PAGE_SIZE, GuestMemoryMmap, GuestRegion
 from vmsh.engine.memory_manager import memory_options
@@ -92,6 +96,7 @@ def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats
     stats = SendStats()
     path = proto.socket_url_path(url)
     memory: GuestMemoryMmap = vm.memory
+    serial = _serial_socket(vm)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         try:
@@ -106,7 +111,6 @@ def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats
                 vm.check_saveable()
             except VmshError as err:
                 raise MigrationError("Cannot migrate this VM") from err
-            _check_consoles_move(vm.config)
             for slot, fd in enumerate(fds):
                 proto.send_fd(sock, slot, fd)
                 proto.expect_ok(sock, f"memory fd of slot {slot}")
@@ -120,16 +124,28 @@ def send(vm: Any, url: str, local: bool, pause: Callable[[], None]) -> SendStats
                 paused_at = time.monotonic()
             else:
                 paused_at = _copy_memory(vm, sock, pause, stats)
+            if serial is not None:
+                # paused: the serial socket's listener and client move (the client stays
+                # connected); what the client typed and the guest did not take yet goes along
+                for slot, fd in enumerate(serial.hold(), SERIAL_SLOT):
+                    proto.send_fd(sock, slot, fd)
+                    proto.expect_ok(sock, f"serial socket fd of slot {slot:#x}")
             _config_json, tree = vm.saved_state()
             proto.request(sock, Command.STATE, json.dumps(tree, separators=(",", ":")).encode())
             proto.request(sock, Command.COMPLETE)
-        except VmshError as err:
+        except BaseException as err:
+            if serial is not None:
+                serial.release()
+            if not isinstance(err, VmshError):
+                raise
             _abandon(sock)
             if isinstance(err, MigrationError):
                 raise
             raise MigrationError("The migration failed") from err
     finally:
         sock.close()
+    if serial is not None:
+        serial.owns_path = False  # the destination listens there now
     now = time.monotonic()
     stats.total_s, stats.downtime_s = now - started, now - paused_at
     LOG.info("migrated to %s in %.2f s (guest paused %.3f s, %d bytes of RAM copied in %d requests %s%s; %s)",
@@ -161,17 +177,14 @@ def _shared_fds(memory: GuestMemoryMmap) -> list[int]:
     return fds
 
 
-def _check_consoles_move(config: m.VmConfig) -> None:
-    """A console on a unix socket cannot move: its listening socket (and the client on it) stay
-    with this process, and the destination could not bind the same path while it exists.
-    A pty moves (the destination opens a new one, shown by ``vm.info``), as do tty, file, null.
-
-    :raises MigrationError: naming the console and its socket.
-    """
-    for name, console in (("serial", config.serial), ("console", config.console)):
-        if console.mode is m.ConsoleOutputMode.SOCKET:
-            raise MigrationError(f"Cannot migrate the {name} console on socket {console.socket}: "
-                                 "its socket cannot move to another VMM")
+def _serial_socket(vm: Any) -> SocketBackend | None:
+    """The serial console's socket backend, if ``--serial socket=`` (the only console mode on a
+    socket: cloud-hypervisor's virtio console has none)."""
+    platform = getattr(vm, "platform", None)
+    for backend in getattr(platform, "backends", ()):
+        if isinstance(backend, SocketBackend):
+            return backend
+    return None
 
 
 def _tap_fds(vm: Any) -> list[tuple[int, int]]:
@@ -194,6 +207,11 @@ def _tap_fds(vm: Any) -> list[tuple[int, int]]:
 #: MemoryFd slots from here carry taps' fds (vmsh's use of the frame; cloud-hypervisor's slots
 #: are memory regions, far fewer)
 TAP_SLOT_BASE = 0x10000
+
+
+#: MemoryFd slots of the serial console's socket (``--serial socket=``): its listener, then
+#: its connected client if there is one
+SERIAL_SLOT = 0x20000
 
 
 def tap_slot(net_index: int, queue: int) -> int:
@@ -318,8 +336,8 @@ def _chunks(runs: page_runs.Runs) -> list[tuple[int, int]]:
 #: checks a migrating VM's config can be built here (``vmsh.engine.builder.check_restorable``)
 ConfigCheck = Callable[[m.VmConfig], None]
 #: builds the VM a migration's state describes on the guest RAM it received, Paused
-#: (``vmsh.engine.builder.build_restored``)
-Build = Callable[[SavedVm, Callable[[], GuestMemoryMmap]], Any]
+#: (``vmsh.engine.builder.build_restored``), with the serial console's backend if it came along
+Build = Callable[[SavedVm, Callable[[], GuestMemoryMmap], ConsoleBackend | None], Any]
 
 
 @dataclass
@@ -333,6 +351,8 @@ class _Incoming:
     boot_ram: int = 0
     #: the source's tap fds by net device index (:func:`tap_slot`); the VM built gets copies
     taps: dict[int, list[int]] = field(default_factory=dict)
+    #: the serial console on the source's socket, which the VM built owns
+    serial: SocketBackend | None = None
     vm: Any = None
 
     def drop(self, fds: dict[int, int]) -> None:
@@ -341,10 +361,13 @@ class _Incoming:
                 _close(fd)
         self.taps = {}
         if self.vm is not None:
-            self.vm.shutdown()  # it owns the memory
-        elif self.memory is not None:
-            self.memory.close()
-        self.vm = self.memory = None
+            self.vm.shutdown()  # it owns the memory and the serial console
+        else:
+            if self.memory is not None:
+                self.memory.close()
+            if self.serial is not None:
+                self.serial.close()  # not its path: the source still listens there
+        self.vm = self.memory = self.serial = None
         for fd in fds.values():
             _close(fd)
         fds.clear()
@@ -426,7 +449,7 @@ def _receive_on(conn: socket.socket, check: ConfigCheck, build: Build, adopt: Ca
                 proto.send_response(conn, Status.OK)
             elif command is Command.STATE:
                 try:
-                    _take_state(incoming, payload, build)
+                    _take_state(incoming, payload, fds, build)
                 except VmshError as err:
                     LOG.error("migration state refused: %s", err)
                     proto.send_response(conn, Status.ERROR)
@@ -442,6 +465,9 @@ def _receive_on(conn: socket.socket, check: ConfigCheck, build: Build, adopt: Ca
                 except BaseException:
                     proto.send_response(conn, Status.ERROR)
                     raise
+                if incoming.serial is not None:
+                    incoming.serial.owns_path = True  # the source no longer removes it
+                    incoming.serial = None  # the VM's now
                 proto.send_response(conn, Status.OK)
                 return
             elif command is Command.ABANDON:
@@ -513,7 +539,7 @@ def _tap_fds_by_net(config: m.VmConfig, fds: dict[int, int]) -> dict[int, list[i
     :raises MigrationError: for fds that match no tap net device of ``config``.
     """
     by_net: dict[int, list[int]] = {}
-    for slot in sorted(slot for slot in fds if slot >= TAP_SLOT_BASE):
+    for slot in sorted(slot for slot in fds if TAP_SLOT_BASE <= slot < SERIAL_SLOT):
         by_net.setdefault((slot - TAP_SLOT_BASE) >> 8, []).append(slot)
     nets = config.net or []
     for index, slots in by_net.items():
@@ -542,7 +568,7 @@ def _receive_memory(conn: socket.socket, memory: GuestMemoryMmap, length: int) -
             proto.recv_into(conn, view)
 
 
-def _take_state(incoming: _Incoming, payload: bytes, build: Build) -> None:
+def _take_state(incoming: _Incoming, payload: bytes, fds: dict[int, int], build: Build) -> None:
     if incoming.memory is None or incoming.config_text is None or incoming.vm is not None:
         raise MigrationError("State came before the migration's config")
     try:
@@ -559,6 +585,7 @@ def _take_state(incoming: _Incoming, payload: bytes, build: Build) -> None:
     # single-queue tap cannot be opened by name while another process has it (the kernel's
     # tun_attach refuses it, EBUSY). The config keeps the tap's name, not the fds, so vm.info,
     # a snapshot and a further migration see the same net device as on the source.
+    incoming.serial = _serial_backend(saved.config, fds)
     nets = saved.config.net or []
     copies: list[tuple[int, int]] = []  # (copy, the fd it copies)
     for index, tap in incoming.taps.items():
@@ -566,7 +593,7 @@ def _take_state(incoming: _Incoming, payload: bytes, build: Build) -> None:
         nets[index].fds = dups
         copies.extend(zip(dups, tap, strict=True))
     try:
-        incoming.vm = build(saved, lambda: memory)
+        incoming.vm = build(saved, lambda: memory, incoming.serial)
     except BaseException:
         memory.close()  # a VM that failed to build closed it already if it took it: closing twice is safe
         for copy, fd in copies:  # the copies a net device did not take (and close) yet
@@ -576,6 +603,40 @@ def _take_state(incoming: _Incoming, payload: bytes, build: Build) -> None:
     finally:
         for index in incoming.taps:
             nets[index].fds = None
+
+
+def _serial_backend(config: m.VmConfig, fds: dict[int, int]) -> SocketBackend | None:
+    """The serial console on the source's socket (:data:`SERIAL_SLOT`), taken out of ``fds``.
+
+    :raises MigrationError: for fds that are not a listening unix socket (and a connected one)
+        of a ``--serial socket=`` console.
+    """
+    slots = sorted(slot for slot in fds if slot >= SERIAL_SLOT)
+    if not slots:
+        return None
+    taken = [fds.pop(slot) for slot in slots]
+    socks: list[socket.socket] = []
+    try:
+        if config.serial.mode is not m.ConsoleOutputMode.SOCKET or config.serial.socket is None or \
+                slots not in ([SERIAL_SLOT], [SERIAL_SLOT, SERIAL_SLOT + 1]):
+            raise MigrationError(f"Serial socket fds came for slots {[hex(s) for s in slots]}, "
+                                 "which the VM's serial console does not have")
+        while taken:
+            socks.append(socket.socket(fileno=taken[0]))
+            taken.pop(0)
+        listening = socks[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if any(s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM for s in socks) or not listening:
+            raise MigrationError("The serial console's fds are not its unix sockets")
+        return SocketBackend(config.serial.socket, "serial-manager",
+                             inherited=(socks[0], socks[1] if len(socks) > 1 else None))
+    except (OSError, MigrationError) as err:
+        for fd in taken:
+            _close(fd)
+        for sock in socks:
+            sock.close()
+        if isinstance(err, MigrationError):
+            raise
+        raise MigrationError("The serial console's fds are not its unix sockets") from err
 
 
 def _same_file(a: int, b: int) -> bool:

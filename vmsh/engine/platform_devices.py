@@ -85,11 +85,13 @@ class PlatformDevices:
 def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callable[[int], Trigger],
                             reset: Trigger, poweroff: Trigger, tty: ConsoleBackend | None,
                             on_eject: Callable[[int, int], None],
-                            on_cpu_eject: Callable[[int], None] | None = None) -> PlatformDevices:
+                            on_cpu_eject: Callable[[int], None] | None = None, *,
+                            serial: ConsoleBackend | None = None) -> PlatformDevices:
     """Create the platform devices of ``cfg`` and put them on ``devices``' buses.
 
     ``irq(gsi)`` makes an interrupt trigger; ``tty`` is the serial backend for ``--serial tty``
-    when this process's terminal is not the console; ``on_eject(segment, slot)`` is called when
+    when this process's terminal is not the console; ``serial``, a serial backend a live migration
+    brought (its console socket), which the platform then owns; ``on_eject(segment, slot)`` is called when
     the guest ejects a PCI slot, ``on_cpu_eject(index)`` when it ejects a vCPU.
 
     The CPU hotplug registers exist whenever ``max_vcpus`` is over 1 (not only while it is over
@@ -117,7 +119,7 @@ def create_platform_devices(cfg: m.VmConfig, devices: DeviceManager, irq: Callab
     # as cloud-hypervisor's interrupt controller has
     devices.add_node(IOAPIC_ID)
     try:
-        _create_serial(cfg, devices, irq, tty, platform)
+        _create_serial(cfg, devices, irq, tty, platform, serial)
         _create_debug_console(cfg, devices, platform)
         pio.insert(I8042(reset), I8042_PORT, 5, name="i8042")
         devices.add_legacy("__cmos", platform.cmos, pio, CMOS_PORT, 2, name="cmos")
@@ -152,9 +154,14 @@ def _create_tpm(tpm: m.TpmConfig, devices: DeviceManager, platform: PlatformDevi
 
 
 def _create_serial(cfg: m.VmConfig, devices: DeviceManager, irq: Callable[[int], Trigger],
-                   tty: ConsoleBackend | None, platform: PlatformDevices) -> None:
-    if cfg.serial.mode is ConsoleOutputMode.TTY and tty is not None:
-        backend: ConsoleBackend | None = tty
+                   tty: ConsoleBackend | None, platform: PlatformDevices, migrated: ConsoleBackend | None) -> None:
+    """The serial port on the backend a migration brought, the terminal's, or one of its mode."""
+    backend: ConsoleBackend | None
+    if migrated is not None:
+        backend = migrated
+        platform.backends.append(migrated)
+    elif cfg.serial.mode is ConsoleOutputMode.TTY and tty is not None:
+        backend = tty
     else:
         # cloud-hypervisor's serial-manager thread reads the serial port's host side
         backend = open_backend(cfg.serial.mode, cfg.serial.file, cfg.serial.socket, input_thread="serial-manager")

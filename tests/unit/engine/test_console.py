@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmsh.config.model import ConsoleOutputMode as Mode
-from vmsh.engine.console import open_backend
+from vmsh.engine.console import SocketBackend, open_backend
 from vmsh.errors import DeviceError
 from vmsh.harness.waiting import wait_until
 
@@ -142,3 +142,71 @@ def test_stale_socket_file_is_replaced(tmp_path: Path) -> None:
         client.close()
     finally:
         backend.close()
+
+
+def test_a_held_socket_takes_nothing_until_released(tmp_path: Path) -> None:
+    path = str(tmp_path / "serial.sock")
+    backend = open_backend(Mode.SOCKET, socket_path=path)
+    assert isinstance(backend, SocketBackend)
+    collector = Collector()
+    backend.start_input(collector)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    try:
+        wait_until(lambda: backend._client is not None, 5, "the backend to accept", interval=0.01)
+        fds = backend.hold()
+        assert len(fds) == 2 and fds[0] != fds[1]  # the listener, then the client
+        client.sendall(b"typed while held")
+        second = socket.socket(socket.AF_UNIX)
+        second.connect(path)  # waits in the listener's backlog
+        time.sleep(0.3)  # time in which the input thread could (wrongly) take either
+        assert collector.data == b"" and backend._client is not None
+        backend.release()
+        wait_until(lambda: collector.data == b"typed while held", 5, "the held input", interval=0.01)
+        second.close()
+    finally:
+        client.close()
+        backend.close()
+    assert not os.path.exists(path)
+
+
+def test_a_socket_console_moves_with_its_client_and_unread_input(tmp_path: Path) -> None:
+    """What a live migration does with ``--serial socket=``: the source holds its backend and
+    passes the fds on; the new backend serves the same client, gets the bytes the old guest did
+    not take, and keeps the path; a later client connects to it."""
+    path = str(tmp_path / "serial.sock")
+    source = open_backend(Mode.SOCKET, socket_path=path)
+    assert isinstance(source, SocketBackend)
+    full = Collector(capacity=0)  # the guest's FIFO is full: nothing is taken
+    source.start_input(full)
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    client.settimeout(5)
+    try:
+        wait_until(lambda: source._client is not None, 5, "the backend to accept", interval=0.01)
+        client.sendall(b"not taken yet")
+        time.sleep(0.2)
+        fds = [os.dup(fd) for fd in source.hold()]  # as SCM_RIGHTS would give them to another VMM
+        dest = SocketBackend(path, inherited=(socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])))
+        assert not dest.owns_path
+        source.owns_path = False  # the migration completed: the destination listens there
+        source.close()
+        assert os.path.exists(path)
+        collector = Collector()
+        dest.start_input(collector)
+        wait_until(lambda: collector.data == b"not taken yet", 5, "the unread input", interval=0.01)
+        dest.write(b"from the destination")
+        assert client.recv(100) == b"from the destination"
+        assert full.data == b""
+        client.close()
+        later = socket.socket(socket.AF_UNIX)
+        later.connect(path)
+        later.sendall(b"a later client")
+        wait_until(lambda: collector.data.endswith(b"a later client"), 5, "the later client", interval=0.01)
+        later.close()
+        dest.owns_path = True
+        dest.close()
+        assert not os.path.exists(path)
+    finally:
+        client.close()
+        source.close()

@@ -19,10 +19,12 @@ from vmsh.config import canonical_json, normalize
 from vmsh.config import model as m
 from vmsh.engine import migration
 from vmsh.engine import migration_protocol as proto
+from vmsh.engine.console import SocketBackend
 from vmsh.engine.memory import GuestMemoryMmap, MemoryOptions
 from vmsh.engine.migration_protocol import Command, Status
 from vmsh.engine.state import VmState
 from vmsh.errors import KvmError, MigrationError
+from vmsh.harness.waiting import wait_until
 
 MIB = 1 << 20
 
@@ -222,7 +224,8 @@ def receiving(path: Path, check: Callable[[m.VmConfig], None] = lambda _c: None
 
     def run() -> None:
         try:
-            migration.receive(f"unix:{path}", check, lambda saved, memory: built.append(saved), built.append)
+            migration.receive(f"unix:{path}", check, lambda saved, memory, _serial: built.append(saved),
+                              built.append)
         except BaseException as err:  # the test looks at it
             errors.append(err)
 
@@ -301,16 +304,100 @@ def test_destination_refuses_memory_outside_guest_ram_and_a_broken_stream(tmp_pa
     assert isinstance(errors[0], MigrationError)
 
 
-def test_a_console_on_a_socket_is_refused_by_name(tmp_path: Path) -> None:
+class FakePlatform:
+    def __init__(self, backends: list[Any]) -> None:
+        self.backends = backends
+
+
+def serial_socket_vm(tmp_path: Path) -> tuple[FakeVm, SocketBackend, socket.socket, list[bytes]]:
+    """A VM whose serial console is on a socket, with a client connected and input flowing."""
+    vm = FakeVm(shared=True)
+    path = tmp_path / "con.sock"
+    vm.config.serial = m.ConsoleConfig(mode=m.ConsoleOutputMode.SOCKET, socket=str(path))
+    backend = SocketBackend(str(path))
+    vm.platform = FakePlatform([backend])  # type: ignore[attr-defined]  # the real Vm's attribute
+    typed: list[bytes] = []
+    backend.start_input(lambda data: typed.append(data) or len(data))
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(path))
+    wait_until(lambda: backend._client is not None, 5, "the console to accept", interval=0.01)
+    return vm, backend, client, typed
+
+
+def test_a_serial_socket_moves_after_the_pause_and_stays_on_a_refusal(tmp_path: Path) -> None:
+    vm, backend, client, typed = serial_socket_vm(tmp_path)
+    sock = tmp_path / "m.sock"
+    thread, seen = destination(sock, lambda c, _p: Status.ERROR if c is Command.STATE else Status.OK)
+    try:
+        paused: list[int] = []
+
+        def pause() -> None:
+            paused.append(len(seen))
+
+        with pytest.raises(MigrationError, match="refused the migration's state"):
+            migration.send(vm, f"unix:{sock}", True, pause)
+        thread.join(10)
+        # memory fd, config, then (paused) the listener and the client, then the state
+        assert seen == [Command.START, Command.MEMORY_FD, Command.CONFIG, Command.MEMORY_FD, Command.MEMORY_FD,
+                        Command.STATE, Command.ABANDON]
+        assert paused == [3]
+        # the source took the console back: it reads its client and still owns the path
+        client.sendall(b"still here")
+        wait_until(lambda: b"".join(typed) == b"still here", 5, "the input after the refusal", interval=0.01)
+        assert backend.owns_path
+    finally:
+        client.close()
+        backend.close()
+    assert not Path(backend.path).exists()
+
+
+def test_a_moved_serial_socket_is_left_to_the_destination(tmp_path: Path) -> None:
+    vm, backend, client, _typed = serial_socket_vm(tmp_path)
     sock = tmp_path / "m.sock"
     thread, seen = destination(sock, lambda c, _p: Status.OK)
-    vm = FakeVm(shared=True)
-    vm.config.serial = m.ConsoleConfig(mode=m.ConsoleOutputMode.SOCKET, socket=str(tmp_path / "con.sock"))
-    paused = []
-    with pytest.raises(MigrationError, match=r"serial console on socket .*con\.sock"):
-        migration.send(vm, f"unix:{sock}", True, lambda: paused.append(1))
-    thread.join(10)
-    assert seen == [Command.START, Command.ABANDON] and not paused
+    try:
+        migration.send(vm, f"unix:{sock}", True, lambda: None)
+        thread.join(10)
+        assert seen.count(Command.MEMORY_FD) == 3 and seen[-1] is Command.COMPLETE
+        assert not backend.owns_path
+    finally:
+        client.close()
+        backend.close()
+    assert Path(backend.path).exists()  # the destination's now
+
+
+def test_destination_takes_only_a_serial_sockets_listener_and_client(tmp_path: Path) -> None:
+    config = normalize(m.VmConfig(payload=m.PayloadConfig(kernel="/k"), memory=m.MemoryConfig(size=4 * MIB),
+                                  serial=m.ConsoleConfig(mode=m.ConsoleOutputMode.SOCKET,
+                                                         socket=str(tmp_path / "con.sock"))))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "src.sock"))
+    listener.listen(1)
+    unbound = socket.socket(socket.AF_UNIX)
+    a, b = socket.socketpair()
+    with listener, unbound, a, b:
+        cases: list[tuple[m.VmConfig, dict[int, int], str]] = [
+            (normalize(m.VmConfig(payload=m.PayloadConfig(kernel="/k"), memory=m.MemoryConfig(size=4 * MIB))),
+             {migration.SERIAL_SLOT: listener.fileno()}, "serial console does not have"),
+            (config, {migration.SERIAL_SLOT + 1: a.fileno()}, "serial console does not have"),
+            (config, {migration.SERIAL_SLOT: unbound.fileno()}, "not its unix sockets"),
+            (config, {migration.SERIAL_SLOT: a.fileno()}, "not its unix sockets"),
+        ]
+        for cfg, given, error in cases:
+            dups = {slot: os.dup(fd) for slot, fd in given.items()}
+            fds = dict(dups)
+            with pytest.raises(MigrationError, match=error):
+                migration._serial_backend(cfg, fds)
+            assert not fds  # taken out, and closed
+            for fd in dups.values():
+                with pytest.raises(OSError):
+                    os.fstat(fd)
+        fds = {migration.SERIAL_SLOT: os.dup(listener.fileno()), migration.SERIAL_SLOT + 1: os.dup(a.fileno()), 0: 7}
+        backend = migration._serial_backend(config, fds)
+        assert backend is not None and fds == {0: 7} and not backend.owns_path
+        backend.write(b"to the client")
+        assert b.recv(100) == b"to the client"
+        backend.close()
 
 
 def test_tap_fds_are_matched_to_their_net_devices() -> None:
