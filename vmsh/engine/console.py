@@ -223,21 +223,23 @@ class SocketBackend(ConsoleBackend):
             self._read_client(client, self._sink)
             client = None
 
-    def _idle(self) -> bool:
-        """Wait a little while held; whether the caller should look again (False: stopped)."""
+    def _readable(self, sock: socket.socket) -> bool | None:
+        """Whether ``sock`` has something to take, after waiting up to 0.2 s (never while held);
+        None once the backend is closed."""
+        if self._stop.is_set():
+            return None
         if self._held.is_set():
             self._stop.wait(0.05)
-        return not self._stop.is_set()
+            return False
+        try:
+            ready, _, _ = select.select([sock], [], [], 0.2)
+        except (OSError, ValueError):
+            return None
+        return bool(ready)
 
     def _accept(self) -> socket.socket | None:
-        while self._idle():
-            if self._held.is_set():
-                continue
-            try:
-                ready, _, _ = select.select([self._listener], [], [], 0.2)
-            except (OSError, ValueError):
-                return None
-            if not ready:
+        while (readable := self._readable(self._listener)) is not None:
+            if not readable:
                 continue
             with self._io:
                 if self._held.is_set():
@@ -257,14 +259,8 @@ class SocketBackend(ConsoleBackend):
         return None
 
     def _read_client(self, client: socket.socket, sink: InputSink) -> None:
-        while self._idle():
-            if self._held.is_set():
-                continue
-            try:
-                ready, _, _ = select.select([client], [], [], 0.2)
-            except (OSError, ValueError):
-                return
-            if not ready:
+        while (readable := self._readable(client)) is not None:
+            if not readable:
                 continue
             with self._io:
                 if self._held.is_set():
