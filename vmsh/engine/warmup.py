@@ -75,9 +75,10 @@ def device_state_types() -> list[type]:
     """The state classes of every device class in the loaded ``vmsh.devices`` modules."""
     found: dict[type, None] = {}
     for name, module in list(sys.modules.items()):
-        if module is None or not (name == "vmsh.devices" or name.startswith("vmsh.devices.")):
+        if not (name == "vmsh.devices" or name.startswith("vmsh.devices.")):
             continue
-        for obj in list(vars(module).values()):
+        # getattr: sys.modules may hold None for a module whose import failed
+        for obj in list(getattr(module, "__dict__", {}).values()):
             state_type = getattr(obj, "state_type", None) if isinstance(obj, type) else None
             if isinstance(state_type, type) and dataclasses.is_dataclass(state_type):
                 found[state_type] = None
