@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmsh import __version__
 from vmsh.engine.events import GuestEvent
+from vmsh.engine.warmup import WARM_RESTORE_ENV
 from vmsh.errors import UsageError, VmshError, error_chain
 
 if TYPE_CHECKING:
@@ -201,6 +202,11 @@ def run(opts: VmmOptions, cfg: VmConfig | None, *,
         # The lock from before the API listens: a request that comes while the command line's VM
         # is built or restored waits for it, instead of finding no VM ("VM is not created").
         with vmm.lock:
+            if cfg is None and opts.restore is None and os.environ.get(WARM_RESTORE_ENV) == "1":
+                # a pooled VMM (vmsh.harness.pool): its first restore pays no first-call costs
+                from vmsh.engine.warmup import warm_restore
+
+                warm_restore()
             if opts.api_socket is not None:
                 from vmsh.api.http import ApiServer
 

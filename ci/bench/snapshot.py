@@ -30,6 +30,15 @@ post-boot work. After (no send sleep, replacement started 0.5 s later by the poo
 quiet snapshots), three runs: pool clone 0.051-0.066 s (pool PUT 0.028-0.030 s), QEMU
 0.117-0.182 s (ratios 0.29-0.57), a running guest's answer 0.013-0.017 s (QEMU's 0.06 s); at
 2 GiB pool clone 0.058 s, QEMU 0.194 s.
+With pooled processes warmed up for a restore (``vmsh.engine.warmup``) and the restore on the
+ping's connection, three runs (each under ``flock /tmp/vmsh-bench.lock``, alone on the host):
+pool clone 0.040, 0.042, 0.043 s against QEMU's 0.112, 0.128, 0.111 s at 256 MiB (ratios 0.36,
+0.33, 0.39; two more runs at 256 MiB: 0.045 against 0.111 s, 0.036 against 0.116 s: 0.40,
+0.31), 0.039, 0.043, 0.050 s against 0.154, 0.175, 0.188 s at 2 GiB (0.25, 0.24, 0.27);
+the code before, the same day: 0.044 s against 0.109 and 0.106 s (0.40, 0.41), 0.041 s against
+0.157 s at 2 GiB (0.26). The clone's snapshot is seconds old: a restored guest here sees the
+time since its snapshot pass at once (its clock is the TSC) and an older snapshot's clone
+answers later (README, the pool's paragraph).
 
 Usage: ``python ci/bench/snapshot.py [--sizes 256 2048] [--runs 3]``
 """

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from vmsh.api.client import ApiClient, ApiError
+from vmsh.engine.warmup import WARM_RESTORE_ENV
+from vmsh.harness.guest import Guest
 from vmsh.harness.pool import VmmPool
+from vmsh.harness.snapshots import launch_argv
 from vmsh.harness.waiting import wait_until
 
 
@@ -51,14 +55,53 @@ def test_pool_is_bounded_and_replaces_a_broken_process(tmp_path: Path) -> None:
     wait_until(lambda: not _leftovers(tmp_path / "pool", all_pids), 30, "the pool's processes and sockets to go")
 
 
+def _threads_and_kvm_fds(pid: int) -> tuple[list[str], list[str]]:
+    threads = sorted(p.read_text().strip() for p in Path(f"/proc/{pid}/task").glob("*/comm"))
+    fds = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            fds.append(os.readlink(fd))
+        except OSError:
+            pass
+    return threads, [target for target in fds if "kvm" in target]
+
+
+def test_a_pooled_process_is_warmed_up_and_has_no_vm_until_its_restore(tmp_path: Path) -> None:
+    """The pool asks its processes to warm up for a restore (vmsh.engine.warmup); that leaves
+    nothing a plain ``vmsh launch --api-socket`` process does not have: no VM (``vm.info`` says
+    so), no KVM descriptor, the same threads."""
+    pool = VmmPool(tmp_path / "pool", size=1)
+    plain = Guest(launch_argv(["--api-socket", str(tmp_path / "plain.sock")]), workdir=tmp_path / "plain").start()
+    try:
+        warm = pool.take()
+        try:
+            environ = Path(f"/proc/{warm.pid}/environ").read_bytes().split(b"\0")
+            assert f"{WARM_RESTORE_ENV}=1".encode() in environ
+            wait_until(lambda: (tmp_path / "plain.sock").exists(), 60, "the plain VMM's API socket")
+            for guest in (warm, plain):
+                assert guest.api_socket is not None
+                with ApiClient(guest.api_socket) as client:
+                    client.get("vmm.ping")
+                    with pytest.raises(ApiError) as err:
+                        client.get("vm.info")
+                    assert err.value.status == 404 and err.value.messages[-1] == "VM is not created"
+            # the API's connection threads end when their clients go: compare once both have
+            wait_until(lambda: _threads_and_kvm_fds(warm.pid) == _threads_and_kvm_fds(plain.pid), 10,
+                       "the warmed-up VMM to have the threads and KVM descriptors of a plain one")
+            assert _threads_and_kvm_fds(warm.pid)[1] == []
+        finally:
+            warm.close()
+    finally:
+        plain.close()
+        pool.close()
+
+
 OWNER = textwrap.dedent("""
     import json, sys, time
     from vmsh.harness.pool import VmmPool
     pool = VmmPool(sys.argv[1], size=2)
     taken = pool.take()  # handed out (a Guest owns it now) and replaced
-    pool.fill()
-    for guest in pool._idle:
-        pool._answers(guest)
+    pool.wait_ready()
     print(json.dumps([taken.pid, *pool.idle_pids()]), flush=True)
     time.sleep(600)
 """)

@@ -35,6 +35,12 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def prepare(cls: type) -> None:
+    """Evaluate a config class's field types now, as its first :func:`from_json_value` would
+    (for a VMM waiting for a restore)."""
+    _hints(cls)
+
+
 def _describe(value: Any) -> str:
     """How serde_json names an unexpected value."""
     if value is None:

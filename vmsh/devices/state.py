@@ -113,6 +113,12 @@ def _has_ranges(tp: Any) -> bool:
     return any(_has_ranges(arg) for arg in typing.get_args(tp) if arg is not Ellipsis and arg is not type(None))
 
 
+def prepare(cls: type) -> None:
+    """Work out now which fields of a state class :func:`check_ranges` walks, as its first
+    check would (for a VMM waiting for a restore)."""
+    _checked_fields(cls)
+
+
 @functools.cache
 def _checked_fields(cls: type) -> tuple[tuple[str, Any], ...]:
     """A state class's fields that hold width-annotated integers, with their types."""

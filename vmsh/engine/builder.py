@@ -288,10 +288,14 @@ def build_restored(saved: SavedVm, make_memory: Callable[[], GuestMemoryMmap], e
     vm = Vm(config, events, on_guest_event, ControlRequests(post), profile)
     try:
         _open_kvm(vm)
+        assert vm.kvm is not None, "opened above"
+        # asked once (KVM_GET_SUPPORTED_CPUID costs about half a millisecond here)
+        supported = vm.kvm.supported_cpuid()
+        phys_bits = _phys_bits(vm, supported)
         vm.boot_ram = saved.boot_ram
         vm.memory = make_memory()
         vm.memory.register(vm.vm_fd)
-        _create_devices(vm, tty, _phys_bits(vm), serial)
+        _create_devices(vm, tty, phys_bits, serial)
         topology = cpu_topology(config)
         for index, state in enumerate(saved.vcpus):
             if state.vcpu_id != topology.apic_id(index):
@@ -313,8 +317,7 @@ def build_restored(saved: SavedVm, make_memory: Callable[[], GuestMemoryMmap], e
         # a vCPU added later starts in wait-for-SIPI (KVM's state for every vCPU but the
         # BSP), so the kernel entry its registers get is never used: none is known here
         no_kernel = KernelImage(kind="bzimage", entry=0, load_start=0, load_end=0)
-        assert vm.kvm is not None, "opened above"
-        vm.new_vcpu = functools.partial(_hotplug_vcpu, vm, no_kernel, vm.kvm.supported_cpuid(), _phys_bits(vm))
+        vm.new_vcpu = functools.partial(_hotplug_vcpu, vm, no_kernel, supported, phys_bits)
         _finish(vm)
         vm.state = VmState.PAUSED
     except BaseException:

@@ -46,6 +46,7 @@ __all__ = [
     "node",
     "node_children",
     "node_data",
+    "prepare",
     "read_snapshot",
     "to_plain",
     "write_snapshot",
@@ -90,6 +91,13 @@ def _hints(cls: type) -> dict[str, Any]:
 @functools.cache
 def _fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
     return dataclasses.fields(cls)
+
+
+def prepare(cls: type) -> None:
+    """Evaluate a state class's field types now, as its first :func:`from_plain` would (for a
+    VMM waiting for a restore: ``vmsh.engine.warmup``)."""
+    _hints(cls)
+    _fields(cls)
 
 
 def _decode(tp: Any, value: Any, path: str) -> Any:

@@ -6,6 +6,11 @@ processes started ahead of time, each with its serial console on its own termina
 is one ``vm.restore`` (``resume=on``) into one of them plus the console the harness already
 holds; a replacement is started after each clone, while the test runs.
 
+A pooled process is started with :data:`~vmsh.engine.warmup.WARM_RESTORE_ENV` set: before it
+answers its API it pays a restore's once-per-process costs (``vmsh.engine.warmup``; 6-8 ms of
+a first ``vm.restore`` measured here), and it is otherwise a plain ``vmsh launch`` waiting for a
+VM. The restore goes on the API connection whose ``vmm.ping`` found the process answering.
+
 The pool owns its processes until it hands one out (then the :class:`Guest` does, and its
 ``close`` stops it). Nothing is left behind:
 
@@ -40,6 +45,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from vmsh.api.client import ApiClient
+from vmsh.engine.warmup import WARM_RESTORE_ENV
 from vmsh.errors import VmshError
 from vmsh.harness.guest import Guest, GuestError
 from vmsh.harness.snapshots import launch_argv, private_disks
@@ -111,7 +118,9 @@ class VmmPool:
         n = next(self._ids)
         # a short socket path: sun_path holds 107 bytes, pytest's temp paths are long
         sock = self.root / f"v{n}.sock"
-        guest = Guest(launch_argv(["--api-socket", str(sock)]), workdir=self.root / f"vmm{n}", die_with_parent=True)
+        # warm: the process pays a restore's first-call costs before it answers (vmsh.engine.warmup)
+        guest = Guest(launch_argv(["--api-socket", str(sock)]), workdir=self.root / f"vmm{n}", die_with_parent=True,
+                      env={WARM_RESTORE_ENV: "1"})
         return guest.start()
 
     def wait_ready(self) -> None:
@@ -120,7 +129,13 @@ class VmmPool:
             self.fill()
             with self._lock:
                 idle = list(self._idle)
-            broken = [guest for guest in idle if not self._answers(guest)]
+            broken = []
+            for guest in idle:
+                client = self._answers(guest)
+                if client is None:
+                    broken.append(guest)
+                else:
+                    client.close()
             if not broken:
                 return
             for guest in broken:
@@ -136,6 +151,13 @@ class VmmPool:
     def take(self) -> Guest:
         """An idle process whose API answers (waiting for its start-up if needed); a broken one
         is stopped and replaced first."""
+        guest, client = self._take()
+        client.close()
+        return guest
+
+    def _take(self) -> tuple[Guest, ApiClient]:
+        """:meth:`take`, with the API connection that found the process answering, still open
+        (the clone's restore goes on it: no second connection, no second server thread)."""
         for _ in range(self.size + 2):
             with self._lock:
                 if self._closed:
@@ -144,30 +166,36 @@ class VmmPool:
             if guest is None:
                 self.fill()
                 continue
-            if self._answers(guest):
-                return guest
+            client = self._answers(guest)
+            if client is not None:
+                return guest, client
             LOG.warning("pooled VMM %s is broken: replaced\n%s", guest.pid, guest.console_tail(1000))
             self.replaced += 1
             guest.close()
         raise VmshError(f"no pooled VMM answered within {self.start_timeout:g}s")
-    def _answers(self, guest: Guest) -> bool:
-        from vmsh.api.client import ApiClient
 
+    def _answers(self, guest: Guest) -> ApiClient | None:
+        """An open API connection on which ``guest`` just answered ``vmm.ping``; None when it
+        exited or does not answer in time."""
         assert guest.api_socket is not None
         sock = Path(guest.api_socket)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if guest.exit_status() is not None:
-                return False
+                return None
             if sock.exists():
                 try:
-                    with ApiClient(str(sock), timeout=5) as client:
-                        client.get("vmm.ping")
-                    return True
+                    client = ApiClient(str(sock), timeout=5)
                 except VmshError:
-                    return False
+                    return None
+                try:
+                    client.get("vmm.ping")
+                except VmshError:
+                    client.close()
+                    return None
+                return client
             time.sleep(0.005)
-        return False
+        return None
 
     def clone(self, snapshot: str | os.PathLike[str], workdir: str | os.PathLike[str],
               timeout: float = 60.0) -> Guest:
@@ -175,18 +203,16 @@ class VmmPool:
         :meth:`Guest.run`; on private copies of the snapshot's writable disks (in ``workdir``).
         The restore's reply is the check (the snapshot was taken at the shell's prompt); the
         refill thread starts a replacement process ``refill_delay`` seconds later."""
-        from vmsh.api.client import ApiClient
-
         workdir = Path(workdir)
         own = private_disks(Path(snapshot), workdir / "snapshot")
-        guest = self.take()
-        # the clone's directory is laid out as a fresh-process clone's: its private disks under
-        # snapshot/, its console log (kept where the pooled process started) linked in
-        guest.workdir = workdir
-        (workdir / "console.log").symlink_to(guest.log_path)
+        guest, client = self._take()
         try:
-            assert guest.api_socket is not None
-            with ApiClient(guest.api_socket, timeout=timeout) as client:
+            with client:
+                # the clone's directory is laid out as a fresh-process clone's: its private disks
+                # under snapshot/, its console log (kept where the pooled process started) linked in
+                guest.workdir = workdir
+                (workdir / "console.log").symlink_to(guest.log_path)
+                client.sock.settimeout(timeout)
                 client.put("vm.restore", {"source_url": f"file://{own.resolve()}", "resume": True})
             guest.mark_shell_ready()
         except (GuestError, VmshError) as err:
