@@ -57,3 +57,10 @@ def unavailable(reason: str) -> NoReturn:
 
 def kvm_available() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def tsc_restorable() -> bool:
+    """Whether a restore can set a guest's TSC back (KVM's TSC offset). Not on a PVM host
+    (``/dev/kvm`` from the ``kvm_pvm`` module, ``vmsh.engine.pvm``): there the guest reads the
+    host's TSC, whatever MSR_IA32_TSC the snapshot holds."""
+    return not os.path.exists("/sys/module/kvm_pvm")
