@@ -29,9 +29,9 @@ def test_warm_up_leaves_no_thread_descriptor_or_vm_behind() -> None:
     threads, fds = set(threading.enumerate()), _fds()
     warm_restore()
     assert set(threading.enumerate()) == threads
-    after = _fds()
-    assert not [target for target in after.values() if "kvm" in target]
-    assert set(after.items()) <= set(fds.items())
+    # no new descriptor (a KVM one above all); the worker may hold others' from earlier tests
+    new = set(_fds().items()) - set(fds.items())
+    assert not new, new
 
 
 def test_warm_up_covers_the_classes_a_restore_decodes() -> None:
