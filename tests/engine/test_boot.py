@@ -7,6 +7,8 @@ and stop through a port that kicks the vCPU (with an in-kernel irqchip HLT does 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.engine import tiny_kernel
@@ -146,6 +148,19 @@ def test_pvm_host_cpuid_keeps_cx16_cleared_but_reforces_others(kvm: Kvm) -> None
         vm.close()
 
 
+def kvm_fds() -> dict[str, str]:
+    """This process's KVM descriptors (``/dev/kvm``, VMs, vCPUs) by fd number."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the listing's own descriptor
+            continue
+        if "kvm" in target:
+            found[name] = target
+    return found
+
+
 def test_kvm_hyperv_needs_the_host_kvm_hyper_v_emulation(tmp_path) -> None:
     """``kvm_hyperv=on`` gives each vCPU Hyper-V's CPUID leaves and KVM's SynIC; a host whose
     KVM cannot emulate Hyper-V (PVM) refuses it with a clear error instead."""
@@ -159,8 +174,11 @@ def test_kvm_hyperv_needs_the_host_kvm_hyper_v_emulation(tmp_path) -> None:
     finally:
         kvm.close()
     if not supported:
+        before = kvm_fds()
         with pytest.raises(VmshError, match="kvm_hyperv=on: this host's KVM has no Hyper-V emulation"):
             build_for_boot(cfg, EventMonitor(None), lambda kind, detail: None, run_now)
+        # the refused VM's vCPU is closed too (earlier tests' descriptors may close meanwhile)
+        assert not set(kvm_fds().items()) - set(before.items())
         return
     vm = build_for_boot(cfg, EventMonitor(None), lambda kind, detail: None, run_now)
     try:

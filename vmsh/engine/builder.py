@@ -488,7 +488,11 @@ def _new_vcpu(vm: Vm, index: int, apic_id: int) -> Vcpu:
     # KVM gives a vCPU its id as initial APIC id: the id is the x2APIC id the topology packs
     # (the MADT and CPUID say the same), as cloud-hypervisor creates its vCPUs
     fd: VcpuFd = vm.vm_fd.create_vcpu(apic_id)
-    _enable_hyperv(vm, fd)  # before a restore loads its SynIC MSRs
+    try:
+        _enable_hyperv(vm, fd)  # before a restore loads its SynIC MSRs
+    except BaseException:
+        fd.close()  # not one of the VM's vCPUs yet: its shutdown would not close it
+        raise
     return Vcpu(fd, vm.pio, vm.mmio, index=index)
 
 
