@@ -61,6 +61,8 @@ def kvm_available() -> bool:
 
 def tsc_restorable() -> bool:
     """Whether a restore can set a guest's TSC back (KVM's TSC offset). Not on a PVM host
-    (``/dev/kvm`` from the ``kvm_pvm`` module, ``vmsh.engine.pvm``): there the guest reads the
-    host's TSC, whatever MSR_IA32_TSC the snapshot holds."""
-    return not os.path.exists("/sys/module/kvm_pvm")
+    (:func:`vmsh.engine.pvm.is_pvm_host`): there the guest reads the host's TSC, whatever
+    MSR_IA32_TSC the snapshot holds."""
+    from vmsh.engine.pvm import is_pvm_host
+
+    return not is_pvm_host()
